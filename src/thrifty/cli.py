@@ -1,0 +1,185 @@
+"""The `thrifty` command line. Errors become one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.console import Console
+
+from thrifty.errors import ThriftyError
+from thrifty.settings import Settings, load_settings, resolve_secrets
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="thrifty: the LLM cost-control gateway")
+keys_app = typer.Typer(no_args_is_help=True, help="Virtual keys (stored hashed; shown once)")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a table and write JSON")
+app.add_typer(keys_app, name="keys")
+app.add_typer(bench_app, name="bench")
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="settings YAML (default ./thrifty.yaml)")
+]
+
+
+def _console() -> Console:
+    # Reports are wide; when piped (CI logs, files) do not squeeze them to 80 columns.
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def _settings(config: Path | None) -> Settings:
+    path = config or (Path("thrifty.yaml") if Path("thrifty.yaml").exists() else None)
+    if path is None:
+        raise ThriftyError(
+            "no settings: pass --config FILE or create ./thrifty.yaml (see examples/thrifty.yaml)"
+        )
+    return load_settings(path)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default from settings)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default from settings)")] = None,
+) -> None:
+    """Run the OpenAI-compatible gateway."""
+    from thrifty.server.run import serve as run_server
+
+    settings = _settings(config)
+    run_server(
+        settings,
+        resolve_secrets(settings, os.environ),
+        host=host or settings.server.host,
+        port=settings.server.port if port is None else port,
+    )
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="tenant the key bills to")],
+    config: ConfigOpt = None,
+    label: Annotated[str | None, typer.Option(help="a note to recognise the key by")] = None,
+) -> None:
+    """Create a virtual key; it is printed once and stored only as a hash."""
+    from thrifty.stores.keys import SqliteKeyStore
+    from thrifty.stores.sqlite_db import open_database
+
+    settings = _settings(config)
+    if tenant not in settings.tenants:
+        raise ThriftyError(f"unknown tenant {tenant!r}; add it under tenants: in the settings first")
+    conn = open_database(settings.storage.sqlite_path)
+    key = SqliteKeyStore(conn).create(tenant, label)
+    conn.close()
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigOpt = None) -> None:
+    """List keys by hash prefix (the keys themselves are not stored)."""
+    from thrifty.stores.keys import SqliteKeyStore
+    from thrifty.stores.sqlite_db import open_database
+
+    conn = open_database(_settings(config).storage.sqlite_path)
+    for prefix, tenant, label, _created, revoked in SqliteKeyStore(conn).list():
+        typer.echo(f"{prefix}  {tenant:<20} {label or '':<20} {'revoked' if revoked else 'active'}")
+    conn.close()
+
+
+@keys_app.command("revoke")
+def keys_revoke(hash_prefix: str, config: ConfigOpt = None) -> None:
+    """Revoke the key(s) whose hash starts with HASH_PREFIX (see `keys list`)."""
+    from thrifty.stores.keys import SqliteKeyStore
+    from thrifty.stores.sqlite_db import open_database
+
+    if len(hash_prefix) < 8:
+        raise ThriftyError("give at least 8 characters of the key hash")
+    conn = open_database(_settings(config).storage.sqlite_path)
+    typer.echo(f"revoked {SqliteKeyStore(conn).revoke(hash_prefix)} key(s)")
+    conn.close()
+
+
+@app.command()
+def report(
+    by: Annotated[str, typer.Option(help="tenant|feature|route|prompt_version|model|user|day")] = "tenant",
+    since: Annotated[str | None, typer.Option(help="YYYY-MM-DD, ISO time, or 7d/24h/30m")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table|json|csv")] = "table",
+    config: ConfigOpt = None,
+    db: Annotated[Path | None, typer.Option(help="ledger SQLite file (instead of --config)")] = None,
+) -> None:
+    """Spend, tokens and success by one attribution dimension."""
+    from thrifty.report import GROUP_COLUMNS, build_report, parse_since, render_table, to_csv
+    from thrifty.stores.sqlite_db import open_database
+
+    if by not in GROUP_COLUMNS:
+        raise ThriftyError(f"--by must be one of: {', '.join(GROUP_COLUMNS)}")
+    if fmt not in ("table", "json", "csv"):
+        raise ThriftyError("--format must be table, json or csv")
+    path = db or _settings(config).storage.sqlite_path
+    if not path.exists():
+        raise ThriftyError(f"no ledger at {path}")
+    try:
+        since_ts = parse_since(since)
+    except ValueError as err:
+        raise ThriftyError(f"--since: {err}") from err
+    conn = open_database(path)
+    rows = build_report(conn, by, since_ts)
+    conn.close()
+    if fmt == "json":
+        typer.echo(orjson.dumps([r.to_json() for r in rows], option=orjson.OPT_INDENT_2).decode())
+    elif fmt == "csv":
+        typer.echo(to_csv(rows), nl=False)
+    else:
+        _console().print(render_table(rows, by, title=f"spend by {by}"))
+
+
+@app.command()
+def demo(
+    data: Annotated[
+        Path | None, typer.Option(help="ZeroEval-format JSONL dir (default ../shared/data/routing/zeroeval)")
+    ] = None,
+    requests: Annotated[int, typer.Option(help="how many requests to send")] = 300,
+    db: Annotated[Path | None, typer.Option(help="keep the demo ledger in this SQLite file")] = None,
+) -> None:
+    """Start the gateway on loopback, send real SDK traffic, print the report. No keys, no services."""
+    from thrifty.demo import DEFAULT_DATA, run_demo
+
+    console = _console()
+    code = run_demo(data or (DEFAULT_DATA if DEFAULT_DATA.exists() else None), requests, db, console.print)
+    raise typer.Exit(code)
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    duration: Annotated[float, typer.Option(help="seconds per measurement")] = 5.0,
+    litellm_url: Annotated[
+        str | None, typer.Option(help="a running LiteLLM proxy (see bench/litellm.sh)")
+    ] = None,
+) -> None:
+    """Latency and throughput: direct to a stub, through thrifty, a bare pass-through, LiteLLM."""
+    from thrifty.bench.overhead import run_overhead_bench
+
+    run_overhead_bench(json_out=json_out, duration=duration, litellm_url=litellm_url, console=_console())
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except ThriftyError as err:
+        Console(stderr=True).print(f"[red]error:[/red] {err.message}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as err:
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise

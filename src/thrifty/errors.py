@@ -1,0 +1,123 @@
+"""One exception tree; each error knows its HTTP status and OpenAI error shape.
+
+Translation to HTTP happens once, in the server; the CLI prints `message`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ThriftyError(Exception):
+    """Base of every error thrifty raises on purpose."""
+
+    status: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class ConfigError(ThriftyError):
+    """Settings are invalid; raised at start, never per request."""
+
+    status = 500
+    error_type = "configuration_error"
+
+
+class InvalidRequest(ThriftyError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class ContextTooLong(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class AuthenticationFailed(ThriftyError):
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ThriftyError):
+    status = 403
+    error_type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class NotFound(ThriftyError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class UnpricedModel(ThriftyError):
+    """Only raised when settings ask to reject models without a known price."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "model_not_priced"
+
+
+class ProviderError(ThriftyError):
+    """The provider answered with an error; its status and message are passed on."""
+
+    error_type = "upstream_error"
+
+    def __init__(
+        self, message: str, *, status: int, provider: str, body: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, code="upstream_error")
+        self.status = status
+        self.provider = provider
+        self.body = body
+
+    def to_openai(self) -> dict[str, Any]:
+        upstream = (self.body or {}).get("error") if isinstance(self.body, dict) else None
+        if isinstance(upstream, dict) and "message" in upstream:
+            # Keep the provider's own type/code so SDK clients can branch on them.
+            return {
+                "error": {
+                    "message": f"{self.provider}: {upstream.get('message')}",
+                    "type": upstream.get("type") or self.error_type,
+                    "param": upstream.get("param"),
+                    "code": upstream.get("code") or self.code,
+                }
+            }
+        return super().to_openai()
+
+
+class ProviderUnreachable(ThriftyError):
+    status = 502
+    error_type = "upstream_error"
+    code = "provider_unreachable"
+
+
+class ProviderTimeout(ThriftyError):
+    status = 504
+    error_type = "upstream_error"
+    code = "provider_timeout"
+
+
+class ProviderProtocolError(ThriftyError):
+    """The provider's answer could not be understood."""
+
+    status = 502
+    error_type = "upstream_error"
+    code = "provider_bad_response"

@@ -1,0 +1,200 @@
+"""The gateway: the whole pipeline in-process. The HTTP server is a thin layer over this."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from thrifty.accounting import Account, Accountant
+from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
+from thrifty.guard.limits import InputLimits
+from thrifty.pipeline import Handler, RequestContext, Result, Stage, build_chain
+from thrifty.pricing import PriceCatalog
+from thrifty.providers.base import Provider
+from thrifty.providers.call import CallProvider
+from thrifty.providers.registry import build_providers
+from thrifty.routing.resolve import ROUTE_PREFIX, ResolveModel
+from thrifty.settings import Settings
+from thrifty.stores.keys import SqliteKeyStore, hash_key
+from thrifty.stores.ledger import LedgerWriter
+from thrifty.stores.sqlite_db import open_database
+from thrifty.tokens import TokenCounter, encoding_for_model
+from thrifty.types import ModelTarget, Tags
+
+
+def _targets(settings: Settings) -> dict[str, ModelTarget]:
+    return {
+        alias: ModelTarget(
+            alias=alias,
+            provider=m.provider,
+            upstream_model=m.upstream or alias,
+            context_window=m.context_window,
+        )
+        for alias, m in settings.models.items()
+    }
+
+
+def parse_chat_body(raw: bytes) -> dict[str, Any]:
+    """Parse and check the fields the gateway itself relies on; everything else passes through."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise InvalidRequest(f"the request body is not valid JSON: {err}") from err
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required: a model alias or route:NAME", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(
+                f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]"
+            )
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream")
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InvalidRequest(f"'{key}' must be a positive integer", param=key)
+    return body
+
+
+class Gateway:
+    """Build once from settings; `start()` inside the event loop, `close()` at the end."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        secrets: Mapping[str, str | None] | None = None,
+        providers: Mapping[str, Provider] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.counter = TokenCounter()
+        self.catalog = PriceCatalog.from_settings(settings.models, settings.providers)
+        self.targets = _targets(settings)
+        self.providers: dict[str, Provider] = dict(
+            providers if providers is not None else build_providers(settings, secrets or {}, self.counter)
+        )
+        self.db_path = settings.storage.sqlite_path
+        self.ledger = LedgerWriter(
+            self.db_path,
+            synchronous=settings.storage.synchronous,
+            batch_max=settings.storage.ledger_batch_max,
+        )
+        self._key_tenants = {h: tenant for tenant, t in settings.tenants.items() for h in t.key_hashes}
+        self._db: sqlite3.Connection | None = None
+        self._keys: SqliteKeyStore | None = None
+        accountant = Accountant(self.catalog, self.counter, self.ledger)
+        self.resolver = ResolveModel(self.targets, settings.routes, settings.tenants)
+        stages: list[Stage] = [Account(accountant), self.resolver, InputLimits(self.counter, settings.routes)]
+        self._handle: Handler = build_chain(stages, CallProvider(self.providers, accountant))
+        self._started = False
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        loop = asyncio.get_running_loop()
+        self._db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
+        self._keys = SqliteKeyStore(self._db)
+        self.ledger.start(loop)
+        encodings = {encoding_for_model(t.upstream_model)[0] for t in self.targets.values()}
+        # Vocabularies load in ~0.5 s; do it now, not on the first request that needs a count.
+        await loop.run_in_executor(None, self.counter.warm, encodings)
+        for provider in self.providers.values():
+            await provider.start()
+        self._started = True
+
+    async def close(self) -> None:
+        for provider in self.providers.values():
+            await provider.close()
+        self.ledger.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        self._started = False
+
+    # -- auth ------------------------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None) -> str:
+        """A virtual key (Bearer) -> its tenant id."""
+        if not authorization:
+            raise AuthenticationFailed(
+                "no API key: send your thrifty virtual key as 'Authorization: Bearer KEY' "
+                "(create one with `thrifty keys create --tenant NAME`)"
+            )
+        scheme, _, key = authorization.partition(" ")
+        key = key.strip() if scheme.lower() == "bearer" else authorization.strip()
+        digest = hash_key(key)
+        tenant = self._key_tenants.get(digest)
+        if tenant is None and self._keys is not None:
+            tenant = self._keys.tenant_for_hash(digest)
+        if tenant is None:
+            raise AuthenticationFailed(
+                "invalid API key: it is not a thrifty virtual key known to this gateway, or it was revoked"
+            )
+        if tenant not in self.settings.tenants:
+            raise AuthenticationFailed(f"the key's tenant {tenant!r} is no longer in the settings")
+        return tenant
+
+    # -- requests --------------------------------------------------------------------------
+
+    def new_context(self, body: dict[str, Any], body_bytes: int, tags: Tags) -> RequestContext:
+        stream = bool(body.get("stream"))
+        options = body.get("stream_options")
+        return RequestContext(
+            request_id="req_" + os.urandom(12).hex(),
+            ts=time.time(),
+            started=time.perf_counter(),
+            tags=tags,
+            body=body,
+            body_bytes=body_bytes,
+            requested_model=body["model"],
+            stream=stream,
+            client_wants_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+        )
+
+    async def run(self, ctx: RequestContext) -> Result:
+        return await self._handle(ctx)
+
+    async def chat_completion(
+        self,
+        body: dict[str, Any],
+        *,
+        tenant: str,
+        feature: str | None = None,
+        prompt_version: str | None = None,
+        user: str | None = None,
+    ) -> tuple[RequestContext, Result]:
+        """Library entry point: the same pipeline, attributed to `tenant` without a key."""
+        if tenant not in self.settings.tenants:
+            raise ConfigError(f"unknown tenant {tenant!r}")
+        raw = orjson.dumps(body)
+        parsed = parse_chat_body(raw)
+        ctx = self.new_context(parsed, len(raw), Tags(tenant, feature, prompt_version, user))
+        return ctx, await self.run(ctx)
+
+    def model_list(self) -> list[dict[str, Any]]:
+        created = 0
+        data = [
+            {"id": alias, "object": "model", "created": created, "owned_by": t.provider}
+            for alias, t in self.targets.items()
+        ]
+        data += [
+            {"id": ROUTE_PREFIX + name, "object": "model", "created": created, "owned_by": "thrifty-route"}
+            for name in self.settings.routes
+        ]
+        return data
+
+
+__all__ = ["Gateway", "ThriftyError", "parse_chat_body"]

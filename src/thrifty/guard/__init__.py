@@ -1,0 +1,1 @@
+"""Limits that reject a request before any spend."""

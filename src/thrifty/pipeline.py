@@ -1,0 +1,74 @@
+"""The request pipeline: an onion of stages built once from settings.
+
+Each stage is `async (ctx, call_next) -> Result`. A stage may answer without calling on (a
+rejection, later a cache hit), call on once, or several times (later: retries, escalation);
+every upstream call appends an Attempt to `ctx.attempts`, so accounting needs no special cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from thrifty.providers.base import StreamChunk
+from thrifty.tokens import TokenCount
+from thrifty.types import Attempt, ModelTarget, Tags, Usage
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    ts: float
+    started: float  # perf_counter() at arrival
+    tags: Tags
+    body: dict[str, Any]
+    body_bytes: int
+    requested_model: str
+    stream: bool
+    client_wants_usage: bool
+    route: str | None = None
+    target: ModelTarget | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    prompt_tokens: TokenCount | None = None
+    ttft_ms: float | None = None
+    # Filled by accounting once the ledger entry is committed; a stream's last event carries it.
+    trailer: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class Completion:
+    body: dict[str, Any]
+    usage: Usage | None
+
+
+@dataclass(slots=True)
+class Streamed:
+    chunks: AsyncIterator[StreamChunk]
+
+
+Result = Completion | Streamed
+Handler = Callable[[RequestContext], Awaitable[Result]]
+
+
+class Stage(Protocol):
+    async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result: ...
+
+
+class Terminal(Protocol):
+    async def __call__(self, ctx: RequestContext) -> Result: ...
+
+
+def build_chain(stages: Sequence[Stage], terminal: Terminal) -> Handler:
+    """Compose stages outermost-first into one handler, once, at start."""
+    handler: Handler = terminal
+    for stage in reversed(stages):
+        handler = _bind(stage, handler)
+    return handler
+
+
+def _bind(stage: Stage, call_next: Handler) -> Handler:
+    async def handler(ctx: RequestContext) -> Result:
+        return await stage(ctx, call_next)
+
+    return handler

@@ -1,0 +1,1 @@
+"""Wire adapters to model providers, all speaking OpenAI's chat shape towards the gateway."""

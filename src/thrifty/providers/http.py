@@ -1,0 +1,136 @@
+"""Shared HTTP plumbing for wire adapters: one aiohttp session (connection pool) per provider."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from thrifty.errors import ProviderError, ProviderTimeout, ProviderUnreachable, ThriftyError
+from thrifty.settings import ProviderSettings
+
+
+class HttpClient:
+    """One pooled session per provider, created on start and reused by every request."""
+
+    def __init__(self, name: str, settings: ProviderSettings, headers: dict[str, str]) -> None:
+        self.name = name
+        self._settings = settings
+        self._headers = headers
+        self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.timeout_s, sock_connect=settings.connect_timeout_s
+        )
+        # A stream may run long; what must not happen is a long silence between two chunks.
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.timeout_s
+        )
+
+    async def start(self) -> None:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._settings.max_connections, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                base_url=None,
+                connector=connector,
+                headers=self._headers,
+                json_serialize=lambda o: orjson.dumps(o).decode(),
+                skip_auto_headers=("User-Agent",),
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(f"provider {self.name!r} used before start()")
+        return self._session
+
+    async def post_json(self, url: str, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            async with self.session.post(
+                url,
+                data=orjson.dumps(payload),
+                headers={"content-type": "application/json"},
+                timeout=self._timeout,
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise self.error_from(resp.status, raw)
+        except ThriftyError:
+            raise
+        except (TimeoutError, aiohttp.ServerTimeoutError) as err:
+            raise ProviderTimeout(
+                f"{self.name} did not answer within {self._settings.timeout_s:g}s; "
+                f"retry later or raise providers.{self.name}.timeout_s"
+            ) from err
+        except aiohttp.ClientError as err:
+            raise self.unreachable(err) from err
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as err:
+            raise ProviderError(
+                f"{self.name} returned a body that is not JSON", status=502, provider=self.name
+            ) from err
+        if not isinstance(body, dict):
+            raise ProviderError(
+                f"{self.name} returned JSON that is not an object", status=502, provider=self.name
+            )
+        return body
+
+    async def post_stream(self, url: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
+        """Yield the `data:` payloads of an SSE response, one per event, without the prefix."""
+        try:
+            async with self.session.post(
+                url,
+                data=orjson.dumps(payload),
+                headers={"content-type": "application/json", "accept": "text/event-stream"},
+                timeout=self._stream_timeout,
+            ) as resp:
+                if resp.status >= 400:
+                    raise self.error_from(resp.status, await resp.read())
+                async for line in resp.content:
+                    if line.startswith(b"data:"):
+                        yield line[5:].strip()
+        except ThriftyError:
+            raise
+        except (TimeoutError, aiohttp.ServerTimeoutError) as err:
+            raise ProviderTimeout(
+                f"{self.name} went silent for more than {self._settings.timeout_s:g}s during a stream"
+            ) from err
+        except aiohttp.ClientPayloadError as err:
+            raise ProviderUnreachable(f"{self.name} dropped the connection mid-stream: {err}") from err
+        except aiohttp.ClientError as err:
+            raise self.unreachable(err) from err
+
+    def unreachable(self, err: BaseException) -> ProviderUnreachable:
+        return ProviderUnreachable(
+            f"cannot reach provider {self.name!r} at {self._settings.base_url}: {err}; "
+            f"check that it is up and that providers.{self.name}.base_url is right"
+        )
+
+    def error_from(self, status: int, raw: bytes) -> ProviderError:
+        body: Any = None
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        message = None
+        if isinstance(body, dict):
+            err = body.get("error")
+            if isinstance(err, dict):
+                message = err.get("message")
+            elif isinstance(err, str):
+                message = err
+        if not message:
+            message = raw[:500].decode(errors="replace") or f"HTTP {status}"
+        return ProviderError(
+            f"{self.name} answered {status}: {message}",
+            status=status,
+            provider=self.name,
+            body=body if isinstance(body, dict) else None,
+        )

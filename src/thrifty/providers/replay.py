@@ -1,0 +1,211 @@
+"""A provider that answers from recorded real model outputs, for offline demos and benchmarks.
+
+Two recording formats are read:
+- ZeroEval rows (`../shared/data/routing/zeroeval/`): `{"prompt", "responses": {MODEL: {"output"}}}`;
+  a request matches when its last user message equals `prompt`, and is answered with the
+  recorded output of the requested upstream model.
+- thrifty recordings: `{"thrifty_recording": 1, "model", "messages", "response"}` where
+  `response` is a whole OpenAI chat completion; a request matches on model and messages.
+Usage comes from the local tokenizer (exact for OpenAI encodings, otherwise flagged estimated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from thrifty.errors import ConfigError, NotFound
+from thrifty.providers.base import StreamChunk
+from thrifty.settings import ProviderSettings
+from thrifty.tokens import TokenCounter, encoding_for_model
+from thrifty.types import ModelTarget, UpstreamResult, Usage
+
+
+def _messages_key(model: str, messages: Any) -> str:
+    return hashlib.sha256(orjson.dumps([model, messages], option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _last_user_text(messages: Any) -> str | None:
+    for message in reversed(messages or ()):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return None
+
+
+def _jsonl_files(paths: Iterable[str]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(path.glob("*.jsonl")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"replay data {raw!r} does not exist")
+    return files
+
+
+class RecordingIndex:
+    """In-memory index of recorded outputs: prompt -> model -> output, and exact recordings."""
+
+    def __init__(self) -> None:
+        self.by_prompt: dict[str, dict[str, str]] = {}
+        self.recordings: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def load(cls, paths: Iterable[str]) -> RecordingIndex:
+        index = cls()
+        for file in _jsonl_files(paths):
+            with file.open("rb") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = orjson.loads(line)
+                    except orjson.JSONDecodeError as err:
+                        raise ConfigError(f"{file}:{lineno}: not JSON ({err})") from err
+                    index.add(row, f"{file}:{lineno}")
+        return index
+
+    def add(self, row: Any, where: str = "row") -> None:
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: a recording must be a JSON object")
+        if row.get("thrifty_recording"):
+            self.recordings[_messages_key(str(row["model"]), row["messages"])] = row["response"]
+        elif "prompt" in row and "responses" in row:
+            outputs = self.by_prompt.setdefault(str(row["prompt"]), {})
+            for model, rec in row["responses"].items():
+                if isinstance(rec, dict) and isinstance(rec.get("output"), str):
+                    outputs[model] = rec["output"]
+        else:
+            raise ConfigError(f"{where}: neither a ZeroEval row nor a thrifty recording")
+
+    def models(self) -> set[str]:
+        found: set[str] = set()
+        for outputs in self.by_prompt.values():
+            found.update(outputs)
+        return found
+
+
+class ReplayProvider:
+    def __init__(self, name: str, settings: ProviderSettings, counter: TokenCounter) -> None:
+        self.name = name
+        self._settings = settings
+        self._counter = counter
+        self._index = RecordingIndex.load(settings.data)
+
+    @property
+    def index(self) -> RecordingIndex:
+        return self._index
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _answer(self, target: ModelTarget, body: dict[str, Any]) -> dict[str, Any]:
+        messages = body.get("messages")
+        recorded = self._index.recordings.get(_messages_key(target.upstream_model, messages))
+        if recorded is not None:
+            return dict(recorded)
+        prompt = _last_user_text(messages)
+        outputs = self._index.by_prompt.get(prompt) if prompt is not None else None
+        if outputs is None:
+            raise NotFound(
+                f"replay provider {self.name!r} has no recording for this prompt; replay answers only "
+                "prompts present in its data files (exact match of the last user message)",
+                code="replay_not_found",
+            )
+        output = outputs.get(target.upstream_model)
+        if output is None:
+            raise NotFound(
+                f"replay provider {self.name!r} has this prompt, but no output of model "
+                f"{target.upstream_model!r} (recorded: {', '.join(sorted(outputs))})",
+                code="replay_not_found",
+            )
+        return {
+            "id": "chatcmpl-replay-" + hashlib.sha1(prompt.encode()).hexdigest()[:20],  # type: ignore[union-attr]
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": target.upstream_model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": output, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+
+    def _usage(self, target: ModelTarget, body: dict[str, Any], completion: dict[str, Any]) -> Usage:
+        encoding, exact = encoding_for_model(target.upstream_model)
+        prompt = self._counter.count_messages(
+            body.get("messages") or [], target.upstream_model, tools=body.get("tools")
+        )
+        text = "".join(
+            str((c.get("message") or {}).get("content") or "") for c in completion.get("choices") or ()
+        )
+        return Usage(
+            input_tokens=prompt.tokens,
+            output_tokens=self._counter.count_text(text, encoding),
+            estimated=not (exact and prompt.exact),
+        )
+
+    @staticmethod
+    def _usage_json(usage: Usage) -> dict[str, Any]:
+        return {
+            "prompt_tokens": usage.input_tokens,
+            "completion_tokens": usage.output_tokens,
+            "total_tokens": usage.input_tokens + usage.output_tokens,
+        }
+
+    async def complete(self, target: ModelTarget, body: dict[str, Any]) -> UpstreamResult:
+        completion = self._answer(target, body)
+        usage = completion.get("usage")
+        if isinstance(usage, dict):
+            from thrifty.providers.openai import usage_from_openai
+
+            parsed = usage_from_openai(usage)
+            if parsed is not None:
+                return UpstreamResult(body=completion, usage=parsed)
+        computed = self._usage(target, body, completion)
+        completion["usage"] = self._usage_json(computed)
+        return UpstreamResult(body=completion, usage=computed)
+
+    async def stream(self, target: ModelTarget, body: dict[str, Any]) -> AsyncIterator[StreamChunk]:
+        result = await self.complete(target, body)
+        completion = result.body
+        text = str(((completion.get("choices") or [{}])[0].get("message") or {}).get("content") or "")
+        base = {
+            "id": completion.get("id", "chatcmpl-replay"),
+            "object": "chat.completion.chunk",
+            "created": completion.get("created", int(time.time())),
+            "model": completion.get("model", target.upstream_model),
+        }
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {
+                **base,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+
+        yield StreamChunk(chunk({"role": "assistant", "content": ""}, None))
+        step = self._settings.stream_chunk_chars
+        for start in range(0, len(text), step):
+            yield StreamChunk(chunk({"content": text[start : start + step]}, None))
+        yield StreamChunk(chunk({}, "stop"))
+        assert result.usage is not None
+        yield StreamChunk(
+            {**base, "choices": [], "usage": self._usage_json(result.usage)}, usage=result.usage
+        )

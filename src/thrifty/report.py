@@ -1,0 +1,180 @@
+"""Spend reports over the ledger, summed exactly in Decimal."""
+
+from __future__ import annotations
+
+import csv
+import io
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from thrifty.types import decimal_text
+
+GroupBy = Literal["tenant", "feature", "route", "prompt_version", "model", "day", "user"]
+GROUP_COLUMNS: dict[str, str] = {
+    "tenant": "tenant_id",
+    "feature": "feature",
+    "route": "route",
+    "prompt_version": "prompt_version",
+    "model": "model",
+    "user": "user",
+    "day": "ts",
+}
+
+
+@dataclass(slots=True)
+class ReportRow:
+    group: str
+    requests: int = 0
+    ok: int = 0
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: Decimal = field(default_factory=Decimal)
+    error_cost_usd: Decimal = field(default_factory=Decimal)
+    retry_cost_usd: Decimal = field(default_factory=Decimal)
+    unpriced: int = 0
+    estimated: int = 0
+
+    @property
+    def success_rate(self) -> float:
+        return self.ok / self.requests if self.requests else 0.0
+
+    @property
+    def cost_per_success(self) -> Decimal | None:
+        # Failed requests' spend is part of what each success cost.
+        return (self.cost_usd / self.ok) if self.ok else None
+
+    def to_json(self) -> dict[str, Any]:
+        cps = self.cost_per_success
+        return {
+            "group": self.group,
+            "requests": self.requests,
+            "ok": self.ok,
+            "success_rate": round(self.success_rate, 6),
+            "input_tokens": self.input_tokens,
+            "cached_input_tokens": self.cached_input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost_usd": decimal_text(self.cost_usd),
+            "cost_per_success_usd": None if cps is None else decimal_text(cps.quantize(Decimal("1e-12"))),
+            "error_cost_usd": decimal_text(self.error_cost_usd),
+            "retry_cost_usd": decimal_text(self.retry_cost_usd),
+            "unpriced_requests": self.unpriced,
+            "estimated_usage_requests": self.estimated,
+        }
+
+
+def parse_since(text: str | None) -> float | None:
+    """`2026-11-01`, an ISO timestamp, or a relative `7d` / `24h` / `30m`."""
+    if not text:
+        return None
+    units = {"d": 86400, "h": 3600, "m": 60}
+    if text[-1] in units and text[:-1].isdigit():
+        return datetime.now(UTC).timestamp() - int(text[:-1]) * units[text[-1]]
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) -> list[ReportRow]:
+    if by not in GROUP_COLUMNS:
+        raise ValueError(f"--by must be one of {', '.join(GROUP_COLUMNS)}")
+    column = GROUP_COLUMNS[by]
+    sql = (
+        f"SELECT {column}, status, input_tokens, cached_input_tokens, output_tokens, cost_usd, "
+        "retry_cost_usd, usage_estimated FROM ledger"
+    )
+    params: tuple[Any, ...] = ()
+    if since is not None:
+        sql += " WHERE ts >= ?"
+        params = (since,)
+    rows: dict[str, ReportRow] = {}
+    for key, status, inp, cached, out, cost, retry_cost, estimated in conn.execute(sql, params):
+        if by == "day":
+            key = datetime.fromtimestamp(key, UTC).strftime("%Y-%m-%d")
+        group = "(none)" if key is None else str(key)
+        row = rows.get(group)
+        if row is None:
+            row = rows[group] = ReportRow(group)
+        row.requests += 1
+        row.input_tokens += inp
+        row.cached_input_tokens += cached
+        row.output_tokens += out
+        row.estimated += estimated
+        if status == "ok":
+            row.ok += 1
+        if cost is None:
+            row.unpriced += 1
+        else:
+            amount = Decimal(cost)
+            row.cost_usd += amount
+            if status != "ok":
+                row.error_cost_usd += amount
+        if retry_cost is not None:
+            row.retry_cost_usd += Decimal(retry_cost)
+    return sorted(rows.values(), key=lambda r: (-r.cost_usd, r.group))
+
+
+def totals(rows: Iterable[ReportRow]) -> ReportRow:
+    total = ReportRow("TOTAL")
+    for r in rows:
+        total.requests += r.requests
+        total.ok += r.ok
+        total.input_tokens += r.input_tokens
+        total.cached_input_tokens += r.cached_input_tokens
+        total.output_tokens += r.output_tokens
+        total.cost_usd += r.cost_usd
+        total.error_cost_usd += r.error_cost_usd
+        total.retry_cost_usd += r.retry_cost_usd
+        total.unpriced += r.unpriced
+        total.estimated += r.estimated
+    return total
+
+
+def to_csv(rows: list[ReportRow]) -> str:
+    buf = io.StringIO()
+    records = [r.to_json() for r in rows]
+    fields = list(records[0]) if records else list(ReportRow("x").to_json())
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(records)
+    return buf.getvalue()
+
+
+def render_table(rows: list[ReportRow], by: str, title: str | None = None) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for name, justify in (
+        (by, "left"),
+        ("requests", "right"),
+        ("success", "right"),
+        ("input tok", "right"),
+        ("cached tok", "right"),
+        ("output tok", "right"),
+        ("cost USD", "right"),
+        ("USD / success", "right"),
+        ("error USD", "right"),
+        ("retry USD", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in [*rows, totals(rows)] if rows else []:
+        cps = r.cost_per_success
+        table.add_row(
+            r.group,
+            f"{r.requests:,}",
+            f"{r.success_rate:.1%}",
+            f"{r.input_tokens:,}",
+            f"{r.cached_input_tokens:,}",
+            f"{r.output_tokens:,}",
+            f"{r.cost_usd:.6f}" + ("*" if r.unpriced else ""),
+            "-" if cps is None else f"{cps:.8f}",
+            f"{r.error_cost_usd:.6f}",
+            f"{r.retry_cost_usd:.6f}",
+            end_section=r.group == rows[-1].group if rows else False,
+        )
+    return table

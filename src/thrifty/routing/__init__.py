@@ -1,0 +1,1 @@
+"""Choosing the model (tier) for a request."""

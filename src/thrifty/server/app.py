@@ -1,0 +1,302 @@
+"""ASGI app: OpenAI-compatible routes over the Gateway.
+
+Written against bare ASGI rather than a framework: the hot path is three routes, and every
+microsecond here is added to every call (see `thrifty bench overhead`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+import orjson
+
+from thrifty.errors import InvalidRequest, NotFound, ThriftyError
+from thrifty.gateway import Gateway, parse_chat_body
+from thrifty.pipeline import Completion, RequestContext, Streamed
+from thrifty.providers.base import StreamChunk, chunk_finishes
+from thrifty.settings import Settings
+from thrifty.types import Tags
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_JSON = (b"content-type", b"application/json")
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class _PayloadTooLarge(ThriftyError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class _MethodNotAllowed(ThriftyError):
+    status = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class _InternalError(ThriftyError):
+    status = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _tags(tenant: str, headers: Mapping[str, str], body: Mapping[str, Any]) -> Tags:
+    user = headers.get("x-thrifty-user")
+    if user is None and isinstance(body.get("user"), str):
+        user = body["user"]
+    return Tags(
+        tenant_id=tenant,
+        feature=headers.get("x-thrifty-feature"),
+        prompt_version=headers.get("x-thrifty-prompt-version"),
+        user=user,
+        idempotency_key=headers.get("idempotency-key"),
+    )
+
+
+def _accounting_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    out = [(b"x-thrifty-request-id", ctx.request_id.encode())]
+    trailer = ctx.trailer
+    if trailer is not None:
+        cost = trailer["cost_usd"]
+        out.append((b"x-thrifty-cost-usd", b"unpriced" if cost is None else cost.encode()))
+        if trailer["model"]:
+            out.append((b"x-thrifty-model", trailer["model"].encode()))
+        out.append((b"x-thrifty-cache", trailer["cache"].encode()))
+    elif ctx.target is not None:
+        out.append((b"x-thrifty-model", ctx.target.alias.encode()))
+    if ctx.route:
+        out.append((b"x-thrifty-route", ctx.route.encode()))
+    return out
+
+
+async def _send_json(
+    send: Send, status: int, payload: Any, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = orjson.dumps(payload)
+    headers = [_JSON, (b"content-length", str(len(body)).encode())]
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _sse(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+class ThriftyApp:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._max_body = gateway.settings.server.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.gateway.start()
+                except ThriftyError as err:
+                    await send({"type": "lifespan.startup.failed", "message": err.message})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.gateway.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        method = scope["method"]
+        try:
+            if path in ("/v1/chat/completions", "/chat/completions"):
+                if method != "POST":
+                    raise _MethodNotAllowed(f"{path} accepts POST only")
+                await self._chat(scope, receive, send)
+            elif path in ("/v1/models", "/models"):
+                self.gateway.authenticate(_headers(scope).get("authorization"))
+                await _send_json(send, 200, {"object": "list", "data": self.gateway.model_list()})
+            elif path == "/healthz":
+                await _send_json(send, 200, {"status": "ok"})
+            else:
+                raise NotFound(
+                    f"no route {method} {path}; thrifty serves /v1/chat/completions and /v1/models",
+                    code="unknown_url",
+                )
+        except _Responded:
+            return
+        except ThriftyError as err:
+            await _send_json(send, err.status, err.to_openai())
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Responded
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                raise _PayloadTooLarge(
+                    f"the request body is over {self._max_body} bytes (server.max_body_bytes); "
+                    "send less context"
+                )
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = _headers(scope)
+        tenant = self.gateway.authenticate(headers.get("authorization"))
+        raw = await self._read_body(receive)
+        body = parse_chat_body(raw)
+        ctx = self.gateway.new_context(body, len(raw), _tags(tenant, headers, body))
+        try:
+            result = await self.gateway.run(ctx)
+        except ThriftyError as err:
+            await _send_json(send, err.status, err.to_openai(), _accounting_headers(ctx))
+            raise _Responded from err
+        except Exception as err:
+            # The boundary: an unexpected bug becomes a 500 in OpenAI's shape, with its trace logged.
+            log.exception("request %s failed", ctx.request_id)
+            error = _InternalError(
+                f"internal error in thrifty (request {ctx.request_id}); see the gateway log"
+            )
+            await _send_json(send, 500, error.to_openai(), _accounting_headers(ctx))
+            raise _Responded from err
+        if isinstance(result, Completion):
+            await _send_json(send, 200, result.body, _accounting_headers(ctx))
+            raise _Responded
+        # Pull the first event before committing to a 200: a provider that refuses the call
+        # (4xx, 5xx, unreachable) then gets its own status instead of an error inside a stream.
+        try:
+            first = await anext(result.chunks)
+        except StopAsyncIteration:
+            first = None
+        except ThriftyError as err:
+            await _send_json(send, err.status, err.to_openai(), _accounting_headers(ctx))
+            raise _Responded from err
+        await self._stream(ctx, result, first, receive, send)
+        raise _Responded
+
+    async def _stream(
+        self, ctx: RequestContext, result: Streamed, first: StreamChunk | None, receive: Receive, send: Send
+    ) -> None:
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + _accounting_headers(ctx)}
+        )
+        pump = asyncio.ensure_future(self._pump(ctx, result, first, send))
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not pump.done():
+                pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _pump(
+        self, ctx: RequestContext, result: Streamed, first: StreamChunk | None, send: Send
+    ) -> None:
+        chunks = result.chunks
+        held: list[StreamChunk] = []
+        try:
+            async for chunk in _prepend(first, chunks):
+                # From the finishing chunk on, hold back: the last event must carry the cost,
+                # which is known only once usage has arrived and the ledger entry is committed.
+                if held or chunk.usage is not None or chunk_finishes(chunk.data):
+                    held.append(chunk)
+                    continue
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": _sse(chunk.raw or orjson.dumps(chunk.data)),
+                        "more_body": True,
+                    }
+                )
+        except ThriftyError as err:
+            payload = err.to_openai()
+            payload["thrifty"] = ctx.trailer
+            body = b"".join(_sse(c.raw or orjson.dumps(c.data)) for c in held) + _sse(orjson.dumps(payload))
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        await send(
+            {"type": "http.response.body", "body": self._closing_events(ctx, held), "more_body": False}
+        )
+
+    @staticmethod
+    def _closing_events(ctx: RequestContext, held: list[StreamChunk]) -> bytes:
+        if not ctx.client_wants_usage:
+            # The gateway asked upstream for usage on its own account; hide the extra chunk.
+            held = [c for c in held if c.usage is None or c.data.get("choices")]
+        parts = [_sse(c.raw or orjson.dumps(c.data)) for c in held[:-1]]
+        if held:
+            last = dict(held[-1].data)
+        else:
+            last = {"id": ctx.request_id, "object": "chat.completion.chunk", "choices": []}
+        last["thrifty"] = ctx.trailer
+        parts.append(_sse(orjson.dumps(last)))
+        parts.append(b"data: [DONE]\n\n")
+        return b"".join(parts)
+
+
+async def _prepend(first: StreamChunk | None, rest: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+    if first is not None:
+        yield first
+    async for chunk in rest:
+        yield chunk
+
+
+class _Responded(Exception):
+    """Control flow: the response (or the client's disconnect) already ended the exchange."""
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def create_app(
+    settings: Settings,
+    *,
+    secrets: Mapping[str, str | None] | None = None,
+    gateway: Gateway | None = None,
+) -> ThriftyApp:
+    return ThriftyApp(gateway or Gateway(settings, secrets=secrets))
+
+
+__all__ = ["InvalidRequest", "ThriftyApp", "create_app"]

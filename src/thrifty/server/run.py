@@ -1,0 +1,77 @@
+"""Running the ASGI app under uvicorn (uvloop + httptools), in the foreground or a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Mapping
+
+import uvicorn
+
+from thrifty.server.app import create_app
+from thrifty.settings import Settings
+
+
+def uvicorn_config(
+    settings: Settings,
+    secrets: Mapping[str, str | None],
+    *,
+    host: str,
+    port: int,
+    sock: socket.socket | None = None,
+) -> uvicorn.Config:
+    return uvicorn.Config(
+        create_app(settings, secrets=secrets),
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=30,
+        backlog=2048,
+    )
+
+
+def serve(settings: Settings, secrets: Mapping[str, str | None], *, host: str, port: int) -> None:
+    uvicorn.Server(uvicorn_config(settings, secrets, host=host, port=port)).run()
+
+
+class BackgroundServer:
+    """The gateway on an ephemeral loopback port in a thread of this process (demo, tests)."""
+
+    def __init__(
+        self, settings: Settings, secrets: Mapping[str, str | None] | None = None, host: str = "127.0.0.1"
+    ) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, 0))
+        self.host = host
+        self.port = self._sock.getsockname()[1]
+        config = uvicorn_config(settings, secrets or {}, host=host, port=self.port)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name="thrifty-server", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def _run(self) -> None:
+        asyncio.run(self._server.serve(sockets=[self._sock]))
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start; see the log above")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        self._sock.close()

@@ -1,0 +1,192 @@
+"""One settings object, loaded from a YAML file and passed down; never read from globals.
+
+Secrets are the only thing taken from the environment, and only under names the file gives
+(`api_key_env`); they are resolved once at start by `resolve_secrets`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from thrifty.errors import ConfigError
+
+ProviderKind = Literal["openai", "anthropic", "replay"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProviderSettings(_Strict):
+    kind: ProviderKind
+    base_url: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = Field(default=120.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=256, ge=1)
+    # Anthropic only: the API version header.
+    anthropic_version: str = "2023-06-01"
+    # Replay only: ZeroEval-format JSONL files or directories, and thrifty recordings.
+    data: list[str] = Field(default_factory=list)
+    stream_chunk_chars: int = Field(default=24, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> ProviderSettings:
+        if self.kind in ("openai", "anthropic") and not self.base_url:
+            raise ValueError(f"base_url is required for a provider of kind {self.kind!r}")
+        if self.kind == "replay" and not self.data:
+            raise ValueError("data is required for a replay provider (JSONL files or directories)")
+        return self
+
+
+class PriceOverride(_Strict):
+    """USD per million tokens. `flat_per_mtok` prices every token alike (self-hosted models)."""
+
+    input_per_mtok: Decimal | None = Field(default=None, ge=0)
+    output_per_mtok: Decimal | None = Field(default=None, ge=0)
+    cached_input_per_mtok: Decimal | None = Field(default=None, ge=0)
+    cache_write_per_mtok: Decimal | None = Field(default=None, ge=0)
+    flat_per_mtok: Decimal | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> PriceOverride:
+        if self.flat_per_mtok is None and (self.input_per_mtok is None or self.output_per_mtok is None):
+            raise ValueError("give flat_per_mtok, or both input_per_mtok and output_per_mtok")
+        return self
+
+
+class ModelSettings(_Strict):
+    provider: str
+    upstream: str | None = None  # the provider's model id; defaults to the alias
+    context_window: int | None = Field(default=None, gt=0)
+    tokenizer: str | None = None  # o200k_base | cl100k_base; guessed from the name when absent
+    price: PriceOverride | None = None
+    price_model: str | None = None  # the genai-prices model ref, when it differs from `upstream`
+    price_provider: str | None = None  # the genai-prices provider id
+
+
+class RouteSettings(_Strict):
+    model: str
+    max_input_tokens: int | None = Field(default=None, gt=0)
+
+
+class TenantSettings(_Strict):
+    # sha256 hex digests of virtual keys; keys made by `thrifty keys create` live in the store.
+    key_hashes: list[str] = Field(default_factory=list)
+    allowed_models: list[str] | None = None  # aliases or route:NAME; None means all
+
+
+class StorageSettings(_Strict):
+    url: str = "sqlite:///thrifty.db"
+    # NORMAL survives a killed process (WAL); FULL also survives power loss, at an fsync per batch.
+    synchronous: Literal["normal", "full"] = "normal"
+    ledger_batch_max: int = Field(default=512, ge=1)
+
+    @property
+    def sqlite_path(self) -> Path:
+        if not self.url.startswith("sqlite:///"):
+            raise ConfigError(f"storage.url: only sqlite:///PATH is supported so far, got {self.url!r}")
+        return Path(self.url.removeprefix("sqlite:///"))
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+
+
+class PricingSettings(_Strict):
+    reject_unpriced: bool = False
+
+
+class Settings(_Strict):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    pricing: PricingSettings = Field(default_factory=PricingSettings)
+    providers: dict[str, ProviderSettings]
+    models: dict[str, ModelSettings]
+    routes: dict[str, RouteSettings] = Field(default_factory=dict)
+    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        for alias, model in self.models.items():
+            if model.provider not in self.providers:
+                raise ValueError(
+                    f"models.{alias}.provider: unknown provider {model.provider!r} "
+                    f"(known: {', '.join(sorted(self.providers)) or 'none'})"
+                )
+        for name, route in self.routes.items():
+            if route.model not in self.models:
+                raise ValueError(f"routes.{name}.model: unknown model {route.model!r}")
+        for tenant, tset in self.tenants.items():
+            for h in tset.key_hashes:
+                if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+                    raise ValueError(f"tenants.{tenant}.key_hashes: {h!r} is not a sha256 hex digest")
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid settings in {source}:"]
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        msg = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def settings_from_mapping(
+    data: Mapping[str, Any], *, source: str = "settings", base_dir: Path | None = None
+) -> Settings:
+    try:
+        settings = Settings.model_validate(dict(data))
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from err
+    if base_dir is not None:
+        settings = _anchor_paths(settings, base_dir)
+    return settings
+
+
+def load_settings(path: Path) -> Settings:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read settings file {path}: {err.strerror}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return settings_from_mapping(data, source=str(path), base_dir=path.parent)
+
+
+def _anchor_paths(settings: Settings, base_dir: Path) -> Settings:
+    """Relative paths in a settings file are relative to that file, not to the cwd."""
+    url = settings.storage.url
+    storage = settings.storage
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_absolute():
+        storage = storage.model_copy(
+            update={"url": "sqlite:///" + str(base_dir / url.removeprefix("sqlite:///"))}
+        )
+    providers = {
+        name: p.model_copy(
+            update={"data": [str(base_dir / d) if not Path(d).is_absolute() else d for d in p.data]}
+        )
+        for name, p in settings.providers.items()
+    }
+    return settings.model_copy(update={"storage": storage, "providers": providers})
+
+
+def resolve_secrets(settings: Settings, environ: Mapping[str, str]) -> dict[str, str | None]:
+    """Provider name -> API key, read from the environment variables the settings name."""
+    return {
+        name: (environ.get(p.api_key_env) if p.api_key_env else None)
+        for name, p in settings.providers.items()
+    }

@@ -1,0 +1,1 @@
+"""Storage implementations behind small ports: ledger, keys (SQLite is the embedded default)."""

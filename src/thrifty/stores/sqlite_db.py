@@ -1,0 +1,111 @@
+"""Opening the SQLite file and bringing its schema up to date.
+
+Migrations are append-only: a released migration is never edited, a change is a new entry.
+`schema_migrations` records which have run, so any older database (or an empty file) upgrades.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
+        CREATE TABLE ledger (
+            request_id TEXT PRIMARY KEY,
+            ts REAL NOT NULL,
+            tenant_id TEXT NOT NULL,
+            user TEXT,
+            feature TEXT,
+            route TEXT,
+            prompt_version TEXT,
+            model TEXT,
+            provider TEXT,
+            attempts TEXT NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            cached_input_tokens INTEGER NOT NULL,
+            cache_write_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            reasoning_tokens INTEGER NOT NULL,
+            usage_estimated INTEGER NOT NULL,
+            cost_usd TEXT,
+            saved_usd TEXT,
+            cache TEXT NOT NULL,
+            escalated INTEGER NOT NULL,
+            retries INTEGER NOT NULL,
+            retry_cost_usd TEXT,
+            status TEXT NOT NULL,
+            http_status INTEGER NOT NULL,
+            error TEXT,
+            latency_ms REAL NOT NULL,
+            ttft_ms REAL,
+            idempotency_key TEXT,
+            batch INTEGER NOT NULL,
+            stream INTEGER NOT NULL
+        );
+        CREATE INDEX ledger_ts ON ledger (ts);
+        CREATE INDEX ledger_tenant_ts ON ledger (tenant_id, ts);
+        """,
+    ),
+    (
+        2,
+        """
+        CREATE TABLE virtual_keys (
+            key_hash TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL,
+            label TEXT,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        );
+        """,
+    ),
+)
+
+
+def connect(path: Path, *, synchronous: str = "normal", check_same_thread: bool = True) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=check_same_thread)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # With WAL, NORMAL loses nothing when the process dies (only on power loss); FULL fsyncs each commit.
+    conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> list[int]:
+    """Apply the migrations this database has not seen; return their versions."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    applied = []
+    for version, sql in MIGRATIONS:
+        if version in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-check inside the write lock: another process may have migrated meanwhile.
+            if conn.execute("SELECT 1 FROM schema_migrations WHERE version = ?", (version,)).fetchone():
+                conn.execute("COMMIT")
+                continue
+            for statement in sql.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(version)
+    return applied
+
+
+def open_database(
+    path: Path, *, synchronous: str = "normal", check_same_thread: bool = True
+) -> sqlite3.Connection:
+    conn = connect(path, synchronous=synchronous, check_same_thread=check_same_thread)
+    migrate(conn)
+    return conn

@@ -14,11 +14,15 @@ HEADERS = {"x-thrifty-feature": "greeting", "x-thrifty-prompt-version": "v7", "x
 
 def test_non_streaming_is_priced_attributed_and_recorded(client, openai_upstream, ledger):
     openai_upstream.queue(Reply(text="Hello!", prompt_tokens=1200, cached_tokens=1024, completion_tokens=300))
-    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSG, extra_headers=HEADERS)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MSG, extra_headers=HEADERS
+    )
     completion = raw.parse()
     assert completion.choices[0].message.content == "Hello!"
     # gpt-4o-mini: 0.15 / 0.075 cached / 0.60 per 1M -> (176*0.15 + 1024*0.075 + 300*0.6) / 1e6
-    expected = (Decimal(176) * Decimal("0.15") + Decimal(1024) * Decimal("0.075") + Decimal(300) * Decimal("0.6")) / 10**6
+    expected = (
+        Decimal(176) * Decimal("0.15") + Decimal(1024) * Decimal("0.075") + Decimal(300) * Decimal("0.6")
+    ) / 10**6
     assert Decimal(raw.headers["x-thrifty-cost-usd"]) == expected
     assert raw.headers["x-thrifty-model"] == "gpt-4o-mini"
     request_id = raw.headers["x-thrifty-request-id"]
@@ -27,8 +31,18 @@ def test_non_streaming_is_priced_attributed_and_recorded(client, openai_upstream
     assert openai_upstream.requests[-1]["messages"] == MSG
     (row,) = ledger()
     assert row["request_id"] == request_id
-    assert (row["tenant_id"], row["feature"], row["prompt_version"], row["user"]) == ("acme", "greeting", "v7", "u-42")
-    assert (row["model"], row["provider"], row["status"], row["http_status"]) == ("gpt-4o-mini", "up", "ok", 200)
+    assert (row["tenant_id"], row["feature"], row["prompt_version"], row["user"]) == (
+        "acme",
+        "greeting",
+        "v7",
+        "u-42",
+    )
+    assert (row["model"], row["provider"], row["status"], row["http_status"]) == (
+        "gpt-4o-mini",
+        "up",
+        "ok",
+        200,
+    )
     assert (row["input_tokens"], row["cached_input_tokens"], row["output_tokens"]) == (1200, 1024, 300)
     assert Decimal(row["cost_usd"]) == expected
     assert row["usage_estimated"] == 0 and row["stream"] == 0 and row["cache"] == "miss"
@@ -47,8 +61,12 @@ def _collect_stream(stream):
 
 
 def test_streaming_and_non_streaming_cost_the_same(client, openai_upstream, ledger):
-    reply = Reply(text="The quick brown fox jumps over the lazy dog.", prompt_tokens=2048, cached_tokens=1536,
-                  completion_tokens=11)
+    reply = Reply(
+        text="The quick brown fox jumps over the lazy dog.",
+        prompt_tokens=2048,
+        cached_tokens=1536,
+        completion_tokens=11,
+    )
     openai_upstream.queue(reply, reply)
     plain = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MSG)
     stream = client.chat.completions.create(model="gpt-4o", messages=MSG, stream=True)
@@ -69,21 +87,26 @@ def test_streaming_and_non_streaming_cost_the_same(client, openai_upstream, ledg
 def test_stream_usage_chunk_hidden_unless_asked(client, openai_upstream):
     openai_upstream.queue(Reply(text="abcdefghij"), Reply(text="abcdefghij"))
     # The gateway always asks upstream for usage ...
-    _, last, _ = _collect_stream(client.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True))
+    _, last, _ = _collect_stream(
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True)
+    )
     assert openai_upstream.requests[-1]["stream_options"] == {"include_usage": True}
     # ... but a client that did not ask sees the stream it expects: the last chunk is the finish.
     assert last.choices and last.choices[0].finish_reason == "stop" and last.usage is None
     assert "thrifty" in last.model_extra
     _, last, _ = _collect_stream(
-        client.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True,
-                                       stream_options={"include_usage": True})
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=MSG, stream=True, stream_options={"include_usage": True}
+        )
     )
     assert last.choices == [] and last.usage.prompt_tokens == 42 and "thrifty" in last.model_extra
 
 
 def test_stream_without_upstream_usage_is_counted_locally_and_flagged(client, openai_upstream, ledger):
     openai_upstream.queue(Reply(text="Counting tokens locally works offline.", stream_usage=False))
-    text, last, _ = _collect_stream(client.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True))
+    text, last, _ = _collect_stream(
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True)
+    )
     assert text == "Counting tokens locally works offline."
     (row,) = ledger()
     assert row["usage_estimated"] == 1
@@ -107,7 +130,9 @@ def test_self_hosted_flat_price_and_unpriced_model(client, openai_upstream, ledg
 
 def test_route_alias_and_model_list(client, openai_upstream, ledger):
     openai_upstream.queue(Reply())
-    raw = client.chat.completions.with_raw_response.create(model="route:support", messages=[{"role": "user", "content": "hi"}])
+    raw = client.chat.completions.with_raw_response.create(
+        model="route:support", messages=[{"role": "user", "content": "hi"}]
+    )
     assert raw.headers["x-thrifty-route"] == "support" and raw.headers["x-thrifty-model"] == "gpt-4o-mini"
     assert ledger()[0]["route"] == "support"
     ids = {m.id for m in client.models.list()}
@@ -117,12 +142,28 @@ def test_route_alias_and_model_list(client, openai_upstream, ledger):
 def test_every_request_field_passes_through(client, openai_upstream):
     openai_upstream.queue(Reply())
     client.chat.completions.create(
-        model="gpt-4o-mini", messages=MSG, temperature=0.2, top_p=0.9, max_tokens=77, seed=5, stop=["\n\n"],
-        response_format={"type": "json_object"}, logit_bias={"50256": -100}, user="end-user-1",
+        model="gpt-4o-mini",
+        messages=MSG,
+        temperature=0.2,
+        top_p=0.9,
+        max_tokens=77,
+        seed=5,
+        stop=["\n\n"],
+        response_format={"type": "json_object"},
+        logit_bias={"50256": -100},
+        user="end-user-1",
         extra_body={"vendor_specific": {"x": 1}},
     )
     sent = openai_upstream.requests[-1]
-    for key, value in {"temperature": 0.2, "top_p": 0.9, "max_tokens": 77, "seed": 5, "stop": ["\n\n"],
-                       "response_format": {"type": "json_object"}, "logit_bias": {"50256": -100},
-                       "user": "end-user-1", "vendor_specific": {"x": 1}}.items():
+    for key, value in {
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "max_tokens": 77,
+        "seed": 5,
+        "stop": ["\n\n"],
+        "response_format": {"type": "json_object"},
+        "logit_bias": {"50256": -100},
+        "user": "end-user-1",
+        "vendor_specific": {"x": 1},
+    }.items():
         assert sent[key] == value, key

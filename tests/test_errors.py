@@ -41,8 +41,14 @@ def test_malformed_json_is_400(gateway):
         ('{"messages": [{"role": "user", "content": "x"}]}', "model"),
         ('{"model": "gpt-4o-mini", "messages": []}', "messages"),
         ('{"model": "gpt-4o-mini", "messages": ["just a string"]}', "messages[0]"),
-        ('{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
-        ('{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens"),
+        (
+            '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
+            "stream",
+        ),
+        (
+            '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+            "max_tokens",
+        ),
         ("[1, 2]", None),
     ],
 )
@@ -55,9 +61,9 @@ def test_schema_errors_are_400_naming_the_field(gateway, body, param):
 
 def test_bad_or_missing_key_is_401(gateway, ledger):
     with pytest.raises(openai.AuthenticationError) as info:
-        openai.OpenAI(base_url=gateway.base_url, api_key="thr-not-a-key", max_retries=0).chat.completions.create(
-            model="gpt-4o-mini", messages=MSG
-        )
+        openai.OpenAI(
+            base_url=gateway.base_url, api_key="thr-not-a-key", max_retries=0
+        ).chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert info.value.status_code == 401 and "invalid API key" in info.value.message
     resp = _post(gateway, b"{}", key=None)
     assert resp.status_code == 401 and "keys create" in _error(resp)["message"]
@@ -90,7 +96,9 @@ def test_prompt_over_context_window_is_400_with_counts(client, openai_upstream):
 
 def test_prompt_over_route_limit_is_400_with_counts(client, openai_upstream):
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="route:support", messages=[{"role": "user", "content": "word " * 40}])
+        client.chat.completions.create(
+            model="route:support", messages=[{"role": "user", "content": "word " * 40}]
+        )
     assert info.value.body["code"] == "route_input_limit_exceeded"
     assert "has 48 tokens" in info.value.message and "limit of 30" in info.value.message
     assert openai_upstream.requests == []
@@ -155,5 +163,10 @@ def test_unknown_path_and_wrong_method(gateway):
 
 
 def test_oversized_body_is_413(gateway):
-    resp = _post(gateway, b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"x" * (17 * 1024 * 1024) + b'"}]}')
+    resp = _post(
+        gateway,
+        b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "'
+        + b"x" * (17 * 1024 * 1024)
+        + b'"}]}',
+    )
     assert resp.status_code == 413 and "max_body_bytes" in _error(resp)["message"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -73,7 +72,7 @@ def _int(value: Any) -> int:
     return int(value) if isinstance(value, int | float) else 0
 
 
-def finish_reason(stop_reason: Any) -> str | None:
+def openai_finish_reason(stop_reason: Any) -> str | None:
     if stop_reason is None:
         return None
     return _FINISH_REASONS.get(str(stop_reason), "stop")
@@ -157,11 +156,15 @@ def _turn(message: dict[str, Any], i: int) -> tuple[str, list[dict[str, Any]]]:
         return "user", _content_blocks(message.get("content"), where)
     if role == "assistant":
         blocks = _content_blocks(message.get("content"), where)
-        blocks += [_tool_use_block(call, f"{where}.tool_calls[{j}]") for j, call in enumerate(_calls(message))]
+        blocks += [
+            _tool_use_block(call, f"{where}.tool_calls[{j}]") for j, call in enumerate(_calls(message))
+        ]
         return "assistant", blocks
     if role == "tool":
         return "user", [_tool_result_block(message, where)]
-    raise InvalidRequest(f"{where}.role {role!r} is not supported for Anthropic models", param=f"{where}.role")
+    raise InvalidRequest(
+        f"{where}.role {role!r} is not supported for Anthropic models", param=f"{where}.role"
+    )
 
 
 def _calls(message: dict[str, Any]) -> list[Any]:
@@ -208,7 +211,9 @@ def _part_block(part: Any, where: str) -> dict[str, Any] | None:
     elif kind == "image_url":
         block = _image_block(part.get("image_url"), where)
     else:
-        raise InvalidRequest(f"{where}: content part type {kind!r} is not supported for Anthropic models", param=where)
+        raise InvalidRequest(
+            f"{where}: content part type {kind!r} is not supported for Anthropic models", param=where
+        )
     if "cache_control" in part:
         block["cache_control"] = part["cache_control"]
     return block
@@ -348,7 +353,11 @@ def from_anthropic_message(msg: dict[str, Any], *, created: int | None = None) -
                     },
                 }
             )
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None, "refusal": None}
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(texts) if texts else None,
+        "refusal": None,
+    }
     if tool_calls:
         message["tool_calls"] = tool_calls
     out: dict[str, Any] = {
@@ -362,7 +371,7 @@ def from_anthropic_message(msg: dict[str, Any], *, created: int | None = None) -
                 "index": 0,
                 "message": message,
                 "logprobs": None,
-                "finish_reason": finish_reason(msg.get("stop_reason")) or "stop",
+                "finish_reason": openai_finish_reason(msg.get("stop_reason")) or "stop",
             }
         ],
     }
@@ -446,7 +455,7 @@ class StreamTranslator:
     def _message_delta(self, event: dict[str, Any]) -> list[StreamChunk]:
         # Counts in message_delta are cumulative, so the latest value replaces the earlier one.
         self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
-        reason = finish_reason((event.get("delta") or {}).get("stop_reason"))
+        reason = openai_finish_reason((event.get("delta") or {}).get("stop_reason"))
         return [self._chunk({}, finish_reason=reason)] if reason else []
 
     def _error(self, event: dict[str, Any]) -> ProviderError:
@@ -497,7 +506,9 @@ class AnthropicProvider:
         payload = to_anthropic_request(body, target.upstream_model)
         resp = await self._http.post_json(self._url, payload)
         if resp.get("type") != "message":
-            raise ProviderProtocolError(f"{self.name} answered with {resp.get('type')!r} instead of a message")
+            raise ProviderProtocolError(
+                f"{self.name} answered with {resp.get('type')!r} instead of a message"
+            )
         usage = resp.get("usage")
         return UpstreamResult(
             body=from_anthropic_message(resp),
@@ -508,19 +519,27 @@ class AnthropicProvider:
         payload = to_anthropic_request(body, target.upstream_model)
         payload["stream"] = True
         translator = StreamTranslator(self.name)
-        async with aclosing(self._http.post_stream(self._url, payload)) as events:
+        events = self._http.post_stream(self._url, payload)
+        try:
             async for data in events:
                 for chunk in translator.feed(self._parse_event(data)):
                     yield chunk
                 if translator.finished:
                     return
+        finally:
+            # Release the pooled connection now, not when the inner generator is collected.
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
         # Ending without message_stop means the stream was cut; the gateway estimates usage then.
 
     def _parse_event(self, data: bytes) -> dict[str, Any]:
         try:
             event = orjson.loads(data)
         except orjson.JSONDecodeError as err:
-            raise ProviderProtocolError(f"{self.name} sent an SSE event that is not JSON: {data[:200]!r}") from err
+            raise ProviderProtocolError(
+                f"{self.name} sent an SSE event that is not JSON: {data[:200]!r}"
+            ) from err
         if not isinstance(event, dict):
             raise ProviderProtocolError(f"{self.name} sent an SSE event that is not a JSON object")
         return event

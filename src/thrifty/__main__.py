@@ -1,0 +1,5 @@
+"""`python -m thrifty` is the `thrifty` command."""
+
+from thrifty.cli import main
+
+main()

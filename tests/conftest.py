@@ -56,7 +56,9 @@ def openai_upstream(loop_thread: LoopThread) -> Iterator[OpenAIWireServer]:
     loop_thread.run(server.stop())
 
 
-def base_settings(tmp_path: Path, providers: dict[str, Any], models: dict[str, Any], **extra: Any) -> Settings:
+def base_settings(
+    tmp_path: Path, providers: dict[str, Any], models: dict[str, Any], **extra: Any
+) -> Settings:
     data: dict[str, Any] = {
         "storage": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
         "providers": providers,
@@ -71,8 +73,11 @@ def openai_models(provider: str = "up") -> dict[str, Any]:
     return {
         "gpt-4o-mini": {"provider": provider, "upstream": "gpt-4o-mini", "context_window": 128000},
         "gpt-4o": {"provider": provider, "upstream": "gpt-4o-2024-08-06", "context_window": 128000},
-        "selfhosted": {"provider": provider, "upstream": "llama-3.1-8b-local",
-                       "price": {"flat_per_mtok": "0.02"}},
+        "selfhosted": {
+            "provider": provider,
+            "upstream": "llama-3.1-8b-local",
+            "price": {"flat_per_mtok": "0.02"},
+        },
         "mystery": {"provider": provider, "upstream": "mystery-model-x"},
         "tiny": {"provider": provider, "upstream": "gpt-4o-mini", "context_window": 40},
     }
@@ -82,8 +87,14 @@ def openai_models(provider: str = "up") -> dict[str, Any]:
 def gateway(tmp_path: Path, openai_upstream: OpenAIWireServer) -> Iterator[BackgroundServer]:
     settings = base_settings(
         tmp_path,
-        providers={"up": {"kind": "openai", "base_url": openai_upstream.base_url, "api_key_env": "UP_KEY",
-                          "timeout_s": 2}},
+        providers={
+            "up": {
+                "kind": "openai",
+                "base_url": openai_upstream.base_url,
+                "api_key_env": "UP_KEY",
+                "timeout_s": 2,
+            }
+        },
         models=openai_models(),
         routes={"support": {"model": "gpt-4o-mini", "max_input_tokens": 30}},
     )

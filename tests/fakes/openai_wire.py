@@ -86,16 +86,28 @@ class OpenAIWireServer:
         reply = self._next()
         if request.headers.get("authorization") != f"Bearer {self.api_key}":
             return web.json_response(
-                {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
-                           "param": None, "code": "invalid_api_key"}},
+                {
+                    "error": {
+                        "message": "Incorrect API key provided",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "invalid_api_key",
+                    }
+                },
                 status=401,
             )
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
         if reply.status != 200:
             return web.json_response(
-                {"error": {"message": reply.error_message, "type": reply.error_type, "param": None,
-                           "code": None}},
+                {
+                    "error": {
+                        "message": reply.error_message,
+                        "type": reply.error_type,
+                        "param": None,
+                        "code": None,
+                    }
+                },
                 status=reply.status,
                 headers=reply.headers,
             )
@@ -122,20 +134,39 @@ class OpenAIWireServer:
             dumps=lambda o: orjson.dumps(o).decode(),
         )
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], reply: Reply, model: str) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, body: dict[str, Any], reply: Reply, model: str
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
-        base = {"id": "chatcmpl-fake123", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": model, "system_fingerprint": "fp_fake"}
+        base = {
+            "id": "chatcmpl-fake123",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": "fp_fake",
+        }
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
             return b"data: " + orjson.dumps({**base, "choices": choices, **extra}) + b"\n\n"
 
         pieces = [reply.text[i : i + reply.chunk_chars] for i in range(0, len(reply.text), reply.chunk_chars)]
-        events = [event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])]
-        events += [event([{"index": 0, "delta": {"content": p}, "logprobs": None, "finish_reason": None}])
-                   for p in pieces]
+        events = [
+            event(
+                [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            )
+        ]
+        events += [
+            event([{"index": 0, "delta": {"content": p}, "logprobs": None, "finish_reason": None}])
+            for p in pieces
+        ]
         events.append(event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]))
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if wants_usage and reply.stream_usage:

@@ -32,7 +32,9 @@ _COLUMNS = (
     "usage_estimated, cost_usd, saved_usd, cache, escalated, retries, retry_cost_usd, status, "
     "http_status, error, latency_ms, ttft_ms, idempotency_key, batch, stream"
 )
-_INSERT = f"INSERT OR IGNORE INTO ledger ({_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMNS.split(',')))})"
+INSERT_ENTRY_SQL = (
+    f"INSERT OR IGNORE INTO ledger ({_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMNS.split(',')))})"
+)
 _STOP = object()
 
 
@@ -151,7 +153,7 @@ class LedgerWriter:
         for attempt in range(5):
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(_INSERT, rows)
+                conn.executemany(INSERT_ENTRY_SQL, rows)
                 conn.execute("COMMIT")
                 error = None
                 break

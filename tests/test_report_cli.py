@@ -1,0 +1,176 @@
+"""`thrifty report`, `thrifty keys` and `thrifty demo` as a user runs them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import openai
+import yaml
+
+from thrifty.stores.ledger import INSERT_ENTRY_SQL, entry_row
+from thrifty.stores.sqlite_db import open_database
+from thrifty.types import Attempt, LedgerEntry, Usage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _thrifty(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "thrifty", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def _entry(
+    i: int,
+    tenant: str,
+    feature: str,
+    cost: str | None,
+    status: str = "ok",
+    ts: float | None = None,
+    attempts_costs: tuple[str, ...] = (),
+) -> LedgerEntry:
+    usage = Usage(input_tokens=100 + i, cached_input_tokens=10, output_tokens=20)
+    failed = [Attempt("m", "p", 500, Usage(), Decimal(c), 1.0, "boom") for c in attempts_costs]
+    attempts = (*failed, Attempt("m", "p", 200, usage, None if cost is None else Decimal(cost), 1.0))
+    return LedgerEntry(
+        request_id=f"req_{i}",
+        ts=ts or time.time(),
+        tenant_id=tenant,
+        user=None,
+        feature=feature,
+        route=None,
+        prompt_version="v1",
+        model="m",
+        provider="p",
+        attempts=attempts,
+        usage=usage,
+        cost_usd=None
+        if cost is None
+        else Decimal(cost) + sum((Decimal(c) for c in attempts_costs), Decimal(0)),
+        saved_usd=None,
+        cache="miss",
+        escalated=False,
+        retries=len(attempts_costs),
+        status=status,  # type: ignore[arg-type]
+        error=None,
+        http_status=200 if status == "ok" else 502,
+        latency_ms=1.0,
+        ttft_ms=None,
+        idempotency_key=None,
+    )
+
+
+def _ledger(path: Path) -> Path:
+    conn = open_database(path)
+    entries = [
+        _entry(1, "acme", "chat", "0.1"),
+        _entry(2, "acme", "chat", "0.2", attempts_costs=("0.05",)),
+        _entry(3, "acme", "search", "0.000000001"),
+        _entry(4, "globex", "chat", "0.3", status="error"),
+        _entry(5, "globex", "chat", None),
+        _entry(6, "globex", "chat", "1", ts=time.time() - 10 * 86400),
+    ]
+    for e in entries:
+        conn.execute(INSERT_ENTRY_SQL, entry_row(e))
+    conn.close()
+    return path
+
+
+def test_report_json_sums_exactly(tmp_path: Path):
+    db = _ledger(tmp_path / "l.db")
+    out = _thrifty("report", "--by", "tenant", "--format", "json", "--db", str(db))
+    assert out.returncode == 0, out.stderr
+    rows = {r["group"]: r for r in json.loads(out.stdout)}
+    acme, globex = rows["acme"], rows["globex"]
+    assert Decimal(acme["cost_usd"]) == Decimal("0.350000001")  # 0.1 + (0.2 + 0.05 retry) + 1e-9
+    assert Decimal(acme["retry_cost_usd"]) == Decimal("0.05")
+    assert acme["requests"] == 3 and acme["success_rate"] == 1.0
+    assert Decimal(acme["cost_per_success_usd"]) == Decimal("0.116666667000")
+    assert globex["requests"] == 3 and globex["ok"] == 2 and globex["unpriced_requests"] == 1
+    assert Decimal(globex["error_cost_usd"]) == Decimal("0.3") and Decimal(globex["cost_usd"]) == Decimal(
+        "1.3"
+    )
+    assert acme["input_tokens"] == 101 + 102 + 103 and acme["cached_input_tokens"] == 30
+
+
+def test_report_since_and_csv_and_day(tmp_path: Path):
+    db = _ledger(tmp_path / "l.db")
+    out = _thrifty("report", "--by", "feature", "--since", "7d", "--format", "csv", "--db", str(db))
+    rows = {r["group"]: r for r in csv.DictReader(io.StringIO(out.stdout))}
+    assert rows["chat"]["requests"] == "4" and Decimal(rows["chat"]["cost_usd"]) == Decimal(
+        "0.65"
+    )  # 0.1 + 0.25 + 0.3, day-10 row excluded
+    out = _thrifty("report", "--by", "day", "--format", "json", "--db", str(db))
+    assert len(json.loads(out.stdout)) == 2
+    table = _thrifty("report", "--by", "tenant", "--db", str(db))
+    assert table.returncode == 0 and "acme" in table.stdout and "TOTAL" in table.stdout
+
+
+def test_report_errors_are_one_clear_line(tmp_path: Path):
+    out = _thrifty("report", "--by", "colour", "--db", str(tmp_path / "x.db"))
+    assert out.returncode == 2 and "--by must be one of" in out.stderr
+    out = _thrifty("report", "--db", str(tmp_path / "missing.db"))
+    assert out.returncode == 2 and "no ledger at" in out.stderr
+
+
+def test_keys_create_then_use_through_the_gateway(tmp_path: Path, openai_upstream):
+    config = tmp_path / "thrifty.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"url": "sqlite:///ledger.db"},
+                "providers": {
+                    "up": {"kind": "openai", "base_url": openai_upstream.base_url, "api_key_env": "UP_KEY"}
+                },
+                "models": {"gpt-4o-mini": {"provider": "up"}},
+                "tenants": {"acme": {}},
+            }
+        )
+    )
+    created = _thrifty("keys", "create", "--tenant", "acme", "--config", str(config))
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("thr-")
+    assert _thrifty("keys", "create", "--tenant", "nobody", "--config", str(config)).returncode == 2
+    listed = _thrifty("keys", "list", "--config", str(config)).stdout
+    assert "acme" in listed and key not in listed
+
+    from thrifty.server.run import BackgroundServer
+    from thrifty.settings import load_settings
+
+    with BackgroundServer(load_settings(config), secrets={"up": "sk-fake-upstream"}) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0)
+        assert client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
+
+
+def test_demo_on_the_shared_data_or_synthetic(tmp_path: Path):
+    data = REPO.parent / "shared" / "data" / "routing" / "zeroeval"
+    args = ["demo", "--requests", "60"]
+    if data.exists():
+        out = _thrifty(*args, "--data", str(data))
+        assert "real recorded outputs" in out.stdout
+    else:
+        out = _thrifty(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "spend by tenant" in out.stdout and "ledger rows: 60" in out.stdout
+
+
+def test_demo_without_data_says_synthetic(tmp_path: Path):
+    out = _thrifty("demo", "--requests", "30", cwd=tmp_path)  # no ../shared/data from here
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SYNTHETIC" in out.stdout and "ledger rows: 30" in out.stdout

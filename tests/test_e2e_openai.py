@@ -167,3 +167,29 @@ def test_every_request_field_passes_through(client, openai_upstream):
         "vendor_specific": {"x": 1},
     }.items():
         assert sent[key] == value, key
+
+
+def test_one_pooled_connection_is_reused_across_requests(client, openai_upstream):
+    for _ in range(20):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    # Sequential calls ride one kept-alive upstream connection: no client or socket per request.
+    assert len(openai_upstream.peers) == 20 and len(set(openai_upstream.peers)) == 1
+
+
+def test_concurrent_requests_each_get_one_ledger_row(client_for, openai_upstream, ledger):
+    from concurrent.futures import ThreadPoolExecutor
+
+    openai_upstream.default = Reply(delay_s=0.005)
+
+    def call(i: int) -> str:
+        client = client_for("acme" if i % 2 else "globex")
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=MSG, stream=False, extra_headers={"x-thrifty-feature": f"f{i % 3}"}
+        )
+        return raw.headers["x-thrifty-request-id"]
+
+    with ThreadPoolExecutor(32) as pool:
+        ids = list(pool.map(call, range(128)))
+    rows = ledger()
+    assert len(rows) == 128 and {r["request_id"] for r in rows} == set(ids)
+    assert sum(r["tenant_id"] == "acme" for r in rows) == 64

@@ -174,3 +174,18 @@ def test_demo_without_data_says_synthetic(tmp_path: Path):
     out = _thrifty("demo", "--requests", "30", cwd=tmp_path)  # no ../shared/data from here
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SYNTHETIC" in out.stdout and "ledger rows: 30" in out.stdout
+
+
+def test_serve_with_invalid_settings_fails_at_start_naming_the_field(tmp_path: Path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("providers: {up: {kind: openai}}\nmodels: {m: {provider: up}}\n")
+    out = _thrifty("serve", "--config", str(config))
+    assert out.returncode == 2
+    assert "providers.up" in out.stderr and "base_url is required" in out.stderr
+
+
+def test_example_settings_are_valid():
+    from thrifty.settings import load_settings
+
+    settings = load_settings(REPO / "examples" / "thrifty.yaml")
+    assert {"openai", "anthropic", "replay"} <= {p.kind for p in settings.providers.values()}

@@ -48,6 +48,7 @@ class OpenAIWireServer:
         self.api_key = api_key
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.peers: list[tuple[str, int]] = []  # client (host, port) per request: reveals connection reuse
         self.replies: list[Reply] = []
         self.default = Reply()
         self._runner: web.AppRunner | None = None
@@ -83,6 +84,8 @@ class OpenAIWireServer:
         body = await request.json(loads=orjson.loads)
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        assert request.transport is not None
+        self.peers.append(request.transport.get_extra_info("peername")[:2])
         reply = self._next()
         if request.headers.get("authorization") != f"Bearer {self.api_key}":
             return web.json_response(

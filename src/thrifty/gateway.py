@@ -96,7 +96,13 @@ class Gateway:
         self._db: sqlite3.Connection | None = None
         self._keys: SqliteKeyStore | None = None
         accountant = Accountant(self.catalog, self.counter, self.ledger)
-        self.resolver = ResolveModel(self.targets, settings.routes, settings.tenants)
+        unpriced = frozenset(a for a in self.targets if not self.catalog.is_priced(a))
+        self.resolver = ResolveModel(
+            self.targets,
+            settings.routes,
+            settings.tenants,
+            refuse_unpriced=unpriced if settings.pricing.reject_unpriced else frozenset(),
+        )
         stages: list[Stage] = [Account(accountant), self.resolver, InputLimits(self.counter, settings.routes)]
         self._handle: Handler = build_chain(stages, CallProvider(self.providers, accountant))
         self._started = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from thrifty.errors import NotFound, PermissionDenied
+from thrifty.errors import NotFound, PermissionDenied, UnpricedModel
 from thrifty.pipeline import Handler, RequestContext, Result
 from thrifty.settings import RouteSettings, TenantSettings
 from thrifty.types import ModelTarget
@@ -18,8 +18,12 @@ class ResolveModel:
         targets: Mapping[str, ModelTarget],
         routes: Mapping[str, RouteSettings],
         tenants: Mapping[str, TenantSettings],
+        *,
+        refuse_unpriced: frozenset[str] = frozenset(),
     ) -> None:
         self._targets = dict(targets)
+        # Aliases without a known price, refused only when settings say pricing.reject_unpriced.
+        self._refuse_unpriced = refuse_unpriced
         self._routes = dict(routes)
         self._allowed = {
             name: frozenset(t.allowed_models) for name, t in tenants.items() if t.allowed_models is not None
@@ -50,4 +54,10 @@ class ResolveModel:
                 param="model",
             )
         ctx.route, ctx.target = self.resolve(ctx.requested_model)
+        if ctx.target.alias in self._refuse_unpriced:
+            raise UnpricedModel(
+                f"model {ctx.target.alias!r} has no known price and pricing.reject_unpriced is set; "
+                f"add models.{ctx.target.alias}.price to the settings",
+                param="model",
+            )
         return await call_next(ctx)

@@ -159,11 +159,44 @@ def bench_overhead(
     litellm_url: Annotated[
         str | None, typer.Option(help="a running LiteLLM proxy (see bench/litellm.sh)")
     ] = None,
+    litellm_key: Annotated[
+        str | None, typer.Option(help="its master key (default $LITELLM_MASTER_KEY)")
+    ] = None,
+    with_litellm: Annotated[
+        Path | None,
+        typer.Option(
+            "--with-litellm",
+            help="a venv with litellm[proxy] (bench/litellm.sh install): start it against this run's stub",
+        ),
+    ] = None,
+    generator: Annotated[str, typer.Option(help="auto|wrk|python (auto: wrk when on PATH)")] = "auto",
+    concurrency: Annotated[
+        list[int] | None, typer.Option("--concurrency", help="repeat for each level (default 1 16 64)")
+    ] = None,
+    warmup: Annotated[float | None, typer.Option(help="seconds of warm-up per target")] = None,
 ) -> None:
     """Latency and throughput: direct to a stub, through thrifty, a bare pass-through, LiteLLM."""
-    from thrifty.bench.overhead import run_overhead_bench
+    from typing import cast
 
-    run_overhead_bench(json_out=json_out, duration=duration, litellm_url=litellm_url, console=_console())
+    from thrifty.bench.loadgen import Generator
+    from thrifty.bench.overhead import DEFAULT_CONCURRENCIES, run_overhead_bench
+
+    if generator not in ("auto", "wrk", "python"):
+        raise ThriftyError("--generator must be auto, wrk or python")
+    report = run_overhead_bench(
+        json_out=json_out,
+        duration=duration,
+        litellm_url=litellm_url,
+        console=_console(),
+        litellm_venv=with_litellm,
+        litellm_key=litellm_key,
+        generator=cast(Generator, generator),  # checked just above
+        concurrencies=concurrency or DEFAULT_CONCURRENCIES,
+        warmup=warmup,
+    )
+    # Missed targets are a finding, not a failure; errors or missing ledger rows are a failure.
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

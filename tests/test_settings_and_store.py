@@ -126,3 +126,48 @@ def test_keys_are_stored_only_hashed(tmp_path: Path):
     assert key not in dump and hash_key(key) in dump
     assert store.revoke(hash_key(key)[:12]) == 1
     assert store.tenant_for_hash(hash_key(key)) is None
+
+
+def test_batch_insert_stores_exactly_what_row_inserts_store(tmp_path: Path):
+    import time
+    from decimal import Decimal
+
+    from thrifty.stores.ledger import INSERT_BATCH_SQL, INSERT_ENTRY_SQL, entry_row
+    from thrifty.types import Attempt, LedgerEntry, Usage
+
+    def entry(i: int, cost: Decimal | None) -> LedgerEntry:
+        usage = Usage(input_tokens=10 * i, cached_input_tokens=i, output_tokens=3, estimated=bool(i % 2))
+        return LedgerEntry(
+            request_id=f"req_{i}",
+            ts=time.time() + i / 7,
+            tenant_id="t",
+            user=None if i % 2 else "ü-ser",
+            feature="f",
+            route=None,
+            prompt_version="v'1\"",
+            model="m",
+            provider="p",
+            attempts=(Attempt("m", "p", 200, usage, cost, 1.25),),
+            usage=usage,
+            cost_usd=cost,
+            saved_usd=None,
+            cache="miss",
+            escalated=False,
+            retries=0,
+            status="ok",
+            error=None,
+            http_status=200,
+            latency_ms=0.1 * i,
+            ttft_ms=None if i % 2 else 2.5,
+            idempotency_key=None,
+        )
+
+    rows = [entry_row(entry(i, None if i == 3 else Decimal("0.000000123") * i)) for i in range(1, 6)]
+    by_row, by_batch = open_database(tmp_path / "a.db"), open_database(tmp_path / "b.db")
+    by_row.executemany(INSERT_ENTRY_SQL, rows)
+    import orjson
+
+    by_batch.execute(INSERT_BATCH_SQL, (orjson.dumps(rows),))
+    query = "SELECT *, typeof(ts), typeof(cost_usd), typeof(ttft_ms), typeof(input_tokens) FROM ledger ORDER BY ts"
+    assert list(by_row.execute(query)) == list(by_batch.execute(query))
+    assert len(list(by_batch.execute(query))) == 5

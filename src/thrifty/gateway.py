@@ -159,7 +159,9 @@ class Gateway:
         stream = bool(body.get("stream"))
         options = body.get("stream_options")
         return RequestContext(
-            request_id="req_" + os.urandom(12).hex(),
+            # Time-ordered ids keep ledger inserts at the right edge of the primary-key index
+            # (random ids cost ~3x per row once the table is large).
+            request_id=f"req_{time.time_ns():016x}{os.urandom(6).hex()}",
             ts=time.time(),
             started=time.perf_counter(),
             tags=tags,

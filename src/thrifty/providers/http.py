@@ -11,6 +11,8 @@ import orjson
 from thrifty.errors import ProviderError, ProviderTimeout, ProviderUnreachable, ThriftyError
 from thrifty.settings import ProviderSettings
 
+USER_AGENT = "thrifty/0.1"
+
 
 class HttpClient:
     """One pooled session per provider, created on start and reused by every request."""
@@ -31,12 +33,12 @@ class HttpClient:
     async def start(self) -> None:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self._settings.max_connections, ttl_dns_cache=300)
+            # Every header is set once on the session: per-request headers or skip_auto_headers
+            # send aiohttp down a slower path that rebuilds a header multidict on each call.
             self._session = aiohttp.ClientSession(
-                base_url=None,
                 connector=connector,
-                headers=self._headers,
+                headers={"content-type": "application/json", "user-agent": USER_AGENT, **self._headers},
                 json_serialize=lambda o: orjson.dumps(o).decode(),
-                skip_auto_headers=("User-Agent",),
             )
 
     async def close(self) -> None:
@@ -55,7 +57,6 @@ class HttpClient:
             async with self.session.post(
                 url,
                 data=orjson.dumps(payload),
-                headers={"content-type": "application/json"},
                 timeout=self._timeout,
             ) as resp:
                 raw = await resp.read()
@@ -88,7 +89,7 @@ class HttpClient:
             async with self.session.post(
                 url,
                 data=orjson.dumps(payload),
-                headers={"content-type": "application/json", "accept": "text/event-stream"},
+                headers={"accept": "text/event-stream"},
                 timeout=self._stream_timeout,
             ) as resp:
                 if resp.status >= 400:

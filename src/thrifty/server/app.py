@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
@@ -123,6 +124,10 @@ class ThriftyApp:
                 except ThriftyError as err:
                     await send({"type": "lifespan.startup.failed", "message": err.message})
                     return
+                # Settings, price tables and modules now live as long as the process. Frozen, they
+                # are no longer rescanned by every full collection (50-60 ms pauses under load).
+                gc.collect()
+                gc.freeze()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.gateway.close()

@@ -168,6 +168,6 @@ def test_batch_insert_stores_exactly_what_row_inserts_store(tmp_path: Path):
     import orjson
 
     by_batch.execute(INSERT_BATCH_SQL, (orjson.dumps(rows),))
-    query = "SELECT *, typeof(ts), typeof(cost_usd), typeof(ttft_ms), typeof(input_tokens) FROM ledger ORDER BY ts"
+    query = "SELECT *, typeof(ts), typeof(cost_usd), typeof(ttft_ms), typeof(retries) FROM ledger ORDER BY ts"
     assert list(by_row.execute(query)) == list(by_batch.execute(query))
     assert len(list(by_batch.execute(query))) == 5

@@ -62,6 +62,11 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        3,
+        # Per-tenant reads go to counters, not ledger scans; this index only slowed every insert.
+        "DROP INDEX IF EXISTS ledger_tenant_ts",
+    ),
 )
 
 

@@ -13,6 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from tests.conftest import KEYS, UPSTREAM_KEY, ledger_rows
@@ -26,9 +27,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _write_config(tmp_path: Path, upstream_url: str) -> Path:
+def _write_config(tmp_path: Path, upstream_url: str, synchronous: str = "normal") -> Path:
     config = {
-        "storage": {"url": "sqlite:///ledger.db"},
+        "storage": {"url": "sqlite:///ledger.db", "synchronous": synchronous},
         "providers": {"up": {"kind": "openai", "base_url": upstream_url, "api_key_env": "UP_KEY"}},
         "models": {"gpt-4o-mini": {"provider": "up", "upstream": "gpt-4o-mini"}},
         "tenants": {"acme": {"key_hashes": [hash_key(KEYS["acme"])]}},
@@ -57,10 +58,11 @@ def _start_gateway(config: Path, port: int) -> subprocess.Popen[bytes]:
     raise AssertionError(f"gateway did not start: {proc.stdout.read() if proc.stdout else ''!r}")
 
 
-def test_sigkill_right_after_responses_loses_no_completed_request(tmp_path, openai_upstream):
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+def test_sigkill_right_after_responses_loses_no_completed_request(tmp_path, openai_upstream, synchronous):
     openai_upstream.default = Reply(delay_s=0.01)
     port = _free_port()
-    proc = _start_gateway(_write_config(tmp_path, openai_upstream.base_url), port)
+    proc = _start_gateway(_write_config(tmp_path, openai_upstream.base_url, synchronous), port)
     received: list[str] = []
     lock = threading.Lock()
     url = f"http://127.0.0.1:{port}/v1/chat/completions"

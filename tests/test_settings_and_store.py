@@ -126,4 +126,3 @@ def test_keys_are_stored_only_hashed(tmp_path: Path):
     assert key not in dump and hash_key(key) in dump
     assert store.revoke(hash_key(key)[:12]) == 1
     assert store.tenant_for_hash(hash_key(key)) is None
-

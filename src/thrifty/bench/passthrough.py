@@ -16,6 +16,8 @@ from typing import Any
 import aiohttp
 import uvicorn
 
+from thrifty.server.run import server_options
+
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -62,13 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         PassThrough(args.upstream),
         host=args.host,
         port=args.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        timeout_keep_alive=30,
-        backlog=2048,
+        **server_options(),  # type: ignore[arg-type]
     )
 
 

@@ -70,3 +70,38 @@ def test_reject_unpriced_refuses_only_the_unpriced_model(tmp_path: Path, openai_
             model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
         )
     assert len(openai_upstream.requests) == 1
+
+
+class _BuggyProvider:
+    name = "up"
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def complete(self, target, body):
+        raise RuntimeError("adapter bug")
+
+    def stream(self, target, body):
+        raise RuntimeError("adapter bug")
+
+
+async def test_an_unexpected_bug_is_still_recorded_then_raised(tmp_path: Path):
+    settings = base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+        models=openai_models(),
+    )
+    gateway = Gateway(settings, providers={"up": _BuggyProvider()})
+    await gateway.start()
+    try:
+        with pytest.raises(RuntimeError, match="adapter bug"):
+            await gateway.chat_completion(
+                {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}, tenant="acme"
+            )
+    finally:
+        await gateway.close()
+    (row,) = ledger_rows(tmp_path / "ledger.db")
+    assert row["status"] == "error" and row["http_status"] == 500 and "adapter bug" in row["error"]

@@ -155,6 +155,11 @@ class Account:
         except ThriftyError as err:
             await self._record(ctx, "error", err.status, err.message)
             raise
+        except Exception as err:
+            # A bug still leaves a trace in the ledger (any spend it caused is in ctx.attempts);
+            # the server turns it into a 500.
+            await self._record(ctx, "error", 500, f"internal error: {type(err).__name__}: {err}")
+            raise
         if isinstance(result, Completion):
             await self._record(ctx, "ok", 200, None)
             return result

@@ -121,3 +121,19 @@ class ProviderProtocolError(ThriftyError):
     status = 502
     error_type = "upstream_error"
     code = "provider_bad_response"
+
+
+class BudgetExceeded(ThriftyError):
+    """A hard budget would be overrun by this request's worst-case cost."""
+
+    status = 429
+    error_type = "insufficient_quota"
+    code = "budget_exceeded"
+
+
+class RequestTooExpensive(ThriftyError):
+    """The request's worst-case cost is above the route's per-request cap; retrying will not help."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "request_cost_cap_exceeded"

@@ -13,7 +13,9 @@ import orjson
 
 from thrifty.accounting import Account, Accountant
 from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
+from thrifty.guard.budgets import BudgetBook, BudgetPlan
 from thrifty.guard.limits import InputLimits
+from thrifty.guard.spend import ClampOutput, SpendGuard
 from thrifty.pipeline import Handler, RequestContext, Result, Stage, build_chain
 from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import Provider
@@ -103,7 +105,23 @@ class Gateway:
             settings.tenants,
             refuse_unpriced=unpriced if settings.pricing.reject_unpriced else frozenset(),
         )
-        stages: list[Stage] = [Account(accountant), self.resolver, InputLimits(self.counter, settings.routes)]
+        self.budget_plan = BudgetPlan(settings)
+        self.budget_book = BudgetBook()
+        spend_guard = SpendGuard(
+            catalog=self.catalog,
+            counter=self.counter,
+            models=settings.models,
+            routes=settings.routes,
+            plan=self.budget_plan,
+            book=self.budget_book,
+        )
+        stages: list[Stage] = [
+            Account(accountant),
+            self.resolver,
+            ClampOutput(settings.routes),
+            InputLimits(self.counter, settings.routes),
+            spend_guard,
+        ]
         self._handle: Handler = build_chain(stages, CallProvider(self.providers, accountant))
         self._started = False
 
@@ -113,6 +131,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
         self._keys = SqliteKeyStore(self._db)
+        if not self.budget_plan.empty:
+            self.budget_book.load_ledger(self._db, self.budget_plan, time.time())
         self.ledger.start(loop)
         encodings = {encoding_for_model(t.upstream_model)[0] for t in self.targets.values()}
         # Vocabularies load in ~0.5 s; do it now, not on the first request that needs a count.

@@ -32,6 +32,7 @@ class RequestContext:
     attempts: list[Attempt] = field(default_factory=list)
     prompt_tokens: TokenCount | None = None
     ttft_ms: float | None = None
+    budget_remaining: str | None = None  # for the x-thrifty-budget-remaining header
     # Filled by accounting once the ledger entry is committed; a stream's last event carries it.
     trailer: dict[str, Any] | None = None
 

@@ -61,6 +61,19 @@ class PriceOverride(_Strict):
         return self
 
 
+class BudgetSettings(_Strict):
+    """Limits per UTC day and/or month, in USD and/or tokens (input + output). All optional."""
+
+    usd_per_day: Decimal | None = Field(default=None, ge=0)
+    usd_per_month: Decimal | None = Field(default=None, ge=0)
+    tokens_per_day: int | None = Field(default=None, ge=0)
+    tokens_per_month: int | None = Field(default=None, ge=0)
+
+
+class FeatureSettings(_Strict):
+    budget: BudgetSettings | None = None
+
+
 class ModelSettings(_Strict):
     provider: str
     upstream: str | None = None  # the provider's model id; defaults to the alias
@@ -69,17 +82,26 @@ class ModelSettings(_Strict):
     price: PriceOverride | None = None
     price_model: str | None = None  # the genai-prices model ref, when it differs from `upstream`
     price_provider: str | None = None  # the genai-prices provider id
+    # Assumed output ceiling when neither the client nor the route sets one (worst-case cost).
+    max_output_tokens: int = Field(default=4096, gt=0)
 
 
 class RouteSettings(_Strict):
     model: str
     max_input_tokens: int | None = Field(default=None, gt=0)
+    # Server-side ceiling on max_tokens: the client's value is clamped to it, never trusted.
+    max_output_tokens: int | None = Field(default=None, gt=0)
+    # Reject before the call when the worst-case cost of the request is above this.
+    max_cost_per_request_usd: Decimal | None = Field(default=None, gt=0)
+    budget: BudgetSettings | None = None
 
 
 class TenantSettings(_Strict):
     # sha256 hex digests of virtual keys; keys made by `thrifty keys create` live in the store.
     key_hashes: list[str] = Field(default_factory=list)
     allowed_models: list[str] | None = None  # aliases or route:NAME; None means all
+    budget: BudgetSettings | None = None
+    features: dict[str, FeatureSettings] = Field(default_factory=dict)  # per-feature budgets
 
 
 class StorageSettings(_Strict):
@@ -109,6 +131,7 @@ class Settings(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
+    budget: BudgetSettings | None = None  # the whole organisation
     providers: dict[str, ProviderSettings]
     models: dict[str, ModelSettings]
     routes: dict[str, RouteSettings] = Field(default_factory=dict)

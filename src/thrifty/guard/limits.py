@@ -5,17 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from thrifty.errors import ContextTooLong
+from thrifty.guard.spend import requested_output
 from thrifty.pipeline import Handler, RequestContext, Result
 from thrifty.settings import RouteSettings
 from thrifty.tokens import TokenCounter, prompt_upper_bound
-
-
-def _requested_output(body: Mapping[str, object]) -> int:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return 0
 
 
 class InputLimits:
@@ -28,7 +21,7 @@ class InputLimits:
         assert target is not None, "InputLimits runs after ResolveModel"
         route_limit = self._route_limits.get(ctx.route) if ctx.route else None
         window = target.context_window
-        output = _requested_output(ctx.body)
+        output = requested_output(ctx.body)[1] or 0
         ceiling = min(
             [limit for limit in (route_limit, (window - output) if window else None) if limit is not None],
             default=None,

@@ -85,6 +85,8 @@ def _accounting_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
         out.append((b"x-thrifty-model", ctx.target.alias.encode()))
     if ctx.route:
         out.append((b"x-thrifty-route", ctx.route.encode()))
+    if ctx.budget_remaining is not None:
+        out.append((b"x-thrifty-budget-remaining", ctx.budget_remaining.encode()))
     return out
 
 

@@ -1,0 +1,206 @@
+"""Budgets: reserve a request's worst-case cost before the call, settle to the actual after it.
+
+Hierarchical scopes (org, tenant, tenant feature, route), each with optional USD and token limits
+per UTC day and month. `BudgetBook` is the in-process counter store; its check-and-reserve runs
+without an await, so within one event loop concurrent requests cannot both take the last dollar.
+A Redis implementation of the same methods will carry the guarantee across replicas.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Literal
+
+from thrifty.errors import BudgetExceeded
+from thrifty.settings import BudgetSettings, Settings
+from thrifty.types import decimal_text
+
+Window = Literal["day", "month"]
+Unit = Literal["usd", "tokens"]
+ScopeKind = Literal["org", "tenant", "feature", "route"]
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    kind: ScopeKind
+    name: str  # "" for the org, the tenant id, "tenant/feature", or the route name
+
+    def describe(self) -> str:
+        return "the organisation" if self.kind == "org" else f"{self.kind} {self.name!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    scope: Scope
+    window: Window
+    unit: Unit
+    amount: Decimal
+
+
+def window_bounds(ts: float, window: Window) -> tuple[float, float]:
+    """(start, end) of the UTC day or month containing ts."""
+    now = datetime.fromtimestamp(ts, UTC)
+    if window == "day":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = datetime.fromtimestamp(start.timestamp() + 86400, UTC)
+    else:
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        if start.month == 12:
+            end = start.replace(year=start.year + 1, month=1)
+        else:
+            end = start.replace(month=start.month + 1)
+    return start.timestamp(), end.timestamp()
+
+
+def limits_of(scope: Scope, budget: BudgetSettings | None) -> list[Limit]:
+    if budget is None:
+        return []
+    out = []
+    for window, unit, value in (
+        ("day", "usd", budget.usd_per_day),
+        ("month", "usd", budget.usd_per_month),
+        ("day", "tokens", budget.tokens_per_day),
+        ("month", "tokens", budget.tokens_per_month),
+    ):
+        if value is not None:
+            out.append(Limit(scope, window, unit, Decimal(value)))  # type: ignore[arg-type]
+    return out
+
+
+class BudgetPlan:
+    """Which limits apply to a (tenant, feature, route), resolved from settings once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._org = limits_of(Scope("org", ""), settings.budget)
+        self._tenant = {t: limits_of(Scope("tenant", t), s.budget) for t, s in settings.tenants.items()}
+        self._feature = {
+            (t, f): limits_of(Scope("feature", f"{t}/{f}"), fs.budget)
+            for t, s in settings.tenants.items()
+            for f, fs in s.features.items()
+        }
+        self._route = {r: limits_of(Scope("route", r), s.budget) for r, s in settings.routes.items()}
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self._org
+            or any(self._tenant.values())
+            or any(self._feature.values())
+            or any(self._route.values())
+        )
+
+    def limits_for(self, tenant: str, feature: str | None, route: str | None) -> list[Limit]:
+        limits = list(self._org)
+        limits += self._tenant.get(tenant, [])
+        if feature is not None:
+            limits += self._feature.get((tenant, feature), [])
+        if route is not None:
+            limits += self._route.get(route, [])
+        return limits
+
+
+@dataclass(slots=True)
+class Reservation:
+    keys: list[tuple[Scope, Window, float, Unit]]
+    usd: Decimal
+    tokens: int
+    settled: bool = False
+
+
+CounterKey = tuple[Scope, Window, float, Unit]  # scope, window, window start, unit
+
+
+@dataclass(slots=True)
+class BudgetBook:
+    """Spent and reserved amounts per scope and window (in-process, single event loop)."""
+
+    spent: dict[CounterKey, Decimal] = field(default_factory=dict)
+    reserved: dict[CounterKey, Decimal] = field(default_factory=dict)
+
+    def remaining(self, limit: Limit, ts: float) -> Decimal:
+        key = (limit.scope, limit.window, window_bounds(ts, limit.window)[0], limit.unit)
+        return limit.amount - self.spent.get(key, Decimal(0)) - self.reserved.get(key, Decimal(0))
+
+    def reserve(self, limits: Iterable[Limit], ts: float, usd: Decimal, tokens: int) -> Reservation:
+        """All-or-nothing: reserve on every limit, or raise BudgetExceeded naming the first too small."""
+        keys: list[CounterKey] = []
+        for limit in limits:
+            start, end = window_bounds(ts, limit.window)
+            key = (limit.scope, limit.window, start, limit.unit)
+            need = usd if limit.unit == "usd" else Decimal(tokens)
+            left = limit.amount - self.spent.get(key, Decimal(0)) - self.reserved.get(key, Decimal(0))
+            if need > left:
+                raise BudgetExceeded(_rejection(limit, left, need, end))
+            keys.append(key)
+        for key in keys:
+            amount = usd if key[3] == "usd" else Decimal(tokens)
+            self.reserved[key] = self.reserved.get(key, Decimal(0)) + amount
+        return Reservation(keys, usd, tokens)
+
+    def settle(self, reservation: Reservation, usd: Decimal, tokens: int) -> None:
+        """Replace the reservation by what the request actually cost (zero when it failed early)."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        for key in reservation.keys:
+            held = reservation.usd if key[3] == "usd" else Decimal(reservation.tokens)
+            self.reserved[key] = self.reserved.get(key, Decimal(0)) - held
+            self.spent[key] = self.spent.get(key, Decimal(0)) + (usd if key[3] == "usd" else Decimal(tokens))
+
+    def load_ledger(self, conn: sqlite3.Connection, plan: BudgetPlan, now: float) -> None:
+        """Rebuild this month's counters from the ledger once, at start."""
+        month_start, _ = window_bounds(now, "month")
+        day_start, _ = window_bounds(now, "day")
+        rows = conn.execute(
+            "SELECT ts, tenant_id, feature, route, cost_usd, input_tokens + output_tokens FROM ledger "
+            "WHERE ts >= ?",
+            (month_start,),
+        )
+        for ts, tenant, feature, route, cost, tokens in rows:
+            for limit in plan.limits_for(tenant, feature, route):
+                if limit.window == "day" and ts < day_start:
+                    continue
+                key = (limit.scope, limit.window, window_bounds(ts, limit.window)[0], limit.unit)
+                amount = Decimal(cost or 0) if limit.unit == "usd" else Decimal(tokens)
+                self.spent[key] = self.spent.get(key, Decimal(0)) + amount
+
+
+def _rejection(limit: Limit, left: Decimal, need: Decimal, resets: float) -> str:
+    when = datetime.fromtimestamp(resets, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    per = "daily" if limit.window == "day" else "monthly"
+    if limit.unit == "usd":
+        amounts = (
+            f"limit ${decimal_text(limit.amount)}, ${decimal_text(max(left, Decimal(0)))} left, "
+            f"this request may cost up to ${decimal_text(need)}"
+        )
+    else:
+        amounts = (
+            f"limit {limit.amount} tokens, {max(left, Decimal(0))} left, this request may use up to {need}"
+        )
+    return (
+        f"{limit.scope.describe()} {per} {limit.unit} budget is exhausted ({amounts}); it resets at {when}. "
+        "Lower max_tokens, wait for the reset, or raise the budget."
+    )
+
+
+def tightest_usd(limits: Iterable[Limit], book: BudgetBook, ts: float) -> str | None:
+    """The smallest USD amount left among the limits, for the x-thrifty-budget-remaining header."""
+    best: tuple[Decimal, Limit] | None = None
+    for limit in limits:
+        if limit.unit != "usd":
+            continue
+        left = book.remaining(limit, ts)
+        if best is None or left < best[0]:
+            best = (left, limit)
+    if best is None:
+        return None
+    left, limit = best
+    scope = f"{limit.scope.kind}:{limit.scope.name}"
+    return f"{decimal_text(max(left, Decimal(0)))}; scope={scope}; window={limit.window}"
+
+
+__all__ = ["BudgetBook", "BudgetPlan", "Limit", "Reservation", "Scope", "tightest_usd"]

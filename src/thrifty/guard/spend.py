@@ -1,0 +1,123 @@
+"""The spend guard stage: clamp max_tokens, cap the cost of one request, reserve budgets.
+
+Worst-case cost = prompt tokens x input price + the (clamped) output ceiling x output price. It is
+reserved on every budget that applies before the call and settled to the actual cost of all the
+request's attempts afterwards (released when nothing was generated). An unpriced model reserves
+no dollars, only tokens: a pricing gap must not block traffic (nor let it through token limits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from decimal import Decimal
+
+from thrifty.errors import RequestTooExpensive
+from thrifty.guard.budgets import BudgetBook, BudgetPlan, Reservation, tightest_usd
+from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
+from thrifty.pricing import PriceCatalog
+from thrifty.providers.base import StreamChunk
+from thrifty.settings import ModelSettings, RouteSettings
+from thrifty.tokens import TokenCounter
+from thrifty.types import Usage, decimal_text
+
+_OUTPUT_KEYS = ("max_completion_tokens", "max_tokens")
+
+
+def requested_output(body: Mapping[str, object]) -> tuple[str | None, int | None]:
+    for key in _OUTPUT_KEYS:
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return key, value
+    return None, None
+
+
+def clamp_output(body: dict[str, object], route_cap: int | None) -> None:
+    """Lower (or set) the client's max_tokens to the route's ceiling: never trust the client's."""
+    key, requested = requested_output(body)
+    if route_cap is not None and (requested is None or requested > route_cap):
+        body[key or "max_tokens"] = route_cap
+
+
+class ClampOutput:
+    """Runs before the prompt-size check, so the context window is checked with the clamped value."""
+
+    def __init__(self, routes: Mapping[str, RouteSettings]) -> None:
+        self._caps = {name: r.max_output_tokens for name, r in routes.items() if r.max_output_tokens}
+
+    async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+        if ctx.route is not None and ctx.route in self._caps:
+            clamp_output(ctx.body, self._caps[ctx.route])
+        return await call_next(ctx)
+
+
+class SpendGuard:
+    def __init__(
+        self,
+        *,
+        catalog: PriceCatalog,
+        counter: TokenCounter,
+        models: Mapping[str, ModelSettings],
+        routes: Mapping[str, RouteSettings],
+        plan: BudgetPlan,
+        book: BudgetBook,
+    ) -> None:
+        self._catalog = catalog
+        self._counter = counter
+        self._models = dict(models)
+        self._routes = dict(routes)
+        self._plan = plan
+        self._book = book
+
+    async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+        target = ctx.target
+        assert target is not None, "SpendGuard runs after ResolveModel"
+        route = self._routes.get(ctx.route) if ctx.route else None
+        max_out = requested_output(ctx.body)[1] or self._models[target.alias].max_output_tokens
+        cost_cap = route.max_cost_per_request_usd if route else None
+        limits = self._plan.limits_for(ctx.tags.tenant_id, ctx.tags.feature, ctx.route)
+        if not limits and cost_cap is None:
+            return await call_next(ctx)
+        prompt = ctx.prompt_tokens or self._counter.count_messages(
+            ctx.body.get("messages") or [], target.upstream_model, tools=ctx.body.get("tools")
+        )
+        ctx.prompt_tokens = prompt
+        worst_usd = self._catalog.cost(target.alias, Usage(input_tokens=prompt.tokens, output_tokens=max_out))
+        if cost_cap is not None and worst_usd is not None and worst_usd > cost_cap:
+            raise RequestTooExpensive(
+                f"this request may cost up to ${decimal_text(worst_usd)} ({prompt.tokens} prompt tokens, "
+                f"up to {max_out} output tokens on {target.alias!r}), over route {ctx.route!r}'s cap of "
+                f"${decimal_text(cost_cap)} per request; lower max_tokens or shorten the prompt"
+            )
+        if not limits:
+            return await call_next(ctx)
+        reservation = self._book.reserve(limits, ctx.ts, worst_usd or Decimal(0), prompt.tokens + max_out)
+        ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts)
+        try:
+            result = await call_next(ctx)
+        except BaseException:
+            self._settle(ctx, reservation)
+            raise
+        if isinstance(result, Completion):
+            self._settle(ctx, reservation)
+            return result
+        return Streamed(self._settle_after(ctx, reservation, result.chunks))
+
+    def _settle(self, ctx: RequestContext, reservation: Reservation) -> None:
+        usd = Decimal(0)
+        tokens = 0
+        for attempt in ctx.attempts:
+            usd += attempt.cost_usd or Decimal(0)
+            tokens += attempt.usage.input_tokens + attempt.usage.output_tokens
+        self._book.settle(reservation, usd, tokens)
+
+    async def _settle_after(
+        self, ctx: RequestContext, reservation: Reservation, chunks: AsyncIterator[StreamChunk]
+    ) -> AsyncIterator[StreamChunk]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()  # the inner stage records its attempt when it closes
+            self._settle(ctx, reservation)

@@ -17,8 +17,10 @@ from thrifty.settings import Settings, load_settings, resolve_secrets
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="thrifty: the LLM cost-control gateway")
 keys_app = typer.Typer(no_args_is_help=True, help="Virtual keys (stored hashed; shown once)")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a table and write JSON")
+route_app = typer.Typer(no_args_is_help=True, help="Routing: train a router from labelled outputs")
 app.add_typer(keys_app, name="keys")
 app.add_typer(bench_app, name="bench")
+app.add_typer(route_app, name="route")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="settings YAML (default ./thrifty.yaml)")
@@ -150,6 +152,35 @@ def demo(
     console = _console()
     code = run_demo(data or (DEFAULT_DATA if DEFAULT_DATA.exists() else None), requests, db, console.print)
     raise typer.Exit(code)
+
+
+@route_app.command("train")
+def route_train(
+    data: Annotated[list[Path], typer.Option(help="ZeroEval-format JSONL file(s) or dir(s); repeatable")],
+    out: Annotated[Path, typer.Option(help="where to write the router artifact (JSON)")],
+    reference: Annotated[
+        str, typer.Option(help="the model whose quality is the target")
+    ] = "gpt-4o-2024-08-06",
+    target_quality: Annotated[float, typer.Option(help="quality relative to the reference, e.g. 0.99")] = 1.0,
+) -> None:
+    """Learn a cascade router from labelled per-model outputs, calibrated on a held-back part."""
+    from thrifty.bench.route import train_router
+
+    router = train_router(data, out, reference=reference, target_quality=target_quality)
+    typer.echo(f"router written to {out} ({type(router).__name__})")
+
+
+@bench_app.command("route")
+def bench_route(
+    train: Annotated[list[Path], typer.Option(help="training JSONL file(s) or dir(s); repeatable")],
+    test: Annotated[list[Path], typer.Option(help="test JSONL file(s) or dir(s); repeatable")],
+    reference: Annotated[str, typer.Option(help="reference model")] = "gpt-4o-2024-08-06",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+) -> None:
+    """Offline routing benchmark on recorded outputs: single models, random, oracle, cascades, PGR."""
+    from thrifty.bench.route import run_route_bench
+
+    run_route_bench(train, test, reference, json_out, _console())
 
 
 @bench_app.command("overhead")

@@ -1,0 +1,136 @@
+"""`thrifty bench route` and `thrifty route train`: train a router on recorded replies and replay
+strategies over held-out recorded replies (no network), priced at the benchmark's list prices."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from decimal import Decimal
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from thrifty.routing.train.cost import CHEAP_MODELS, FLASH, GPT4O, MINI, PRICES
+from thrifty.routing.train.data import Row, load_rows
+from thrifty.routing.train.metrics import PairMetrics, Summary, pair_metrics, random_at_cost, summarise
+from thrifty.routing.train.policy import CascadePolicy, Outcome, run_oracle, run_policy, run_single
+from thrifty.routing.train.router import Router, train
+
+WEAK, STRONG = MINI, GPT4O
+NAIVE = CascadePolicy((MINI, FLASH), min_votes=2, max_dissent=0, strong=GPT4O)
+
+
+def train_router(
+    data_paths: Sequence[str | Path],
+    out_path: str | Path,
+    *,
+    reference: str = GPT4O,
+    target_quality: float = 1.0,
+    holdout: float = 0.5,
+) -> Router:
+    """Train on every row of `data_paths`, calibrating on a held-back part; write the artifact."""
+    router = train(load_rows(data_paths), reference=reference, target_quality=target_quality, holdout=holdout)
+    router.save(out_path)
+    return router
+
+
+def evaluate_router(router: Router, rows: Sequence[Row], reference: str) -> tuple[list[Summary], PairMetrics]:
+    ref = run_single(rows, reference)
+    results: list[Summary] = [summarise(m, run_single(rows, m), ref) for m in PRICES]
+    ours = run_policy_router(router, rows)
+    ours_summary = summarise("thrifty-cascade", ours, ref)
+    results.append(
+        random_at_cost(
+            f"random {_short(WEAK)}/{_short(STRONG)} @ matched cost",
+            ours_summary.cost_usd,
+            run_single(rows, WEAK),
+            run_single(rows, STRONG),
+            ref,
+        )
+    )
+    results.append(
+        summarise(f"oracle {_short(WEAK)}+{_short(STRONG)}", run_oracle(rows, (WEAK, STRONG)), ref)
+    )
+    results.append(summarise("oracle all six", run_oracle(rows, tuple(PRICES)), ref))
+    results.append(summarise("naive cascade mini=flash else 4o", run_policy(rows, NAIVE), ref))
+    results.append(ours_summary)
+    pair = pair_metrics(
+        [router.strong_score(r) for r in rows],
+        [r.calls[WEAK].correct for r in rows],
+        [r.calls[STRONG].correct for r in rows],
+    )
+    return results, pair
+
+
+def run_policy_router(router: Router, rows: Sequence[Row]) -> list[Outcome]:
+    return [router.run(r) for r in rows]
+
+
+def _short(model: str) -> str:
+    return {MINI: "mini", GPT4O: "4o"}.get(model, model)
+
+
+def run_route_bench(
+    train_paths: Sequence[str | Path],
+    test_paths: Sequence[str | Path],
+    reference: str = GPT4O,
+    json_out: str | Path | None = None,
+    console: Console | None = None,
+    *,
+    target_quality: float = 1.0,
+) -> list[Summary]:
+    """Train on `train_paths`, replay on `test_paths`, print the table, optionally write JSON."""
+    console = console or Console()
+    router = train(load_rows(train_paths), reference=reference, target_quality=target_quality)
+    test_rows = load_rows(test_paths)
+    if not test_rows:
+        raise ValueError("no test rows")
+    missing = {m for r in test_rows for m in (*CHEAP_MODELS, reference, STRONG) if m not in r.calls}
+    if missing:
+        raise ValueError(f"test rows lack replies from: {', '.join(sorted(missing))}")
+    results, pair = evaluate_router(router, test_rows, reference)
+    print_results(console, router, test_rows, results, pair, reference)
+    if json_out is not None:
+        Path(json_out).write_text(
+            json.dumps([s.to_json() for s in results], indent=2) + "\n", encoding="utf-8"
+        )
+    return results
+
+
+def print_results(
+    console: Console,
+    router: Router,
+    rows: Sequence[Row],
+    results: Sequence[Summary],
+    pair: PairMetrics,
+    reference: str,
+) -> None:
+    tasks = sorted({r.task for r in rows})
+    for task in tasks:
+        known = "calibrated" if task in router.policies else "UNSEEN → fallback"
+        console.print(f"[bold]{task}[/] ({known}): {router.policy_for(task).describe()}")
+    table = Table(title=f"route bench: {len(rows)} test prompts, reference {reference}")
+    for col in ("strategy", "accuracy", "cost $", "rel quality", "rel cost", "escalation"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for s in results:
+        table.add_row(
+            s.strategy,
+            f"{float(s.accuracy):.4f}",
+            f"{s.cost_usd.quantize(Decimal('0.0001'))}",
+            f"{float(s.rel_quality):.1%}",
+            f"{float(s.rel_cost):.1%}",
+            f"{float(s.escalation_rate):.1%}",
+        )
+    console.print(table)
+    pgr = "  ".join(f"{rate:.0%}:{v:.2f}" for rate, v in pair.pgr.items())
+    console.print(
+        f"pair {_short(WEAK)} ({pair.weak_acc:.3f}) / {_short(STRONG)} ({pair.strong_acc:.3f}), "
+        f"router ranking = scorer over cheap-model agreement with {_short(WEAK)}"
+    )
+    console.print(f"  PGR by strong-call rate: {pgr}")
+    console.print(f"  APGR {pair.apgr:.3f}  CPT(50%) {_pct(pair.cpt50)}  CPT(80%) {_pct(pair.cpt80)}")
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0%}"

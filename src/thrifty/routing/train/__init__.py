@@ -1,0 +1,37 @@
+"""Training and offline evaluation of thrifty's router from labelled, recorded model replies."""
+
+from thrifty.routing.train.cost import CHEAP_MODELS, PRICES, STRONG_MODELS, CostModel, Price
+from thrifty.routing.train.data import Call, Row, load_rows, split_rows
+from thrifty.routing.train.extract import answer_key, extract_answer, normalise
+from thrifty.routing.train.metrics import PairMetrics, Summary, pair_metrics, random_at_cost, summarise
+from thrifty.routing.train.policy import CascadePolicy, Outcome, run_oracle, run_policy, run_single
+from thrifty.routing.train.router import Router, calibrate, candidate_policies, train
+
+__all__ = [
+    "CHEAP_MODELS",
+    "PRICES",
+    "STRONG_MODELS",
+    "Call",
+    "CascadePolicy",
+    "CostModel",
+    "Outcome",
+    "PairMetrics",
+    "Price",
+    "Router",
+    "Row",
+    "Summary",
+    "answer_key",
+    "calibrate",
+    "candidate_policies",
+    "extract_answer",
+    "load_rows",
+    "normalise",
+    "pair_metrics",
+    "random_at_cost",
+    "run_oracle",
+    "run_policy",
+    "run_single",
+    "split_rows",
+    "summarise",
+    "train",
+]

@@ -1,0 +1,91 @@
+"""Labelled routing data: loading, per-call answers and costs, and deterministic splits.
+
+A row is one prompt with every model's recorded reply and whether it was correct. Loading turns
+each reply into what the router and the benchmark need: the normalised answer (for agreement), the
+recorded correctness (the ground truth) and the cost of that call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from thrifty.routing.train.cost import CostModel
+from thrifty.routing.train.extract import answer_key
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    answer: str | None
+    correct: bool
+    cost: Decimal
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    id: str
+    task: str
+    prompt: str
+    calls: dict[str, Call]
+
+
+def _files(paths: Iterable[str | Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        out.extend(sorted(p.glob("*.jsonl")) if p.is_dir() else [p])
+    return out
+
+
+def parse_row(obj: dict[str, object], costs: CostModel) -> Row:
+    task = str(obj["task"])
+    prompt = str(obj["prompt"])
+    responses = obj["responses"]
+    if not isinstance(responses, dict):
+        raise ValueError(f"row {obj.get('id')!r}: responses must be an object")
+    prompt_tokens = costs.tokens(prompt)
+    calls: dict[str, Call] = {}
+    for model, resp in responses.items():
+        output = str(resp["output"])
+        out_tokens = costs.tokens(output)
+        calls[str(model)] = Call(
+            answer=answer_key(output, task),
+            correct=bool(resp["correct"]),
+            cost=costs.call_cost(str(model), prompt_tokens, out_tokens),
+            output_tokens=out_tokens,
+        )
+    return Row(id=str(obj["id"]), task=task, prompt=prompt, calls=calls)
+
+
+def load_rows(paths: Iterable[str | Path], costs: CostModel | None = None) -> list[Row]:
+    """Rows from JSONL files or directories of them (every `*.jsonl` inside)."""
+    costs = costs or CostModel()
+    rows: list[Row] = []
+    for path in _files(paths):
+        with path.open(encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{line_no}: not JSON: {exc}") from exc
+                rows.append(parse_row(obj, costs))
+    return rows
+
+
+def id_bucket(row_id: str, salt: str = "") -> float:
+    """A stable number in [0, 1) from the id, so splits do not depend on file order or a seed."""
+    digest = hashlib.sha256((salt + row_id).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_rows(rows: Sequence[Row], fraction: float, salt: str = "") -> tuple[list[Row], list[Row]]:
+    """(rows whose id hashes below `fraction`, the rest)."""
+    first = [r for r in rows if id_bucket(r.id, salt) < fraction]
+    second = [r for r in rows if id_bucket(r.id, salt) >= fraction]
+    return first, second

@@ -1,0 +1,75 @@
+"""Pull the final answer out of a model's reply and normalise it so that answers can be compared.
+
+The rules mirror how the recorded `correct` labels were made (see the data README): the `answer`
+field of the first complete JSON object, else a regex on `"answer": ...`; numbers for maths tasks
+compare by their first number with `$` and `,` removed, everything else as a string with the
+outer quotes stripped. Comparing *normalised* answers is what makes cheap-model agreement a signal.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+_DECODER = json.JSONDecoder(strict=False)  # models put raw newlines inside JSON strings
+_ANSWER_RE = re.compile(r'"answer"\s*:\s*(.+)')
+_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+# Tasks whose answers compare as numbers; any other task (including unseen ones) compares strings.
+NUMERIC_TASKS = frozenset({"gsm", "gsm8k", "math"})
+
+
+def _first_json_object(text: str) -> dict[str, object] | None:
+    start = text.find("{")
+    while start != -1:
+        try:
+            obj, _ = _DECODER.raw_decode(text, start)
+        except ValueError:
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(obj, dict):
+            return obj
+        start = text.find("{", start + 1)
+    return None
+
+
+def _as_text(value: object) -> str:
+    # str() renders True/None/lists the way Python prints them, which is what crux references use.
+    return value if isinstance(value, str) else str(value)
+
+
+def extract_answer(output: str) -> str | None:
+    """The raw `answer` field of a reply, or None when the reply has none."""
+    obj = _first_json_object(output)
+    if obj is not None and "answer" in obj:
+        return _as_text(obj["answer"])
+    match = _ANSWER_RE.search(output)
+    if match is None:
+        return None
+    raw = match.group(1).strip().rstrip(",}").strip()
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        raw = raw[1:-1]
+    return raw
+
+
+def _strip_quotes(text: str) -> str:
+    # Whitespace is kept: a Python string literal's padding is part of the answer ('  7  ').
+    return text.strip("'\"")
+
+
+def normalise(answer: str | None, task: str) -> str | None:
+    """A canonical form of an answer for comparison; None when nothing comparable is left."""
+    if answer is None:
+        return None
+    if task in NUMERIC_TASKS:
+        match = _NUMBER_RE.search(answer.replace("$", "").replace(",", ""))
+        if match is None:
+            return None
+        value = float(match.group(0))
+        return str(int(value)) if value.is_integer() else repr(value)
+    # An empty string is a real answer here (a function may return ''), so it is not None.
+    return _strip_quotes(answer)
+
+
+def answer_key(output: str, task: str) -> str | None:
+    """Extract and normalise in one step."""
+    return normalise(extract_answer(output), task)

@@ -1,0 +1,148 @@
+"""Router training and the route benchmark on tiny hand-made data with known answers."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from thrifty.bench.route import run_route_bench
+from thrifty.routing.train.cost import FLASH, GPT4O, GPT35, HAIKU, MINI, PRICES, SONNET
+from thrifty.routing.train.data import Call, Row
+from thrifty.routing.train.extract import answer_key, extract_answer, normalise
+from thrifty.routing.train.metrics import pair_metrics, random_at_cost, summarise
+from thrifty.routing.train.policy import CascadePolicy, run_oracle, run_policy, run_single
+from thrifty.routing.train.router import Router, calibrate, candidate_policies, train
+
+ALL = (MINI, GPT4O, HAIKU, SONNET, FLASH, GPT35)
+
+
+def _row(rid: str, task: str, answers: dict[str, str], truth: str, cost: str = "1") -> Row:
+    # Cheap models cost `cost`, strong ones 10x: easy arithmetic for exact expectations.
+    calls = {}
+    for m in ALL:
+        a = answers.get(m, truth)
+        unit = Decimal(cost) * (10 if m in (GPT4O, SONNET) else 1)
+        calls[m] = Call(answer=a, correct=a == truth, cost=unit, output_tokens=10)
+    return Row(rid, task, "prompt", calls)
+
+
+@pytest.mark.parametrize(
+    ("output", "task", "expected"),
+    [
+        ('```json\n{"reasoning": "2+1", "answer": "$1,234.00"}\n```', "gsm", "1234"),
+        ('{"reasoning": "line\nbreak", "answer": 42}', "gsm", "42"),
+        ('no json here, "answer": "7 apples"', "gsm", "7"),
+        ('{"answer": "\'abc\'"}', "crux", "abc"),
+        ('{"answer": "  7  "}', "crux", "  7  "),
+        ('{"answer": ""}', "crux", ""),
+        ('{"answer": [1, 2]}', "crux", "[1, 2]"),
+        ("nothing", "crux", None),
+    ],
+)
+def test_answer_extraction(output: str, task: str, expected: str | None) -> None:
+    assert answer_key(output, task) == expected
+
+
+def test_extract_prefers_first_json_object() -> None:
+    assert extract_answer('x {"answer": "a"} y {"answer": "b"}') == "a"
+    assert normalise("# 3", "gsm") == "3"
+    assert normalise("no digits", "gsm") is None
+
+
+def _tiny() -> list[Row]:
+    return [
+        _row("1", "t", {}, "A"),  # everyone right
+        _row("2", "t", {MINI: "B", FLASH: "C"}, "A"),  # cheap disagree -> escalate, 4o right
+        _row("3", "t", {MINI: "B", FLASH: "B"}, "A"),  # cheap agree on a wrong answer
+        _row("4", "t", {GPT4O: "X"}, "A"),  # 4o wrong, cheap right
+    ]
+
+
+def test_metrics_exact_on_tiny_data() -> None:
+    rows = _tiny()
+    ref = run_single(rows, GPT4O)
+    naive = summarise("naive", run_policy(rows, CascadePolicy((MINI, FLASH), 2, 0, GPT4O)), ref)
+    # Costs: rows 1, 3, 4 pay mini+flash = 2; row 2 pays 2 + 10.
+    assert naive.cost_usd == Decimal(18)
+    assert naive.accuracy == Decimal(3) / Decimal(4)
+    assert naive.rel_quality == Decimal(1)  # 3 right, same as always-4o
+    assert naive.rel_cost == Decimal(18) / Decimal(40)
+    assert naive.escalation_rate == Decimal("0.25")
+    mini = summarise("mini", run_single(rows, MINI), ref)
+    assert (mini.accuracy, mini.cost_usd) == (Decimal("0.5"), Decimal(4))
+    oracle = summarise("oracle", run_oracle(rows, (MINI, GPT4O)), ref)
+    # Rows 1 and 4: mini is right (1); rows 2 and 3: only 4o is (10).
+    assert (oracle.accuracy, oracle.cost_usd) == (Decimal(1), Decimal(1 + 10 + 10 + 1))
+    rnd = random_at_cost("rnd", Decimal(22), run_single(rows, MINI), run_single(rows, GPT4O), ref)
+    # p = (22 - 4) / (40 - 4) = 0.5: accuracy halfway between 0.5 and 0.75.
+    assert rnd.escalation_rate == Decimal("0.5")
+    assert rnd.accuracy == Decimal("0.625")
+    assert rnd.cost_usd == Decimal(22)
+
+
+def test_pgr_apgr_cpt() -> None:
+    weak = [True, False, False, True]
+    strong = [True, True, True, False]
+    # Perfect ranking: the two queries where only strong is right come first.
+    m = pair_metrics([0.1, 0.9, 0.8, 0.0], weak, strong, steps=4)
+    # weak 0.5, strong 0.75; at 25% one gain -> 0.75/... PGR = (0.75-0.5)/0.25 = 1.0.
+    assert m.pgr[0.0] == 0.0
+    assert m.cpt50 == 0.25 and m.cpt80 == 0.25
+    assert m.apgr == pytest.approx(
+        (0.25 * (0 + 1) / 2) + 0.25 * (1 + 2) / 2 + 0.25 * (2 + 2) / 2 + 0.25 * 3 / 2
+    )
+
+
+def test_calibration_picks_cheapest_policy_meeting_target() -> None:
+    rows = _tiny() * 3
+    cands = [
+        CascadePolicy((MINI,), 1, 0, GPT4O),  # cost 1/row, 50% accuracy
+        CascadePolicy((MINI, FLASH), 2, 0, GPT4O),  # 75%, cost 18/4 per row
+        CascadePolicy((MINI, FLASH, HAIKU), 3, 0, GPT4O),  # 75%, dearer
+    ]
+    assert calibrate(rows, GPT4O, 1.0, cands) == cands[1]
+    assert calibrate(rows, GPT4O, 0.5, cands) == cands[0]
+
+
+def test_artifact_round_trip(tmp_path: Path) -> None:
+    rows = [_row(str(i), "t", {MINI: "B"} if i % 3 else {}, "A") for i in range(40)]
+    router = train(rows, candidates=candidate_policies(max_cheap=2))
+    path = tmp_path / "router.json"
+    router.save(path)
+    loaded = Router.load(path)
+    assert loaded == router
+    assert json.loads(path.read_text())["format"] == "thrifty-router"
+
+
+def test_unseen_task_escalates_more() -> None:
+    # Seen task: mini and flash are always right, so one cheap vote suffices; an unseen task
+    # must not inherit that trust.
+    rows = [_row(str(i), "seen", {HAIKU: "Z"} if i % 4 == 0 else {}, "A") for i in range(60)]
+    router = train(rows)
+    unseen = [_row(f"u{i}", "new", {MINI: "B", FLASH: "B"} if i % 2 else {MINI: "C"}, "A") for i in range(20)]
+    seen_policy, fallback = router.policy_for("seen"), router.policy_for("new")
+    assert fallback.min_votes >= 3 and fallback.max_dissent == 0
+    assert seen_policy.min_votes < fallback.min_votes
+    esc_seen = sum(o.escalated for o in run_policy(unseen, seen_policy))
+    esc_fallback = sum(o.escalated for o in run_policy(unseen, fallback))
+    assert esc_fallback > esc_seen
+
+
+def test_bench_writes_json(tmp_path: Path) -> None:
+    def line(i: int, mini_answer: str) -> str:
+        out = {m: {"output": '{"answer": "4"}', "correct": 1} for m in PRICES}
+        out[MINI] = {"output": f'{{"answer": "{mini_answer}"}}', "correct": int(mini_answer == "4")}
+        return json.dumps(
+            {"id": f"g{i}", "task": "gsm", "prompt": "2+2?", "reference": "4", "responses": out}
+        )
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(line(i, "4" if i % 2 else "5") for i in range(20)) + "\n")
+    out = tmp_path / "r.json"
+    results = run_route_bench([data], [data], GPT4O, out)
+    rows = json.loads(out.read_text())
+    assert {"strategy", "accuracy", "cost_usd", "rel_quality", "rel_cost", "escalation_rate"} <= set(rows[0])
+    assert len(rows) == len(results)

@@ -101,7 +101,7 @@ class Accountant:
             attempts=attempts,
             usage=usage,
             cost_usd=cost,
-            saved_usd=None,
+            saved_usd=ctx.saved_usd,
             cache="miss",
             escalated=False,
             retries=max(0, len(attempts) - 1),

@@ -137,3 +137,11 @@ class RequestTooExpensive(ThriftyError):
     status = 400
     error_type = "invalid_request_error"
     code = "request_cost_cap_exceeded"
+
+
+class IdempotencyConflict(ThriftyError):
+    """The same Idempotency-Key was sent with a different request body."""
+
+    status = 422
+    error_type = "invalid_request_error"
+    code = "idempotency_key_reused"

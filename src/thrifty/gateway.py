@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from thrifty.accounting import Account, Accountant
+from thrifty.dedup.stage import Deduplicate
 from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
 from thrifty.guard.budgets import BudgetBook, BudgetPlan
 from thrifty.guard.limits import InputLimits
@@ -120,6 +121,8 @@ class Gateway:
             self.resolver,
             ClampOutput(settings.routes),
             InputLimits(self.counter, settings.routes),
+            # Before the spend guard: a duplicate must neither reserve nor be refused budget.
+            Deduplicate(settings.idempotency, settings.routes),
             spend_guard,
         ]
         self._handle: Handler = build_chain(stages, CallProvider(self.providers, accountant))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Protocol
 
 from thrifty.providers.base import StreamChunk
@@ -33,6 +34,8 @@ class RequestContext:
     prompt_tokens: TokenCount | None = None
     ttft_ms: float | None = None
     budget_remaining: str | None = None  # for the x-thrifty-budget-remaining header
+    saved_usd: Decimal | None = None  # what an answer without an upstream call would have cost
+    deduplicated: bool = False  # answered from another request's generation (idempotency/flight)
     # Filled by accounting once the ledger entry is committed; a stream's last event carries it.
     trailer: dict[str, Any] | None = None
 

@@ -94,6 +94,8 @@ class RouteSettings(_Strict):
     # Reject before the call when the worst-case cost of the request is above this.
     max_cost_per_request_usd: Decimal | None = Field(default=None, gt=0)
     budget: BudgetSettings | None = None
+    # Merge identical in-flight requests of one tenant into one upstream call (deterministic routes).
+    coalesce: bool = False
 
 
 class TenantSettings(_Strict):
@@ -123,6 +125,11 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
 
 
+class IdempotencySettings(_Strict):
+    ttl_s: float = Field(default=86400.0, gt=0)  # how long a finished result answers repeats
+    max_entries: int = Field(default=10000, ge=1)  # oldest results are dropped beyond this
+
+
 class PricingSettings(_Strict):
     reject_unpriced: bool = False
 
@@ -132,6 +139,7 @@ class Settings(_Strict):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
     budget: BudgetSettings | None = None  # the whole organisation
+    idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
     providers: dict[str, ProviderSettings]
     models: dict[str, ModelSettings]
     routes: dict[str, RouteSettings] = Field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""No duplicate generation: idempotency keys and single-flight coalescing."""

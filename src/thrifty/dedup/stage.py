@@ -1,0 +1,274 @@
+"""At-most-once generation per tenant.
+
+With an `Idempotency-Key`, a repeat while the first request runs waits for it and gets the same
+response; a repeat after it finished gets the stored result (for `idempotency.ttl_s`) without a
+new call and without a charge. Without a key, identical in-flight requests of one tenant are
+merged into one upstream call on routes that set `coalesce: true`. A key reused with another
+body is refused (422), as payment APIs do. A failed leader stores nothing, so a retry runs anew.
+
+The store is in-process and bounded; the Redis implementation of the same port will share it
+across replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from thrifty.errors import IdempotencyConflict, ThriftyError
+from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
+from thrifty.providers.base import StreamChunk
+from thrifty.settings import IdempotencySettings, RouteSettings
+
+
+@dataclass(slots=True)
+class Outcome:
+    body: dict[str, Any] | None = None
+    chunks: list[StreamChunk] | None = None
+    cost_usd: Decimal | None = None
+
+
+@dataclass(slots=True)
+class Flight:
+    fingerprint: str
+    future: asyncio.Future[Outcome]
+    expires: float = float("inf")
+
+
+@dataclass(slots=True)
+class FlightStore:
+    """Running and finished flights by key, oldest dropped first beyond `max_entries`."""
+
+    ttl_s: float
+    max_entries: int
+    flights: OrderedDict[tuple[str, ...], Flight] = field(default_factory=OrderedDict)
+
+    def get(self, key: tuple[str, ...], now: float) -> Flight | None:
+        flight = self.flights.get(key)
+        if flight is not None and flight.expires <= now:
+            del self.flights[key]
+            return None
+        return flight
+
+    def begin(self, key: tuple[str, ...], fingerprint: str) -> Flight:
+        flight = Flight(fingerprint, asyncio.get_running_loop().create_future())
+        self.flights[key] = flight
+        while len(self.flights) > self.max_entries:
+            _, oldest = self.flights.popitem(last=False)
+            if not oldest.future.done():
+                oldest.future.cancel()  # its waiters retry as leaders; memory stays bounded
+        return flight
+
+    def finish(self, key: tuple[str, ...], flight: Flight, outcome: Outcome, *, keep: bool) -> None:
+        if not flight.future.done():
+            flight.future.set_result(outcome)
+        if keep:
+            flight.expires = time.monotonic() + self.ttl_s
+        elif self.flights.get(key) is flight:
+            del self.flights[key]
+
+    def fail(self, key: tuple[str, ...], flight: Flight, error: BaseException) -> None:
+        if self.flights.get(key) is flight:
+            del self.flights[key]
+        if not flight.future.done():
+            flight.future.set_exception(error)
+            flight.future.exception()  # retrieved here: waiters are optional
+
+
+_DELIVERY_FIELDS = frozenset({"stream", "stream_options"})
+
+
+def fingerprint(ctx: RequestContext) -> str:
+    """The generation asked for; how it is delivered (streamed or not) does not make it another."""
+    body = {k: v for k, v in ctx.body.items() if k not in _DELIVERY_FIELDS}
+    return hashlib.sha256(orjson.dumps([ctx.requested_model, body], option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class Deduplicate:
+    def __init__(self, settings: IdempotencySettings, routes: Mapping[str, RouteSettings]) -> None:
+        self._store = FlightStore(settings.ttl_s, settings.max_entries)
+        self._coalesce = frozenset(name for name, r in routes.items() if r.coalesce)
+
+    async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+        idem = ctx.tags.idempotency_key
+        if idem is not None:
+            key: tuple[str, ...] = (ctx.tags.tenant_id, "key", idem)
+        elif ctx.route is not None and ctx.route in self._coalesce:
+            key = (ctx.tags.tenant_id, "flight", fingerprint(ctx))
+        else:
+            return await call_next(ctx)
+        print_ = fingerprint(ctx)
+        while True:
+            flight = self._store.get(key, time.monotonic())
+            if flight is None:
+                break
+            if flight.fingerprint != print_:
+                raise IdempotencyConflict(
+                    f"Idempotency-Key {idem!r} was already used with a different request; "
+                    "use a new key for a new request",
+                    param="Idempotency-Key",
+                )
+            try:
+                outcome = await asyncio.shield(flight.future)
+            except asyncio.CancelledError:
+                if flight.future.cancelled():
+                    continue  # evicted while running: take the lead ourselves
+                raise
+            return _replay(ctx, outcome)
+        flight = self._store.begin(key, print_)
+        keep = idem is not None
+        try:
+            result = await call_next(ctx)
+        except BaseException as err:
+            self._store.fail(key, flight, err)
+            raise
+        if isinstance(result, Completion):
+            self._store.finish(key, flight, Outcome(body=result.body, cost_usd=_cost(ctx)), keep=keep)
+            return result
+        return Streamed(self._tee(ctx, key, flight, keep, result.chunks))
+
+    async def _tee(
+        self,
+        ctx: RequestContext,
+        key: tuple[str, ...],
+        flight: Flight,
+        keep: bool,
+        chunks: AsyncIterator[StreamChunk],
+    ) -> AsyncIterator[StreamChunk]:
+        kept: list[StreamChunk] = []
+        finished = False
+        try:
+            async for chunk in chunks:
+                kept.append(chunk)
+                yield chunk
+            finished = True
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            if finished:
+                self._store.finish(key, flight, Outcome(chunks=kept, cost_usd=_cost(ctx)), keep=keep)
+            else:
+                self._store.fail(key, flight, _Unfinished("the first request with this key did not finish"))
+
+
+class _Unfinished(ThriftyError):
+    status = 409
+    error_type = "invalid_request_error"
+    code = "idempotent_request_unfinished"
+
+
+def _cost(ctx: RequestContext) -> Decimal | None:
+    total = Decimal(0)
+    for attempt in ctx.attempts:
+        if attempt.cost_usd is None:
+            return None
+        total += attempt.cost_usd
+    return total
+
+
+def _replay(ctx: RequestContext, outcome: Outcome) -> Result:
+    # No upstream call for this request: its ledger row has no attempts and costs nothing; what
+    # it would have cost is recorded as saved.
+    ctx.saved_usd = outcome.cost_usd
+    ctx.deduplicated = True
+    if outcome.chunks is not None:
+        if ctx.stream:
+            return Streamed(_stream_from(outcome.chunks))
+        return Completion(_as_completion(outcome.chunks), None)
+    assert outcome.body is not None
+    if ctx.stream:
+        return Streamed(_stream_from(_as_chunks(outcome.body)))
+    return Completion(outcome.body, None)
+
+
+async def _stream_from(chunks: list[StreamChunk]) -> AsyncIterator[StreamChunk]:
+    for chunk in chunks:
+        yield chunk
+
+
+def _as_chunks(body: dict[str, Any]) -> list[StreamChunk]:
+    """A stored completion replayed to a streaming client as one content chunk and a finish."""
+    base = {
+        "id": body.get("id"),
+        "object": "chat.completion.chunk",
+        "created": body.get("created"),
+        "model": body.get("model"),
+    }
+    out = []
+    for choice in body.get("choices") or ():
+        message = choice.get("message") or {}
+        delta = {"role": "assistant", "content": message.get("content")}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+        out.append(
+            StreamChunk(
+                {
+                    **base,
+                    "choices": [{"index": choice.get("index", 0), "delta": delta, "finish_reason": None}],
+                }
+            )
+        )
+        out.append(
+            StreamChunk(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": choice.get("index", 0),
+                            "delta": {},
+                            "finish_reason": choice.get("finish_reason"),
+                        }
+                    ],
+                }
+            )
+        )
+    return out
+
+
+def _as_completion(chunks: list[StreamChunk]) -> dict[str, Any]:
+    """A stored stream replayed to a non-streaming client: the chunks folded into one completion."""
+    first = chunks[0].data if chunks else {}
+    choices: dict[int, dict[str, Any]] = {}
+    usage = None
+    for chunk in chunks:
+        if chunk.data.get("usage"):
+            usage = chunk.data["usage"]
+        for choice in chunk.data.get("choices") or ():
+            index = choice.get("index", 0)
+            slot = choices.setdefault(
+                index,
+                {"index": index, "message": {"role": "assistant", "content": None}, "finish_reason": None},
+            )
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                slot["message"]["content"] = (slot["message"]["content"] or "") + delta["content"]
+            for call in delta.get("tool_calls") or ():
+                calls = slot["message"].setdefault("tool_calls", [])
+                while len(calls) <= call.get("index", 0):
+                    calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                target = calls[call.get("index", 0)]
+                target["id"] = call.get("id") or target["id"]
+                fn = call.get("function") or {}
+                target["function"]["name"] += fn.get("name") or ""
+                target["function"]["arguments"] += fn.get("arguments") or ""
+            if choice.get("finish_reason"):
+                slot["finish_reason"] = choice["finish_reason"]
+    body: dict[str, Any] = {
+        "id": first.get("id"),
+        "object": "chat.completion",
+        "created": first.get("created"),
+        "model": first.get("model"),
+        "choices": [choices[i] for i in sorted(choices)],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body

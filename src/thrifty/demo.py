@@ -83,7 +83,8 @@ def demo_settings(workload: DemoWorkload, db_path: Path) -> Settings:
                 for alias, upstream in MODELS.items()
             },
             "routes": {"tutor": {"model": "gpt-4o-mini", "max_input_tokens": 4000}},
-            "tenants": {t: {} for t in TENANTS},
+            # globex's small daily budget shows worst-case reservations turning requests away (429).
+            "tenants": {"acme": {}, "globex": {"budget": {"usd_per_day": "0.05"}}},
         },
         source="demo settings",
     )
@@ -94,6 +95,7 @@ class DemoStats:
     sent: int = 0
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    idempotent_repeats: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     header_costs: list[str] = field(default_factory=list)
 
@@ -122,11 +124,16 @@ async def drive(
         prompt = rng.choice(prompts)
         if i % 97 == 13:
             prompt = "A question nobody recorded an answer to."  # shows a clean 404 in the ledger
-        plan.append((tenant, feature, model, prompt, i % 2 == 1))
+        if i % 10 in (8, 9):
+            # A client retrying its request of two steps before (same tenant) with the same
+            # Idempotency-Key: answered from that generation, no new call, no charge.
+            plan.append(plan[i - 2])
+            continue
+        plan.append((tenant, feature, model, prompt, i % 2 == 1, f"demo-{i}"))
 
-    async def one(tenant: str, feature: str, model: str, prompt: str, stream: bool) -> None:
+    async def one(tenant: str, feature: str, model: str, prompt: str, stream: bool, key: str) -> None:
         client = clients[tenant]
-        headers = {"x-thrifty-feature": feature, "x-thrifty-prompt-version": "v1"}
+        headers = {"x-thrifty-feature": feature, "x-thrifty-prompt-version": "v1", "Idempotency-Key": key}
         async with semaphore:
             started = time.perf_counter()
             try:
@@ -165,7 +172,7 @@ async def drive(
 def run_demo(data: Path | None, requests: int, db: Path | None, print_fn: Callable[[Any], None]) -> int:
     from rich.progress import Progress
 
-    from thrifty.report import build_report, render_table
+    from thrifty.report import build_report, render_table, totals
     from thrifty.server.run import BackgroundServer
     from thrifty.stores.keys import SqliteKeyStore
     from thrifty.stores.sqlite_db import open_database
@@ -202,6 +209,13 @@ def run_demo(data: Path | None, requests: int, db: Path | None, print_fn: Callab
         )
         for by in ("tenant", "feature", "model"):
             print_fn(render_table(build_report(conn, by), by, title=f"spend by {by}"))
+        total = totals(build_report(conn, "tenant"))
+        print_fn(
+            f"budgets: {total.rejected_budget} requests refused with 429 before any spend (globex's "
+            f"$0.05/day, reserved at worst case); idempotent repeats answered without a call: "
+            f"{conn.execute('SELECT count(*) FROM ledger WHERE saved_usd IS NOT NULL').fetchone()[0]}, "
+            f"saving ${total.saved_usd:.6f}"
+        )
         (ledger_rows,) = conn.execute("SELECT count(*) FROM ledger").fetchone()
         conn.close()
         print_fn(f"ledger rows: {ledger_rows} (one per request that passed authentication)")

@@ -36,6 +36,8 @@ class ReportRow:
     cost_usd: Decimal = field(default_factory=Decimal)
     error_cost_usd: Decimal = field(default_factory=Decimal)
     retry_cost_usd: Decimal = field(default_factory=Decimal)
+    saved_usd: Decimal = field(default_factory=Decimal)
+    rejected_budget: int = 0
     unpriced: int = 0
     estimated: int = 0
 
@@ -62,6 +64,8 @@ class ReportRow:
             "cost_per_success_usd": None if cps is None else decimal_text(cps.quantize(Decimal("1e-12"))),
             "error_cost_usd": decimal_text(self.error_cost_usd),
             "retry_cost_usd": decimal_text(self.retry_cost_usd),
+            "saved_usd": decimal_text(self.saved_usd),
+            "budget_rejections": self.rejected_budget,
             "unpriced_requests": self.unpriced,
             "estimated_usage_requests": self.estimated,
         }
@@ -86,14 +90,16 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
     column = GROUP_COLUMNS[by]
     sql = (
         f"SELECT {column}, status, input_tokens, cached_input_tokens, output_tokens, cost_usd, "
-        "retry_cost_usd, usage_estimated FROM ledger"
+        "retry_cost_usd, usage_estimated, saved_usd, http_status FROM ledger"
     )
     params: tuple[Any, ...] = ()
     if since is not None:
         sql += " WHERE ts >= ?"
         params = (since,)
     rows: dict[str, ReportRow] = {}
-    for key, status, inp, cached, out, cost, retry_cost, estimated in conn.execute(sql, params):
+    for key, status, inp, cached, out, cost, retry_cost, estimated, saved, http_status in conn.execute(
+        sql, params
+    ):
         if by == "day":
             key = datetime.fromtimestamp(key, UTC).strftime("%Y-%m-%d")
         group = "(none)" if key is None else str(key)
@@ -116,6 +122,10 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
                 row.error_cost_usd += amount
         if retry_cost is not None:
             row.retry_cost_usd += Decimal(retry_cost)
+        if saved is not None:
+            row.saved_usd += Decimal(saved)
+        if http_status == 429:
+            row.rejected_budget += 1
     return sorted(rows.values(), key=lambda r: (-r.cost_usd, r.group))
 
 
@@ -130,6 +140,8 @@ def totals(rows: Iterable[ReportRow]) -> ReportRow:
         total.cost_usd += r.cost_usd
         total.error_cost_usd += r.error_cost_usd
         total.retry_cost_usd += r.retry_cost_usd
+        total.saved_usd += r.saved_usd
+        total.rejected_budget += r.rejected_budget
         total.unpriced += r.unpriced
         total.estimated += r.estimated
     return total
@@ -160,6 +172,8 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None) -> An
         ("USD / success", "right"),
         ("error USD", "right"),
         ("retry USD", "right"),
+        ("saved USD", "right"),
+        ("429 budget", "right"),
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for r in [*rows, totals(rows)] if rows else []:
@@ -175,6 +189,8 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None) -> An
             "-" if cps is None else f"{cps:.8f}",
             f"{r.error_cost_usd:.6f}",
             f"{r.retry_cost_usd:.6f}",
+            f"{r.saved_usd:.6f}",
+            f"{r.rejected_budget:,}",
             end_section=r.group == rows[-1].group if rows else False,
         )
     return table

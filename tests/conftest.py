@@ -97,6 +97,8 @@ def gateway(tmp_path: Path, openai_upstream: OpenAIWireServer) -> Iterator[Backg
         },
         models=openai_models(),
         routes={"support": {"model": "gpt-4o-mini", "max_input_tokens": 30}},
+        # Errors pass through as they come; retries and fallbacks are tested on their own.
+        resilience={"max_retries": 0},
     )
     with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
         yield server

@@ -25,6 +25,7 @@ def server(tmp_path: Path, openai_upstream):
         providers={"up": {"kind": "openai", "base_url": openai_upstream.base_url}},
         models=openai_models(),
         routes={"faq": {"model": "gpt-4o-mini", "coalesce": True}},
+        resilience={"max_retries": 0},
     )
     with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as srv:
         yield srv

@@ -49,6 +49,7 @@ def claude(tmp_path: Path, anthropic_upstream: AnthropicWireServer) -> Iterator[
                 "context_window": 200000,
             }
         },
+        resilience={"max_retries": 0},
     )
     with BackgroundServer(settings, secrets={"anthropic": ANTHROPIC_KEY}) as server:
         yield openai.OpenAI(base_url=server.base_url, api_key=KEYS["acme"], max_retries=0)

@@ -136,6 +136,7 @@ def test_provider_unreachable_is_502(tmp_path: Path):
         tmp_path,
         providers={"down": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "connect_timeout_s": 1}},
         models=openai_models("down"),
+        resilience={"max_retries": 0},
     )
     with BackgroundServer(settings) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key=KEYS["acme"], max_retries=0)

@@ -116,7 +116,7 @@ async def drive(
     clients = {t: openai.AsyncOpenAI(base_url=base_url, api_key=k, max_retries=0) for t, k in keys.items()}
     stats = DemoStats()
     semaphore = asyncio.Semaphore(concurrency)
-    plan = []
+    plan: list[tuple[str, str, str, str, bool, str]] = []
     for i in range(n):
         tenant = TENANTS[i % 2]
         feature = FEATURES[rng.randrange(3)]

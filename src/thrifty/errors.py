@@ -81,9 +81,16 @@ class ProviderError(ThriftyError):
     error_type = "upstream_error"
 
     def __init__(
-        self, message: str, *, status: int, provider: str, body: dict[str, Any] | None = None
+        self,
+        message: str,
+        *,
+        status: int,
+        provider: str,
+        body: dict[str, Any] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message, code="upstream_error")
+        self.retry_after_s = retry_after_s
         self.status = status
         self.provider = provider
         self.body = body
@@ -145,3 +152,14 @@ class IdempotencyConflict(ThriftyError):
     status = 422
     error_type = "invalid_request_error"
     code = "idempotency_key_reused"
+
+
+class AllAttemptsFailed(ThriftyError):
+    """Every target of a request (retries and fallbacks) failed; carries the last status."""
+
+    error_type = "upstream_error"
+    code = "all_attempts_failed"
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status

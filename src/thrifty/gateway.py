@@ -22,6 +22,7 @@ from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import Provider
 from thrifty.providers.call import CallProvider
 from thrifty.providers.registry import build_providers
+from thrifty.providers.resilience import Resilience
 from thrifty.routing.resolve import ROUTE_PREFIX, ResolveModel
 from thrifty.settings import Settings
 from thrifty.stores.keys import SqliteKeyStore, hash_key
@@ -124,6 +125,7 @@ class Gateway:
             # Before the spend guard: a duplicate must neither reserve nor be refused budget.
             Deduplicate(settings.idempotency, settings.routes),
             spend_guard,
+            Resilience(settings.resilience, settings.routes, self.targets),
         ]
         self._handle: Handler = build_chain(stages, CallProvider(self.providers, accountant))
         self._started = False

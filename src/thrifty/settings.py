@@ -96,6 +96,8 @@ class RouteSettings(_Strict):
     budget: BudgetSettings | None = None
     # Merge identical in-flight requests of one tenant into one upstream call (deterministic routes).
     coalesce: bool = False
+    fallbacks: list[str] = Field(default_factory=list)  # model aliases tried in order when `model` fails
+    max_retries: int | None = Field(default=None, ge=0)  # per target; default resilience.max_retries
 
 
 class TenantSettings(_Strict):
@@ -125,6 +127,15 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
 
 
+class ResilienceSettings(_Strict):
+    max_retries: int = Field(default=2, ge=0)  # per target, for routes that do not set their own
+    retry_base_s: float = Field(default=0.25, ge=0)  # backoff: base x 2^n, full jitter
+    retry_max_s: float = Field(default=8.0, ge=0)  # also caps a provider's Retry-After
+    retry_budget_per_minute: int = Field(default=60, ge=0)  # extra calls per target per minute
+    breaker_failures: int = Field(default=5, ge=1)  # consecutive failures that open the circuit
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)  # open this long, then one probe
+
+
 class IdempotencySettings(_Strict):
     ttl_s: float = Field(default=86400.0, gt=0)  # how long a finished result answers repeats
     max_entries: int = Field(default=10000, ge=1)  # oldest results are dropped beyond this
@@ -140,6 +151,7 @@ class Settings(_Strict):
     pricing: PricingSettings = Field(default_factory=PricingSettings)
     budget: BudgetSettings | None = None  # the whole organisation
     idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
+    resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
     providers: dict[str, ProviderSettings]
     models: dict[str, ModelSettings]
     routes: dict[str, RouteSettings] = Field(default_factory=dict)
@@ -156,6 +168,9 @@ class Settings(_Strict):
         for name, route in self.routes.items():
             if route.model not in self.models:
                 raise ValueError(f"routes.{name}.model: unknown model {route.model!r}")
+            for fallback in route.fallbacks:
+                if fallback not in self.models:
+                    raise ValueError(f"routes.{name}.fallbacks: unknown model {fallback!r}")
         for tenant, tset in self.tenants.items():
             for h in tset.key_hashes:
                 if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):

@@ -61,7 +61,7 @@ class HttpClient:
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
-                    raise self.error_from(resp.status, raw)
+                    raise self.error_from(resp.status, raw, resp.headers.get("retry-after"))
         except ThriftyError:
             raise
         except (TimeoutError, aiohttp.ServerTimeoutError) as err:
@@ -93,7 +93,7 @@ class HttpClient:
                 timeout=self._stream_timeout,
             ) as resp:
                 if resp.status >= 400:
-                    raise self.error_from(resp.status, await resp.read())
+                    raise self.error_from(resp.status, await resp.read(), resp.headers.get("retry-after"))
                 async for line in resp.content:
                     if line.startswith(b"data:"):
                         yield line[5:].strip()
@@ -114,7 +114,7 @@ class HttpClient:
             f"check that it is up and that providers.{self.name}.base_url is right"
         )
 
-    def error_from(self, status: int, raw: bytes) -> ProviderError:
+    def error_from(self, status: int, raw: bytes, retry_after: str | None = None) -> ProviderError:
         body: Any = None
         try:
             body = orjson.loads(raw)
@@ -134,4 +134,15 @@ class HttpClient:
             status=status,
             provider=self.name,
             body=body if isinstance(body, dict) else None,
+            retry_after_s=_seconds(retry_after),
         )
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """Retry-After in seconds (the HTTP-date form is rare from model APIs and is ignored)."""
+    if retry_after is None:
+        return None
+    try:
+        return max(0.0, float(retry_after))
+    except ValueError:
+        return None

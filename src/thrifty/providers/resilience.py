@@ -1,0 +1,192 @@
+"""Retries, circuit breakers and fallbacks around the upstream call.
+
+Only what can succeed on a second try is retried: 429, 5xx, timeouts and dropped connections;
+other 4xx mean the request itself is wrong and go straight back. Backoff is exponential with
+full jitter and honours Retry-After (capped). A per-target retry budget caps the extra calls per
+minute, so an outage cannot multiply spend. A circuit breaker per provider model opens after
+consecutive failures, skips that target while open and lets one probe through after a cool-down.
+Then the route's fallback models are tried in order. A stream is retried only until its first
+event: once the client has received part of an answer, it cannot be swapped for another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from thrifty.errors import AllAttemptsFailed, ProviderError, ThriftyError
+from thrifty.pipeline import Handler, RequestContext, Result, Streamed
+from thrifty.providers.base import StreamChunk
+from thrifty.settings import ResilienceSettings, RouteSettings
+from thrifty.types import ModelTarget
+
+RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# 429 says "slow down", not "broken": it is retried but does not open the circuit.
+BREAKING = RETRYABLE - {429, 409, 408}
+
+
+class CircuitOpen(ThriftyError):
+    status = 503
+    error_type = "upstream_error"
+    code = "circuit_open"
+
+
+@dataclass(slots=True)
+class Breaker:
+    failures_to_open: int
+    cooldown_s: float
+    failures: int = 0
+    open_until: float = 0.0
+    probing: bool = False
+
+    def allow(self, now: float) -> bool:
+        if self.failures < self.failures_to_open:
+            return True
+        if now < self.open_until or self.probing:
+            return False
+        self.probing = True  # half-open: exactly one probe
+        return True
+
+    def success(self) -> None:
+        self.failures = 0
+        self.probing = False
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        self.probing = False
+        if self.failures >= self.failures_to_open:
+            self.open_until = now + self.cooldown_s
+
+    @property
+    def state(self) -> str:
+        if self.failures < self.failures_to_open:
+            return "closed"
+        return "half-open" if self.probing else "open"
+
+
+@dataclass(slots=True)
+class RetryBudget:
+    per_minute: int
+    spent: deque[float] = field(default_factory=deque)
+
+    def take(self, now: float) -> bool:
+        while self.spent and self.spent[0] <= now - 60.0:
+            self.spent.popleft()
+        if len(self.spent) >= self.per_minute:
+            return False
+        self.spent.append(now)
+        return True
+
+
+class Resilience:
+    def __init__(
+        self,
+        settings: ResilienceSettings,
+        routes: Mapping[str, RouteSettings],
+        targets: Mapping[str, ModelTarget],
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._routes = dict(routes)
+        self._targets = dict(targets)
+        self._breakers: dict[tuple[str, str], Breaker] = {}
+        self._budgets: dict[tuple[str, str], RetryBudget] = {}
+        self._sleep = sleep
+        self._clock = clock
+
+    def breaker(self, target: ModelTarget) -> Breaker:
+        key = (target.provider, target.upstream_model)
+        breaker = self._breakers.get(key)
+        if breaker is None:
+            breaker = self._breakers[key] = Breaker(
+                self._settings.breaker_failures, self._settings.breaker_cooldown_s
+            )
+        return breaker
+
+    def _budget(self, target: ModelTarget) -> RetryBudget:
+        key = (target.provider, target.upstream_model)
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = self._budgets[key] = RetryBudget(self._settings.retry_budget_per_minute)
+        return budget
+
+    def _backoff(self, attempt: int, err: ThriftyError) -> float:
+        cap = self._settings.retry_max_s
+        if isinstance(err, ProviderError) and err.retry_after_s is not None:
+            return min(err.retry_after_s, cap)
+        return random.uniform(0, min(cap, self._settings.retry_base_s * 2**attempt))
+
+    async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+        assert ctx.target is not None, "Resilience runs after ResolveModel"
+        route = self._routes.get(ctx.route) if ctx.route else None
+        max_retries = (
+            route.max_retries if route and route.max_retries is not None else self._settings.max_retries
+        )
+        chain = [ctx.target] + [self._targets[m] for m in (route.fallbacks if route else ())]
+        errors: list[str] = []
+        last: ThriftyError | None = None
+        for target in chain:
+            breaker = self.breaker(target)
+            for attempt in range(max_retries + 1):
+                if not breaker.allow(self._clock()):
+                    last = CircuitOpen(f"{target.alias}: circuit open after repeated failures; skipped")
+                    errors.append(last.message)
+                    break
+                ctx.target = target
+                try:
+                    result = await _primed(await call_next(ctx))
+                except ThriftyError as err:
+                    last = err
+                    errors.append(f"{target.alias}: {err.message}")
+                    if err.status not in RETRYABLE:
+                        breaker.success()  # the target answered; the request was at fault
+                        raise
+                    if err.status in BREAKING:
+                        breaker.failure(self._clock())
+                    if attempt < max_retries and self._budget(target).take(self._clock()):
+                        await self._sleep(self._backoff(attempt, err))
+                        continue
+                    break
+                breaker.success()
+                return result
+        assert last is not None
+        if len(errors) == 1:
+            raise last
+        raise AllAttemptsFailed(
+            f"all {len(errors)} attempts failed ({'; '.join(errors)}); retry later or check the providers",
+            status=last.status,
+        )
+
+
+async def _primed(result: Result) -> Result:
+    """For a stream, pull its first event here, so a refused connection can still be retried."""
+    if not isinstance(result, Streamed):
+        return result
+    chunks = result.chunks
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        return Streamed(_empty())
+    return Streamed(_prepend(first, chunks))
+
+
+async def _empty() -> AsyncIterator[StreamChunk]:
+    return
+    yield  # an async generator that yields nothing
+
+
+async def _prepend(first: StreamChunk, rest: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        aclose = getattr(rest, "aclose", None)
+        if aclose is not None:
+            await aclose()

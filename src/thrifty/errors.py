@@ -14,6 +14,7 @@ class ThriftyError(Exception):
     status: int = 500
     error_type: str = "server_error"
     code: str | None = None
+    retry_after_s: float | None = None  # sent as Retry-After when set
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -163,3 +164,19 @@ class AllAttemptsFailed(ThriftyError):
     def __init__(self, message: str, *, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RateLimited(ThriftyError):
+    status = 429
+    error_type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class SessionStepLimit(ThriftyError):
+    status = 429
+    error_type = "invalid_request_error"
+    code = "session_step_limit"

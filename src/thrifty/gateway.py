@@ -16,6 +16,7 @@ from thrifty.dedup.stage import Deduplicate
 from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
 from thrifty.guard.budgets import BudgetBook, BudgetPlan
 from thrifty.guard.limits import InputLimits
+from thrifty.guard.rate import RateLimits
 from thrifty.guard.spend import ClampOutput, SpendGuard
 from thrifty.pipeline import Handler, RequestContext, Result, Stage, build_chain
 from thrifty.pricing import PriceCatalog
@@ -124,6 +125,12 @@ class Gateway:
             InputLimits(self.counter, settings.routes),
             # Before the spend guard: a duplicate must neither reserve nor be refused budget.
             Deduplicate(settings.idempotency, settings.routes),
+            RateLimits(
+                {t: s.rate_limit for t, s in settings.tenants.items() if s.rate_limit is not None},
+                settings.routes,
+                settings.models,
+                self.counter,
+            ),
             spend_guard,
             Resilience(settings.resilience, settings.routes, self.targets),
         ]

@@ -70,6 +70,13 @@ class BudgetSettings(_Strict):
     tokens_per_month: int | None = Field(default=None, ge=0)
 
 
+class RateLimitSettings(_Strict):
+    """Per tenant, over the last 60 s. Tokens are counted as OpenAI does: prompt + max output."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+
+
 class FeatureSettings(_Strict):
     budget: BudgetSettings | None = None
 
@@ -96,6 +103,8 @@ class RouteSettings(_Strict):
     budget: BudgetSettings | None = None
     # Merge identical in-flight requests of one tenant into one upstream call (deterministic routes).
     coalesce: bool = False
+    # Agent loops: at most this many calls per `x-thrifty-session` on this route.
+    max_steps_per_session: int | None = Field(default=None, ge=1)
     fallbacks: list[str] = Field(default_factory=list)  # model aliases tried in order when `model` fails
     max_retries: int | None = Field(default=None, ge=0)  # per target; default resilience.max_retries
 
@@ -106,6 +115,7 @@ class TenantSettings(_Strict):
     allowed_models: list[str] | None = None  # aliases or route:NAME; None means all
     budget: BudgetSettings | None = None
     features: dict[str, FeatureSettings] = Field(default_factory=dict)  # per-feature budgets
+    rate_limit: RateLimitSettings | None = None
 
 
 class StorageSettings(_Strict):

@@ -52,6 +52,7 @@ class Tags:
     prompt_version: str | None = None
     user: str | None = None
     idempotency_key: str | None = None
+    session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,7 @@ def _tags(tenant: str, headers: Mapping[str, str], body: Mapping[str, Any]) -> T
         prompt_version=headers.get("x-thrifty-prompt-version"),
         user=user,
         idempotency_key=headers.get("idempotency-key"),
+        session=headers.get("x-thrifty-session"),
     )
 
 
@@ -87,6 +88,15 @@ def _accounting_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
         out.append((b"x-thrifty-route", ctx.route.encode()))
     if ctx.budget_remaining is not None:
         out.append((b"x-thrifty-budget-remaining", ctx.budget_remaining.encode()))
+    return out
+
+
+def _error_headers(
+    err: ThriftyError, extra: list[tuple[bytes, bytes]] | None = None
+) -> list[tuple[bytes, bytes]]:
+    out = list(extra or [])
+    if err.retry_after_s is not None:
+        out.append((b"retry-after", str(max(1, round(err.retry_after_s))).encode()))
     return out
 
 
@@ -157,7 +167,7 @@ class ThriftyApp:
         except _Responded:
             return
         except ThriftyError as err:
-            await _send_json(send, err.status, err.to_openai())
+            await _send_json(send, err.status, err.to_openai(), _error_headers(err))
 
     async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
@@ -186,7 +196,7 @@ class ThriftyApp:
         try:
             result = await self.gateway.run(ctx)
         except ThriftyError as err:
-            await _send_json(send, err.status, err.to_openai(), _accounting_headers(ctx))
+            await _send_json(send, err.status, err.to_openai(), _error_headers(err, _accounting_headers(ctx)))
             raise _Responded from err
         except Exception as err:
             # The boundary: an unexpected bug becomes a 500 in OpenAI's shape, with its trace logged.
@@ -206,7 +216,7 @@ class ThriftyApp:
         except StopAsyncIteration:
             first = None
         except ThriftyError as err:
-            await _send_json(send, err.status, err.to_openai(), _accounting_headers(ctx))
+            await _send_json(send, err.status, err.to_openai(), _error_headers(err, _accounting_headers(ctx)))
             raise _Responded from err
         await self._stream(ctx, result, first, receive, send)
         raise _Responded

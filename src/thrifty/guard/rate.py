@@ -1,0 +1,109 @@
+"""Rate limits per tenant (requests and tokens per minute) and step limits per agent session.
+
+Sliding 60-second windows kept in-process: the admission check and the record happen without
+an await, so concurrent requests of one event loop cannot slip past together. Tokens are counted
+at admission as prompt + the output ceiling, as OpenAI's own TPM limits do. Memory is bounded:
+a tenant's window holds at most its request limit, and sessions are kept in an LRU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from thrifty.errors import RateLimited, SessionStepLimit
+from thrifty.guard.spend import requested_output
+from thrifty.pipeline import Handler, RequestContext, Result
+from thrifty.settings import ModelSettings, RateLimitSettings, RouteSettings
+from thrifty.tokens import TokenCounter
+
+_WINDOW_S = 60.0
+_MAX_SESSIONS = 100_000
+
+
+@dataclass(slots=True)
+class Window:
+    events: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens)
+    tokens: int = 0
+
+    def trim(self, now: float) -> None:
+        while self.events and self.events[0][0] <= now - _WINDOW_S:
+            self.tokens -= self.events.popleft()[1]
+
+    def wait_for(self, now: float) -> float:
+        return max(0.0, self.events[0][0] + _WINDOW_S - now) if self.events else 0.0
+
+
+class RateLimits:
+    def __init__(
+        self,
+        limits: Mapping[str, RateLimitSettings],
+        routes: Mapping[str, RouteSettings],
+        models: Mapping[str, ModelSettings],
+        counter: TokenCounter,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limits = dict(limits)
+        self._step_limits = {n: r.max_steps_per_session for n, r in routes.items() if r.max_steps_per_session}
+        self._models = dict(models)
+        self._counter = counter
+        self._clock = clock
+        self._windows: dict[str, Window] = {}
+        self._sessions: OrderedDict[tuple[str, str, str], int] = OrderedDict()
+
+    async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+        limit = self._limits.get(ctx.tags.tenant_id)
+        if limit is not None:
+            self._admit(ctx, limit)
+        if ctx.route is not None and ctx.tags.session is not None and ctx.route in self._step_limits:
+            self._step(ctx, self._step_limits[ctx.route])
+        return await call_next(ctx)
+
+    def _admit(self, ctx: RequestContext, limit: RateLimitSettings) -> None:
+        now = self._clock()
+        window = self._windows.setdefault(ctx.tags.tenant_id, Window())
+        window.trim(now)
+        tokens = 0
+        if limit.tokens_per_minute is not None:
+            assert ctx.target is not None
+            prompt = ctx.prompt_tokens or self._counter.count_messages(
+                ctx.body.get("messages") or [], ctx.target.upstream_model, tools=ctx.body.get("tools")
+            )
+            ctx.prompt_tokens = prompt
+            out = requested_output(ctx.body)[1] or self._models[ctx.target.alias].max_output_tokens
+            tokens = prompt.tokens + out
+        rpm, tpm = limit.requests_per_minute, limit.tokens_per_minute
+        if rpm is not None and len(window.events) >= rpm:
+            wait = window.wait_for(now)
+            raise RateLimited(
+                f"tenant {ctx.tags.tenant_id!r} is over its rate limit of {rpm} requests per minute; "
+                f"retry in {wait:.1f}s",
+                retry_after_s=wait,
+            )
+        if tpm is not None and window.tokens + tokens > tpm:
+            wait = window.wait_for(now) if tokens <= tpm else _WINDOW_S
+            raise RateLimited(
+                f"tenant {ctx.tags.tenant_id!r} is over its rate limit of {tpm} tokens per minute "
+                f"({window.tokens} used, this request may use {tokens}); retry in {wait:.1f}s "
+                "or lower max_tokens",
+                retry_after_s=wait,
+            )
+        window.events.append((now, tokens))
+        window.tokens += tokens
+
+    def _step(self, ctx: RequestContext, max_steps: int) -> None:
+        assert ctx.route is not None and ctx.tags.session is not None
+        key = (ctx.tags.tenant_id, ctx.route, ctx.tags.session)
+        steps = self._sessions.pop(key, 0)
+        if steps >= max_steps:
+            self._sessions[key] = steps
+            raise SessionStepLimit(
+                f"session {ctx.tags.session!r} has made {steps} calls on route {ctx.route!r}, its limit "
+                "per session; the agent should stop or start a new session"
+            )
+        self._sessions[key] = steps + 1
+        if len(self._sessions) > _MAX_SESSIONS:
+            self._sessions.popitem(last=False)

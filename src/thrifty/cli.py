@@ -139,6 +139,36 @@ def report(
 
 
 @app.command()
+def alerts(
+    since: Annotated[str | None, typer.Option(help="YYYY-MM-DD, ISO time, or 7d/24h/30m")] = "7d",
+    config: ConfigOpt = None,
+    db: Annotated[Path | None, typer.Option(help="ledger SQLite file (instead of --config)")] = None,
+) -> None:
+    """Alerts fired (budget thresholds, spend and rate spikes), newest first, with delivery status."""
+    from datetime import UTC, datetime
+
+    from thrifty.report import parse_since
+    from thrifty.stores.sqlite_db import open_database
+
+    path = db or _settings(config).storage.sqlite_path
+    if not path.exists():
+        raise ThriftyError(f"no ledger at {path}")
+    conn = open_database(path)
+    rows = conn.execute(
+        "SELECT ts, kind, scope, message, delivered_at, delivery_error FROM alerts "
+        "WHERE ts >= ? ORDER BY ts DESC",
+        (parse_since(since) or 0,),
+    ).fetchall()
+    conn.close()
+    if not rows:
+        typer.echo("no alerts")
+    for ts, kind, _scope, message, delivered, error in rows:
+        when = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        status = "delivered" if delivered else (error or "stored (no webhook)")
+        typer.echo(f"{when}  {kind:<20} {message}  [{status}]")
+
+
+@app.command()
 def demo(
     data: Annotated[
         Path | None, typer.Option(help="ZeroEval-format JSONL dir (default ../shared/data/routing/zeroeval)")

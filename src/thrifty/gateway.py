@@ -12,9 +12,11 @@ from typing import Any
 import orjson
 
 from thrifty.accounting import Account, Accountant
+from thrifty.alerts.rules import budget_alerts
+from thrifty.alerts.service import AlertService
 from thrifty.dedup.stage import Deduplicate
 from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
-from thrifty.guard.budgets import BudgetBook, BudgetPlan
+from thrifty.guard.budgets import BudgetBook, BudgetPlan, Limit
 from thrifty.guard.limits import InputLimits
 from thrifty.guard.rate import RateLimits
 from thrifty.guard.spend import ClampOutput, SpendGuard
@@ -117,7 +119,9 @@ class Gateway:
             routes=settings.routes,
             plan=self.budget_plan,
             book=self.budget_book,
+            on_spend=self._budget_alerts,
         )
+        self.alerts: AlertService | None = None
         stages: list[Stage] = [
             Account(accountant),
             self.resolver,
@@ -145,6 +149,8 @@ class Gateway:
         self._keys = SqliteKeyStore(self._db)
         if not self.budget_plan.empty:
             self.budget_book.load_ledger(self._db, self.budget_plan, time.time())
+        self.alerts = AlertService(self.settings.alerts, self._db)
+        await self.alerts.start()
         self.ledger.start(loop)
         encodings = {encoding_for_model(t.upstream_model)[0] for t in self.targets.values()}
         # Vocabularies load in ~0.5 s; do it now, not on the first request that needs a count.
@@ -153,7 +159,20 @@ class Gateway:
             await provider.start()
         self._started = True
 
+    def _budget_alerts(self, limits: list[Limit], ts: float) -> None:
+        if self.alerts is None:
+            return
+        found = []
+        for limit in limits:
+            start, spent = self.budget_book.spent_in_window(limit, ts)
+            found += budget_alerts(limit, start, spent, self.settings.alerts.budget_thresholds)
+        if found:
+            self.alerts.fire(found)
+
     async def close(self) -> None:
+        if self.alerts is not None:
+            await self.alerts.close()
+            self.alerts = None
         for provider in self.providers.values():
             await provider.close()
         self.ledger.close()

@@ -146,6 +146,14 @@ class ResilienceSettings(_Strict):
     breaker_cooldown_s: float = Field(default=30.0, gt=0)  # open this long, then one probe
 
 
+class AlertSettings(_Strict):
+    webhook_url: str | None = None  # Slack-compatible incoming webhook; alerts are stored either way
+    budget_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.8, 1.0])
+    anomaly_check_s: float = Field(default=60.0, gt=0)  # how often spend and rate anomalies are checked
+    spend_spike_factor: float = Field(default=2.0, gt=1)  # feature's last hour vs the 7-day median
+    rate_spike_factor: float = Field(default=10.0, gt=1)  # tenant's last hour vs the 7-day median
+
+
 class IdempotencySettings(_Strict):
     ttl_s: float = Field(default=86400.0, gt=0)  # how long a finished result answers repeats
     max_entries: int = Field(default=10000, ge=1)  # oldest results are dropped beyond this
@@ -162,6 +170,7 @@ class Settings(_Strict):
     budget: BudgetSettings | None = None  # the whole organisation
     idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
     resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
     providers: dict[str, ProviderSettings]
     models: dict[str, ModelSettings]
     routes: dict[str, RouteSettings] = Field(default_factory=dict)

@@ -121,6 +121,10 @@ class BudgetBook:
     spent: dict[CounterKey, Decimal] = field(default_factory=dict)
     reserved: dict[CounterKey, Decimal] = field(default_factory=dict)
 
+    def spent_in_window(self, limit: Limit, ts: float) -> tuple[float, Decimal]:
+        start = window_bounds(ts, limit.window)[0]
+        return start, self.spent.get((limit.scope, limit.window, start, limit.unit), Decimal(0))
+
     def remaining(self, limit: Limit, ts: float) -> Decimal:
         key = (limit.scope, limit.window, window_bounds(ts, limit.window)[0], limit.unit)
         return limit.amount - self.spent.get(key, Decimal(0)) - self.reserved.get(key, Decimal(0))

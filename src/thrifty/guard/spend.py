@@ -8,11 +8,11 @@ no dollars, only tokens: a pricing gap must not block traffic (nor let it throug
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from decimal import Decimal
 
 from thrifty.errors import RequestTooExpensive
-from thrifty.guard.budgets import BudgetBook, BudgetPlan, Reservation, tightest_usd
+from thrifty.guard.budgets import BudgetBook, BudgetPlan, Limit, Reservation, tightest_usd
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import StreamChunk
@@ -60,6 +60,7 @@ class SpendGuard:
         routes: Mapping[str, RouteSettings],
         plan: BudgetPlan,
         book: BudgetBook,
+        on_spend: Callable[[list[Limit], float], None] | None = None,
     ) -> None:
         self._catalog = catalog
         self._counter = counter
@@ -67,6 +68,7 @@ class SpendGuard:
         self._routes = dict(routes)
         self._plan = plan
         self._book = book
+        self._on_spend = on_spend  # told after each settlement (budget threshold alerts)
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
         target = ctx.target
@@ -95,23 +97,29 @@ class SpendGuard:
         try:
             result = await call_next(ctx)
         except BaseException:
-            self._settle(ctx, reservation)
+            self._settle(ctx, reservation, limits)
             raise
         if isinstance(result, Completion):
-            self._settle(ctx, reservation)
+            self._settle(ctx, reservation, limits)
             return result
-        return Streamed(self._settle_after(ctx, reservation, result.chunks))
+        return Streamed(self._settle_after(ctx, reservation, limits, result.chunks))
 
-    def _settle(self, ctx: RequestContext, reservation: Reservation) -> None:
+    def _settle(self, ctx: RequestContext, reservation: Reservation, limits: list[Limit]) -> None:
         usd = Decimal(0)
         tokens = 0
         for attempt in ctx.attempts:
             usd += attempt.cost_usd or Decimal(0)
             tokens += attempt.usage.input_tokens + attempt.usage.output_tokens
         self._book.settle(reservation, usd, tokens)
+        if self._on_spend is not None:
+            self._on_spend(limits, ctx.ts)
 
     async def _settle_after(
-        self, ctx: RequestContext, reservation: Reservation, chunks: AsyncIterator[StreamChunk]
+        self,
+        ctx: RequestContext,
+        reservation: Reservation,
+        limits: list[Limit],
+        chunks: AsyncIterator[StreamChunk],
     ) -> AsyncIterator[StreamChunk]:
         try:
             async for chunk in chunks:
@@ -120,4 +128,4 @@ class SpendGuard:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()  # the inner stage records its attempt when it closes
-            self._settle(ctx, reservation)
+            self._settle(ctx, reservation, limits)

@@ -67,6 +67,24 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         # Per-tenant reads go to counters, not ledger scans; this index only slowed every insert.
         "DROP INDEX IF EXISTS ledger_tenant_ts",
     ),
+    (
+        4,
+        # One row per alert and window: the primary key is what makes an alert fire once, also
+        # across restarts and across processes sharing the database.
+        """
+        CREATE TABLE alerts (
+            alert_key TEXT PRIMARY KEY,
+            ts REAL NOT NULL,
+            kind TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            message TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            delivered_at REAL,
+            delivery_error TEXT
+        );
+        CREATE INDEX alerts_ts ON alerts (ts);
+        """,
+    ),
 )
 
 

@@ -1,0 +1,1 @@
+"""Alerts: budget thresholds and spend/rate anomalies, each fired once per window."""

@@ -156,3 +156,35 @@ def test_route_clamps_max_tokens_and_caps_cost_per_request(tmp_path: Path, hones
             and "$0.0002 per request" in info.value.message
         )
         assert len(honest_upstream.requests) == calls  # rejected before any spend
+
+
+def test_budget_remaining_header_on_every_response_and_fallbacks_are_reserved(
+    tmp_path: Path, honest_upstream
+):
+    from thrifty.stores.keys import hash_key
+
+    tenants = {
+        "acme": {"key_hashes": [hash_key(KEYS["acme"])], "budget": {"usd_per_day": "0.006"}},
+        "globex": {"key_hashes": [hash_key(KEYS["globex"])]},
+    }
+    routes = {"safe": {"model": "gpt-4o-mini", "fallbacks": ["gpt-4o"]}}
+    with _gateway(tmp_path, honest_upstream, tenants=tenants, routes=routes) as server:
+        free = _client(server, "globex").chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=PROMPT, max_tokens=500
+        )
+        assert free.headers["x-thrifty-budget-remaining"] == "unlimited"
+        # On gpt-4o the worst case is (1007 x 2.5 + 500 x 10) / 1e6 = $0.0075175 > $0.006: the route
+        # may fall back to gpt-4o, so its worst case is what is reserved, and the request is refused
+        # although gpt-4o-mini alone would fit.
+        with pytest.raises(openai.RateLimitError) as info:
+            _client(server).chat.completions.create(model="route:safe", messages=PROMPT, max_tokens=500)
+        assert "may cost up to $0.0075175" in info.value.message
+        assert info.value.response.headers["x-thrifty-budget-remaining"].startswith(
+            "0.006; scope=tenant:acme"
+        )
+        ok = _client(server).chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=PROMPT, max_tokens=500
+        )
+        assert ok.headers["x-thrifty-budget-remaining"].startswith(
+            f"{Decimal('0.006') - COST}; scope=tenant:acme"
+        )

@@ -136,3 +136,26 @@ def test_a_stream_refused_at_connection_is_retried(tmp_path, openai_upstream):
     assert text == "streamed fine"
     (row,) = ledger_rows(tmp_path / "ledger.db")
     assert [a["status"] for a in _attempts(row)] == [503, 200] and row["stream"] == 1
+
+
+def test_a_stream_dropped_mid_way_is_not_retried_and_is_billed_for_what_was_sent(tmp_path, openai_upstream):
+    openai_upstream.queue(Reply(text="a long answer that is cut short", drop_after_chunks=3))
+    with _server(tmp_path, openai_upstream) as server, pytest.raises(openai.APIError):
+        for _ in _client(server).chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True):
+            pass
+    # Part of an answer reached the client: it cannot be swapped for another generation.
+    assert len(openai_upstream.requests) == 1
+    (row,) = ledger_rows(tmp_path / "ledger.db")
+    (attempt,) = _attempts(row)
+    assert attempt["output_tokens"] > 0 and attempt["usage_estimated"] is True and row["status"] == "error"
+
+
+def test_a_connection_dropped_before_the_first_event_is_retried(tmp_path, openai_upstream):
+    openai_upstream.queue(Reply(drop_after_chunks=0), Reply(text="second connection"))
+    with _server(tmp_path, openai_upstream) as server:
+        text = "".join(
+            c.choices[0].delta.content or ""
+            for c in _client(server).chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True)
+            if c.choices
+        )
+    assert text == "second connection" and len(openai_upstream.requests) == 2

@@ -78,12 +78,13 @@ class SpendGuard:
         cost_cap = route.max_cost_per_request_usd if route else None
         limits = self._plan.limits_for(ctx.tags.tenant_id, ctx.tags.feature, ctx.route)
         if not limits and cost_cap is None:
+            ctx.budget_remaining = "unlimited"
             return await call_next(ctx)
         prompt = ctx.prompt_tokens or self._counter.count_messages(
             ctx.body.get("messages") or [], target.upstream_model, tools=ctx.body.get("tools")
         )
         ctx.prompt_tokens = prompt
-        worst_usd = self._catalog.cost(target.alias, Usage(input_tokens=prompt.tokens, output_tokens=max_out))
+        worst_usd = self._worst_usd(ctx, route, Usage(input_tokens=prompt.tokens, output_tokens=max_out))
         if cost_cap is not None and worst_usd is not None and worst_usd > cost_cap:
             raise RequestTooExpensive(
                 f"this request may cost up to ${decimal_text(worst_usd)} ({prompt.tokens} prompt tokens, "
@@ -91,9 +92,11 @@ class SpendGuard:
                 f"${decimal_text(cost_cap)} per request; lower max_tokens or shorten the prompt"
             )
         if not limits:
+            ctx.budget_remaining = "unlimited"
             return await call_next(ctx)
+        ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"  # also on a 429
         reservation = self._book.reserve(limits, ctx.ts, worst_usd or Decimal(0), prompt.tokens + max_out)
-        ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts)
+        ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"
         try:
             result = await call_next(ctx)
         except BaseException:
@@ -103,6 +106,13 @@ class SpendGuard:
             self._settle(ctx, reservation, limits)
             return result
         return Streamed(self._settle_after(ctx, reservation, limits, result.chunks))
+
+    def _worst_usd(self, ctx: RequestContext, route: RouteSettings | None, usage: Usage) -> Decimal | None:
+        """The dearest model the request may end on: its target or any of the route's fallbacks."""
+        assert ctx.target is not None
+        aliases = [ctx.target.alias, *(route.fallbacks if route else ())]
+        costs = [c for c in (self._catalog.cost(a, usage) for a in aliases) if c is not None]
+        return max(costs) if costs else None
 
     def _settle(self, ctx: RequestContext, reservation: Reservation, limits: list[Limit]) -> None:
         usd = Decimal(0)

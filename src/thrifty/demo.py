@@ -84,7 +84,7 @@ def demo_settings(workload: DemoWorkload, db_path: Path) -> Settings:
             },
             "routes": {"tutor": {"model": "gpt-4o-mini", "max_input_tokens": 4000}},
             # globex's small daily budget shows worst-case reservations turning requests away (429).
-            "tenants": {"acme": {}, "globex": {"budget": {"usd_per_day": "0.05"}}},
+            "tenants": {"acme": {}, "globex": {"budget": {"usd_per_day": "0.03"}}},
         },
         source="demo settings",
     )
@@ -142,6 +142,7 @@ async def drive(
                         model=model,
                         messages=[{"role": "user", "content": prompt}],
                         stream=True,
+                        max_tokens=600,
                         extra_headers=headers,
                     )
                     async for _ in events:
@@ -150,6 +151,7 @@ async def drive(
                     raw = await client.chat.completions.with_raw_response.create(
                         model=model,
                         messages=[{"role": "user", "content": prompt}],
+                        max_tokens=600,
                         extra_headers=headers,
                     )
                     raw.parse()
@@ -212,10 +214,13 @@ def run_demo(data: Path | None, requests: int, db: Path | None, print_fn: Callab
         total = totals(build_report(conn, "tenant"))
         print_fn(
             f"budgets: {total.rejected_budget} requests refused with 429 before any spend (globex's "
-            f"$0.05/day, reserved at worst case); idempotent repeats answered without a call: "
+            f"${settings.tenants['globex'].budget.usd_per_day}/day, reserved at worst case: prompt + "  # type: ignore[union-attr]
+            f"max_tokens=600); idempotent repeats answered without a call: "
             f"{conn.execute('SELECT count(*) FROM ledger WHERE saved_usd IS NOT NULL').fetchone()[0]}, "
             f"saving ${total.saved_usd:.6f}"
         )
+        for (message,) in conn.execute("SELECT message FROM alerts ORDER BY ts"):
+            print_fn(f"alert: {message}")
         (ledger_rows,) = conn.execute("SELECT count(*) FROM ledger").fetchone()
         conn.close()
         print_fn(f"ledger rows: {ledger_rows} (one per request that passed authentication)")

@@ -27,6 +27,7 @@ from thrifty.errors import IdempotencyConflict, ThriftyError
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.providers.base import StreamChunk
 from thrifty.settings import IdempotencySettings, RouteSettings
+from thrifty.stores.ports import FlightStorePort
 
 
 @dataclass(slots=True)
@@ -93,8 +94,13 @@ def fingerprint(ctx: RequestContext) -> str:
 
 
 class Deduplicate:
-    def __init__(self, settings: IdempotencySettings, routes: Mapping[str, RouteSettings]) -> None:
-        self._store = FlightStore(settings.ttl_s, settings.max_entries)
+    def __init__(
+        self,
+        settings: IdempotencySettings,
+        routes: Mapping[str, RouteSettings],
+        store: FlightStorePort | None = None,
+    ) -> None:
+        self._store: FlightStorePort = store or FlightStore(settings.ttl_s, settings.max_entries)
         self._coalesce = frozenset(name for name, r in routes.items() if r.coalesce)
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:

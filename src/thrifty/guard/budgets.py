@@ -17,6 +17,7 @@ from typing import Literal
 
 from thrifty.errors import BudgetExceeded
 from thrifty.settings import BudgetSettings, Settings
+from thrifty.stores.ports import BudgetStore
 from thrifty.types import decimal_text
 
 Window = Literal["day", "month"]
@@ -191,7 +192,7 @@ def _rejection(limit: Limit, left: Decimal, need: Decimal, resets: float) -> str
     )
 
 
-def tightest_usd(limits: Iterable[Limit], book: BudgetBook, ts: float) -> str | None:
+def tightest_usd(limits: Iterable[Limit], book: BudgetStore, ts: float) -> str | None:
     """The smallest USD amount left among the limits, for the x-thrifty-budget-remaining header."""
     best: tuple[Decimal, Limit] | None = None
     for limit in limits:

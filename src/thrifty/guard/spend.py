@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from decimal import Decimal
 
 from thrifty.errors import RequestTooExpensive
-from thrifty.guard.budgets import BudgetBook, BudgetPlan, Limit, Reservation, tightest_usd
+from thrifty.guard.budgets import BudgetPlan, Limit, Reservation, tightest_usd
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import StreamChunk
 from thrifty.settings import ModelSettings, RouteSettings
+from thrifty.stores.ports import BudgetStore
 from thrifty.tokens import TokenCounter
 from thrifty.types import Usage, decimal_text
 
@@ -59,7 +60,7 @@ class SpendGuard:
         models: Mapping[str, ModelSettings],
         routes: Mapping[str, RouteSettings],
         plan: BudgetPlan,
-        book: BudgetBook,
+        book: BudgetStore,
         on_spend: Callable[[list[Limit], float], None] | None = None,
     ) -> None:
         self._catalog = catalog

@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import openai
+import pytest
 import yaml
 
 from thrifty.stores.ledger import INSERT_ENTRY_SQL, entry_row
@@ -189,3 +190,53 @@ def test_example_settings_are_valid():
 
     settings = load_settings(REPO / "examples" / "thrifty.yaml")
     assert {"openai", "anthropic", "replay"} <= {p.kind for p in settings.providers.values()}
+
+
+def test_cache_tune_cli_learns_parameters_from_labelled_queries(tmp_path: Path):
+    pytest.importorskip("onnxruntime", reason="the semantic extra is installed by scripts/test.sh")
+    rows = ["text,category"]
+    intents = {
+        "card_lost": [
+            "I lost my card",
+            "my card is lost",
+            "where is my lost card",
+            "I can't find my card",
+            "card went missing",
+            "I misplaced my bank card",
+            "lost debit card",
+            "my card was lost today",
+        ],
+        "exchange_rate": [
+            "what is the exchange rate",
+            "how much is the euro rate",
+            "current exchange rates",
+            "rate for dollars to euros",
+            "what rate do you use to exchange",
+            "exchange rate today",
+            "which exchange rate applies",
+            "tell me the currency rate",
+        ],
+        "top_up_failed": [
+            "my top up failed",
+            "top-up did not work",
+            "why did my top up fail",
+            "I couldn't top up",
+            "top up was declined",
+            "failed to add money",
+            "adding money failed",
+            "my top-up got rejected",
+        ],
+    }
+    for label, texts in intents.items():
+        rows += [f"{t},{label}" for t in texts]
+    data = tmp_path / "labelled.csv"
+    data.write_text("\n".join(rows) + "\n")
+    out = _thrifty(
+        "cache", "tune", "--data", str(data), "--target-precision", "0.9", "--out", str(tmp_path / "p.json")
+    )
+    assert out.returncode == 0, out.stderr
+    assert "fit on held-out folds" in out.stdout
+    from thrifty.cache.semantic.decision import DecisionParams
+
+    params = DecisionParams.from_dict(json.loads((tmp_path / "p.json").read_text()))
+    assert len(params.weights) == 4  # the learned scorer round-trips into the cache's own type

@@ -17,10 +17,12 @@ from thrifty.settings import Settings, load_settings, resolve_secrets
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="thrifty: the LLM cost-control gateway")
 keys_app = typer.Typer(no_args_is_help=True, help="Virtual keys (stored hashed; shown once)")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a table and write JSON")
+cache_app = typer.Typer(no_args_is_help=True, help="Caching: tune the semantic cache")
 route_app = typer.Typer(no_args_is_help=True, help="Routing: train a router from labelled outputs")
 app.add_typer(keys_app, name="keys")
 app.add_typer(bench_app, name="bench")
 app.add_typer(route_app, name="route")
+app.add_typer(cache_app, name="cache")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="settings YAML (default ./thrifty.yaml)")
@@ -211,6 +213,45 @@ def bench_route(
     from thrifty.bench.route import run_route_bench
 
     run_route_bench(train, test, reference, json_out, _console())
+
+
+@bench_app.command("cache")
+def bench_cache(
+    train: Annotated[Path, typer.Option(help="text,category CSV loaded into the cache")],
+    test: Annotated[Path, typer.Option(help="text,category CSV of lookups")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    target_precision: Annotated[float, typer.Option(help="precision the tuned rule aims at")] = 0.99,
+    sizes: Annotated[
+        list[int] | None, typer.Option("--size", help="also pad the index to N entries (repeatable)")
+    ] = None,
+) -> None:
+    """Semantic cache on labelled queries: hit rate, precision, false hits, lookup latency."""
+    from thrifty.bench.cache import run_cache_bench
+
+    padded: list[int | None] = [None, *(sizes if sizes is not None else [100_000, 1_000_000])]
+    run_cache_bench(train, test, json_out, _console(), sizes=padded, target_precision=target_precision)
+
+
+@cache_app.command("tune")
+def cache_tune(
+    data: Annotated[Path, typer.Option(help="labelled text,category CSV (e.g. your own traffic)")],
+    target_precision: Annotated[float, typer.Option(help="e.g. 0.99")] = 0.99,
+    out: Annotated[Path | None, typer.Option(help="write the learned parameters (JSON) here")] = None,
+) -> None:
+    """Learn the semantic cache's decision parameters from labelled queries."""
+    from thrifty.bench.cache import tune_cache
+
+    result = tune_cache(data, target_precision)
+    params = result.params.to_dict()
+    typer.echo(
+        f"fit on held-out folds: hit rate {result.fit_hit_rate:.1%} at precision {result.fit_precision:.2%}"
+    )
+    text = orjson.dumps(params, option=orjson.OPT_INDENT_2).decode()
+    if out is not None:
+        out.write_text(text)
+        typer.echo(f"parameters written to {out}")
+    else:
+        typer.echo(text)
 
 
 @bench_app.command("overhead")

@@ -1,0 +1,246 @@
+"""`thrifty bench cache`: hit rate, precision and lookup latency of the semantic cache, in one run.
+
+Every training query becomes a cache entry answered "for" its category; every test query is
+looked up, and a hit is correct when the served entry's category equals the query's. The learned
+policy is tuned on held-out folds of TRAIN only (``tune.learn_from_vectors``), never on test, and
+is compared in the same run with the fixed cosine thresholds other gateways ship. The index is
+then padded with random unit vectors to 100,000 and 1,000,000 entries to measure lookup latency
+(and any recall loss of the ANN index) at scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from rich.console import Console
+from rich.table import Table
+
+from thrifty.cache.semantic.decision import DecisionParams, Neighbour, features, score
+from thrifty.cache.semantic.embedder import OnnxMiniLM
+from thrifty.cache.semantic.index import ExactIndex, HnswIndex
+from thrifty.cache.semantic.normalise import normalise
+from thrifty.cache.semantic.tune import (
+    SEARCH_K,
+    CurvePoint,
+    TuneResult,
+    _guard_passes,
+    curve,
+    learn_from_vectors,
+    load_labelled,
+)
+
+# Fixed thresholds others ship: GPTCache 0.8, RedisVL 0.9, Portkey 0.95.
+COSINE_BASELINES: tuple[tuple[str, float], ...] = (("GPTCache", 0.80), ("RedisVL", 0.90), ("Portkey", 0.95))
+COSINE_SWEEP = (0.70, 0.75, 0.80, 0.85, 0.90, 0.92, 0.95, 0.97)
+SCORE_SWEEP = (0.50, 0.70, 0.80, 0.90, 0.93, 0.95, 0.97, 0.98, 0.99)
+PAD_CHUNK = 100_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lookups:
+    """Per test query: learned score, guard outcome, correctness, and the cosine rule's inputs."""
+
+    size: int
+    scores: list[float]
+    served: list[bool]
+    correct: list[bool]
+    top_sim: list[float]
+    top_correct: list[bool]
+    latency_ms: list[float]
+
+
+def tune_cache(data_csv: Path, target_precision: float, embed_threads: int = 1) -> TuneResult:
+    """Learn decision parameters from labelled ``text,category`` data (``thrifty cache tune``)."""
+    data = load_labelled(data_csv)
+    embedder = OnnxMiniLM(threads=embed_threads)
+    vectors = embedder.embed([normalise(t) for t in data.texts])
+    return learn_from_vectors(vectors, data.labels, data.texts, target_precision)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def _build_index(
+    train: npt.NDArray[np.float32], size: int | None, rng: np.random.Generator
+) -> ExactIndex | HnswIndex:
+    n = len(train)
+    if size is None:
+        exact = ExactIndex(train.shape[1])
+        exact.add(np.arange(n, dtype=np.int64), train)
+        return exact
+    index = HnswIndex(train.shape[1])
+    index.add(np.arange(n, dtype=np.int64), train)
+    for start in range(n, size, PAD_CHUNK):
+        count = min(PAD_CHUNK, size - start)
+        pad = rng.standard_normal((count, train.shape[1])).astype(np.float32)
+        pad /= np.linalg.norm(pad, axis=1, keepdims=True)
+        index.add(np.arange(start, start + count, dtype=np.int64), pad)
+    return index
+
+
+def _lookup_all(
+    index: ExactIndex | HnswIndex,
+    test_vectors: npt.NDArray[np.float32],
+    test_texts: Sequence[str],
+    test_labels: Sequence[str],
+    train_texts: Sequence[str],
+    train_labels: Sequence[str],
+    params: DecisionParams,
+) -> Lookups:
+    n_train = len(train_labels)
+    scores: list[float] = []
+    served: list[bool] = []
+    correct: list[bool] = []
+    top_sim: list[float] = []
+    top_correct: list[bool] = []
+    latency: list[float] = []
+    for vector, text, label in zip(test_vectors, test_texts, test_labels, strict=True):
+        started = time.perf_counter()
+        keys, sims = index.search(vector, SEARCH_K)
+        # Padding entries (keys past the training set) each stand for a distinct unrelated answer.
+        neighbours = [
+            Neighbour(float(s), train_labels[k], train_texts[k])
+            if k < n_train
+            else Neighbour(float(s), f"pad:{k}", "")
+            for k, s in zip(keys.tolist(), sims.tolist(), strict=True)
+        ]
+        feats = features(neighbours, params.temperature, params.vote_k)
+        p = score(feats.values, params) if feats is not None else 0.0
+        ok = (
+            feats is not None
+            and feats.entry.similarity >= params.min_similarity
+            and (not params.guards or _guard_passes(text, neighbours, feats.answer_id, params.vote_k))
+        )
+        latency.append((time.perf_counter() - started) * 1e3)
+        scores.append(p)
+        served.append(ok)
+        correct.append(feats is not None and feats.answer_id == label)
+        top_sim.append(neighbours[0].similarity if neighbours else -1.0)
+        top_correct.append(bool(neighbours) and neighbours[0].answer_id == label)
+    return Lookups(len(index), scores, served, correct, top_sim, top_correct, latency)
+
+
+def _point_dict(point: CurvePoint, **extra: Any) -> dict[str, Any]:
+    return {**extra, **dataclasses.asdict(point)}
+
+
+def _curve_table(title: str, rows: list[tuple[str, CurvePoint]]) -> Table:
+    table = Table(title=title)
+    for col in ("rule", "threshold", "hit rate", "precision", "false-hit rate"):
+        table.add_column(col, justify="right")
+    for name, p in rows:
+        table.add_row(
+            name, f"{p.threshold:.3f}", f"{p.hit_rate:.1%}", f"{p.precision:.2%}", f"{p.false_hit_rate:.2%}"
+        )
+    return table
+
+
+def run_cache_bench(
+    train_csv: Path,
+    test_csv: Path,
+    json_out: Path | None,
+    console: Console,
+    sizes: Sequence[int | None] = (None, 100_000, 1_000_000),
+    target_precision: float = 0.99,
+    embed_threads: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the benchmark, print its tables to ``console`` and return (and optionally write) the JSON."""
+    train = load_labelled(train_csv)
+    test = load_labelled(test_csv)
+    embedder = OnnxMiniLM(threads=embed_threads)
+
+    started = time.perf_counter()
+    train_vectors = embedder.embed([normalise(t) for t in train.texts])
+    test_vectors = embedder.embed([normalise(t) for t in test.texts])
+    console.print(
+        f"embedded {len(train.texts)} train + {len(test.texts)} test queries in "
+        f"{time.perf_counter() - started:.1f} s (batched, {embed_threads} thread(s))"
+    )
+
+    # One query at a time, as the gateway embeds the last user turn of one request.
+    single: list[float] = []
+    for text in test.texts[:500]:
+        t0 = time.perf_counter()
+        embedder.embed([normalise(text)])
+        single.append((time.perf_counter() - t0) * 1e3)
+    embedding = {
+        "threads": embed_threads,
+        "p50_ms": _percentile(single, 50),
+        "p99_ms": _percentile(single, 99),
+    }
+    console.print(
+        f"query embedding ({embed_threads} thread): p50 {embedding['p50_ms']:.2f} ms, "
+        f"p99 {embedding['p99_ms']:.2f} ms over {len(single)} queries"
+    )
+
+    started = time.perf_counter()
+    tuned = learn_from_vectors(train_vectors, train.labels, train.texts, target_precision, seed=seed)
+    params = tuned.params
+    console.print(
+        f"tuned on 5 held-out folds of TRAIN only in {time.perf_counter() - started:.1f} s: "
+        f"score threshold {params.threshold:.4f} (fit hit rate {tuned.fit_hit_rate:.1%}, "
+        f"fit precision {tuned.fit_precision:.2%})"
+    )
+
+    rng = np.random.default_rng(seed)
+    result: dict[str, Any] = {
+        "params": dataclasses.asdict(params),
+        "embedding": embedding,
+        "thresholds": [],
+        "cosine": [],
+        "latency": [],
+    }
+    for size in sizes:
+        started = time.perf_counter()
+        index = _build_index(train_vectors, size, rng)
+        build_s = time.perf_counter() - started
+        look = _lookup_all(index, test_vectors, test.texts, test.labels, train.texts, train.labels, params)
+        label = f"{look.size:,} entries ({type(index).__name__})"
+        learned = curve(look.scores, look.served, look.correct, SCORE_SWEEP)
+        tuned_point = curve(look.scores, look.served, look.correct, [params.threshold])[0]
+        cosine = curve(look.top_sim, [True] * len(look.top_sim), look.top_correct, COSINE_SWEEP)
+        baselines = [
+            (f"{name} cos>={t}", curve(look.top_sim, [True] * len(look.top_sim), look.top_correct, [t])[0])
+            for name, t in COSINE_BASELINES
+        ]
+        rows = (
+            [("learned", p) for p in learned]
+            + [("learned TUNED", tuned_point)]
+            + [("cosine", p) for p in cosine]
+            + baselines
+        )
+        console.print(_curve_table(f"banking77 test vs train, index {label}", rows))
+        lat = {
+            "entries": look.size,
+            "index": type(index).__name__,
+            "build_s": build_s,
+            "p50_ms": _percentile(look.latency_ms, 50),
+            "p99_ms": _percentile(look.latency_ms, 99),
+        }
+        console.print(
+            f"lookup (search k={SEARCH_K} + decision, 1 thread) at {look.size:,} entries: "
+            f"p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms; index build {build_s:.1f} s"
+        )
+        result["latency"].append(lat)
+        result["thresholds"].extend(_point_dict(p, rule="learned", entries=look.size) for p in learned)
+        result["cosine"].extend(_point_dict(p, rule="cosine", entries=look.size) for p in cosine)
+        result["cosine"].extend(_point_dict(p, rule=name, entries=look.size) for name, p in baselines)
+        if size is None:
+            result["tuned"] = _point_dict(tuned_point, rule="learned", entries=look.size)
+        else:
+            result.setdefault("tuned_at_size", []).append(
+                _point_dict(tuned_point, rule="learned", entries=look.size)
+            )
+        del index
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result

@@ -1,0 +1,1 @@
+"""Response caching: exact and semantic lookups in front of the upstream."""

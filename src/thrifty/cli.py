@@ -243,6 +243,12 @@ def cache_tune(
 
     result = tune_cache(data, target_precision)
     params = result.params.to_dict()
+    if params["threshold"] == "inf":
+        typer.echo(
+            f"warning: no threshold reaches precision {target_precision} on this data; with these "
+            "parameters the semantic cache never answers. Label more queries or lower the target.",
+            err=True,
+        )
     typer.echo(
         f"fit on held-out folds: hit rate {result.fit_hit_rate:.1%} at precision {result.fit_precision:.2%}"
     )

@@ -55,7 +55,11 @@ class DecisionParams:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, for writing what ``thrifty cache tune`` learned into config."""
-        return asdict(self)
+        data = asdict(self)
+        # No threshold reached the target precision: +inf (never hit). JSON has no infinity.
+        if math.isinf(self.threshold):
+            data["threshold"] = "inf"
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DecisionParams:

@@ -122,23 +122,29 @@ class Gateway:
             on_spend=self._budget_alerts,
         )
         self.alerts: AlertService | None = None
-        stages: list[Stage] = [
+        rate_limits = {t: s.rate_limit for t, s in settings.tenants.items() if s.rate_limit is not None}
+        # A stage the settings leave nothing to do is not in the chain: it would cost every request.
+        stages: list[Stage | None] = [
             Account(accountant),
             self.resolver,
-            ClampOutput(settings.routes),
-            InputLimits(self.counter, settings.routes),
+            ClampOutput(settings.routes)
+            if any(r.max_output_tokens for r in settings.routes.values())
+            else None,
+            InputLimits(self.counter, settings.routes)
+            if any(m.context_window for m in settings.models.values())
+            or any(r.max_input_tokens for r in settings.routes.values())
+            else None,
             # Before the spend guard: a duplicate must neither reserve nor be refused budget.
             Deduplicate(settings.idempotency, settings.routes),
-            RateLimits(
-                {t: s.rate_limit for t, s in settings.tenants.items() if s.rate_limit is not None},
-                settings.routes,
-                settings.models,
-                self.counter,
-            ),
+            RateLimits(rate_limits, settings.routes, settings.models, self.counter)
+            if rate_limits or any(r.max_steps_per_session for r in settings.routes.values())
+            else None,
             spend_guard,
             Resilience(settings.resilience, settings.routes, self.targets),
         ]
-        self._handle: Handler = build_chain(stages, CallProvider(self.providers, accountant))
+        self._handle: Handler = build_chain(
+            [stage for stage in stages if stage is not None], CallProvider(self.providers, accountant)
+        )
         self._started = False
 
     async def start(self) -> None:

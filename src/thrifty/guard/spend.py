@@ -70,8 +70,13 @@ class SpendGuard:
         self._plan = plan
         self._book = book
         self._on_spend = on_spend  # told after each settlement (budget threshold alerts)
+        # No budget and no per-request cap anywhere: nothing to count or reserve, ever.
+        self._unlimited = plan.empty and not any(r.max_cost_per_request_usd for r in self._routes.values())
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+        if self._unlimited:
+            ctx.budget_remaining = "unlimited"
+            return await call_next(ctx)
         target = ctx.target
         assert target is not None, "SpendGuard runs after ResolveModel"
         route = self._routes.get(ctx.route) if ctx.route else None

@@ -9,7 +9,8 @@ import orjson
 from rich.console import Console
 
 from thrifty.bench.loadgen import LoadSpec, _lua_string, parse_wrk, percentile, wrk_script
-from thrifty.bench.overhead import _chat_url, run_overhead_bench
+from thrifty.bench.overhead import run_overhead_bench
+from thrifty.bench.servers import _chat_url
 from thrifty.bench.stub import answer
 
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import KEYS, UPSTREAM_KEY, LoopThread, base_settings, openai_models
+from tests.factories import ledger_entry
 from tests.fakes.openai_wire import Reply
 from thrifty.alerts.service import AlertService
 from thrifty.server.run import BackgroundServer
@@ -23,7 +23,7 @@ from thrifty.settings import AlertSettings
 from thrifty.stores.keys import hash_key
 from thrifty.stores.ledger import INSERT_ENTRY_SQL, entry_row
 from thrifty.stores.sqlite_db import open_database
-from thrifty.types import Attempt, LedgerEntry, Usage
+from thrifty.types import Usage
 
 
 class Webhook:
@@ -96,31 +96,14 @@ def test_budget_thresholds_alert_once_each_and_reach_the_webhook(tmp_path: Path,
 
 
 def _row(i: int, ts: float, tenant: str, feature: str, cost: str) -> tuple[Any, ...]:
-    usage = Usage(input_tokens=10, output_tokens=5)
     return entry_row(
-        LedgerEntry(
-            request_id=f"req_{i:08d}",
+        ledger_entry(
+            f"req_{i:08d}",
             ts=ts,
-            tenant_id=tenant,
-            user=None,
+            tenant=tenant,
             feature=feature,
-            route=None,
-            prompt_version=None,
-            model="m",
-            provider="p",
-            attempts=(Attempt("m", "p", 200, usage, Decimal(cost), 1.0),),
-            usage=usage,
-            cost_usd=Decimal(cost),
-            saved_usd=None,
-            cache="miss",
-            escalated=False,
-            retries=0,
-            status="ok",
-            error=None,
-            http_status=200,
-            latency_ms=1.0,
-            ttft_ms=None,
-            idempotency_key=None,
+            cost=cost,
+            usage=Usage(input_tokens=10, output_tokens=5),
         )
     )
 

@@ -4,43 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+from tests.factories import ledger_entry
 from thrifty.stores.ledger import LedgerWriter
 from thrifty.stores.sqlite_db import open_database
-from thrifty.types import Attempt, LedgerEntry, Usage
+from thrifty.types import LedgerEntry
 
 
 def _entry(i: int) -> LedgerEntry:
-    usage = Usage(input_tokens=10, output_tokens=2)
-    return LedgerEntry(
-        request_id=f"req_{i:06d}",
-        ts=time.time(),
-        tenant_id="t",
-        user=None,
-        feature=None,
-        route=None,
-        prompt_version=None,
-        model="m",
-        provider="p",
-        attempts=(Attempt("m", "p", 200, usage, Decimal("0.1"), 1.0),),
-        usage=usage,
-        cost_usd=Decimal("0.1"),
-        saved_usd=None,
-        cache="miss",
-        escalated=False,
-        retries=0,
-        status="ok",
-        error=None,
-        http_status=200,
-        latency_ms=1.0,
-        ttft_ms=None,
-        idempotency_key=None,
-    )
+    return ledger_entry(f"req_{i:06d}")
 
 
 def _count(db: Path) -> int:

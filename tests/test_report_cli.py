@@ -16,9 +16,10 @@ import openai
 import pytest
 import yaml
 
+from tests.factories import ledger_entry
 from thrifty.stores.ledger import INSERT_ENTRY_SQL, entry_row
 from thrifty.stores.sqlite_db import open_database
-from thrifty.types import Attempt, LedgerEntry, Usage
+from thrifty.types import LedgerEntry, RequestStatus, Usage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,38 +40,20 @@ def _entry(
     tenant: str,
     feature: str,
     cost: str | None,
-    status: str = "ok",
+    status: RequestStatus = "ok",
     ts: float | None = None,
     attempts_costs: tuple[str, ...] = (),
 ) -> LedgerEntry:
-    usage = Usage(input_tokens=100 + i, cached_input_tokens=10, output_tokens=20)
-    failed = [Attempt("m", "p", 500, Usage(), Decimal(c), 1.0, "boom") for c in attempts_costs]
-    attempts = (*failed, Attempt("m", "p", 200, usage, None if cost is None else Decimal(cost), 1.0))
-    return LedgerEntry(
-        request_id=f"req_{i}",
-        ts=ts or time.time(),
-        tenant_id=tenant,
-        user=None,
+    return ledger_entry(
+        f"req_{i}",
+        ts=ts,
+        tenant=tenant,
         feature=feature,
-        route=None,
         prompt_version="v1",
-        model="m",
-        provider="p",
-        attempts=attempts,
-        usage=usage,
-        cost_usd=None
-        if cost is None
-        else Decimal(cost) + sum((Decimal(c) for c in attempts_costs), Decimal(0)),
-        saved_usd=None,
-        cache="miss",
-        escalated=False,
-        retries=len(attempts_costs),
-        status=status,  # type: ignore[arg-type]
-        error=None,
-        http_status=200 if status == "ok" else 502,
-        latency_ms=1.0,
-        ttft_ms=None,
-        idempotency_key=None,
+        cost=cost,
+        status=status,
+        usage=Usage(input_tokens=100 + i, cached_input_tokens=10, output_tokens=20),
+        failed_attempt_costs=attempts_costs,
     )
 
 

@@ -180,3 +180,19 @@ class SessionStepLimit(ThriftyError):
     status = 429
     error_type = "invalid_request_error"
     code = "session_step_limit"
+
+
+class IdempotentRequestUnfinished(ThriftyError):
+    """The first request with this Idempotency-Key ended without a result (e.g. a cut stream)."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    code = "idempotent_request_unfinished"
+
+
+class CircuitOpen(ThriftyError):
+    """A target skipped because its circuit breaker is open."""
+
+    status = 503
+    error_type = "upstream_error"
+    code = "circuit_open"

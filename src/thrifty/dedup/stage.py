@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from thrifty.errors import IdempotencyConflict, ThriftyError
+from thrifty.errors import IdempotencyConflict, IdempotentRequestUnfinished
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.providers.base import StreamChunk
 from thrifty.settings import IdempotencySettings, RouteSettings
@@ -111,12 +111,12 @@ class Deduplicate:
             key = (ctx.tags.tenant_id, "flight", fingerprint(ctx))
         else:
             return await call_next(ctx)
-        print_ = fingerprint(ctx)
+        request_fingerprint = fingerprint(ctx)
         while True:
             flight = self._store.get(key, time.monotonic())
             if flight is None:
                 break
-            if flight.fingerprint != print_:
+            if flight.fingerprint != request_fingerprint:
                 raise IdempotencyConflict(
                     f"Idempotency-Key {idem!r} was already used with a different request; "
                     "use a new key for a new request",
@@ -129,7 +129,7 @@ class Deduplicate:
                     continue  # evicted while running: take the lead ourselves
                 raise
             return _replay(ctx, outcome)
-        flight = self._store.begin(key, print_)
+        flight = self._store.begin(key, request_fingerprint)
         keep = idem is not None
         try:
             result = await call_next(ctx)
@@ -163,13 +163,11 @@ class Deduplicate:
             if finished:
                 self._store.finish(key, flight, Outcome(chunks=kept, cost_usd=_cost(ctx)), keep=keep)
             else:
-                self._store.fail(key, flight, _Unfinished("the first request with this key did not finish"))
-
-
-class _Unfinished(ThriftyError):
-    status = 409
-    error_type = "invalid_request_error"
-    code = "idempotent_request_unfinished"
+                self._store.fail(
+                    key,
+                    flight,
+                    IdempotentRequestUnfinished("the first request with this key did not finish; retry it"),
+                )
 
 
 def _cost(ctx: RequestContext) -> Decimal | None:

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from thrifty.errors import AllAttemptsFailed, ProviderError, ThriftyError
+from thrifty.errors import AllAttemptsFailed, CircuitOpen, ProviderError, ThriftyError
 from thrifty.pipeline import Handler, RequestContext, Result, Streamed
 from thrifty.providers.base import StreamChunk
 from thrifty.settings import ResilienceSettings, RouteSettings
@@ -27,12 +27,6 @@ from thrifty.types import ModelTarget
 RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 # 429 says "slow down", not "broken": it is retried but does not open the circuit.
 BREAKING = RETRYABLE - {429, 409, 408}
-
-
-class CircuitOpen(ThriftyError):
-    status = 503
-    error_type = "upstream_error"
-    code = "circuit_open"
 
 
 @dataclass(slots=True)

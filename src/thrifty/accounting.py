@@ -102,7 +102,7 @@ class Accountant:
             usage=usage,
             cost_usd=cost,
             saved_usd=ctx.saved_usd,
-            cache="miss",
+            cache=ctx.cache,
             escalated=False,
             retries=max(0, len(attempts) - 1),
             status=status,

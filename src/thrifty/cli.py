@@ -260,6 +260,39 @@ def cache_tune(
         typer.echo(text)
 
 
+@cache_app.command("purge")
+def cache_purge(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's entries")] = None,
+    route: Annotated[str | None, typer.Option(help="only this route's entries")] = None,
+    prompt_version: Annotated[str | None, typer.Option(help="only entries of this prompt version")] = None,
+    corpus_version: Annotated[str | None, typer.Option(help="only entries of this corpus version")] = None,
+    expired: Annotated[bool, typer.Option(help="only entries past their TTL")] = False,
+    all_entries: Annotated[bool, typer.Option("--all", help="everything (required with no filter)")] = False,
+    config: ConfigOpt = None,
+    db: Annotated[Path | None, typer.Option(help="SQLite file (instead of --config)")] = None,
+) -> None:
+    """Remove exact-cache entries by scope."""
+    from thrifty.cache.exact import SqliteExactCache
+    from thrifty.stores.sqlite_db import open_database
+
+    filters = (tenant, route, prompt_version, corpus_version)
+    if all(f is None for f in filters) and not expired and not all_entries:
+        raise ThriftyError(
+            "give a scope (--tenant, --route, --prompt-version, --corpus-version, --expired) or --all"
+        )
+    path = db or _settings(config).storage.sqlite_path
+    conn = open_database(path)
+    removed = SqliteExactCache(conn).purge(
+        tenant=tenant,
+        route=route,
+        prompt_version=prompt_version,
+        corpus_version=corpus_version,
+        expired_only=expired,
+    )
+    conn.close()
+    typer.echo(f"purged {removed} cache entr{'y' if removed == 1 else 'ies'}")
+
+
 @bench_app.command("overhead")
 def bench_overhead(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,

@@ -14,6 +14,7 @@ import orjson
 from thrifty.accounting import Account, Accountant
 from thrifty.alerts.rules import budget_alerts
 from thrifty.alerts.service import AlertService
+from thrifty.cache.exact import ExactCacheStage, SqliteExactCache
 from thrifty.dedup.stage import Deduplicate
 from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
 from thrifty.guard.budgets import BudgetBook, BudgetPlan, Limit
@@ -122,6 +123,8 @@ class Gateway:
             on_spend=self._budget_alerts,
         )
         self.alerts: AlertService | None = None
+        self.exact_cache = ExactCacheStage(settings.routes, self.catalog)
+        self._cache_db: sqlite3.Connection | None = None
         rate_limits = {t: s.rate_limit for t, s in settings.tenants.items() if s.rate_limit is not None}
         # A stage the settings leave nothing to do is not in the chain: it would cost every request.
         stages: list[Stage | None] = [
@@ -134,6 +137,7 @@ class Gateway:
             if any(m.context_window for m in settings.models.values())
             or any(r.max_input_tokens for r in settings.routes.values())
             else None,
+            self.exact_cache if self.exact_cache.active else None,
             # Before the spend guard: a duplicate must neither reserve nor be refused budget.
             Deduplicate(settings.idempotency, settings.routes),
             RateLimits(rate_limits, settings.routes, settings.models, self.counter)
@@ -155,6 +159,10 @@ class Gateway:
         self._keys = SqliteKeyStore(self._db)
         if not self.budget_plan.empty:
             self.budget_book.load_ledger(self._db, self.budget_plan, time.time())
+        if self.exact_cache.active:
+            self._cache_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
+            self._cache_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
+            self.exact_cache.store = SqliteExactCache(self._cache_db)
         self.alerts = AlertService(self.settings.alerts, self._db)
         await self.alerts.start()
         self.ledger.start(loop)
@@ -182,6 +190,9 @@ class Gateway:
         for provider in self.providers.values():
             await provider.close()
         self.ledger.close()
+        if self._cache_db is not None:
+            self._cache_db.close()
+            self._cache_db = None
         if self._db is not None:
             self._db.close()
             self._db = None

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from thrifty.providers.base import StreamChunk
 from thrifty.tokens import TokenCount
-from thrifty.types import Attempt, ModelTarget, Tags, Usage
+from thrifty.types import Attempt, CacheOutcome, ModelTarget, Tags, Usage
 
 
 @dataclass(slots=True)
@@ -36,6 +36,7 @@ class RequestContext:
     budget_remaining: str | None = None  # for the x-thrifty-budget-remaining header
     saved_usd: Decimal | None = None  # what an answer without an upstream call would have cost
     deduplicated: bool = False  # answered from another request's generation (idempotency/flight)
+    cache: CacheOutcome = "miss"
     # Filled by accounting once the ledger entry is committed; a stream's last event carries it.
     trailer: dict[str, Any] | None = None
 

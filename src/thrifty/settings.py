@@ -93,6 +93,14 @@ class ModelSettings(_Strict):
     max_output_tokens: int = Field(default=4096, gt=0)
 
 
+class ExactCacheSettings(_Strict):
+    enabled: bool = True
+    ttl_s: float = Field(default=3600.0, gt=0)
+    per_user: bool = False  # answers are personal: key them by x-thrifty-user too
+    # Sampled answers (temperature > 0) differ on purpose; cache them only when asked to.
+    any_temperature: bool = False
+
+
 class RouteSettings(_Strict):
     model: str
     max_input_tokens: int | None = Field(default=None, gt=0)
@@ -107,6 +115,7 @@ class RouteSettings(_Strict):
     max_steps_per_session: int | None = Field(default=None, ge=1)
     fallbacks: list[str] = Field(default_factory=list)  # model aliases tried in order when `model` fails
     max_retries: int | None = Field(default=None, ge=0)  # per target; default resilience.max_retries
+    cache: ExactCacheSettings | None = None  # exact-match response cache for this route
 
 
 class TenantSettings(_Strict):

@@ -53,6 +53,8 @@ class Tags:
     user: str | None = None
     idempotency_key: str | None = None
     session: str | None = None
+    corpus_version: str | None = None
+    cache_control: str | None = None  # the request's Cache-Control header, lower-cased
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,8 @@ def _tags(tenant: str, headers: Mapping[str, str], body: Mapping[str, Any]) -> T
         user=user,
         idempotency_key=headers.get("idempotency-key"),
         session=headers.get("x-thrifty-session"),
+        corpus_version=headers.get("x-thrifty-corpus-version"),
+        cache_control=(headers.get("cache-control") or "").lower() or None,
     )
 
 

@@ -85,6 +85,26 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX alerts_ts ON alerts (ts);
         """,
     ),
+    (
+        5,
+        """
+        CREATE TABLE exact_cache (
+            cache_key TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL,
+            route TEXT NOT NULL,
+            prompt_version TEXT,
+            corpus_version TEXT,
+            model TEXT NOT NULL,
+            response TEXT NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            cached_input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        );
+        CREATE INDEX exact_cache_scope ON exact_cache (tenant_id, route);
+        """,
+    ),
 )
 
 

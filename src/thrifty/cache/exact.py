@@ -1,0 +1,193 @@
+"""The exact cache: a repeat of a deterministic request is answered without an upstream call.
+
+The key covers everything that can change the answer: tenant (never shared across tenants), the
+user when the route says answers are personal, route, prompt version, corpus version
+(`x-thrifty-corpus-version`), model, and the canonical request (messages with the system prompt,
+tools, response format, sampling parameters). A new prompt or corpus version is a new key, so
+its requests never see the old answers. Only requests the route marks cacheable are stored: by
+default temperature 0. `Cache-Control: no-cache` skips the lookup, `no-store` skips the write.
+Entries live in SQLite, so a restart keeps them; `thrifty cache purge` removes them by scope.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
+
+from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
+from thrifty.pricing import PriceCatalog
+from thrifty.providers.base import StreamChunk
+from thrifty.settings import ExactCacheSettings, RouteSettings
+from thrifty.shapes import as_chunks, as_completion, stream_from
+from thrifty.types import Usage
+
+log = logging.getLogger(__name__)
+
+# Fields that change how an answer is delivered or accounted, not what it says.
+_NOT_IN_KEY = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
+
+
+def cache_key(ctx: RequestContext, settings: ExactCacheSettings) -> str:
+    tags = ctx.tags
+    body = {k: v for k, v in ctx.body.items() if k not in _NOT_IN_KEY}
+    parts = [
+        tags.tenant_id,
+        tags.user if settings.per_user else None,
+        ctx.route,
+        tags.prompt_version,
+        tags.corpus_version,
+        ctx.requested_model,
+        body,
+    ]
+    return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def cacheable(body: Mapping[str, Any], settings: ExactCacheSettings) -> bool:
+    if not settings.enabled:
+        return False
+    if settings.any_temperature:
+        return True
+    # OpenAI's default temperature is 1: only an explicit 0 is deterministic enough to repeat.
+    return body.get("temperature") == 0 and body.get("n", 1) == 1
+
+
+class SqliteExactCache:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def get(self, key: str, now: float) -> tuple[dict[str, Any], Usage] | None:
+        row = self._conn.execute(
+            "SELECT response, input_tokens, cached_input_tokens, output_tokens FROM exact_cache "
+            "WHERE cache_key = ? AND expires_at > ?",
+            (key, now),
+        ).fetchone()
+        if row is None:
+            return None
+        return orjson.loads(row[0]), Usage(
+            input_tokens=row[1], cached_input_tokens=row[2], output_tokens=row[3]
+        )
+
+    def put(
+        self, key: str, ctx: RequestContext, response: dict[str, Any], usage: Usage, ttl_s: float
+    ) -> None:
+        now = time.time()
+        try:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO exact_cache VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    key,
+                    ctx.tags.tenant_id,
+                    ctx.route or "",
+                    ctx.tags.prompt_version,
+                    ctx.tags.corpus_version,
+                    ctx.requested_model,
+                    orjson.dumps(response).decode(),
+                    usage.input_tokens,
+                    usage.cached_input_tokens,
+                    usage.output_tokens,
+                    now,
+                    now + ttl_s,
+                ),
+            )
+        except sqlite3.OperationalError as err:
+            # Busy elsewhere: a cache write is an optimisation, never worth blocking the loop for.
+            log.warning("exact cache entry not stored: %s", err)
+
+    def purge(
+        self,
+        *,
+        tenant: str | None = None,
+        route: str | None = None,
+        prompt_version: str | None = None,
+        corpus_version: str | None = None,
+        expired_only: bool = False,
+    ) -> int:
+        clauses: list[str] = []
+        params: list[object] = []
+        for column, value in (
+            ("tenant_id", tenant),
+            ("route", route),
+            ("prompt_version", prompt_version),
+            ("corpus_version", corpus_version),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if expired_only:
+            clauses.append("expires_at <= ?")
+            params.append(time.time())
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        return self._conn.execute(f"DELETE FROM exact_cache{where}", params).rowcount
+
+
+class ExactCacheStage:
+    def __init__(self, routes: Mapping[str, RouteSettings], catalog: PriceCatalog) -> None:
+        self._settings = {name: r.cache for name, r in routes.items() if r.cache is not None}
+        self._catalog = catalog
+        self.store: SqliteExactCache | None = None  # set when the gateway opens its database
+
+    @property
+    def active(self) -> bool:
+        return bool(self._settings)
+
+    async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+        settings = self._settings.get(ctx.route) if ctx.route is not None else None
+        if settings is None or self.store is None or not cacheable(ctx.body, settings):
+            return await call_next(ctx)
+        key = cache_key(ctx, settings)
+        directive = ctx.tags.cache_control or ""
+        if "no-cache" not in directive:
+            found = self.store.get(key, time.time())
+            if found is not None:
+                response, usage = found
+                assert ctx.target is not None
+                ctx.cache = "exact"
+                # What this answer would have cost upstream, at today's prices.
+                ctx.saved_usd = self._catalog.cost(ctx.target.alias, usage)
+                if ctx.stream:
+                    return Streamed(stream_from(as_chunks(response)))
+                return Completion(response, None)
+        result = await call_next(ctx)
+        if "no-store" in directive:
+            return result
+        if isinstance(result, Completion):
+            self._store(key, ctx, result.body, settings)
+            return result
+        return Streamed(self._store_after(key, ctx, settings, result.chunks))
+
+    def _store(
+        self, key: str, ctx: RequestContext, response: dict[str, Any], settings: ExactCacheSettings
+    ) -> None:
+        attempts = ctx.attempts
+        if self.store is None or not attempts or attempts[-1].status != 200:
+            return
+        finish = [c.get("finish_reason") for c in response.get("choices") or ()]
+        if any(f not in ("stop", "tool_calls") for f in finish):
+            return  # a truncated or filtered answer is not worth repeating
+        self.store.put(key, ctx, response, attempts[-1].usage, settings.ttl_s)
+
+    async def _store_after(
+        self, key: str, ctx: RequestContext, settings: ExactCacheSettings, chunks: AsyncIterator[StreamChunk]
+    ) -> AsyncIterator[StreamChunk]:
+        kept: list[StreamChunk] = []
+        finished = False
+        try:
+            async for chunk in chunks:
+                kept.append(chunk)
+                yield chunk
+            finished = True
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if finished:
+            self._store(key, ctx, as_completion(kept), settings)
+
+
+__all__ = ["ExactCacheStage", "SqliteExactCache", "cache_key", "cacheable"]

@@ -1,0 +1,172 @@
+"""The exact cache through the real gateway: every key component, TTL, directives, SSE, restart."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import KEYS, UPSTREAM_KEY, base_settings, ledger_rows, openai_models
+from tests.fakes.openai_wire import Reply
+from thrifty.server.run import BackgroundServer
+
+MSG = [
+    {"role": "system", "content": "You are the Acme FAQ."},
+    {"role": "user", "content": "What are your hours?"},
+]
+BASE: dict[str, Any] = {"model": "route:faq", "messages": MSG, "temperature": 0}
+COST = (42 * Decimal("0.15") + 9 * Decimal("0.6")) / 10**6
+
+
+def _settings(tmp_path: Path, upstream, ttl: float = 60):
+    return base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": upstream.base_url}},
+        models=openai_models(),
+        routes={
+            "faq": {"model": "gpt-4o-mini", "cache": {"ttl_s": ttl}},
+            "faq-big": {"model": "gpt-4o", "cache": {"ttl_s": ttl}},
+            "personal": {"model": "gpt-4o-mini", "cache": {"per_user": True}},
+            "nocache": {"model": "gpt-4o-mini"},
+        },
+    )
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, openai_upstream):
+    openai_upstream.default = Reply(text="We are open 9 to 5.")
+    with BackgroundServer(_settings(tmp_path, openai_upstream), secrets={"up": UPSTREAM_KEY}) as server:
+        yield server
+
+
+def _ask(server, tenant: str = "acme", headers: dict[str, str] | None = None, **changes: Any):
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEYS[tenant], max_retries=0)
+    return client.chat.completions.with_raw_response.create(
+        **{**BASE, **changes}, extra_headers=headers or {}
+    )
+
+
+def test_a_repeat_is_answered_from_the_cache_and_recorded_as_saved(gateway, openai_upstream, tmp_path):
+    first = _ask(gateway)
+    second = _ask(gateway)
+    assert first.headers["x-thrifty-cache"] == "miss" and second.headers["x-thrifty-cache"] == "exact"
+    assert second.parse().choices[0].message.content == "We are open 9 to 5."
+    assert second.headers["x-thrifty-cost-usd"] == "0" and len(openai_upstream.requests) == 1
+    rows = ledger_rows(tmp_path / "ledger.db")
+    assert [r["cache"] for r in rows] == ["miss", "exact"]
+    assert Decimal(rows[1]["cost_usd"]) == 0 and Decimal(rows[1]["saved_usd"]) == COST
+    assert rows[1]["attempts"] == "[]"
+
+
+@pytest.mark.parametrize(
+    ("tenant", "headers", "changes"),
+    [
+        ("globex", None, {}),  # another tenant never sees acme's answers
+        ("acme", {"x-thrifty-prompt-version": "v2"}, {}),
+        ("acme", {"x-thrifty-corpus-version": "2026-11-22"}, {}),
+        ("acme", None, {"model": "route:faq-big"}),
+        ("acme", None, {"messages": [MSG[0], {"role": "user", "content": "What are your HOURS?"}]}),
+        ("acme", None, {"messages": [{"role": "system", "content": "You are Globex's FAQ."}, MSG[1]]}),
+        ("acme", None, {"tools": [{"type": "function", "function": {"name": "hours", "parameters": {}}}]}),
+        ("acme", None, {"response_format": {"type": "json_object"}}),
+        ("acme", None, {"max_tokens": 50}),
+        ("acme", None, {"top_p": 0.5}),
+    ],
+)
+def test_every_key_component_separates_entries(gateway, openai_upstream, tenant, headers, changes):
+    _ask(gateway)
+    other = _ask(gateway, tenant, headers, **changes)
+    assert other.headers["x-thrifty-cache"] == "miss" and len(openai_upstream.requests) == 2
+    again = _ask(gateway, tenant, headers, **changes)  # and that variant is cached on its own
+    assert again.headers["x-thrifty-cache"] == "exact" and len(openai_upstream.requests) == 2
+
+
+def test_only_deterministic_requests_on_caching_routes_are_cached(gateway, openai_upstream):
+    for _ in range(2):
+        _ask(gateway, temperature=0.7)
+        _ask(gateway, model="route:nocache")
+    assert len(openai_upstream.requests) == 4
+
+
+def test_user_scope_on_personal_routes(gateway, openai_upstream):
+    _ask(gateway, headers={"x-thrifty-user": "u1"}, model="route:personal")
+    assert (
+        _ask(gateway, headers={"x-thrifty-user": "u2"}, model="route:personal").headers["x-thrifty-cache"]
+        == "miss"
+    )
+    assert (
+        _ask(gateway, headers={"x-thrifty-user": "u1"}, model="route:personal").headers["x-thrifty-cache"]
+        == "exact"
+    )
+
+
+def test_cache_control_no_cache_and_no_store(gateway, openai_upstream):
+    _ask(gateway, headers={"Cache-Control": "no-store"})
+    assert _ask(gateway).headers["x-thrifty-cache"] == "miss"  # the no-store answer was not kept
+    assert _ask(gateway, headers={"Cache-Control": "no-cache"}).headers["x-thrifty-cache"] == "miss"
+    assert len(openai_upstream.requests) == 3
+    assert _ask(gateway).headers["x-thrifty-cache"] == "exact"
+
+
+def test_a_hit_is_replayed_as_sse_to_a_streaming_client(gateway, openai_upstream, tmp_path):
+    _ask(gateway)
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=KEYS["acme"], max_retries=0)
+    text, last = "", None
+    for chunk in client.chat.completions.create(**BASE, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        last = chunk
+    assert text == "We are open 9 to 5." and last.model_extra["thrifty"]["cache"] == "exact"
+    assert len(openai_upstream.requests) == 1
+    # ...and an answer that was first streamed is cached for the next (non-streaming) client too.
+    streamed_first = {"messages": [MSG[0], {"role": "user", "content": "Do you ship abroad?"}]}
+    for _ in client.chat.completions.create(**{**BASE, **streamed_first}, stream=True):
+        pass
+    assert _ask(gateway, **streamed_first).parse().choices[0].message.content == "We are open 9 to 5."
+    assert len(openai_upstream.requests) == 2
+
+
+def test_ttl_restart_and_purge(tmp_path, openai_upstream):
+    settings = _settings(tmp_path, openai_upstream, ttl=0.5)
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
+        _ask(server)
+        assert _ask(server).headers["x-thrifty-cache"] == "exact"
+        time.sleep(0.6)
+        assert _ask(server).headers["x-thrifty-cache"] == "miss"  # expired
+    long_lived = _settings(tmp_path, openai_upstream, ttl=600)
+    with BackgroundServer(long_lived, secrets={"up": UPSTREAM_KEY}) as server:
+        _ask(server)
+    with BackgroundServer(long_lived, secrets={"up": UPSTREAM_KEY}) as server:
+        assert _ask(server).headers["x-thrifty-cache"] == "exact"  # a restart keeps the cache
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "thrifty",
+            "cache",
+            "purge",
+            "--tenant",
+            "acme",
+            "--db",
+            str(tmp_path / "ledger.db"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and "purged 1 cache entry" in out.stdout
+    with BackgroundServer(long_lived, secrets={"up": UPSTREAM_KEY}) as server:
+        assert _ask(server).headers["x-thrifty-cache"] == "miss"
+    refused = subprocess.run(
+        [sys.executable, "-m", "thrifty", "cache", "purge", "--db", str(tmp_path / "ledger.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "give a scope" in refused.stderr

@@ -62,6 +62,11 @@ def test_a_repeat_is_answered_from_the_cache_and_recorded_as_saved(gateway, open
     assert [r["cache"] for r in rows] == ["miss", "exact"]
     assert Decimal(rows[1]["cost_usd"]) == 0 and Decimal(rows[1]["saved_usd"]) == COST
     assert rows[1]["attempts"] == "[]"
+    from thrifty.report import build_report
+    from thrifty.stores.sqlite_db import open_database
+
+    (route,) = build_report(open_database(tmp_path / "ledger.db"), "route")
+    assert (route.group, route.cache_hits, route.saved_usd, route.cost_usd) == ("faq", 1, COST, COST)
 
 
 @pytest.mark.parametrize(

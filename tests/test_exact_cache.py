@@ -145,10 +145,11 @@ def test_ttl_restart_and_purge(tmp_path, openai_upstream):
         time.sleep(0.6)
         assert _ask(server).headers["x-thrifty-cache"] == "miss"  # expired
     long_lived = _settings(tmp_path, openai_upstream, ttl=600)
+    other = {"messages": [MSG[0], {"role": "user", "content": "Where are you?"}]}  # not in the cache yet
     with BackgroundServer(long_lived, secrets={"up": UPSTREAM_KEY}) as server:
-        _ask(server)
+        assert _ask(server, **other).headers["x-thrifty-cache"] == "miss"
     with BackgroundServer(long_lived, secrets={"up": UPSTREAM_KEY}) as server:
-        assert _ask(server).headers["x-thrifty-cache"] == "exact"  # a restart keeps the cache
+        assert _ask(server, **other).headers["x-thrifty-cache"] == "exact"  # a restart keeps the cache
     out = subprocess.run(
         [
             sys.executable,
@@ -165,9 +166,9 @@ def test_ttl_restart_and_purge(tmp_path, openai_upstream):
         text=True,
         timeout=60,
     )
-    assert out.returncode == 0 and "purged 1 cache entry" in out.stdout
+    assert out.returncode == 0 and "purged 2 cache entries" in out.stdout
     with BackgroundServer(long_lived, secrets={"up": UPSTREAM_KEY}) as server:
-        assert _ask(server).headers["x-thrifty-cache"] == "miss"
+        assert _ask(server, **other).headers["x-thrifty-cache"] == "miss"
     refused = subprocess.run(
         [sys.executable, "-m", "thrifty", "cache", "purge", "--db", str(tmp_path / "ledger.db")],
         capture_output=True,

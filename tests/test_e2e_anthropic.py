@@ -159,3 +159,58 @@ def test_anthropic_errors_pass_through(claude, anthropic_upstream):
     with pytest.raises(openai.APIStatusError) as info:
         claude.chat.completions.create(model="claude-sonnet", messages=MSG)
     assert info.value.status_code == 529 and "Overloaded" in info.value.message
+
+
+def test_prompt_cache_breakpoints_on_the_static_prefix(
+    tmp_path: Path, anthropic_upstream: AnthropicWireServer
+):
+    settings = base_settings(
+        tmp_path,
+        providers={
+            "anthropic": {"kind": "anthropic", "base_url": anthropic_upstream.base_url},
+            "openai": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"},
+        },
+        models={"claude-sonnet": {"provider": "anthropic", "upstream": "claude-3-5-sonnet-20240620"}},
+        routes={
+            "support": {"model": "claude-sonnet", "prompt_cache": True},
+            "plain": {"model": "claude-sonnet"},
+        },
+        resilience={"max_retries": 0},
+    )
+    tools = [
+        {"type": "function", "function": {"name": "lookup_order", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "refund", "parameters": {"type": "object"}}},
+    ]
+    # A cache hit of 3000 prompt tokens and a write of 1200, priced at their own rates.
+    reply = Reply(
+        text="ok",
+        input_tokens=40,
+        cache_read_input_tokens=3000,
+        cache_creation_input_tokens=1200,
+        output_tokens=5,
+    )
+    anthropic_upstream.reply(reply, reply, reply)
+    with BackgroundServer(settings, secrets={"anthropic": ANTHROPIC_KEY}) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key=KEYS["acme"], max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="route:support", messages=MSG, tools=tools
+        )
+        marked = anthropic_upstream.requests[-1].body
+        assert marked["system"] == [
+            {"type": "text", "text": MSG[0]["content"], "cache_control": {"type": "ephemeral"}}
+        ]
+        assert "cache_control" not in marked["tools"][0]
+        assert marked["tools"][-1]["cache_control"] == {"type": "ephemeral"}
+        assert Decimal(raw.headers["x-thrifty-cost-usd"]) == _cost(40, 3000, 1200, 5)
+        # Routes without prompt_cache, and requests that mark breakpoints themselves, are left alone.
+        client.chat.completions.create(model="route:plain", messages=MSG, tools=tools)
+        assert anthropic_upstream.requests[-1].body["system"] == MSG[0]["content"]
+        own = [
+            {
+                "role": "system",
+                "content": [{"type": "text", "text": "Rules.", "cache_control": {"type": "ephemeral"}}],
+            },
+            MSG[1],
+        ]
+        client.chat.completions.create(model="route:support", messages=own, tools=tools)
+        assert "cache_control" not in anthropic_upstream.requests[-1].body["tools"][-1]

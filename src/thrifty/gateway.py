@@ -15,6 +15,7 @@ from thrifty.accounting import Account, Accountant
 from thrifty.alerts.rules import budget_alerts
 from thrifty.alerts.service import AlertService
 from thrifty.cache.exact import ExactCacheStage, SqliteExactCache
+from thrifty.cache.prefix import PromptCacheBreakpoints
 from thrifty.dedup.stage import Deduplicate
 from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
 from thrifty.guard.budgets import BudgetBook, BudgetPlan, Limit
@@ -124,6 +125,9 @@ class Gateway:
         )
         self.alerts: AlertService | None = None
         self.exact_cache = ExactCacheStage(settings.routes, self.catalog)
+        prefix_marks = PromptCacheBreakpoints(
+            settings.routes, {n: p.kind for n, p in settings.providers.items()}
+        )
         self._cache_db: sqlite3.Connection | None = None
         rate_limits = {t: s.rate_limit for t, s in settings.tenants.items() if s.rate_limit is not None}
         # A stage the settings leave nothing to do is not in the chain: it would cost every request.
@@ -145,6 +149,7 @@ class Gateway:
             else None,
             spend_guard,
             Resilience(settings.resilience, settings.routes, self.targets),
+            prefix_marks if prefix_marks.active else None,  # per attempt: fallbacks may not be Anthropic
         ]
         self._handle: Handler = build_chain(
             [stage for stage in stages if stage is not None], CallProvider(self.providers, accountant)

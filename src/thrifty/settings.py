@@ -116,6 +116,8 @@ class RouteSettings(_Strict):
     fallbacks: list[str] = Field(default_factory=list)  # model aliases tried in order when `model` fails
     max_retries: int | None = Field(default=None, ge=0)  # per target; default resilience.max_retries
     cache: ExactCacheSettings | None = None  # exact-match response cache for this route
+    # Anthropic targets: mark the static prefix (tools, system prompt) for the provider's cache.
+    prompt_cache: bool = False
 
 
 class TenantSettings(_Strict):

@@ -26,6 +26,9 @@ FEATURES = ("homework-help", "code-tutor", "grading")
 MODELS = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-08-06"}
 
 
+_REPEATS = "SELECT count(*) FROM ledger WHERE saved_usd IS NOT NULL AND cache = 'miss'"
+
+
 @dataclass
 class DemoWorkload:
     data_paths: list[str]
@@ -82,7 +85,8 @@ def demo_settings(workload: DemoWorkload, db_path: Path) -> Settings:
                 alias: {"provider": "replay", "upstream": upstream, "context_window": 128000}
                 for alias, upstream in MODELS.items()
             },
-            "routes": {"tutor": {"model": "gpt-4o-mini", "max_input_tokens": 4000}},
+            # The tutor route caches exact repeats: popular questions are asked again and again.
+            "routes": {"tutor": {"model": "gpt-4o-mini", "max_input_tokens": 4000, "cache": {"ttl_s": 3600}}},
             # globex's small daily budget shows worst-case reservations turning requests away (429).
             "tenants": {"acme": {}, "globex": {"budget": {"usd_per_day": "0.03"}}},
         },
@@ -121,7 +125,10 @@ async def drive(
         tenant = TENANTS[i % 2]
         feature = FEATURES[rng.randrange(3)]
         model = rng.choice(["gpt-4o-mini", "gpt-4o-mini", "gpt-4o", "route:tutor"])
-        prompt = rng.choice(prompts)
+        # A third of the tutor traffic is the same few popular questions (answered from the cache).
+        prompt = (
+            rng.choice(prompts[:8]) if model == "route:tutor" and rng.random() < 0.35 else rng.choice(prompts)
+        )
         if i % 97 == 13:
             prompt = "A question nobody recorded an answer to."  # shows a clean 404 in the ledger
         if i % 10 in (8, 9):
@@ -143,6 +150,7 @@ async def drive(
                         messages=[{"role": "user", "content": prompt}],
                         stream=True,
                         max_tokens=600,
+                        temperature=0,
                         extra_headers=headers,
                     )
                     async for _ in events:
@@ -152,6 +160,7 @@ async def drive(
                         model=model,
                         messages=[{"role": "user", "content": prompt}],
                         max_tokens=600,
+                        temperature=0,
                         extra_headers=headers,
                     )
                     raw.parse()
@@ -209,15 +218,15 @@ def run_demo(data: Path | None, requests: int, db: Path | None, print_fn: Callab
             f"{stats.errors or 'none'}; client-side latency p50 "
             f"{statistics.median(stats.latencies_ms):.1f} ms"
         )
-        for by in ("tenant", "feature", "model"):
+        for by in ("tenant", "feature", "route", "model"):
             print_fn(render_table(build_report(conn, by), by, title=f"spend by {by}"))
         total = totals(build_report(conn, "tenant"))
         print_fn(
             f"budgets: {total.rejected_budget} requests refused with 429 before any spend (globex's "
             f"${settings.tenants['globex'].budget.usd_per_day}/day, reserved at worst case: prompt + "  # type: ignore[union-attr]
-            f"max_tokens=600); idempotent repeats answered without a call: "
-            f"{conn.execute('SELECT count(*) FROM ledger WHERE saved_usd IS NOT NULL').fetchone()[0]}, "
-            f"saving ${total.saved_usd:.6f}"
+            f"max_tokens=600); answered without an upstream call: "
+            f"{total.cache_hits} from the exact cache and "
+            f"{conn.execute(_REPEATS).fetchone()[0]} idempotent repeats, saving ${total.saved_usd:.6f}"
         )
         for (message,) in conn.execute("SELECT message FROM alerts ORDER BY ts"):
             print_fn(f"alert: {message}")

@@ -176,3 +176,33 @@ def test_ttl_restart_and_purge(tmp_path, openai_upstream):
         timeout=60,
     )
     assert refused.returncode == 2 and "give a scope" in refused.stderr
+
+
+def test_a_cache_hit_still_reports_the_budget_left(tmp_path, openai_upstream):
+    from thrifty.stores.keys import hash_key
+
+    settings = base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": openai_upstream.base_url}},
+        models=openai_models(),
+        routes={"faq": {"model": "gpt-4o-mini", "cache": {"ttl_s": 60}}},
+        tenants={"acme": {"key_hashes": [hash_key(KEYS["acme"])], "budget": {"usd_per_day": "1"}}},
+    )
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
+        first = _ask(server)
+        hit = _ask(server)
+        missing = openai.OpenAI(base_url=server.base_url, api_key=KEYS["acme"], max_retries=0)
+        with pytest.raises(openai.NotFoundError) as info:
+            missing.chat.completions.create(model="nope", messages=MSG)
+    assert hit.headers["x-thrifty-cache"] == "exact"
+
+    def left(header: str) -> tuple[Decimal, str]:
+        amount, scope = header.split(";", 1)
+        return Decimal(amount), scope.strip()
+
+    # After the first call settled, $1 minus its actual cost is left; the hit and the 404 say so.
+    expected = (Decimal(1) - COST, "scope=tenant:acme; window=day")
+    assert left(hit.headers["x-thrifty-budget-remaining"]) == expected
+    assert left(info.value.response.headers["x-thrifty-budget-remaining"]) == expected
+    # The first one reported what was left while its worst case was still reserved.
+    assert left(first.headers["x-thrifty-budget-remaining"])[0] < expected[0]

@@ -114,7 +114,7 @@ class Gateway:
         )
         self.budget_plan = BudgetPlan(settings)
         self.budget_book = BudgetBook()
-        spend_guard = SpendGuard(
+        spend_guard = self._spend_guard = SpendGuard(
             catalog=self.catalog,
             counter=self.counter,
             models=settings.models,
@@ -246,7 +246,12 @@ class Gateway:
         )
 
     async def run(self, ctx: RequestContext) -> Result:
-        return await self._handle(ctx)
+        try:
+            return await self._handle(ctx)
+        finally:
+            if ctx.budget_remaining is None:
+                # Answered or refused before the spend guard ran: the header is still owed.
+                ctx.budget_remaining = self._spend_guard.describe(ctx)
 
     async def chat_completion(
         self,

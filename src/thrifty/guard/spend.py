@@ -113,6 +113,13 @@ class SpendGuard:
             return result
         return Streamed(self._settle_after(ctx, reservation, limits, result.chunks))
 
+    def describe(self, ctx: RequestContext) -> str:
+        """What is left, for a response that never reached this stage (cache hit, replay, rejection)."""
+        if self._unlimited:
+            return "unlimited"
+        limits = self._plan.limits_for(ctx.tags.tenant_id, ctx.tags.feature, ctx.route)
+        return tightest_usd(limits, self._book, ctx.ts) or "unlimited"
+
     def _worst_usd(self, ctx: RequestContext, route: RouteSettings | None, usage: Usage) -> Decimal | None:
         """The dearest model the request may end on: its target or any of the route's fallbacks."""
         assert ctx.target is not None

@@ -15,7 +15,7 @@ from typing import Any
 from thrifty.errors import ThriftyError
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
-from thrifty.providers.base import StreamChunk
+from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.stores.ledger import LedgerWriter
 from thrifty.tokens import TokenCounter, encoding_for_model
 from thrifty.types import Attempt, LedgerEntry, ModelTarget, RequestStatus, Usage, decimal_text
@@ -174,22 +174,16 @@ class Account:
                 yield chunk
             finished = True
         except ThriftyError as err:
-            await _close(chunks)
+            await close_stream(chunks)
             await self._record(ctx, "error", err.status, err.message)
             raise
         finally:
             if not finished and ctx.trailer is None:
                 # The consumer went away (client disconnect): close the upstream call first, so
                 # its attempt with the tokens generated so far is in ctx.attempts, then record.
-                await _close(chunks)
+                await close_stream(chunks)
                 entry = self._accountant.entry(ctx, "client_disconnected", 499, "client closed the stream")
                 ctx.trailer = trailer_of(entry)
                 # Not awaited: nobody is left to answer, and a cancelled task must not block.
                 self._accountant.ledger.submit(entry)
         await self._record(ctx, "ok", 200, None)
-
-
-async def _close(chunks: AsyncIterator[StreamChunk]) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        await aclose()

@@ -15,14 +15,14 @@ import hashlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
 
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
-from thrifty.providers.base import StreamChunk
+from thrifty.providers.base import StreamChunk, relay_and_keep
 from thrifty.settings import ExactCacheSettings, RouteSettings
 from thrifty.shapes import as_chunks, as_completion, stream_from
 from thrifty.types import Usage
@@ -159,7 +159,7 @@ class ExactCacheStage:
         if isinstance(result, Completion):
             self._store(key, ctx, result.body, settings)
             return result
-        return Streamed(self._store_after(key, ctx, settings, result.chunks))
+        return Streamed(relay_and_keep(result.chunks, self._store_stream(key, ctx, settings)))
 
     def _store(
         self, key: str, ctx: RequestContext, response: dict[str, Any], settings: ExactCacheSettings
@@ -172,22 +172,14 @@ class ExactCacheStage:
             return  # a truncated or filtered answer is not worth repeating
         self.store.put(key, ctx, response, attempts[-1].usage, settings.ttl_s)
 
-    async def _store_after(
-        self, key: str, ctx: RequestContext, settings: ExactCacheSettings, chunks: AsyncIterator[StreamChunk]
-    ) -> AsyncIterator[StreamChunk]:
-        kept: list[StreamChunk] = []
-        finished = False
-        try:
-            async for chunk in chunks:
-                kept.append(chunk)
-                yield chunk
-            finished = True
-        finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        if finished:
-            self._store(key, ctx, as_completion(kept), settings)
+    def _store_stream(
+        self, key: str, ctx: RequestContext, settings: ExactCacheSettings
+    ) -> Callable[[list[StreamChunk] | None], None]:
+        def on_end(kept: list[StreamChunk] | None) -> None:
+            if kept is not None:
+                self._store(key, ctx, as_completion(kept), settings)
+
+        return on_end
 
 
 __all__ = ["ExactCacheStage", "SqliteExactCache", "cache_key", "cacheable"]

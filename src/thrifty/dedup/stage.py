@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -25,7 +25,7 @@ import orjson
 
 from thrifty.errors import IdempotencyConflict, IdempotentRequestUnfinished
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
-from thrifty.providers.base import StreamChunk
+from thrifty.providers.base import StreamChunk, relay_and_keep
 from thrifty.settings import IdempotencySettings, RouteSettings
 from thrifty.shapes import as_chunks, as_completion, stream_from
 from thrifty.stores.ports import FlightStorePort
@@ -140,35 +140,21 @@ class Deduplicate:
         if isinstance(result, Completion):
             self._store.finish(key, flight, Outcome(body=result.body, cost_usd=_cost(ctx)), keep=keep)
             return result
-        return Streamed(self._tee(ctx, key, flight, keep, result.chunks))
+        return Streamed(relay_and_keep(result.chunks, self._settle_flight(ctx, key, flight, keep)))
 
-    async def _tee(
-        self,
-        ctx: RequestContext,
-        key: tuple[str, ...],
-        flight: Flight,
-        keep: bool,
-        chunks: AsyncIterator[StreamChunk],
-    ) -> AsyncIterator[StreamChunk]:
-        kept: list[StreamChunk] = []
-        finished = False
-        try:
-            async for chunk in chunks:
-                kept.append(chunk)
-                yield chunk
-            finished = True
-        finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            if finished:
+    def _settle_flight(
+        self, ctx: RequestContext, key: tuple[str, ...], flight: Flight, keep: bool
+    ) -> Callable[[list[StreamChunk] | None], None]:
+        def on_end(kept: list[StreamChunk] | None) -> None:
+            if kept is not None:
                 self._store.finish(key, flight, Outcome(chunks=kept, cost_usd=_cost(ctx)), keep=keep)
             else:
-                self._store.fail(
-                    key,
-                    flight,
-                    IdempotentRequestUnfinished("the first request with this key did not finish; retry it"),
+                error = IdempotentRequestUnfinished(
+                    "the first request with this key did not finish; retry it"
                 )
+                self._store.fail(key, flight, error)
+
+        return on_end
 
 
 def _cost(ctx: RequestContext) -> Decimal | None:

@@ -15,7 +15,7 @@ from thrifty.errors import RequestTooExpensive
 from thrifty.guard.budgets import BudgetPlan, Limit, Reservation, tightest_usd
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
-from thrifty.providers.base import StreamChunk
+from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.settings import ModelSettings, RouteSettings
 from thrifty.stores.ports import BudgetStore
 from thrifty.tokens import TokenCounter
@@ -148,7 +148,5 @@ class SpendGuard:
             async for chunk in chunks:
                 yield chunk
         finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()  # the inner stage records its attempt when it closes
+            await close_stream(chunks)  # the inner stage records its attempt when it closes
             self._settle(ctx, reservation, limits)

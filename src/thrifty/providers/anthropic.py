@@ -14,7 +14,7 @@ import orjson
 
 from thrifty.errors import ProviderError, ProviderProtocolError
 from thrifty.providers.anthropic_request import DEFAULT_MAX_TOKENS, to_anthropic_request
-from thrifty.providers.base import StreamChunk
+from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.providers.http import HttpClient
 from thrifty.settings import ProviderSettings
 from thrifty.types import ModelTarget, UpstreamResult, Usage
@@ -271,9 +271,7 @@ class AnthropicProvider:
                     return
         finally:
             # Release the pooled connection now, not when the inner generator is collected.
-            aclose = getattr(events, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_stream(events)
         # Ending without message_stop means the stream was cut; the gateway estimates usage then.
 
     def _parse_event(self, data: bytes) -> dict[str, Any]:

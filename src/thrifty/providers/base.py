@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,6 +32,29 @@ class Provider(Protocol):
     async def complete(self, target: ModelTarget, body: dict[str, Any]) -> UpstreamResult: ...
 
     def stream(self, target: ModelTarget, body: dict[str, Any]) -> AsyncIterator[StreamChunk]: ...
+
+
+async def close_stream(chunks: AsyncIterator[Any]) -> None:
+    """Close an async iterator early (releasing its connection) when it is a generator."""
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def relay_and_keep(
+    chunks: AsyncIterator[StreamChunk], on_end: Callable[[list[StreamChunk] | None], None]
+) -> AsyncIterator[StreamChunk]:
+    """Relay a stream while keeping its chunks; `on_end` gets them if it finished, else None."""
+    kept: list[StreamChunk] = []
+    finished = False
+    try:
+        async for chunk in chunks:
+            kept.append(chunk)
+            yield chunk
+        finished = True
+    finally:
+        await close_stream(chunks)
+        on_end(kept if finished else None)
 
 
 def chunk_text(data: dict[str, Any]) -> str:

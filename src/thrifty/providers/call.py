@@ -9,7 +9,7 @@ from typing import Any
 from thrifty.accounting import Accountant
 from thrifty.errors import ThriftyError
 from thrifty.pipeline import Completion, RequestContext, Result, Streamed
-from thrifty.providers.base import Provider, StreamChunk, chunk_text
+from thrifty.providers.base import Provider, StreamChunk, chunk_text, close_stream
 
 
 def completion_text(body: dict[str, Any]) -> str:
@@ -69,9 +69,7 @@ class CallProvider:
             failure = err
             raise
         finally:
-            aclose = getattr(upstream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_stream(upstream)
             if failure is not None and not texts and usage is None:
                 ctx.attempts.append(self._accountant.failed_attempt(target, failure, started))
             else:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from thrifty.errors import AllAttemptsFailed, CircuitOpen, ProviderError, ThriftyError
 from thrifty.pipeline import Handler, RequestContext, Result, Streamed
-from thrifty.providers.base import StreamChunk
+from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.settings import ResilienceSettings, RouteSettings
 from thrifty.types import ModelTarget
 
@@ -181,6 +181,4 @@ async def _prepend(first: StreamChunk, rest: AsyncIterator[StreamChunk]) -> Asyn
         async for chunk in rest:
             yield chunk
     finally:
-        aclose = getattr(rest, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await close_stream(rest)

@@ -18,7 +18,7 @@ import orjson
 from thrifty.errors import InvalidRequest, NotFound, ThriftyError
 from thrifty.gateway import Gateway, parse_chat_body
 from thrifty.pipeline import Completion, RequestContext, Streamed
-from thrifty.providers.base import StreamChunk, chunk_finishes
+from thrifty.providers.base import StreamChunk, chunk_finishes, close_stream
 from thrifty.settings import Settings
 from thrifty.types import Tags
 
@@ -268,9 +268,7 @@ class ThriftyApp:
             await send({"type": "http.response.body", "body": body, "more_body": False})
             return
         finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_stream(chunks)
         await send(
             {"type": "http.response.body", "body": self._closing_events(ctx, held), "more_body": False}
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -271,8 +272,9 @@ def cache_purge(
     config: ConfigOpt = None,
     db: Annotated[Path | None, typer.Option(help="SQLite file (instead of --config)")] = None,
 ) -> None:
-    """Remove exact-cache entries by scope."""
+    """Remove exact- and semantic-cache entries by scope (a running gateway stops serving them at once)."""
     from thrifty.cache.exact import SqliteExactCache
+    from thrifty.cache.semantic.store import SqliteSemanticStore
     from thrifty.stores.sqlite_db import open_database
 
     filters = (tenant, route, prompt_version, corpus_version)
@@ -282,15 +284,18 @@ def cache_purge(
         )
     path = db or _settings(config).storage.sqlite_path
     conn = open_database(path)
-    removed = SqliteExactCache(conn).purge(
-        tenant=tenant,
-        route=route,
-        prompt_version=prompt_version,
-        corpus_version=corpus_version,
-        expired_only=expired,
-    )
+    scope = {
+        "tenant": tenant,
+        "route": route,
+        "prompt_version": prompt_version,
+        "corpus_version": corpus_version,
+    }
+    exact = SqliteExactCache(conn).purge(**scope, expired_only=expired)
+    semantic = SqliteSemanticStore(conn).purge(**scope, expired_before=time.time() if expired else None)
     conn.close()
-    typer.echo(f"purged {removed} cache entr{'y' if removed == 1 else 'ies'}")
+    typer.echo(
+        f"purged {exact} exact and {semantic} semantic cache entr{'y' if exact + semantic == 1 else 'ies'}"
+    )
 
 
 @bench_app.command("overhead")

@@ -16,6 +16,7 @@ from thrifty.alerts.rules import budget_alerts
 from thrifty.alerts.service import AlertService
 from thrifty.cache.exact import ExactCacheStage, SqliteExactCache
 from thrifty.cache.prefix import PromptCacheBreakpoints
+from thrifty.cache.semantic.stage import SemanticCacheStage
 from thrifty.dedup.stage import Deduplicate
 from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
 from thrifty.guard.budgets import BudgetBook, BudgetPlan, Limit
@@ -125,6 +126,7 @@ class Gateway:
         )
         self.alerts: AlertService | None = None
         self.exact_cache = ExactCacheStage(settings.routes, self.catalog)
+        self.semantic_cache = SemanticCacheStage(settings.routes, self.catalog)
         prefix_marks = PromptCacheBreakpoints(
             settings.routes, {n: p.kind for n, p in settings.providers.items()}
         )
@@ -142,6 +144,7 @@ class Gateway:
             or any(r.max_input_tokens for r in settings.routes.values())
             else None,
             self.exact_cache if self.exact_cache.active else None,
+            self.semantic_cache if self.semantic_cache.active else None,
             # Before the spend guard: a duplicate must neither reserve nor be refused budget.
             Deduplicate(settings.idempotency, settings.routes),
             RateLimits(rate_limits, settings.routes, settings.models, self.counter)
@@ -164,10 +167,13 @@ class Gateway:
         self._keys = SqliteKeyStore(self._db)
         if not self.budget_plan.empty:
             self.budget_book.load_ledger(self._db, self.budget_plan, time.time())
-        if self.exact_cache.active:
+        if self.exact_cache.active or self.semantic_cache.active:
             self._cache_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
             self._cache_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
             self.exact_cache.store = SqliteExactCache(self._cache_db)
+        if self.semantic_cache.active:
+            assert self._cache_db is not None
+            await self.semantic_cache.start(self._cache_db)
         self.alerts = AlertService(self.settings.alerts, self._db)
         await self.alerts.start()
         self.ledger.start(loop)
@@ -195,6 +201,7 @@ class Gateway:
         for provider in self.providers.values():
             await provider.close()
         self.ledger.close()
+        self.semantic_cache.close()
         if self._cache_db is not None:
             self._cache_db.close()
             self._cache_db = None

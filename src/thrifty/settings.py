@@ -101,6 +101,24 @@ class ExactCacheSettings(_Strict):
     any_temperature: bool = False
 
 
+class SemanticCacheSettings(_Strict):
+    """Answers a paraphrase of an earlier question from the cache (see cache/semantic/stage.py)."""
+
+    enabled: bool = True
+    ttl_s: float = Field(default=86400.0, gt=0)
+    # Decision parameters written by `thrifty cache tune --out`; the built-in ones (learned on
+    # Banking77) when absent. Relative paths are relative to the settings file.
+    params: str | None = None
+    # Overrides the learned probability threshold: higher answers less often and more safely.
+    threshold: float | None = Field(default=None, gt=0, le=1)
+    per_user: bool = False
+    any_temperature: bool = False
+    # Entries per route; the oldest are dropped beyond this (bounded memory over days).
+    max_entries: int = Field(default=100_000, ge=1)
+    # Bump when the safety policy changes: answers given under an older policy are not served.
+    safety_policy_version: str = "1"
+
+
 class RouteSettings(_Strict):
     model: str
     max_input_tokens: int | None = Field(default=None, gt=0)
@@ -116,6 +134,7 @@ class RouteSettings(_Strict):
     fallbacks: list[str] = Field(default_factory=list)  # model aliases tried in order when `model` fails
     max_retries: int | None = Field(default=None, ge=0)  # per target; default resilience.max_retries
     cache: ExactCacheSettings | None = None  # exact-match response cache for this route
+    semantic_cache: SemanticCacheSettings | None = None  # paraphrases answered from the cache
     # Anthropic targets: mark the static prefix (tools, system prompt) for the provider's cache.
     prompt_cache: bool = False
 
@@ -251,13 +270,26 @@ def _anchor_paths(settings: Settings, base_dir: Path) -> Settings:
         storage = storage.model_copy(
             update={"url": "sqlite:///" + str(base_dir / url.removeprefix("sqlite:///"))}
         )
+    routes = {
+        name: _anchor_route(r, base_dir) if r.semantic_cache and r.semantic_cache.params else r
+        for name, r in settings.routes.items()
+    }
     providers = {
         name: p.model_copy(
             update={"data": [str(base_dir / d) if not Path(d).is_absolute() else d for d in p.data]}
         )
         for name, p in settings.providers.items()
     }
-    return settings.model_copy(update={"storage": storage, "providers": providers})
+    return settings.model_copy(update={"storage": storage, "providers": providers, "routes": routes})
+
+
+def _anchor_route(route: RouteSettings, base_dir: Path) -> RouteSettings:
+    semantic = route.semantic_cache
+    assert semantic is not None and semantic.params is not None
+    if Path(semantic.params).is_absolute():
+        return route
+    anchored = semantic.model_copy(update={"params": str(base_dir / semantic.params)})
+    return route.model_copy(update={"semantic_cache": anchored})
 
 
 def resolve_secrets(settings: Settings, environ: Mapping[str, str]) -> dict[str, str | None]:

@@ -55,6 +55,7 @@ class Tags:
     session: str | None = None
     corpus_version: str | None = None
     cache_control: str | None = None  # the request's Cache-Control header, lower-cased
+    evidence: tuple[str, ...] = ()  # x-thrifty-evidence: ids of the sources an answer rests on
 
 
 @dataclass(frozen=True, slots=True)

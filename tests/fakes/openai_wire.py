@@ -31,6 +31,7 @@ class Reply:
     stream_usage: bool = True  # send the usage chunk when asked for it
     drop_after_chunks: int | None = None  # close the connection mid-stream after N chunks
     chunk_chars: int = 5
+    finish_reason: str = "stop"
 
 
 def _usage(reply: Reply) -> dict[str, Any]:
@@ -129,7 +130,7 @@ class OpenAIWireServer:
                         "index": 0,
                         "message": {"role": "assistant", "content": reply.text, "refusal": None},
                         "logprobs": None,
-                        "finish_reason": "stop",
+                        "finish_reason": reply.finish_reason,
                     }
                 ],
                 "usage": _usage(reply),
@@ -170,7 +171,9 @@ class OpenAIWireServer:
             event([{"index": 0, "delta": {"content": p}, "logprobs": None, "finish_reason": None}])
             for p in pieces
         ]
-        events.append(event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]))
+        events.append(
+            event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reply.finish_reason}])
+        )
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if wants_usage and reply.stream_usage:
             events.append(event([], usage=_usage(reply)))

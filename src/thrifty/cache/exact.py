@@ -20,11 +20,13 @@ from typing import Any
 
 import orjson
 
+from thrifty.cache.common import cacheable, serve_stored, usage_worth_keeping
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import StreamChunk, relay_and_keep
 from thrifty.settings import ExactCacheSettings, RouteSettings
-from thrifty.shapes import as_chunks, as_completion, stream_from
+from thrifty.shapes import as_completion
+from thrifty.stores.sqlite_db import scope_where
 from thrifty.types import Usage
 
 log = logging.getLogger(__name__)
@@ -46,15 +48,6 @@ def cache_key(ctx: RequestContext, settings: ExactCacheSettings) -> str:
         body,
     ]
     return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-def cacheable(body: Mapping[str, Any], settings: ExactCacheSettings) -> bool:
-    if not settings.enabled:
-        return False
-    if settings.any_temperature:
-        return True
-    # OpenAI's default temperature is 1: only an explicit 0 is deterministic enough to repeat.
-    return body.get("temperature") == 0 and body.get("n", 1) == 1
 
 
 class SqliteExactCache:
@@ -108,21 +101,15 @@ class SqliteExactCache:
         corpus_version: str | None = None,
         expired_only: bool = False,
     ) -> int:
-        clauses: list[str] = []
-        params: list[object] = []
-        for column, value in (
-            ("tenant_id", tenant),
-            ("route", route),
-            ("prompt_version", prompt_version),
-            ("corpus_version", corpus_version),
-        ):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        if expired_only:
-            clauses.append("expires_at <= ?")
-            params.append(time.time())
-        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        where, params = scope_where(
+            {
+                "tenant_id": tenant,
+                "route": route,
+                "prompt_version": prompt_version,
+                "corpus_version": corpus_version,
+            },
+            expired_before=time.time() if expired_only else None,
+        )
         return self._conn.execute(f"DELETE FROM exact_cache{where}", params).rowcount
 
 
@@ -145,14 +132,7 @@ class ExactCacheStage:
         if "no-cache" not in directive:
             found = self.store.get(key, time.time())
             if found is not None:
-                response, usage = found
-                assert ctx.target is not None
-                ctx.cache = "exact"
-                # What this answer would have cost upstream, at today's prices.
-                ctx.saved_usd = self._catalog.cost(ctx.target.alias, usage)
-                if ctx.stream:
-                    return Streamed(stream_from(as_chunks(response)))
-                return Completion(response, None)
+                return serve_stored(ctx, "exact", *found, self._catalog)
         result = await call_next(ctx)
         if "no-store" in directive:
             return result
@@ -164,13 +144,9 @@ class ExactCacheStage:
     def _store(
         self, key: str, ctx: RequestContext, response: dict[str, Any], settings: ExactCacheSettings
     ) -> None:
-        attempts = ctx.attempts
-        if self.store is None or not attempts or attempts[-1].status != 200:
-            return
-        finish = [c.get("finish_reason") for c in response.get("choices") or ()]
-        if any(f not in ("stop", "tool_calls") for f in finish):
-            return  # a truncated or filtered answer is not worth repeating
-        self.store.put(key, ctx, response, attempts[-1].usage, settings.ttl_s)
+        usage = usage_worth_keeping(ctx, response)
+        if self.store is not None and usage is not None:
+            self.store.put(key, ctx, response, usage, settings.ttl_s)
 
     def _store_stream(
         self, key: str, ctx: RequestContext, settings: ExactCacheSettings
@@ -182,4 +158,4 @@ class ExactCacheStage:
         return on_end
 
 
-__all__ = ["ExactCacheStage", "SqliteExactCache", "cache_key", "cacheable"]
+__all__ = ["ExactCacheStage", "SqliteExactCache", "cache_key"]

@@ -72,7 +72,14 @@ def _tags(tenant: str, headers: Mapping[str, str], body: Mapping[str, Any]) -> T
         session=headers.get("x-thrifty-session"),
         corpus_version=headers.get("x-thrifty-corpus-version"),
         cache_control=(headers.get("cache-control") or "").lower() or None,
+        evidence=_evidence(headers.get("x-thrifty-evidence")),
     )
+
+
+def _evidence(header: str | None) -> tuple[str, ...]:
+    if not header:
+        return ()
+    return tuple(sorted({part.strip() for part in header.split(",") if part.strip()}))
 
 
 def _accounting_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:

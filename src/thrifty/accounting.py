@@ -83,7 +83,8 @@ class Accountant:
         for a in attempts:
             usage = usage + a.usage
             cost = None if cost is None or a.cost_usd is None else cost + a.cost_usd
-        last = attempts[-1] if attempts else None
+        # The model of the answer returned, not of a voter asked after it.
+        last = next((a for a in reversed(attempts) if a.role == "answer"), attempts[-1] if attempts else None)
         model = last.model if last else (ctx.target.alias if ctx.target else None)
         provider = last.provider if last else (ctx.target.provider if ctx.target else None)
         if last is None and ctx.target is None:
@@ -103,8 +104,9 @@ class Accountant:
             cost_usd=cost,
             saved_usd=ctx.saved_usd,
             cache=ctx.cache,
-            escalated=False,
-            retries=max(0, len(attempts) - 1),
+            escalated=ctx.escalated,
+            # Failed calls that another call followed; a cascade's drafts and voters are not retries.
+            retries=sum(1 for a in attempts[:-1] if a.status != 200),
             status=status,
             error=error,
             http_status=http_status,

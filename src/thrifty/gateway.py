@@ -30,6 +30,7 @@ from thrifty.providers.call import CallProvider
 from thrifty.providers.registry import build_providers
 from thrifty.providers.resilience import Resilience
 from thrifty.routing.resolve import ROUTE_PREFIX, ResolveModel
+from thrifty.routing.stage import RouteStage, possible_calls
 from thrifty.settings import Settings
 from thrifty.stores.keys import SqliteKeyStore, hash_key
 from thrifty.stores.ledger import LedgerWriter
@@ -123,7 +124,9 @@ class Gateway:
             plan=self.budget_plan,
             book=self.budget_book,
             on_spend=self._budget_alerts,
+            route_calls={name: possible_calls(r) for name, r in settings.routes.items()},
         )
+        self.router = RouteStage(settings.routes, self.targets)
         self.alerts: AlertService | None = None
         self.exact_cache = ExactCacheStage(settings.routes, self.catalog)
         self.semantic_cache = SemanticCacheStage(settings.routes, self.catalog)
@@ -151,6 +154,7 @@ class Gateway:
             if rate_limits or any(r.max_steps_per_session for r in settings.routes.values())
             else None,
             spend_guard,
+            self.router if self.router.active else None,
             Resilience(settings.resilience, settings.routes, self.targets),
             prefix_marks if prefix_marks.active else None,  # per attempt: fallbacks may not be Anthropic
         ]

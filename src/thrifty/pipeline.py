@@ -37,6 +37,7 @@ class RequestContext:
     saved_usd: Decimal | None = None  # what an answer without an upstream call would have cost
     deduplicated: bool = False  # answered from another request's generation (idempotency/flight)
     cache: CacheOutcome = "miss"
+    escalated: bool = False  # a cascade went past its first tier
     # Filled by accounting once the ledger entry is committed; a stream's last event carries it.
     trailer: dict[str, Any] | None = None
 

@@ -39,6 +39,7 @@ class ReportRow:
     saved_usd: Decimal = field(default_factory=Decimal)
     rejected_budget: int = 0
     cache_hits: int = 0
+    escalated: int = 0
     unpriced: int = 0
     estimated: int = 0
 
@@ -68,6 +69,8 @@ class ReportRow:
             "saved_usd": decimal_text(self.saved_usd),
             "cache_hits": self.cache_hits,
             "cache_hit_rate": round(self.cache_hits / self.requests, 6) if self.requests else 0.0,
+            "escalated": self.escalated,
+            "escalation_rate": round(self.escalated / self.requests, 6) if self.requests else 0.0,
             "budget_rejections": self.rejected_budget,
             "unpriced_requests": self.unpriced,
             "estimated_usage_requests": self.estimated,
@@ -93,7 +96,7 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
     column = GROUP_COLUMNS[by]
     sql = (
         f"SELECT {column}, status, input_tokens, cached_input_tokens, output_tokens, cost_usd, "
-        "retry_cost_usd, usage_estimated, saved_usd, http_status, cache FROM ledger"
+        "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated FROM ledger"
     )
     params: tuple[Any, ...] = ()
     if since is not None:
@@ -101,7 +104,9 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
         params = (since,)
     rows: dict[str, ReportRow] = {}
     for row_values in conn.execute(sql, params):
-        key, status, inp, cached, out, cost, retry_cost, estimated, saved, http_status, cache = row_values
+        key, status, inp, cached, out, cost, retry_cost, estimated, saved, http_status, cache, escalated = (
+            row_values
+        )
         if by == "day":
             key = datetime.fromtimestamp(key, UTC).strftime("%Y-%m-%d")
         group = "(none)" if key is None else str(key)
@@ -130,6 +135,7 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
             row.rejected_budget += 1
         if cache != "miss":
             row.cache_hits += 1
+        row.escalated += escalated
     return sorted(rows.values(), key=lambda r: (-r.cost_usd, r.group))
 
 
@@ -147,6 +153,7 @@ def totals(rows: Iterable[ReportRow]) -> ReportRow:
         total.saved_usd += r.saved_usd
         total.rejected_budget += r.rejected_budget
         total.cache_hits += r.cache_hits
+        total.escalated += r.escalated
         total.unpriced += r.unpriced
         total.estimated += r.estimated
     return total
@@ -179,6 +186,7 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None) -> An
         ("retry USD", "right"),
         ("saved USD", "right"),
         ("cache hits", "right"),
+        ("escalated", "right"),
         ("429 budget", "right"),
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -197,6 +205,7 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None) -> An
             f"{r.retry_cost_usd:.6f}",
             f"{r.saved_usd:.6f}",
             f"{r.cache_hits / r.requests:.1%}" if r.requests else "-",
+            f"{r.escalated / r.requests:.1%}" if r.requests else "-",
             f"{r.rejected_budget:,}",
             end_section=r.group == rows[-1].group if rows else False,
         )

@@ -119,6 +119,53 @@ class SemanticCacheSettings(_Strict):
     safety_policy_version: str = "1"
 
 
+GateKind = Literal[
+    "json_schema", "pydantic", "agreement", "router_scorer", "logprob", "self_confidence", "python"
+]
+
+
+class GateSettings(_Strict):
+    """One quality check of a cascade tier's draft; a route's gates must all pass to accept it."""
+
+    kind: GateKind
+    # json_schema: the JSON schema the reply (parsed as JSON) must satisfy.
+    json_schema: dict[str, Any] | None = None
+    # pydantic: "package.module:Model"; python: "package.module:function(request, response)".
+    target: str | None = None
+    # agreement / self_confidence: the field of the JSON reply compared or read ("answer", "confidence");
+    # agreement without a field compares the whole normalised reply.
+    field: str | None = None
+    voters: list[str] = Field(default_factory=list)  # agreement: model aliases asked the same question
+    min_agree: int | None = Field(default=None, ge=1)  # agreement: voters that must agree (default all)
+    # router_scorer / logprob / self_confidence: the lowest probability or confidence accepted.
+    threshold: float | None = Field(default=None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _complete(self) -> GateSettings:
+        needs: dict[str, tuple[str, object]] = {
+            "json_schema": ("json_schema", self.json_schema),
+            "pydantic": ("target", self.target),
+            "python": ("target", self.target),
+            "agreement": ("voters", self.voters),
+            "logprob": ("threshold", self.threshold),
+            "self_confidence": ("threshold", self.threshold),
+        }
+        if self.kind in needs and not needs[self.kind][1]:
+            raise ValueError(f"a {self.kind} gate needs {needs[self.kind][0]}")
+        if self.kind == "self_confidence" and not self.field:
+            raise ValueError("a self_confidence gate needs field (the JSON reply's confidence field)")
+        return self
+
+
+class RouterArtifactSettings(_Strict):
+    """A router trained by `thrifty route train`."""
+
+    path: str
+    task: str | None = None  # the task the artifact was calibrated on; unknown tasks are routed cautiously
+    # The artifact's model ids (as in the training data) -> this gateway's model aliases.
+    models: dict[str, str] = Field(default_factory=dict)
+
+
 class RouteSettings(_Strict):
     model: str
     max_input_tokens: int | None = Field(default=None, gt=0)
@@ -137,6 +184,27 @@ class RouteSettings(_Strict):
     semantic_cache: SemanticCacheSettings | None = None  # paraphrases answered from the cache
     # Anthropic targets: mark the static prefix (tools, system prompt) for the provider's cache.
     prompt_cache: bool = False
+    # How the model is chosen: `fixed` (always `model`), `classifier` (the trained router picks a
+    # tier before the call), `cascade` (cheapest tier first, escalate when a quality gate fails).
+    strategy: Literal["fixed", "classifier", "cascade"] = "fixed"
+    tiers: list[str] = Field(default_factory=list)  # cascade: model aliases, cheapest first
+    gates: list[GateSettings] = Field(default_factory=list)  # cascade: all must pass to accept a draft
+    max_escalations: int | None = Field(default=None, ge=0)  # cascade: default len(tiers) - 1
+    # cascade: the escalated call also sees the rejected draft and why it was rejected.
+    include_rejected_draft: bool = False
+    router: RouterArtifactSettings | None = None  # classifier, or a cascade the trained router drives
+    # Task types (x-thrifty-task) that always go to one model, e.g. {"legal": "gpt-4o"}.
+    pin: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _strategy(self) -> RouteSettings:
+        if self.strategy == "classifier" and self.router is None:
+            raise ValueError("strategy classifier needs router (an artifact from `thrifty route train`)")
+        if self.strategy == "cascade" and self.router is None and len(self.tiers) < 2:
+            raise ValueError("strategy cascade needs tiers (two or more model aliases) or a trained router")
+        if self.strategy == "fixed" and (self.tiers or self.gates):
+            raise ValueError("tiers and gates apply to strategy cascade only")
+        return self
 
 
 class TenantSettings(_Strict):
@@ -220,6 +288,16 @@ class Settings(_Strict):
             for fallback in route.fallbacks:
                 if fallback not in self.models:
                     raise ValueError(f"routes.{name}.fallbacks: unknown model {fallback!r}")
+            named = [
+                ("tiers", route.tiers),
+                ("pin", list(route.pin.values())),
+                ("gates.voters", [v for g in route.gates for v in g.voters]),
+                ("router.models", list(route.router.models.values()) if route.router else []),
+            ]
+            for where, aliases in named:
+                for alias in aliases:
+                    if alias not in self.models:
+                        raise ValueError(f"routes.{name}.{where}: unknown model {alias!r}")
         for tenant, tset in self.tenants.items():
             for h in tset.key_hashes:
                 if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
@@ -270,10 +348,7 @@ def _anchor_paths(settings: Settings, base_dir: Path) -> Settings:
         storage = storage.model_copy(
             update={"url": "sqlite:///" + str(base_dir / url.removeprefix("sqlite:///"))}
         )
-    routes = {
-        name: _anchor_route(r, base_dir) if r.semantic_cache and r.semantic_cache.params else r
-        for name, r in settings.routes.items()
-    }
+    routes = {name: _anchor_route(r, base_dir) for name, r in settings.routes.items()}
     providers = {
         name: p.model_copy(
             update={"data": [str(base_dir / d) if not Path(d).is_absolute() else d for d in p.data]}
@@ -284,12 +359,13 @@ def _anchor_paths(settings: Settings, base_dir: Path) -> Settings:
 
 
 def _anchor_route(route: RouteSettings, base_dir: Path) -> RouteSettings:
+    update: dict[str, Any] = {}
     semantic = route.semantic_cache
-    assert semantic is not None and semantic.params is not None
-    if Path(semantic.params).is_absolute():
-        return route
-    anchored = semantic.model_copy(update={"params": str(base_dir / semantic.params)})
-    return route.model_copy(update={"semantic_cache": anchored})
+    if semantic is not None and semantic.params is not None and not Path(semantic.params).is_absolute():
+        update["semantic_cache"] = semantic.model_copy(update={"params": str(base_dir / semantic.params)})
+    if route.router is not None and not Path(route.router.path).is_absolute():
+        update["router"] = route.router.model_copy(update={"path": str(base_dir / route.router.path)})
+    return route.model_copy(update=update) if update else route
 
 
 def resolve_secrets(settings: Settings, environ: Mapping[str, str]) -> dict[str, str | None]:

@@ -13,6 +13,9 @@ def decimal_text(value: Decimal) -> str:
 
 
 CacheOutcome = Literal["miss", "exact", "semantic"]
+# What an upstream call was for: the answer returned, a cascade draft the gate rejected (or that was
+# not chosen), or a voter asked by an agreement gate.
+AttemptRole = Literal["answer", "draft", "voter"]
 RequestStatus = Literal["ok", "error", "client_disconnected"]
 
 
@@ -56,6 +59,7 @@ class Tags:
     corpus_version: str | None = None
     cache_control: str | None = None  # the request's Cache-Control header, lower-cased
     evidence: tuple[str, ...] = ()  # x-thrifty-evidence: ids of the sources an answer rests on
+    task: str | None = None  # x-thrifty-task: the kind of work, for routes that route by task
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,8 @@ class Attempt:
     cost_usd: Decimal | None
     latency_ms: float
     error: str | None = None
+    role: AttemptRole = "answer"
+    gate: str | None = None  # the quality gate's verdict on this draft (cascade routes)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +90,8 @@ class Attempt:
             "cost_usd": None if self.cost_usd is None else decimal_text(self.cost_usd),
             "latency_ms": round(self.latency_ms, 3),
             "error": self.error,
+            "role": self.role,
+            "gate": self.gate,
         }
 
 

@@ -32,6 +32,7 @@ class Reply:
     drop_after_chunks: int | None = None  # close the connection mid-stream after N chunks
     chunk_chars: int = 5
     finish_reason: str = "stop"
+    logprobs: list[float] | None = None  # per-token logprobs, returned when the request asks for them
 
 
 def _usage(reply: Reply) -> dict[str, Any]:
@@ -44,6 +45,17 @@ def _usage(reply: Reply) -> dict[str, Any]:
     }
 
 
+def _logprobs(reply: Reply) -> dict[str, Any] | None:
+    if reply.logprobs is None:
+        return None
+    return {
+        "content": [
+            {"token": f"t{i}", "logprob": lp, "bytes": None, "top_logprobs": []}
+            for i, lp in enumerate(reply.logprobs)
+        ]
+    }
+
+
 class OpenAIWireServer:
     def __init__(self, api_key: str = "sk-fake-upstream") -> None:
         self.api_key = api_key
@@ -51,6 +63,7 @@ class OpenAIWireServer:
         self.headers: list[dict[str, str]] = []
         self.peers: list[tuple[str, int]] = []  # client (host, port) per request: reveals connection reuse
         self.replies: list[Reply] = []
+        self.by_model: dict[str, list[Reply]] = {}  # scripted per upstream model, before the shared queue
         self.default = Reply()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -58,7 +71,10 @@ class OpenAIWireServer:
     def queue(self, *replies: Reply) -> None:
         self.replies.extend(replies)
 
-    def _next(self) -> Reply:
+    def _next(self, model: str | None = None) -> Reply:
+        scripted = self.by_model.get(model or "")
+        if scripted:
+            return scripted.pop(0)
         return self.replies.pop(0) if self.replies else self.default
 
     @property
@@ -87,7 +103,7 @@ class OpenAIWireServer:
         self.headers.append(dict(request.headers))
         assert request.transport is not None
         self.peers.append(request.transport.get_extra_info("peername")[:2])
-        reply = self._next()
+        reply = self._next(body.get("model"))
         if request.headers.get("authorization") != f"Bearer {self.api_key}":
             return web.json_response(
                 {
@@ -129,7 +145,7 @@ class OpenAIWireServer:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": reply.text, "refusal": None},
-                        "logprobs": None,
+                        "logprobs": _logprobs(reply) if body.get("logprobs") else None,
                         "finish_reason": reply.finish_reason,
                     }
                 ],

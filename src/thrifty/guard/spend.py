@@ -8,7 +8,7 @@ no dollars, only tokens: a pricing gap must not block traffic (nor let it throug
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from decimal import Decimal
 
 from thrifty.errors import RequestTooExpensive
@@ -62,6 +62,7 @@ class SpendGuard:
         plan: BudgetPlan,
         book: BudgetStore,
         on_spend: Callable[[list[Limit], float], None] | None = None,
+        route_calls: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self._catalog = catalog
         self._counter = counter
@@ -70,6 +71,8 @@ class SpendGuard:
         self._plan = plan
         self._book = book
         self._on_spend = on_spend  # told after each settlement (budget threshold alerts)
+        # Routes that may make several calls per request (cascades): every call they may make.
+        self._route_calls = {name: list(calls) for name, calls in (route_calls or {}).items() if calls}
         # No budget and no per-request cap anywhere: nothing to count or reserve, ever.
         self._unlimited = plan.empty and not any(r.max_cost_per_request_usd for r in self._routes.values())
 
@@ -94,8 +97,8 @@ class SpendGuard:
         if cost_cap is not None and worst_usd is not None and worst_usd > cost_cap:
             raise RequestTooExpensive(
                 f"this request may cost up to ${decimal_text(worst_usd)} ({prompt.tokens} prompt tokens, "
-                f"up to {max_out} output tokens on {target.alias!r}), over route {ctx.route!r}'s cap of "
-                f"${decimal_text(cost_cap)} per request; lower max_tokens or shorten the prompt"
+                f"up to {max_out} output tokens {self._worst_case_of(ctx)}), over route {ctx.route!r}'s "
+                f"cap of ${decimal_text(cost_cap)} per request; lower max_tokens or shorten the prompt"
             )
         if not limits:
             ctx.budget_remaining = "unlimited"
@@ -121,11 +124,25 @@ class SpendGuard:
         return tightest_usd(limits, self._book, ctx.ts) or "unlimited"
 
     def _worst_usd(self, ctx: RequestContext, route: RouteSettings | None, usage: Usage) -> Decimal | None:
-        """The dearest model the request may end on: its target or any of the route's fallbacks."""
+        """The dearest way the request may end: its target, a pinned model or a fallback; on a
+        cascade, every call it may make (drafts, voters, the top tier) plus the dearest fallback."""
         assert ctx.target is not None
-        aliases = [ctx.target.alias, *(route.fallbacks if route else ())]
+        calls = self._route_calls.get(ctx.route or "")
+        fallbacks = list(route.fallbacks) if route else []
+        if calls:
+            priced = [c for c in (self._catalog.cost(a, usage) for a in calls) if c is not None]
+            spare = [c for c in (self._catalog.cost(a, usage) for a in fallbacks) if c is not None]
+            return sum(priced, Decimal(0)) + max(spare, default=Decimal(0)) if priced else None
+        aliases = [ctx.target.alias, *fallbacks, *(route.pin.values() if route else ())]
         costs = [c for c in (self._catalog.cost(a, usage) for a in aliases) if c is not None]
         return max(costs) if costs else None
+
+    def _worst_case_of(self, ctx: RequestContext) -> str:
+        assert ctx.target is not None
+        calls = self._route_calls.get(ctx.route or "")
+        if calls:
+            return f"on every call cascade route {ctx.route!r} may make ({', '.join(calls)})"
+        return f"on {ctx.target.alias!r}"
 
     def _settle(self, ctx: RequestContext, reservation: Reservation, limits: list[Limit]) -> None:
         usd = Decimal(0)

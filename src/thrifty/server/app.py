@@ -73,6 +73,7 @@ def _tags(tenant: str, headers: Mapping[str, str], body: Mapping[str, Any]) -> T
         corpus_version=headers.get("x-thrifty-corpus-version"),
         cache_control=(headers.get("cache-control") or "").lower() or None,
         evidence=_evidence(headers.get("x-thrifty-evidence")),
+        task=headers.get("x-thrifty-task"),
     )
 
 

@@ -51,7 +51,7 @@ def entry_row(entry: LedgerEntry) -> tuple[Any, ...]:
     u = entry.usage
     retry_cost = None
     if entry.retries:
-        failed = [a.cost_usd for a in entry.attempts[:-1] if a.cost_usd is not None]
+        failed = [a.cost_usd for a in entry.attempts[:-1] if a.status != 200 and a.cost_usd is not None]
         retry_cost = decimal_text(sum(failed, Decimal(0))) if failed else None
     return (
         entry.request_id,

@@ -144,20 +144,38 @@ def test_keys_create_then_use_through_the_gateway(tmp_path: Path, openai_upstrea
 
 def test_demo_on_the_shared_data_or_synthetic(tmp_path: Path):
     data = REPO.parent / "shared" / "data" / "routing" / "zeroeval"
-    args = ["demo", "--requests", "60"]
+    args = [
+        "demo",
+        "--requests",
+        "60",
+        "--cascade-prompts",
+        "20",
+        "--support-seeds",
+        "60",
+        "--support-lookups",
+        "20",
+    ]
+    banking = REPO.parent / "shared" / "data" / "cache" / "banking77"
     if data.exists():
-        out = _thrifty(*args, "--data", str(data))
-        assert "real recorded outputs" in out.stdout
+        out = _thrifty(*args, "--data", str(data), "--support-data", str(banking))
+        assert "real recorded outputs" in out.stdout and "real Banking77 queries" in out.stdout
     else:
         out = _thrifty(*args, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "spend by tenant" in out.stdout and "ledger rows: 60" in out.stdout
+    # 60 mixed, 20 prompts twice (cascade and gpt-4o), 60 seeds and 20 lookups.
+    assert "spend by tenant" in out.stdout and "ledger rows: 180 for 180 requests sent" in out.stdout
+    assert "cascade gpt-4o-mini → gpt-4o" in out.stdout and "of its cost" in out.stdout
+    assert "later askers in other words" in out.stdout
 
 
 def test_demo_without_data_says_synthetic(tmp_path: Path):
-    out = _thrifty("demo", "--requests", "30", cwd=tmp_path)  # no ../shared/data from here
+    out = _thrifty("demo", "--requests", "30", "--cascade-prompts", "12", cwd=tmp_path)  # no ../shared/data
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SYNTHETIC" in out.stdout and "ledger rows: 30" in out.stdout
+    assert "SYNTHETIC" in out.stdout and "SYNTHETIC FAQ" in out.stdout
+    # 30 mixed, 12 prompts twice (24), 6 synthetic first askers and 12 later askers.
+    assert "ledger rows: 72 for 72 requests sent" in out.stdout
+    # Every sixth synthetic sum is wrong on gpt-4o-mini: the voter disagrees and gpt-4o answers.
+    assert "accuracy 100.0% vs always-gpt-4o 100.0%" in out.stdout
 
 
 def test_serve_with_invalid_settings_fails_at_start_naming_the_field(tmp_path: Path):

@@ -176,14 +176,37 @@ def demo(
     data: Annotated[
         Path | None, typer.Option(help="ZeroEval-format JSONL dir (default ../shared/data/routing/zeroeval)")
     ] = None,
-    requests: Annotated[int, typer.Option(help="how many requests to send")] = 300,
+    requests: Annotated[int, typer.Option(help="mixed-traffic requests to send")] = 300,
     db: Annotated[Path | None, typer.Option(help="keep the demo ledger in this SQLite file")] = None,
+    cascade_prompts: Annotated[
+        int, typer.Option(help="recorded prompts sent to the cascade route and to gpt-4o (0 skips)")
+    ] = 200,
+    support_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Banking77-format dir, train.csv/test.csv (default ../shared/data/cache/banking77)"
+        ),
+    ] = None,
+    support_seeds: Annotated[int, typer.Option(help="first askers, answered upstream and cached")] = 1500,
+    support_lookups: Annotated[
+        int, typer.Option(help="later askers in other words (0 skips the phase)")
+    ] = 500,
 ) -> None:
     """Start the gateway on loopback, send real SDK traffic, print the report. No keys, no services."""
     from thrifty.demo import DEFAULT_DATA, run_demo
+    from thrifty.demo.support import DEFAULT_DATA as SUPPORT_DATA
 
     console = _console()
-    code = run_demo(data or (DEFAULT_DATA if DEFAULT_DATA.exists() else None), requests, db, console.print)
+    code = run_demo(
+        data or (DEFAULT_DATA if DEFAULT_DATA.exists() else None),
+        requests,
+        db,
+        console.print,
+        cascade_prompts=cascade_prompts,
+        support_data=support_data or (SUPPORT_DATA if SUPPORT_DATA.exists() else None),
+        support_seeds=support_seeds,
+        support_lookups=support_lookups,
+    )
     raise typer.Exit(code)
 
 

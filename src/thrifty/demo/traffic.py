@@ -1,15 +1,11 @@
-"""`thrifty demo`: the gateway on loopback, real SDK traffic from two tenants, and the report.
-
-With the shared ZeroEval data (real outputs of real models) the replay provider answers; without
-it, a small built-in workload is written to a temporary file and the output says "synthetic".
-"""
+"""Demo phase: mixed traffic from two tenants' apps (models, a cached route, streams, retries,
+budgets), answered by the replay provider from real recorded outputs, or from a small built-in
+workload written to a temporary file (then the output says "synthetic")."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,15 +14,11 @@ from typing import Any
 
 import orjson
 
-from thrifty.settings import Settings, settings_from_mapping
-
-DEFAULT_DATA = Path("../shared/data/routing/zeroeval")
 TENANTS = ("acme", "globex")
 FEATURES = ("homework-help", "code-tutor", "grading")
 MODELS = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-08-06"}
-
-
-_REPEATS = "SELECT count(*) FROM ledger WHERE saved_usd IS NOT NULL AND cache = 'miss'"
+# The synthetic rows also answer for the cascade's voter.
+_SYNTHETIC_MODELS = (*MODELS.values(), "gemini-1.5-flash")
 
 
 @dataclass
@@ -43,10 +35,12 @@ def _synthetic_rows() -> list[dict[str, Any]]:
     for i in range(60):
         a, b = rng.randint(2, 99), rng.randint(2, 99)
         prompt = f"What is {a} plus {b}? Answer in JSON with fields reasoning and answer."
-        outputs = {
-            model: {"output": f'{{"reasoning": "{a} + {b} = {a + b}", "answer": "{a + b}"}}', "correct": 1}
-            for model in MODELS.values()
-        }
+        # gpt-4o-mini slips on every sixth sum, so the cascade's voter disagrees and it escalates.
+        outputs = {}
+        for model in _SYNTHETIC_MODELS:
+            slip = int(model.startswith("gpt-4o-mini") and i % 6 == 0)
+            answer = f'{{"reasoning": "{a} + {b}", "answer": "{a + b + slip}"}}'
+            outputs[model] = {"output": answer, "correct": 1 - slip}
         rows.append(
             {
                 "id": f"synthetic-{i}",
@@ -74,24 +68,6 @@ def load_workload(data: Path | None, workdir: Path) -> DemoWorkload:
     rows = _synthetic_rows()
     path.write_bytes(b"\n".join(orjson.dumps(r) for r in rows) + b"\n")
     return DemoWorkload([str(path)], [r["prompt"] for r in rows], True, "built-in synthetic workload")
-
-
-def demo_settings(workload: DemoWorkload, db_path: Path) -> Settings:
-    return settings_from_mapping(
-        {
-            "storage": {"url": f"sqlite:///{db_path}"},
-            "providers": {"replay": {"kind": "replay", "data": workload.data_paths}},
-            "models": {
-                alias: {"provider": "replay", "upstream": upstream, "context_window": 128000}
-                for alias, upstream in MODELS.items()
-            },
-            # The tutor route caches exact repeats: popular questions are asked again and again.
-            "routes": {"tutor": {"model": "gpt-4o-mini", "max_input_tokens": 4000, "cache": {"ttl_s": 3600}}},
-            # globex's small daily budget shows worst-case reservations turning requests away (429).
-            "tenants": {"acme": {}, "globex": {"budget": {"usd_per_day": "0.03"}}},
-        },
-        source="demo settings",
-    )
 
 
 @dataclass
@@ -178,59 +154,3 @@ async def drive(
     for client in clients.values():
         await client.close()
     return stats
-
-
-def run_demo(data: Path | None, requests: int, db: Path | None, print_fn: Callable[[Any], None]) -> int:
-    from rich.progress import Progress
-
-    from thrifty.report import build_report, render_table, totals
-    from thrifty.server.run import BackgroundServer
-    from thrifty.stores.keys import SqliteKeyStore
-    from thrifty.stores.sqlite_db import open_database
-
-    with tempfile.TemporaryDirectory(prefix="thrifty-demo-") as tmp:
-        workdir = Path(tmp)
-        db_path = db or workdir / "demo.db"
-        workload = load_workload(data, workdir)
-        label = (
-            "SYNTHETIC (built-in workload; real data not found)"
-            if workload.synthetic
-            else "real recorded outputs"
-        )
-        print_fn(
-            f"[bold]thrifty demo[/bold] — data: {workload.source} ({label}), {len(workload.prompts)} prompts"
-        )
-        settings = demo_settings(workload, db_path)
-        conn = open_database(db_path)
-        keystore = SqliteKeyStore(conn)
-        keys = {t: keystore.create(t, label="demo") for t in TENANTS}
-        started = time.perf_counter()
-        with BackgroundServer(settings) as server:
-            print_fn(f"gateway on {server.base_url} (embedded SQLite ledger {db_path})")
-            with Progress(transient=True) as progress:
-                task = progress.add_task("requests", total=requests)
-                stats = asyncio.run(
-                    drive(server.base_url, keys, workload.prompts, requests, lambda: progress.advance(task))
-                )
-        elapsed = time.perf_counter() - started
-        print_fn(
-            f"sent {stats.sent} requests in {elapsed:.1f}s: {stats.ok} ok, errors "
-            f"{stats.errors or 'none'}; client-side latency p50 "
-            f"{statistics.median(stats.latencies_ms):.1f} ms"
-        )
-        for by in ("tenant", "feature", "route", "model"):
-            print_fn(render_table(build_report(conn, by), by, title=f"spend by {by}"))
-        total = totals(build_report(conn, "tenant"))
-        print_fn(
-            f"budgets: {total.rejected_budget} requests refused with 429 before any spend (globex's "
-            f"${settings.tenants['globex'].budget.usd_per_day}/day, reserved at worst case: prompt + "  # type: ignore[union-attr]
-            f"max_tokens=600); answered without an upstream call: "
-            f"{total.cache_hits} from the exact cache and "
-            f"{conn.execute(_REPEATS).fetchone()[0]} idempotent repeats, saving ${total.saved_usd:.6f}"
-        )
-        for (message,) in conn.execute("SELECT message FROM alerts ORDER BY ts"):
-            print_fn(f"alert: {message}")
-        (ledger_rows,) = conn.execute("SELECT count(*) FROM ledger").fetchone()
-        conn.close()
-        print_fn(f"ledger rows: {ledger_rows} (one per request that passed authentication)")
-        return 0 if stats.ok > 0 and ledger_rows == stats.sent else 1

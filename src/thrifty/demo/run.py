@@ -1,0 +1,182 @@
+"""`thrifty demo`: the gateway on loopback, real SDK traffic, and what it did to the bill.
+
+Three phases against one gateway and one embedded SQLite ledger, all answered offline by the
+replay provider: mixed traffic from two tenants (exact cache, idempotent retries, budgets, streams),
+a cascade route on real recorded model outputs scored against reference answers, and support
+traffic on the semantic cache with real Banking77 queries. Then the report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from thrifty.demo import cascade, support
+from thrifty.demo.traffic import MODELS, TENANTS, DemoWorkload, drive, load_workload
+from thrifty.settings import Settings, settings_from_mapping
+
+DEFAULT_DATA = Path("../shared/data/routing/zeroeval")
+_REPEATS = "SELECT count(*) FROM ledger WHERE saved_usd IS NOT NULL AND cache = 'miss'"
+_SAVED_BY_FEATURE = "SELECT saved_usd FROM ledger WHERE feature = ? AND saved_usd IS NOT NULL"
+
+
+def demo_settings(workload: DemoWorkload, support_recordings: Path | None, db_path: Path) -> Settings:
+    models: dict[str, Any] = {
+        alias: {"provider": "replay", "upstream": upstream, "context_window": 128000}
+        for alias, upstream in MODELS.items()
+    }
+    models[cascade.VOTER] = {
+        "provider": "replay",
+        "upstream": cascade.UPSTREAM[cascade.VOTER],
+        "price_provider": "google",
+        "context_window": 1000000,
+    }
+    routes: dict[str, Any] = {
+        # The tutor route caches exact repeats: popular questions are asked again and again.
+        "tutor": {"model": "gpt-4o-mini", "max_input_tokens": 4000, "cache": {"ttl_s": 3600}},
+        cascade.ROUTE: cascade.ROUTE_SETTINGS,
+    }
+    data = list(workload.data_paths)
+    if support_recordings is not None:
+        routes[support.ROUTE] = support.ROUTE_SETTINGS
+        data.append(str(support_recordings))
+    return settings_from_mapping(
+        {
+            "storage": {"url": f"sqlite:///{db_path}"},
+            "providers": {"replay": {"kind": "replay", "data": data}},
+            "models": models,
+            "routes": routes,
+            # globex's small daily budget shows worst-case reservations turning requests away (429).
+            "tenants": {"acme": {}, "globex": {"budget": {"usd_per_day": "0.03"}}},
+        },
+        source="demo settings",
+    )
+
+
+def _semantic_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_demo(
+    data: Path | None,
+    requests: int,
+    db: Path | None,
+    print_fn: Callable[[Any], None],
+    *,
+    cascade_prompts: int = 200,
+    support_data: Path | None = None,
+    support_seeds: int = 1500,
+    support_lookups: int = 500,
+) -> int:
+    from rich.progress import Progress
+
+    from thrifty.report import build_report, render_table, totals
+    from thrifty.server.run import BackgroundServer
+    from thrifty.stores.keys import SqliteKeyStore
+    from thrifty.stores.sqlite_db import open_database
+
+    with tempfile.TemporaryDirectory(prefix="thrifty-demo-") as tmp:
+        workdir = Path(tmp)
+        db_path = db or workdir / "demo.db"
+        workload = load_workload(data, workdir)
+        label = (
+            "SYNTHETIC (built-in workload; real data not found)"
+            if workload.synthetic
+            else "real recorded outputs"
+        )
+        print_fn(
+            f"[bold]thrifty demo[/bold] — data: {workload.source} ({label}), {len(workload.prompts)} prompts"
+        )
+        support_work = None
+        recordings = None
+        if support_lookups and _semantic_available():
+            support_work = support.load_support(support_data, support_seeds, support_lookups)
+            recordings = workdir / "support-answers.jsonl"
+            support.write_recordings(support_work, recordings)
+            kind = (
+                "SYNTHETIC FAQ (Banking77 not found)" if support_work.synthetic else "real Banking77 queries"
+            )
+            print_fn(f"support traffic: {support_work.source} ({kind}; answers are per-intent stand-ins)")
+        elif support_lookups:
+            print_fn(
+                "support traffic skipped: the semantic extra is not installed "
+                "(pip install 'thrifty[semantic]')"
+            )
+        settings = demo_settings(workload, recordings, db_path)
+        conn = open_database(db_path)
+        keystore = SqliteKeyStore(conn)
+        keys = {t: keystore.create(t, label="demo") for t in TENANTS}
+        prompts = cascade.load_prompts(workload.data_paths, cascade_prompts) if cascade_prompts else []
+        started = time.perf_counter()
+        with BackgroundServer(settings) as server:
+            print_fn(f"gateway on {server.base_url} (embedded SQLite ledger {db_path})")
+            with Progress(transient=True) as progress:
+                task = progress.add_task("mixed traffic", total=requests)
+                stats = asyncio.run(
+                    drive(server.base_url, keys, workload.prompts, requests, lambda: progress.advance(task))
+                )
+                cascade_task = progress.add_task("cascade vs always-gpt-4o", total=len(prompts))
+                cascade_stats = asyncio.run(
+                    cascade.drive_cascade(
+                        server.base_url, keys["acme"], prompts, lambda: progress.advance(cascade_task)
+                    )
+                )
+                support_stats = None
+                if support_work is not None:
+                    support_task = progress.add_task(
+                        "support traffic", total=len(support_work.seeds) + len(support_work.lookups)
+                    )
+                    support_stats = asyncio.run(
+                        support.drive_support(
+                            server.base_url,
+                            keys["acme"],
+                            support_work,
+                            lambda: progress.advance(support_task),
+                        )
+                    )
+        elapsed = time.perf_counter() - started
+        print_fn(
+            f"mixed traffic: {stats.sent} requests, {stats.ok} ok, errors {stats.errors or 'none'}; "
+            f"client-side latency p50 {statistics.median(stats.latencies_ms):.1f} ms"
+        )
+        for by in ("tenant", "feature", "route", "model"):
+            print_fn(render_table(build_report(conn, by), by, title=f"spend by {by}"))
+        total = totals(build_report(conn, "tenant"))
+        globex_budget = settings.tenants["globex"].budget
+        assert globex_budget is not None
+        print_fn(
+            f"budgets: {total.rejected_budget} requests refused with 429 before any spend (globex's "
+            f"${globex_budget.usd_per_day}/day, reserved at worst case: prompt + max_tokens=600); "
+            f"answered without an upstream call: {total.cache_hits} from the caches and "
+            f"{conn.execute(_REPEATS).fetchone()[0]} idempotent repeats, saving ${total.saved_usd:.6f} in all"
+        )
+        if prompts:
+            print_fn(cascade.summary(cascade_stats))
+        if support_work is not None and support_stats is not None:
+            saved = sum((Decimal(v) for (v,) in conn.execute(_SAVED_BY_FEATURE, ("support",))), Decimal(0))
+            print_fn(support.summary(support_stats, len(support_work.seeds), saved))
+        for (message,) in conn.execute("SELECT message FROM alerts ORDER BY ts"):
+            print_fn(f"alert: {message}")
+        (ledger_rows,) = conn.execute("SELECT count(*) FROM ledger").fetchone()
+        conn.close()
+        sent = (
+            stats.sent
+            + 2 * cascade_stats.prompts
+            + (len(support_work.seeds) + support_stats.lookups if support_work and support_stats else 0)
+        )
+        print_fn(
+            f"ledger rows: {ledger_rows} for {sent} requests sent "
+            "(one per request that passed authentication)"
+        )
+        print_fn(f"demo took {elapsed:.1f}s")
+        return 0 if stats.ok > 0 and ledger_rows == sent else 1

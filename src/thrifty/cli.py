@@ -217,9 +217,10 @@ def route_train(
     reference: Annotated[
         str, typer.Option(help="the model whose quality is the target")
     ] = "gpt-4o-2024-08-06",
-    target_quality: Annotated[float, typer.Option(help="quality relative to the reference, e.g. 0.99")] = 1.0,
+    target_quality: Annotated[float, typer.Option(help="quality relative to the reference")] = 0.99,
 ) -> None:
-    """Learn a cascade router from labelled per-model outputs, calibrated on a held-back part."""
+    """Learn a cascade router (and a pre-call classifier) from labelled per-model outputs; thresholds
+    are calibrated on out-of-fold gate scores, per task and, for unseen tasks, across tasks."""
     from thrifty.bench.route import train_router
 
     router = train_router(data, out, reference=reference, target_quality=target_quality)

@@ -5,29 +5,34 @@ from thrifty.routing.train.data import Call, Row, load_rows, split_rows
 from thrifty.routing.train.extract import answer_key, extract_answer, normalise
 from thrifty.routing.train.metrics import PairMetrics, Summary, pair_metrics, random_at_cost, summarise
 from thrifty.routing.train.policy import CascadePolicy, Outcome, run_oracle, run_policy, run_single
-from thrifty.routing.train.router import Router, calibrate, candidate_policies, train
+from thrifty.routing.train.router import Gate, Router, train
+from thrifty.routing.train.step import Accept, CallModel, Draft, Step, replay
 
 __all__ = [
     "CHEAP_MODELS",
     "PRICES",
     "STRONG_MODELS",
+    "Accept",
     "Call",
+    "CallModel",
     "CascadePolicy",
     "CostModel",
+    "Draft",
+    "Gate",
     "Outcome",
     "PairMetrics",
     "Price",
     "Router",
     "Row",
+    "Step",
     "Summary",
     "answer_key",
-    "calibrate",
-    "candidate_policies",
     "extract_answer",
     "load_rows",
     "normalise",
     "pair_metrics",
     "random_at_cost",
+    "replay",
     "run_oracle",
     "run_policy",
     "run_single",

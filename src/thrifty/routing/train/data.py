@@ -24,6 +24,7 @@ class Call:
     correct: bool
     cost: Decimal
     output_tokens: int
+    output: str = ""  # the raw reply, replayed as a draft through the router's step API
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,7 @@ def parse_row(obj: dict[str, object], costs: CostModel) -> Row:
             correct=bool(resp["correct"]),
             cost=costs.call_cost(str(model), prompt_tokens, out_tokens),
             output_tokens=out_tokens,
+            output=output,
         )
     return Row(id=str(obj["id"]), task=task, prompt=prompt, calls=calls)
 

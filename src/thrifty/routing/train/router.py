@@ -1,196 +1,570 @@
-"""The trained router: a calibrated agreement cascade per known task, a conservative fallback for
-tasks never seen in training, and a scorer that ranks prompts for the weak/strong pair.
+"""The trained router: a sequential, calibrated cascade over cheap drafts, with an online step API.
 
-Calibration picks, on a part of the training data held back from everything else, the cheapest
-cascade whose quality is at least `target_quality` x the reference model's. Tasks not in the
-artifact get the fallback: a cascade that met the target with a margin on *every* training task and
-demands more agreement, so an unfamiliar task escalates more rather than trusting cheap votes.
+Cascade (the default strategy): call the first cheap model; accept its draft if the stage-1 gate
+says P(right) >= the task's first threshold; else call the second cheap model and accept if the
+stage-2 gate (both drafts, agreement included) clears the second threshold; else call the strong
+model and return its answer. Easy prompts cost one cheap call.
+
+Classifier (the other strategy): before any call, a logistic model over prompt features predicts
+whether the first cheap model will be right, and the prompt goes to that model or to the strong one.
+
+Thresholds are calibrated per task on out-of-fold gate scores, as the cheapest pair whose quality
+reaches `target_quality + seen_margin` of the reference's. A task not in the artifact (or None)
+gets the fallback: no stage-1 acceptance at all, and a stage-2 threshold calibrated across tasks
+(each training task scored by a gate fitted without it, `unseen_target + unseen_margin`, the
+strictest result kept), so an unfamiliar task leans to the strong model, not the cheap one.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from decimal import Decimal
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from thrifty.routing.train.cost import CHEAP_MODELS, GPT4O, MINI, STRONG_MODELS
-from thrifty.routing.train.data import Row, split_rows
-from thrifty.routing.train.policy import CascadePolicy, Outcome, run_policy
-from thrifty.routing.train.scorer import Scorer, fit_scorer
+from thrifty.routing.train.cost import FLASH, GPT4O, MINI
+from thrifty.routing.train.data import Row, id_bucket
+from thrifty.routing.train.gate import (
+    Logistic,
+    Parsed,
+    fit_logistic,
+    parse,
+    prompt_features,
+    stage_features,
+)
+from thrifty.routing.train.step import Accept, CallModel, Draft, Step
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+NEVER = math.inf
+STRATEGIES = ("cascade", "classifier")
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Acceptance thresholds on P(right): after one cheap draft, after two, and for the
+    classifier's pre-call choice. `NEVER` (inf; null in JSON) disables that acceptance."""
+
+    first: float
+    second: float
+    classifier: float
+    cost_aware: bool = True  # thresholds apply to `accept_score`, cost-aware or plain P(right)
+
+    def to_json(self) -> dict[str, float | bool | None]:
+        out: dict[str, float | bool | None] = {k: (None if math.isinf(v) else v) for k, v in _items(self)}
+        out["cost_aware"] = self.cost_aware
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Gate:
+        def val(k: str) -> float:
+            v = obj[k]
+            return NEVER if v is None else float(v)
+
+        return cls(val("first"), val("second"), val("classifier"), bool(obj.get("cost_aware", True)))
+
+
+def _items(g: Gate) -> list[tuple[str, float]]:
+    return [("first", g.first), ("second", g.second), ("classifier", g.classifier)]
+
+
+CAUTIOUS = Gate(NEVER, NEVER, NEVER)
+# Stage-2 scores of agreeing drafts get this added, so every agreement ranks above every split.
+AGREE_BONUS = 100.0
+
+
+def accept_score(p: float, prompt_chars: int, draft_chars: int, *, cost_aware: bool) -> float:
+    """How strongly to accept a cheap answer with P(right) = p; thresholds apply to this.
+
+    Cost-aware, it is log(escalation cost) - log(P(wrong)): the same risk is worth taking where
+    escalating would cost more. The strong call's cost is estimated from what is known before it
+    is made, the prompt and the cheap draft's length (input and output priced 1:4, as most list
+    prices are); only the ranking matters, so characters stand in for tokens."""
+    if not cost_aware:
+        return p
+    return math.log(prompt_chars + 4.0 * draft_chars + 1.0) - math.log(max(1e-9, 1.0 - p))
+
+
+def _short(model: str) -> str:
+    return {
+        "gpt-4o-mini-2024-07-18": "mini",
+        "gpt-4o-2024-08-06": "4o",
+        "claude-3-haiku-20240307": "haiku",
+        "claude-3-5-sonnet-20240620": "sonnet",
+        "gemini-1.5-flash": "flash",
+        "gpt-3.5-turbo-0125": "3.5",
+    }.get(model, model)
+
+
+def _rule(gate: Gate, score: float, agree: bool, passed: bool) -> str:
+    """The stage-2 verdict in words: scores are compared within the agree or the split band."""
+    t = gate.second
+    name = "score" if gate.cost_aware else "p"
+    if t >= AGREE_BONUS:
+        if not agree:
+            return "a split is never accepted here"
+        t -= AGREE_BONUS
+    elif agree:
+        return "any agreement is accepted here"
+    return f"{name} {score:.3f} {'>=' if passed else '<'} {_fmt(t)}"
+
+
+def _fmt(t: float) -> str:
+    return "never" if math.isinf(t) else f"{t:.3f}"
 
 
 @dataclass(frozen=True, slots=True)
 class Router:
     reference: str
     target_quality: float
-    policies: dict[str, CascadePolicy]
-    fallback: CascadePolicy
-    pair_scorer: Scorer | None = None
+    ladder: tuple[str, str]  # the two cheap models, in call order
+    strong: str
+    first_gate: Logistic
+    agree_gate: Logistic  # P(right) of an answer both cheap drafts give
+    split_gate: Logistic  # P(the first draft is right) when the two disagree
+    prompt_gate: Logistic
+    gates: dict[str, Gate]
+    fallback: Gate
+    strategy: str = "cascade"
+    meta: dict[str, Any] = field(default_factory=dict)
 
-    def policy_for(self, task: str | None) -> CascadePolicy:
-        """The task's calibrated cascade; an unknown or missing task gets the cautious fallback."""
-        if task is None:
-            return self.fallback
-        return self.policies.get(task, self.fallback)
+    # ---- online API -------------------------------------------------------------------------
+    def models(self) -> set[str]:
+        """Every model id this router may ask the gateway to call."""
+        return {*self.ladder, self.strong}
 
-    def run(self, row: Row) -> Outcome:
-        return self.policy_for(row.task).run(row)
+    def gate_for(self, task: str | None) -> Gate:
+        return self.gates.get(task, self.fallback) if task is not None else self.fallback
+
+    def known(self, task: str | None) -> bool:
+        return task is not None and task in self.gates
+
+    def next_step(self, task: str | None, prompt: str, drafts: Sequence[Draft]) -> Step:
+        """The next call to make, or which draft to return. Pure: same inputs, same step."""
+        gate = self.gate_for(task)
+        where = f"task {task}" if self.known(task) else "unknown task, cautious"
+        strong_at = [i for i, d in enumerate(drafts) if d.model == self.strong]
+        parsed = {i: parse(d.output, task) for i, d in enumerate(drafts)}
+        if strong_at:
+            return self._final(strong_at[-1], parsed)
+        if self.strategy == "classifier":
+            return self._classify(gate, where, prompt, drafts)
+        cheap = [next((i for i, d in enumerate(drafts) if d.model == m), None) for m in self.ladder]
+        # Only a prefix of the ladder counts; a draft from elsewhere is kept but not voted.
+        n = 0
+        while n < len(cheap) and cheap[n] is not None:
+            n += 1
+        a, b = _short(self.ladder[0]), _short(self.ladder[1])
+        if n == 0:
+            return CallModel(self.ladder[0], f"first tier ({where})")
+        if n == 1:
+            i0 = cheap[0]
+            assert i0 is not None
+            p = self.first_gate.prob(stage_features([parsed[i0]], prompt))
+            score = self._score(gate, p, prompt, parsed[i0])
+            if score >= gate.first:
+                return Accept(
+                    i0, f"{a} draft trusted (p={p:.3f}, score {score:.2f} >= {_fmt(gate.first)}, {where})"
+                )
+            return CallModel(
+                self.ladder[1], f"{a} unsure (p={p:.3f}, score {score:.2f} < {_fmt(gate.first)}), ask {b}"
+            )
+        i0, i1 = cheap[0], cheap[1]
+        assert i0 is not None and i1 is not None
+        d0, d1 = parsed[i0], parsed[i1]
+        agree, p = self.second_p(d0, d1, prompt)
+        score = self._score(gate, p, prompt, d0)
+        verdict = f"{a} and {b} {'agree' if agree else 'disagree'}"
+        if score + (AGREE_BONUS if agree else 0.0) >= gate.second:
+            pick = i0 if d0.key is not None or d1.key is None else i1
+            return Accept(pick, f"{verdict} (p={p:.3f}, {_rule(gate, score, agree, True)}, {where})")
+        return CallModel(
+            self.strong, f"{verdict} (p={p:.3f}, {_rule(gate, score, agree, False)}, {where}), escalate"
+        )
+
+    def second_p(self, d0: Parsed, d1: Parsed, prompt: str) -> tuple[bool, float]:
+        """(do the two cheap drafts agree, P(the answer we would return is right))."""
+        agree = d0.key is not None and d0.key == d1.key
+        x = stage_features([d0, d1], prompt)
+        return agree, (self.agree_gate if agree else self.split_gate).prob(x)
+
+    @staticmethod
+    def _score(gate: Gate, p: float, prompt: str, first: Parsed) -> float:
+        return accept_score(p, len(prompt), first.length, cost_aware=gate.cost_aware)
+
+    def _classify(self, gate: Gate, where: str, prompt: str, drafts: Sequence[Draft]) -> Step:
+        if drafts:
+            return Accept(len(drafts) - 1, f"classifier sent the prompt to {_short(drafts[-1].model)}")
+        p = self.prompt_gate.prob(prompt_features(prompt))
+        if p >= gate.classifier:
+            return CallModel(
+                self.ladder[0], f"classifier: P({_short(self.ladder[0])} right)={p:.3f} ({where})"
+            )
+        return CallModel(
+            self.strong, f"classifier: P({_short(self.ladder[0])} right)={p:.3f} too low ({where})"
+        )
+
+    def _final(self, strong_index: int, parsed: dict[int, Parsed]) -> Accept:
+        """The strong model's draft, unless it gave no answer and a cheap draft did."""
+        if parsed[strong_index].key is None:
+            for i, d in parsed.items():
+                if d.key is not None:
+                    return Accept(i, f"{_short(self.strong)} gave no answer; keep a cheap draft")
+        return Accept(strong_index, f"escalated: {_short(self.strong)} answers")
 
     def strong_score(self, row: Row) -> float:
-        """How much the weak model's answer needs the strong model (higher = send to strong)."""
-        if self.pair_scorer is None:
-            return 0.0
-        return 1.0 - self.pair_scorer.score(row)
+        """How much the first cheap model's reply needs the strong model (1 - stage-1 P(right))."""
+        d = parse(row.calls[self.ladder[0]].output, row.task)
+        return 1.0 - self.first_gate.prob(stage_features([d], row.prompt))
 
+    def with_strategy(self, strategy: str) -> Router:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}")
+        return replace(self, strategy=strategy)
+
+    def describe(self, task: str | None) -> str:
+        g = self.gate_for(task)
+        a, b, s = _short(self.ladder[0]), _short(self.ladder[1]), _short(self.strong)
+        return (
+            f"{a} (accept p>={_fmt(g.first)}) → +{b} (accept p>={_fmt(g.second)}) → {s}; "
+            f"classifier: {a} if p>={_fmt(g.classifier)} else {s}"
+        )
+
+    # ---- artifact ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {
             "format": "thrifty-router",
             "version": FORMAT_VERSION,
             "reference": self.reference,
             "target_quality": self.target_quality,
-            "policies": {t: p.to_json() for t, p in sorted(self.policies.items())},
+            "strategy": self.strategy,
+            "ladder": list(self.ladder),
+            "strong": self.strong,
+            "gates": {t: g.to_json() for t, g in sorted(self.gates.items())},
             "fallback": self.fallback.to_json(),
-            "pair_scorer": self.pair_scorer.to_json() if self.pair_scorer else None,
+            "first_gate": self.first_gate.to_json(),
+            "agree_gate": self.agree_gate.to_json(),
+            "split_gate": self.split_gate.to_json(),
+            "prompt_gate": self.prompt_gate.to_json(),
+            "meta": self.meta,
         }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Router:
         if obj.get("format") != "thrifty-router" or obj.get("version") != FORMAT_VERSION:
             raise ValueError(f"not a thrifty router artifact (version {FORMAT_VERSION})")
-        scorer = obj.get("pair_scorer")
+        ladder = tuple(str(m) for m in obj["ladder"])
+        if len(ladder) != 2:
+            raise ValueError("the router's ladder must name two cheap models")
+        strategy = str(obj.get("strategy", "cascade"))
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}")
         return cls(
             reference=str(obj["reference"]),
             target_quality=float(obj["target_quality"]),
-            policies={str(t): CascadePolicy.from_json(p) for t, p in obj["policies"].items()},
-            fallback=CascadePolicy.from_json(obj["fallback"]),
-            pair_scorer=Scorer.from_json(scorer) if scorer else None,
+            ladder=(ladder[0], ladder[1]),
+            strong=str(obj["strong"]),
+            first_gate=Logistic.from_json(obj["first_gate"]),
+            agree_gate=Logistic.from_json(obj["agree_gate"]),
+            split_gate=Logistic.from_json(obj["split_gate"]),
+            prompt_gate=Logistic.from_json(obj["prompt_gate"]),
+            gates={str(t): Gate.from_json(g) for t, g in obj["gates"].items()},
+            fallback=Gate.from_json(obj["fallback"]),
+            strategy=strategy,
+            meta=dict(obj.get("meta", {})),
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> Router:
         return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def candidate_policies(
-    cheap: Sequence[str] = CHEAP_MODELS, strong: Sequence[str] = STRONG_MODELS, max_cheap: int = 4
-) -> list[CascadePolicy]:
-    """Every ordered set of cheap voters with every agreement rule, for each strong fallback."""
-    out: list[CascadePolicy] = []
-    for k in range(1, min(max_cheap, len(cheap)) + 1):
-        for order in itertools.permutations(cheap, k):
-            for votes in range(1, k + 1):
-                for dissent in range(k - votes + 1):
-                    out.extend(CascadePolicy(order, votes, dissent, s) for s in strong)
-    return out
+# ---- training -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Evaluated:
-    policy: CascadePolicy
-    rel_quality: float
-    rel_cost: float
+class _Prepared:
+    """One training row as the gates and the calibration see it."""
+
+    task: str
+    x1: list[float]
+    x2: list[float]
+    xp: list[float]
+    y1: float  # first cheap draft right
+    y2: float  # the stage-2 accepted draft right
+    agree: bool
+    prompt_chars: int
+    draft_chars: int
+    ok1: bool
+    ok2: bool
+    ok_strong: bool  # the escalated answer right
+    ok_ref: bool
+    cost1: float
+    cost2: float  # both cheap calls
+    cost_strong: float  # both cheap calls and the strong one
+    cost_ref: float
+    fold: int
 
 
-def evaluate(policy: CascadePolicy, rows: Sequence[Row], reference: str) -> Evaluated:
-    outcomes = run_policy(rows, policy)
-    ref_correct = sum(r.calls[reference].correct for r in rows)
-    ref_cost = sum((r.calls[reference].cost for r in rows), Decimal(0))
-    correct = sum(o.correct for o in outcomes)
-    cost = sum((o.cost for o in outcomes), Decimal(0))
-    return Evaluated(
-        policy,
-        correct / ref_correct if ref_correct else 0.0,
-        float(cost / ref_cost) if ref_cost else 0.0,
+def _prepare(row: Row, ladder: tuple[str, str], strong: str, reference: str, folds: int) -> _Prepared:
+    c0, c1, cs = row.calls[ladder[0]], row.calls[ladder[1]], row.calls[strong]
+    d0, d1, ds = parse(c0.output, row.task), parse(c1.output, row.task), parse(cs.output, row.task)
+    ok2 = c0.correct if d0.key is not None or d1.key is None else c1.correct
+    ok_strong = cs.correct
+    if ds.key is None and (d0.key is not None or d1.key is not None):
+        ok_strong = c0.correct if d0.key is not None else c1.correct
+    return _Prepared(
+        task=row.task,
+        x1=stage_features([d0], row.prompt),
+        x2=stage_features([d0, d1], row.prompt),
+        xp=prompt_features(row.prompt),
+        y1=float(c0.correct),
+        y2=float(ok2),
+        agree=d0.key is not None and d0.key == d1.key,
+        prompt_chars=len(row.prompt),
+        draft_chars=d0.length,
+        ok1=c0.correct,
+        ok2=ok2,
+        ok_strong=ok_strong,
+        ok_ref=row.calls[reference].correct,
+        cost1=float(c0.cost),
+        cost2=float(c0.cost + c1.cost),
+        cost_strong=float(c0.cost + c1.cost + cs.cost),
+        cost_ref=float(row.calls[reference].cost),
+        fold=min(folds - 1, int(id_bucket(row.id, "gate-fold") * folds)),
     )
 
 
-def _cheapest(evals: Iterable[Evaluated], target: float) -> Evaluated | None:
-    ok = [e for e in evals if e.rel_quality >= target]
-    # Ties on cost go to the fewer voters: the same quality with fewer dependencies.
-    return min(ok, key=lambda e: (e.rel_cost, len(e.policy.cheap)), default=None)
+def _second(
+    rows: Sequence[_Prepared], train_i: Sequence[int], test_i: Sequence[int], l2: float
+) -> list[float]:
+    """Stage-2 P(right) of `test_i` from the agree and split gates fitted on `train_i`."""
+    ag = _fit(rows, [i for i in train_i if rows[i].agree], "x2", "y2", l2)
+    sp = _fit(rows, [i for i in train_i if not rows[i].agree], "x2", "y2", l2)
+    return [(ag if rows[i].agree else sp).prob(rows[i].x2) for i in test_i]
 
 
-def calibrate(
-    rows: Sequence[Row],
-    reference: str,
-    target_quality: float,
-    candidates: Sequence[CascadePolicy],
-) -> CascadePolicy:
-    """The cheapest candidate reaching the target on `rows`; if none does, the best-quality one."""
-    evals = [evaluate(p, rows, reference) for p in candidates]
-    best = _cheapest(evals, target_quality)
-    if best is None:
-        best = max(evals, key=lambda e: (e.rel_quality, -e.rel_cost))
-    return best.policy
+def _oof2(rows: Sequence[_Prepared], folds: int, l2: float) -> list[float]:
+    out = [0.0] * len(rows)
+    for f in range(folds):
+        train_i = [i for i, r in enumerate(rows) if r.fold != f]
+        test_i = [i for i, r in enumerate(rows) if r.fold == f]
+        for i, v in zip(test_i, _second(rows, train_i, test_i, l2), strict=True):
+            out[i] = v
+    return out
 
 
-def calibrate_fallback(
-    by_task: dict[str, Sequence[Row]],
-    reference: str,
-    target_quality: float,
-    candidates: Sequence[CascadePolicy],
-    *,
-    margin: float,
-    min_votes: int,
-) -> CascadePolicy:
-    """For unseen tasks: among cautious candidates (at least `min_votes` agreeing, no dissent), the
-    one with the lowest worst-case cost whose worst-case quality over the known tasks is at least
-    target + margin; without one, the most demanding cascade escalating to the reference."""
-    if not candidates:
-        raise ValueError("no candidate policies")
-    # With few voters on offer, ask for as much agreement as the candidates allow.
-    need = min(min_votes, max(p.min_votes for p in candidates))
-    # Escalate to the reference itself: another strong model's strengths may not carry to a new task.
-    cautious = [p for p in candidates if p.min_votes >= need and p.max_dissent == 0 and p.strong == reference]
-    cautious = cautious or [p for p in candidates if p.min_votes >= need and p.max_dissent == 0]
-    per_policy: list[Evaluated] = []
-    for p in cautious:
-        evals = [evaluate(p, rows, reference) for rows in by_task.values() if rows]
-        per_policy.append(Evaluated(p, min(e.rel_quality for e in evals), max(e.rel_cost for e in evals)))
-    best = _cheapest(per_policy, target_quality + margin)
-    if best is None:
-        best = max(per_policy, key=lambda e: (e.rel_quality, -e.rel_cost))
-    return best.policy
+def _oof(rows: Sequence[_Prepared], xs: str, ys: str, folds: int, l2: float) -> list[float]:
+    """Out-of-fold P(right): each row scored by a gate fitted without its fold."""
+    out = [0.0] * len(rows)
+    for f in range(folds):
+        train_i = [i for i, r in enumerate(rows) if r.fold != f]
+        test_i = [i for i, r in enumerate(rows) if r.fold == f]
+        if not test_i:
+            continue
+        model = _fit(rows, train_i, xs, ys, l2)
+        for i in test_i:
+            out[i] = model.prob(getattr(rows[i], xs))
+    return out
+
+
+def _fit(rows: Sequence[_Prepared], idx: Sequence[int], xs: str, ys: str, l2: float) -> Logistic:
+    x = [getattr(rows[i], xs) for i in idx]
+    y = [getattr(rows[i], ys) for i in idx]
+    if len(set(y)) < 2:  # one class only: a constant model at that class's (smoothed) rate
+        y = [*y, 1.0 - y[0]] if y else [0.0, 1.0]
+        x = [*x, x[0] if x else getattr(rows[0], xs)]
+    return fit_logistic(x, y, l2=l2)
+
+
+def _thresholds(ps: Sequence[float], n: int = 60) -> list[float]:
+    vals = sorted(set(ps))
+    if len(vals) > n:
+        vals = [vals[round(k * (len(vals) - 1) / (n - 1))] for k in range(n)]
+    return [*vals, NEVER]
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One threshold pair's outcome on calibration rows: cost in USD, quality in right answers."""
+
+    cost: float
+    quality: float
+    first: float
+    second: float
+
+
+def frontier(
+    rows: Sequence[_Prepared], p1: Sequence[float], p2: Sequence[float], *, first: bool
+) -> list[Point]:
+    """Every (first, second) threshold pair on a grid of score quantiles, with its cost and quality."""
+    import numpy as np
+
+    a1, a2 = np.asarray(p1, dtype=float), np.asarray(p2, dtype=float)
+    ok1 = np.array([r.ok1 for r in rows], dtype=float)
+    ok2 = np.array([r.ok2 for r in rows], dtype=float)
+    oks = np.array([r.ok_strong for r in rows], dtype=float)
+    c1 = np.array([r.cost1 for r in rows])
+    c2 = np.array([r.cost2 for r in rows])
+    cs = np.array([r.cost_strong for r in rows])
+    out: list[Point] = []
+    for t1 in _thresholds(p1) if first else [NEVER]:
+        acc1 = a1 >= t1
+        for t2 in _thresholds(p2):
+            acc2 = ~acc1 & (a2 >= t2)
+            esc = ~acc1 & ~acc2
+            q = float((ok1 * acc1 + ok2 * acc2 + oks * esc).sum())
+            c = float((c1 * acc1 + c2 * acc2 + cs * esc).sum())
+            out.append(Point(c, q, t1, t2))
+    return out
+
+
+def cheapest(points: Sequence[Point], need: float) -> Point:
+    """The cheapest point with quality >= need; if none, the best quality (cheapest among equals)."""
+    ok = [p for p in points if p.quality >= need - 1e-9]
+    if ok:
+        return min(ok, key=lambda p: (p.cost, -p.quality))
+    return max(points, key=lambda p: (p.quality, -p.cost))
+
+
+def pareto(points: Sequence[Point]) -> list[Point]:
+    """The points no other point beats on both cost and quality, by increasing cost."""
+    out: list[Point] = []
+    for p in sorted(points, key=lambda p: (p.cost, -p.quality)):
+        if not out or p.quality > out[-1].quality:
+            out.append(p)
+    return out
+
+
+def calibrate_joint(frontiers: dict[str, list[Point]], need: float) -> dict[str, Point]:
+    """One point per task, minimising total cost subject to total quality >= need (the metric is
+    quality over the mixture of seen tasks): an exact merge of the tasks' Pareto fronts. If no
+    combination reaches `need`, each task's best-quality point (cheapest among equals)."""
+    combos: list[tuple[float, float, dict[str, Point]]] = [(0.0, 0.0, {})]  # (cost, quality, pick)
+    for task, points in sorted(frontiers.items()):
+        merged = [
+            (c + p.cost, q + p.quality, {**sel, task: p}) for c, q, sel in combos for p in pareto(points)
+        ]
+        merged.sort(key=lambda m: (m[0], -m[1]))
+        combos = []
+        for m in merged:
+            if not combos or m[1] > combos[-1][1]:
+                combos.append(m)
+    ok = [m for m in combos if m[1] >= need - 1e-9]
+    if not ok:
+        return {t: cheapest(ps, math.inf) for t, ps in frontiers.items()}
+    return min(ok, key=lambda m: m[0])[2]
+
+
+def calibrate_unseen(points: Sequence[Point], need: float, tolerance: float) -> Point:
+    """For a task treated as unseen: the cheapest point reaching `need`, or, when the task cannot
+    reach it, the cheapest point within `tolerance` (in right answers) of its best quality."""
+    best = max(p.quality for p in points)
+    return cheapest(points, min(need, best - tolerance))
+
+
+def calibrate_classifier(rows: Sequence[_Prepared], p: Sequence[float], target: float) -> float:
+    """The lowest P(cheap right) threshold (cheapest routing) reaching the target, else NEVER."""
+    need = target * sum(r.ok_ref for r in rows)
+    best = NEVER
+    for t in sorted(_thresholds(p), reverse=True):
+        q = sum(r.ok1 if pi >= t else r.ok_ref for r, pi in zip(rows, p, strict=True))
+        if q >= need - 1e-9:
+            best = t
+    return best
 
 
 def train(
     rows: Sequence[Row],
     *,
     reference: str = GPT4O,
-    target_quality: float = 1.0,
-    holdout: float = 0.5,
+    target_quality: float = 0.99,
+    seen_margin: float = 0.01,
+    unseen_target: float = 1.0,
     unseen_margin: float = 0.01,
-    unseen_min_votes: int = 3,
-    candidates: Sequence[CascadePolicy] | None = None,
+    unseen_tolerance: float = 0.005,
+    ladder: tuple[str, str] = (MINI, FLASH),
+    strong: str | None = None,
+    folds: int = 5,
+    l2: float = 1.0,
+    cost_aware: bool = True,
 ) -> Router:
-    """Fit the scorer on one part of `rows`, calibrate the cascades on the held-back rest."""
+    """Fit the gates on all rows; calibrate thresholds on out-of-fold scores, per task and across
+    tasks for the unseen-task fallback."""
     if not rows:
         raise ValueError("no training rows")
-    candidates = list(candidates) if candidates is not None else candidate_policies()
-    fit_rows, cal_rows = split_rows(rows, 1.0 - holdout, salt="calibration")
-    if not cal_rows or not fit_rows:
-        fit_rows = cal_rows = list(rows)  # too little data to hold any back: calibrate in-sample
-    by_task: dict[str, list[Row]] = {}
-    for r in cal_rows:
-        by_task.setdefault(r.task, []).append(r)
-    policies = {t: calibrate(rs, reference, target_quality, candidates) for t, rs in by_task.items()}
-    fallback = calibrate_fallback(
-        dict(by_task.items()),
-        reference,
-        target_quality,
-        candidates,
-        margin=unseen_margin,
-        min_votes=unseen_min_votes,
+    strong = strong or reference
+    prep = [_prepare(r, ladder, strong, reference, folds) for r in rows]
+    tasks = sorted({p.task for p in prep})
+    by_task = {t: [i for i, p in enumerate(prep) if p.task == t] for t in tasks}
+
+    def first_scores(idx: Sequence[int], ps: Sequence[float], aware: bool = cost_aware) -> list[float]:
+        return [
+            accept_score(p, prep[i].prompt_chars, prep[i].draft_chars, cost_aware=aware)
+            for i, p in zip(idx, ps, strict=True)
+        ]
+
+    def second_scores(idx: Sequence[int], ps: Sequence[float], aware: bool = cost_aware) -> list[float]:
+        return [
+            s + (AGREE_BONUS if prep[i].agree else 0.0)
+            for i, s in zip(idx, first_scores(idx, ps, aware), strict=True)
+        ]
+
+    every = range(len(prep))
+    o1 = first_scores(every, _oof(prep, "x1", "y1", folds, l2))
+    o2p = _oof2(prep, folds, l2)
+    o2 = second_scores(every, o2p)
+    op = _oof(prep, "xp", "y1", folds, l2 * 30)
+    seen_need = target_quality + seen_margin
+    fronts = {
+        t: frontier([prep[i] for i in idx], [o1[i] for i in idx], [o2[i] for i in idx], first=True)
+        for t, idx in by_task.items()
+    }
+    ref_right = sum(p.ok_ref for p in prep)
+    chosen = calibrate_joint(fronts, seen_need * ref_right)
+    gates: dict[str, Gate] = {}
+    for t, idx in by_task.items():
+        sub = [prep[i] for i in idx]
+        tc = calibrate_classifier(sub, [op[i] for i in idx], seen_need)
+        gates[t] = Gate(chosen[t].first, chosen[t].second, tc, cost_aware)
+    # The fallback: each task scored by a gate that never saw it (if there are other tasks).
+    strictest = 0.0
+    strictest_cls = 0.0
+    unseen_need = unseen_target + unseen_margin
+    for t, idx in by_task.items():
+        others = [i for i, p in enumerate(prep) if p.task != t]
+        sub = [prep[i] for i in idx]
+        if others:
+            gp = _fit(prep, others, "xp", "y1", l2 * 30)
+            s2 = second_scores(idx, _second(prep, others, idx, l2), aware=False)
+            sp = [gp.prob(p.xp) for p in sub]
+        else:
+            s2 = second_scores(idx, [o2p[i] for i in idx], aware=False)
+            sp = [op[i] for i in idx]
+        points = frontier(sub, [0.0] * len(sub), s2, first=False)
+        ref_t = sum(p.ok_ref for p in sub)
+        strictest = max(
+            strictest, calibrate_unseen(points, unseen_need * ref_t, unseen_tolerance * ref_t).second
+        )
+        strictest_cls = max(strictest_cls, calibrate_classifier(sub, sp, unseen_need))
+    # An unknown task never takes a lone draft, nor one the other cheap model contradicts.
+    # Its scores are plain P(right): a new task's cost scale is unknown.
+    fallback = Gate(NEVER, max(strictest, AGREE_BONUS), strictest_cls, cost_aware=False)
+    all_i = list(range(len(prep)))
+    return Router(
+        reference=reference,
+        target_quality=target_quality,
+        ladder=ladder,
+        strong=strong,
+        first_gate=_fit(prep, all_i, "x1", "y1", l2),
+        agree_gate=_fit(prep, [i for i in all_i if prep[i].agree], "x2", "y2", l2),
+        split_gate=_fit(prep, [i for i in all_i if not prep[i].agree], "x2", "y2", l2),
+        prompt_gate=_fit(prep, all_i, "xp", "y1", l2 * 30),
+        gates=gates,
+        fallback=fallback,
+        meta={"rows": {t: len(i) for t, i in by_task.items()}, "folds": folds},
     )
-    voters = (MINI, *(m for m in CHEAP_MODELS if m != MINI))
-    pair_scorer = fit_scorer(fit_rows, voters, anchored=True)
-    return Router(reference, target_quality, policies, fallback, pair_scorer)

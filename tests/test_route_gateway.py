@@ -233,3 +233,149 @@ def test_the_reservation_covers_every_call_a_cascade_may_make(tmp_path, openai_u
     assert "every call cascade route 'cascade' may make (gpt-4o-mini, gpt-4o)" in message
     # Reserved: the prompt and 100 output tokens on gpt-4o-mini *and* on gpt-4o.
     assert "cap of $0.001 per request" in message
+
+
+# --- routes driven by a trained router artifact ---------------------------------------------
+
+ROUTER_MINI, ROUTER_FLASH, ROUTER_4O = "gpt-4o-mini-2024-07-18", "gemini-1.5-flash", "gpt-4o-2024-08-06"
+FLASH_ID = "gemini-1.5-flash"
+# gemini-1.5-flash at the README's list prices, 0.075 / 0.30 USD per million tokens.
+FLASH = (42 * Decimal("0.075") + 9 * Decimal("0.3")) / 10**6
+
+
+def _hand_router(path: Path) -> None:
+    """Known task "t": a lone gpt-4o-mini draft is never trusted (P = 0.5 < 0.9), agreement with
+    flash is accepted, a disagreement escalates; unknown tasks need P >= 0.99 on agreement (never
+    met: P = 0.95). The classifier sends known-task prompts to gpt-4o-mini (P = 0.8 >= 0.7)."""
+    import math
+
+    from thrifty.routing.train.gate import Logistic, parse, prompt_features, stage_features
+    from thrifty.routing.train.router import AGREE_BONUS, NEVER, Gate, Router
+
+    def constant(p: float, dim: int) -> Logistic:
+        return Logistic((0.0,) * dim, (1.0,) * dim, (0.0,) * dim, math.log(p / (1 - p)))
+
+    d = parse('{"answer": "4"}', "t")
+    one, two, prompt = (
+        len(stage_features([d], "q")),
+        len(stage_features([d, d], "q")),
+        len(prompt_features("q")),
+    )
+    Router(
+        reference=ROUTER_4O,
+        target_quality=0.99,
+        ladder=(ROUTER_MINI, ROUTER_FLASH),
+        strong=ROUTER_4O,
+        first_gate=constant(0.5, one),
+        agree_gate=constant(0.95, two),
+        split_gate=constant(0.05, two),
+        prompt_gate=constant(0.8, prompt),
+        gates={"t": Gate(0.9, AGREE_BONUS, 0.7, cost_aware=False)},
+        fallback=Gate(NEVER, AGREE_BONUS + 0.99, NEVER, cost_aware=False),
+    ).save(path)
+
+
+@pytest.fixture
+def learned(tmp_path: Path, openai_upstream):
+    artifact = tmp_path / "router.json"
+    _hand_router(artifact)
+    models = {
+        **openai_models(),
+        "flash": {
+            "provider": "up",
+            "upstream": FLASH_ID,
+            "price": {"input_per_mtok": "0.075", "output_per_mtok": "0.3"},
+        },
+    }
+    router = {
+        "path": str(artifact),
+        "models": {ROUTER_MINI: "gpt-4o-mini", ROUTER_FLASH: "flash", ROUTER_4O: "gpt-4o"},
+    }
+    settings = base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": openai_upstream.base_url}},
+        models=models,
+        routes={
+            "learned": {"model": "gpt-4o-mini", "strategy": "cascade", "router": router},
+            "picked": {"model": "gpt-4o-mini", "strategy": "classifier", "router": router},
+        },
+        resilience={"max_retries": 0},
+    )
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
+        yield server
+
+
+def test_a_trained_router_accepts_agreement_and_records_each_step(learned, openai_upstream, tmp_path):
+    openai_upstream.by_model[MINI_ID] = [Reply(text='{"answer": "4"}')]
+    openai_upstream.by_model[FLASH_ID] = [Reply(text='{"reasoning": "2+2", "answer": 4}')]
+    resp = _ask(learned, "learned", headers={"x-thrifty-task": "t"})
+    assert resp.parse().choices[0].message.content == '{"answer": "4"}'
+    assert resp.headers["x-thrifty-model"] == "gpt-4o-mini"
+    assert Decimal(resp.headers["x-thrifty-cost-usd"]) == MINI + FLASH
+    (row,) = ledger_rows(tmp_path / "ledger.db")
+    mini, flash = _attempts(row)
+    assert (mini["model"], mini["role"]) == ("gpt-4o-mini", "answer") and mini["gate"].startswith(
+        "pass: mini and flash agree"
+    )
+    assert (flash["model"], flash["role"], Decimal(flash["cost_usd"])) == ("flash", "draft", FLASH)
+    assert row["escalated"] == 0 and row["model"] == "gpt-4o-mini"
+
+
+def test_a_trained_router_escalates_on_disagreement_and_on_an_unknown_task(
+    learned, openai_upstream, tmp_path
+):
+    openai_upstream.by_model[MINI_ID] = [Reply(text='{"answer": "4"}'), Reply(text='{"answer": "4"}')]
+    openai_upstream.by_model[FLASH_ID] = [Reply(text='{"answer": "5"}'), Reply(text='{"answer": "4"}')]
+    openai_upstream.by_model[BIG_ID] = [Reply(text='{"answer": "4"}'), Reply(text='{"answer": "4"}')]
+    disagree = _ask(learned, "learned", headers={"x-thrifty-task": "t"})
+    unknown = _ask(learned, "learned")  # no task: agreement is not enough for the cautious fallback
+    for resp in (disagree, unknown):
+        assert resp.headers["x-thrifty-model"] == "gpt-4o"
+        assert Decimal(resp.headers["x-thrifty-cost-usd"]) == MINI + FLASH + BIG
+    rows = ledger_rows(tmp_path / "ledger.db")
+    assert [r["escalated"] for r in rows] == [1, 1]
+    mini, flash, big = _attempts(rows[0])
+    assert mini["gate"].startswith("fail: mini unsure") and flash["gate"].startswith(
+        "fail: mini and flash disagree"
+    )
+    assert (big["role"], big["gate"]) == ("answer", "pass: escalated: 4o answers")
+    assert "unknown task" in _attempts(rows[1])[1]["gate"]
+
+
+def test_a_trained_classifier_picks_the_tier_before_the_call_and_streams_it_live(
+    learned, openai_upstream, tmp_path
+):
+    client = openai.OpenAI(base_url=learned.base_url, api_key=KEYS["acme"], max_retries=0)
+    openai_upstream.by_model[MINI_ID] = [Reply(text='{"answer": "4"}')]
+    text = ""
+    for chunk in client.chat.completions.create(
+        model="route:picked",
+        messages=[{"role": "user", "content": "2+2?"}],
+        stream=True,
+        extra_headers={"x-thrifty-task": "t"},
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+    assert text == '{"answer": "4"}' and openai_upstream.requests[-1]["stream"] is True
+    assert _ask(learned, "picked").headers["x-thrifty-model"] == "gpt-4o"  # unknown task: the strong tier
+    rows = ledger_rows(tmp_path / "ledger.db")
+    assert [(r["model"], r["escalated"]) for r in rows] == [("gpt-4o-mini", 0), ("gpt-4o", 1)]
+    assert _attempts(rows[0])[0]["gate"].startswith("classifier: P(mini right)=0.800")
+
+
+def test_a_router_naming_unmapped_models_is_refused_at_start(tmp_path, openai_upstream):
+    from thrifty.errors import ConfigError
+    from thrifty.gateway import Gateway
+
+    artifact = tmp_path / "router.json"
+    _hand_router(artifact)
+    settings = base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": openai_upstream.base_url}},
+        models=openai_models(),
+        routes={
+            "learned": {"model": "gpt-4o-mini", "strategy": "cascade", "router": {"path": str(artifact)}}
+        },
+    )
+    with pytest.raises(ConfigError, match=r"map them in routes\.learned\.router\.models"):
+        Gateway(settings)

@@ -30,7 +30,7 @@ from thrifty.providers.call import CallProvider
 from thrifty.providers.registry import build_providers
 from thrifty.providers.resilience import Resilience
 from thrifty.routing.resolve import ROUTE_PREFIX, ResolveModel
-from thrifty.routing.stage import RouteStage, possible_calls
+from thrifty.routing.stage import RouteStage
 from thrifty.settings import Settings
 from thrifty.stores.keys import SqliteKeyStore, hash_key
 from thrifty.stores.ledger import LedgerWriter
@@ -114,6 +114,7 @@ class Gateway:
             settings.tenants,
             refuse_unpriced=unpriced if settings.pricing.reject_unpriced else frozenset(),
         )
+        self.router = RouteStage(settings.routes, self.targets)
         self.budget_plan = BudgetPlan(settings)
         self.budget_book = BudgetBook()
         spend_guard = self._spend_guard = SpendGuard(
@@ -124,9 +125,8 @@ class Gateway:
             plan=self.budget_plan,
             book=self.budget_book,
             on_spend=self._budget_alerts,
-            route_calls={name: possible_calls(r) for name, r in settings.routes.items()},
+            route_calls={name: self.router.possible_calls(name, r) for name, r in settings.routes.items()},
         )
-        self.router = RouteStage(settings.routes, self.targets)
         self.alerts: AlertService | None = None
         self.exact_cache = ExactCacheStage(settings.routes, self.catalog)
         self.semantic_cache = SemanticCacheStage(settings.routes, self.catalog)

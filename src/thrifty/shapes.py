@@ -8,6 +8,18 @@ from typing import Any
 from thrifty.providers.base import StreamChunk
 
 
+def last_user_message_text(messages: Any) -> str | None:
+    """The text of the latest user message (text parts joined), wherever it is in the conversation."""
+    for message in reversed(messages or ()):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return None
+
+
 async def stream_from(chunks: list[StreamChunk]) -> AsyncIterator[StreamChunk]:
     for chunk in chunks:
         yield chunk

@@ -22,23 +22,13 @@ import orjson
 from thrifty.errors import ConfigError, NotFound
 from thrifty.providers.base import StreamChunk
 from thrifty.settings import ProviderSettings
+from thrifty.shapes import last_user_message_text
 from thrifty.tokens import TokenCounter, encoding_for_model
 from thrifty.types import ModelTarget, UpstreamResult, Usage
 
 
 def _messages_key(model: str, messages: Any) -> str:
     return hashlib.sha256(orjson.dumps([model, messages], option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-def _last_user_text(messages: Any) -> str | None:
-    for message in reversed(messages or ()):
-        if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, str):
-                return content
-            if isinstance(content, list):
-                return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return None
 
 
 def _jsonl_files(paths: Iterable[str]) -> list[Path]:
@@ -118,7 +108,7 @@ class ReplayProvider:
         recorded = self._index.recordings.get(_messages_key(target.upstream_model, messages))
         if recorded is not None:
             return dict(recorded)
-        prompt = _last_user_text(messages)
+        prompt = last_user_message_text(messages)
         outputs = self._index.by_prompt.get(prompt) if prompt is not None else None
         if outputs is None:
             raise NotFound(

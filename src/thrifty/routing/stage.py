@@ -12,19 +12,25 @@ final tier, which no gate can overrule, streams live.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from thrifty.errors import ThriftyError
+from thrifty.errors import ConfigError, ThriftyError
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
-from thrifty.routing.gates import Draft, Gate, Verdict, build_gate, judge_all
+from thrifty.providers.base import StreamChunk, close_stream
+from thrifty.routing.gates import Draft, Gate, Verdict, build_gate, judge_all, reply_text
+from thrifty.routing.train.router import Router
+from thrifty.routing.train.step import Accept, CallModel
+from thrifty.routing.train.step import Draft as RouterDraft
 from thrifty.settings import RouteSettings
-from thrifty.shapes import as_chunks, stream_from
+from thrifty.shapes import as_chunks, last_user_message_text, stream_from
 from thrifty.types import AttemptRole, ModelTarget
 
 # A 4xx other than these means the request itself is wrong: another tier would refuse it too.
 _ESCALATE_ON = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# A trained router that keeps asking for calls is a bug; the gateway stops it here.
+MAX_ROUTER_CALLS = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +49,38 @@ def cascade_plan(route: RouteSettings) -> CascadePlan:
         include_rejected_draft=route.include_rejected_draft,
         wants_logprobs=any(g.kind == "logprob" for g in route.gates),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class LearnedPlan:
+    """A route driven by a trained router: it names each call and which draft to return."""
+
+    router: Router
+    task: str | None
+    aliases: dict[str, str]  # the artifact's model ids -> this gateway's aliases
+
+    @property
+    def strong_alias(self) -> str:
+        return self.aliases[self.router.strong]
+
+
+def learned_plan(name: str, route: RouteSettings, targets: Mapping[str, ModelTarget]) -> LearnedPlan:
+    assert route.router is not None
+    try:
+        router = Router.load(route.router.path).with_strategy(route.strategy)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"routes.{name}.router: cannot load {route.router.path!r} "
+            f"(make one with `thrifty route train`): {err}"
+        ) from err
+    aliases = {m: route.router.models.get(m, m) for m in sorted(router.models())}
+    missing = sorted(m for m, alias in aliases.items() if alias not in targets)
+    if missing:
+        raise ConfigError(
+            f"routes.{name}.router: the router calls {', '.join(missing)}, which are not model aliases here; "
+            f"map them in routes.{name}.router.models (artifact id: alias)"
+        )
+    return LearnedPlan(router, route.router.task, aliases)
 
 
 def possible_calls(route: RouteSettings) -> list[str]:
@@ -77,10 +115,24 @@ class RouteStage:
         self._cascades = {
             name: cascade_plan(r) for name, r in routes.items() if r.strategy == "cascade" and r.tiers
         }
+        self._learned = {
+            name: learned_plan(name, r, targets)
+            for name, r in routes.items()
+            if r.router is not None and r.strategy != "fixed" and not r.tiers
+        }
 
     @property
     def active(self) -> bool:
-        return bool(self._pins or self._cascades)
+        return bool(self._pins or self._cascades or self._learned)
+
+    def possible_calls(self, name: str, route: RouteSettings) -> list[str]:
+        """Every model alias one request on the route may call, once per call (worst-case cost)."""
+        learned = self._learned.get(name)
+        if learned is None:
+            return possible_calls(route)
+        if learned.router.strategy == "classifier":
+            return []  # one call, to the dearest model it may pick: the usual worst case covers it
+        return sorted(learned.aliases.values())
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
         if ctx.route is None:
@@ -89,10 +141,69 @@ class RouteStage:
         if pinned is not None:
             ctx.target = self._targets[pinned]
             return await call_next(ctx)
+        learned = self._learned.get(ctx.route)
+        if learned is not None:
+            return await self._run_learned(ctx, call_next, learned)
         plan = self._cascades.get(ctx.route)
         if plan is None:
             return await call_next(ctx)
         return await self._cascade(ctx, call_next, plan)
+
+    async def _run_learned(self, ctx: RequestContext, call_next: Handler, plan: LearnedPlan) -> Result:
+        task = ctx.tags.task or plan.task
+        prompt = last_user_message_text(ctx.body.get("messages")) or ""
+        router = plan.router
+        if router.strategy == "classifier":
+            # One call, chosen before it is made: nothing to judge afterwards, so it streams live.
+            first = router.next_step(task, prompt, [])
+            assert isinstance(first, CallModel)
+            mark = len(ctx.attempts)
+            result = await self.call(
+                ctx, call_next, plan.aliases[first.model], ctx.body, stream=ctx.stream, role="answer"
+            )
+            ctx.escalated = first.model == router.strong
+            if isinstance(result, Streamed):
+                # A streamed call's attempt is recorded when its stream ends.
+                return Streamed(_then(result.chunks, lambda: _note(ctx, mark, first.reason)))
+            _note(ctx, mark, first.reason)
+            return result
+        drafts: list[RouterDraft] = []
+        responses: list[dict[str, Any] | None] = []
+        attempt_of: list[int | None] = []  # index in ctx.attempts of each draft's successful call
+        while True:
+            step = router.next_step(task, prompt, drafts)
+            if isinstance(step, Accept) or len(drafts) >= MAX_ROUTER_CALLS:
+                index = step.index if isinstance(step, Accept) else _last_answered(responses)
+                response = responses[index] if index is not None else None
+                if response is None or index is None:
+                    raise AssertionError("the router accepted a draft that has no reply")
+                self._mark(ctx, attempt_of, index, f"pass: {step.reason}", role="answer")
+                ctx.escalated = any(d.model == router.strong for d in drafts)
+                return self.deliver(ctx, response)
+            if drafts:
+                self._mark(ctx, attempt_of, len(drafts) - 1, f"fail: {step.reason}", role="draft")
+            alias = plan.aliases[step.model]
+            try:
+                result = await self.call(ctx, call_next, alias, ctx.body, stream=False, role="draft")
+            except ThriftyError as err:
+                if err.status not in _ESCALATE_ON or step.model == router.strong:
+                    raise
+                drafts.append(RouterDraft(step.model, ""))  # no reply: the router treats it as no answer
+                responses.append(None)
+                attempt_of.append(None)
+                continue
+            assert isinstance(result, Completion)
+            drafts.append(RouterDraft(step.model, reply_text(result.body)))
+            responses.append(result.body)
+            attempt_of.append(len(ctx.attempts) - 1)
+
+    @staticmethod
+    def _mark(
+        ctx: RequestContext, attempt_of: list[int | None], draft: int, gate: str, role: AttemptRole
+    ) -> None:
+        j = attempt_of[draft]
+        if j is not None:
+            ctx.attempts[j] = dataclasses.replace(ctx.attempts[j], gate=gate, role=role)
 
     async def _cascade(self, ctx: RequestContext, call_next: Handler, plan: CascadePlan) -> Result:
         body = ctx.body
@@ -182,10 +293,36 @@ class RouteStage:
                 return
 
 
+def _note(ctx: RequestContext, mark: int, gate: str) -> None:
+    for j in range(mark, len(ctx.attempts)):
+        ctx.attempts[j] = dataclasses.replace(ctx.attempts[j], gate=gate)
+
+
+async def _then(chunks: AsyncIterator[StreamChunk], after: Callable[[], None]) -> AsyncIterator[StreamChunk]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        await close_stream(chunks)
+        after()
+
+
+def _last_answered(responses: list[dict[str, Any] | None]) -> int | None:
+    return next((i for i in range(len(responses) - 1, -1, -1) if responses[i] is not None), None)
+
+
 def _without_logprobs(response: dict[str, Any]) -> dict[str, Any]:
     """Logprobs thrifty asked for on its own account are not shown to a client that did not ask."""
     choices = [{**c, "logprobs": None} for c in response.get("choices") or ()]
     return {**response, "choices": choices}
 
 
-__all__ = ["CascadePlan", "RouteStage", "cascade_plan", "possible_calls", "with_feedback"]
+__all__ = [
+    "CascadePlan",
+    "LearnedPlan",
+    "RouteStage",
+    "cascade_plan",
+    "learned_plan",
+    "possible_calls",
+    "with_feedback",
+]

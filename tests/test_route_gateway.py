@@ -379,3 +379,38 @@ def test_a_router_naming_unmapped_models_is_refused_at_start(tmp_path, openai_up
     )
     with pytest.raises(ConfigError, match=r"map them in routes\.learned\.router\.models"):
         Gateway(settings)
+
+
+def test_a_learned_answer_scorer_gates_a_hand_made_cascade(tmp_path, openai_upstream):
+    artifact = tmp_path / "router.json"
+    _hand_router(artifact)  # its first-tier scorer says P(right) = 0.5 for any draft
+
+    def settings(threshold: float):
+        route = {
+            "model": "gpt-4o-mini",
+            "strategy": "cascade",
+            "tiers": ["gpt-4o-mini", "gpt-4o"],
+            "gates": [{"kind": "router_scorer", "threshold": threshold}],
+            "router": {"path": str(artifact), "task": "t"},
+        }
+        return base_settings(
+            tmp_path,
+            providers={"up": {"kind": "openai", "base_url": openai_upstream.base_url}},
+            models=openai_models(),
+            routes={"scored": route},
+        )
+
+    for threshold, answered_by in ((0.4, "gpt-4o-mini"), (0.6, "gpt-4o")):
+        with BackgroundServer(settings(threshold), secrets={"up": UPSTREAM_KEY}) as server:
+            assert _ask(server, "scored").headers["x-thrifty-model"] == answered_by
+    first, second = ledger_rows(tmp_path / "ledger.db")
+    assert _attempts(first)[0]["gate"] == "pass: router_scorer: P(right) 0.500 vs 0.4"
+    assert _attempts(second)[0]["gate"] == "fail: router_scorer: P(right) 0.500 vs 0.6"
+    import pydantic
+
+    from thrifty.settings import RouteSettings
+
+    with pytest.raises(pydantic.ValidationError, match="router_scorer gate needs router"):
+        RouteSettings.model_validate(
+            {"model": "m", "strategy": "cascade", "tiers": ["a", "b"], "gates": [{"kind": "router_scorer"}]}
+        )

@@ -204,6 +204,8 @@ class RouteSettings(_Strict):
             raise ValueError("strategy cascade needs tiers (two or more model aliases) or a trained router")
         if self.strategy == "fixed" and (self.tiers or self.gates):
             raise ValueError("tiers and gates apply to strategy cascade only")
+        if any(g.kind == "router_scorer" for g in self.gates) and self.router is None:
+            raise ValueError("a router_scorer gate needs router: {path: ...} (from `thrifty route train`)")
         return self
 
 

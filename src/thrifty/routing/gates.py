@@ -21,7 +21,9 @@ import jsonschema
 import pydantic
 
 from thrifty.errors import ConfigError
+from thrifty.routing.train.router import Router
 from thrifty.settings import GateSettings
+from thrifty.shapes import last_user_message_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +242,22 @@ class PythonGate:
         return Verdict(bool(outcome), f"{self._name}: {'pass' if outcome else 'fail'}")
 
 
-def build_gate(settings: GateSettings) -> Gate:
+class RouterScorerGate:
+    """FrugalGPT-style: a learned P(the draft is right | prompt, draft), from a trained router's
+    first-tier scorer, accepted at or above a threshold."""
+
+    def __init__(self, router: Router, task: str | None, threshold: float) -> None:
+        self._router = router
+        self._task = task
+        self._threshold = threshold
+
+    async def judge(self, draft: Draft, ask: Ask) -> Verdict:
+        prompt = last_user_message_text(draft.request.get("messages")) or ""
+        p = self._router.draft_confidence(self._task, prompt, draft.text)
+        return Verdict(p >= self._threshold, f"router_scorer: P(right) {p:.3f} vs {self._threshold}")
+
+
+def build_gate(settings: GateSettings, router: Router | None = None, task: str | None = None) -> Gate:
     kind = settings.kind
     if kind == "json_schema":
         assert settings.json_schema is not None
@@ -259,7 +276,9 @@ def build_gate(settings: GateSettings) -> Gate:
     if kind == "python":
         assert settings.target is not None
         return PythonGate(settings.target)
-    raise ConfigError(f"gate kind {kind!r} needs a trained router on the route (router: path: ...)")
+    if router is None:
+        raise ConfigError("a router_scorer gate needs a trained router on the route (router: {path: ...})")
+    return RouterScorerGate(router, task, settings.threshold if settings.threshold is not None else 0.9)
 
 
 async def judge_all(gates: Sequence[Gate], draft: Draft, ask: Ask) -> Verdict:
@@ -282,6 +301,7 @@ __all__ = [
     "LogprobGate",
     "PydanticGate",
     "PythonGate",
+    "RouterScorerGate",
     "SelfConfidenceGate",
     "Verdict",
     "build_gate",

@@ -41,14 +41,27 @@ class CascadePlan:
     wants_logprobs: bool
 
 
-def cascade_plan(route: RouteSettings) -> CascadePlan:
+def cascade_plan(name: str, route: RouteSettings) -> CascadePlan:
     limit = route.max_escalations if route.max_escalations is not None else len(route.tiers) - 1
+    router = load_router(name, route) if route.router is not None else None
+    task = route.router.task if route.router is not None else None
     return CascadePlan(
         tiers=tuple(route.tiers[: limit + 1]),
-        gates=tuple(build_gate(g) for g in route.gates),
+        gates=tuple(build_gate(g, router, task) for g in route.gates),
         include_rejected_draft=route.include_rejected_draft,
         wants_logprobs=any(g.kind == "logprob" for g in route.gates),
     )
+
+
+def load_router(name: str, route: RouteSettings) -> Router:
+    assert route.router is not None
+    try:
+        return Router.load(route.router.path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"routes.{name}.router: cannot load {route.router.path!r} "
+            f"(make one with `thrifty route train`): {err}"
+        ) from err
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +79,7 @@ class LearnedPlan:
 
 def learned_plan(name: str, route: RouteSettings, targets: Mapping[str, ModelTarget]) -> LearnedPlan:
     assert route.router is not None
-    try:
-        router = Router.load(route.router.path).with_strategy(route.strategy)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ConfigError(
-            f"routes.{name}.router: cannot load {route.router.path!r} "
-            f"(make one with `thrifty route train`): {err}"
-        ) from err
+    router = load_router(name, route).with_strategy(route.strategy)
     aliases = {m: route.router.models.get(m, m) for m in sorted(router.models())}
     missing = sorted(m for m, alias in aliases.items() if alias not in targets)
     if missing:
@@ -113,7 +120,7 @@ class RouteStage:
         self._targets = dict(targets)
         self._pins = {name: dict(r.pin) for name, r in routes.items() if r.pin}
         self._cascades = {
-            name: cascade_plan(r) for name, r in routes.items() if r.strategy == "cascade" and r.tiers
+            name: cascade_plan(name, r) for name, r in routes.items() if r.strategy == "cascade" and r.tiers
         }
         self._learned = {
             name: learned_plan(name, r, targets)

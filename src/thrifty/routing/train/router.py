@@ -140,6 +140,10 @@ class Router:
     def known(self, task: str | None) -> bool:
         return task is not None and task in self.gates
 
+    def draft_confidence(self, task: str | None, prompt: str, output: str) -> float:
+        """P(a lone first-tier draft is right), from the prompt and the draft (a scorer gate)."""
+        return self.first_gate.prob(stage_features([parse(output, task)], prompt))
+
     def next_step(self, task: str | None, prompt: str, drafts: Sequence[Draft]) -> Step:
         """The next call to make, or which draft to return. Pure: same inputs, same step."""
         gate = self.gate_for(task)

@@ -162,9 +162,10 @@ def test_demo_on_the_shared_data_or_synthetic(tmp_path: Path):
     else:
         out = _thrifty(*args, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    # 60 mixed, 20 prompts twice (cascade and gpt-4o), 60 seeds and 20 lookups.
-    assert "spend by tenant" in out.stdout and "ledger rows: 180 for 180 requests sent" in out.stdout
-    assert "cascade gpt-4o-mini → gpt-4o" in out.stdout and "of its cost" in out.stdout
+    # 60 mixed, 20 prompts three times (two cascades and gpt-4o), 60 seeds and 20 lookups.
+    assert "spend by tenant" in out.stdout and "ledger rows: 200 for 200 requests sent" in out.stdout
+    assert "gpt-4o-mini → gpt-4o when gemini-1.5-flash disagrees" in out.stdout
+    assert "trained router (" in out.stdout and "of its cost" in out.stdout
     assert "later askers in other words" in out.stdout
 
 
@@ -175,7 +176,8 @@ def test_demo_without_data_says_synthetic(tmp_path: Path):
     # 30 mixed, 12 prompts twice (24), 6 synthetic first askers and 12 later askers.
     assert "ledger rows: 72 for 72 requests sent" in out.stdout
     # Every sixth synthetic sum is wrong on gpt-4o-mini: the voter disagrees and gpt-4o answers.
-    assert "accuracy 100.0% vs always-gpt-4o 100.0%" in out.stdout
+    assert "always-gpt-4o: accuracy 100.0%" in out.stdout
+    assert "when gemini-1.5-flash disagrees: accuracy 100.0%" in out.stdout
 
 
 def test_serve_with_invalid_settings_fails_at_start_naming_the_field(tmp_path: Path):

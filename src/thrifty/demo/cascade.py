@@ -1,8 +1,10 @@
-"""Demo phase: a cascade on real recorded outputs, against always calling the strong model.
+"""Demo phase: cascades on real recorded outputs, against always calling the strong model.
 
-Every prompt goes to `route:math` (gpt-4o-mini drafts, gemini-1.5-flash is asked the same question,
-and gpt-4o answers when their `answer` fields differ) and, for comparison, straight to gpt-4o.
-Both replies are scored against the prompt's reference answer, and the ledger says what each cost.
+Every prompt goes to three places: `route:math` (a hand-made cascade: gpt-4o-mini drafts,
+gemini-1.5-flash is asked the same question, gpt-4o answers when their `answer` fields differ),
+`route:math-learned` (the same three models, driven by a router trained on recorded prompts the
+demo does not send), and straight to gpt-4o. Every reply is scored against the prompt's reference
+answer, and the ledger says what each cost.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,14 +23,32 @@ from thrifty.routing.train.extract import answer_key, normalise
 
 CHEAP, STRONG, VOTER = "gpt-4o-mini", "gpt-4o", "gemini-1.5-flash"
 UPSTREAM = {CHEAP: "gpt-4o-mini-2024-07-18", STRONG: "gpt-4o-2024-08-06", VOTER: "gemini-1.5-flash"}
-ROUTE = "math"
+ROUTE, LEARNED_ROUTE = "math", "math-learned"
 ROUTE_SETTINGS: dict[str, Any] = {
     "model": CHEAP,
     "strategy": "cascade",
     "tiers": [CHEAP, STRONG],
     "gates": [{"kind": "agreement", "field": "answer", "voters": [VOTER]}],
 }
-FEATURE_CASCADE, FEATURE_BASELINE = "cascade", "always-gpt-4o"
+FEATURE_CASCADE, FEATURE_LEARNED, FEATURE_BASELINE = "cascade", "learned-cascade", "always-gpt-4o"
+
+
+def learned_route_settings(router_path: Path) -> dict[str, Any]:
+    models = {upstream: alias for alias, upstream in UPSTREAM.items()}
+    return {"model": CHEAP, "strategy": "cascade", "router": {"path": str(router_path), "models": models}}
+
+
+def train_router(files: list[str], held_out: list[Prompt], out: Path) -> int:
+    """Train on every recorded prompt except those the demo will send; the rows it learned from."""
+    from thrifty.routing.train.data import load_rows
+    from thrifty.routing.train.router import train
+
+    sent = {p.text for p in held_out}
+    rows = [
+        r for r in load_rows(files) if r.prompt not in sent and all(m in r.calls for m in UPSTREAM.values())
+    ]
+    train(rows).save(out)
+    return len(rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +59,19 @@ class Prompt:
 
 
 @dataclass
+class Tally:
+    correct: int = 0
+    usd: Decimal = Decimal(0)
+    escalated: int = 0
+
+
+@dataclass
 class CascadeStats:
     prompts: int = 0
-    cascade_correct: int = 0
-    baseline_correct: int = 0
-    escalated: int = 0
-    cascade_usd: Decimal = Decimal(0)
-    baseline_usd: Decimal = Decimal(0)
+    by_route: dict[str, Tally] = field(default_factory=dict)
+
+    def tally(self, name: str) -> Tally:
+        return self.by_route.setdefault(name, Tally())
 
 
 def load_prompts(files: list[str], n: int, seed: int = 11) -> list[Prompt]:
@@ -66,36 +92,40 @@ def correct(reply: str, prompt: Prompt) -> bool:
 
 
 async def drive_cascade(
-    base_url: str, key: str, prompts: list[Prompt], progress: Callable[[], None], concurrency: int = 8
+    base_url: str,
+    key: str,
+    prompts: list[Prompt],
+    progress: Callable[[], None],
+    *,
+    learned: bool,
+    concurrency: int = 8,
 ) -> CascadeStats:
     import openai
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
     stats = CascadeStats()
     semaphore = asyncio.Semaphore(concurrency)
+    targets = [(f"route:{ROUTE}", FEATURE_CASCADE), (STRONG, FEATURE_BASELINE)]
+    if learned:
+        targets.insert(1, (f"route:{LEARNED_ROUTE}", FEATURE_LEARNED))
 
-    async def ask(model: str, feature: str, prompt: Prompt) -> tuple[bool, Decimal, bool]:
+    async def ask(model: str, feature: str, prompt: Prompt) -> None:
         async with semaphore:
             raw = await client.chat.completions.with_raw_response.create(
                 model=model,
                 messages=[{"role": "user", "content": prompt.text}],
                 temperature=0,
-                extra_headers={"x-thrifty-feature": feature},
+                # The app knows what kind of work it asks for; routes calibrated per task use it.
+                extra_headers={"x-thrifty-feature": feature, "x-thrifty-task": prompt.task},
             )
-        reply = raw.parse().choices[0].message.content or ""
-        escalated = raw.headers.get("x-thrifty-model") == STRONG and model != STRONG
-        return correct(reply, prompt), Decimal(raw.headers["x-thrifty-cost-usd"]), escalated
+        tally = stats.tally(feature)
+        tally.correct += correct(raw.parse().choices[0].message.content or "", prompt)
+        tally.usd += Decimal(raw.headers["x-thrifty-cost-usd"])
+        tally.escalated += raw.headers.get("x-thrifty-model") == STRONG and model != STRONG
 
     async def one(prompt: Prompt) -> None:
-        (c_ok, c_usd, escalated), (b_ok, b_usd, _) = await asyncio.gather(
-            ask(f"route:{ROUTE}", FEATURE_CASCADE, prompt), ask(STRONG, FEATURE_BASELINE, prompt)
-        )
+        await asyncio.gather(*(ask(model, feature, prompt) for model, feature in targets))
         stats.prompts += 1
-        stats.cascade_correct += c_ok
-        stats.baseline_correct += b_ok
-        stats.escalated += escalated
-        stats.cascade_usd += c_usd
-        stats.baseline_usd += b_usd
         progress()
 
     await asyncio.gather(*(one(p) for p in prompts))
@@ -103,15 +133,25 @@ async def drive_cascade(
     return stats
 
 
-def summary(stats: CascadeStats) -> str:
-    if not stats.prompts or not stats.baseline_correct or not stats.baseline_usd:
-        return "cascade: no prompts answered"
-    return (
-        f"cascade {CHEAP} → {STRONG} (gate: {VOTER} agrees on the answer), {stats.prompts} recorded prompts: "
-        f"accuracy {stats.cascade_correct / stats.prompts:.1%} vs always-{STRONG} "
-        f"{stats.baseline_correct / stats.prompts:.1%} "
-        f"({stats.cascade_correct / stats.baseline_correct:.1%} of its quality) at "
-        f"${stats.cascade_usd:.4f} vs ${stats.baseline_usd:.4f} "
-        f"({stats.cascade_usd / stats.baseline_usd:.1%} of its cost); "
-        f"escalated {stats.escalated / stats.prompts:.1%}"
-    )
+def summary(stats: CascadeStats, trained_on: int | None) -> list[str]:
+    base = stats.by_route.get(FEATURE_BASELINE)
+    if not stats.prompts or base is None or not base.correct or not base.usd:
+        return ["cascade: no prompts answered"]
+    lines = [
+        f"cascades on {stats.prompts} recorded prompts, scored against their reference answers "
+        f"(always-{STRONG}: accuracy {base.correct / stats.prompts:.1%}, ${base.usd:.4f}):"
+    ]
+    names = {
+        FEATURE_CASCADE: f"{CHEAP} → {STRONG} when {VOTER} disagrees",
+        FEATURE_LEARNED: f"trained router ({trained_on} other recorded prompts)",
+    }
+    for feature, label in names.items():
+        t = stats.by_route.get(feature)
+        if t is None:
+            continue
+        lines.append(
+            f"  {label}: accuracy {t.correct / stats.prompts:.1%} ({t.correct / base.correct:.1%} of "
+            f"{STRONG}'s quality) at ${t.usd:.4f} ({t.usd / base.usd:.1%} of its cost), "
+            f"escalated {t.escalated / stats.prompts:.1%}"
+        )
+    return lines

@@ -26,7 +26,9 @@ _REPEATS = "SELECT count(*) FROM ledger WHERE saved_usd IS NOT NULL AND cache = 
 _SAVED_BY_FEATURE = "SELECT saved_usd FROM ledger WHERE feature = ? AND saved_usd IS NOT NULL"
 
 
-def demo_settings(workload: DemoWorkload, support_recordings: Path | None, db_path: Path) -> Settings:
+def demo_settings(
+    workload: DemoWorkload, support_recordings: Path | None, router: Path | None, db_path: Path
+) -> Settings:
     models: dict[str, Any] = {
         alias: {"provider": "replay", "upstream": upstream, "context_window": 128000}
         for alias, upstream in MODELS.items()
@@ -42,6 +44,8 @@ def demo_settings(workload: DemoWorkload, support_recordings: Path | None, db_pa
         "tutor": {"model": "gpt-4o-mini", "max_input_tokens": 4000, "cache": {"ttl_s": 3600}},
         cascade.ROUTE: cascade.ROUTE_SETTINGS,
     }
+    if router is not None:
+        routes[cascade.LEARNED_ROUTE] = cascade.learned_route_settings(router)
     data = list(workload.data_paths)
     if support_recordings is not None:
         routes[support.ROUTE] = support.ROUTE_SETTINGS
@@ -112,11 +116,16 @@ def run_demo(
                 "support traffic skipped: the semantic extra is not installed "
                 "(pip install 'thrifty[semantic]')"
             )
-        settings = demo_settings(workload, recordings, db_path)
+        prompts = cascade.load_prompts(workload.data_paths, cascade_prompts) if cascade_prompts else []
+        router_path, trained_on = None, None
+        if prompts and not workload.synthetic:
+            print_fn("training a router on the recorded prompts the demo will not send…")
+            router_path = workdir / "router.json"
+            trained_on = cascade.train_router(workload.data_paths, prompts, router_path)
+        settings = demo_settings(workload, recordings, router_path, db_path)
         conn = open_database(db_path)
         keystore = SqliteKeyStore(conn)
         keys = {t: keystore.create(t, label="demo") for t in TENANTS}
-        prompts = cascade.load_prompts(workload.data_paths, cascade_prompts) if cascade_prompts else []
         started = time.perf_counter()
         with BackgroundServer(settings) as server:
             print_fn(f"gateway on {server.base_url} (embedded SQLite ledger {db_path})")
@@ -125,10 +134,14 @@ def run_demo(
                 stats = asyncio.run(
                     drive(server.base_url, keys, workload.prompts, requests, lambda: progress.advance(task))
                 )
-                cascade_task = progress.add_task("cascade vs always-gpt-4o", total=len(prompts))
+                cascade_task = progress.add_task("cascades vs always-gpt-4o", total=len(prompts))
                 cascade_stats = asyncio.run(
                     cascade.drive_cascade(
-                        server.base_url, keys["acme"], prompts, lambda: progress.advance(cascade_task)
+                        server.base_url,
+                        keys["acme"],
+                        prompts,
+                        lambda: progress.advance(cascade_task),
+                        learned=router_path is not None,
                     )
                 )
                 support_stats = None
@@ -160,8 +173,8 @@ def run_demo(
             f"answered without an upstream call: {total.cache_hits} from the caches and "
             f"{conn.execute(_REPEATS).fetchone()[0]} idempotent repeats, saving ${total.saved_usd:.6f} in all"
         )
-        if prompts:
-            print_fn(cascade.summary(cascade_stats))
+        for line in cascade.summary(cascade_stats, trained_on) if prompts else []:
+            print_fn(line)
         if support_work is not None and support_stats is not None:
             saved = sum((Decimal(v) for (v,) in conn.execute(_SAVED_BY_FEATURE, ("support",))), Decimal(0))
             print_fn(support.summary(support_stats, len(support_work.seeds), saved))
@@ -171,7 +184,7 @@ def run_demo(
         conn.close()
         sent = (
             stats.sent
-            + 2 * cascade_stats.prompts
+            + (3 if router_path is not None else 2) * cascade_stats.prompts
             + (len(support_work.seeds) + support_stats.lookups if support_work and support_stats else 0)
         )
         print_fn(

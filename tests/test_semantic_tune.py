@@ -39,7 +39,7 @@ def test_learn_from_vectors_separates_tight_and_overlapping_clusters() -> None:
     # neighbours disagree and a hit is a coin toss; the tuner must learn to miss there.
     for label in range(6):
         centre = centres[min(label, 4)]
-        for _ in range(60):
+        for _ in range(150):
             v = centre + 0.15 * rng.standard_normal(dim).astype(np.float32)
             vectors.append(v / np.linalg.norm(v))
             labels.append(f"c{label}")
@@ -51,3 +51,13 @@ def test_learn_from_vectors_separates_tight_and_overlapping_clusters() -> None:
     # The four clean classes are two thirds of the data and all of them should hit.
     assert 0.6 <= result.fit_hit_rate <= 0.75
     assert 0.0 < result.params.threshold < 1.0
+
+
+def test_pick_threshold_with_confidence_needs_enough_evidence() -> None:
+    # 100 correct hits: the point estimate is 100%, but the 95% lower bound is only ~97.4%.
+    scores = [1.0 - i / 1000 for i in range(100)]
+    assert pick_threshold(scores, [True] * 100, 0.99) == scores[-1]
+    assert math.isinf(pick_threshold(scores, [True] * 100, 0.99, z=1.645))
+    # 1,000 correct hits are enough for a 99% lower bound.
+    many = [1.0 - i / 10_000 for i in range(1000)]
+    assert pick_threshold(many, [True] * 1000, 0.99, z=1.645) == many[-1]

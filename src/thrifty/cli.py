@@ -222,14 +222,34 @@ def bench_cache(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
     target_precision: Annotated[float, typer.Option(help="precision the tuned rule aims at")] = 0.99,
     sizes: Annotated[
-        list[int] | None, typer.Option("--size", help="also pad the index to N entries (repeatable)")
+        list[int] | None,
+        typer.Option("--size", help="also pad the index to N entries (repeatable; --size 0: no padded runs)"),
+    ] = None,
+    params_file: Annotated[
+        str | None,
+        typer.Option(
+            "--params",
+            help="measure these decision parameters instead of tuning on TRAIN: a JSON file written "
+            "by `thrifty cache tune --out`, or 'default' for the built-in Banking77-trained ones",
+        ),
     ] = None,
 ) -> None:
     """Semantic cache on labelled queries: hit rate, precision, false hits, lookup latency."""
     from thrifty.bench.cache import run_cache_bench
+    from thrifty.cache.semantic.decision import DecisionParams, default_params
 
-    padded: list[int | None] = [None, *(sizes if sizes is not None else [100_000, 1_000_000])]
-    run_cache_bench(train, test, json_out, _console(), sizes=padded, target_precision=target_precision)
+    padded: list[int | None] = [
+        None,
+        *(n for n in (sizes if sizes is not None else [100_000, 1_000_000]) if n > 0),
+    ]
+    params: DecisionParams | None = None
+    if params_file == "default":
+        params = default_params()
+    elif params_file is not None:
+        params = DecisionParams.from_dict(orjson.loads(Path(params_file).read_bytes()))
+    run_cache_bench(
+        train, test, json_out, _console(), sizes=padded, target_precision=target_precision, params=params
+    )
 
 
 @cache_app.command("tune")

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from thrifty.cache.semantic.tune import curve, learn_from_vectors, pick_threshold
+from thrifty.cache.semantic.tune import curve, exact_neighbours, learn_from_vectors, pick_threshold
 
 
 def test_pick_threshold_lowest_that_meets_target() -> None:
@@ -61,3 +61,14 @@ def test_pick_threshold_with_confidence_needs_enough_evidence() -> None:
     # 1,000 correct hits are enough for a 99% lower bound.
     many = [1.0 - i / 10_000 for i in range(1000)]
     assert pick_threshold(many, [True] * 1000, 0.99, z=1.645) == many[-1]
+
+
+def test_leave_one_out_neighbours_skip_self_and_verbatim_repeats() -> None:
+    v = np.array([[1, 0, 0], [1, 0, 0], [1, 0, 0], [0.8, 0.6, 0]], dtype=np.float32)
+    texts = ["reset pin", "reset pin", "Reset my PIN", "change pin"]
+    labels = ["pin", "pin", "pin", "pin_change"]
+    lists = exact_neighbours(v, v, labels, texts, k=3, leave_one_out=True)
+    # Row 0: itself and its verbatim repeat (row 1) are left out; the same vector with other text stays.
+    assert [n.text for n in lists[0]] == ["Reset my PIN", "change pin"]
+    assert [n.text for n in lists[2]][:2] == ["reset pin", "reset pin"]
+    assert all(len(row) <= 3 for row in lists)

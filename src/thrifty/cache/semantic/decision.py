@@ -41,8 +41,21 @@ FEATURE_NAMES: tuple[str, ...] = (
     # top3_similarity minus the nearest other answer's similarity: a margin less sensitive to one
     # stray near-duplicate.
     "top3_margin",
+    # Jaccard overlap of content words (stop words dropped) between the query and the winning
+    # answer's nearest entry, and between the query and the nearest entry with another answer:
+    # a second, lexical similarity next to the embedding's.
+    "lexical_overlap",
+    "lexical_overlap_other",
 )
 SHARP_TEMPERATURE = 0.02
+_STOP_WORDS = frozenset(
+    (  # noqa: SIM905 (a word list reads better as prose)
+        "a an the i i'm im me my mine you your we our us it its is am are was were be been being do "
+        "does did doing have has had can could would should will shall may might must to of in on "
+        "at for from by with about as into and or but if so that this these those there here what "
+        "which who whom whose when where why how please just still yet again also too very any some"
+    ).split()
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +215,15 @@ def _feature(
         sims += [nearest_other] * (3 - len(sims))
         top3 = sum(sims) / 3
         return top3 if name == "top3_similarity" else top3 - nearest_other
+    if name in ("lexical_overlap", "lexical_overlap_other"):
+        if name == "lexical_overlap":
+            text = entry.text
+        else:
+            other = next((n for n in ranked if n.answer_id != winner), None)
+            if other is None:
+                return 0.0
+            text = other.text
+        return jaccard(content_words(query), content_words(text))
     if name == "log_words":
         return math.log1p(len(query.split()))
     if name == "vote_share_sharp":
@@ -209,6 +231,16 @@ def _feature(
         weights = [(n.answer_id, math.exp((n.similarity - top) / SHARP_TEMPERATURE)) for n in ranked[:vote_k]]
         return sum(w for a, w in weights if a == winner) / sum(w for _, w in weights)
     raise ValueError(f"unknown decision feature {name!r}")
+
+
+def content_words(text: str) -> frozenset[str]:
+    """Lower-cased words of ``text`` without stop words (digits count as words)."""
+    return frozenset(w for w in re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower()) if w not in _STOP_WORDS)
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    union = len(a | b)
+    return len(a & b) / union if union else 1.0
 
 
 def score(values: Sequence[float], params: DecisionParams) -> float:
@@ -345,6 +377,9 @@ _DEFAULT_BIAS = -0.40318670260231393
 _DEFAULT_THRESHOLD = 0.9463870247852371
 
 
+_DEFAULT_FEATURES: tuple[str, ...] = FEATURE_NAMES[:9]
+
+
 def default_params() -> DecisionParams:
     """Parameters for a route that names no tuned params file (learned on Banking77 train, above)."""
     n = len(_DEFAULT_WEIGHTS)
@@ -358,7 +393,7 @@ def default_params() -> DecisionParams:
         vote_k=20,
         min_similarity=0.5,
         guards=True,
-        features=FEATURE_NAMES,
+        features=_DEFAULT_FEATURES,
         interactions=True,
     )
 

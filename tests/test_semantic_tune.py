@@ -46,7 +46,7 @@ def test_learn_from_vectors_separates_tight_and_overlapping_clusters() -> None:
     x = np.asarray(vectors, dtype=np.float32)
     # Identical texts: the content guards pass, so only the neighbour features decide.
     texts = ["a question"] * len(labels)
-    result = learn_from_vectors(x, labels, texts, target_precision=0.99)
+    result = learn_from_vectors(x, labels, texts, target_precision=0.99, z=1.645)
     assert result.fit_precision >= 0.99
     # The four clean classes are two thirds of the data and all of them should hit.
     assert 0.6 <= result.fit_hit_rate <= 0.75

@@ -257,20 +257,28 @@ def cache_tune(
     data: Annotated[Path, typer.Option(help="labelled text,category CSV (e.g. your own traffic)")],
     target_precision: Annotated[float, typer.Option(help="e.g. 0.99")] = 0.99,
     out: Annotated[Path | None, typer.Option(help="write the learned parameters (JSON) here")] = None,
+    z: Annotated[
+        float,
+        typer.Option(
+            help="one-sided z of the precision lower bound the threshold must clear (0: point estimate)"
+        ),
+    ] = 3.0,
 ) -> None:
     """Learn the semantic cache's decision parameters from labelled queries."""
     from thrifty.bench.cache import tune_cache
 
-    result = tune_cache(data, target_precision)
+    result = tune_cache(data, target_precision, z=z)
     params = result.params.to_dict()
     if params["threshold"] == "inf":
         typer.echo(
-            f"warning: no threshold reaches precision {target_precision} on this data; with these "
-            "parameters the semantic cache never answers. Label more queries or lower the target.",
+            f"warning: no threshold reaches precision {target_precision} on this data (at the z={z} "
+            "lower bound); with these parameters the semantic cache never answers. Label more "
+            "queries, lower the target or lower --z.",
             err=True,
         )
     typer.echo(
-        f"fit on held-out folds: hit rate {result.fit_hit_rate:.1%} at precision {result.fit_precision:.2%}"
+        f"fit (cross-fitted, leave-one-out lookups): hit rate {result.fit_hit_rate:.1%} at precision "
+        f"{result.fit_precision:.2%}"
     )
     text = orjson.dumps(params, option=orjson.OPT_INDENT_2).decode()
     if out is not None:

@@ -27,6 +27,7 @@ from thrifty.cache.semantic.embedder import OnnxMiniLM
 from thrifty.cache.semantic.index import ExactIndex, HnswIndex
 from thrifty.cache.semantic.normalise import normalise
 from thrifty.cache.semantic.tune import (
+    CONFIDENCE_Z,
     SEARCH_K,
     CurvePoint,
     TuneResult,
@@ -57,12 +58,14 @@ class Lookups:
     latency_ms: list[float]
 
 
-def tune_cache(data_csv: Path, target_precision: float, embed_threads: int = 1) -> TuneResult:
+def tune_cache(
+    data_csv: Path, target_precision: float, embed_threads: int = 1, z: float = CONFIDENCE_Z
+) -> TuneResult:
     """Learn decision parameters from labelled ``text,category`` data (``thrifty cache tune``)."""
     data = load_labelled(data_csv)
     embedder = OnnxMiniLM(threads=embed_threads)
     vectors = embedder.embed([normalise(t) for t in data.texts])
-    return learn_from_vectors(vectors, data.labels, data.texts, target_precision)
+    return learn_from_vectors(vectors, data.labels, data.texts, target_precision, z=z)
 
 
 def _percentile(values: Sequence[float], q: float) -> float:

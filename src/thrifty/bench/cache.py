@@ -1,9 +1,11 @@
 """`thrifty bench cache`: hit rate, precision and lookup latency of the semantic cache, in one run.
 
 Every training query becomes a cache entry answered "for" its category; every test query is
-looked up, and a hit is correct when the served entry's category equals the query's. The learned
-policy is tuned on held-out folds of TRAIN only (``tune.learn_from_vectors``), never on test, and
-is compared in the same run with the fixed cosine thresholds other gateways ship. The index is
+looked up, and a hit is correct when the served entry's category equals the query's (so a test
+query whose category no training query has, e.g. CLINC150's ``oos``, must miss). The learned
+policy is tuned on leave-one-out lookups of TRAIN only (``tune.learn_from_vectors``), never on
+test, or given (``--params``: a tuned file, or ``default`` to measure ``default_params()`` on other
+data), and is compared in the same run with the fixed cosine thresholds other gateways ship. The index is
 then padded with random unit vectors to 100,000 and 1,000,000 entries to measure lookup latency
 (and any recall loss of the ANN index) at scale.
 """

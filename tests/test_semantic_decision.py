@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from thrifty.cache.semantic.decision import DecisionParams, Neighbour, decide, features, guard_mismatch
+from thrifty.cache.semantic.decision import (
+    FEATURE_NAMES,
+    LEGACY_FEATURES,
+    DecisionParams,
+    Neighbour,
+    content_words,
+    decide,
+    default_params,
+    expand,
+    expanded_size,
+    features,
+    guard_mismatch,
+    jaccard,
+)
 from thrifty.cache.semantic.normalise import normalise
 
 # Score = sigmoid(4 * margin_standardised): hand-set so the tests read in terms of the margin alone.
@@ -96,3 +109,97 @@ def test_params_round_trip_through_json() -> None:
 
     restored = DecisionParams.from_dict(json.loads(json.dumps(PARAMS.to_dict())))
     assert restored == PARAMS
+
+
+def test_default_params_round_trip_and_shape() -> None:
+    import json
+
+    params = default_params()
+    assert params.features == FEATURE_NAMES[: len(params.features)]
+    assert params.interactions
+    assert len(params.weights) == expanded_size(len(params.features), True)
+    assert 0.5 < params.threshold < 1.0
+    restored = DecisionParams.from_dict(json.loads(json.dumps(params.to_dict())))
+    assert restored == params
+
+
+def test_default_params_hit_on_agreeing_neighbours_and_miss_on_mixed_ones() -> None:
+    params = default_params()
+    agreeing = [Neighbour(0.93 - 0.01 * i, "reset_pin", "how do i reset my pin") for i in range(12)] + [
+        Neighbour(0.55 - 0.01 * i, f"other{i}", "something unrelated") for i in range(20)
+    ]
+    hit = decide("how can i reset my pin", agreeing, params)
+    assert hit.hit, hit.reason
+    assert hit.answer_id == "reset_pin"
+    # The nearest entries alternate between two answers at nearly the same similarity.
+    mixed = [
+        Neighbour(
+            0.93 - 0.005 * i, "card_arrival" if i % 2 else "card_delivery_estimate", "when does my card come"
+        )
+        for i in range(32)
+    ]
+    miss = decide("when will my card arrive", mixed, params)
+    assert not miss.hit
+    assert miss.reason.startswith("low confidence")
+    # Nothing close: no hit whatever the vote says.
+    far = [Neighbour(0.45, "a", "unrelated text")] * 3
+    assert not decide("what is the weather", far, params).hit
+
+
+def test_legacy_params_file_without_features_loads_and_scores() -> None:
+    legacy = {
+        "weights": [1.0, 2.0, 0.5, 0.5],
+        "bias": 0.1,
+        "mean": [0.8, 0.1, 0.5, 0.5],
+        "scale": [0.1, 0.05, 0.2, 0.2],
+        "threshold": 0.9,
+        "temperature": 0.05,
+        "vote_k": 10,
+        "min_similarity": 0.5,
+        "guards": True,
+    }
+    params = DecisionParams.from_dict(legacy)
+    assert params.features == LEGACY_FEATURES and not params.interactions
+    neighbours = [Neighbour(0.95, "a", "x"), Neighbour(0.94, "a", "y"), Neighbour(0.6, "b", "z")]
+    feats = features(neighbours, params.temperature, params.vote_k, params.features)
+    assert feats is not None and len(feats.values) == 4
+    assert decide("x", neighbours, params).hit
+
+
+def test_params_reject_unknown_features_and_wrong_weight_count() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown"):
+        DecisionParams(weights=(), bias=0.0, mean=(), scale=(), threshold=0.5, features=("nope",))
+    with pytest.raises(ValueError, match="expanded"):
+        DecisionParams(weights=(1.0,), bias=0.0, mean=(0.0,), scale=(1.0,), threshold=0.5)
+
+
+def test_expand_appends_pairwise_products() -> None:
+    assert expand([2.0, 3.0], False) == [2.0, 3.0]
+    assert expand([2.0, 3.0], True) == [2.0, 3.0, 4.0, 6.0, 9.0]
+    assert expanded_size(9, True) == 54
+
+
+def test_every_named_feature_is_computed() -> None:
+    neighbours = [
+        Neighbour(0.90, "a", "how do i reset my pin"),
+        Neighbour(0.85, "b", "my card was declined"),
+        Neighbour(0.80, "a", "reset pin please"),
+    ]
+    feats = features(neighbours, 0.05, 20, FEATURE_NAMES, query="how can i reset my pin")
+    assert feats is not None
+    values = dict(zip(FEATURE_NAMES, feats.values, strict=True))
+    assert values["best_similarity"] == 0.90
+    assert abs(values["margin"] - 0.05) < 1e-9
+    assert values["agree_top5"] == 2 / 3
+    # Content words {reset, pin} vs {reset, pin}; vs {card, declined}: nothing shared.
+    assert values["lexical_overlap"] == 1.0
+    assert values["lexical_overlap_other"] == 0.0
+    assert abs(values["top3_similarity"] - (0.90 + 0.80 + 0.85) / 3) < 1e-9
+
+
+def test_content_words_and_jaccard() -> None:
+    assert content_words("How do I reset my PIN?") == frozenset({"reset", "pin"})
+    assert jaccard(frozenset({"a", "b"}), frozenset({"b", "c"})) == 1 / 3
+    assert jaccard(frozenset(), frozenset()) == 1.0

@@ -56,3 +56,15 @@ def test_batching_matches_single(embedder: OnnxMiniLM) -> None:
     together = embedder.embed(texts, batch_size=2)
     alone = np.vstack([embedder.embed([t]) for t in texts])
     np.testing.assert_allclose(together, alone, atol=1e-4)
+
+
+def test_single_query_path_matches_batch_path(embedder: OnnxMiniLM) -> None:
+    # One text goes through the unpadded single-query path; in a batch it is padded and masked.
+    texts = [
+        normalise(t) for t in ("Why was my card declined?", "I have not received my new card yet", "pin")
+    ]
+    batch = embedder.embed(texts)
+    for i, text in enumerate(texts):
+        single = embedder.embed([text])
+        assert single.shape == (1, 384) and single.dtype == np.float32
+        assert float(single[0] @ batch[i]) > 0.99999

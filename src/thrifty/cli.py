@@ -247,14 +247,34 @@ def bench_cache(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
     target_precision: Annotated[float, typer.Option(help="precision the tuned rule aims at")] = 0.99,
     sizes: Annotated[
-        list[int] | None, typer.Option("--size", help="also pad the index to N entries (repeatable)")
+        list[int] | None,
+        typer.Option("--size", help="also pad the index to N entries (repeatable; --size 0: no padded runs)"),
+    ] = None,
+    params_file: Annotated[
+        str | None,
+        typer.Option(
+            "--params",
+            help="measure these decision parameters instead of tuning on TRAIN: a JSON file written "
+            "by `thrifty cache tune --out`, or 'default' for the built-in Banking77-trained ones",
+        ),
     ] = None,
 ) -> None:
     """Semantic cache on labelled queries: hit rate, precision, false hits, lookup latency."""
     from thrifty.bench.cache import run_cache_bench
+    from thrifty.cache.semantic.decision import DecisionParams, default_params
 
-    padded: list[int | None] = [None, *(sizes if sizes is not None else [100_000, 1_000_000])]
-    run_cache_bench(train, test, json_out, _console(), sizes=padded, target_precision=target_precision)
+    padded: list[int | None] = [
+        None,
+        *(n for n in (sizes if sizes is not None else [100_000, 1_000_000]) if n > 0),
+    ]
+    params: DecisionParams | None = None
+    if params_file == "default":
+        params = default_params()
+    elif params_file is not None:
+        params = DecisionParams.from_dict(orjson.loads(Path(params_file).read_bytes()))
+    run_cache_bench(
+        train, test, json_out, _console(), sizes=padded, target_precision=target_precision, params=params
+    )
 
 
 @cache_app.command("tune")
@@ -262,20 +282,28 @@ def cache_tune(
     data: Annotated[Path, typer.Option(help="labelled text,category CSV (e.g. your own traffic)")],
     target_precision: Annotated[float, typer.Option(help="e.g. 0.99")] = 0.99,
     out: Annotated[Path | None, typer.Option(help="write the learned parameters (JSON) here")] = None,
+    z: Annotated[
+        float,
+        typer.Option(
+            help="one-sided z of the precision lower bound the threshold must clear (0: point estimate)"
+        ),
+    ] = 3.0,
 ) -> None:
     """Learn the semantic cache's decision parameters from labelled queries."""
     from thrifty.bench.cache import tune_cache
 
-    result = tune_cache(data, target_precision)
+    result = tune_cache(data, target_precision, z=z)
     params = result.params.to_dict()
     if params["threshold"] == "inf":
         typer.echo(
-            f"warning: no threshold reaches precision {target_precision} on this data; with these "
-            "parameters the semantic cache never answers. Label more queries or lower the target.",
+            f"warning: no threshold reaches precision {target_precision} on this data (at the z={z} "
+            "lower bound); with these parameters the semantic cache never answers. Label more "
+            "queries, lower the target or lower --z.",
             err=True,
         )
     typer.echo(
-        f"fit on held-out folds: hit rate {result.fit_hit_rate:.1%} at precision {result.fit_precision:.2%}"
+        f"fit (cross-fitted, leave-one-out lookups): hit rate {result.fit_hit_rate:.1%} at precision "
+        f"{result.fit_precision:.2%}"
     )
     text = orjson.dumps(params, option=orjson.OPT_INDENT_2).decode()
     if out is not None:

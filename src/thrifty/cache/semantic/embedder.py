@@ -67,6 +67,11 @@ class OnnxMiniLM:
         self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self._tokenizer.enable_truncation(max_length=max_tokens)
         self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        # One query (the gateway's case): no padding at all, so no attention mask work and no
+        # pooling weights. tokenizer.json itself asks for padding to 128 tokens, hence no_padding().
+        self._single_tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self._single_tokenizer.enable_truncation(max_length=max_tokens)
+        self._single_tokenizer.no_padding()
         options = ort.SessionOptions()
         # One intra-op thread by default: a gateway serves many requests at once, and per-request
         # parallelism inside a 6-layer model costs more in thread hand-offs than it saves.
@@ -78,15 +83,30 @@ class OnnxMiniLM:
             str(model_file), sess_options=options, providers=["CPUExecutionProvider"]
         )
         self._input_names = {i.name for i in self._session.get_inputs()}
+        self._output_names = [self._session.get_outputs()[0].name]
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> npt.NDArray[np.float32]:
         """Embed ``texts`` (already normalised) as rows of a ``(len(texts), DIM)`` array."""
+        if len(texts) == 1:
+            return self._embed_one(texts[0])
         out = np.empty((len(texts), DIM), dtype=np.float32)
         # Sort by length so each batch pads to a similar length: long outliers don't slow the rest.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             out[idx] = self._embed_batch([texts[i] for i in idx])
+        return out
+
+    def _embed_one(self, text: str) -> npt.NDArray[np.float32]:
+        """One text, unpadded: the same cosines as the batch path (to ~1e-7), ~0.2 ms faster."""
+        ids = np.asarray(self._single_tokenizer.encode(text).ids, dtype=np.int64)[None, :]
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if "token_type_ids" in self._input_names:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        hidden = self._session.run(self._output_names, feeds)[0]
+        pooled = np.asarray(hidden, dtype=np.float32)[0].mean(axis=0)
+        norm = float(np.linalg.norm(pooled))
+        out: npt.NDArray[np.float32] = (pooled / max(norm, 1e-12)).astype(np.float32, copy=False)[None, :]
         return out
 
     def _embed_batch(self, texts: list[str]) -> npt.NDArray[np.float32]:

@@ -1,10 +1,17 @@
 """Learn ``DecisionParams`` from labelled ``text,category`` data for a target precision.
 
-Texts that share a category are taken to share a cached answer. The data is split into folds;
-each fold's texts are looked up as pseudo-queries against a cache holding the other folds, so
-every label used for fitting comes from a query the cache did not contain, as in production.
-A logistic model is fitted on the neighbour features of those lookups, and the threshold is the
-lowest score whose hits (after the content guards) reach the target precision.
+Texts that share a category are taken to share a cached answer. Every text is looked up as a
+pseudo-query against a cache holding all the *other* texts (leave-one-out: the cache the policy
+meets in production holds all of the data, and a thinner cross-validation cache would shift the
+similarity features), so every label used for fitting comes from a query the cache did not contain.
+A verbatim repeat of the query (same text, same vector) is left out of its own lookup: the exact
+cache answers those before the semantic cache is asked.
+
+A quadratic logistic model is fitted on the neighbour features of those lookups. The threshold is
+chosen on *cross-fitted* scores (each fold scored by a model fitted without it), as the lowest score
+whose hits (after the content guards) reach the target precision with a one-sided Wilson lower
+confidence bound: a threshold picked where the in-sample precision just touches the target lands
+below it on new data about half the time.
 
 Everything here except ``learn_params`` (which embeds) is pure numpy over given vectors.
 """
@@ -12,6 +19,7 @@ Everything here except ``learn_params`` (which embeds) is pure numpy over given 
 from __future__ import annotations
 
 import csv
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +28,29 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from thrifty.cache.semantic.decision import DecisionParams, Neighbour, features, guard_mismatch, score
+from thrifty.cache.semantic.decision import (
+    FEATURE_NAMES,
+    DecisionParams,
+    Neighbour,
+    assess,
+    expand,
+)
 from thrifty.cache.semantic.normalise import normalise
 
-# Neighbours fetched per lookup: the vote uses 10, the margin looks further for another answer.
+# Neighbours fetched per lookup: the vote uses 20, the margin looks further for another answer.
 SEARCH_K = 32
+# What ``learn_from_vectors`` fits unless given a template: vote over the 20 nearest entries, all
+# features, pairwise products (chosen by cross-validation on Banking77 train only: the quadratic
+# model and the wider vote add ~3 points of hit rate at 99% precision over the four-feature linear
+# one; the lexical features ~0.3).
+TUNED_VOTE_K = 20
+TUNED_FEATURES: tuple[str, ...] = FEATURE_NAMES
+# One-sided z of the Wilson lower bound the threshold's precision must clear. A three-sigma bound:
+# in nested cross-validation on Banking77 train (tune on 4/5, measure on the held-out 1/5 against
+# a cache of the 4/5; two seeds, ten folds of ~2,000 queries) z = 1.645 held 99% on 7 of 10
+# held-out folds (pooled 99.24% at 70.5% hits), z = 3 on 9 of 10 (pooled 99.46% at 65.6% hits).
+# A precision target should hold on the next sample of traffic, not only on average.
+CONFIDENCE_Z = 3.0
 
 
 class Embedder(Protocol):
@@ -48,7 +74,7 @@ class CurvePoint:
 @dataclass(frozen=True, slots=True)
 class TuneResult:
     params: DecisionParams
-    # Measured on the pseudo-queries the parameters were fitted on: optimistic by construction.
+    # Measured on the cross-fitted scores of the pseudo-queries the threshold was chosen on.
     curve: list[CurvePoint]
     fit_hit_rate: float
     fit_precision: float
@@ -71,12 +97,28 @@ def exact_neighbours(
     entry_texts: Sequence[str],
     k: int = SEARCH_K,
     chunk: int = 1024,
+    leave_one_out: bool = False,
+    query_texts: Sequence[str] | None = None,
 ) -> list[list[Neighbour]]:
-    """Exact top-``k`` neighbours of each query (blocked matrix product, for tuning and tests)."""
+    """Exact top-``k`` neighbours of each query (blocked matrix product, for tuning and tests).
+
+    With ``leave_one_out`` the queries *are* the entries (same order): each query's own row and any
+    verbatim repeat of it (same text, cosine ~1) are left out of its neighbours.
+    """
     out: list[list[Neighbour]] = []
-    k = min(k, len(entries))
+    k = min(k, len(entries) - (1 if leave_one_out else 0))
+    if k <= 0:
+        return [[] for _ in range(len(queries))]
+    if leave_one_out:
+        ids = {t: i for i, t in enumerate(dict.fromkeys(entry_texts))}
+        text_id = np.asarray([ids[t] for t in entry_texts])
     for start in range(0, len(queries), chunk):
         sims = queries[start : start + chunk] @ entries.T
+        if leave_one_out:
+            rows = np.arange(len(sims))
+            sims[rows, start + rows] = -np.inf
+            repeat = (text_id[start : start + chunk, None] == text_id[None, :]) & (sims > 0.9999)
+            sims[repeat] = -np.inf
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         top_sims = np.take_along_axis(sims, top, axis=1)
         order = np.argsort(-top_sims, axis=1, kind="stable")
@@ -87,28 +129,34 @@ def exact_neighbours(
                 [
                     Neighbour(float(s), entry_labels[j], entry_texts[j])
                     for j, s in zip(row_keys.tolist(), row_sims.tolist(), strict=True)
+                    if s > -np.inf
                 ]
             )
     return out
 
 
 def fit_logistic(
-    x: npt.NDArray[np.float64], y: npt.NDArray[np.float64], l2: float = 1e-3, steps: int = 2000
+    x: npt.NDArray[np.float64], y: npt.NDArray[np.float64], l2: float = 1e-3, steps: int = 50
 ) -> tuple[tuple[float, ...], float, tuple[float, ...], tuple[float, ...]]:
-    """L2-regularised logistic regression on standardised features (full-batch gradient descent).
+    """L2-regularised logistic regression on standardised features (Newton's method).
 
-    Four features and ~10^4 rows: plain gradient descent converges in well under a second, and
-    avoids a scikit-learn dependency for one small fit.
+    Tens of features and ~10^4 rows: a few Newton steps converge to machine precision in well under
+    a second, and avoid a scikit-learn dependency for one small fit.
     """
     mean = x.mean(axis=0)
     scale = x.std(axis=0) + 1e-9
     z = np.c_[(x - mean) / scale, np.ones(len(x))]
     w = np.zeros(z.shape[1])
+    ridge = l2 * np.eye(len(w))
+    ridge[-1, -1] = 0.0
     for _ in range(steps):
         p = 1.0 / (1.0 + np.exp(-np.clip(z @ w, -60, 60)))
-        grad = z.T @ (p - y) / len(y)
-        grad[:-1] += l2 * w[:-1]
-        w -= grad
+        grad = z.T @ (p - y) / len(y) + ridge @ w
+        hess = (z * (p * (1 - p))[:, None]).T @ z / len(y) + ridge + 1e-9 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if float(np.abs(step).max()) < 1e-10:
+            break
     return (
         tuple(float(v) for v in w[:-1]),
         float(w[-1]),
@@ -117,20 +165,46 @@ def fit_logistic(
     )
 
 
-def pick_threshold(scores: Sequence[float], correct: Sequence[bool], target_precision: float) -> float:
+def _logit(
+    x: npt.NDArray[np.float64], fit: tuple[tuple[float, ...], float, tuple[float, ...], tuple[float, ...]]
+) -> npt.NDArray[np.float64]:
+    weights, bias, mean, scale = fit
+    z = bias + ((x - np.asarray(mean)) / np.asarray(scale)) @ np.asarray(weights)
+    out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+    return out
+
+
+def wilson_lower(
+    good: npt.NDArray[np.float64], n: npt.NDArray[np.float64], z: float
+) -> npt.NDArray[np.float64]:
+    """One-sided Wilson lower confidence bound of a proportion ``good / n``."""
+    p = good / n
+    centre = p + z * z / (2 * n)
+    spread = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    out: npt.NDArray[np.float64] = (centre - spread) / (1 + z * z / n)
+    return out
+
+
+def pick_threshold(
+    scores: Sequence[float], correct: Sequence[bool], target_precision: float, z: float = 0.0
+) -> float:
     """Lowest score threshold whose hits (score >= threshold) reach ``target_precision``.
 
-    Returns +inf when no threshold reaches it (the cache then never hits). Ties are kept together:
-    a threshold can only be placed between distinct scores.
+    With ``z`` > 0 the precision's Wilson lower bound at that confidence must reach the target, not
+    the point estimate. Returns +inf when no threshold reaches it (the cache then never hits). Ties
+    are kept together: a threshold can only be placed between distinct scores; -inf scores (lookups
+    a guard blocked) are never hits.
     """
     s = np.asarray(scores, dtype=np.float64)
     c = np.asarray(correct, dtype=bool)
     order = np.argsort(-s, kind="stable")
     s, c = s[order], c[order]
-    precision = np.cumsum(c) / np.arange(1, len(c) + 1)
+    n = np.arange(1, len(c) + 1, dtype=np.float64)
+    good = np.cumsum(c).astype(np.float64)
+    precision = wilson_lower(good, n, z) if z > 0 else good / n
     # Only the last index of a run of equal scores is a valid cut.
     last_of_run = np.r_[s[1:] != s[:-1], True]
-    ok = np.flatnonzero(last_of_run & (precision >= target_precision))
+    ok = np.flatnonzero(last_of_run & (precision >= target_precision) & np.isfinite(s))
     return float(s[ok.max()]) if len(ok) else float("inf")
 
 
@@ -160,12 +234,29 @@ def curve(
     return points
 
 
-def _guard_passes(query: str, neighbours: Sequence[Neighbour], answer_id: str, vote_k: int) -> bool:
-    """Mirror of ``decide``'s guard step: some voter with the winning answer matches the content."""
-    return any(
-        n.answer_id == answer_id and guard_mismatch(query, n.text) is None
-        for n in sorted(neighbours, key=lambda n: n.similarity, reverse=True)[:vote_k]
-    )
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """One pseudo-query's assessment: feature row, whether an entry would be served, correctness."""
+
+    values: tuple[float, ...]
+    served: bool
+    correct: bool
+
+
+def assess_lookups(
+    texts: Sequence[str],
+    labels: Sequence[str],
+    neighbour_lists: Sequence[Sequence[Neighbour]],
+    params: DecisionParams,
+) -> list[Lookup]:
+    """Assess every lookup with ``params``' features, guards and vote (its weights are not used)."""
+    out = []
+    for text, label, neigh in zip(texts, labels, neighbour_lists, strict=True):
+        a = assess(text, neigh, params)
+        if a.features is None:
+            continue
+        out.append(Lookup(a.features.values, a.served is not None, a.features.answer_id == label))
+    return out
 
 
 def learn_from_vectors(
@@ -177,64 +268,50 @@ def learn_from_vectors(
     seed: int = 0,
     guards: bool = True,
     base: DecisionParams | None = None,
+    z: float = CONFIDENCE_Z,
 ) -> TuneResult:
-    """Fit the policy on ``folds`` held-out splits of one labelled set (see module docstring)."""
-    template = base or DecisionParams(weights=(), bias=0.0, mean=(), scale=(), threshold=0.5, guards=guards)
-    rng = np.random.default_rng(seed)
-    fold_of = rng.integers(0, folds, size=len(labels))
-    rows: list[tuple[float, ...]] = []
-    correct: list[bool] = []
-    served: list[bool] = []
-    for f in range(folds):
-        q_idx = np.flatnonzero(fold_of == f)
-        e_idx = np.flatnonzero(fold_of != f)
-        if len(q_idx) == 0 or len(e_idx) == 0:
-            continue
-        e_labels = [labels[i] for i in e_idx.tolist()]
-        e_texts = [texts[i] for i in e_idx.tolist()]
-        lists = exact_neighbours(vectors[q_idx], vectors[e_idx], e_labels, e_texts)
-        for qi, neigh in zip(q_idx.tolist(), lists, strict=True):
-            feats = features(neigh, template.temperature, template.vote_k)
-            if feats is None:
-                continue
-            rows.append(feats.values)
-            correct.append(feats.answer_id == labels[qi])
-            served.append(
-                feats.entry.similarity >= template.min_similarity
-                and (not guards or _guard_passes(texts[qi], neigh, feats.answer_id, template.vote_k))
-            )
-    x = np.asarray(rows, dtype=np.float64)
-    y = np.asarray(correct, dtype=np.float64)
-    weights, bias, mean, scale = fit_logistic(x, y)
-    fitted = DecisionParams(
-        weights=weights,
-        bias=bias,
-        mean=mean,
-        scale=scale,
+    """Fit the policy on leave-one-out lookups of one labelled set (see module docstring).
+
+    ``folds`` is the number of cross-fitting folds the threshold is chosen on; ``z`` the one-sided
+    confidence of the precision bound (0 picks on the point estimate).
+    """
+    template = base or DecisionParams(
+        weights=(),
+        bias=0.0,
+        mean=(),
+        scale=(),
         threshold=0.5,
-        temperature=template.temperature,
-        vote_k=template.vote_k,
-        min_similarity=template.min_similarity,
+        vote_k=TUNED_VOTE_K,
         guards=guards,
+        features=TUNED_FEATURES,
+        interactions=True,
     )
-    scores = [score(r, fitted) for r in rows]
+    lists = exact_neighbours(vectors, vectors, labels, texts, leave_one_out=True)
+    lookups = assess_lookups(texts, labels, lists, template)
+    x = np.asarray([expand(lk.values, template.interactions) for lk in lookups], dtype=np.float64)
+    y = np.asarray([lk.correct for lk in lookups], dtype=np.float64)
+    served = np.asarray([lk.served for lk in lookups], dtype=bool)
+    fit = fit_logistic(x, y)
+    # Cross-fitted scores: each fold scored by a model that never saw it, so the threshold is not
+    # placed on scores the model has memorised.
+    fold_of = np.random.default_rng(seed).integers(0, folds, size=len(y))
+    oof = np.empty(len(y))
+    for f in range(folds):
+        held = fold_of == f
+        if held.all() or not held.any():
+            oof[held] = _logit(x[held], fit)
+            continue
+        oof[held] = _logit(x[held], fit_logistic(x[~held], y[~held]))
     # A blocked lookup is a miss whatever its score, so it must not count toward precision.
-    served_scores = [s if ok else float("-inf") for s, ok in zip(scores, served, strict=True)]
-    threshold = pick_threshold(served_scores, correct, target_precision)
-    params = DecisionParams(
-        weights=weights,
-        bias=bias,
-        mean=mean,
-        scale=scale,
-        threshold=threshold,
-        temperature=template.temperature,
-        vote_k=template.vote_k,
-        min_similarity=template.min_similarity,
-        guards=guards,
+    served_scores = np.where(served, oof, -np.inf)
+    threshold = pick_threshold(served_scores.tolist(), y.astype(bool).tolist(), target_precision, z)
+    weights, bias, mean, scale = fit
+    params = dataclasses.replace(
+        template, weights=weights, bias=bias, mean=mean, scale=scale, threshold=threshold
     )
     grid = sorted({*np.round(np.linspace(0.5, 0.99, 50), 3).tolist(), threshold})
-    points = curve(scores, served, correct, grid)
-    at = curve(scores, served, correct, [threshold])[0]
+    points = curve(oof.tolist(), served.tolist(), y.astype(bool).tolist(), grid)
+    at = curve(oof.tolist(), served.tolist(), y.astype(bool).tolist(), [threshold])[0]
     return TuneResult(params, points, at.hit_rate, at.precision)
 
 

@@ -238,10 +238,11 @@ def test_cache_tune_cli_learns_parameters_from_labelled_queries(tmp_path: Path):
         "cache", "tune", "--data", str(data), "--target-precision", "0.9", "--out", str(tmp_path / "p.json")
     )
     assert out.returncode == 0, out.stderr
-    assert "fit on held-out folds" in out.stdout
+    assert "fit (cross-fitted, leave-one-out lookups)" in out.stdout
     from thrifty.cache.semantic.decision import DecisionParams
 
     params = DecisionParams.from_dict(json.loads((tmp_path / "p.json").read_text()))
-    assert len(params.weights) == 4  # the learned scorer round-trips into the cache's own type
+    # The learned scorer round-trips into the cache's own type, one weight per (expanded) feature.
+    assert len(params.weights) == len(params.mean) == len(params.scale) > 0
     # 24 queries cannot show 90% precision: the tuner says so, and "never hit" survives JSON.
     assert params.threshold == float("inf") and "never answers" in out.stderr

@@ -40,7 +40,13 @@ def _settings(tmp_path: Path, upstream: Any, **semantic: Any):
         providers={"up": {"kind": "openai", "base_url": upstream.base_url}},
         models=openai_models(),
         routes={
-            "support": {"model": "gpt-4o-mini", "semantic_cache": {"ttl_s": 600, **semantic}},
+            # A six-entry FAQ is far sparser than the data the built-in rule was tuned on, where it
+            # refuses most paraphrases; these tests are about the gateway's mechanics and the guards,
+            # so the route sets its own probability cut.
+            "support": {
+                "model": "gpt-4o-mini",
+                "semantic_cache": {"ttl_s": 600, "threshold": 0.5, **semantic},
+            },
             "other": {"model": "gpt-4o-mini", "semantic_cache": {}},
         },
     )
@@ -269,3 +275,27 @@ def test_a_truncated_answer_is_not_stored(server, openai_upstream, tmp_path):
     _ask(server, "What are your opening hours?")
     conn = sqlite3.connect(tmp_path / "ledger.db")
     assert conn.execute("SELECT count(*) FROM semantic_cache").fetchone()[0] == 0
+
+
+def test_a_route_uses_the_parameters_file_it_names(tmp_path, openai_upstream):
+    import json
+
+    from thrifty.cache.semantic.decision import default_params
+    from thrifty.errors import ConfigError
+    from thrifty.gateway import Gateway
+
+    never = tmp_path / "never.json"
+    params = default_params().to_dict()
+    params["threshold"] = "inf"  # what `cache tune` writes when no threshold reaches the target
+    never.write_text(json.dumps(params))
+    settings = _settings(tmp_path, openai_upstream, params=str(never), threshold=None)
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
+        _seed(server, openai_upstream)
+        openai_upstream.queue(Reply(text="fresh"))
+        assert _ask(server, "How can I return something I purchased?").headers["x-thrifty-cache"] == "miss"
+        # The same question up to case and punctuation needs no learned rule.
+        assert _ask(server, "how do i return an item i bought").headers["x-thrifty-cache"] == "semantic"
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"weights": "nope"}')
+    with pytest.raises(ConfigError, match="not a parameters file"):
+        Gateway(_settings(tmp_path, openai_upstream, params=str(broken)))

@@ -35,10 +35,11 @@ import numpy.typing as npt
 import orjson
 
 from thrifty.cache.common import cacheable, serve_stored, usage_worth_keeping
-from thrifty.cache.semantic.decision import DecisionParams, decide
+from thrifty.cache.semantic.decision import DecisionParams, decide, default_params
 from thrifty.cache.semantic.normalise import normalise
 from thrifty.cache.semantic.partitions import EntryMeta, Partitions
 from thrifty.cache.semantic.store import NewEntry, SqliteSemanticStore
+from thrifty.cache.semantic.tune import SEARCH_K
 from thrifty.errors import ConfigError
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
@@ -50,8 +51,6 @@ log = logging.getLogger(__name__)
 
 # Stored with every entry: entries made by another model are not comparable and are not loaded.
 EMBEDDING_MODEL_ID = "all-MiniLM-L6-v2/int8-onnx"
-# Neighbours fetched per lookup: the vote uses the nearest 10, the margin looks further for another answer.
-SEARCH_K = 32
 # Fields that change how an answer is delivered or accounted, not what it says.
 _NOT_CONTEXT = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier", "model"})
 _PURGE_EXPIRED_EVERY = 1000
@@ -133,7 +132,7 @@ def answer_id(response: Mapping[str, Any], evidence: Sequence[str]) -> str:
 
 def load_params(settings: SemanticCacheSettings) -> DecisionParams:
     if settings.params is None:
-        params = builtin_params()
+        params = default_params()
     else:
         try:
             params = DecisionParams.from_dict(json.loads(Path(settings.params).read_text(encoding="utf-8")))
@@ -145,17 +144,6 @@ def load_params(settings: SemanticCacheSettings) -> DecisionParams:
     if settings.threshold is not None:
         params = replace(params, threshold=settings.threshold)
     return params
-
-
-def builtin_params() -> DecisionParams:
-    """Learned by `thrifty cache tune --data banking77/train.csv --target-precision 0.99`."""
-    return DecisionParams(
-        weights=(0.26308218877113027, 1.021605790564008, 0.5235003047906222, 0.27388311265818427),
-        bias=3.6863807253314116,
-        mean=(0.8919725489535356, 0.13599330029981704, 0.9209503977047565, 0.9117464760571916),
-        scale=(0.08023889281383825, 0.08656981673934255, 0.15186920103659862, 0.1833872678410764),
-        threshold=0.95113012078622,
-    )
 
 
 class SemanticCacheStage:
@@ -364,7 +352,6 @@ __all__ = [
     "EMBEDDING_MODEL_ID",
     "SemanticCacheStage",
     "answer_id",
-    "builtin_params",
     "context_hash",
     "last_user_text",
     "load_params",

@@ -105,3 +105,35 @@ async def test_an_unexpected_bug_is_still_recorded_then_raised(tmp_path: Path):
         await gateway.close()
     (row,) = ledger_rows(tmp_path / "ledger.db")
     assert row["status"] == "error" and row["http_status"] == 500 and "adapter bug" in row["error"]
+
+
+async def test_library_calls_carry_the_tags_headers_carry(tmp_path: Path):
+    upstream = OpenAIWireServer(api_key=UPSTREAM_KEY)
+    await upstream.start()
+    settings = base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": upstream.base_url}},
+        models=openai_models(),
+        routes={"desk": {"model": "gpt-4o-mini", "pin": {"legal": "gpt-4o"}}},
+    )
+    gateway = Gateway(settings, secrets={"up": UPSTREAM_KEY})
+    await gateway.start()
+    try:
+        body = {"model": "route:desk", "messages": [{"role": "user", "content": "hi"}]}
+        ctx, _ = await gateway.chat_completion(
+            body,
+            tenant="acme",
+            task="legal",
+            corpus_version="kb-2",
+            evidence=("b", "a", "b"),
+            cache_control="No-Store",
+        )
+        assert ctx.trailer is not None and ctx.trailer["model"] == "gpt-4o"  # the pinned task's model
+        assert (ctx.tags.corpus_version, ctx.tags.evidence, ctx.tags.cache_control) == (
+            "kb-2",
+            ("a", "b"),
+            "no-store",
+        )
+    finally:
+        await gateway.close()
+        await upstream.stop()

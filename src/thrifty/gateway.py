@@ -272,13 +272,30 @@ class Gateway:
         feature: str | None = None,
         prompt_version: str | None = None,
         user: str | None = None,
+        task: str | None = None,
+        corpus_version: str | None = None,
+        evidence: tuple[str, ...] = (),
+        cache_control: str | None = None,
+        idempotency_key: str | None = None,
     ) -> tuple[RequestContext, Result]:
-        """Library entry point: the same pipeline, attributed to `tenant` without a key."""
+        """Library entry point: the same pipeline, attributed to `tenant` without a key; the keyword
+        arguments are what the x-thrifty-* headers carry over HTTP."""
         if tenant not in self.settings.tenants:
             raise ConfigError(f"unknown tenant {tenant!r}")
         raw = orjson.dumps(body)
         parsed = parse_chat_body(raw)
-        ctx = self.new_context(parsed, len(raw), Tags(tenant, feature, prompt_version, user))
+        tags = Tags(
+            tenant,
+            feature,
+            prompt_version,
+            user,
+            idempotency_key=idempotency_key,
+            corpus_version=corpus_version,
+            cache_control=cache_control.lower() if cache_control else None,
+            evidence=tuple(sorted(set(evidence))),
+            task=task,
+        )
+        ctx = self.new_context(parsed, len(raw), tags)
         return ctx, await self.run(ctx)
 
     def model_list(self) -> list[dict[str, Any]]:

@@ -223,7 +223,10 @@ def test_ttl_restart_bound_and_safety_policy(tmp_path, openai_upstream):
         _ask(server, "What are your opening hours?")
         assert _ask(server, "what are your opening hours").headers["x-thrifty-cache"] == "semantic"
         time.sleep(0.6)
-        assert _ask(server, "what are your opening hours").headers["x-thrifty-cache"] == "miss"  # expired
+        # Expired. (no-store: the fresh answer must not become a new short-lived entry that the
+        # next server, started within its half second, would rightly serve.)
+        expired = _ask(server, "what are your opening hours", headers={"Cache-Control": "no-store"})
+        assert expired.headers["x-thrifty-cache"] == "miss"
     long_lived = _settings(tmp_path, openai_upstream)
     with BackgroundServer(long_lived, secrets={"up": UPSTREAM_KEY}) as server:
         _seed(server, openai_upstream)

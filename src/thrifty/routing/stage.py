@@ -19,6 +19,7 @@ from typing import Any
 from thrifty.errors import ConfigError, ThriftyError
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.providers.base import StreamChunk, close_stream
+from thrifty.providers.resilience import RETRYABLE
 from thrifty.routing.gates import Draft, Gate, Verdict, build_gate, judge_all, reply_text
 from thrifty.routing.train.router import Router
 from thrifty.routing.train.step import Accept, CallModel
@@ -27,8 +28,9 @@ from thrifty.settings import RouteSettings
 from thrifty.shapes import as_chunks, last_user_message_text, stream_from
 from thrifty.types import AttemptRole, ModelTarget
 
-# A 4xx other than these means the request itself is wrong: another tier would refuse it too.
-_ESCALATE_ON = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# A tier that fails with what a retry could fix (429, 5xx, timeouts) is escalated past; any other
+# 4xx means the request itself is wrong, and another tier would refuse it too.
+_ESCALATE_ON = RETRYABLE
 # A trained router that keeps asking for calls is a bug; the gateway stops it here.
 MAX_ROUTER_CALLS = 6
 

@@ -7,7 +7,8 @@ cost one cheap call. Scores come from logistic gates over task-agnostic draft fe
 above all; gate.py), made cost-aware on known tasks: log(estimated escalation cost) - log P(wrong),
 so a risk is taken more readily where escalating would cost more. At stage 2 every agreement
 ranks above every split (AGREE_BONUS), so one threshold says "splits with score >= x" or
-"agreements with score >= x".
+"agreements with score >= x"; training only offers the latter unless `accept_splits` (which
+draft is right when two cheap models disagree is barely predictable from their replies).
 
 Classifier (the other strategy): before any call, a logistic model over hashed prompt words
 predicts whether mini will be right; the prompt goes to mini alone or to the strong model.
@@ -234,8 +235,15 @@ class Router:
     def describe(self, task: str | None) -> str:
         g = self.gate_for(task)
         a, b, s = _short(self.ladder[0]), _short(self.ladder[1]), _short(self.strong)
+        name = "score" if g.cost_aware else "p"
+        if math.isinf(g.second):
+            second = "never"
+        elif g.second >= AGREE_BONUS:
+            second = f"agreement with {name}>={_fmt(g.second - AGREE_BONUS)}"
+        else:
+            second = f"agreement, or a split with {name}>={_fmt(g.second)}"
         return (
-            f"{a} (accept p>={_fmt(g.first)}) → +{b} (accept p>={_fmt(g.second)}) → {s}; "
+            f"{a} alone if {name}>={_fmt(g.first)} → +{b}: {second} → {s}; "
             f"classifier: {a} if p>={_fmt(g.classifier)} else {s}"
         )
 
@@ -414,6 +422,7 @@ def frontier(
     first: bool,
     grid: int = 60,
     weights: Sequence[float] | None = None,
+    min_second: float = -math.inf,
 ) -> list[Point]:
     """Every (first, second) threshold pair on a grid of score quantiles, with its cost and quality
     (each row counted `weights[i]` times, for bootstrap resamples)."""
@@ -430,7 +439,7 @@ def frontier(
     out: list[Point] = []
     for t1 in _thresholds(p1, grid) if first else [NEVER]:
         acc1 = a1 >= t1
-        for t2 in _thresholds(p2, grid):
+        for t2 in [t for t in _thresholds(p2, grid) if t >= min_second]:
             acc2 = ~acc1 & (a2 >= t2)
             esc = ~acc1 & ~acc2
             q = float((ok1 * acc1 + ok2 * acc2 + oks * esc).sum())
@@ -484,6 +493,7 @@ def calibrate_bagged(
     *,
     grid: int = 60,
     rounds: int = 0,
+    min_second: float = -math.inf,
 ) -> dict[str, tuple[float, float]]:
     """Per-task (first, second) thresholds meeting `target` x the reference's quality over all
     tasks at the least cost. With `rounds` > 0, the choice is repeated on bootstrap resamples of
@@ -495,7 +505,13 @@ def calibrate_bagged(
     def once(weights: dict[str, list[float]] | None) -> dict[str, Point]:
         fronts = {
             t: frontier(
-                rs, s1[t], s2[t], first=True, grid=grid, weights=None if weights is None else weights[t]
+                rs,
+                s1[t],
+                s2[t],
+                first=True,
+                grid=grid,
+                weights=None if weights is None else weights[t],
+                min_second=min_second,
             )
             for t, rs in rows.items()
         }
@@ -570,10 +586,11 @@ def train(
     ladder: tuple[str, str] = (MINI, FLASH),
     strong: str | None = None,
     folds: int = 5,
-    l2: float = 1.0,
+    l2: float = 10.0,
     cost_aware: bool = True,
     grid: int = 60,
     bootstrap: int = 30,
+    accept_splits: bool = False,
 ) -> Router:
     """Fit the gates on all rows; calibrate thresholds on out-of-fold scores, per task and across
     tasks for the unseen-task fallback."""
@@ -609,6 +626,7 @@ def train(
         seen_need,
         grid=grid,
         rounds=bootstrap,
+        min_second=-math.inf if accept_splits else AGREE_BONUS,
     )
     gates: dict[str, Gate] = {}
     for t, idx in by_task.items():

@@ -7,8 +7,10 @@ cost one cheap call. Scores come from logistic gates over task-agnostic draft fe
 above all; gate.py), made cost-aware on known tasks: log(estimated escalation cost) - log P(wrong),
 so a risk is taken more readily where escalating would cost more. At stage 2 every agreement
 ranks above every split (AGREE_BONUS), so one threshold says "splits with score >= x" or
-"agreements with score >= x"; training only offers the latter unless `accept_splits` (which
-draft is right when two cheap models disagree is barely predictable from their replies).
+"agreements with score >= x". Training, by default, accepts every agreement and no split: which
+agreement is wrong, or which side of a split is right, is barely predictable from the replies
+(gate AUC ~0.5-0.6), and thresholds there fit calibration noise (`rank_agreements`,
+`accept_splits` re-open those choices). The learned part that pays is the lone-draft gate.
 
 Classifier (the other strategy): before any call, a logistic model over hashed prompt words
 predicts whether mini will be right; the prompt goes to mini alone or to the strong model.
@@ -423,6 +425,7 @@ def frontier(
     grid: int = 60,
     weights: Sequence[float] | None = None,
     min_second: float = -math.inf,
+    max_second: float | None = None,
 ) -> list[Point]:
     """Every (first, second) threshold pair on a grid of score quantiles, with its cost and quality
     (each row counted `weights[i]` times, for bootstrap resamples)."""
@@ -439,7 +442,9 @@ def frontier(
     out: list[Point] = []
     for t1 in _thresholds(p1, grid) if first else [NEVER]:
         acc1 = a1 >= t1
-        for t2 in [t for t in _thresholds(p2, grid) if t >= min_second]:
+        for t2 in (
+            [t for t in _thresholds(p2, grid) if t >= min_second] if max_second is None else [max_second]
+        ):
             acc2 = ~acc1 & (a2 >= t2)
             esc = ~acc1 & ~acc2
             q = float((ok1 * acc1 + ok2 * acc2 + oks * esc).sum())
@@ -494,6 +499,7 @@ def calibrate_bagged(
     grid: int = 60,
     rounds: int = 0,
     min_second: float = -math.inf,
+    max_second: float | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Per-task (first, second) thresholds meeting `target` x the reference's quality over all
     tasks at the least cost. With `rounds` > 0, the choice is repeated on bootstrap resamples of
@@ -512,6 +518,7 @@ def calibrate_bagged(
                 grid=grid,
                 weights=None if weights is None else weights[t],
                 min_second=min_second,
+                max_second=max_second,
             )
             for t, rs in rows.items()
         }
@@ -591,6 +598,7 @@ def train(
     grid: int = 60,
     bootstrap: int = 30,
     accept_splits: bool = False,
+    rank_agreements: bool = False,
 ) -> Router:
     """Fit the gates on all rows; calibrate thresholds on out-of-fold scores, per task and across
     tasks for the unseen-task fallback."""
@@ -627,6 +635,7 @@ def train(
         grid=grid,
         rounds=bootstrap,
         min_second=-math.inf if accept_splits else AGREE_BONUS,
+        max_second=None if rank_agreements else AGREE_BONUS,
     )
     gates: dict[str, Gate] = {}
     for t, idx in by_task.items():

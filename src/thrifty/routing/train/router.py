@@ -112,6 +112,8 @@ def _rule(gate: Gate, score: float, agree: bool, passed: bool) -> str:
     if t >= AGREE_BONUS:
         if not agree:
             return "a split is never accepted here"
+        if t == AGREE_BONUS:
+            return "any agreement is accepted here"
         t -= AGREE_BONUS
     elif agree:
         return "any agreement is accepted here"
@@ -174,13 +176,10 @@ class Router:
             assert i0 is not None
             p = self.first_gate.prob(stage_features([parsed[i0]], prompt))
             score = self._score(gate, p, prompt, parsed[i0])
+            shown = f"p={p:.3f}" + (f", score {score:.3f}" if gate.cost_aware else "")
             if score >= gate.first:
-                return Accept(
-                    i0, f"{a} draft trusted (p={p:.3f}, score {score:.2f} >= {_fmt(gate.first)}, {where})"
-                )
-            return CallModel(
-                self.ladder[1], f"{a} unsure (p={p:.3f}, score {score:.2f} < {_fmt(gate.first)}), ask {b}"
-            )
+                return Accept(i0, f"{a} draft trusted ({shown} >= {_fmt(gate.first)}, {where})")
+            return CallModel(self.ladder[1], f"{a} unsure ({shown} < {_fmt(gate.first)}, {where}), ask {b}")
         i0, i1 = cheap[0], cheap[1]
         assert i0 is not None and i1 is not None
         d0, d1 = parsed[i0], parsed[i1]
@@ -240,7 +239,9 @@ class Router:
         name = "score" if g.cost_aware else "p"
         if math.isinf(g.second):
             second = "never"
-        elif g.second >= AGREE_BONUS:
+        elif g.second == AGREE_BONUS:
+            second = "any agreement"
+        elif g.second > AGREE_BONUS:
             second = f"agreement with {name}>={_fmt(g.second - AGREE_BONUS)}"
         else:
             second = f"agreement, or a split with {name}>={_fmt(g.second)}"

@@ -201,3 +201,13 @@ def test_training_trusts_agreement_on_seen_tasks_and_is_cautious_on_unseen() -> 
     unseen = [replay_row(router, r, "never-seen") for r in test]
     assert all(o.correct for o in unseen)
     assert all(o.calls >= 2 for o in unseen)  # never a lone cheap draft
+
+
+def test_gate_that_trusts_no_cheap_draft_goes_straight_to_the_strong_model() -> None:
+    r = hand_router()
+    r = Router(
+        **{**{f: getattr(r, f) for f in r.__dataclass_fields__}, "fallback": Gate(NEVER, NEVER, NEVER)}
+    )
+    step = r.next_step("new", PROMPT, [])
+    assert isinstance(step, CallModel) and step.model == GPT4O
+    assert r.next_step("new", PROMPT, [Draft(GPT4O, reply("4"))]) == Accept(0, "escalated: 4o answers")

@@ -233,11 +233,13 @@ def bench_route(
     test: Annotated[list[Path], typer.Option(help="test JSONL file(s) or dir(s); repeatable")],
     reference: Annotated[str, typer.Option(help="reference model")] = "gpt-4o-2024-08-06",
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    target_quality: Annotated[float, typer.Option(help="quality relative to the reference")] = 0.99,
 ) -> None:
-    """Offline routing benchmark on recorded outputs: single models, random, oracle, cascades, PGR."""
+    """Offline routing benchmark on recorded outputs: single models, random, oracle, cascades, PGR.
+    Our strategies are replayed through the router's online step API, as the gateway runs it."""
     from thrifty.bench.route import run_route_bench
 
-    run_route_bench(train, test, reference, json_out, _console())
+    run_route_bench(train, test, reference, json_out, _console(), target_quality=target_quality)
 
 
 @bench_app.command("cache")

@@ -1,18 +1,26 @@
 """The trained router: a sequential, calibrated cascade over cheap drafts, with an online step API.
 
-Cascade (the default strategy): call the first cheap model; accept its draft if the stage-1 gate
-says P(right) >= the task's first threshold; else call the second cheap model and accept if the
-stage-2 gate (both drafts, agreement included) clears the second threshold; else call the strong
-model and return its answer. Easy prompts cost one cheap call.
+Cascade (the default strategy): call the first cheap model (mini); accept its lone draft if its
+score clears the task's first threshold; else call the second (flash) and accept if the stage-2
+score clears the second threshold; else call the strong model and return its answer. Easy prompts
+cost one cheap call. Scores come from logistic gates over task-agnostic draft features (agreement
+above all; gate.py), made cost-aware on known tasks: log(estimated escalation cost) - log P(wrong),
+so a risk is taken more readily where escalating would cost more. At stage 2 every agreement
+ranks above every split (AGREE_BONUS), so one threshold says "splits with score >= x" or
+"agreements with score >= x". Training, by default, accepts every agreement and no split: which
+agreement is wrong, or which side of a split is right, is barely predictable from the replies
+(gate AUC ~0.5-0.6), and thresholds there fit calibration noise (`rank_agreements`,
+`accept_splits` re-open those choices). The learned part that pays is the lone-draft gate.
 
-Classifier (the other strategy): before any call, a logistic model over prompt features predicts
-whether the first cheap model will be right, and the prompt goes to that model or to the strong one.
+Classifier (the other strategy): before any call, a logistic model over hashed prompt words
+predicts whether mini will be right; the prompt goes to mini alone or to the strong model.
 
-Thresholds are calibrated per task on out-of-fold gate scores, as the cheapest pair whose quality
-reaches `target_quality + seen_margin` of the reference's. A task not in the artifact (or None)
-gets the fallback: no stage-1 acceptance at all, and a stage-2 threshold calibrated across tasks
-(each training task scored by a gate fitted without it, `unseen_target + unseen_margin`, the
-strictest result kept), so an unfamiliar task leans to the strong model, not the cheap one.
+Calibration: gate scores are out-of-fold (k folds over the training rows); per-task thresholds
+are the cheapest whose quality over all seen tasks is >= (target_quality + seen_margin) x the
+reference's, each the median over bootstrap resamples. A task not in the artifact (or None) gets
+the fallback: never a lone draft, never a split, agreements only above a P(right) bar chosen by
+scoring each training task with gates fitted without it (worst case over those tasks), and
+straight to the strong model if no bar is safe. So an unfamiliar task leans to the strong model.
 """
 
 from __future__ import annotations
@@ -104,6 +112,8 @@ def _rule(gate: Gate, score: float, agree: bool, passed: bool) -> str:
     if t >= AGREE_BONUS:
         if not agree:
             return "a split is never accepted here"
+        if t == AGREE_BONUS:
+            return "any agreement is accepted here"
         t -= AGREE_BONUS
     elif agree:
         return "any agreement is accepted here"
@@ -161,19 +171,19 @@ class Router:
             n += 1
         a, b = _short(self.ladder[0]), _short(self.ladder[1])
         if n == 0:
+            if math.isinf(gate.first) and math.isinf(gate.second):
+                # No cheap draft could ever be accepted here: asking for one would only add cost.
+                return CallModel(self.strong, f"no cheap draft is trusted ({where})")
             return CallModel(self.ladder[0], f"first tier ({where})")
         if n == 1:
             i0 = cheap[0]
             assert i0 is not None
             p = self.first_gate.prob(stage_features([parsed[i0]], prompt))
             score = self._score(gate, p, prompt, parsed[i0])
+            shown = f"p={p:.3f}" + (f", score {score:.3f}" if gate.cost_aware else "")
             if score >= gate.first:
-                return Accept(
-                    i0, f"{a} draft trusted (p={p:.3f}, score {score:.2f} >= {_fmt(gate.first)}, {where})"
-                )
-            return CallModel(
-                self.ladder[1], f"{a} unsure (p={p:.3f}, score {score:.2f} < {_fmt(gate.first)}), ask {b}"
-            )
+                return Accept(i0, f"{a} draft trusted ({shown} >= {_fmt(gate.first)}, {where})")
+            return CallModel(self.ladder[1], f"{a} unsure ({shown} < {_fmt(gate.first)}, {where}), ask {b}")
         i0, i1 = cheap[0], cheap[1]
         assert i0 is not None and i1 is not None
         d0, d1 = parsed[i0], parsed[i1]
@@ -230,8 +240,17 @@ class Router:
     def describe(self, task: str | None) -> str:
         g = self.gate_for(task)
         a, b, s = _short(self.ladder[0]), _short(self.ladder[1]), _short(self.strong)
+        name = "score" if g.cost_aware else "p"
+        if math.isinf(g.second):
+            second = "never"
+        elif g.second == AGREE_BONUS:
+            second = "any agreement"
+        elif g.second > AGREE_BONUS:
+            second = f"agreement with {name}>={_fmt(g.second - AGREE_BONUS)}"
+        else:
+            second = f"agreement, or a split with {name}>={_fmt(g.second)}"
         return (
-            f"{a} (accept p>={_fmt(g.first)}) → +{b} (accept p>={_fmt(g.second)}) → {s}; "
+            f"{a} alone if {name}>={_fmt(g.first)} → +{b}: {second} → {s}; "
             f"classifier: {a} if p>={_fmt(g.classifier)} else {s}"
         )
 
@@ -403,22 +422,34 @@ class Point:
 
 
 def frontier(
-    rows: Sequence[_Prepared], p1: Sequence[float], p2: Sequence[float], *, first: bool
+    rows: Sequence[_Prepared],
+    p1: Sequence[float],
+    p2: Sequence[float],
+    *,
+    first: bool,
+    grid: int = 60,
+    weights: Sequence[float] | None = None,
+    min_second: float = -math.inf,
+    max_second: float | None = None,
 ) -> list[Point]:
-    """Every (first, second) threshold pair on a grid of score quantiles, with its cost and quality."""
+    """Every (first, second) threshold pair on a grid of score quantiles, with its cost and quality
+    (each row counted `weights[i]` times, for bootstrap resamples)."""
     import numpy as np
 
     a1, a2 = np.asarray(p1, dtype=float), np.asarray(p2, dtype=float)
-    ok1 = np.array([r.ok1 for r in rows], dtype=float)
-    ok2 = np.array([r.ok2 for r in rows], dtype=float)
-    oks = np.array([r.ok_strong for r in rows], dtype=float)
-    c1 = np.array([r.cost1 for r in rows])
-    c2 = np.array([r.cost2 for r in rows])
-    cs = np.array([r.cost_strong for r in rows])
+    w = np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=float)
+    ok1 = np.array([r.ok1 for r in rows], dtype=float) * w
+    ok2 = np.array([r.ok2 for r in rows], dtype=float) * w
+    oks = np.array([r.ok_strong for r in rows], dtype=float) * w
+    c1 = np.array([r.cost1 for r in rows]) * w
+    c2 = np.array([r.cost2 for r in rows]) * w
+    cs = np.array([r.cost_strong for r in rows]) * w
     out: list[Point] = []
-    for t1 in _thresholds(p1) if first else [NEVER]:
+    for t1 in _thresholds(p1, grid) if first else [NEVER]:
         acc1 = a1 >= t1
-        for t2 in _thresholds(p2):
+        for t2 in (
+            [t for t in _thresholds(p2, grid) if t >= min_second] if max_second is None else [max_second]
+        ):
             acc2 = ~acc1 & (a2 >= t2)
             esc = ~acc1 & ~acc2
             q = float((ok1 * acc1 + ok2 * acc2 + oks * esc).sum())
@@ -464,11 +495,84 @@ def calibrate_joint(frontiers: dict[str, list[Point]], need: float) -> dict[str,
     return min(ok, key=lambda m: m[0])[2]
 
 
-def calibrate_unseen(points: Sequence[Point], need: float, tolerance: float) -> Point:
-    """For a task treated as unseen: the cheapest point reaching `need`, or, when the task cannot
-    reach it, the cheapest point within `tolerance` (in right answers) of its best quality."""
-    best = max(p.quality for p in points)
-    return cheapest(points, min(need, best - tolerance))
+def calibrate_bagged(
+    rows: dict[str, list[_Prepared]],
+    s1: dict[str, list[float]],
+    s2: dict[str, list[float]],
+    target: float,
+    *,
+    grid: int = 60,
+    rounds: int = 0,
+    min_second: float = -math.inf,
+    max_second: float | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Per-task (first, second) thresholds meeting `target` x the reference's quality over all
+    tasks at the least cost. With `rounds` > 0, the choice is repeated on bootstrap resamples of
+    the rows (seeded, so training is deterministic) and each threshold is the median choice: the
+    frontier is flat (a right answer more or less can move the cheapest point a long way), and
+    the median is far steadier than one noisy argmin."""
+    import numpy as np
+
+    def once(weights: dict[str, list[float]] | None) -> dict[str, Point]:
+        fronts = {
+            t: frontier(
+                rs,
+                s1[t],
+                s2[t],
+                first=True,
+                grid=grid,
+                weights=None if weights is None else weights[t],
+                min_second=min_second,
+                max_second=max_second,
+            )
+            for t, rs in rows.items()
+        }
+        need = target * sum(
+            float(np.dot([r.ok_ref for r in rs], weights[t]))
+            if weights is not None
+            else sum(r.ok_ref for r in rs)
+            for t, rs in rows.items()
+        )
+        return calibrate_joint(fronts, need)
+
+    if rounds <= 0:
+        return {t: (p.first, p.second) for t, p in once(None).items()}
+    rng = np.random.default_rng(7)
+    picks = [
+        once({t: [float(v) for v in rng.poisson(1.0, len(rs))] for t, rs in rows.items()})
+        for _ in range(rounds)
+    ]
+    return {
+        t: (float(np.median([p[t].first for p in picks])), float(np.median([p[t].second for p in picks])))
+        for t in rows
+    }
+
+
+UNSEEN_GRID = (0.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995)
+
+
+def calibrate_unseen(
+    held_out: Sequence[tuple[Sequence[_Prepared], Sequence[float]]], need: float, tolerance: float
+) -> float:
+    """The fallback's agreement threshold on P(right), from tasks each scored as if unseen.
+
+    Worst case over those tasks: the cheapest threshold whose worst relative quality reaches
+    `need`; if none does, the cheapest within `tolerance` of the best worst-case quality (chasing
+    the last tenth of a point on one task can multiply the cost on another). NEVER if even
+    escalating every prompt is not within reach."""
+    options: list[tuple[float, float, float]] = []  # (threshold, worst quality, worst cost)
+    for t in (*UNSEEN_GRID, NEVER):
+        worst_q, worst_c = math.inf, 0.0
+        for rows, ps in held_out:
+            q = sum(r.ok2 if r.agree and p >= t else r.ok_strong for r, p in zip(rows, ps, strict=True))
+            c = sum(r.cost2 if r.agree and p >= t else r.cost_strong for r, p in zip(rows, ps, strict=True))
+            ref_q = sum(r.ok_ref for r in rows) or 1
+            ref_c = sum(r.cost_ref for r in rows) or 1.0
+            worst_q, worst_c = min(worst_q, q / ref_q), max(worst_c, c / ref_c)
+        options.append((t, worst_q, worst_c))
+    best = max(q for _, q, _ in options)
+    floor = min(need, best - tolerance)
+    return min((o for o in options if o[1] >= floor - 1e-12), key=lambda o: (o[2], -o[1]))[0]
 
 
 def calibrate_classifier(rows: Sequence[_Prepared], p: Sequence[float], target: float) -> float:
@@ -487,15 +591,19 @@ def train(
     *,
     reference: str = GPT4O,
     target_quality: float = 0.99,
-    seen_margin: float = 0.01,
+    seen_margin: float = 0.005,
     unseen_target: float = 1.0,
     unseen_margin: float = 0.01,
-    unseen_tolerance: float = 0.005,
+    unseen_tolerance: float = 0.02,
     ladder: tuple[str, str] = (MINI, FLASH),
     strong: str | None = None,
     folds: int = 5,
-    l2: float = 1.0,
+    l2: float = 10.0,
     cost_aware: bool = True,
+    grid: int = 60,
+    bootstrap: int = 30,
+    accept_splits: bool = False,
+    rank_agreements: bool = False,
 ) -> Router:
     """Fit the gates on all rows; calibrate thresholds on out-of-fold scores, per task and across
     tasks for the unseen-task fallback."""
@@ -524,40 +632,42 @@ def train(
     o2 = second_scores(every, o2p)
     op = _oof(prep, "xp", "y1", folds, l2 * 30)
     seen_need = target_quality + seen_margin
-    fronts = {
-        t: frontier([prep[i] for i in idx], [o1[i] for i in idx], [o2[i] for i in idx], first=True)
-        for t, idx in by_task.items()
-    }
-    ref_right = sum(p.ok_ref for p in prep)
-    chosen = calibrate_joint(fronts, seen_need * ref_right)
+    chosen = calibrate_bagged(
+        {t: [prep[i] for i in idx] for t, idx in by_task.items()},
+        {t: [o1[i] for i in idx] for t, idx in by_task.items()},
+        {t: [o2[i] for i in idx] for t, idx in by_task.items()},
+        seen_need,
+        grid=grid,
+        rounds=bootstrap,
+        min_second=-math.inf if accept_splits else AGREE_BONUS,
+        max_second=None if rank_agreements else AGREE_BONUS,
+    )
     gates: dict[str, Gate] = {}
     for t, idx in by_task.items():
         sub = [prep[i] for i in idx]
         tc = calibrate_classifier(sub, [op[i] for i in idx], seen_need)
-        gates[t] = Gate(chosen[t].first, chosen[t].second, tc, cost_aware)
-    # The fallback: each task scored by a gate that never saw it (if there are other tasks).
-    strictest = 0.0
+        gates[t] = Gate(chosen[t][0], chosen[t][1], tc, cost_aware)
+    # The fallback: each task scored by gates that never saw it (if there are other tasks).
+    held_out: list[tuple[Sequence[_Prepared], Sequence[float]]] = []
     strictest_cls = 0.0
     unseen_need = unseen_target + unseen_margin
     for t, idx in by_task.items():
         others = [i for i, p in enumerate(prep) if p.task != t]
         sub = [prep[i] for i in idx]
-        if others:
-            gp = _fit(prep, others, "xp", "y1", l2 * 30)
-            s2 = second_scores(idx, _second(prep, others, idx, l2), aware=False)
-            sp = [gp.prob(p.xp) for p in sub]
-        else:
-            s2 = second_scores(idx, [o2p[i] for i in idx], aware=False)
-            sp = [op[i] for i in idx]
-        points = frontier(sub, [0.0] * len(sub), s2, first=False)
-        ref_t = sum(p.ok_ref for p in sub)
-        strictest = max(
-            strictest, calibrate_unseen(points, unseen_need * ref_t, unseen_tolerance * ref_t).second
+        if not others:
+            strictest_cls = NEVER
+            continue
+        gp = _fit(prep, others, "xp", "y1", l2 * 30)
+        held_out.append((sub, _second(prep, others, idx, l2)))
+        strictest_cls = max(
+            strictest_cls, calibrate_classifier(sub, [gp.prob(p.xp) for p in sub], unseen_need)
         )
-        strictest_cls = max(strictest_cls, calibrate_classifier(sub, sp, unseen_need))
-    # An unknown task never takes a lone draft, nor one the other cheap model contradicts.
-    # Its scores are plain P(right): a new task's cost scale is unknown.
-    fallback = Gate(NEVER, max(strictest, AGREE_BONUS), strictest_cls, cost_aware=False)
+    # An unknown task never takes a lone draft, nor one the other cheap model contradicts; its
+    # scores are plain P(right), as a new task's cost scale is unknown. With a single training
+    # task there is no evidence of how a gate transfers, so any agreement is accepted: the one
+    # rule that needs no calibration.
+    agree_p = calibrate_unseen(held_out, unseen_need, unseen_tolerance) if held_out else 0.0
+    fallback = Gate(NEVER, AGREE_BONUS + agree_p, strictest_cls, cost_aware=False)
     all_i = list(range(len(prep)))
     return Router(
         reference=reference,

@@ -19,9 +19,9 @@ def _meta(i: int, expires: float = 100.0) -> EntryMeta:
 
 def test_search_stays_inside_its_partition_and_skips_expired_entries():
     parts = Partitions(8)
-    parts.add("p1", 100, 1, _unit(1), _meta(1))
-    parts.add("p1", 100, 2, _unit(2), _meta(2, expires=5.0))
-    parts.add("p2", 100, 3, _unit(1), _meta(3))  # the same vector, another partition
+    parts.add("p1", 1, _unit(1), _meta(1))
+    parts.add("p1", 2, _unit(2), _meta(2, expires=5.0))
+    parts.add("p2", 3, _unit(1), _meta(3))  # the same vector, another partition
     found = parts.search("p1", _unit(1), 10, now=10.0)
     assert [i for i, _ in found] == [1] and abs(found[0][1].similarity - 1.0) < 1e-5
     assert parts.meta(2) is None and len(parts) == 2  # the expired entry was dropped on sight
@@ -31,7 +31,7 @@ def test_search_stays_inside_its_partition_and_skips_expired_entries():
 def test_dropped_entries_are_never_returned_and_a_partition_rebuilds_when_mostly_dead():
     parts = Partitions(8)
     for i in range(200):
-        parts.add("p", 1000, i, _unit(i), _meta(i))
+        parts.add("p", i, _unit(i), _meta(i))
     for i in range(150):
         parts.drop(i)
     assert len(parts) == 50
@@ -67,3 +67,31 @@ def test_answers_on_the_same_evidence_are_one_answer():
     two = {"choices": [{"message": {"content": "You have 30 days."}}]}
     assert answer_id(one, ("kb-1", "kb-2")) == answer_id(two, ("kb-2", "kb-1"))
     assert answer_id(one, ()) != answer_id(two, ()) and answer_id(one, ()) == answer_id(dict(one), ())
+
+
+def test_a_partition_that_grows_gets_a_graph_built_from_a_snapshot_plus_what_came_meanwhile():
+    from thrifty.cache.semantic.index import ExactIndex, HnswIndex
+    from thrifty.cache.semantic.partitions import build_graph
+
+    parts = Partitions(8, graph_at=50)
+    part = None
+    for i in range(51):
+        part = parts.add("p", i, _unit(i), _meta(i))
+    assert part is not None and part.wants_graph and isinstance(part._index, ExactIndex)
+    snapshot = part.start_graph()
+    assert len(snapshot.ids) == 51 and not part.wants_graph  # one build at a time
+    parts.add("p", 51, _unit(51), _meta(51))  # added while the graph is built...
+    parts.drop(3)  # ...and one dropped
+    part.finish_graph(build_graph(8, snapshot))
+    assert isinstance(part._index, HnswIndex)
+    found = {i for i, _ in parts.search("p", _unit(51), 60, now=0.0)}
+    assert 51 in found and 3 not in found and len(found) == 51
+    assert parts.search("p", _unit(7), 1, now=0.0)[0][0] == 7
+
+
+def test_small_partitions_stay_small():
+    parts = Partitions(384)
+    for i in range(200):  # e.g. one partition per user
+        parts.add(f"user-{i}", i, _unit(i, 384), _meta(i))
+    index = parts._parts["user-0"]._index
+    assert index._vectors.nbytes <= 16 * 384 * 4  # no megabyte preallocated per partition

@@ -27,7 +27,7 @@ def train_router(
     out_path: str | Path,
     *,
     reference: str = GPT4O,
-    target_quality: float = 0.99,
+    target_quality: float = 0.995,
 ) -> Router:
     """Train on every row of `data_paths` (thresholds from out-of-fold scores); write the artifact."""
     router = train(load_rows(data_paths), reference=reference, target_quality=target_quality)
@@ -94,7 +94,7 @@ def run_route_bench(
     json_out: str | Path | None = None,
     console: Console | None = None,
     *,
-    target_quality: float = 0.99,
+    target_quality: float = 0.995,
 ) -> list[Summary]:
     """Train on `train_paths`, replay on `test_paths`, print the table, optionally write JSON."""
     console = console or Console()

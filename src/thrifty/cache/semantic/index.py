@@ -58,7 +58,7 @@ class ExactIndex:
         needed = self._size + len(keys)
         if needed > len(self._keys):
             # Grow geometrically so adding one entry at a time stays amortised O(1).
-            capacity = max(needed, 2 * len(self._keys), 1024)
+            capacity = max(needed, 2 * len(self._keys), 16)
             grown_keys = np.empty(capacity, dtype=np.int64)
             grown_vectors = np.empty((capacity, self.dim), dtype=np.float32)
             grown_keys[: self._size] = self._keys[: self._size]

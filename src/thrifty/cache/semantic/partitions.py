@@ -4,9 +4,12 @@ A partition holds the entries that may ever answer each other: same tenant, rout
 corpus version, model, safety policy and conversation context (see ``stage.partition_key``), so a
 lookup can never cross tenants or serve an answer made under another system prompt.
 
-Removal (expiry, eviction, purge seen at serve time) marks an entry dead; searches skip dead
-entries, and a partition whose dead entries outnumber its live ones is rebuilt from its live
-vectors, so memory stays proportional to what is cached.
+Every partition starts with exact search over a small array (most partitions stay small: one per
+system prompt, or per user); one that grows past ``EXACT_LIMIT`` entries gets an HNSW graph, built
+off the event loop from a snapshot and swapped in with whatever was added meanwhile. Removal
+(expiry, eviction, a purge seen at serve time) marks an entry dead; searches skip dead entries,
+and a partition whose dead entries outnumber its live ones is rebuilt, so memory stays
+proportional to what is cached.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from thrifty.cache.semantic.decision import Neighbour
 from thrifty.cache.semantic.index import EXACT_LIMIT, ExactIndex, HnswIndex
 
 Vector = npt.NDArray[np.float32]
-# Searches ask for this many extra results per dead entry still in the graph, up to a cap: past it a
-# rebuild is due anyway.
+# Searches ask for this many extra results per dead entry still in the index, up to a cap: past it
+# a rebuild is due anyway.
 _MAX_EXTRA = 256
 
 
@@ -33,43 +36,95 @@ class EntryMeta:
     expires_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The live vectors of a partition at one moment, to build a graph from off the loop."""
+
+    ids: npt.NDArray[np.int64]
+    vectors: npt.NDArray[np.float32]
+
+
+def build_graph(dim: int, snapshot: Snapshot) -> HnswIndex:
+    """Pure CPU work on a private copy: safe to run in a worker thread."""
+    index = HnswIndex(dim)
+    if len(snapshot.ids):
+        index.add(snapshot.ids, snapshot.vectors)
+    return index
+
+
 class Partition:
-    def __init__(self, dim: int, expected_size: int) -> None:
+    def __init__(self, dim: int, graph_at: int = EXACT_LIMIT) -> None:
         self.dim = dim
-        self._hnsw = expected_size > EXACT_LIMIT
-        self._index: ExactIndex | HnswIndex = self._new_index()
+        self._graph_at = graph_at
+        self._index: ExactIndex | HnswIndex = ExactIndex(dim)
         self._meta: dict[int, EntryMeta] = {}
         self._vectors: dict[int, Vector] = {}
         self._dead = 0
-
-    def _new_index(self) -> ExactIndex | HnswIndex:
-        return HnswIndex(self.dim) if self._hnsw else ExactIndex(self.dim)
+        self.building = False  # a graph is being built off the loop
+        self._added_while_building: list[int] = []
 
     def __len__(self) -> int:
         return len(self._meta)
+
+    @property
+    def wants_graph(self) -> bool:
+        return not self.building and isinstance(self._index, ExactIndex) and len(self._meta) > self._graph_at
+
+    def meta(self, entry_id: int) -> EntryMeta | None:
+        return self._meta.get(entry_id)
 
     def add(self, entry_id: int, vector: Vector, meta: EntryMeta) -> None:
         self._index.add(np.array([entry_id], dtype=np.int64), vector.reshape(1, self.dim))
         self._meta[entry_id] = meta
         self._vectors[entry_id] = vector
+        if self.building:
+            self._added_while_building.append(entry_id)
 
     def drop(self, entry_id: int) -> None:
         if self._meta.pop(entry_id, None) is None:
             return
         del self._vectors[entry_id]
         self._dead += 1
-        if self._dead > max(64, len(self._meta)):
+        if self._dead > max(64, len(self._meta)) and not self.building:
             self._rebuild()
 
-    def _rebuild(self) -> None:
-        index = self._new_index()
-        if self._vectors:
-            ids = np.fromiter(self._vectors, dtype=np.int64, count=len(self._vectors))
-            index.add(ids, np.stack([self._vectors[int(i)] for i in ids]))
-        self._index, self._dead = index, 0
+    def snapshot(self) -> Snapshot:
+        ids = np.fromiter(self._vectors, dtype=np.int64, count=len(self._vectors))
+        vectors = (
+            np.stack([self._vectors[int(i)] for i in ids])
+            if len(ids)
+            else np.empty((0, self.dim), np.float32)
+        )
+        return Snapshot(ids, vectors.astype(np.float32))
 
-    def meta(self, entry_id: int) -> EntryMeta | None:
-        return self._meta.get(entry_id)
+    def start_graph(self) -> Snapshot:
+        self.building = True
+        self._added_while_building = []
+        return self.snapshot()
+
+    def finish_graph(self, graph: HnswIndex) -> None:
+        """Swap in a graph built from `start_graph`'s snapshot, with the entries added since."""
+        late = [i for i in self._added_while_building if i in self._vectors]
+        if late:
+            graph.add(np.array(late, dtype=np.int64), np.stack([self._vectors[i] for i in late]))
+        # Entries dropped meanwhile are in the graph but not in _meta: they count as dead.
+        self._dead = len(graph) - len(self._meta)
+        self._index, self.building, self._added_while_building = graph, False, []
+
+    def abort_graph(self) -> None:
+        self.building, self._added_while_building = False, []
+        self._graph_at = 2 * max(self._graph_at, len(self._meta))  # don't retry on every add
+
+    def _rebuild(self) -> None:
+        snap = self.snapshot()
+        if isinstance(self._index, HnswIndex):
+            self._index = build_graph(self.dim, snap)  # rare: only after mass expiry or eviction
+        else:
+            index = ExactIndex(self.dim)
+            if len(snap.ids):
+                index.add(snap.ids, snap.vectors)
+            self._index = index
+        self._dead = 0
 
     def neighbours(self, vector: Vector, k: int, now: float) -> tuple[list[tuple[int, Neighbour]], list[int]]:
         """Up to `k` live, unexpired entries nearest to `vector`, best first, and the expired ones met."""
@@ -92,15 +147,20 @@ class Partition:
 
 
 class Partitions:
-    """All partitions of one gateway, with each route's entry ids in age order for eviction."""
+    """All partitions of one gateway, and where each entry lives."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, graph_at: int = EXACT_LIMIT) -> None:
         self.dim = dim
+        self._graph_at = graph_at
         self._parts: dict[str, Partition] = {}
         self._where: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self._where)
+
+    def meta(self, entry_id: int) -> EntryMeta | None:
+        partition = self._where.get(entry_id)
+        return None if partition is None else self._parts[partition].meta(entry_id)
 
     def search(self, partition: str, vector: Vector, k: int, now: float) -> list[tuple[int, Neighbour]]:
         part = self._parts.get(partition)
@@ -111,16 +171,16 @@ class Partitions:
             self.drop(entry_id)
         return found
 
-    def add(self, partition: str, expected_size: int, entry_id: int, vector: Vector, meta: EntryMeta) -> None:
+    def add(self, partition: str, entry_id: int, vector: Vector, meta: EntryMeta) -> Partition:
         part = self._parts.get(partition)
         if part is None:
-            part = self._parts[partition] = Partition(self.dim, expected_size)
+            part = self._parts[partition] = Partition(self.dim, self._graph_at)
         part.add(entry_id, vector, meta)
         self._where[entry_id] = partition
+        return part
 
-    def meta(self, entry_id: int) -> EntryMeta | None:
-        partition = self._where.get(entry_id)
-        return None if partition is None else self._parts[partition].meta(entry_id)
+    def large(self) -> list[Partition]:
+        return [p for p in self._parts.values() if p.wants_graph]
 
     def drop(self, entry_id: int) -> None:
         partition = self._where.pop(entry_id, None)
@@ -128,8 +188,8 @@ class Partitions:
             return
         part = self._parts[partition]
         part.drop(entry_id)
-        if not len(part):
+        if not len(part) and not part.building:
             del self._parts[partition]
 
 
-__all__ = ["EntryMeta", "Partition", "Partitions"]
+__all__ = ["EntryMeta", "Partition", "Partitions", "Snapshot", "build_graph"]

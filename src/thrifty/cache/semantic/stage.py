@@ -36,8 +36,9 @@ import orjson
 
 from thrifty.cache.common import cacheable, serve_stored, usage_worth_keeping
 from thrifty.cache.semantic.decision import DecisionParams, decide, default_params
+from thrifty.cache.semantic.index import HnswIndex
 from thrifty.cache.semantic.normalise import normalise
-from thrifty.cache.semantic.partitions import EntryMeta, Partitions
+from thrifty.cache.semantic.partitions import EntryMeta, Partition, Partitions, build_graph
 from thrifty.cache.semantic.store import NewEntry, SqliteSemanticStore
 from thrifty.cache.semantic.tune import SEARCH_K
 from thrifty.errors import ConfigError
@@ -169,6 +170,7 @@ class SemanticCacheStage:
         self._parts: Partitions | None = None
         self._age: dict[str, deque[int]] = {name: deque() for name in self._settings}
         self._adds = 0
+        self._background: set[asyncio.Future[HnswIndex]] = set()
 
     @property
     def active(self) -> bool:
@@ -192,11 +194,16 @@ class SemanticCacheStage:
             if settings is None:
                 continue  # the route no longer caches; its rows expire by TTL or purge
             meta = EntryMeta(entry.query, entry.normalised_query, entry.answer_id, entry.expires_at)
-            parts.add(entry.partition, settings.max_entries, entry.entry_id, entry.embedding, meta)
+            parts.add(entry.partition, entry.entry_id, entry.embedding, meta)
             self._age[entry.route].append(entry.entry_id)
         self._parts = parts
         for route in self._settings:
             self._evict(route)
+        # Before serving: partitions that start large get their graphs now, in the worker thread.
+        for part in parts.large():
+            part.finish_graph(
+                await loop.run_in_executor(self._pool, build_graph, parts.dim, part.start_graph())
+            )
         log.info("semantic cache: %d entries loaded", len(parts))
 
     def close(self) -> None:
@@ -269,18 +276,38 @@ class SemanticCacheStage:
             return None
         return serve_stored(ctx, "semantic", *stored, self._catalog)
 
-    def add_entry(self, entry: NewEntry, max_entries: int) -> None:
+    def add_entry(self, entry: NewEntry) -> None:
         assert self._parts is not None and self._store is not None
         entry_id = self._store.add(entry)
         if entry_id is None:
             return
         meta = EntryMeta(entry.query, entry.normalised_query, entry.answer_id, entry.expires_at)
-        self._parts.add(entry.partition, max_entries, entry_id, entry.embedding, meta)
+        part = self._parts.add(entry.partition, entry_id, entry.embedding, meta)
+        if part.wants_graph:
+            self._grow(part)
         self._age[entry.route].append(entry_id)
         self._evict(entry.route)
         self._adds += 1
         if self._adds % _PURGE_EXPIRED_EVERY == 0:
             self._store.drop_expired(time.time())
+
+    def _grow(self, part: Partition) -> None:
+        """Exact search stops paying past EXACT_LIMIT entries: build an HNSW graph off the loop."""
+        assert self._pool is not None and self._parts is not None
+        future = asyncio.get_running_loop().run_in_executor(
+            self._pool, build_graph, self._parts.dim, part.start_graph()
+        )
+
+        def swap(done: asyncio.Future[HnswIndex]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                log.warning("semantic cache: graph build failed, exact search goes on: %r", done.exception())
+                part.abort_graph()
+            else:
+                part.finish_graph(done.result())
+
+        future.add_done_callback(swap)
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
 
     def _evict(self, route: str) -> None:
         """Drop the route's oldest entries beyond its bound (expired ones leave the queue first)."""
@@ -341,7 +368,7 @@ class _Adder:
             created_at=now,
             expires_at=now + self._settings.ttl_s,
         )
-        self._stage.add_entry(entry, self._settings.max_entries)
+        self._stage.add_entry(entry)
 
     def on_stream_end(self, kept: list[StreamChunk] | None) -> None:
         if kept is not None:

@@ -590,7 +590,7 @@ def train(
     rows: Sequence[Row],
     *,
     reference: str = GPT4O,
-    target_quality: float = 0.99,
+    target_quality: float = 0.995,
     seen_margin: float = 0.005,
     unseen_target: float = 1.0,
     unseen_margin: float = 0.01,

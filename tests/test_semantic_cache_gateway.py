@@ -49,6 +49,7 @@ def _settings(tmp_path: Path, upstream: Any, **semantic: Any):
             },
             "other": {"model": "gpt-4o-mini", "semantic_cache": {}},
         },
+        semantic={"embed_threads": 2},
     )
 
 

@@ -129,7 +129,9 @@ class Gateway:
         )
         self.alerts: AlertService | None = None
         self.exact_cache = ExactCacheStage(settings.routes, self.catalog)
-        self.semantic_cache = SemanticCacheStage(settings.routes, self.catalog)
+        self.semantic_cache = SemanticCacheStage(
+            settings.routes, self.catalog, embed_threads=settings.semantic.embed_threads
+        )
         prefix_marks = PromptCacheBreakpoints(
             settings.routes, {n: p.kind for n, p in settings.providers.items()}
         )

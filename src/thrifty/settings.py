@@ -259,6 +259,13 @@ class IdempotencySettings(_Strict):
     max_entries: int = Field(default=10000, ge=1)  # oldest results are dropped beyond this
 
 
+class SemanticSettings(_Strict):
+    """The semantic cache's shared embedding model (routes switch the cache on with semantic_cache)."""
+
+    # Worker threads for query embeddings (onnxruntime releases the GIL): each does ~200 queries/s.
+    embed_threads: int = Field(default=1, ge=1, le=64)
+
+
 class PricingSettings(_Strict):
     reject_unpriced: bool = False
 
@@ -271,6 +278,7 @@ class Settings(_Strict):
     idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
     resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    semantic: SemanticSettings = Field(default_factory=SemanticSettings)
     providers: dict[str, ProviderSettings]
     models: dict[str, ModelSettings]
     routes: dict[str, RouteSettings] = Field(default_factory=dict)

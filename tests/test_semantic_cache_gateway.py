@@ -40,12 +40,12 @@ def _settings(tmp_path: Path, upstream: Any, **semantic: Any):
         providers={"up": {"kind": "openai", "base_url": upstream.base_url}},
         models=openai_models(),
         routes={
-            # A six-entry FAQ is far sparser than the data the built-in rule was tuned on, where it
-            # refuses most paraphrases; these tests are about the gateway's mechanics and the guards,
-            # so the route sets its own probability cut.
+            # A six-entry FAQ is far sparser than the data the built-in rule was tuned on (and below
+            # the default min_entries floor); these tests are about the gateway's mechanics and the
+            # guards, so the route sets its own floor and probability cut.
             "support": {
                 "model": "gpt-4o-mini",
-                "semantic_cache": {"ttl_s": 600, "threshold": 0.5, **semantic},
+                "semantic_cache": {"ttl_s": 600, "threshold": 0.5, "min_entries": 0, **semantic},
             },
             "other": {"model": "gpt-4o-mini", "semantic_cache": {}},
         },
@@ -279,6 +279,17 @@ def test_a_truncated_answer_is_not_stored(server, openai_upstream, tmp_path):
     _ask(server, "What are your opening hours?")
     conn = sqlite3.connect(tmp_path / "ledger.db")
     assert conn.execute("SELECT count(*) FROM semantic_cache").fetchone()[0] == 0
+
+
+def test_a_sparse_partition_answers_only_repeats(tmp_path, openai_upstream):
+    settings = _settings(tmp_path, openai_upstream, min_entries=7)
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
+        _seed(server, openai_upstream)  # six entries, one short of the floor
+        openai_upstream.queue(Reply(text="fresh"))
+        assert _ask(server, "How can I return something I purchased?").headers["x-thrifty-cache"] == "miss"
+        assert _ask(server, "how do I return an item I bought").headers["x-thrifty-cache"] == "semantic"
+        # The miss above was stored: seven entries, and paraphrases are judged by the rule again.
+        assert _ask(server, "When are you open?").headers["x-thrifty-cache"] == "semantic"
 
 
 def test_a_route_uses_the_parameters_file_it_names(tmp_path, openai_upstream):

@@ -115,6 +115,10 @@ class SemanticCacheSettings(_Strict):
     any_temperature: bool = False
     # Entries per route; the oldest are dropped beyond this (bounded memory over days).
     max_entries: int = Field(default=100_000, ge=1)
+    # Below this many entries a partition answers only repeats of a cached question (up to case,
+    # spacing and punctuation): in a sparse cache the nearest entry is often a neighbouring
+    # question nobody cached yet, and the learned rule, tuned on a dense cache, would trust it.
+    min_entries: int = Field(default=1000, ge=0)
     # Bump when the safety policy changes: answers given under an older policy are not served.
     safety_policy_version: str = "1"
 

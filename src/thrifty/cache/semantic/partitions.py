@@ -162,6 +162,10 @@ class Partitions:
         partition = self._where.get(entry_id)
         return None if partition is None else self._parts[partition].meta(entry_id)
 
+    def size(self, partition: str) -> int:
+        part = self._parts.get(partition)
+        return len(part) if part is not None else 0
+
     def search(self, partition: str, vector: Vector, k: int, now: float) -> list[tuple[int, Neighbour]]:
         part = self._parts.get(partition)
         if part is None:

@@ -267,6 +267,9 @@ class SemanticCacheStage:
         same = [i for i, _ in found if (m := self._parts.meta(i)) is not None and m.normalised == normalised]
         if same:
             entry_id = same[0]
+        elif self._parts.size(partition) < self._settings[route].min_entries:
+            log.debug("semantic miss: partition below min_entries, repeats only")
+            return None
         else:
             decision = decide(query, [n for _, n in found], self._params[route])
             if not decision.hit or decision.entry is None:

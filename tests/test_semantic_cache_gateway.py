@@ -173,6 +173,17 @@ def test_a_hit_is_replayed_as_sse(server, openai_upstream):
         last = chunk
     assert text == FAQ["What are your opening hours?"]
     assert last is not None and last.model_extra["thrifty"]["cache"] == "semantic"
+    # A client that asks for usage gets it on a replay too, as it would as JSON.
+    chunks = list(
+        client.chat.completions.create(
+            model="route:support",
+            messages=[SYSTEM, {"role": "user", "content": "What time do you open?"}],
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 42
     # A streamed answer is stored too, for the next client.
     openai_upstream.queue(Reply(text="Our office is in Lyon."))
     for _ in client.chat.completions.create(

@@ -25,8 +25,9 @@ async def stream_from(chunks: list[StreamChunk]) -> AsyncIterator[StreamChunk]:
         yield chunk
 
 
-def as_chunks(body: dict[str, Any]) -> list[StreamChunk]:
-    """A stored completion replayed to a streaming client as one content chunk and a finish."""
+def as_chunks(body: dict[str, Any], *, with_usage: bool = False) -> list[StreamChunk]:
+    """A stored completion replayed to a streaming client as one content chunk and a finish, and,
+    for a client that asked for usage (`stream_options.include_usage`), the body's usage last."""
     base = {
         "id": body.get("id"),
         "object": "chat.completion.chunk",
@@ -61,6 +62,8 @@ def as_chunks(body: dict[str, Any]) -> list[StreamChunk]:
                 }
             )
         )
+    if with_usage and isinstance(body.get("usage"), dict):
+        out.append(StreamChunk({**base, "choices": [], "usage": body["usage"]}))
     return out
 
 

@@ -53,5 +53,5 @@ def serve_stored(
     # What this answer would have cost upstream, at today's prices.
     ctx.saved_usd = catalog.cost(ctx.target.alias, usage)
     if ctx.stream:
-        return Streamed(stream_from(as_chunks(response)))
+        return Streamed(stream_from(as_chunks(response, with_usage=ctx.client_wants_usage)))
     return Completion(response, None)

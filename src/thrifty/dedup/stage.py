@@ -177,5 +177,5 @@ def _replay(ctx: RequestContext, outcome: Outcome) -> Result:
         return Completion(as_completion(outcome.chunks), None)
     assert outcome.body is not None
     if ctx.stream:
-        return Streamed(stream_from(as_chunks(outcome.body)))
+        return Streamed(stream_from(as_chunks(outcome.body, with_usage=ctx.client_wants_usage)))
     return Completion(outcome.body, None)

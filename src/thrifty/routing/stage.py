@@ -281,7 +281,7 @@ class RouteStage:
     def deliver(ctx: RequestContext, response: dict[str, Any]) -> Result:
         """A buffered draft, as JSON or replayed as SSE to a streaming client."""
         if ctx.stream:
-            return Streamed(stream_from(as_chunks(response)))
+            return Streamed(stream_from(as_chunks(response, with_usage=ctx.client_wants_usage)))
         return Completion(response, None)
 
     @staticmethod

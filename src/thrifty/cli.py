@@ -28,6 +28,13 @@ app.add_typer(cache_app, name="cache")
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="settings YAML (default ./thrifty.yaml)")
 ]
+TargetQualityOpt = Annotated[
+    float,
+    typer.Option(
+        help="quality relative to the reference the thresholds are calibrated for; 0.995 held "
+        ">= 99% on every held-out split of the shared data"
+    ),
+]
 
 
 def _console() -> Console:
@@ -217,13 +224,7 @@ def route_train(
     reference: Annotated[
         str, typer.Option(help="the model whose quality is the target")
     ] = "gpt-4o-2024-08-06",
-    target_quality: Annotated[
-        float,
-        typer.Option(
-            help="quality relative to the reference the thresholds are calibrated for; 0.995 held "
-            ">= 99% on every held-out split of the shared data"
-        ),
-    ] = 0.995,
+    target_quality: TargetQualityOpt = 0.995,
 ) -> None:
     """Learn a cascade router (and a pre-call classifier) from labelled per-model outputs; thresholds
     are calibrated on out-of-fold gate scores, per task and, for unseen tasks, across tasks."""
@@ -239,13 +240,7 @@ def bench_route(
     test: Annotated[list[Path], typer.Option(help="test JSONL file(s) or dir(s); repeatable")],
     reference: Annotated[str, typer.Option(help="reference model")] = "gpt-4o-2024-08-06",
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
-    target_quality: Annotated[
-        float,
-        typer.Option(
-            help="quality relative to the reference the thresholds are calibrated for; 0.995 held "
-            ">= 99% on every held-out split of the shared data"
-        ),
-    ] = 0.995,
+    target_quality: TargetQualityOpt = 0.995,
 ) -> None:
     """Offline routing benchmark on recorded outputs: single models, random, oracle, cascades, PGR.
     Our strategies are replayed through the router's online step API, as the gateway runs it."""

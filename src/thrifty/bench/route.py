@@ -14,7 +14,14 @@ from rich.table import Table
 from thrifty.routing.train.cost import CHEAP_MODELS, FLASH, GPT4O, MINI, PRICES
 from thrifty.routing.train.data import Row, load_rows
 from thrifty.routing.train.metrics import PairMetrics, Summary, pair_metrics, random_at_cost, summarise
-from thrifty.routing.train.policy import CascadePolicy, Outcome, run_oracle, run_policy, run_single
+from thrifty.routing.train.policy import (
+    CascadePolicy,
+    Outcome,
+    run_oracle,
+    run_policy,
+    run_single,
+    short_name,
+)
 from thrifty.routing.train.router import Router, train
 from thrifty.routing.train.step import replay
 
@@ -45,7 +52,7 @@ def evaluate_router(router: Router, rows: Sequence[Row], reference: str) -> tupl
     )
     results.append(
         random_at_cost(
-            f"random {_short(WEAK)}/{_short(STRONG)} @ matched cost",
+            f"random {short_name(WEAK)}/{short_name(STRONG)} @ matched cost",
             ours_summary.cost_usd,
             run_single(rows, WEAK),
             run_single(rows, STRONG),
@@ -53,7 +60,7 @@ def evaluate_router(router: Router, rows: Sequence[Row], reference: str) -> tupl
         )
     )
     results.append(
-        summarise(f"oracle {_short(WEAK)}+{_short(STRONG)}", run_oracle(rows, (WEAK, STRONG)), ref)
+        summarise(f"oracle {short_name(WEAK)}+{short_name(STRONG)}", run_oracle(rows, (WEAK, STRONG)), ref)
     )
     results.append(summarise("oracle all six", run_oracle(rows, tuple(PRICES)), ref))
     results.append(summarise("naive cascade mini=flash else 4o", run_policy(rows, NAIVE), ref))
@@ -81,10 +88,6 @@ def run_policy_router(router: Router, rows: Sequence[Row]) -> list[Outcome]:
     """Replay `rows`, each under its own task name (a task the router does not know gets its
     cautious fallback, exactly as the gateway would)."""
     return [replay_row(router, r, r.task) for r in rows]
-
-
-def _short(model: str) -> str:
-    return {MINI: "mini", GPT4O: "4o"}.get(model, model)
 
 
 def run_route_bench(
@@ -141,8 +144,8 @@ def print_results(
     console.print(table)
     pgr = "  ".join(f"{rate:.0%}:{v:.2f}" for rate, v in pair.pgr.items())
     console.print(
-        f"pair {_short(WEAK)} ({pair.weak_acc:.3f}) / {_short(STRONG)} ({pair.strong_acc:.3f}), "
-        f"router ranking = 1 - stage-1 gate P({_short(WEAK)} right)"
+        f"pair {short_name(WEAK)} ({pair.weak_acc:.3f}) / {short_name(STRONG)} ({pair.strong_acc:.3f}), "
+        f"router ranking = 1 - stage-1 gate P({short_name(WEAK)} right)"
     )
     console.print(f"  PGR by strong-call rate: {pgr}")
     console.print(f"  APGR {pair.apgr:.3f}  CPT(50%) {_pct(pair.cpt50)}  CPT(80%) {_pct(pair.cpt80)}")

@@ -53,8 +53,8 @@ class CascadePolicy:
         )
 
     def describe(self) -> str:
-        names = "+".join(_short(m) for m in self.cheap)
-        return f"{names} {self.min_votes}-agree/≤{self.max_dissent}-dissent → {_short(self.strong)}"
+        names = "+".join(short_name(m) for m in self.cheap)
+        return f"{names} {self.min_votes}-agree/≤{self.max_dissent}-dissent → {short_name(self.strong)}"
 
     def decide(self, answers: Sequence[str | None]) -> int:
         """Given the answers of the cheap models called so far: the index of a model whose answer
@@ -97,7 +97,8 @@ _SHORT = {
 }
 
 
-def _short(model: str) -> str:
+def short_name(model: str) -> str:
+    """A model id as the reasons and tables name it ("mini", "4o", ...)."""
     return _SHORT.get(model, model)
 
 

@@ -42,6 +42,7 @@ from thrifty.routing.train.gate import (
     prompt_features,
     stage_features,
 )
+from thrifty.routing.train.policy import short_name
 from thrifty.routing.train.step import Accept, CallModel, Draft, Step
 
 FORMAT_VERSION = 2
@@ -92,17 +93,6 @@ def accept_score(p: float, prompt_chars: int, draft_chars: int, *, cost_aware: b
     if not cost_aware:
         return p
     return math.log(prompt_chars + 4.0 * draft_chars + 1.0) - math.log(max(1e-9, 1.0 - p))
-
-
-def _short(model: str) -> str:
-    return {
-        "gpt-4o-mini-2024-07-18": "mini",
-        "gpt-4o-2024-08-06": "4o",
-        "claude-3-haiku-20240307": "haiku",
-        "claude-3-5-sonnet-20240620": "sonnet",
-        "gemini-1.5-flash": "flash",
-        "gpt-3.5-turbo-0125": "3.5",
-    }.get(model, model)
 
 
 def _rule(gate: Gate, score: float, agree: bool, passed: bool) -> str:
@@ -169,7 +159,7 @@ class Router:
         n = 0
         while n < len(cheap) and cheap[n] is not None:
             n += 1
-        a, b = _short(self.ladder[0]), _short(self.ladder[1])
+        a, b = short_name(self.ladder[0]), short_name(self.ladder[1])
         if n == 0:
             if math.isinf(gate.first) and math.isinf(gate.second):
                 # No cheap draft could ever be accepted here: asking for one would only add cost.
@@ -209,14 +199,14 @@ class Router:
 
     def _classify(self, gate: Gate, where: str, prompt: str, drafts: Sequence[Draft]) -> Step:
         if drafts:
-            return Accept(len(drafts) - 1, f"classifier sent the prompt to {_short(drafts[-1].model)}")
+            return Accept(len(drafts) - 1, f"classifier sent the prompt to {short_name(drafts[-1].model)}")
         p = self.prompt_gate.prob(prompt_features(prompt))
         if p >= gate.classifier:
             return CallModel(
-                self.ladder[0], f"classifier: P({_short(self.ladder[0])} right)={p:.3f} ({where})"
+                self.ladder[0], f"classifier: P({short_name(self.ladder[0])} right)={p:.3f} ({where})"
             )
         return CallModel(
-            self.strong, f"classifier: P({_short(self.ladder[0])} right)={p:.3f} too low ({where})"
+            self.strong, f"classifier: P({short_name(self.ladder[0])} right)={p:.3f} too low ({where})"
         )
 
     def _final(self, strong_index: int, parsed: dict[int, Parsed]) -> Accept:
@@ -224,8 +214,8 @@ class Router:
         if parsed[strong_index].key is None:
             for i, d in parsed.items():
                 if d.key is not None:
-                    return Accept(i, f"{_short(self.strong)} gave no answer; keep a cheap draft")
-        return Accept(strong_index, f"escalated: {_short(self.strong)} answers")
+                    return Accept(i, f"{short_name(self.strong)} gave no answer; keep a cheap draft")
+        return Accept(strong_index, f"escalated: {short_name(self.strong)} answers")
 
     def strong_score(self, row: Row) -> float:
         """How much the first cheap model's reply needs the strong model (1 - stage-1 P(right))."""
@@ -239,7 +229,7 @@ class Router:
 
     def describe(self, task: str | None) -> str:
         g = self.gate_for(task)
-        a, b, s = _short(self.ladder[0]), _short(self.ladder[1]), _short(self.strong)
+        a, b, s = short_name(self.ladder[0]), short_name(self.ladder[1]), short_name(self.strong)
         name = "score" if g.cost_aware else "p"
         if math.isinf(g.second):
             second = "never"

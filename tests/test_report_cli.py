@@ -88,6 +88,7 @@ def test_report_json_sums_exactly(tmp_path: Path):
         "1.3"
     )
     assert acme["input_tokens"] == 101 + 102 + 103 and acme["cached_input_tokens"] == 30
+    assert acme["cached_input_share"] == round(30 / 306, 6)  # how much input the provider cache served
 
 
 def test_report_since_and_csv_and_day(tmp_path: Path):

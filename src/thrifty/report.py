@@ -61,6 +61,10 @@ class ReportRow:
             "success_rate": round(self.success_rate, 6),
             "input_tokens": self.input_tokens,
             "cached_input_tokens": self.cached_input_tokens,
+            # Share of the input the providers served from their prompt caches (priced lower).
+            "cached_input_share": round(self.cached_input_tokens / self.input_tokens, 6)
+            if self.input_tokens
+            else 0.0,
             "output_tokens": self.output_tokens,
             "cost_usd": decimal_text(self.cost_usd),
             "cost_per_success_usd": None if cps is None else decimal_text(cps.quantize(Decimal("1e-12"))),
@@ -197,7 +201,8 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None) -> An
             f"{r.requests:,}",
             f"{r.success_rate:.1%}",
             f"{r.input_tokens:,}",
-            f"{r.cached_input_tokens:,}",
+            f"{r.cached_input_tokens:,}"
+            + (f" ({r.cached_input_tokens / r.input_tokens:.0%})" if r.input_tokens else ""),
             f"{r.output_tokens:,}",
             f"{r.cost_usd:.6f}" + ("*" if r.unpriced else ""),
             "-" if cps is None else f"{cps:.8f}",

@@ -194,6 +194,10 @@ def test_example_settings_are_valid():
 
     settings = load_settings(REPO / "examples" / "thrifty.yaml")
     assert {"openai", "anthropic", "replay"} <= {p.kind for p in settings.providers.values()}
+    if (REPO.parent / "shared" / "data" / "routing" / "zeroeval").exists():  # its replay provider's data
+        from thrifty.gateway import Gateway
+
+        Gateway(settings)  # every stage builds: gates, semantic settings, cascades
 
 
 def test_cache_tune_cli_learns_parameters_from_labelled_queries(tmp_path: Path):

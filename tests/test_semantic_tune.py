@@ -159,6 +159,24 @@ def test_subset_lookups_count_and_name_their_queries() -> None:
     x, y = _sibling_world(0, pairs=3, per=10)
     texts = [f"text {i % 7}" for i in range(len(y))]  # verbatim repeats of the same text
     params = DecisionParams(weights=(), bias=0.0, mean=(), scale=(), threshold=0.5)
-    lookups, queries = subset_lookups(x, y, texts, 20, 150, np.random.default_rng(0), params)
-    assert len(lookups) == len(queries) == 150
+    lookups, queries, draws = subset_lookups(
+        x, y, texts, 20, 150, np.random.default_rng(0), params, per_draw=40
+    )
+    assert len(lookups) == len(queries) == len(draws) == 150
     assert queries.min() >= 0 and queries.max() < len(y)
+    assert draws.tolist() == [i // 40 for i in range(150)]
+
+
+def test_cluster_robust_bound_is_stricter_when_errors_bunch_in_one_cache() -> None:
+    # 2,000 hits, 8 wrong (99.6%): binomially enough for 99% at z = 1.645, and still so when the
+    # errors are spread over 100 caches of 20 hits; but when one cache holds all eight, the
+    # precision of the next cache drawn is far less certain.
+    scores = [1.0 - i / 10_000 for i in range(2000)]
+    wrong = {100 * k + 50 for k in range(8)}
+    correct = [i not in wrong for i in range(2000)]
+    spread = [i // 20 for i in range(2000)]
+    bunched = [0 if i in wrong else 1 + i % 99 for i in range(2000)]
+    plain = pick_threshold(scores, correct, 0.99, z=1.645)
+    assert plain == scores[-1]
+    assert pick_threshold(scores, correct, 0.99, z=1.645, clusters=spread) == plain
+    assert pick_threshold(scores, correct, 0.99, z=1.645, clusters=bunched) > plain

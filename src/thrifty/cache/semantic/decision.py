@@ -368,8 +368,9 @@ def decide(
 # set. The thresholds come from density augmentation: train texts looked up against random subsets
 # of the *other* train texts of each size in ``tune.DENSITY_SIZES`` (60,000 lookups per size up to
 # 300 entries, 20,000 above, 200 per random subset), scored cross-fitted (folds by query), one
-# threshold per size where the z = 3 one-sided Wilson lower bound of that size's precision reaches
-# 99%, made non-increasing with size. No size below 500 certifies a threshold, so a cache of fewer
+# threshold per size where the z = 3 one-sided Wilson lower bound of that size's precision (and,
+# for the random subsets, a cluster-robust bound by subset, which did not bind here) reaches 99%,
+# made non-increasing with size. No size below 500 certifies a threshold, so a cache of fewer
 # than 500 entries never hits. Cross-fitted, per size: 500 entries 15.4% hits at 99.54% precision;
 # 1,000: 29.1% at 99.40%; 3,000: 58.3% at 99.36%; the whole set (leave-one-out, 10,002): 70.4% at
 # 99.36%. The standardisation is folded into the weights (mean 0, scale 1).

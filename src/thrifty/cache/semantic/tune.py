@@ -13,6 +13,14 @@ whose hits (after the content guards) reach the target precision with a one-side
 confidence bound: a threshold picked where the in-sample precision just touches the target lands
 below it on new data about half the time.
 
+Density augmentation: a live cache, and each of its partitions, starts sparse, and there the
+nearest entry is often a neighbouring question whose own answer is not cached yet, with nothing
+nearby to disagree. So the texts are also looked up against random subsets of the *other* texts of
+each size in ``DENSITY_SIZES``, and every size gets its own threshold, certified on its own
+lookups (binomial and cluster-robust by random cache) and never lower than a denser size's. The
+decision uses the threshold of the largest tuned size the cache reaches
+(``decide(..., cache_size=)``); below the smallest certified size it never hits.
+
 Everything here except ``learn_params`` (which embeds) is pure numpy over given vectors.
 """
 
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,15 +244,49 @@ def wilson_lower(
     return out
 
 
+def clustered_lower(
+    correct: npt.NDArray[np.bool_], clusters: npt.NDArray[np.int64], z: float
+) -> npt.NDArray[np.float64]:
+    """Lower confidence bound of the precision of every prefix of ``correct`` (hits in order),
+    with a cluster-robust (ratio-estimator) variance: hits from one cluster (one random cache) are
+    not independent (an intent missing from that cache turns all its queries into errors), so a
+    binomial bound is overconfident about how the precision varies from one cache to the next."""
+    n_clusters = int(clusters.max()) + 1 if len(clusters) else 1
+    hits = np.zeros(n_clusters)
+    good = np.zeros(n_clusters)
+    s_gg = s_gh = s_hh = 0.0
+    out = np.empty(len(correct))
+    total_h = total_g = 0.0
+    for i, (c, d) in enumerate(zip(correct.tolist(), clusters.tolist(), strict=True)):
+        g = 1.0 if c else 0.0
+        s_hh += 2 * hits[d] + 1
+        s_gh += good[d] + g * (hits[d] + 1)
+        s_gg += g * (2 * good[d] + 1)
+        hits[d] += 1
+        good[d] += g
+        total_h += 1
+        total_g += g
+        p = total_g / total_h
+        var = max(0.0, s_gg - 2 * p * s_gh + p * p * s_hh) / (total_h * total_h)
+        var *= n_clusters / max(1, n_clusters - 1)
+        out[i] = p - z * math.sqrt(var)
+    return out
+
+
 def pick_threshold(
-    scores: Sequence[float], correct: Sequence[bool], target_precision: float, z: float = 0.0
+    scores: Sequence[float],
+    correct: Sequence[bool],
+    target_precision: float,
+    z: float = 0.0,
+    clusters: Sequence[int] | None = None,
 ) -> float:
     """Lowest score threshold whose hits (score >= threshold) reach ``target_precision``.
 
     With ``z`` > 0 the precision's Wilson lower bound at that confidence must reach the target, not
-    the point estimate. Returns +inf when no threshold reaches it (the cache then never hits). Ties
-    are kept together: a threshold can only be placed between distinct scores; -inf scores (lookups
-    a guard blocked) are never hits.
+    the point estimate; with ``clusters`` (which random cache each lookup went to) the
+    cluster-robust bound must too. Returns +inf when no threshold reaches it (the cache then never
+    hits). Ties are kept together: a threshold can only be placed between distinct scores; -inf
+    scores (lookups a guard blocked) are never hits.
     """
     s = np.asarray(scores, dtype=np.float64)
     c = np.asarray(correct, dtype=bool)
@@ -252,6 +295,11 @@ def pick_threshold(
     n = np.arange(1, len(c) + 1, dtype=np.float64)
     good = np.cumsum(c).astype(np.float64)
     precision = wilson_lower(good, n, z) if z > 0 else good / n
+    if clusters is not None and z > 0 and len(c):
+        finite = np.isfinite(s)  # blocked lookups sort last and are never hits
+        robust = np.full(len(c), -np.inf)
+        robust[finite] = clustered_lower(c[finite], np.asarray(clusters, dtype=np.int64)[order][finite], z)
+        precision = np.minimum(precision, robust)
     # Only the last index of a run of equal scores is a valid cut.
     last_of_run = np.r_[s[1:] != s[:-1], True]
     ok = np.flatnonzero(last_of_run & (precision >= target_precision) & np.isfinite(s))
@@ -331,17 +379,20 @@ def subset_lookups(
     rng: np.random.Generator,
     params: DecisionParams,
     per_draw: int = QUERIES_PER_DRAW,
-) -> tuple[list[Lookup], npt.NDArray[np.int64]]:
+) -> tuple[list[Lookup], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """``count`` lookups of random texts against random caches of ``size`` *other* texts.
 
     Each draw shuffles the data, caches the first ``size`` texts and looks up the next
     ``per_draw``; a verbatim repeat of the query in the cache is left out of its neighbours (the
-    exact cache answers those). Returns the lookups and the index of each one's query.
+    exact cache answers those). Returns the lookups, the index of each one's query and the number
+    of the draw (random cache) it went to.
     """
     n = len(vectors)
     per_draw = max(1, min(per_draw, n - size))
     lookups: list[Lookup] = []
     queries: list[int] = []
+    draws: list[int] = []
+    draw = 0
     while len(lookups) < count and n > size:
         order = rng.permutation(n)
         cache, asked = order[:size], order[size : size + min(per_draw, count - len(lookups))]
@@ -356,7 +407,9 @@ def subset_lookups(
         for i, lk in _assess_rows(q_texts, [labels[i] for i in asked], lists, params):
             lookups.append(lk)
             queries.append(int(asked[i]))
-    return lookups, np.asarray(queries, dtype=np.int64)
+            draws.append(draw)
+        draw += 1
+    return lookups, np.asarray(queries, dtype=np.int64), np.asarray(draws, dtype=np.int64)
 
 
 def expand_matrix(values: npt.NDArray[np.float64], interactions: bool) -> npt.NDArray[np.float64]:
@@ -405,18 +458,19 @@ def learn_from_vectors(
     template = dataclasses.replace(template, size_steps=(), size_thresholds=())
     n = len(vectors)
     rng = np.random.default_rng(seed)
-    # (cache size, lookups, query index of each lookup); the whole data set (leave-one-out) last.
-    groups: list[tuple[int, list[Lookup], npt.NDArray[np.int64]]] = []
+    # (cache size, lookups, query index of each lookup, random cache of each lookup); the whole data
+    # set (leave-one-out: one cache, so no clusters) last.
+    groups: list[tuple[int, list[Lookup], npt.NDArray[np.int64], npt.NDArray[np.int64] | None]] = []
     for size in sorted({s for s in (sizes or ()) if 0 < s < n - 1}):
         count = sparse_lookups if size <= SPARSE_UP_TO else lookups_per_size
         groups.append((size, *subset_lookups(vectors, labels, texts, size, count, rng, template)))
     lists = exact_neighbours(vectors, vectors, labels, texts, leave_one_out=True)
     rows = _assess_rows(texts, labels, lists, template)
-    groups.append((n - 1, [lk for _, lk in rows], np.asarray([i for i, _ in rows], dtype=np.int64)))
+    groups.append((n - 1, [lk for _, lk in rows], np.asarray([i for i, _ in rows], dtype=np.int64), None))
 
-    lookups = [lk for _, group, _ in groups for lk in group]
-    group_of = np.concatenate([np.full(len(g), k) for k, (_, g, _) in enumerate(groups)])
-    query_of = np.concatenate([q for _, _, q in groups])
+    lookups = [lk for _, group, _, _ in groups for lk in group]
+    group_of = np.concatenate([np.full(len(g), k) for k, (_, g, _, _) in enumerate(groups)])
+    query_of = np.concatenate([q for _, _, q, _ in groups])
     raw = np.asarray([lk.values for lk in lookups], dtype=np.float64).reshape(len(lookups), -1)
     y = np.asarray([lk.correct for lk in lookups], dtype=np.float64)
     served = np.asarray([lk.served for lk in lookups], dtype=bool)
@@ -450,22 +504,29 @@ def learn_from_vectors(
     # A blocked or too-far lookup is a miss whatever its score, so it must not count toward precision.
     served_scores = np.where(served & near, oof, -np.inf)
     correct = y.astype(bool)
+    # Per size: the lowest threshold whose precision bound reaches the target, binomial (Wilson) and,
+    # for the random caches, cluster-robust by cache: precision must hold on the next cache drawn
+    # at that size, not only pooled over many.
     thresholds = [
         pick_threshold(
-            served_scores[group_of == k].tolist(), correct[group_of == k].tolist(), target_precision, z
+            served_scores[group_of == k].tolist(),
+            correct[group_of == k].tolist(),
+            target_precision,
+            z,
+            clusters=draws.tolist() if draws is not None else None,
         )
-        for k in range(len(groups))
+        for k, (_, _, _, draws) in enumerate(groups)
     ]
     # Precision rises with density: a sparser cache never gets a lower threshold than a denser one.
     thresholds = np.maximum.accumulate(np.asarray(thresholds)[::-1])[::-1].tolist()
     by_size = []
-    for k, (size, group, _) in enumerate(groups):
+    for k, (size, group, _, _) in enumerate(groups):
         m = group_of == k
         [at] = curve(oof[m].tolist(), (served & near)[m].tolist(), correct[m].tolist(), [thresholds[k]])
         by_size.append(SizePoint(size, thresholds[k], len(group), at.hit_rate, at.precision))
     # Leading sizes with no certifiable threshold need no step: below the first step nothing hits.
     first = next((k for k, t in enumerate(thresholds) if np.isfinite(t)), len(thresholds) - 1)
-    steps = tuple(size for size, _, _ in groups[first:]) if len(groups) > 1 else ()
+    steps = tuple(size for size, _, _, _ in groups[first:]) if len(groups) > 1 else ()
     weights, bias, mean, scale = fit
     params = dataclasses.replace(
         template,

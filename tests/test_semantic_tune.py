@@ -180,3 +180,12 @@ def test_cluster_robust_bound_is_stricter_when_errors_bunch_in_one_cache() -> No
     assert plain == scores[-1]
     assert pick_threshold(scores, correct, 0.99, z=1.645, clusters=spread) == plain
     assert pick_threshold(scores, correct, 0.99, z=1.645, clusters=bunched) > plain
+
+
+def test_expand_matrix_matches_expand_row_by_row() -> None:
+    from thrifty.cache.semantic.decision import expand
+    from thrifty.cache.semantic.tune import expand_matrix
+
+    rows = np.random.default_rng(0).random((4, 5))
+    assert np.allclose(expand_matrix(rows, True), [expand(r.tolist(), True) for r in rows])
+    assert np.array_equal(expand_matrix(rows, False), rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,14 @@ def test_bench_with_given_params_reports_curve_and_latency(tmp_path: Path) -> No
     train, test = _write(tmp_path)
     out = io.StringIO()
     result = run_cache_bench(
-        train, test, tmp_path / "r.json", Console(file=out, width=120), sizes=(None,), params=default_params()
+        train,
+        test,
+        tmp_path / "r.json",
+        Console(file=out, width=160),
+        sizes=(None,),
+        params=default_params(),
+        by_size_sizes=(4,),
+        subsamples=3,
     )
     assert (tmp_path / "r.json").is_file()
     tuned = result["tuned"]
@@ -58,6 +66,17 @@ def test_bench_with_given_params_reports_curve_and_latency(tmp_path: Path) -> No
     assert {row["rule"].split()[0] for row in result["cosine"]} >= {"GPTCache", "RedisVL", "Portkey"}
     assert result["latency"][0]["entries"] == 8
     assert "learned GIVEN" in out.getvalue()
+
+    # By cache size: 3 subsamples of 4 entries, then the whole train set. The default rule never
+    # hits in a cache this small (below its first certified size).
+    rows = result["by_size"]
+    assert [(r["entries"], r["subsamples"]) for r in rows] == [(4, 3), (8, 1)]
+    assert all(r["hit_rate_mean"] == 0.0 and r["precision_worst"] is None for r in rows)
+    assert "by cache size" in out.getvalue()
+    # Valid JSON (no bare Infinity): a size that never hits has threshold "inf".
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["by_size"][0]["threshold"] == "inf"
+    assert saved["tuned"]["threshold"] == "inf"
 
 
 def test_bench_tuning_on_too_little_data_never_hits(tmp_path: Path) -> None:

@@ -203,3 +203,109 @@ def test_content_words_and_jaccard() -> None:
     assert content_words("How do I reset my PIN?") == frozenset({"reset", "pin"})
     assert jaccard(frozenset({"a", "b"}), frozenset({"b", "c"})) == 1 / 3
     assert jaccard(frozenset(), frozenset()) == 1.0
+
+
+# Same score as PARAMS, but a cache of under 100 entries never hits and one of 100-999 needs 0.99.
+SCHEDULED = DecisionParams(
+    weights=PARAMS.weights,
+    bias=PARAMS.bias,
+    mean=PARAMS.mean,
+    scale=PARAMS.scale,
+    threshold=0.9,
+    size_steps=(100, 1000),
+    size_thresholds=(0.99, 0.9),
+)
+
+
+def test_threshold_for_follows_the_size_schedule() -> None:
+    import math
+
+    assert SCHEDULED.threshold_for(None) == 0.9
+    assert math.isinf(SCHEDULED.threshold_for(99))
+    assert SCHEDULED.threshold_for(100) == 0.99
+    assert SCHEDULED.threshold_for(999) == 0.99
+    assert SCHEDULED.threshold_for(1000) == 0.9
+    assert SCHEDULED.threshold_for(10**6) == 0.9
+    # No schedule: one threshold at every size.
+    assert PARAMS.threshold_for(3) == PARAMS.threshold
+
+
+def test_lone_confident_entry_in_a_sparse_cache_misses() -> None:
+    # A sparse cache: one entry near the query, nothing else within reach, so the margin to the
+    # nearest other answer is large (score ~0.996); in a small cache that is the signature of a
+    # neighbouring question whose own answer is not cached yet.
+    sparse = [
+        Neighbour(0.86, "card_arrival", "where is my card"),
+        Neighbour(0.55, "exchange_rate", "what is the exchange rate"),
+    ]
+    query = "how long does card delivery take"
+    tiny = decide(query, sparse, SCHEDULED, cache_size=30)
+    assert not tiny.hit
+    assert "too sparse" in tiny.reason
+    small = decide(query, sparse, SCHEDULED, cache_size=300)
+    assert small.hit  # score above even the sparse threshold
+    dense = decide(query, sparse, SCHEDULED, cache_size=5000)
+    assert dense.hit and dense.answer_id == "card_arrival"
+    # A weaker margin passes the dense threshold but not the sparse one.
+    weaker = [Neighbour(0.86, "card_arrival", "where is my card"), Neighbour(0.72, "x", "something else")]
+    assert decide(query, weaker, SCHEDULED, cache_size=5000).hit
+    low = decide(query, weaker, SCHEDULED, cache_size=300)
+    assert not low.hit and low.reason.startswith("low confidence")
+    # Old callers (no size): the dense threshold, as before the schedule.
+    assert decide(query, weaker, SCHEDULED).hit
+
+
+def test_default_params_never_hit_in_a_tiny_cache_but_do_in_a_full_one() -> None:
+    params = default_params()
+    assert params.size_steps and params.size_steps == tuple(sorted(params.size_steps))
+    thresholds = [params.threshold_for(n) for n in (*params.size_steps, 10**6)]
+    # Sparser caches never get a lower threshold than denser ones.
+    assert thresholds == sorted(thresholds, reverse=True)
+    agreeing = [Neighbour(0.93 - 0.01 * i, "reset_pin", "how do i reset my pin") for i in range(12)] + [
+        Neighbour(0.55 - 0.01 * i, f"other{i}", "something unrelated") for i in range(20)
+    ]
+    assert decide("how can i reset my pin", agreeing, params, cache_size=10_003).hit
+    tiny = decide("how can i reset my pin", agreeing[:3], params, cache_size=3)
+    assert not tiny.hit and "too sparse" in tiny.reason
+
+
+def test_schedule_round_trips_and_old_files_have_none() -> None:
+    import json
+    import math
+
+    import pytest
+
+    never = DecisionParams(
+        weights=PARAMS.weights,
+        bias=0.0,
+        mean=PARAMS.mean,
+        scale=PARAMS.scale,
+        threshold=0.9,
+        size_steps=(10, 50),
+        size_thresholds=(math.inf, 0.9),
+    )
+    text = json.dumps(never.to_dict())  # no bare Infinity in the JSON
+    assert "Infinity" not in text
+    assert DecisionParams.from_dict(json.loads(text)) == never
+    old = {k: v for k, v in PARAMS.to_dict().items() if k not in ("size_steps", "size_thresholds")}
+    assert DecisionParams.from_dict(old).size_steps == ()
+    with pytest.raises(ValueError, match="size steps"):
+        DecisionParams(weights=(), bias=0.0, mean=(), scale=(), threshold=0.5, size_steps=(5,))
+    with pytest.raises(ValueError, match="increase"):
+        DecisionParams(
+            weights=(), bias=0.0, mean=(), scale=(), threshold=0.5, size_steps=(5, 5), size_thresholds=(1, 1)
+        )
+
+
+def test_density_features_describe_how_crowded_the_neighbourhood_is() -> None:
+    names = ("similarity_5th", "similarity_10th", "similarity_20th", "log_near_count")
+    dense = [Neighbour(0.95 - 0.01 * i, "a", "x") for i in range(25)]
+    sparse = [Neighbour(0.9, "a", "x"), Neighbour(0.62, "b", "y"), *[Neighbour(0.3, "c", "z")] * 4]
+    d = features(dense, names=names)
+    s = features(sparse, names=names)
+    assert d is not None and s is not None
+    assert all(abs(a - b) < 1e-9 for a, b in zip(d.values[:3], (0.91, 0.86, 0.76), strict=True))
+    assert s.values[0] == 0.3 and s.values[1] == 0.0 and s.values[2] == 0.0  # fewer than 10 returned
+    import math
+
+    assert abs(d.values[3] - math.log1p(25)) < 1e-9 and abs(s.values[3] - math.log1p(2)) < 1e-9

@@ -6,7 +6,14 @@ import math
 
 import numpy as np
 
-from thrifty.cache.semantic.tune import curve, exact_neighbours, learn_from_vectors, pick_threshold
+from thrifty.cache.semantic.decision import decide
+from thrifty.cache.semantic.tune import (
+    curve,
+    exact_neighbours,
+    learn_from_vectors,
+    pick_threshold,
+    subset_lookups,
+)
 
 
 def test_pick_threshold_lowest_that_meets_target() -> None:
@@ -46,7 +53,7 @@ def test_learn_from_vectors_separates_tight_and_overlapping_clusters() -> None:
     x = np.asarray(vectors, dtype=np.float32)
     # Identical texts: the content guards pass, so only the neighbour features decide.
     texts = ["a question"] * len(labels)
-    result = learn_from_vectors(x, labels, texts, target_precision=0.99, z=1.645)
+    result = learn_from_vectors(x, labels, texts, target_precision=0.99, z=1.645, sizes=())
     assert result.fit_precision >= 0.99
     # The four clean classes are two thirds of the data and all of them should hit.
     assert 0.6 <= result.fit_hit_rate <= 0.75
@@ -72,3 +79,113 @@ def test_leave_one_out_neighbours_skip_self_and_verbatim_repeats() -> None:
     assert [n.text for n in lists[0]] == ["Reset my PIN", "change pin"]
     assert [n.text for n in lists[2]][:2] == ["reset pin", "reset pin"]
     assert all(len(row) <= 3 for row in lists)
+
+
+def _sibling_world(seed: int, pairs: int = 20, per: int = 25, dim: int = 64) -> tuple[np.ndarray, list[str]]:
+    """Intents in pairs of siblings (centres at cosine ~0.8): in a full cache a query's own intent is
+    nearest; in a sparse one its sibling is often the only entry nearby, far from any other."""
+    rng = np.random.default_rng(seed)
+    vectors, labels = [], []
+    for i in range(pairs):
+        a = np.zeros(dim)
+        a[i] = 1.0
+        b = a.copy()
+        b[i + pairs] = 0.8
+        for k, centre in ((2 * i, a), (2 * i + 1, b / np.linalg.norm(b))):
+            for _ in range(per):
+                v = centre + 0.06 * rng.standard_normal(dim)
+                vectors.append(v / np.linalg.norm(v))
+                labels.append(f"c{k}")
+    return np.asarray(vectors, dtype=np.float32), labels
+
+
+def _precision_at(params: object, size: int, seed: int) -> tuple[int, float]:
+    """Fresh queries of the same world against random caches of ``size`` entries: hits, precision."""
+    from thrifty.cache.semantic.decision import DecisionParams
+
+    assert isinstance(params, DecisionParams)
+    x, y = _sibling_world(0)
+    xq, yq = _sibling_world(seed)
+    rng = np.random.default_rng(seed)
+    hits = good = 0
+    for _ in range(8):
+        idx = rng.permutation(len(y))[:size]
+        asked = rng.permutation(len(yq))[:100]
+        lists = exact_neighbours(xq[asked], x[idx], [y[i] for i in idx], ["a question"] * size)
+        for q, neighbours in zip(asked, lists, strict=True):
+            d = decide("a question", neighbours, params, cache_size=size)
+            hits += d.hit
+            good += d.hit and d.answer_id == yq[q]
+    return hits, good / hits if hits else 1.0
+
+
+def test_density_augmentation_keeps_sparse_caches_precise() -> None:
+    x, y = _sibling_world(0)
+    texts = ["a question"] * len(y)  # the guards pass: only the neighbour features decide
+    kwargs = {"target_precision": 0.99, "z": 1.645, "lookups_per_size": 2000, "sparse_lookups": 2000}
+    dense_only = learn_from_vectors(x, y, texts, sizes=(), **kwargs)  # type: ignore[arg-type]
+    tuned = learn_from_vectors(x, y, texts, sizes=(10, 40, 150), **kwargs)  # type: ignore[arg-type]
+    # One row per size, the whole set last; thresholds never fall as the cache thins.
+    assert [p.size for p in tuned.by_size] == [10, 40, 150, len(y) - 1]
+    thresholds = [p.threshold for p in tuned.by_size]
+    assert thresholds == sorted(thresholds, reverse=True)
+    assert tuned.params.threshold == thresholds[-1]
+    assert tuned.params.size_steps[-1] == len(y) - 1
+    for p in tuned.by_size:
+        assert p.precision >= 0.99
+    # Tuned on the full cache only, the rule trusts a lone sibling in a ten-entry cache ...
+    hits, precision = _precision_at(dense_only.params, 10, seed=1)
+    assert hits > 20 and precision < 0.9
+    # ... the density-tuned one holds its precision there and still hits in a full cache.
+    hits, precision = _precision_at(tuned.params, 10, seed=1)
+    assert precision >= 0.98
+    hits, precision = _precision_at(tuned.params, 999, seed=2)
+    assert hits > 700 and precision >= 0.99
+
+
+def test_sparse_sizes_that_cannot_be_certified_never_hit() -> None:
+    x, y = _sibling_world(0)
+    texts = ["a question"] * len(y)
+    # Too few lookups at size 10 for a three-sigma bound on 99%: that size certifies nothing.
+    result = learn_from_vectors(x, y, texts, 0.99, z=3.0, sizes=(10,), sparse_lookups=100)
+    assert math.isinf(result.by_size[0].threshold)
+    assert result.params.size_steps[0] > 10
+    assert math.isinf(result.params.threshold_for(10))
+
+
+def test_subset_lookups_count_and_name_their_queries() -> None:
+    from thrifty.cache.semantic.decision import DecisionParams
+
+    x, y = _sibling_world(0, pairs=3, per=10)
+    texts = [f"text {i % 7}" for i in range(len(y))]  # verbatim repeats of the same text
+    params = DecisionParams(weights=(), bias=0.0, mean=(), scale=(), threshold=0.5)
+    lookups, queries, draws = subset_lookups(
+        x, y, texts, 20, 150, np.random.default_rng(0), params, per_draw=40
+    )
+    assert len(lookups) == len(queries) == len(draws) == 150
+    assert queries.min() >= 0 and queries.max() < len(y)
+    assert draws.tolist() == [i // 40 for i in range(150)]
+
+
+def test_cluster_robust_bound_is_stricter_when_errors_bunch_in_one_cache() -> None:
+    # 2,000 hits, 8 wrong (99.6%): binomially enough for 99% at z = 1.645, and still so when the
+    # errors are spread over 100 caches of 20 hits; but when one cache holds all eight, the
+    # precision of the next cache drawn is far less certain.
+    scores = [1.0 - i / 10_000 for i in range(2000)]
+    wrong = {100 * k + 50 for k in range(8)}
+    correct = [i not in wrong for i in range(2000)]
+    spread = [i // 20 for i in range(2000)]
+    bunched = [0 if i in wrong else 1 + i % 99 for i in range(2000)]
+    plain = pick_threshold(scores, correct, 0.99, z=1.645)
+    assert plain == scores[-1]
+    assert pick_threshold(scores, correct, 0.99, z=1.645, clusters=spread) == plain
+    assert pick_threshold(scores, correct, 0.99, z=1.645, clusters=bunched) > plain
+
+
+def test_expand_matrix_matches_expand_row_by_row() -> None:
+    from thrifty.cache.semantic.decision import expand
+    from thrifty.cache.semantic.tune import expand_matrix
+
+    rows = np.random.default_rng(0).random((4, 5))
+    assert np.allclose(expand_matrix(rows, True), [expand(r.tolist(), True) for r in rows])
+    assert np.array_equal(expand_matrix(rows, False), rows)

@@ -267,8 +267,12 @@ def bench_cache(
             "by `thrifty cache tune --out`, or 'default' for the built-in Banking77-trained ones",
         ),
     ] = None,
+    subsamples: Annotated[
+        int, typer.Option(help="random subsamples of TRAIN per cache size in the by-size table")
+    ] = 5,
 ) -> None:
-    """Semantic cache on labelled queries: hit rate, precision, false hits, lookup latency."""
+    """Semantic cache on labelled queries: hit rate, precision, false hits, lookup latency, and
+    hit rate and precision by cache size (test vs random subsamples of train)."""
     from thrifty.bench.cache import run_cache_bench
     from thrifty.cache.semantic.decision import DecisionParams, default_params
 
@@ -282,7 +286,14 @@ def bench_cache(
     elif params_file is not None:
         params = DecisionParams.from_dict(orjson.loads(Path(params_file).read_bytes()))
     run_cache_bench(
-        train, test, json_out, _console(), sizes=padded, target_precision=target_precision, params=params
+        train,
+        test,
+        json_out,
+        _console(),
+        sizes=padded,
+        target_precision=target_precision,
+        params=params,
+        subsamples=subsamples,
     )
 
 
@@ -297,11 +308,18 @@ def cache_tune(
             help="one-sided z of the precision lower bound the threshold must clear (0: point estimate)"
         ),
     ] = 3.0,
+    density: Annotated[
+        bool,
+        typer.Option(
+            help="also tune on sparse caches (random subsets of the data) and learn a threshold per "
+            "cache size; --no-density: leave-one-out on the whole data only, one threshold"
+        ),
+    ] = True,
 ) -> None:
     """Learn the semantic cache's decision parameters from labelled queries."""
     from thrifty.bench.cache import tune_cache
 
-    result = tune_cache(data, target_precision, z=z)
+    result = tune_cache(data, target_precision, z=z, density=density)
     params = result.params.to_dict()
     if params["threshold"] == "inf":
         typer.echo(
@@ -314,6 +332,18 @@ def cache_tune(
         f"fit (cross-fitted, leave-one-out lookups): hit rate {result.fit_hit_rate:.1%} at precision "
         f"{result.fit_precision:.2%}"
     )
+    for point in result.by_size:
+        never = point.threshold == float("inf")
+        typer.echo(
+            f"  cache of {point.size:>6,} entries: "
+            + (
+                "never hits (no threshold certified)"
+                if never
+                else f"threshold {point.threshold:.4f}, hit rate {point.hit_rate:.1%} at precision "
+                f"{point.precision:.2%}"
+            )
+            + f" ({point.lookups:,} lookups)"
+        )
     text = orjson.dumps(params, option=orjson.OPT_INDENT_2).decode()
     if out is not None:
         out.write_text(text)

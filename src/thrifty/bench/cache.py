@@ -3,17 +3,23 @@
 Every training query becomes a cache entry answered "for" its category; every test query is
 looked up, and a hit is correct when the served entry's category equals the query's (so a test
 query whose category no training query has, e.g. CLINC150's ``oos``, must miss). The learned
-policy is tuned on leave-one-out lookups of TRAIN only (``tune.learn_from_vectors``), never on
+policy is tuned on leave-one-out and density-augmented lookups of TRAIN only
+(``tune.learn_from_vectors``: a threshold per cache size), never on
 test, or given (``--params``: a tuned file, or ``default`` to measure ``default_params()`` on other
 data), and is compared in the same run with the fixed cosine thresholds other gateways ship. The index is
 then padded with random unit vectors to 100,000 and 1,000,000 entries to measure lookup latency
-(and any recall loss of the ANN index) at scale.
+(and any recall loss of the ANN index) at scale; the rule is told the number of *real* entries
+(``cache_size``), as the gateway tells it its partition's entry count.
+
+A live cache, and each partition of it, starts sparse, so the rule is also measured by cache size:
+test queries against random subsamples of TRAIN of each size (several per size; mean and worst).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,16 +30,18 @@ import numpy.typing as npt
 from rich.console import Console
 from rich.table import Table
 
-from thrifty.cache.semantic.decision import DecisionParams, Neighbour, assess
+from thrifty.cache.semantic.decision import DecisionParams, Neighbour, assess, decide
 from thrifty.cache.semantic.embedder import OnnxMiniLM
 from thrifty.cache.semantic.index import ExactIndex, HnswIndex
 from thrifty.cache.semantic.normalise import normalise
 from thrifty.cache.semantic.tune import (
     CONFIDENCE_Z,
+    DENSITY_SIZES,
     SEARCH_K,
     CurvePoint,
     TuneResult,
     curve,
+    exact_neighbours,
     learn_from_vectors,
     load_labelled,
 )
@@ -45,6 +53,9 @@ SCORE_SWEEP = (0.50, 0.70, 0.80, 0.85, 0.90, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97,
 # Single-query embedding latency is measured over this many test queries.
 EMBED_SAMPLE = 1000
 PAD_CHUNK = 100_000
+# Cache sizes of the by-size table (random subsamples of TRAIN; the whole of TRAIN is added last).
+BY_SIZE: tuple[int, ...] = (25, 50, 100, 200, 500, 1000, 3000)
+SUBSAMPLES = 5
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -61,13 +72,105 @@ class Lookups:
 
 
 def tune_cache(
-    data_csv: Path, target_precision: float, embed_threads: int = 1, z: float = CONFIDENCE_Z
+    data_csv: Path,
+    target_precision: float,
+    embed_threads: int = 1,
+    z: float = CONFIDENCE_Z,
+    density: bool = True,
 ) -> TuneResult:
-    """Learn decision parameters from labelled ``text,category`` data (``thrifty cache tune``)."""
+    """Learn decision parameters from labelled ``text,category`` data (``thrifty cache tune``).
+
+    ``density``: also tune on sparse caches (random subsets of the data; a threshold per size).
+    """
     data = load_labelled(data_csv)
     embedder = OnnxMiniLM(threads=embed_threads)
     vectors = embedder.embed([normalise(t) for t in data.texts])
-    return learn_from_vectors(vectors, data.labels, data.texts, target_precision, z=z)
+    sizes = DENSITY_SIZES if density else ()
+    return learn_from_vectors(vectors, data.labels, data.texts, target_precision, z=z, sizes=sizes)
+
+
+def by_size(
+    train_vectors: npt.NDArray[np.float32],
+    train_texts: Sequence[str],
+    train_labels: Sequence[str],
+    test_vectors: npt.NDArray[np.float32],
+    test_texts: Sequence[str],
+    test_labels: Sequence[str],
+    params: DecisionParams,
+    sizes: Sequence[int] = BY_SIZE,
+    subsamples: int = SUBSAMPLES,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Hit rate and precision of ``params`` with caches of each size (random subsamples of TRAIN).
+
+    One row per size below TRAIN's, then TRAIN whole: mean and worst over ``subsamples`` random
+    subsamples (the whole set is one). A subsample with no hits has no precision; the precision
+    columns cover the subsamples that hit (None when none did).
+    """
+    rng = np.random.default_rng(seed)
+    n_train = len(train_texts)
+    rows: list[dict[str, Any]] = []
+    for size in [*sorted({s for s in sizes if 0 < s < n_train}), n_train]:
+        hit_rates: list[float] = []
+        precisions: list[float] = []
+        for _ in range(subsamples if size < n_train else 1):
+            idx = rng.permutation(n_train)[:size]
+            lists = exact_neighbours(
+                test_vectors,
+                train_vectors[idx],
+                [train_labels[i] for i in idx],
+                [train_texts[i] for i in idx],
+            )
+            hits = good = 0
+            for text, label, neighbours in zip(test_texts, test_labels, lists, strict=True):
+                d = decide(text, neighbours, params, cache_size=size)
+                if d.hit:
+                    hits += 1
+                    good += d.answer_id == label
+            hit_rates.append(hits / len(test_texts) if test_texts else 0.0)
+            if hits:
+                precisions.append(good / hits)
+        rows.append(
+            {
+                "entries": size,
+                "subsamples": len(hit_rates),
+                "threshold": "inf" if math.isinf(t := params.threshold_for(size)) else t,
+                "hit_rate_mean": float(np.mean(hit_rates)),
+                "hit_rate_min": float(np.min(hit_rates)),
+                "precision_mean": float(np.mean(precisions)) if precisions else None,
+                "precision_worst": float(np.min(precisions)) if precisions else None,
+            }
+        )
+    return rows
+
+
+def _by_size_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for col in (
+        "entries",
+        "subsamples",
+        "threshold",
+        "hit rate mean",
+        "hit rate min",
+        "precision mean",
+        "precision worst",
+    ):
+        table.add_column(col, justify="right")
+
+    def pct(v: float | None, digits: int) -> str:
+        return "-" if v is None else f"{v:.{digits}%}"
+
+    for r in rows:
+        table.add_row(
+            f"{r['entries']:,}",
+            str(r["subsamples"]),
+            "never" if r["threshold"] == "inf" else f"{r['threshold']:.4f}",
+            pct(r["hit_rate_mean"], 1),
+            pct(r["hit_rate_min"], 1),
+            pct(r["precision_mean"], 2),
+            pct(r["precision_worst"], 2),
+        )
+    return table
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -132,7 +235,10 @@ def _lookup_all(
 
 
 def _point_dict(point: CurvePoint, **extra: Any) -> dict[str, Any]:
-    return {**extra, **dataclasses.asdict(point)}
+    data = {**extra, **dataclasses.asdict(point)}
+    if math.isinf(point.threshold):  # JSON has no infinity (never hits at this size)
+        data["threshold"] = "inf"
+    return data
 
 
 def _curve_table(title: str, rows: list[tuple[str, CurvePoint]]) -> Table:
@@ -157,6 +263,8 @@ def run_cache_bench(
     seed: int = 0,
     params: DecisionParams | None = None,
     name: str | None = None,
+    by_size_sizes: Sequence[int] = BY_SIZE,
+    subsamples: int = SUBSAMPLES,
 ) -> dict[str, Any]:
     """Run the benchmark, print its tables to ``console`` and return (and optionally write) the JSON.
 
@@ -197,8 +305,9 @@ def run_cache_bench(
         tuned = learn_from_vectors(train_vectors, train.labels, train.texts, target_precision, seed=seed)
         params = tuned.params
         console.print(
-            f"tuned on TRAIN only (leave-one-out lookups, cross-fitted threshold) in "
-            f"{time.perf_counter() - started:.1f} s: score threshold {params.threshold:.4f} "
+            f"tuned on TRAIN only (leave-one-out + sparse-cache lookups, cross-fitted thresholds) in "
+            f"{time.perf_counter() - started:.1f} s: dense score threshold {params.threshold:.4f}, "
+            f"hits from {params.size_steps[0] if params.size_steps else 1} entries "
             f"(fit hit rate {tuned.fit_hit_rate:.1%}, fit precision {tuned.fit_precision:.2%})"
         )
         rule = "learned TUNED"
@@ -221,7 +330,10 @@ def run_cache_bench(
         look = _lookup_all(index, test_vectors, test.texts, test.labels, train.texts, train.labels, params)
         label = f"{look.size:,} entries ({type(index).__name__})"
         learned = curve(look.scores, look.served, look.correct, SCORE_SWEEP)
-        tuned_point = curve(look.scores, look.served, look.correct, [params.threshold])[0]
+        # The rule is told the real entries (the padding stands for no cached question).
+        tuned_point = curve(look.scores, look.served, look.correct, [params.threshold_for(len(train.texts))])[
+            0
+        ]
         cosine = curve(look.top_sim, [True] * len(look.top_sim), look.top_correct, COSINE_SWEEP)
         baselines = [
             (f"{name} cos>={t}", curve(look.top_sim, [True] * len(look.top_sim), look.top_correct, [t])[0])
@@ -256,6 +368,26 @@ def run_cache_bench(
                 _point_dict(tuned_point, rule="learned", entries=look.size)
             )
         del index
+    started = time.perf_counter()
+    result["by_size"] = by_size(
+        train_vectors,
+        train.texts,
+        train.labels,
+        test_vectors,
+        test.texts,
+        test.labels,
+        params,
+        by_size_sizes,
+        subsamples,
+        seed,
+    )
+    console.print(
+        _by_size_table(
+            f"{name} test vs random subsamples of train, by cache size ({rule}, told the size; "
+            f"{time.perf_counter() - started:.0f} s)",
+            result["by_size"],
+        )
+    )
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result

@@ -303,6 +303,27 @@ def test_a_sparse_partition_answers_only_repeats(tmp_path, openai_upstream):
         assert _ask(server, "When are you open?").headers["x-thrifty-cache"] == "semantic"
 
 
+def test_the_built_in_rule_judges_by_the_partition_size(tmp_path, openai_upstream):
+    from thrifty.cache.semantic.decision import decide, default_params
+
+    params = default_params()
+    assert params.threshold_for(6) == float("inf") and params.threshold_for(20_000) < 1
+    # No route cut, no floor: only the built-in rule, told how many entries the partition holds.
+    settings = _settings(tmp_path, openai_upstream, threshold=None, min_entries=0)
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
+        _seed(server, openai_upstream)
+        openai_upstream.queue(Reply(text="fresh"))
+        assert _ask(server, "How can I return something I purchased?").headers["x-thrifty-cache"] == "miss"
+        assert _ask(server, "how do i return an item i bought").headers["x-thrifty-cache"] == "semantic"
+    # The same neighbours in a large cache would be served: size is what refused them above.
+    from thrifty.cache.semantic.decision import Neighbour
+
+    near = [Neighbour(0.95, "returns", "How do I return an item I bought?"), Neighbour(0.3, "hours", "When?")]
+    sparse = decide("How can I return something I purchased?", near, params, cache_size=6)
+    assert not sparse.hit and "too sparse" in sparse.reason
+    assert decide("How can I return something I purchased?", near, params, cache_size=20_000).hit
+
+
 def test_a_route_uses_the_parameters_file_it_names(tmp_path, openai_upstream):
     import json
 

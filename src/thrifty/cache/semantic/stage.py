@@ -143,7 +143,8 @@ def load_params(settings: SemanticCacheSettings) -> DecisionParams:
                 f"`thrifty cache tune --out` ({err})"
             ) from err
     if settings.threshold is not None:
-        params = replace(params, threshold=settings.threshold)
+        # The route's own cut replaces the learned one at every cache size.
+        params = replace(params, threshold=settings.threshold, size_steps=(), size_thresholds=())
     return params
 
 
@@ -271,7 +272,11 @@ class SemanticCacheStage:
             log.debug("semantic miss: partition below min_entries, repeats only")
             return None
         else:
-            decision = decide(query, [n for _, n in found], self._params[route])
+            # The learned thresholds depend on how many entries the partition holds: a sparse
+            # cache's nearest entry is often a neighbouring question nobody cached yet.
+            decision = decide(
+                query, [n for _, n in found], self._params[route], cache_size=self._parts.size(partition)
+            )
             if not decision.hit or decision.entry is None:
                 log.debug("semantic miss: %s", decision.reason)
                 return None

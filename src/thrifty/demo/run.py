@@ -177,7 +177,9 @@ def run_demo(
             print_fn(line)
         if support_work is not None and support_stats is not None:
             saved = sum((Decimal(v) for (v,) in conn.execute(_SAVED_BY_FEATURE, ("support",))), Decimal(0))
-            print_fn(support.summary(support_stats, len(support_work.seeds), saved))
+            floor = settings.routes[support.ROUTE].semantic_cache
+            assert floor is not None
+            print_fn(support.summary(support_stats, len(support_work.seeds), saved, floor.min_entries))
         for (message,) in conn.execute("SELECT message FROM alerts ORDER BY ts"):
             print_fn(f"alert: {message}")
         (ledger_rows,) = conn.execute("SELECT count(*) FROM ledger").fetchone()

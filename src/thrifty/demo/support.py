@@ -87,7 +87,10 @@ def load_support(data: Path | None, seeds: int, lookups: int, seed: int = 5) -> 
         return SupportWorkload(train[:seeds], test[:lookups], False, str(data))
     pairs = [Query(text, intent) for intent, texts in _SYNTHETIC.items() for text in texts]
     firsts = [q for q in pairs if q.text == _SYNTHETIC[q.intent][0]]
-    return SupportWorkload(firsts, [q for q in pairs if q not in firsts], True, "built-in synthetic FAQ")
+    # The same questions again in other case and punctuation: repeats, answered however small the cache.
+    repeats = [Query(q.text.lower().rstrip("?") + " ??", q.intent) for q in firsts]
+    later = [q for q in pairs if q not in firsts] + repeats
+    return SupportWorkload(firsts, later, True, "built-in synthetic FAQ")
 
 
 def canned_answer(intent: str) -> str:
@@ -134,12 +137,18 @@ async def drive_support(
     return stats
 
 
-def summary(stats: SupportStats, seeds: int, saved_usd: Decimal) -> str:
+def summary(stats: SupportStats, seeds: int, saved_usd: Decimal, min_entries: int) -> str:
     if not stats.lookups:
         return "semantic cache: no lookups"
     precision = stats.correct_hits / stats.hits if stats.hits else 1.0
-    return (
+    line = (
         f"semantic cache: {seeds} first askers answered upstream and cached; of {stats.lookups} later "
         f"askers in other words, {stats.hits / stats.lookups:.1%} answered from the cache at "
         f"{precision:.2%} precision ({stats.hits - stats.correct_hits} wrong), saving ${saved_usd:.6f}"
     )
+    if seeds < min_entries:
+        line += (
+            f" (a cache this small, below min_entries {min_entries}, answers only repeats of a cached "
+            "question: in a sparse cache the nearest entry is often a neighbouring question)"
+        )
+    return line

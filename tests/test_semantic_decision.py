@@ -13,9 +13,9 @@ from thrifty.cache.semantic.decision import (
     expand,
     expanded_size,
     features,
-    guard_mismatch,
     jaccard,
 )
+from thrifty.cache.semantic.guards import guard_mismatch
 from thrifty.cache.semantic.normalise import normalise
 
 # Score = sigmoid(4 * margin_standardised): hand-set so the tests read in terms of the margin alone.

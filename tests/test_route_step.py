@@ -12,10 +12,11 @@ import pytest
 from thrifty.bench.route import evaluate_router, replay_row, run_policy_router
 from thrifty.routing.train.cost import FLASH, GPT4O, GPT35, HAIKU, MINI, SONNET
 from thrifty.routing.train.data import Call, Row
+from thrifty.routing.train.fit import train
 from thrifty.routing.train.gate import Logistic, parse, prompt_features, stage_features
 from thrifty.routing.train.metrics import summarise
 from thrifty.routing.train.policy import run_single
-from thrifty.routing.train.router import AGREE_BONUS, NEVER, Gate, Router, accept_score, train
+from thrifty.routing.train.router import AGREE_BONUS, NEVER, Gate, Router, accept_score
 from thrifty.routing.train.step import Accept, CallModel, Draft, replay
 
 ALL = (MINI, GPT4O, HAIKU, SONNET, FLASH, GPT35)

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from thrifty.routing.train.cost import CHEAP_MODELS, FLASH, GPT4O, MINI, PRICES
 from thrifty.routing.train.data import Row, load_rows
+from thrifty.routing.train.fit import train
 from thrifty.routing.train.metrics import PairMetrics, Summary, pair_metrics, random_at_cost, summarise
 from thrifty.routing.train.policy import (
     CascadePolicy,
@@ -22,7 +23,7 @@ from thrifty.routing.train.policy import (
     run_single,
     short_name,
 )
-from thrifty.routing.train.router import Router, train
+from thrifty.routing.train.router import Router
 from thrifty.routing.train.step import replay
 
 WEAK, STRONG = MINI, GPT4O

@@ -41,7 +41,7 @@ def learned_route_settings(router_path: Path) -> dict[str, Any]:
 def train_router(files: list[str], held_out: list[Prompt], out: Path) -> int:
     """Train on every recorded prompt except those the demo will send; the rows it learned from."""
     from thrifty.routing.train.data import load_rows
-    from thrifty.routing.train.router import train
+    from thrifty.routing.train.fit import train
 
     sent = {p.text for p in held_out}
     rows = [

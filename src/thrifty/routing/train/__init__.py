@@ -3,9 +3,10 @@
 from thrifty.routing.train.cost import CHEAP_MODELS, PRICES, STRONG_MODELS, CostModel, Price
 from thrifty.routing.train.data import Call, Row, load_rows, split_rows
 from thrifty.routing.train.extract import answer_key, extract_answer, normalise
+from thrifty.routing.train.fit import train
 from thrifty.routing.train.metrics import PairMetrics, Summary, pair_metrics, random_at_cost, summarise
 from thrifty.routing.train.policy import CascadePolicy, Outcome, run_oracle, run_policy, run_single
-from thrifty.routing.train.router import Gate, Router, train
+from thrifty.routing.train.router import Gate, Router
 from thrifty.routing.train.step import Accept, CallModel, Draft, Step, replay
 
 __all__ = [

@@ -11,6 +11,23 @@ from thrifty.pricing import PriceCatalog
 from thrifty.shapes import as_chunks, stream_from
 from thrifty.types import CacheOutcome, Usage
 
+# Fields that change how an answer is delivered or accounted, not what it says.
+DELIVERY_FIELDS = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
+
+
+def answer_scope(ctx: RequestContext, per_user: bool) -> list[Any]:
+    """Who may share an answer: the same tenant (never across tenants), user when answers are
+    personal, route, prompt version, corpus version and requested model. Both caches key on it."""
+    tags = ctx.tags
+    return [
+        tags.tenant_id,
+        tags.user if per_user else None,
+        ctx.route,
+        tags.prompt_version,
+        tags.corpus_version,
+        ctx.requested_model,
+    ]
+
 
 class CachePolicy(Protocol):
     @property

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from thrifty.cache.common import cacheable, serve_stored, usage_worth_keeping
+from thrifty.cache.common import DELIVERY_FIELDS, answer_scope, cacheable, serve_stored, usage_worth_keeping
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import StreamChunk, relay_and_keep
@@ -31,22 +31,10 @@ from thrifty.types import Usage
 
 log = logging.getLogger(__name__)
 
-# Fields that change how an answer is delivered or accounted, not what it says.
-_NOT_IN_KEY = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier"})
-
 
 def cache_key(ctx: RequestContext, settings: ExactCacheSettings) -> str:
-    tags = ctx.tags
-    body = {k: v for k, v in ctx.body.items() if k not in _NOT_IN_KEY}
-    parts = [
-        tags.tenant_id,
-        tags.user if settings.per_user else None,
-        ctx.route,
-        tags.prompt_version,
-        tags.corpus_version,
-        ctx.requested_model,
-        body,
-    ]
+    body = {k: v for k, v in ctx.body.items() if k not in DELIVERY_FIELDS}
+    parts = [*answer_scope(ctx, settings.per_user), body]
     return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from thrifty.cache.common import cacheable, serve_stored, usage_worth_keeping
+from thrifty.cache.common import DELIVERY_FIELDS, answer_scope, cacheable, serve_stored, usage_worth_keeping
 from thrifty.cache.semantic.decision import DecisionParams, decide, default_params
 from thrifty.cache.semantic.index import HnswIndex
 from thrifty.cache.semantic.normalise import normalise
@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 
 # Stored with every entry: entries made by another model are not comparable and are not loaded.
 EMBEDDING_MODEL_ID = "all-MiniLM-L6-v2/int8-onnx"
-# Fields that change how an answer is delivered or accounted, not what it says.
-_NOT_CONTEXT = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier", "model"})
+# Besides the delivery fields: the model is in the partition key already.
+_NOT_CONTEXT = DELIVERY_FIELDS | {"model"}
 _PURGE_EXPIRED_EVERY = 1000
 
 
@@ -105,14 +105,8 @@ def context_hash(body: Mapping[str, Any]) -> str:
 
 
 def partition_key(ctx: RequestContext, settings: SemanticCacheSettings, system_hash: str) -> str:
-    tags = ctx.tags
     parts = [
-        tags.tenant_id,
-        tags.user if settings.per_user else None,
-        ctx.route,
-        tags.prompt_version,
-        tags.corpus_version,
-        ctx.requested_model,
+        *answer_scope(ctx, settings.per_user),
         settings.safety_policy_version,
         system_hash,
         EMBEDDING_MODEL_ID,

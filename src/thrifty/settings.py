@@ -200,6 +200,11 @@ class RouteSettings(_Strict):
     # Task types (x-thrifty-task) that always go to one model, e.g. {"legal": "gpt-4o"}.
     pin: dict[str, str] = Field(default_factory=dict)
 
+    def cascade_tiers(self) -> list[str]:
+        """The tiers a cascade may call, in order, within max_escalations."""
+        limit = self.max_escalations if self.max_escalations is not None else len(self.tiers) - 1
+        return self.tiers[: limit + 1]
+
     @model_validator(mode="after")
     def _strategy(self) -> RouteSettings:
         if self.strategy == "classifier" and self.router is None:

@@ -44,11 +44,10 @@ class CascadePlan:
 
 
 def cascade_plan(name: str, route: RouteSettings) -> CascadePlan:
-    limit = route.max_escalations if route.max_escalations is not None else len(route.tiers) - 1
     router = load_router(name, route) if route.router is not None else None
     task = route.router.task if route.router is not None else None
     return CascadePlan(
-        tiers=tuple(route.tiers[: limit + 1]),
+        tiers=tuple(route.cascade_tiers()),
         gates=tuple(build_gate(g, router, task) for g in route.gates),
         include_rejected_draft=route.include_rejected_draft,
         wants_logprobs=any(g.kind == "logprob" for g in route.gates),
@@ -74,10 +73,6 @@ class LearnedPlan:
     task: str | None
     aliases: dict[str, str]  # the artifact's model ids -> this gateway's aliases
 
-    @property
-    def strong_alias(self) -> str:
-        return self.aliases[self.router.strong]
-
 
 def learned_plan(name: str, route: RouteSettings, targets: Mapping[str, ModelTarget]) -> LearnedPlan:
     assert route.router is not None
@@ -96,8 +91,7 @@ def possible_calls(route: RouteSettings) -> list[str]:
     """Every model alias one request on a cascade route may call, repeated per call (worst-case cost)."""
     if route.strategy != "cascade" or not route.tiers:
         return []
-    limit = route.max_escalations if route.max_escalations is not None else len(route.tiers) - 1
-    plan_tiers = route.tiers[: limit + 1]
+    plan_tiers = route.cascade_tiers()
     voters = [v for g in route.gates for v in g.voters]
     # Every tier but the last may be judged, and each judgement may ask every voter.
     return [*plan_tiers, *(voters * max(0, len(plan_tiers) - 1))]

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from thrifty.bench.route import run_route_bench
+from thrifty.bench.route import run_route_bench, run_route_bound
+from thrifty.routing.train.bound import hindsight_bound, vote_policies
 from thrifty.routing.train.cost import FLASH, GPT4O, GPT35, HAIKU, MINI, PRICES, SONNET
-from thrifty.routing.train.data import Call, Row
+from thrifty.routing.train.data import Call, Row, load_rows
 from thrifty.routing.train.extract import answer_key, extract_answer, normalise
-from thrifty.routing.train.metrics import pair_metrics, random_at_cost, summarise
+from thrifty.routing.train.metrics import auc, pair_metrics, random_at_cost, summarise
 from thrifty.routing.train.policy import CascadePolicy, run_oracle, run_policy, run_single
 
 ALL = (MINI, GPT4O, HAIKU, SONNET, FLASH, GPT35)
@@ -111,3 +113,65 @@ def test_bench_writes_json(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())
     assert {"strategy", "accuracy", "cost_usd", "rel_quality", "rel_cost", "escalation_rate"} <= set(rows[0])
     assert len(rows) == len(results)
+
+
+def test_auc_ranks_and_ties() -> None:
+    assert auc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert auc([0.1, 0.2, 0.9, 0.8], [True, True, False, False]) == 0.0
+    assert auc([0.5, 0.5, 0.5], [True, False, False]) == 0.5
+    # One positive above one of the two negatives, tied with the other: (1 + 0.5) / 2.
+    assert auc([0.7, 0.7, 0.1], [True, False, False]) == 0.75
+    assert math.isnan(auc([0.3, 0.4], [True, True]))
+
+
+def test_vote_policies_enumerates_the_family() -> None:
+    pols = vote_policies((MINI, FLASH), GPT4O)
+    # One model: accept it (2 orders); two: 1 vote with 0 or 1 dissent, or 2 votes (3 x 2 orders).
+    assert len(pols) == 8
+    assert len(set(pols)) == 8
+    assert CascadePolicy((FLASH, MINI), 2, 0, GPT4O) in pols
+
+
+def test_hindsight_bound_on_known_rows(tmp_path: Path) -> None:
+    easy = [_row(f"e{i}", "t", {}, "A") for i in range(12)]
+    # Every cheap model gives the same wrong answer, with replies shaped like the right ones:
+    # nothing but the strong model can tell, so full quality means escalating every row.
+    fooled = [_row(f"f{i}", "t", {m: "B" for m in (MINI, FLASH, HAIKU, GPT35)}, "A") for i in range(12)]
+    b = hindsight_bound(easy, (1.0,), folds=3)
+    assert b.rows[0].reachable
+    assert b.rows[0].rel_cost == pytest.approx(0.1)  # mini alone: 1 against gpt-4o's 10
+    b = hindsight_bound(easy + fooled, (0.5, 1.0, 1.01), folds=3)
+    half, full, beyond = b.rows
+    assert (half.rel_quality, half.rel_cost) == (pytest.approx(0.5), pytest.approx(0.1))
+    # Escalating all 24 rows: mini + flash + gpt-4o = 12 per row against 10.
+    assert (full.rel_quality, full.rel_cost) == (pytest.approx(1.0), pytest.approx(1.2))
+    assert full.per_task["t"] == (pytest.approx(1.0), pytest.approx(1.2))
+    assert b.task_alone["t"][1.0] == pytest.approx(1.2)
+    assert not beyond.reachable and b.task_alone["t"][1.01] is None
+    # Identical replies carry no signal; out-of-fold scores of a null signal rank slightly
+    # *below* chance (each fold's rate is the complement of the held-out one's).
+    assert b.agree_auc["t"] <= 0.5
+    out = tmp_path / "bound.json"
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "id": f"g{i}",
+                    "task": "gsm",
+                    "prompt": "2+2?",
+                    "reference": "4",
+                    "responses": {m: {"output": '{"answer": "4"}', "correct": 1} for m in PRICES},
+                }
+            )
+            for i in range(9)
+        )
+        + "\n"
+    )
+    run_route_bound([data], GPT4O, out, targets=(1.0,))
+    written = json.loads(out.read_text())
+    assert written["targets"][0]["reachable"] is True
+    loaded = load_rows([data])
+    # Every model is right: the cheapest is flash alone.
+    flash_alone = sum(r.calls[FLASH].cost for r in loaded) / sum(r.calls[GPT4O].cost for r in loaded)
+    assert written["targets"][0]["rel_cost"] == pytest.approx(float(flash_alone))

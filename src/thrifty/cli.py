@@ -249,6 +249,20 @@ def bench_route(
     run_route_bench(train, test, reference, json_out, _console(), target_quality=target_quality)
 
 
+@bench_app.command("route-bound")
+def bench_route_bound(
+    data: Annotated[list[Path], typer.Option(help="labelled JSONL file(s) or dir(s); repeatable")],
+    reference: Annotated[str, typer.Option(help="reference model")] = "gpt-4o-2024-08-06",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the bound here")] = None,
+) -> None:
+    """How cheap any of our routing rules could be on DATA if it knew the answers: thresholds on
+    out-of-fold gate scores and every vote cascade, chosen with hindsight. A target this cannot
+    reach is out of reach of the signals in the data, whatever the calibration."""
+    from thrifty.bench.route import run_route_bound
+
+    run_route_bound(data, reference, json_out, _console())
+
+
 @bench_app.command("cache")
 def bench_cache(
     train: Annotated[Path, typer.Option(help="text,category CSV loaded into the cache")],

@@ -4,6 +4,7 @@ strategies over held-out recorded replies (no network), priced at the benchmark'
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from thrifty.routing.train.bound import Bound, hindsight_bound
 from thrifty.routing.train.cost import CHEAP_MODELS, FLASH, GPT4O, MINI, PRICES
 from thrifty.routing.train.data import Row, load_rows
 from thrifty.routing.train.fit import train
@@ -154,3 +156,70 @@ def print_results(
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.0%}"
+
+
+def run_route_bound(
+    data_paths: Sequence[str | Path],
+    reference: str = GPT4O,
+    json_out: str | Path | None = None,
+    console: Console | None = None,
+    targets: Sequence[float] = (0.98, 0.99, 0.995, 1.0),
+) -> Bound:
+    """Print (and optionally write) the hindsight bound of our routing rules on `data_paths`."""
+    console = console or Console()
+    rows = load_rows(data_paths)
+    if not rows:
+        raise ValueError("no rows")
+    bound = hindsight_bound(rows, targets, reference=reference)
+    tasks = sorted(bound.task_alone)
+    table = Table(
+        title=f"hindsight bound on {len(rows)} prompts: the cheapest rule chosen WITH the answers "
+        f"(learned-gate thresholds or vote cascades), reference {reference}"
+    )
+    table.add_column("target quality", justify="right")
+    table.add_column("mixture: least rel cost", justify="right")
+    for t in tasks:
+        table.add_column(f"{t} in that mix (q / c)", justify="right")
+        table.add_column(f"{t} alone: least rel cost", justify="right")
+    for b in bound.rows:
+        cells = [f"{b.target:.1%}", f"{b.rel_cost:.1%}" if b.reachable else "unreachable"]
+        for t in tasks:
+            q, c = b.per_task[t]
+            alone = bound.task_alone[t][b.target]
+            cells += [f"{q:.1%} / {c:.1%}", "unreachable" if alone is None else f"{alone:.1%}"]
+        table.add_row(*cells)
+    console.print(table)
+    for t in tasks:
+        console.print(
+            f"{t}: gate AUC within splits {_auc(bound.split_auc[t])}, "
+            f"within agreements {_auc(bound.agree_auc[t])} (0.5 = no better than chance)"
+        )
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(bound_to_json(bound), indent=2) + "\n", encoding="utf-8")
+    return bound
+
+
+def bound_to_json(bound: Bound) -> dict[str, object]:
+    return {
+        "targets": [
+            {
+                "target": b.target,
+                "reachable": b.reachable,
+                "rel_quality": b.rel_quality,
+                "rel_cost": b.rel_cost,
+                "per_task": {t: {"rel_quality": q, "rel_cost": c} for t, (q, c) in b.per_task.items()},
+            }
+            for b in bound.rows
+        ],
+        "task_alone": {t: {str(k): v for k, v in m.items()} for t, m in bound.task_alone.items()},
+        "split_auc": {t: _nan_none(v) for t, v in bound.split_auc.items()},
+        "agree_auc": {t: _nan_none(v) for t, v in bound.agree_auc.items()},
+    }
+
+
+def _nan_none(v: float) -> float | None:
+    return None if math.isnan(v) else v
+
+
+def _auc(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.2f}"

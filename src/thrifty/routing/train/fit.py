@@ -19,7 +19,7 @@ from thrifty.routing.train.router import AGREE_BONUS, NEVER, Gate, Router, accep
 
 
 @dataclass(frozen=True, slots=True)
-class _Prepared:
+class Prepared:
     """One training row as the gates and the calibration see it."""
 
     task: str
@@ -42,14 +42,15 @@ class _Prepared:
     fold: int
 
 
-def _prepare(row: Row, ladder: tuple[str, str], strong: str, reference: str, folds: int) -> _Prepared:
+def prepare(row: Row, ladder: tuple[str, str], strong: str, reference: str, folds: int) -> Prepared:
+    """A row as the gates see it: parsed drafts, features, what each outcome would be and cost."""
     c0, c1, cs = row.calls[ladder[0]], row.calls[ladder[1]], row.calls[strong]
     d0, d1, ds = parse(c0.output, row.task), parse(c1.output, row.task), parse(cs.output, row.task)
     ok2 = c0.correct if d0.key is not None or d1.key is None else c1.correct
     ok_strong = cs.correct
     if ds.key is None and (d0.key is not None or d1.key is not None):
         ok_strong = c0.correct if d0.key is not None else c1.correct
-    return _Prepared(
+    return Prepared(
         task=row.task,
         x1=stage_features([d0], row.prompt),
         x2=stage_features([d0, d1], row.prompt),
@@ -72,7 +73,7 @@ def _prepare(row: Row, ladder: tuple[str, str], strong: str, reference: str, fol
 
 
 def _second(
-    rows: Sequence[_Prepared], train_i: Sequence[int], test_i: Sequence[int], l2: float
+    rows: Sequence[Prepared], train_i: Sequence[int], test_i: Sequence[int], l2: float
 ) -> list[float]:
     """Stage-2 P(right) of `test_i` from the agree and split gates fitted on `train_i`."""
     ag = _fit(rows, [i for i in train_i if rows[i].agree], "x2", "y2", l2)
@@ -80,7 +81,8 @@ def _second(
     return [(ag if rows[i].agree else sp).prob(rows[i].x2) for i in test_i]
 
 
-def _oof2(rows: Sequence[_Prepared], folds: int, l2: float) -> list[float]:
+def oof_second(rows: Sequence[Prepared], folds: int, l2: float) -> list[float]:
+    """Out-of-fold stage-2 P(right): agree and split gates fitted without each row's fold."""
     out = [0.0] * len(rows)
     for f in range(folds):
         train_i = [i for i, r in enumerate(rows) if r.fold != f]
@@ -90,7 +92,7 @@ def _oof2(rows: Sequence[_Prepared], folds: int, l2: float) -> list[float]:
     return out
 
 
-def _oof(rows: Sequence[_Prepared], xs: str, ys: str, folds: int, l2: float) -> list[float]:
+def oof(rows: Sequence[Prepared], xs: str, ys: str, folds: int, l2: float) -> list[float]:
     """Out-of-fold P(right): each row scored by a gate fitted without its fold."""
     out = [0.0] * len(rows)
     for f in range(folds):
@@ -104,12 +106,13 @@ def _oof(rows: Sequence[_Prepared], xs: str, ys: str, folds: int, l2: float) -> 
     return out
 
 
-def _fit(rows: Sequence[_Prepared], idx: Sequence[int], xs: str, ys: str, l2: float) -> Logistic:
+def _fit(rows: Sequence[Prepared], idx: Sequence[int], xs: str, ys: str, l2: float) -> Logistic:
     x = [getattr(rows[i], xs) for i in idx]
     y = [getattr(rows[i], ys) for i in idx]
-    if len(set(y)) < 2:  # one class only: a constant model at that class's (smoothed) rate
-        y = [*y, 1.0 - y[0]] if y else [0.0, 1.0]
-        x = [*x, x[0] if x else getattr(rows[0], xs)]
+    if not y:  # e.g. no split at all in the data: an uninformed gate, P = 1/2
+        x, y = [getattr(rows[0], xs)] * 2, [0.0, 1.0]
+    elif len(set(y)) < 2:  # one class only: a constant model at that class's (smoothed) rate
+        x, y = [*x, x[0]], [*y, 1.0 - y[0]]
     return fit_logistic(x, y, l2=l2)
 
 
@@ -131,7 +134,7 @@ class Point:
 
 
 def frontier(
-    rows: Sequence[_Prepared],
+    rows: Sequence[Prepared],
     p1: Sequence[float],
     p2: Sequence[float],
     *,
@@ -205,7 +208,7 @@ def calibrate_joint(frontiers: dict[str, list[Point]], need: float) -> dict[str,
 
 
 def calibrate_bagged(
-    rows: dict[str, list[_Prepared]],
+    rows: dict[str, list[Prepared]],
     s1: dict[str, list[float]],
     s2: dict[str, list[float]],
     target: float,
@@ -261,7 +264,7 @@ UNSEEN_GRID = (0.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995)
 
 
 def calibrate_unseen(
-    held_out: Sequence[tuple[Sequence[_Prepared], Sequence[float]]], need: float, tolerance: float
+    held_out: Sequence[tuple[Sequence[Prepared], Sequence[float]]], need: float, tolerance: float
 ) -> float:
     """The fallback's agreement threshold on P(right), from tasks each scored as if unseen.
 
@@ -284,7 +287,7 @@ def calibrate_unseen(
     return min((o for o in options if o[1] >= floor - 1e-12), key=lambda o: (o[2], -o[1]))[0]
 
 
-def calibrate_classifier(rows: Sequence[_Prepared], p: Sequence[float], target: float) -> float:
+def calibrate_classifier(rows: Sequence[Prepared], p: Sequence[float], target: float) -> float:
     """The lowest P(cheap right) threshold (cheapest routing) reaching the target, else NEVER."""
     need = target * sum(r.ok_ref for r in rows)
     best = NEVER
@@ -319,7 +322,7 @@ def train(
     if not rows:
         raise ValueError("no training rows")
     strong = strong or reference
-    prep = [_prepare(r, ladder, strong, reference, folds) for r in rows]
+    prep = [prepare(r, ladder, strong, reference, folds) for r in rows]
     tasks = sorted({p.task for p in prep})
     by_task = {t: [i for i, p in enumerate(prep) if p.task == t] for t in tasks}
 
@@ -336,10 +339,10 @@ def train(
         ]
 
     every = range(len(prep))
-    o1 = first_scores(every, _oof(prep, "x1", "y1", folds, l2))
-    o2p = _oof2(prep, folds, l2)
+    o1 = first_scores(every, oof(prep, "x1", "y1", folds, l2))
+    o2p = oof_second(prep, folds, l2)
     o2 = second_scores(every, o2p)
-    op = _oof(prep, "xp", "y1", folds, l2 * 30)
+    op = oof(prep, "xp", "y1", folds, l2 * 30)
     seen_need = target_quality + seen_margin
     chosen = calibrate_bagged(
         {t: [prep[i] for i in idx] for t, idx in by_task.items()},
@@ -357,7 +360,7 @@ def train(
         tc = calibrate_classifier(sub, [op[i] for i in idx], seen_need)
         gates[t] = Gate(chosen[t][0], chosen[t][1], tc, cost_aware)
     # The fallback: each task scored by gates that never saw it (if there are other tasks).
-    held_out: list[tuple[Sequence[_Prepared], Sequence[float]]] = []
+    held_out: list[tuple[Sequence[Prepared], Sequence[float]]] = []
     strictest_cls = 0.0
     unseen_need = unseen_target + unseen_margin
     for t, idx in by_task.items():

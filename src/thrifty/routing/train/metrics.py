@@ -4,6 +4,7 @@ RouteLLM's PGR / APGR / CPT for a weak/strong pair (Ong et al., 2024, "RouteLLM"
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -129,3 +130,23 @@ def pair_metrics(
         cpt50=cpt(0.5),
         cpt80=cpt(0.8),
     )
+
+
+def auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """The area under the ROC curve: P(a random positive outscores a random negative), ties
+    counting half (Mann-Whitney). NaN when either class is empty."""
+    pos = sum(1 for y in labels if y)
+    neg = len(labels) - pos
+    if pos == 0 or neg == 0:
+        return math.nan
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    rank_sum = 0.0
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        mid_rank = (i + j) / 2 + 1  # ranks are 1-based; a tie shares the mean rank
+        rank_sum += mid_rank * sum(1 for k in order[i : j + 1] if labels[k])
+        i = j + 1
+    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)

@@ -175,3 +175,33 @@ def test_hindsight_bound_on_known_rows(tmp_path: Path) -> None:
     # Every model is right: the cheapest is flash alone.
     flash_alone = sum(r.calls[FLASH].cost for r in loaded) / sum(r.calls[GPT4O].cost for r in loaded)
     assert written["targets"][0]["rel_cost"] == pytest.approx(float(flash_alone))
+
+
+def test_bench_breaks_results_down_by_task(tmp_path: Path) -> None:
+    def line(i: int, task: str) -> str:
+        out = {m: {"output": '{"answer": "4"}', "correct": 1} for m in PRICES}
+        wrong = i % 4 == 0  # mini and flash agree on a wrong answer on every fourth prompt
+        for m in (MINI, FLASH):
+            out[m] = {"output": f'{{"answer": "{5 if wrong else 4}"}}', "correct": int(not wrong)}
+        return json.dumps(
+            {"id": f"{task}{i}", "task": task, "prompt": "2+2?", "reference": "4", "responses": out}
+        )
+
+    train_file, test_file = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train_file.write_text("\n".join(line(i, "gsm") for i in range(16)) + "\n")
+    test_file.write_text(
+        "\n".join([*(line(i, "gsm") for i in range(8)), *(line(i, "new") for i in range(8))]) + "\n"
+    )
+    out = tmp_path / "r.json"
+    run_route_bench([train_file], [test_file], GPT4O, out)
+    by_name = {o["strategy"]: o for o in json.loads(out.read_text())}
+    for task in ("gsm", "new"):
+        assert by_name[f"4o @ {task}"]["rel_quality"] == 1.0
+        naive = by_name[f"naive cascade @ {task}"]
+        # 8 prompts, 2 with a wrong agreement: the naive cascade accepts them and never escalates.
+        assert naive["accuracy"] == 0.75 and naive["escalation_rate"] == 0.0
+    assert {"thrifty-cascade @ gsm", "thrifty-cascade @ new", "thrifty-classifier @ new"} <= set(by_name)
+    # The overall rows are still there, under their own names.
+    assert by_name["thrifty-cascade"]["accuracy"] == pytest.approx(
+        (by_name["thrifty-cascade @ gsm"]["accuracy"] + by_name["thrifty-cascade @ new"]["accuracy"]) / 2
+    )

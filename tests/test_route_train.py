@@ -52,6 +52,8 @@ def test_extract_prefers_first_json_object() -> None:
     assert extract_answer('x {"answer": "a"} y {"answer": "b"}') == "a"
     assert normalise("# 3", "gsm") == "3"
     assert normalise("no digits", "gsm") is None
+    # Only gsm-like tasks compare first numbers; elsewhere two fractions must not "agree".
+    assert normalise("\\frac{1}{2}", "math") != normalise("\\frac{1}{3}", "math")
 
 
 def _tiny() -> list[Row]:

@@ -14,8 +14,10 @@ import re
 _DECODER = json.JSONDecoder(strict=False)  # models put raw newlines inside JSON strings
 _ANSWER_RE = re.compile(r'"answer"\s*:\s*(.+)')
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
-# Tasks whose answers compare as numbers; any other task (including unseen ones) compares strings.
-NUMERIC_TASKS = frozenset({"gsm", "gsm8k", "math"})
+# Tasks whose answers compare as numbers (their first number, as gsm is graded); any other task,
+# unseen ones included, compares strings. Not competition maths: "\frac{1}{2}" and "\frac{1}{3}"
+# share a first number, and a false agreement is accepted without escalation.
+NUMERIC_TASKS = frozenset({"gsm", "gsm8k"})
 
 
 def _first_json_object(text: str) -> dict[str, object] | None:

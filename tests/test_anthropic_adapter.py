@@ -312,6 +312,8 @@ def test_json_response_format_becomes_a_system_instruction() -> None:
             "not valid JSON",
         ),
         (chat(user("hi"), tool_choice="sometimes", tools=[WEATHER_TOOL]), "tool_choice"),
+        (chat(user("hi"), temperature=1.5), "temperature=1.5 is outside 0-1"),
+        (chat(user("hi"), top_p="high"), "top_p='high' is outside 0-1"),
     ],
 )
 async def test_untranslatable_requests_fail_before_any_call(

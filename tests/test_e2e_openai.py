@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import openai
 import orjson
+import pytest
 
 from tests.fakes.openai_wire import Reply
 
@@ -137,6 +139,22 @@ def test_route_alias_and_model_list(client, openai_upstream, ledger):
     assert ledger()[0]["route"] == "support"
     ids = {m.id for m in client.models.list()}
     assert {"gpt-4o-mini", "gpt-4o", "route:support"} <= ids
+
+
+def test_route_header_puts_a_request_on_a_route(client, openai_upstream, ledger):
+    openai_upstream.queue(Reply())
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=MSG, extra_headers={"x-thrifty-route": "support"}
+    )
+    # The route's model answered, not the one the code named.
+    assert raw.headers["x-thrifty-route"] == "support" and raw.headers["x-thrifty-model"] == "gpt-4o-mini"
+    assert openai_upstream.requests[-1]["model"] == "gpt-4o-mini"
+    assert ledger()[0]["route"] == "support"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(
+            model="gpt-4o", messages=MSG, extra_headers={"x-thrifty-route": "nope"}
+        )
+    assert err.value.body["code"] == "route_not_found" and "support" in err.value.body["message"]
 
 
 def test_every_request_field_passes_through(client, openai_upstream):

@@ -51,14 +51,19 @@ def _targets(settings: Settings) -> dict[str, ModelTarget]:
     }
 
 
-def parse_chat_body(raw: bytes) -> dict[str, Any]:
-    """Parse and check the fields the gateway itself relies on; everything else passes through."""
+def parse_chat_body(raw: bytes, route: str | None = None) -> dict[str, Any]:
+    """Parse and check the fields the gateway itself relies on; everything else passes through.
+
+    `route` (the `x-thrifty-route` header) replaces the body's model with `route:NAME`, so an app
+    whose code names a model can be put on a route by its platform team without a code change."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
         raise InvalidRequest(f"the request body is not valid JSON: {err}") from err
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    if route and route.strip():
+        body["model"] = "route:" + route.strip()
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required: a model alias or route:NAME", param="model")

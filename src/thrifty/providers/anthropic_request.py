@@ -38,8 +38,17 @@ def to_anthropic_request(body: dict[str, Any], upstream_model: str) -> dict[str,
     if system is not None:
         out["system"] = system
     for key in ("temperature", "top_p"):
-        if body.get(key) is not None:
-            out[key] = body[key]
+        value = body.get(key)
+        if value is None:
+            continue
+        # OpenAI's temperature goes to 2, Anthropic's to 1: say so here rather than pass on a 400.
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise InvalidRequest(
+                f"{key}={value!r} is outside 0-1, the range Anthropic models ({upstream_model}) "
+                f"accept; send {key} between 0 and 1 for this model or route",
+                param=key,
+            )
+        out[key] = value
     stop = body.get("stop")
     if isinstance(stop, str):
         out["stop_sequences"] = [stop]

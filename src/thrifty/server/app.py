@@ -201,7 +201,7 @@ class ThriftyApp:
         headers = _headers(scope)
         tenant = self.gateway.authenticate(headers.get("authorization"))
         raw = await self._read_body(receive)
-        body = parse_chat_body(raw)
+        body = parse_chat_body(raw, headers.get("x-thrifty-route"))
         ctx = self.gateway.new_context(body, len(raw), _tags(tenant, headers, body))
         try:
             result = await self.gateway.run(ctx)

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from thrifty.bench.route import run_route_bench, run_route_bound
+from thrifty.errors import InvalidData
 from thrifty.routing.train.bound import hindsight_bound, vote_policies
 from thrifty.routing.train.cost import FLASH, GPT4O, GPT35, HAIKU, MINI, PRICES, SONNET
 from thrifty.routing.train.data import Call, Row, load_rows
 from thrifty.routing.train.extract import answer_key, extract_answer, normalise
+from thrifty.routing.train.fit import train
 from thrifty.routing.train.metrics import auc, pair_metrics, random_at_cost, summarise
 from thrifty.routing.train.policy import CascadePolicy, run_oracle, run_policy, run_single
 
@@ -207,3 +211,67 @@ def test_bench_breaks_results_down_by_task(tmp_path: Path) -> None:
     assert by_name["thrifty-cascade"]["accuracy"] == pytest.approx(
         (by_name["thrifty-cascade @ gsm"]["accuracy"] + by_name["thrifty-cascade @ new"]["accuracy"]) / 2
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("{not json\n", "d.jsonl:1: not JSON"),
+        ('{"id": 1}\n', "d.jsonl:1: row 1 lacks task, prompt, responses"),
+        ('{"id": 1, "task": "t", "prompt": "p", "responses": []}\n', "responses must be an object"),
+        (
+            json.dumps({"id": 1, "task": "t", "prompt": "p", "responses": {MINI: {"output": "x"}}}),
+            "a response needs an output and correct 0 or 1",
+        ),
+    ],
+)
+def test_malformed_data_is_a_clear_error(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(text)
+    with pytest.raises(InvalidData, match=fragment):
+        load_rows([path])
+
+
+def test_missing_files_and_models_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(InvalidData, match="no such file"):
+        load_rows([tmp_path / "nope.jsonl"])
+    # A model without a benchmark price is skipped; one the cascade needs must be there.
+    obj = {
+        "id": "a",
+        "task": "t",
+        "prompt": "p",
+        "reference": "1",
+        "responses": {
+            MINI: {"output": '{"answer": "1"}', "correct": 1},
+            "some-new-model": {"output": "", "correct": 0},
+        },
+    }
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(obj) + "\n")
+    (row,) = load_rows([path])
+    assert set(row.calls) == {MINI}
+    with pytest.raises(InvalidData, match=r"has no reply from gemini-1.5-flash, gpt-4o-2024-08-06"):
+        train([row])
+
+
+def test_cli_reports_bad_data_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": 1}\n')
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "thrifty",
+            "route",
+            "train",
+            "--data",
+            str(path),
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "lacks task, prompt, responses" in done.stderr and "Traceback" not in done.stderr

@@ -41,6 +41,13 @@ class ConfigError(ThriftyError):
     error_type = "configuration_error"
 
 
+class InvalidData(ThriftyError):
+    """An input file (labelled routing data, a benchmark set) is missing or malformed; CLI only."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
 class InvalidRequest(ThriftyError):
     status = 400
     error_type = "invalid_request_error"

@@ -12,8 +12,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from thrifty.errors import InvalidData
 from thrifty.routing.train.bound import Bound, hindsight_bound
-from thrifty.routing.train.cost import CHEAP_MODELS, FLASH, GPT4O, MINI, PRICES
+from thrifty.routing.train.cost import FLASH, GPT4O, MINI, PRICES
 from thrifty.routing.train.data import Row, load_rows
 from thrifty.routing.train.fit import train
 from thrifty.routing.train.metrics import PairMetrics, Summary, pair_metrics, random_at_cost, summarise
@@ -47,7 +48,9 @@ def train_router(
 
 def evaluate_router(router: Router, rows: Sequence[Row], reference: str) -> tuple[list[Summary], PairMetrics]:
     ref = run_single(rows, reference)
-    results: list[Summary] = [summarise(m, run_single(rows, m), ref) for m in PRICES]
+    # Single models and the all-model oracle over the priced models every test row has replies of.
+    every = tuple(m for m in PRICES if all(m in r.calls for r in rows))
+    results: list[Summary] = [summarise(m, run_single(rows, m), ref) for m in every]
     ours = run_policy_router(router.with_strategy("cascade"), rows)
     ours_summary = summarise("thrifty-cascade", ours, ref)
     classifier = summarise(
@@ -65,7 +68,11 @@ def evaluate_router(router: Router, rows: Sequence[Row], reference: str) -> tupl
     results.append(
         summarise(f"oracle {short_name(WEAK)}+{short_name(STRONG)}", run_oracle(rows, (WEAK, STRONG)), ref)
     )
-    results.append(summarise("oracle all six", run_oracle(rows, tuple(PRICES)), ref))
+    results.append(
+        summarise(
+            "oracle all six" if len(every) == 6 else f"oracle all {len(every)}", run_oracle(rows, every), ref
+        )
+    )
     results.append(summarise("naive cascade mini=flash else 4o", run_policy(rows, NAIVE), ref))
     results.append(classifier)
     results.append(ours_summary)
@@ -107,10 +114,11 @@ def run_route_bench(
     router = train(load_rows(train_paths), reference=reference, target_quality=target_quality)
     test_rows = load_rows(test_paths)
     if not test_rows:
-        raise ValueError("no test rows")
-    missing = {m for r in test_rows for m in (*CHEAP_MODELS, reference, STRONG) if m not in r.calls}
+        raise InvalidData("no test rows")
+    needed = (*router.models(), reference, WEAK, STRONG, *NAIVE.cheap)
+    missing = {m for r in test_rows for m in needed if m not in r.calls}
     if missing:
-        raise ValueError(f"test rows lack replies from: {', '.join(sorted(missing))}")
+        raise InvalidData(f"test rows lack replies from: {', '.join(sorted(missing))}")
     results, pair = evaluate_router(router, test_rows, reference)
     per_task = evaluate_by_task(router, test_rows, reference)
     print_results(console, router, test_rows, results, pair, reference)
@@ -210,7 +218,7 @@ def run_route_bound(
     console = console or Console()
     rows = load_rows(data_paths)
     if not rows:
-        raise ValueError("no rows")
+        raise InvalidData("no rows")
     bound = hindsight_bound(rows, targets, reference=reference)
     tasks = sorted(bound.task_alone)
     table = Table(

@@ -14,6 +14,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from thrifty.errors import InvalidData
 from thrifty.routing.train.cost import CHEAP_MODELS, FLASH, GPT4O, MINI
 from thrifty.routing.train.data import Row
 from thrifty.routing.train.fit import Point, calibrate_joint, frontier, oof, oof_second, prepare
@@ -69,6 +70,10 @@ def hindsight_bound(
     """For each target, the least cost over the mixture of tasks, each task choosing its rule with
     hindsight among learned-gate threshold pairs (lone draft, agreements and splits all allowed)
     and every vote cascade."""
+    lacking = sorted({m for r in rows for m in (*ladder, reference) if m not in r.calls})
+    if lacking:
+        raise InvalidData(f"rows lack replies from: {', '.join(lacking)}")
+    cheap = [m for m in cheap if all(m in r.calls for r in rows)]  # vote with what every row has
     prep = [prepare(r, ladder, reference, reference, folds) for r in rows]
     p1 = oof(prep, "x1", "y1", folds, l2)
     p2 = oof_second(prep, folds, l2)

@@ -57,6 +57,9 @@ class CostModel:
     def tokens(self, text: str) -> int:
         return self._counter.count_text(text, "o200k_base")
 
+    def priced(self, model: str) -> bool:
+        return model in self._prices
+
     def call_cost(self, model: str, prompt_tokens: int, output_tokens: int) -> Decimal:
         price = self._prices.get(model)
         if price is None:

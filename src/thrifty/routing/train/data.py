@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+from thrifty.errors import InvalidData
 from thrifty.routing.train.cost import CostModel
 from thrifty.routing.train.extract import answer_key
 
@@ -35,22 +36,41 @@ class Row:
     calls: dict[str, Call]
 
 
+FORMAT_HINT = (
+    'one JSON object a line: {"id", "task", "prompt", "reference", '
+    '"responses": {MODEL: {"output": str, "correct": 0|1}}}'
+)
+
+
 def _files(paths: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
+        if not p.exists():
+            raise InvalidData(f"{p}: no such file or directory")
         out.extend(sorted(p.glob("*.jsonl")) if p.is_dir() else [p])
     return out
 
 
-def parse_row(obj: dict[str, object], costs: CostModel) -> Row:
+def parse_row(obj: object, costs: CostModel) -> Row:
+    if not isinstance(obj, dict):
+        raise InvalidData(f"a row must be a JSON object; expected {FORMAT_HINT}")
+    missing = [k for k in ("id", "task", "prompt", "responses") if k not in obj]
+    if missing:
+        raise InvalidData(f"row {obj.get('id')!r} lacks {', '.join(missing)}; expected {FORMAT_HINT}")
     task = str(obj["task"])
     prompt = str(obj["prompt"])
     responses = obj["responses"]
     if not isinstance(responses, dict):
-        raise ValueError(f"row {obj.get('id')!r}: responses must be an object")
+        raise InvalidData(f"row {obj['id']!r}: responses must be an object; expected {FORMAT_HINT}")
     prompt_tokens = costs.tokens(prompt)
     calls: dict[str, Call] = {}
     for model, resp in responses.items():
+        if not costs.priced(str(model)):
+            continue  # a model the benchmark has no price for cannot be routed to or compared
+        if not isinstance(resp, dict) or "output" not in resp or resp.get("correct") not in (0, 1):
+            raise InvalidData(
+                f"row {obj['id']!r}, model {model!r}: a response needs an output and correct 0 or 1"
+            )
         output = str(resp["output"])
         out_tokens = costs.tokens(output)
         calls[str(model)] = Call(
@@ -73,10 +93,11 @@ def load_rows(paths: Iterable[str | Path], costs: CostModel | None = None) -> li
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    rows.append(parse_row(json.loads(line), costs))
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{line_no}: not JSON: {exc}") from exc
-                rows.append(parse_row(obj, costs))
+                    raise InvalidData(f"{path}:{line_no}: not JSON: {exc}") from exc
+                except InvalidData as exc:
+                    raise InvalidData(f"{path}:{line_no}: {exc.message}") from exc
     return rows
 
 

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from thrifty.errors import InvalidData
 from thrifty.routing.train.cost import FLASH, GPT4O, MINI
 from thrifty.routing.train.data import Row, id_bucket
 from thrifty.routing.train.gate import Logistic, fit_logistic, parse, prompt_features, stage_features
@@ -320,8 +321,16 @@ def train(
     """Fit the gates on all rows; calibrate thresholds on out-of-fold scores, per task and across
     tasks for the unseen-task fallback."""
     if not rows:
-        raise ValueError("no training rows")
+        raise InvalidData("no training rows")
     strong = strong or reference
+    needed = (*ladder, strong, reference)
+    for row in rows:
+        lacking = [m for m in needed if m not in row.calls]
+        if lacking:
+            raise InvalidData(
+                f"training row {row.id!r} has no reply from {', '.join(lacking)}; every row needs "
+                f"the cascade's models ({', '.join(dict.fromkeys(needed))})"
+            )
     prep = [prepare(r, ladder, strong, reference, folds) for r in rows]
     tasks = sorted({p.task for p in prep})
     by_task = {t: [i for i, p in enumerate(prep) if p.task == t] for t in tasks}

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from thrifty.cache.semantic.decision import decide
 from thrifty.cache.semantic.tune import (
     curve,
     exact_neighbours,
     learn_from_vectors,
+    load_labelled,
     pick_threshold,
     subset_lookups,
 )
+from thrifty.errors import InvalidData
 
 
 def test_pick_threshold_lowest_that_meets_target() -> None:
@@ -189,3 +193,27 @@ def test_expand_matrix_matches_expand_row_by_row() -> None:
     rows = np.random.default_rng(0).random((4, 5))
     assert np.allclose(expand_matrix(rows, True), [expand(r.tolist(), True) for r in rows])
     assert np.array_equal(expand_matrix(rows, False), rows)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("a,b\n1,2\n", "header row text,category"),
+        ("text,category\nhello,\n", r"d.csv:2: a row needs both text and category"),
+        ("text,category\nhello,greet\n", "needs at least 2 labelled rows, found 1"),
+    ],
+)
+def test_load_labelled_rejects_malformed_csv(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text(text)
+    with pytest.raises(InvalidData, match=fragment):
+        load_labelled(path)
+    with pytest.raises(InvalidData, match="no such file"):
+        load_labelled(tmp_path / "missing.csv")
+
+
+def test_load_labelled_reads_text_and_category(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text('text,category\n"hi, there",greet\nbye,leave\n')
+    data = load_labelled(path)
+    assert (data.texts, data.labels) == (["hi, there", "bye"], ["greet", "leave"])

@@ -45,6 +45,7 @@ from thrifty.cache.semantic.decision import (
     assess,
 )
 from thrifty.cache.semantic.normalise import normalise
+from thrifty.errors import InvalidData
 
 # Neighbours fetched per lookup: the vote uses 20, the margin looks further for another answer.
 SEARCH_K = 32
@@ -140,12 +141,23 @@ class TuneResult:
 
 
 def load_labelled(path: Path) -> Labelled:
+    """A `text,category` CSV (header row first), as Banking77 ships it."""
+    if not path.is_file():
+        raise InvalidData(f"{path}: no such file")
     texts: list[str] = []
     labels: list[str] = []
     with path.open(newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            texts.append(row["text"])
-            labels.append(row["category"])
+        reader = csv.DictReader(fh)
+        if not {"text", "category"} <= set(reader.fieldnames or ()):
+            raise InvalidData(f"{path}: expected a CSV with a header row text,category")
+        for line_no, row in enumerate(reader, 2):
+            text, label = row["text"], row["category"]
+            if not text or not label:
+                raise InvalidData(f"{path}:{line_no}: a row needs both text and category")
+            texts.append(text)
+            labels.append(label)
+    if len(texts) < 2:
+        raise InvalidData(f"{path}: needs at least 2 labelled rows, found {len(texts)}")
     return Labelled(texts, labels)
 
 

@@ -164,6 +164,33 @@ def test_a_tier_that_is_down_escalates(server, openai_upstream, tmp_path):
     assert answer["status"] == 200 and row["escalated"] == 1 and Decimal(row["cost_usd"]) == BIG
 
 
+def test_route_fallbacks_stand_in_for_the_answering_call_only(tmp_path, openai_upstream):
+    # A draft tier that is down is a failed draft: the cascade moves on to its next tier, and
+    # the route's fallback (here gpt-4o-mini) is not called in the draft's place.
+    settings = _settings(tmp_path, openai_upstream, fallbacks=["gpt-4o-mini"])
+    openai_upstream.by_model[MINI_ID] = [Reply(status=503, error_message="overloaded")]
+    _script(openai_upstream, local=['{"answer": 42}'])
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
+        assert _ask(server, "three").headers["x-thrifty-model"] == "selfhosted"
+        assert [r["model"] for r in openai_upstream.requests] == [MINI_ID, LOCAL_ID]
+        # The last tier, which answers whatever it says, still has the route's fallbacks.
+        openai_upstream.requests.clear()
+        _script(openai_upstream, mini=["bad", '{"answer": 42}'], local=["also bad"])
+        openai_upstream.by_model[BIG_ID] = [Reply(status=503, error_message="overloaded")]
+        resp = _ask(server, "three")
+    assert [r["model"] for r in openai_upstream.requests] == [MINI_ID, LOCAL_ID, BIG_ID, MINI_ID]
+    assert resp.headers["x-thrifty-model"] == "gpt-4o-mini"
+    assert resp.parse().choices[0].message.content == '{"answer": 42}'
+    row = ledger_rows(tmp_path / "ledger.db")[-1]
+    assert [(a["model"], a["role"], a["status"]) for a in _attempts(row)] == [
+        ("gpt-4o-mini", "draft", 200),
+        ("selfhosted", "draft", 200),
+        ("gpt-4o", "answer", 503),
+        ("gpt-4o-mini", "answer", 200),
+    ]
+    assert Decimal(row["cost_usd"]) == MINI + LOCAL + MINI
+
+
 def test_streaming_replays_an_accepted_draft_and_streams_the_top_tier_live(server, openai_upstream, tmp_path):
     client = openai.OpenAI(base_url=server.base_url, api_key=KEYS["acme"], max_retries=0)
 

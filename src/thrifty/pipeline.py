@@ -38,6 +38,9 @@ class RequestContext:
     deduplicated: bool = False  # answered from another request's generation (idempotency/flight)
     cache: CacheOutcome = "miss"
     escalated: bool = False  # a cascade went past its first tier
+    # False while a cascade calls a draft or a voter: a tier that is down is a failed draft and
+    # the cascade escalates itself, rather than the route's fallbacks answering in its place.
+    use_fallbacks: bool = True
     # Filled by accounting once the ledger entry is committed; a stream's last event carries it.
     trailer: dict[str, Any] | None = None
 

@@ -122,7 +122,8 @@ class Resilience:
         max_retries = (
             route.max_retries if route and route.max_retries is not None else self._settings.max_retries
         )
-        chain = [ctx.target] + [self._targets[m] for m in (route.fallbacks if route else ())]
+        fallbacks = route.fallbacks if route and ctx.use_fallbacks else ()
+        chain = [ctx.target] + [self._targets[m] for m in fallbacks]
         errors: list[str] = []
         last: ThriftyError | None = None
         for target in chain:

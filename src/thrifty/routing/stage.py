@@ -262,11 +262,12 @@ class RouteStage:
         """One call down the pipeline on `alias`, its attempts marked with `role`."""
         saved_body, saved_stream = ctx.body, ctx.stream
         ctx.target, ctx.body, ctx.stream = self._targets[alias], body, stream
+        ctx.use_fallbacks = role == "answer"
         first = len(ctx.attempts)
         try:
             return await call_next(ctx)
         finally:
-            ctx.body, ctx.stream = saved_body, saved_stream
+            ctx.body, ctx.stream, ctx.use_fallbacks = saved_body, saved_stream, True
             if role != "answer":
                 for j in range(first, len(ctx.attempts)):
                     ctx.attempts[j] = dataclasses.replace(ctx.attempts[j], role=role)

@@ -20,7 +20,8 @@ _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 NUMERIC_TASKS = frozenset({"gsm", "gsm8k"})
 
 
-def _first_json_object(text: str) -> dict[str, object] | None:
+def first_json_object(text: str) -> dict[str, object] | None:
+    """The first complete JSON object in `text` (models wrap it in prose and code fences)."""
     start = text.find("{")
     while start != -1:
         try:
@@ -39,9 +40,14 @@ def _as_text(value: object) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def extract_answer(output: str) -> str | None:
-    """The raw `answer` field of a reply, or None when the reply has none."""
-    obj = _first_json_object(output)
+_UNPARSED: dict[str, object] = {}  # a sentinel: "not parsed yet", distinct from None ("no object")
+
+
+def extract_answer(output: str, obj: dict[str, object] | None = _UNPARSED) -> str | None:
+    """The raw `answer` field of a reply, or None when the reply has none. `obj` is the reply's
+    first JSON object when the caller has already parsed it."""
+    if obj is _UNPARSED:
+        obj = first_json_object(output)
     if obj is not None and "answer" in obj:
         return _as_text(obj["answer"])
     match = _ANSWER_RE.search(output)

@@ -13,7 +13,6 @@ numpy, imported only when training.
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import re
 import zlib
@@ -21,9 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from thrifty.routing.train.extract import extract_answer, normalise
+from thrifty.routing.train.extract import extract_answer, first_json_object, normalise
 
-_DECODER = json.JSONDecoder(strict=False)
 _HEDGES = re.compile(
     r"\b(wait|however|actually|mistake|re-?evaluate|re-?calculate|re-?check|reconsider|assum\w*|"
     r"unclear|ambiguous|not possible|impossible|cannot|can't|approximately|error|incorrect|"
@@ -45,24 +43,14 @@ class Parsed:
     length: int
 
 
-def _reasoning(output: str) -> tuple[str, bool]:
-    start = output.find("{")
-    while start != -1:
-        try:
-            obj, _ = _DECODER.raw_decode(output, start)
-        except ValueError:
-            start = output.find("{", start + 1)
-            continue
-        if isinstance(obj, dict):
-            r = obj.get("reasoning")
-            return (r if isinstance(r, str) else str(r or "")), "answer" in obj
-        start = output.find("{", start + 1)
-    return output, False
-
-
 def parse(output: str, task: str | None) -> Parsed:
-    answer = extract_answer(output)
-    reasoning, json_ok = _reasoning(output)
+    obj = first_json_object(output)
+    answer = extract_answer(output, obj)
+    if obj is None:
+        reasoning, json_ok = output, False
+    else:
+        r = obj.get("reasoning")
+        reasoning, json_ok = (r if isinstance(r, str) else str(r or "")), "answer" in obj
     return Parsed(answer, normalise(answer, task or ""), reasoning, json_ok, len(output))
 
 

@@ -159,14 +159,20 @@ def test_demo_on_the_shared_data_or_synthetic(tmp_path: Path):
     banking = REPO.parent / "shared" / "data" / "cache" / "banking77"
     if data.exists():
         out = _thrifty(*args, "--data", str(data), "--support-data", str(banking))
+        assert out.returncode == 0, out.stdout + out.stderr
         assert "real recorded outputs" in out.stdout and "real Banking77 queries" in out.stdout
+        # 60 mixed, 20 prompts three times (two cascades and gpt-4o), 60 seeds and 20 lookups.
+        assert "ledger rows: 200 for 200 requests sent" in out.stdout
+        assert "trained router (" in out.stdout
     else:
         out = _thrifty(*args, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
-    # 60 mixed, 20 prompts three times (two cascades and gpt-4o), 60 seeds and 20 lookups.
-    assert "spend by tenant" in out.stdout and "ledger rows: 200 for 200 requests sent" in out.stdout
+        assert out.returncode == 0, out.stdout + out.stderr
+        # 60 mixed, 20 prompts twice (no recorded data to train a router on), and the built-in
+        # FAQ's 6 seeds and 18 lookups.
+        assert "SYNTHETIC" in out.stdout and "trained router (" not in out.stdout
+        assert "ledger rows: 124 for 124 requests sent" in out.stdout
+    assert "spend by tenant" in out.stdout and "of its cost" in out.stdout
     assert "gpt-4o-mini → gpt-4o when gemini-1.5-flash disagrees" in out.stdout
-    assert "trained router (" in out.stdout and "of its cost" in out.stdout
     assert "later askers in other words" in out.stdout
 
 

@@ -38,7 +38,8 @@ class ReportRow:
     retry_cost_usd: Decimal = field(default_factory=Decimal)
     saved_usd: Decimal = field(default_factory=Decimal)
     rejected_budget: int = 0
-    cache_hits: int = 0
+    cache_hits: int = 0  # exact and semantic cache hits
+    dedup_hits: int = 0  # idempotent repeats and coalesced duplicates (no upstream call either)
     escalated: int = 0
     unpriced: int = 0
     estimated: int = 0
@@ -73,6 +74,8 @@ class ReportRow:
             "saved_usd": decimal_text(self.saved_usd),
             "cache_hits": self.cache_hits,
             "cache_hit_rate": round(self.cache_hits / self.requests, 6) if self.requests else 0.0,
+            "dedup_hits": self.dedup_hits,
+            "dedup_rate": round(self.dedup_hits / self.requests, 6) if self.requests else 0.0,
             "escalated": self.escalated,
             "escalation_rate": round(self.escalated / self.requests, 6) if self.requests else 0.0,
             "budget_rejections": self.rejected_budget,
@@ -137,7 +140,9 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
             row.saved_usd += Decimal(saved)
         if http_status == 429:
             row.rejected_budget += 1
-        if cache != "miss":
+        if cache == "dedup":
+            row.dedup_hits += 1
+        elif cache != "miss":
             row.cache_hits += 1
         row.escalated += escalated
     return sorted(rows.values(), key=lambda r: (-r.cost_usd, r.group))
@@ -157,6 +162,7 @@ def totals(rows: Iterable[ReportRow]) -> ReportRow:
         total.saved_usd += r.saved_usd
         total.rejected_budget += r.rejected_budget
         total.cache_hits += r.cache_hits
+        total.dedup_hits += r.dedup_hits
         total.escalated += r.escalated
         total.unpriced += r.unpriced
         total.estimated += r.estimated
@@ -190,6 +196,7 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None) -> An
         ("retry USD", "right"),
         ("saved USD", "right"),
         ("cache hits", "right"),
+        ("dedup", "right"),
         ("escalated", "right"),
         ("429 budget", "right"),
     ):
@@ -210,6 +217,7 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None) -> An
             f"{r.retry_cost_usd:.6f}",
             f"{r.saved_usd:.6f}",
             f"{r.cache_hits / r.requests:.1%}" if r.requests else "-",
+            f"{r.dedup_hits / r.requests:.1%}" if r.requests else "-",
             f"{r.escalated / r.requests:.1%}" if r.requests else "-",
             f"{r.rejected_budget:,}",
             end_section=r.group == rows[-1].group if rows else False,

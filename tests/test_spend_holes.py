@@ -28,6 +28,7 @@ from tests.fakes.openai_wire import OpenAIWireServer, Reply
 from thrifty.report import build_report
 from thrifty.server.run import BackgroundServer
 from thrifty.stores.keys import hash_key
+from thrifty.tokens import TokenCounter
 
 SHORT = [{"role": "user", "content": "Write as much as you can about the sea."}]
 MINI_IN, MINI_OUT = Decimal("0.15"), Decimal("0.6")  # gpt-4o-mini, USD per 1M tokens
@@ -392,3 +393,31 @@ def test_an_idempotency_key_is_answered_once_across_a_sigkill_and_restart(tmp_pa
     (total,) = [r for r in build_report(conn, "tenant") if r.group == "acme"]
     conn.close()
     assert (total.dedup_hits, total.cache_hits) == (1, 0)
+
+
+def test_a_cascade_reserves_n_choices_on_every_call_and_the_draft_it_sends_back(tmp_path, openai_upstream):
+    routes = {
+        "math": {
+            "model": "gpt-4o-mini",
+            "strategy": "cascade",
+            "tiers": ["gpt-4o-mini", "gpt-4o"],
+            "gates": [{"kind": "agreement", "field": "answer", "voters": ["selfhosted"]}],
+            "include_rejected_draft": True,
+        }
+    }
+    with (
+        _server(
+            tmp_path, openai_upstream, routes=routes, tenants=_tenants(budget={"usd_per_day": "0.001"})
+        ) as server,
+        pytest.raises(openai.RateLimitError) as info,
+    ):
+        _client(server).chat.completions.create(model="route:math", messages=SHORT, n=4, max_tokens=100)
+    assert openai_upstream.requests == []
+    prompt = TokenCounter().count_messages(SHORT, "gpt-4o-mini").tokens
+    grown = prompt + 100 + 256  # later calls carry the rejected draft and the reason back
+    worst = (
+        _mini_cost(prompt, 4 * 100)  # the draft tier: 4 choices of 100 tokens
+        + (grown * Decimal("2.5") + 4 * 100 * Decimal("10")) / 10**6  # gpt-4o, escalated
+        + (grown + 4 * 100) * Decimal("0.02") / 10**6  # the voter (selfhosted, flat price)
+    )
+    assert f"may cost up to ${worst}" in info.value.message

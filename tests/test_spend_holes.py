@@ -421,3 +421,22 @@ def test_a_cascade_reserves_n_choices_on_every_call_and_the_draft_it_sends_back(
         + (grown + 4 * 100) * Decimal("0.02") / 10**6  # the voter (selfhosted, flat price)
     )
     assert f"may cost up to ${worst}" in info.value.message
+
+
+def test_an_anthropic_request_reserves_for_writing_its_whole_prompt_to_the_cache(tmp_path, openai_upstream):
+    models = {"claude": {"provider": "claude", "upstream": "claude-3-5-haiku-20241022"}}
+    with (
+        _server(
+            tmp_path,
+            openai_upstream,
+            providers={"claude": {"kind": "anthropic", "base_url": "http://127.0.0.1:9"}},
+            models=models,
+            routes={"cached": {"model": "claude", "prompt_cache": True}},
+            tenants=_tenants(budget={"usd_per_day": "0.0001"}),
+        ) as server,
+        pytest.raises(openai.RateLimitError) as info,
+    ):
+        _client(server).chat.completions.create(model="route:cached", messages=SHORT, max_tokens=100)
+    prompt = TokenCounter().count_messages(SHORT, "claude-3-5-haiku-20241022").tokens
+    # claude-3-5-haiku: $0.80 input, $1.00 to write the cache, $4.00 output per 1M tokens.
+    assert f"may cost up to ${(prompt * Decimal('1') + 100 * Decimal('4')) / 10**6}" in info.value.message

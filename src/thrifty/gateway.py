@@ -53,8 +53,9 @@ def _targets(settings: Settings) -> dict[str, ModelTarget]:
     }
 
 
-def _single_choice(settings: Settings) -> frozenset[str]:
-    """Models that return one choice per request whatever `n` says (Anthropic has no `n`)."""
+def _anthropic_models(settings: Settings) -> frozenset[str]:
+    """Anthropic's models: one choice per request whatever `n` says, and prompt-cache writes billed
+    above the input price."""
     kinds = {name: p.kind for name, p in settings.providers.items()}
     return frozenset(a for a, m in settings.models.items() if kinds[m.provider] == "anthropic")
 
@@ -139,6 +140,7 @@ class Gateway:
             book=self.budget_book,
             on_spend=self._budget_alerts,
             route_calls={name: self.router.possible_calls(name, r) for name, r in settings.routes.items()},
+            cache_writers=_anthropic_models(settings),
         )
         self.alerts: AlertService | None = None
         self.idempotency = SqliteIdempotencyStore(
@@ -159,7 +161,7 @@ class Gateway:
         stages: list[Stage | None] = [
             Account(accountant),
             self.resolver,
-            OutputCeiling(settings.models, settings.routes, _single_choice(settings)),
+            OutputCeiling(settings.models, settings.routes, _anthropic_models(settings)),
             InputLimits(self.counter, settings.routes)
             if any(m.context_window for m in settings.models.values())
             or any(r.max_input_tokens for r in settings.routes.values())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping
@@ -39,6 +40,8 @@ from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.settings import IdempotencySettings, RouteSettings
 from thrifty.shapes import as_chunks, as_completion, stream_from
 from thrifty.stores.ports import IdempotencyKey, IdempotencyStore, StoredResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -245,7 +248,13 @@ class Deduplicate:
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The record stays running until its lease ends: repeats get a 409 meanwhile.
+            log.warning("could not release an idempotency record: %s", task.exception())
 
 
 def _conflict(idem: str | None) -> IdempotencyConflict:

@@ -9,6 +9,7 @@ no dollars, only tokens: a pricing gap must not block traffic (nor let it throug
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from decimal import Decimal
 
@@ -40,6 +41,7 @@ class SpendGuard:
         book: BudgetStore,
         on_spend: Callable[[list[Limit], float], None] | None = None,
         route_calls: Mapping[str, Sequence[str]] | None = None,
+        cache_writers: frozenset[str] = frozenset(),
     ) -> None:
         self._catalog = catalog
         self._counter = counter
@@ -50,6 +52,9 @@ class SpendGuard:
         self._on_spend = on_spend  # told after each settlement (budget threshold alerts)
         # Routes that may make several calls per request (cascades): every call they may make.
         self._route_calls = {name: list(calls) for name, calls in (route_calls or {}).items() if calls}
+        # Models whose provider bills writing the prompt cache above the input price (Anthropic):
+        # a request may write its whole prompt, so that is its worst case.
+        self._cache_writers = cache_writers
         # No budget and no per-request cap anywhere: nothing to count or reserve, ever.
         self._unlimited = plan.empty and not any(r.max_cost_per_request_usd for r in self._routes.values())
 
@@ -121,7 +126,7 @@ class SpendGuard:
             return u.input_tokens + u.output_tokens
 
         def cost(calls: list[tuple[str, Usage]]) -> list[Decimal]:
-            return [c for c in (self._catalog.cost(a, u) for a, u in calls) if c is not None]
+            return [c for c in (self._call_cost(a, u) for a, u in calls) if c is not None]
 
         calls = self._route_calls.get(ctx.route or "")
         spare = [(a, usage(a)) for a in (route.fallbacks if route else ())]
@@ -138,6 +143,13 @@ class SpendGuard:
         one = [(ctx.target.alias, usage(ctx.target.alias)), *spare, *pinned]
         costs = cost(one)
         return (max(costs) if costs else None), max(tokens(u) for _, u in one)
+
+    def _call_cost(self, alias: str, usage: Usage) -> Decimal | None:
+        cost = self._catalog.cost(alias, usage)
+        if cost is None or alias not in self._cache_writers:
+            return cost
+        written = self._catalog.cost(alias, dataclasses.replace(usage, cache_write_tokens=usage.input_tokens))
+        return max(cost, written or cost)
 
     def _worst_case_of(self, ctx: RequestContext) -> str:
         assert ctx.target is not None

@@ -440,3 +440,39 @@ def test_an_anthropic_request_reserves_for_writing_its_whole_prompt_to_the_cache
     prompt = TokenCounter().count_messages(SHORT, "claude-3-5-haiku-20241022").tokens
     # claude-3-5-haiku: $0.80 input, $1.00 to write the cache, $4.00 output per 1M tokens.
     assert f"may cost up to ${(prompt * Decimal('1') + 100 * Decimal('4')) / 10**6}" in info.value.message
+
+
+def test_every_choice_is_priced_also_when_the_upstream_reports_no_usage(tmp_path, openai_upstream):
+    openai_upstream.default = Reply(honest=True, completion_tokens=50, stream_usage=False)
+    with _server(tmp_path, openai_upstream) as server:
+        stream = _client(server).chat.completions.create(
+            model="gpt-4o-mini", messages=SHORT, n=3, max_tokens=50, stream=True
+        )
+        indexes = {c.choices[0].index for c in stream if c.choices}
+    assert indexes == {0, 1, 2}
+    (row,) = ledger_rows(tmp_path / "ledger.db")
+    # Counted locally from the text of all three choices: 3 x 50 tokens.
+    assert (row["usage_estimated"], row["output_tokens"]) == (1, 150)
+    assert Decimal(row["cost_usd"]) == _mini_cost(row["input_tokens"], 150)
+
+
+def test_a_key_whose_stream_was_cut_stores_nothing_and_a_retry_generates_anew(tmp_path, openai_upstream):
+    openai_upstream.queue(Reply(text="cut short " * 20, drop_after_chunks=3), Reply(text="whole answer"))
+    headers = {"Idempotency-Key": "cut-1"}
+    with _server(tmp_path, openai_upstream) as server:
+        client = _client(server)
+        with pytest.raises(openai.APIError):
+            for _ in client.chat.completions.create(
+                model="gpt-4o-mini", messages=SHORT, stream=True, extra_headers=headers
+            ):
+                pass
+        retry = client.chat.completions.create(model="gpt-4o-mini", messages=SHORT, extra_headers=headers)
+        assert retry.choices[0].message.content == "whole answer"
+        again = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=SHORT, extra_headers=headers
+        )
+    assert (
+        again.headers["x-thrifty-cache"] == "dedup"
+        and again.parse().choices[0].message.content == "whole answer"
+    )
+    assert len(openai_upstream.requests) == 2

@@ -11,6 +11,7 @@ from typing import Annotated
 import orjson
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from thrifty.errors import ThriftyError
 from thrifty.settings import Settings, load_settings, resolve_secrets
@@ -18,7 +19,9 @@ from thrifty.settings import Settings, load_settings, resolve_secrets
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="thrifty: the LLM cost-control gateway")
 keys_app = typer.Typer(no_args_is_help=True, help="Virtual keys (stored hashed; shown once)")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a table and write JSON")
-cache_app = typer.Typer(no_args_is_help=True, help="Caching: tune the semantic cache")
+cache_app = typer.Typer(
+    no_args_is_help=True, help="Caching: tune the semantic cache, purge exact and semantic entries"
+)
 route_app = typer.Typer(no_args_is_help=True, help="Routing: train a router from labelled outputs")
 app.add_typer(keys_app, name="keys")
 app.add_typer(bench_app, name="bench")
@@ -450,20 +453,42 @@ def bench_overhead(
         raise typer.Exit(1)
 
 
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """The click exception base classes that may carry a usage error.
+
+    typer >= 0.2x vendors its own copy of click whose exceptions are not `click.ClickException`
+    subclasses; older typer raises click's own. Both are shown the same way."""
+    found: list[type[BaseException]] = []
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+
+        found.append(VendoredClickException)
+    except ImportError:  # typer that uses the click package itself
+        pass
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
     except ThriftyError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err.message}", highlight=False)
+        # The message is plain text: brackets in it (an install hint's `.[semantic]`) are not markup.
+        Console(stderr=True).print(Text.assemble(("error:", "red"), " ", err.message), highlight=False)
         sys.exit(2)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as err:
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except _usage_error_types() as err:
+        # Usage errors (missing or unknown options, bad values, no subcommand): click's own
+        # one-line message and usage, exit 2; "no arguments" shows the help, also exit 2 as click does.
+        err.show()  # type: ignore[attr-defined]
+        sys.exit(int(getattr(err, "exit_code", 2)))

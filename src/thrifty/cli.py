@@ -46,13 +46,17 @@ def _console() -> Console:
     return console if console.is_terminal else Console(width=160)
 
 
-def _settings(config: Path | None) -> Settings:
+def _settings_path(config: Path | None) -> Path:
     path = config or (Path("thrifty.yaml") if Path("thrifty.yaml").exists() else None)
     if path is None:
         raise ThriftyError(
-            "no settings: pass --config FILE or create ./thrifty.yaml (see examples/thrifty.yaml)"
+            "no settings: pass --config FILE or create ./thrifty.yaml (cp examples/thrifty.yaml thrifty.yaml)"
         )
-    return load_settings(path)
+    return path
+
+
+def _settings(config: Path | None) -> Settings:
+    return load_settings(_settings_path(config))
 
 
 @app.command()
@@ -64,12 +68,14 @@ def serve(
     """Run the OpenAI-compatible gateway."""
     from thrifty.server.run import serve as run_server
 
-    settings = _settings(config)
+    path = _settings_path(config)
+    settings = load_settings(path)
     run_server(
         settings,
         resolve_secrets(settings, os.environ),
         host=host or settings.server.host,
         port=settings.server.port if port is None else port,
+        settings_path=path,
     )
 
 
@@ -113,8 +119,14 @@ def keys_revoke(hash_prefix: str, config: ConfigOpt = None) -> None:
     if len(hash_prefix) < 8:
         raise ThriftyError("give at least 8 characters of the key hash")
     conn = open_database(_settings(config).storage.sqlite_path)
-    typer.echo(f"revoked {SqliteKeyStore(conn).revoke(hash_prefix)} key(s)")
+    revoked = SqliteKeyStore(conn).revoke(hash_prefix)
     conn.close()
+    if not revoked:
+        typer.echo(
+            f"no active key whose hash starts with {hash_prefix!r} (see `thrifty keys list`)", err=True
+        )
+        raise typer.Exit(1)
+    typer.echo(f"revoked {revoked} key{'' if revoked == 1 else 's'}")
 
 
 @app.command()

@@ -41,9 +41,10 @@ TargetQualityOpt = Annotated[
 
 
 def _console() -> Console:
-    # Reports are wide; when piped (CI logs, files) do not squeeze them to 80 columns.
+    # Reports are wide; when piped (CI logs, files) do not squeeze them to 80 columns, unless the
+    # caller says how wide (COLUMNS).
     console = Console()
-    return console if console.is_terminal else Console(width=160)
+    return console if console.is_terminal or os.environ.get("COLUMNS") else Console(width=160)
 
 
 def _settings_path(config: Path | None) -> Path:
@@ -66,8 +67,12 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (default from settings)")] = None,
 ) -> None:
     """Run the OpenAI-compatible gateway."""
+    import logging
+
     from thrifty.server.run import serve as run_server
 
+    # Start-up warnings (a provider key not set, a model without a price) are for the operator.
+    logging.basicConfig(level=logging.WARNING, format="thrifty %(levelname)s: %(message)s")
     path = _settings_path(config)
     settings = load_settings(path)
     run_server(
@@ -160,7 +165,8 @@ def report(
     elif fmt == "csv":
         typer.echo(to_csv(rows), nl=False)
     else:
-        _console().print(render_table(rows, by, title=f"spend by {by}"))
+        console = _console()
+        console.print(render_table(rows, by, title=f"spend by {by}", width=console.width))
 
 
 @app.command()
@@ -178,11 +184,15 @@ def alerts(
     path = db or _settings(config).storage.sqlite_path
     if not path.exists():
         raise ThriftyError(f"no ledger at {path}")
+    try:
+        since_ts = parse_since(since) or 0
+    except ValueError as err:
+        raise ThriftyError(f"--since: {err}") from err
     conn = open_database(path)
     rows = conn.execute(
         "SELECT ts, kind, scope, message, delivered_at, delivery_error FROM alerts "
         "WHERE ts >= ? ORDER BY ts DESC",
-        (parse_since(since) or 0,),
+        (since_ts,),
     ).fetchall()
     conn.close()
     if not rows:
@@ -228,6 +238,7 @@ def demo(
         support_data=support_data or (SUPPORT_DATA if SUPPORT_DATA.exists() else None),
         support_seeds=support_seeds,
         support_lookups=support_lookups,
+        width=console.width,
     )
     raise typer.Exit(code)
 

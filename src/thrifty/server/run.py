@@ -44,11 +44,12 @@ def uvicorn_config(
 def startup_line(settings: Settings, settings_path: Path | None, address: str) -> str:
     """What `thrifty serve` says once it listens: where, with which settings, ledger and routes."""
     routes = ", ".join(settings.routes) or "none (models only)"
-    source = str(settings_path) if settings_path is not None else "(in-memory settings)"
-    return (
-        f"thrifty serving http://{address}/v1 | settings {source} | "
-        f"storage {settings.storage.url} | routes: {routes}"
+    source = str(settings_path.resolve()) if settings_path is not None else "(in-memory settings)"
+    url = settings.storage.url
+    storage = (
+        f"ledger {Path(url.removeprefix('sqlite:///')).resolve()}" if url.startswith("sqlite:///") else url
     )
+    return f"thrifty serving http://{address}/v1 | settings {source} | {storage} | routes: {routes}"
 
 
 class _AnnouncingServer(uvicorn.Server):

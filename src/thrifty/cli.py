@@ -502,7 +502,9 @@ def main() -> None:
         app(standalone_mode=False)
     except ThriftyError as err:
         # The message is plain text: brackets in it (an install hint's `.[semantic]`) are not markup.
-        Console(stderr=True).print(Text.assemble(("error:", "red"), " ", err.message), highlight=False)
+        Console(stderr=True).print(
+            Text.assemble(("error:", "red"), " ", err.message), highlight=False, soft_wrap=True
+        )
         sys.exit(2)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)

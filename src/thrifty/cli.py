@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -45,6 +47,17 @@ def _console() -> Console:
     # caller says how wide (COLUMNS).
     console = Console()
     return console if console.is_terminal or os.environ.get("COLUMNS") else Console(width=160)
+
+
+@contextlib.contextmanager
+def _semantic_extra(command: str) -> Iterator[None]:
+    """A command that embeds texts: a missing semantic extra is the one-line install hint, exit 2."""
+    from thrifty.cache.semantic import extra
+
+    try:
+        yield
+    except (ImportError, extra.ModelNotInstalledError) as err:
+        raise extra.missing(command, err) from err
 
 
 def _settings_path(config: Path | None) -> Path:
@@ -313,7 +326,8 @@ def bench_cache(
 ) -> None:
     """Semantic cache on labelled queries: hit rate, precision, false hits, lookup latency, and
     hit rate and precision by cache size (test vs random subsamples of train)."""
-    from thrifty.bench.cache import run_cache_bench
+    with _semantic_extra("thrifty bench cache"):
+        from thrifty.bench.cache import run_cache_bench
     from thrifty.cache.semantic.decision import DecisionParams, default_params
 
     padded: list[int | None] = [
@@ -325,16 +339,17 @@ def bench_cache(
         params = default_params()
     elif params_file is not None:
         params = DecisionParams.from_dict(orjson.loads(Path(params_file).read_bytes()))
-    run_cache_bench(
-        train,
-        test,
-        json_out,
-        _console(),
-        sizes=padded,
-        target_precision=target_precision,
-        params=params,
-        subsamples=subsamples,
-    )
+    with _semantic_extra("thrifty bench cache"):
+        run_cache_bench(
+            train,
+            test,
+            json_out,
+            _console(),
+            sizes=padded,
+            target_precision=target_precision,
+            params=params,
+            subsamples=subsamples,
+        )
 
 
 @cache_app.command("tune")
@@ -357,9 +372,10 @@ def cache_tune(
     ] = True,
 ) -> None:
     """Learn the semantic cache's decision parameters from labelled queries."""
-    from thrifty.bench.cache import tune_cache
+    with _semantic_extra("thrifty cache tune"):
+        from thrifty.bench.cache import tune_cache
 
-    result = tune_cache(data, target_precision, z=z, density=density)
+        result = tune_cache(data, target_precision, z=z, density=density)
     params = result.params.to_dict()
     if params["threshold"] == "inf":
         typer.echo(

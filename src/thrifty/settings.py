@@ -347,7 +347,8 @@ def settings_from_mapping(
     return settings
 
 
-def load_settings(path: Path) -> Settings:
+def load_settings(path: Path | str) -> Settings:
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:

@@ -441,7 +441,8 @@ def cache_purge(
     semantic = SqliteSemanticStore(conn).purge(**scope, expired_before=time.time() if expired else None)
     conn.close()
     typer.echo(
-        f"purged {exact} exact and {semantic} semantic cache entr{'y' if exact + semantic == 1 else 'ies'}"
+        f"purged {exact + semantic} cache entr{'y' if exact + semantic == 1 else 'ies'} "
+        f"({exact} exact, {semantic} semantic)"
     )
 
 

@@ -81,8 +81,8 @@ class SpendGuard:
             output = f"{n} choices x {per_choice}" if n > 1 else f"{per_choice}"
             raise RequestTooExpensive(
                 f"this request may cost up to ${decimal_text(worst_usd)} ({prompt.tokens} prompt tokens, "
-                f"up to {output} output tokens {self._worst_case_of(ctx)}), over route {ctx.route!r}'s "
-                f"cap of ${decimal_text(cost_cap)} per request; lower max_tokens"
+                f"up to {output} output tokens {self._worst_case_of(ctx)}), over the cap of "
+                f"${decimal_text(cost_cap)} per request of route {ctx.route!r}; lower max_tokens"
                 + (" or n" if n > 1 else "")
                 + " or shorten the prompt"
             )

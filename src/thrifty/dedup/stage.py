@@ -188,11 +188,7 @@ class Deduplicate:
         if isinstance(result, Streamed):
             return Streamed(self._relay(ctx, key, flight, durable, result.chunks))
         outcome = Outcome(body=result.body, cost_usd=_cost(ctx))
-        try:
-            await self._keep(durable, result.body, outcome.cost_usd)
-        except BaseException as err:
-            self._abandon(key, flight, durable, err)
-            raise
+        await self._keep(durable, result.body, outcome.cost_usd)
         self._flights.finish(key, flight, outcome)
         return result
 
@@ -217,15 +213,16 @@ class Deduplicate:
             raise
         await close_stream(chunks)
         outcome = Outcome(chunks=kept, cost_usd=_cost(ctx))
-        try:
-            await self._keep(durable, as_completion(kept), outcome.cost_usd)
-        except BaseException as err:
-            self._abandon(key, flight, durable, err)
-            raise
+        await self._keep(durable, as_completion(kept), outcome.cost_usd)
         self._flights.finish(key, flight, outcome)
 
     async def _keep(self, durable: IdempotencyKey | None, body: dict[str, Any], cost: Decimal | None) -> None:
-        if durable is not None:
+        """Store the result before it is answered. The generation is made and paid for: should the
+        store fail, it is answered all the same (an error would only make the client generate again),
+        and its running record stays until the lease ends, refusing repeats elsewhere meanwhile."""
+        if durable is None:
+            return
+        try:
             await self._store.complete(
                 durable,
                 StoredResult(body, cost),
@@ -233,6 +230,8 @@ class Deduplicate:
                 now=time.time(),
                 ttl_s=self._settings.ttl_s,
             )
+        except Exception:
+            log.exception("could not store the result of Idempotency-Key %r", durable.key)
 
     def _abandon(
         self, key: tuple[str, ...], flight: Flight, durable: IdempotencyKey | None, err: BaseException

@@ -84,9 +84,11 @@ class OutputCeiling:
         if choices(ctx.body) > 1:
             self._refuse_choices(ctx)
         route_cap = self._route_caps.get(ctx.route) if ctx.route else None
+        asked = requested_output(ctx.body) is not None
         if route_cap is not None:
             clamp_output(ctx.body, route_cap)
-        elif requested_output(ctx.body) is None and (ctx.route is None or ctx.route not in self._unsent):
+            ctx.output_ceiling_implied = not asked
+        elif not asked and (ctx.route is None or ctx.route not in self._unsent):
             assert ctx.target is not None, "OutputCeiling runs after ResolveModel"
             ctx.body["max_tokens"] = self._model_caps[ctx.target.alias]
             ctx.output_ceiling_implied = True

@@ -229,6 +229,16 @@ def test_an_implied_ceiling_is_fitted_to_the_context_window(tmp_path, openai_ups
         # "tiny" has a 40-token window; the client asked for no cap, so none is refused for it.
         _client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
         assert openai_upstream.requests[-1]["max_tokens"] == 40 - 8  # 8 prompt tokens
+        # The window holds the prompt and one completion: n choices are n completions, each fits.
+        client = _client(server)
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], n=2, max_tokens=30
+        )
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=33
+            )
+        assert info.value.body["code"] == "context_length_exceeded"
 
 
 # -- 3. both output fields ---------------------------------------------------------------------

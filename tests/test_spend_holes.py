@@ -32,6 +32,10 @@ from thrifty.tokens import TokenCounter
 
 SHORT = [{"role": "user", "content": "Write as much as you can about the sea."}]
 MINI_IN, MINI_OUT = Decimal("0.15"), Decimal("0.6")  # gpt-4o-mini, USD per 1M tokens
+TOOL = {
+    "type": "function",
+    "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}},
+}
 
 
 def _mini_cost(prompt: int, output: int) -> Decimal:
@@ -435,21 +439,26 @@ def test_a_cascade_reserves_n_choices_on_every_call_and_the_draft_it_sends_back(
 
 def test_an_anthropic_request_reserves_for_writing_its_whole_prompt_to_the_cache(tmp_path, openai_upstream):
     models = {"claude": {"provider": "claude", "upstream": "claude-3-5-haiku-20241022"}}
-    with (
-        _server(
-            tmp_path,
-            openai_upstream,
-            providers={"claude": {"kind": "anthropic", "base_url": "http://127.0.0.1:9"}},
-            models=models,
-            routes={"cached": {"model": "claude", "prompt_cache": True}},
-            tenants=_tenants(budget={"usd_per_day": "0.0001"}),
-        ) as server,
-        pytest.raises(openai.RateLimitError) as info,
-    ):
-        _client(server).chat.completions.create(model="route:cached", messages=SHORT, max_tokens=100)
-    prompt = TokenCounter().count_messages(SHORT, "claude-3-5-haiku-20241022").tokens
+    with _server(
+        tmp_path,
+        openai_upstream,
+        providers={"claude": {"kind": "anthropic", "base_url": "http://127.0.0.1:9"}},
+        models=models,
+        routes={"cached": {"model": "claude", "prompt_cache": True}},
+        tenants=_tenants(budget={"usd_per_day": "0.0001"}),
+    ) as server:
+        client = _client(server)
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(model="route:cached", messages=SHORT, max_tokens=100)
+        with pytest.raises(openai.RateLimitError) as tooled:
+            client.chat.completions.create(model="route:cached", messages=SHORT, max_tokens=100, tools=[TOOL])
+    counter = TokenCounter()
+    prompt = counter.count_messages(SHORT, "claude-3-5-haiku-20241022").tokens
     # claude-3-5-haiku: $0.80 input, $1.00 to write the cache, $4.00 output per 1M tokens.
     assert f"may cost up to ${(prompt * Decimal('1') + 100 * Decimal('4')) / 10**6}" in info.value.message
+    # With tools, Anthropic's own tool-use system prompt (up to 530 tokens) is billed as input too.
+    prompt = counter.count_messages(SHORT, "claude-3-5-haiku-20241022", tools=[TOOL]).tokens + 530
+    assert f"may cost up to ${(prompt * Decimal('1') + 100 * Decimal('4')) / 10**6}" in tooled.value.message
 
 
 def test_every_choice_is_priced_also_when_the_upstream_reports_no_usage(tmp_path, openai_upstream):

@@ -145,7 +145,7 @@ class Gateway:
             book=self.budget_book,
             on_spend=self._budget_alerts,
             route_calls={name: self.router.possible_calls(name, r) for name, r in settings.routes.items()},
-            cache_writers=_anthropic_models(settings),
+            anthropic=_anthropic_models(settings),
         )
         self.alerts: AlertService | None = None
         self.idempotency = SqliteIdempotencyStore(

@@ -27,6 +27,9 @@ from thrifty.types import Usage, decimal_text
 # An escalated cascade call carries the rejected draft (up to one output ceiling) and the reason
 # for rejecting it: room for the reason and the message framing.
 _FEEDBACK_TOKENS = 256
+# Anthropic adds a system prompt of its own to a request with tools, billed as input: at most 530
+# tokens in its tool-use pricing table (Claude 3 Opus, tool_choice auto; 346 on Claude 4 models).
+ANTHROPIC_TOOL_PROMPT_TOKENS = 530
 
 
 class SpendGuard:
@@ -41,7 +44,7 @@ class SpendGuard:
         book: BudgetStore,
         on_spend: Callable[[list[Limit], float], None] | None = None,
         route_calls: Mapping[str, Sequence[str]] | None = None,
-        cache_writers: frozenset[str] = frozenset(),
+        anthropic: frozenset[str] = frozenset(),
     ) -> None:
         self._catalog = catalog
         self._counter = counter
@@ -52,9 +55,10 @@ class SpendGuard:
         self._on_spend = on_spend  # told after each settlement (budget threshold alerts)
         # Routes that may make several calls per request (cascades): every call they may make.
         self._route_calls = {name: list(calls) for name, calls in (route_calls or {}).items() if calls}
-        # Models whose provider bills writing the prompt cache above the input price (Anthropic):
-        # a request may write its whole prompt, so that is its worst case.
-        self._cache_writers = cache_writers
+        # Anthropic's models bill writing the prompt cache above the input price (a request may
+        # write its whole prompt, so that is its worst case), and add a tool-use system prompt of
+        # their own to a request with tools.
+        self._anthropic = anthropic
         # No budget and no per-request cap anywhere: nothing to count or reserve, ever.
         self._unlimited = plan.empty and not any(r.max_cost_per_request_usd for r in self._routes.values())
 
@@ -117,9 +121,13 @@ class SpendGuard:
         plus the dearest fallback. Every call may return n choices of its output ceiling."""
         assert ctx.target is not None
 
+        tools = bool(ctx.body.get("tools"))
+
         def usage(alias: str, grown: bool = False) -> Usage:
             out = output_ceiling(ctx.body, self._models[alias])
             extra = out + _FEEDBACK_TOKENS if grown else 0  # the rejected draft, sent back in
+            if tools and alias in self._anthropic:
+                extra += ANTHROPIC_TOOL_PROMPT_TOKENS
             return Usage(input_tokens=prompt + extra, output_tokens=n * out)
 
         def tokens(u: Usage) -> int:
@@ -146,7 +154,7 @@ class SpendGuard:
 
     def _call_cost(self, alias: str, usage: Usage) -> Decimal | None:
         cost = self._catalog.cost(alias, usage)
-        if cost is None or alias not in self._cache_writers:
+        if cost is None or alias not in self._anthropic:
             return cost
         written = self._catalog.cost(alias, dataclasses.replace(usage, cache_write_tokens=usage.input_tokens))
         return max(cost, written or cost)

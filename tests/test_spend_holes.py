@@ -16,7 +16,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 import yaml
@@ -334,14 +333,22 @@ def test_a_budget_429_says_when_the_budget_resets_and_sdks_do_not_retry_it(tmp_p
 
 
 def test_the_dedup_outcome_is_in_the_header_and_the_ledger(tmp_path, openai_upstream):
-    with _server(tmp_path, openai_upstream) as server:
-        headers = {"authorization": f"Bearer {KEYS['acme']}", "Idempotency-Key": "order-1"}
-        body = {"model": "gpt-4o-mini", "messages": SHORT}
-        first = httpx.post(server.base_url + "/chat/completions", json=body, headers=headers)
-        again = httpx.post(server.base_url + "/chat/completions", json=body, headers=headers)
+    openai_upstream.default = Reply(text="shared", delay_s=0.3)
+    routes = {"faq": {"model": "gpt-4o-mini", "coalesce": True}}
+    with _server(tmp_path, openai_upstream, routes=routes) as server:
+        chat = _client(server).chat.completions.with_raw_response
+        key = {"Idempotency-Key": "order-1"}
+        first = chat.create(model="gpt-4o-mini", messages=SHORT, extra_headers=key)
+        again = chat.create(model="gpt-4o-mini", messages=SHORT, extra_headers=key)
+        # Coalesced duplicates on a coalescing route: one call, the others say dedup too.
+        with ThreadPoolExecutor(3) as pool:
+            merged = list(pool.map(lambda _: chat.create(model="route:faq", messages=SHORT), range(3)))
     assert first.headers["x-thrifty-cache"] == "miss" and again.headers["x-thrifty-cache"] == "dedup"
-    assert again.headers["x-thrifty-cost-usd"] == "0" and again.json() == first.json()
-    assert [r["cache"] for r in ledger_rows(tmp_path / "ledger.db")] == ["miss", "dedup"]
+    assert again.headers["x-thrifty-cost-usd"] == "0"
+    assert again.parse().model_dump() == first.parse().model_dump()
+    assert sorted(r.headers["x-thrifty-cache"] for r in merged) == ["dedup", "dedup", "miss"]
+    assert len(openai_upstream.requests) == 2
+    assert sorted(r["cache"] for r in ledger_rows(tmp_path / "ledger.db")) == ["dedup"] * 3 + ["miss"] * 2
 
 
 # -- 4. idempotency across a restart -----------------------------------------------------------
@@ -362,17 +369,16 @@ def test_an_idempotency_key_is_answered_once_across_a_sigkill_and_restart(tmp_pa
     path = tmp_path / "thrifty.yaml"
     path.write_text(yaml.safe_dump(config))
     port = _free_port()
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    body = {"model": "gpt-4o-mini", "messages": SHORT}
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEYS["acme"], max_retries=0)
 
-    def post(key: str, timeout: float = 20) -> httpx.Response:
-        headers = {"authorization": f"Bearer {KEYS['acme']}", "Idempotency-Key": key}
-        return httpx.post(url, json=body, headers=headers, timeout=timeout)
+    def post(key: str) -> Any:
+        return client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=SHORT, extra_headers={"Idempotency-Key": key}
+        )
 
     proc = _start_gateway(path, port)
     try:
         done = post("finished-before-the-crash")
-        assert done.status_code == 200
         # A second key is in flight (the upstream is slow) when the gateway is killed.
         openai_upstream.queue(Reply(honest=True, completion_tokens=40, delay_s=3))
         with ThreadPoolExecutor(1) as pool:
@@ -381,18 +387,18 @@ def test_an_idempotency_key_is_answered_once_across_a_sigkill_and_restart(tmp_pa
             while len(openai_upstream.requests) < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
             os.kill(proc.pid, signal.SIGKILL)
-            with pytest.raises(httpx.TransportError):
+            with pytest.raises(openai.APIConnectionError):
                 cut.result()
         proc.wait()
         proc = _start_gateway(path, port)
         again = post("finished-before-the-crash")
-        assert again.status_code == 200 and again.json() == done.json()
+        assert again.parse().model_dump() == done.parse().model_dump()
         assert again.headers["x-thrifty-cache"] == "dedup" and again.headers["x-thrifty-cost-usd"] == "0"
         # The key that was running may still be generating (and billing) upstream: not a second time.
-        running = post("running-at-the-crash")
-        assert running.status_code == 409
-        assert running.json()["error"]["code"] == "idempotent_request_in_progress"
-        assert 580 <= int(running.headers["retry-after"]) <= 600  # idempotency.lease_s
+        with pytest.raises(openai.ConflictError) as info:
+            post("running-at-the-crash")
+        assert info.value.body["code"] == "idempotent_request_in_progress"
+        assert 580 <= int(info.value.response.headers["retry-after"]) <= 600  # idempotency.lease_s
     finally:
         proc.kill()
         proc.wait()

@@ -21,6 +21,7 @@ import jsonschema
 import pydantic
 
 from thrifty.errors import ConfigError
+from thrifty.routing.answers import canonical
 from thrifty.routing.train.router import Router
 from thrifty.settings import GateSettings
 from thrifty.shapes import last_user_message_text
@@ -80,15 +81,13 @@ def reply_json(text: str) -> Any | None:
 
 def normalised_answer(value: Any) -> str:
     """Compare answers the way a reader would: case, spacing, thousands separators and $ ignored;
-    numbers compared by value ("42.0" == "42")."""
+    numbers by value ("42.0" == "42", "1/2" == "0.5" == "\\frac{1}{2}"), \\boxed{} unwrapped,
+    units after a number dropped, choice letters by letter ("(B)" == "B." == "Answer: B")."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    text = re.sub(r"\s+", " ", text.strip().lower()).replace("$", "").strip(" .")
-    number = text.replace(",", "")
-    try:
-        as_float = float(number)
-    except ValueError:
-        return text
-    return repr(as_float) if math.isfinite(as_float) else text
+    key = canonical(text)
+    if key is not None and not key.startswith("text:"):
+        return key
+    return re.sub(r"\s+", " ", text.strip().lower()).replace("$", "").strip(" .")
 
 
 def field_value(text: str, field: str | None) -> Any | None:

@@ -133,7 +133,7 @@ class Gateway:
             settings.tenants,
             refuse_unpriced=unpriced if settings.pricing.reject_unpriced else frozenset(),
         )
-        self.router = RouteStage(settings.routes, self.targets)
+        self.router = RouteStage(settings.routes, self.targets, _anthropic_models(settings))
         self.budget_plan = BudgetPlan(settings)
         self.budget_book = BudgetBook()
         spend_guard = self._spend_guard = SpendGuard(

@@ -126,7 +126,14 @@ class SemanticCacheSettings(_Strict):
 
 
 GateKind = Literal[
-    "json_schema", "pydantic", "agreement", "router_scorer", "logprob", "self_confidence", "python"
+    "json_schema",
+    "pydantic",
+    "agreement",
+    "router_scorer",
+    "logprob",
+    "self_confidence",
+    "python",
+    "self_consistency",
 ]
 
 
@@ -142,7 +149,12 @@ class GateSettings(_Strict):
     # agreement without a field compares the whole normalised reply.
     field: str | None = None
     voters: list[str] = Field(default_factory=list)  # agreement: model aliases asked the same question
-    min_agree: int | None = Field(default=None, ge=1)  # agreement: voters that must agree (default all)
+    # agreement: voters that must agree (default all); self_consistency: samples that must agree
+    # (default a majority of `samples`).
+    min_agree: int | None = Field(default=None, ge=1)
+    # self_consistency: the draft tier is sampled this many times (one call with n where the
+    # provider has it, else that many calls); the draft is accepted when min_agree answers agree.
+    samples: int | None = Field(default=None, ge=2, le=16)
     # router_scorer / logprob / self_confidence: the lowest probability or confidence accepted.
     threshold: float | None = Field(default=None, ge=0, le=1)
 
@@ -160,6 +172,11 @@ class GateSettings(_Strict):
             raise ValueError(f"a {self.kind} gate needs {needs[self.kind][0]}")
         if self.kind == "self_confidence" and not self.field:
             raise ValueError("a self_confidence gate needs field (the JSON reply's confidence field)")
+        if self.kind == "self_consistency":
+            if self.samples is None:
+                raise ValueError("a self_consistency gate needs samples (how many times to sample the draft)")
+            if self.min_agree is not None and self.min_agree > self.samples:
+                raise ValueError(f"self_consistency: min_agree {self.min_agree} > samples {self.samples}")
         return self
 
 

@@ -55,7 +55,7 @@ def test_training_on_a_four_model_pool_learns_the_expected_ladder(tmp_path: Path
     assert {o.ladder for o in options[:2]} == {(TINY, SMALL), (SMALL, TINY)}
     assert JUNK in options[2].ladder and options[2].cost > options[1].cost
     assert all(o.strong == BIG for o in options)
-    router = train(rows, reference=BIG, folds=3)
+    router = train(rows, reference=BIG, folds=3, bootstrap=5)
     # tiny drafts (cheaper, and its confident drafts are trusted alone), small votes, big answers last.
     assert (router.ladder, router.strong) == ((TINY, SMALL), BIG)
     assert router.models() == {TINY, SMALL, BIG}

@@ -203,7 +203,7 @@ class Gateway:
         if self.semantic_cache.active:
             assert self._cache_db is not None
             await self.semantic_cache.start(self._cache_db)
-        self.alerts = AlertService(self.settings.alerts, self._db)
+        self.alerts = AlertService(self.settings.alerts, self._db, self.router.expected_escalation())
         await self.alerts.start()
         await self.idempotency.start()
         self.ledger.start(loop)

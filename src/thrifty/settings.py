@@ -284,6 +284,11 @@ class AlertSettings(_Strict):
     anomaly_check_s: float = Field(default=60.0, gt=0)  # how often spend and rate anomalies are checked
     spend_spike_factor: float = Field(default=2.0, gt=1)  # feature's last hour vs the 7-day median
     rate_spike_factor: float = Field(default=10.0, gt=1)  # tenant's last hour vs the 7-day median
+    # Drift watch of routes a trained router drives as a cascade: an alert when a route's
+    # escalation rate over the last window departs from its calibrated rate by more than the margin.
+    escalation_drift_margin: float = Field(default=0.15, gt=0, lt=1)
+    escalation_drift_window_s: float = Field(default=3600.0, gt=0)
+    escalation_drift_min_requests: int = Field(default=50, ge=1)
 
 
 class IdempotencySettings(_Strict):

@@ -144,6 +144,16 @@ class RouteStage:
     def active(self) -> bool:
         return bool(self._pins or self._cascades or self._learned)
 
+    def expected_escalation(self) -> dict[str, float]:
+        """Per route a trained router drives as a cascade on a task it was calibrated on: the
+        share of prompts that escalated out of fold in training (the drift watch's baseline)."""
+        out: dict[str, float] = {}
+        for name, plan in self._learned.items():
+            rates = plan.router.meta.get("escalation_rate") or {}
+            if plan.router.strategy == "cascade" and plan.task in rates:
+                out[name] = float(rates[plan.task])
+        return out
+
     def possible_calls(self, name: str, route: RouteSettings) -> list[str]:
         """Every model alias one request on the route may call, once per call (worst-case cost)."""
         learned = self._learned.get(name)

@@ -82,14 +82,17 @@ def hindsight_bound(
     and every vote cascade.
 
     Any pool: without `ladder`, the gates are fitted on the cheapest plain agreement ladder over the
-    rows' models; without `cheap`, the votes are over the ladder's two models and the next
-    cheapest of the pool, four in all (every order of four is 424 cascades; five would be ~3,400)."""
+    rows' models; without `cheap`, the votes are over the models of the cheapest such ladders and
+    then the cheapest of the pool, four in all (every order of four is 424 cascades; five would be ~3,400)."""
+    options = candidate_ladders(rows, reference, min(targets), 4) if ladder is None or cheap is None else []
     if ladder is None:
-        ladder = candidate_ladders(rows, reference, max(targets), 1)[0].ladder
+        ladder = options[0].ladder
     if cheap is None:
+        # The models of the cheapest plain agreement ladders first (the router's own candidates),
+        # then the cheapest others of the pool.
         pool = [m for m in pool_models(rows) if m != reference]
         by_cost = sorted(pool, key=lambda m: sum(r.calls[m].cost for r in rows))
-        cheap = list(dict.fromkeys([*ladder, *by_cost]))[:4]
+        cheap = list(dict.fromkeys([*ladder, *(m for o in options for m in o.ladder), *by_cost]))[:4]
     lacking = sorted({m for r in rows for m in (*ladder, reference) if m not in r.calls})
     if lacking:
         raise InvalidData(f"rows lack replies from: {', '.join(lacking)}")

@@ -36,7 +36,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _settings(tmp_path: Path, upstream: Any, artifact: Path, models: dict[str, str]) -> Any:
+def _settings(tmp_path: Path, upstream: Any, artifact: Path, models: dict[str, str], **extra: Any) -> Any:
     return base_settings(
         tmp_path,
         providers={"up": {"kind": "openai", "base_url": upstream.base_url}},
@@ -52,6 +52,7 @@ def _settings(tmp_path: Path, upstream: Any, artifact: Path, models: dict[str, s
             }
         },
         resilience={"max_retries": 0},
+        **extra,
     )
 
 
@@ -93,6 +94,27 @@ def test_the_gateway_refuses_to_start_when_a_router_model_has_no_alias(tmp_path,
         BackgroundServer(
             _settings(tmp_path, openai_upstream, artifact, partial), secrets={"up": UPSTREAM_KEY}
         )
+
+
+def test_the_gateway_watches_a_trained_route_for_drift(tmp_path, openai_upstream, artifact):
+    # Calibrated: 30% of prompts escalate. Live: every draft hedges and the voter disagrees.
+    alerts = {"anomaly_check_s": 0.1, "escalation_drift_min_requests": 3}
+    settings = _settings(tmp_path, openai_upstream, artifact, ALIASES, alerts=alerts)
+    openai_upstream.by_model["tiny-upstream"] = [Reply(text=_reply(str(100 + i), False)) for i in range(3)]
+    openai_upstream.by_model["small-upstream"] = [Reply(text=_reply(str(200 + i), False)) for i in range(3)]
+    openai_upstream.by_model["big-upstream"] = [Reply(text=_reply("3", True)) for _ in range(3)]
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as s:
+        for _ in range(3):
+            assert _ask(s).headers["x-thrifty-model"] == "big"
+        db = open_database(tmp_path / "ledger.db")
+        deadline = time.monotonic() + 5
+        found: list[Any] = []
+        while not found and time.monotonic() < deadline:
+            time.sleep(0.1)
+            found = db.execute("SELECT scope, message FROM alerts WHERE kind = 'escalation_drift'").fetchall()
+    (scope, message), *more = found
+    assert not more and scope == "route:sums"
+    assert "escalated 100.0% of 3 requests, more than the 30.0%" in message
 
 
 def _routed(i: int, ts: float, escalated: bool) -> tuple[Any, ...]:

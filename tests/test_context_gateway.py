@@ -6,6 +6,7 @@ calls from answers by the model they name.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -19,6 +20,7 @@ from tests.conftest import KEYS, UPSTREAM_KEY, base_settings, ledger_rows, opena
 from tests.fakes.openai_wire import OpenAIWireServer, Reply
 from thrifty.gateway import Gateway
 from thrifty.pipeline import Completion
+from thrifty.report import build_report
 from thrifty.server.run import BackgroundServer
 
 SUMMARY_MODEL = "llama-3.1-8b-local"
@@ -135,6 +137,10 @@ def test_history_compacted_once_and_reused_turn_after_turn(
     assert all(c["summary"]["made"] is False for c in later)
     assert [len(orjson.loads(r["attempts"])) for r in rows[4:]] == [1]
     assert rows[0]["context"] and orjson.loads(rows[0]["context"])["saved"] == 0
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    (report,) = build_report(conn, "route")
+    conn.close()
+    assert report.context_tokens_saved == sum(orjson.loads(r["context"])["saved"] for r in rows) > 0
 
 
 def test_summary_extended_with_newly_aged_turns_not_redone(

@@ -42,6 +42,7 @@ class ReportRow:
     escalated: int = 0
     unpriced: int = 0
     estimated: int = 0
+    context_tokens_saved: int = 0  # input tokens the context budgets took out (ledger column context)
 
     @property
     def success_rate(self) -> float:
@@ -78,6 +79,7 @@ class ReportRow:
             "budget_rejections": self.rejected_budget,
             "unpriced_requests": self.unpriced,
             "estimated_usage_requests": self.estimated,
+            "context_tokens_saved": self.context_tokens_saved,
         }
 
 
@@ -100,7 +102,8 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
     column = GROUP_COLUMNS[by]
     sql = (
         f"SELECT {column}, status, input_tokens, cached_input_tokens, output_tokens, cost_usd, "
-        "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated FROM ledger"
+        "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated, "
+        "COALESCE(json_extract(context, '$.saved'), 0) FROM ledger"
     )
     params: tuple[Any, ...] = ()
     if since is not None:
@@ -108,9 +111,21 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
         params = (since,)
     rows: dict[str, ReportRow] = {}
     for row_values in conn.execute(sql, params):
-        key, status, inp, cached, out, cost, retry_cost, estimated, saved, http_status, cache, escalated = (
-            row_values
-        )
+        (
+            key,
+            status,
+            inp,
+            cached,
+            out,
+            cost,
+            retry_cost,
+            estimated,
+            saved,
+            http_status,
+            cache,
+            escalated,
+            ctx_saved,
+        ) = row_values
         if by == "day":
             key = datetime.fromtimestamp(key, UTC).strftime("%Y-%m-%d")
         group = "(none)" if key is None else str(key)
@@ -140,6 +155,7 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
         if cache != "miss":
             row.cache_hits += 1
         row.escalated += escalated
+        row.context_tokens_saved += ctx_saved
     return sorted(rows.values(), key=lambda r: (-r.cost_usd, r.group))
 
 
@@ -160,6 +176,7 @@ def totals(rows: Iterable[ReportRow]) -> ReportRow:
         total.escalated += r.escalated
         total.unpriced += r.unpriced
         total.estimated += r.estimated
+        total.context_tokens_saved += r.context_tokens_saved
     return total
 
 
@@ -192,6 +209,7 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None) -> An
         ("cache hits", "right"),
         ("escalated", "right"),
         ("429 budget", "right"),
+        ("ctx tok saved", "right"),
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for r in [*rows, totals(rows)] if rows else []:
@@ -212,6 +230,7 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None) -> An
             f"{r.cache_hits / r.requests:.1%}" if r.requests else "-",
             f"{r.escalated / r.requests:.1%}" if r.requests else "-",
             f"{r.rejected_budget:,}",
+            f"{r.context_tokens_saved:,}",
             end_section=r.group == rows[-1].group if rows else False,
         )
     return table

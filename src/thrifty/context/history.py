@@ -8,7 +8,8 @@ Trim keeps the newest units that fit. Compact replaces the oldest units by a sum
 keyed by the conversation's prefix (a hash chained unit by unit), so a summary is made once; as the
 chat grows, the stored summary of the longest known prefix is reused while it still fits, and
 extended with the turns aged out since when it does not. A new summary ages out enough turns that
-the next few turns fit too (`HEADROOM`), so a long chat is summarised every few turns, not every turn.
+the next few turns fit too (`verbatim_share` of the room stays verbatim), so a long chat is
+summarised every few turns, not every turn.
 """
 
 from __future__ import annotations
@@ -19,10 +20,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from thrifty.context.sections import CountCache, MessageView
-
-# A new summary keeps this share of the room verbatim; the rest is left for the turns to come.
-HEADROOM = 0.5
+from thrifty.context.sections import CountCache, DigestCache, MessageView
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +60,7 @@ def conversation(views: Sequence[MessageView], newest_user: int | None, count: C
     if group:
         units.append(_unit(group, count))
     tail = tuple(turns[cut:])
-    tail_tokens = sum(v.own_tokens(count) for v in tail if v.section == "history")
+    tail_tokens = sum(v.own for v in tail if v.section == "history")
     return Conversation(tuple(units), tail, tail_tokens)
 
 
@@ -74,9 +72,13 @@ def _last_unit_start(turns: Sequence[MessageView]) -> int:
 
 
 def _unit(group: list[MessageView], count: CountCache) -> Unit:
-    history = sum(v.own_tokens(count) for v in group if v.section == "history")
-    other = sum(v.own_tokens(count) for v in group if v.section == "tools")
-    other += sum(v.retrieved_tokens(count) for v in group if v.marked)
+    history = other = 0
+    for view in group:
+        if view.section == "history":
+            history += view.own
+        else:
+            other += view.own
+        other += view.retrieved
     return Unit(tuple(group), history, other)
 
 
@@ -94,13 +96,18 @@ def history_tokens(units: Sequence[Unit]) -> int:
     return sum(u.history_tokens for u in units)
 
 
-def prefix_keys(units: Sequence[Unit], salt: str) -> list[str]:
+def prefix_keys(units: Sequence[Unit], salt: str, digest: DigestCache) -> list[str]:
     """keys[b-1] identifies the conversation's first b units (with `salt`: tenant and settings)."""
     hasher = hashlib.blake2b(salt.encode(), digest_size=20)
     keys = []
     for unit in units:
         for view in unit.views:
-            hasher.update(orjson.dumps(view.message, option=orjson.OPT_SORT_KEYS))
+            message = view.message
+            content = message.get("content")
+            if isinstance(content, str) and len(message) == 2:  # {role, content}: most messages
+                hasher.update(str(message.get("role")).encode() + b"\x1f" + digest(content))
+            else:
+                hasher.update(b"\x1d" + digest(orjson.dumps(message, option=orjson.OPT_SORT_KEYS).decode()))
             hasher.update(b"\x1e")
         keys.append(hasher.copy().hexdigest())
     return keys
@@ -125,6 +132,7 @@ def plan_compaction(
     budget: int,
     summary_budget: int,
     known: dict[int, int],
+    verbatim_share: float = 0.5,
 ) -> CompactionStep:
     """`known`: units covered -> tokens of a stored summary of that prefix."""
     for covered in sorted(known, reverse=True):
@@ -133,5 +141,5 @@ def plan_compaction(
         break  # an older summary covers less and would leave more verbatim
     covered = max(known, default=0)
     room = budget - summary_budget - tail_tokens
-    boundary = keep_newest(units, int(room * HEADROOM))
+    boundary = keep_newest(units, int(room * verbatim_share))
     return CompactionStep(covered, max(boundary, min(covered + 1, len(units))))

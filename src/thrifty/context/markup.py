@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from thrifty.errors import InvalidRequest
 
+MARK = "thrifty-evidence"  # in both tags: one substring search tells a text without markup
 OPEN = "<thrifty-evidence"
 CLOSE = "</thrifty-evidence>"
 _TAG = re.compile(r"<thrifty-evidence\b([^<>]*)>|</thrifty-evidence\s*>")

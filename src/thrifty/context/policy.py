@@ -52,7 +52,7 @@ class Rewrite:
     packed: Packed | None = None
     output: int | None = None  # the new max_tokens, when clamped or set
     conversation: Conversation | None = None
-    summary_wait_s: float = 0.0  # time spent waiting on the summary call (not the stage's own work)
+    summary_wait_s: float = 0.0  # thread CPU time spent while the summary call was awaited
 
     def messages(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -112,7 +112,7 @@ def apply_tools(rw: Rewrite, settings: ContextSettings, count: CountCache) -> No
         for v in rw.split.messages
         if v.section == "tools" and isinstance(v.message.get("content"), str) and not v.marked
     ]
-    sizes = {v.index: v.own_tokens(count) for v in results}
+    sizes = {v.index: v.own for v in results}
     fixed = size - sum(sizes.values())
     if fixed > budget.budget:
         raise over_budget(
@@ -240,11 +240,11 @@ def after_counts(rw: Rewrite, count: CountCache) -> dict[str, int]:
         if replaced is not None and view.section == "tools":
             counts["tools"] += view.fixed + count(str(replaced.get("content") or ""))
         else:
-            counts[view.section] += view.own_tokens(count)
+            counts[view.section] += view.own
         if view.marked:
             kept = rw.kept_blocks.get(view.index)
             if kept is None:
-                counts["retrieved"] += view.retrieved_tokens(count)
+                counts["retrieved"] += view.retrieved
             else:
                 counts["retrieved"] += sum(count(t) for t in kept if t is not None)
     for _, message, section in rw.inserted:

@@ -14,6 +14,7 @@ differ from a count of the joined text by a token where pieces meet.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from thrifty.context.markup import EvidenceBlock, Piece, has_markup, parse, render
+from thrifty.context.markup import MARK, EvidenceBlock, Piece, has_markup, parse, render
 from thrifty.tokens import TokenCounter
 
 SECTIONS = ("system", "developer", "history", "retrieved", "tools", "output")
@@ -52,13 +53,34 @@ class CountCache:
             self._known.move_to_end(text)
             return known
         n = self._counter.count_text(text, self._encoding)
-        if len(text) >= 64:  # short texts count faster than they are remembered
-            self._known[text] = n
-            self._chars += len(text)
-            while self._chars > self._max_chars and self._known:
-                old, _ = self._known.popitem(last=False)
-                self._chars -= len(old)
+        self._known[text] = n
+        self._chars += len(text) + 64  # short texts cost their entry, not their characters
+        while self._chars > self._max_chars and self._known:
+            old, _ = self._known.popitem(last=False)
+            self._chars -= len(old) + 64
         return n
+
+
+class DigestCache:
+    """Digests of message texts, remembered like their counts (the prefix keys hash every message)."""
+
+    def __init__(self, max_chars: int = 8_000_000) -> None:
+        self._max_chars = max_chars
+        self._chars = 0
+        self._known: OrderedDict[str, bytes] = OrderedDict()
+
+    def __call__(self, text: str) -> bytes:
+        known = self._known.get(text)
+        if known is not None:
+            self._known.move_to_end(text)
+            return known
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        self._known[text] = digest
+        self._chars += len(text) + 64
+        while self._chars > self._max_chars and self._known:
+            old, _ = self._known.popitem(last=False)
+            self._chars -= len(old) + 64
+        return digest
 
 
 @dataclass(slots=True)
@@ -72,6 +94,8 @@ class MessageView:
     texts: list[list[Piece]]
     fixed: int  # framing, role, name, tool calls, images: tokens that are always the message's own
     marked: bool  # evidence markup inside
+    own: int = 0  # tokens in the message's own section
+    retrieved: int = 0  # tokens of its evidence blocks
 
     @property
     def role(self) -> str:
@@ -79,12 +103,6 @@ class MessageView:
 
     def blocks(self) -> list[EvidenceBlock]:
         return [p for pieces in self.texts for p in pieces if isinstance(p, EvidenceBlock)]
-
-    def own_tokens(self, count: CountCache) -> int:
-        return self.fixed + sum(count(p) for pieces in self.texts for p in pieces if isinstance(p, str))
-
-    def retrieved_tokens(self, count: CountCache) -> int:
-        return sum(count(b.text) for b in self.blocks())
 
 
 @dataclass(slots=True)
@@ -115,10 +133,15 @@ def split(body: Mapping[str, Any], count: CountCache, output: int | None) -> Spl
             fixed += count(orjson.dumps(message["tool_calls"]).decode())
         texts: list[list[Piece]] = []
         marked = False
+        plain = 0  # tokens of text without markup
         content = message.get("content")
         if isinstance(content, str):
-            marked = has_markup(content)
-            texts.append(parse(content, f"messages[{i}].content") if marked else [content])
+            marked = MARK in content and has_markup(content)
+            if marked:
+                texts.append(parse(content, f"messages[{i}].content"))
+            else:
+                texts.append([content])
+                plain = count(content)
         elif isinstance(content, list):
             for j, part in enumerate(content):
                 if not isinstance(part, Mapping):
@@ -127,11 +150,22 @@ def split(body: Mapping[str, Any], count: CountCache, output: int | None) -> Spl
                     text = str(part.get("text", ""))
                     part_marked = has_markup(text)
                     marked = marked or part_marked
-                    texts.append(parse(text, f"messages[{i}].content[{j}].text") if part_marked else [text])
+                    if part_marked:
+                        texts.append(parse(text, f"messages[{i}].content[{j}].text"))
+                    else:
+                        texts.append([text])
+                        plain += count(text)
                 else:
                     fixed += _IMAGE
         view = MessageView(i, message, section, texts, fixed, marked)
-        blocks += len(view.blocks()) if marked else 0
+        if marked:
+            # Rare: every plain piece counted here (the texts read above are remembered by `count`).
+            view.own = fixed + sum(count(p) for pieces in texts for p in pieces if isinstance(p, str))
+            found = view.blocks()
+            view.retrieved = sum(count(b.text) for b in found)
+            blocks += len(found)
+        else:
+            view.own = fixed + plain
         views.append(view)
     tool_defs = 0
     for key in ("tools", "functions"):
@@ -145,9 +179,9 @@ def split(body: Mapping[str, Any], count: CountCache, output: int | None) -> Spl
 def tally(s: Split, count: CountCache) -> dict[str, int]:
     counts = dict.fromkeys(SECTIONS, 0)
     for view in s.messages:
-        counts[view.section] += view.own_tokens(count)
+        counts[view.section] += view.own
         if view.marked:
-            counts["retrieved"] += view.retrieved_tokens(count)
+            counts["retrieved"] += view.retrieved
     counts["tools"] += s.tool_definitions
     counts["output"] = s.output or 0
     return counts

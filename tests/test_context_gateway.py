@@ -64,6 +64,7 @@ def settings_for(tmp_path: Path, upstream: OpenAIWireServer, **route: Any) -> An
             "chat": {"model": "gpt-4o-mini", "context": context, **route},
             "cheap": {"model": "selfhosted"},
             "plain": {"model": "gpt-4o-mini"},
+            "brief": {"model": "gpt-4o-mini", "context": {"output": {"budget": 50, "brevity": True}}},
         },
         resilience={"max_retries": 0},
     )
@@ -235,3 +236,35 @@ async def test_budget_reservations_cover_the_summary_and_settle_it_once(tmp_path
     finally:
         await gateway.close()
         await upstream.stop()
+
+
+def test_output_budget_clamps_asks_for_brevity_and_records_length_cutoffs(
+    server: BackgroundServer, openai_upstream: OpenAIWireServer, tmp_path: Path
+) -> None:
+    openai_upstream.queue(Reply(finish_reason="length"), Reply(finish_reason="stop"))
+    c = client(server)
+    messages = [{"role": "user", "content": "Tell me everything about tea."}]
+    c.chat.completions.create(model="route:brief", messages=messages, max_tokens=4000)  # type: ignore[arg-type]
+    for _ in c.chat.completions.create(model="route:brief", messages=messages, stream=True):  # type: ignore[call-overload]
+        pass
+    sent = answers(openai_upstream)
+    assert [r["max_tokens"] for r in sent] == [50, 50]
+    assert sent[0]["messages"][0]["role"] == "system" and "50 tokens" in sent[0]["messages"][0]["content"]
+    rows = ledger_rows(tmp_path / "ledger.db")
+    assert [orjson.loads(r["context"])["finish_reason"] for r in rows] == ["length", "stop"]
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    (report,) = build_report(conn, "route")
+    conn.close()
+    assert report.to_json()["length_cutoff_rate"] == 0.5
+
+
+def test_the_stage_is_left_out_without_context_budgets(
+    tmp_path: Path, openai_upstream: OpenAIWireServer
+) -> None:
+    settings = base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": openai_upstream.base_url}},
+        models=openai_models(),
+        routes={"plain": {"model": "gpt-4o-mini"}},
+    )
+    assert not Gateway(settings).context.active

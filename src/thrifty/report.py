@@ -43,6 +43,9 @@ class ReportRow:
     unpriced: int = 0
     estimated: int = 0
     context_tokens_saved: int = 0  # input tokens the context budgets took out (ledger column context)
+    # Requests on routes with an output budget, and those of them cut off at max_tokens.
+    output_budgeted: int = 0
+    length_cutoffs: int = 0
 
     @property
     def success_rate(self) -> float:
@@ -80,6 +83,9 @@ class ReportRow:
             "unpriced_requests": self.unpriced,
             "estimated_usage_requests": self.estimated,
             "context_tokens_saved": self.context_tokens_saved,
+            "length_cutoff_rate": round(self.length_cutoffs / self.output_budgeted, 6)
+            if self.output_budgeted
+            else None,
         }
 
 
@@ -111,7 +117,7 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
     sql = (
         f"SELECT {column}, status, input_tokens, cached_input_tokens, output_tokens, cost_usd, "
         "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated, "
-        "COALESCE(json_extract(context, '$.saved'), 0) FROM ledger"
+        "COALESCE(json_extract(context, '$.saved'), 0), json_extract(context, '$.finish_reason') FROM ledger"
     )
     params: tuple[Any, ...] = ()
     if since is not None:
@@ -133,6 +139,7 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
             cache,
             escalated,
             ctx_saved,
+            finish_reason,
         ) = row_values
         if by == "day":
             key = datetime.fromtimestamp(key, UTC).strftime("%Y-%m-%d")
@@ -164,6 +171,9 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
             row.cache_hits += 1
         row.escalated += escalated
         row.context_tokens_saved += ctx_saved
+        if finish_reason is not None:
+            row.output_budgeted += 1
+            row.length_cutoffs += finish_reason == "length"
     return sorted(rows.values(), key=lambda r: (-r.cost_usd, r.group is None, r.group or ""))
 
 
@@ -185,6 +195,8 @@ def totals(rows: Iterable[ReportRow]) -> ReportRow:
         total.unpriced += r.unpriced
         total.estimated += r.estimated
         total.context_tokens_saved += r.context_tokens_saved
+        total.output_budgeted += r.output_budgeted
+        total.length_cutoffs += r.length_cutoffs
     return total
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from thrifty.context import policy
@@ -29,7 +29,8 @@ from thrifty.context.sections import CountCache, DigestCache, split
 from thrifty.context.summaries import Summariser, Summary, SummaryStore, summary_request, transcript
 from thrifty.errors import BudgetExceeded, ThriftyError
 from thrifty.guard.spend import requested_output
-from thrifty.pipeline import Handler, RequestContext, Result
+from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
+from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.settings import ContextSettings, HistoryBudget, RouteSettings
 from thrifty.tokens import TokenCounter, encoding_for_model
 from thrifty.types import ModelTarget, Usage
@@ -46,6 +47,26 @@ class SummaryBudget(Protocol):
     def hold(self, ctx: RequestContext, aliases: Sequence[str], usage: Usage) -> object | None: ...
 
     def release(self, ctx: RequestContext, hold: object | None, first_attempt: int) -> None: ...
+
+
+def _note_finish(ctx: RequestContext, reasons: list[Any]) -> None:
+    if ctx.context_report is not None and reasons:
+        ctx.context_report["finish_reason"] = "length" if "length" in reasons else str(reasons[0])
+
+
+async def _watch_finish(
+    ctx: RequestContext, chunks: AsyncIterator[StreamChunk]
+) -> AsyncIterator[StreamChunk]:
+    try:
+        async for chunk in chunks:
+            reasons = [
+                c.get("finish_reason") for c in chunk.data.get("choices") or () if c.get("finish_reason")
+            ]
+            if reasons:
+                _note_finish(ctx, reasons)
+            yield chunk
+    finally:
+        await close_stream(chunks)
 
 
 class ContextStage:
@@ -85,7 +106,14 @@ class ContextStage:
         if settings is None:
             return await call_next(ctx)
         await self.apply(ctx, settings)
-        return await call_next(ctx)
+        result = await call_next(ctx)
+        if settings.output is None:
+            return result
+        # With an output budget, the ledger says whether the answer was cut off at max_tokens.
+        if isinstance(result, Completion):
+            _note_finish(ctx, [c.get("finish_reason") for c in result.body.get("choices") or ()])
+            return result
+        return Streamed(_watch_finish(ctx, result.chunks))
 
     async def apply(self, ctx: RequestContext, settings: ContextSettings) -> None:
         """Rewrite ctx.body within the budgets and leave the record in ctx.context_report."""

@@ -268,3 +268,19 @@ def test_the_stage_is_left_out_without_context_budgets(
         routes={"plain": {"model": "gpt-4o-mini"}},
     )
     assert not Gateway(settings).context.active
+
+
+def test_concurrent_requests_share_one_summary_call(
+    server: BackgroundServer, openai_upstream: OpenAIWireServer, tmp_path: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    openai_upstream.by_model[SUMMARY_MODEL] = [Reply(text="shared", delay_s=0.5), Reply(text="second")]
+    request = conversation(4)[-1]
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda _: chat(client(server), request), range(3)))
+    assert len(summary_calls(openai_upstream)) == 1
+    assert all("shared" in r["messages"][0]["content"] for r in answers(openai_upstream))
+    rows = ledger_rows(tmp_path / "ledger.db")
+    # Only the request that made the call paid for it.
+    assert sorted(len(orjson.loads(r["attempts"])) for r in rows) == [1, 1, 2]

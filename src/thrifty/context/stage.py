@@ -10,6 +10,7 @@ the stage is not in the chain.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import sqlite3
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 from thrifty.context import policy
 from thrifty.context.history import (
+    CompactionStep,
     Conversation,
     history_tokens,
     keep_newest,
@@ -86,6 +88,8 @@ class ContextStage:
         self._counter = counter
         self._counts: dict[str, CountCache] = {}
         self._digests = DigestCache()
+        # Summaries being made, by (tenant, prefix key): concurrent requests share one call.
+        self._making: dict[tuple[str, str], asyncio.Future[Summary]] = {}
         self._summariser = summariser
         self._budget = budget
         self.store = store
@@ -213,13 +217,26 @@ class ContextStage:
         previous = found[keys[step.covered - 1]] if step.covered else None
         summary = previous
         if step.needs_call:
-            aged = [rw.message_of(v) for unit in conv.units[step.covered : step.boundary] for v in unit.views]
-            body = summary_request(
-                previous.text if previous else None, transcript(aged), history.summary_tokens
-            )
+            key = (tenant, keys[step.boundary - 1])
             waiting = time.thread_time()
+            made = self._making.get(key)
             try:
-                text = await self._summarise(ctx, history, body, count)
+                if made is not None:
+                    # The same summary is being made for another request (a retry, a duplicate):
+                    # wait for it rather than pay for it twice.
+                    summary = await asyncio.shield(made)
+                else:
+                    made = self._making[key] = asyncio.get_running_loop().create_future()
+                    try:
+                        summary = await self._make(ctx, rw, conv, history, step, previous, keys, count)
+                    except BaseException as err:
+                        made.set_exception(err)
+                        made.exception()  # retrieved: a waiter may not exist
+                        raise
+                    else:
+                        made.set_result(summary)
+                    finally:
+                        self._making.pop(key, None)
             except ThriftyError as err:
                 rw.notes.append(
                     f"summary route {history.summary_route!r} failed ({err.message}); trimmed instead"
@@ -229,11 +246,6 @@ class ContextStage:
                 return
             finally:
                 rw.summary_wait_s += time.thread_time() - waiting
-            covered = sum(len(u.views) for u in conv.units[: step.boundary])
-            message = policy.summary_message(text, covered)
-            tokens = 3 + count("system") + count(message["content"])
-            summary = Summary(keys[step.boundary - 1], covered, text, tokens, route.model)
-            self._put(tenant, summary)
         assert summary is not None
         message = policy.summary_message(summary.text, summary.covered_messages)
         kept = conv.units[step.boundary :]
@@ -256,6 +268,31 @@ class ContextStage:
             "made": step.needs_call,
             "extended": step.needs_call and previous is not None,
         }
+
+    async def _make(
+        self,
+        ctx: RequestContext,
+        rw: policy.Rewrite,
+        conv: Conversation,
+        history: HistoryBudget,
+        step: CompactionStep,
+        previous: Summary | None,
+        keys: list[str],
+        count: CountCache,
+    ) -> Summary:
+        """Make (or extend) the summary of units[:step.boundary] and store it."""
+        assert history.summary_route is not None
+        aged = [rw.message_of(v) for unit in conv.units[step.covered : step.boundary] for v in unit.views]
+        body = summary_request(previous.text if previous else None, transcript(aged), history.summary_tokens)
+        text = await self._summarise(ctx, history, body, count)
+        covered = sum(len(u.views) for u in conv.units[: step.boundary])
+        message = policy.summary_message(text, covered)
+        tokens = 3 + count("system") + count(message["content"])
+        summary = Summary(
+            keys[step.boundary - 1], covered, text, tokens, self._routes[history.summary_route].model
+        )
+        self._put(ctx.tags.tenant_id, summary)
+        return summary
 
     async def _summarise(
         self, ctx: RequestContext, history: HistoryBudget, body: dict[str, Any], count: CountCache

@@ -284,3 +284,15 @@ def test_concurrent_requests_share_one_summary_call(
     rows = ledger_rows(tmp_path / "ledger.db")
     # Only the request that made the call paid for it.
     assert sorted(len(orjson.loads(r["attempts"])) for r in rows) == [1, 1, 2]
+
+
+def test_summaries_survive_a_restart(tmp_path: Path, openai_upstream: OpenAIWireServer) -> None:
+    openai_upstream.by_model[SUMMARY_MODEL] = [Reply(text="kept across restarts"), Reply(text="again")]
+    turns = conversation(5)
+    settings = settings_for(tmp_path, openai_upstream)
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as first:
+        chat(client(first), turns[3])
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as second:
+        chat(client(second), turns[4])
+    assert len(summary_calls(openai_upstream)) == 1
+    assert "kept across restarts" in answers(openai_upstream)[-1]["messages"][0]["content"]

@@ -281,3 +281,13 @@ async def test_within_budget_nothing_changes() -> None:
     ctx = await run({"history": {"budget": 100}, "output": {"budget": 10}}, body)
     assert ctx.body is body
     assert ctx.context_report is not None and ctx.context_report["saved"] == 0
+
+
+async def test_markup_cannot_take_a_system_prompt_out_of_its_budget() -> None:
+    hidden = '<thrifty-evidence id="x">' + words(30) + "</thrifty-evidence>"
+    body = {"messages": [{"role": "system", "content": hidden}, user("hi")]}
+    with pytest.raises(InvalidRequest, match="system section has 34 tokens"):
+        await run({"system": {"budget": 20}}, body)
+    # With a retrieved budget, evidence is its own section (and packed within it).
+    ctx = await run({"system": {"budget": 20}, "retrieved": {"budget": 100}}, body)
+    assert ctx.body["messages"][0]["content"] == words(30)

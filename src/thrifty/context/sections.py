@@ -115,8 +115,13 @@ class Split:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def split(body: Mapping[str, Any], count: CountCache, output: int | None) -> Split:
-    """Read the request into sections. Raises InvalidRequest on evidence markup that does not parse."""
+def split(
+    body: Mapping[str, Any], count: CountCache, output: int | None, *, evidence_section: bool = True
+) -> Split:
+    """Read the request into sections. Raises InvalidRequest on evidence markup that does not parse.
+
+    Without `evidence_section` (a route with no retrieved budget) evidence counts in the section of
+    the message it sits in, so markup cannot take a system prompt out of the system budget."""
     views: list[MessageView] = []
     newest_user = None
     blocks = 0
@@ -163,6 +168,8 @@ def split(body: Mapping[str, Any], count: CountCache, output: int | None) -> Spl
             view.own = fixed + sum(count(p) for pieces in texts for p in pieces if isinstance(p, str))
             found = view.blocks()
             view.retrieved = sum(count(b.text) for b in found)
+            if not evidence_section:
+                view.own, view.retrieved = view.own + view.retrieved, 0
             blocks += len(found)
         else:
             view.own = fixed + plain

@@ -123,7 +123,9 @@ class ContextStage:
         """Rewrite ctx.body within the budgets and leave the record in ctx.context_report."""
         started = time.thread_time()
         count = self.counts_for(ctx.target)
-        sections = split(ctx.body, count, requested_output(ctx.body)[1])
+        sections = split(
+            ctx.body, count, requested_output(ctx.body)[1], evidence_section=settings.retrieved is not None
+        )
         ctx.context_report = {"before": sections.counts}
         try:
             rw = policy.begin(sections, settings)

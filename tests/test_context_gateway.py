@@ -296,3 +296,37 @@ def test_summaries_survive_a_restart(tmp_path: Path, openai_upstream: OpenAIWire
         chat(client(second), turns[4])
     assert len(summary_calls(openai_upstream)) == 1
     assert "kept across restarts" in answers(openai_upstream)[-1]["messages"][0]["content"]
+
+
+def test_evidence_without_scores_is_ranked_by_the_semantic_embedder(
+    tmp_path: Path, openai_upstream: OpenAIWireServer
+) -> None:
+    refunds = "Refunds are issued to the original card within five days of the return."
+    posters = "Our money back guarantee posters are printed on recycled paper."
+    settings = base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": openai_upstream.base_url}},
+        models=openai_models(),
+        routes={
+            "rag": {
+                "model": "gpt-4o-mini",
+                "semantic_cache": {},
+                "context": {"retrieved": {"budget": 20}},
+            }
+        },
+    )
+    content = (
+        f'<thrifty-evidence id="posters">{posters}</thrifty-evidence>\n'
+        f'<thrifty-evidence id="refunds">{refunds}</thrifty-evidence>\nHow do I get my money back?'
+    )
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
+        client(server).chat.completions.create(
+            model="route:rag", messages=[{"role": "user", "content": content}]
+        )
+    # Word overlap would pick the posters ("money back"); the embedder picks the refund policy.
+    assert (
+        openai_upstream.requests[-1]["messages"][0]["content"] == f"\n{refunds}\nHow do I get my money back?"
+    )
+    ctx = orjson.loads(ledger_rows(tmp_path / "ledger.db")[-1]["context"])
+    assert ctx["evidence"]["kept"] == ["refunds"]
+    assert ctx["evidence"]["ranked_by"] == "embedding similarity to the newest user turn"

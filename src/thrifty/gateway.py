@@ -158,6 +158,8 @@ class Gateway:
             summariser=Summariser(build_chain([resilience], call_provider), self.targets),
             budget=spend_guard,
         )
+        if self.semantic_cache.active:
+            self.context.embed = self.semantic_cache.embed_texts  # ranks evidence sent without scores
         self._context_db: sqlite3.Connection | None = None
         # A stage the settings leave nothing to do is not in the chain: it would cost every request.
         stages: list[Stage | None] = [

@@ -1,8 +1,9 @@
 """Packing retrieved evidence into its budget: best first, near-duplicates dropped, cut at sentences.
 
 Blocks are ranked by the app's score (higher first; ties keep the app's order). When a block has no
-score, every block is ranked by word overlap with the newest user turn instead (scores of some
-blocks and not others cannot be compared). A block whose words mostly repeat a better one (word
+score, every block is ranked by similarity to the newest user turn instead (scores of some blocks
+and not others cannot be compared): the semantic cache's embedder when the gateway has it loaded,
+word overlap otherwise. A block whose words mostly repeat a better one (word
 3-gram Jaccard >= 0.8) is dropped. Blocks are taken while they fit; the first that does not is cut
 at the last sentence boundary that fits (dropped if not even its first sentence does), and packing
 stops there. Kept blocks stay where the app put them; only the choice is best-first.
@@ -11,7 +12,7 @@ stops there. Kept blocks stay where the app put them; only the choice is best-fi
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 NEAR_DUPLICATE = 0.8
@@ -133,9 +134,20 @@ def cut_to(text: str, room: int, count: Callable[[str], int]) -> str | None:
     return "".join(kept).rstrip() if kept else None
 
 
-def pack(candidates: Sequence[Candidate], budget: int, count: Callable[[str], int], query: str) -> Packed:
+def pack(
+    candidates: Sequence[Candidate],
+    budget: int,
+    count: Callable[[str], int],
+    query: str,
+    similarity: Mapping[int, float] | None = None,
+) -> Packed:
+    """`similarity`: ordinal -> embedding similarity to the newest user turn, used when a block has no
+    score (word overlap otherwise)."""
     packed = Packed()
-    if any(c.score is None for c in candidates):
+    if any(c.score is None for c in candidates) and similarity is not None:
+        packed.ranked_by = "embedding similarity to the newest user turn"
+        scores = {c.ordinal: similarity.get(c.ordinal, 0.0) for c in candidates}
+    elif any(c.score is None for c in candidates):
         packed.ranked_by = "overlap with the newest user turn"
         scores = {c.ordinal: overlap_score(query, c.text) for c in candidates}
     else:

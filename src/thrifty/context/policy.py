@@ -140,22 +140,40 @@ def apply_tools(rw: Rewrite, settings: ContextSettings, count: CountCache) -> No
     rw.actions["tools"] = "trim"
 
 
-def apply_retrieved(rw: Rewrite, settings: ContextSettings, count: CountCache) -> None:
+def retrieved_over(rw: Rewrite, settings: ContextSettings) -> bool:
+    """Over its budget (a 400 under `reject`): evidence must be packed."""
     budget = settings.retrieved
     size = rw.split.counts["retrieved"]
     if budget is None or size <= budget.budget:
-        return
+        return False
     if settings.policy("retrieved") == "reject":
         raise over_budget("retrieved", size, budget.budget, "send fewer or shorter evidence blocks")
+    return True
+
+
+def candidates_of(split: Split) -> tuple[list[Candidate], list[tuple[int, int]]]:
+    """Every evidence block, and where it is: ordinal -> (message index, position in the message)."""
     candidates: list[Candidate] = []
-    owner: list[tuple[int, int]] = []  # ordinal -> (message index, block position in the message)
-    for view in rw.split.messages:
+    owner: list[tuple[int, int]] = []
+    for view in split.messages:
         if not view.marked:
             continue
         for j, block in enumerate(view.blocks()):
             candidates.append(Candidate(len(candidates), block.id, block.score, block.text))
             owner.append((view.index, j))
-    packed = pack(candidates, budget.budget, count, newest_user_text(rw.split))
+    return candidates, owner
+
+
+def apply_retrieved(
+    rw: Rewrite, settings: ContextSettings, count: CountCache, similarity: dict[int, float] | None = None
+) -> None:
+    """Pack the evidence; `similarity` (ordinal -> similarity to the newest user turn, from the
+    embedder) ranks blocks when some have no score."""
+    if not retrieved_over(rw, settings):
+        return
+    assert settings.retrieved is not None
+    candidates, owner = candidates_of(rw.split)
+    packed = pack(candidates, settings.retrieved.budget, count, newest_user_text(rw.split), similarity)
     rw.packed = packed
     for view in rw.split.messages:
         if view.marked:

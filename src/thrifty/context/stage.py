@@ -15,8 +15,11 @@ import dataclasses
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from thrifty.context import policy
 from thrifty.context.history import (
@@ -93,6 +96,9 @@ class ContextStage:
         self._summariser = summariser
         self._budget = budget
         self.store = store
+        # Embeds texts (L2-normalised rows) for ranking evidence without scores: the semantic
+        # cache's model, when the gateway loads it.
+        self.embed: Callable[[Sequence[str]], Awaitable[npt.NDArray[np.float32]]] | None = None
 
     @property
     def active(self) -> bool:
@@ -130,7 +136,12 @@ class ContextStage:
         try:
             rw = policy.begin(sections, settings)
             policy.apply_tools(rw, settings, count)
-            policy.apply_retrieved(rw, settings, count)
+            similarity = None
+            if self.embed is not None and policy.retrieved_over(rw, settings):
+                waiting = time.thread_time()
+                similarity = await self._similarity(rw)
+                rw.summary_wait_s += time.thread_time() - waiting  # the embedding runs in a worker thread
+            policy.apply_retrieved(rw, settings, count, similarity)
             history = settings.history
             if history is not None:
                 conv = policy.history_view(rw, count)
@@ -165,6 +176,14 @@ class ContextStage:
         record["stage_cpu_ms"] = round(elapsed * 1000.0, 3)
         record.update({k: v for k, v in ctx.context_report.items() if k == "summary"})
         ctx.context_report = record
+
+    async def _similarity(self, rw: policy.Rewrite) -> dict[int, float] | None:
+        candidates, _ = policy.candidates_of(rw.split)
+        if self.embed is None or all(c.score is not None for c in candidates):
+            return None
+        vectors = await self.embed([policy.newest_user_text(rw.split), *(c.text for c in candidates)])
+        sims = vectors[1:] @ vectors[0]
+        return {c.ordinal: float(sims[i]) for i, c in enumerate(candidates)}
 
     @staticmethod
     def _evidence(header: tuple[str, ...], rw: policy.Rewrite) -> tuple[str, ...]:

@@ -284,6 +284,10 @@ def test_concurrent_requests_share_one_summary_call(
     rows = ledger_rows(tmp_path / "ledger.db")
     # Only the request that made the call paid for it.
     assert sorted(len(orjson.loads(r["attempts"])) for r in rows) == [1, 1, 2]
+    summaries = sorted(
+        (s["made"], s["shared"]) for s in (orjson.loads(r["context"])["summary"] for r in rows)
+    )
+    assert summaries == [(False, True), (False, True), (True, False)]
 
 
 def test_summaries_survive_a_restart(tmp_path: Path, openai_upstream: OpenAIWireServer) -> None:

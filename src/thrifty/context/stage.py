@@ -237,10 +237,12 @@ class ContextStage:
         )
         previous = found[keys[step.covered - 1]] if step.covered else None
         summary = previous
+        shared = False
         if step.needs_call:
             key = (tenant, keys[step.boundary - 1])
             waiting = time.thread_time()
             made = self._making.get(key)
+            shared = made is not None
             try:
                 if made is not None:
                     # The same summary is being made for another request (a retry, a duplicate):
@@ -251,7 +253,9 @@ class ContextStage:
                     try:
                         summary = await self._make(ctx, rw, conv, history, step, previous, keys, count)
                     except BaseException as err:
-                        made.set_exception(err)
+                        # Waiters fall back to trim whatever stopped the maker (even its cancellation).
+                        failure = err if isinstance(err, ThriftyError) else ThriftyError(repr(err))
+                        made.set_exception(failure)
                         made.exception()  # retrieved: a waiter may not exist
                         raise
                     else:
@@ -286,7 +290,8 @@ class ContextStage:
         ctx.context_report["summary"] = {
             "covered_messages": summary.covered_messages,
             "tokens": summary.tokens,
-            "made": step.needs_call,
+            "made": step.needs_call and not shared,  # this request paid for the call
+            "shared": shared,  # made for a concurrent request with the same conversation
             "extended": step.needs_call and previous is not None,
         }
 

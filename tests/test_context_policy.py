@@ -291,3 +291,30 @@ async def test_markup_cannot_take_a_system_prompt_out_of_its_budget() -> None:
     # With a retrieved budget, evidence is its own section (and packed within it).
     ctx = await run({"system": {"budget": 20}, "retrieved": {"budget": 100}}, body)
     assert ctx.body["messages"][0]["content"] == words(30)
+
+
+@pytest.mark.parametrize(
+    "context, why",
+    [
+        ({"system": {"budget": 10, "over": "trim"}}, "system.over must be one of reject, warn"),
+        ({"history": {"budget": 100, "over": "compact"}}, "needs history.summary_route"),
+        ({"retrieved": {"budget": 100, "over": "compact"}}, "retrieved.over must be one of reject, trim"),
+        ({"history": {"budget": 500, "over": "compact", "summary_route": "nope"}}, "unknown route 'nope'"),
+        (
+            {"history": {"budget": 100, "over": "compact", "summary_route": "chat", "summary_tokens": 100}},
+            "summary_tokens must be smaller",
+        ),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_at_start(context: dict[str, Any], why: str) -> None:
+    from thrifty.errors import ConfigError
+    from thrifty.settings import settings_from_mapping
+
+    with pytest.raises(ConfigError, match=why):
+        settings_from_mapping(
+            {
+                "providers": {"p": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+                "models": {"m": {"provider": "p"}},
+                "routes": {"chat": {"model": "m", "context": context}},
+            }
+        )

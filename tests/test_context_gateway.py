@@ -334,3 +334,26 @@ def test_evidence_without_scores_is_ranked_by_the_semantic_embedder(
     ctx = orjson.loads(ledger_rows(tmp_path / "ledger.db")[-1]["context"])
     assert ctx["evidence"]["kept"] == ["refunds"]
     assert ctx["evidence"]["ranked_by"] == "embedding similarity to the newest user turn"
+
+
+def test_an_idempotent_retry_is_the_same_request_however_it_was_compacted(
+    server: BackgroundServer, openai_upstream: OpenAIWireServer
+) -> None:
+    # The first try's summary fails (trimmed instead); the retry's succeeds: its body upstream would
+    # differ, but it is the same request the client sent, so it gets the first answer, not a 422.
+    openai_upstream.by_model[SUMMARY_MODEL] = [Reply(status=500), Reply(text="ok now")]
+    openai_upstream.queue(Reply(text="the one answer"))
+    c = client(server)
+    request = conversation(4)[-1]
+    first = c.chat.completions.create(
+        model="route:chat",
+        messages=request,
+        extra_headers={"Idempotency-Key": "k1"},  # type: ignore[arg-type]
+    )
+    again = c.chat.completions.create(
+        model="route:chat",
+        messages=request,
+        extra_headers={"Idempotency-Key": "k1"},  # type: ignore[arg-type]
+    )
+    assert first.choices[0].message.content == again.choices[0].message.content == "the one answer"
+    assert len(answers(openai_upstream)) == 1

@@ -165,6 +165,8 @@ class ContextStage:
         record = policy.report(rw, after)
         if rw.changed():
             added = sum(len(str(m.get("content") or "").encode()) + 32 for _, m, _ in rw.inserted)
+            if ctx.client_body is None:
+                ctx.client_body = ctx.body
             ctx.body = policy.body_with(ctx.body, rw)
             ctx.body_bytes += added  # stays an upper bound of the body's size (the limits' shortcut)
             ctx.prompt_tokens = None

@@ -3,6 +3,7 @@ pieces of one chat joined back (a piece starting where the previous ended contin
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 import orjson
@@ -41,3 +42,39 @@ def test_cut_off_file_pieces_rejoined(tmp_path: Path) -> None:
     ]
     assert [len(r) for r in requests_of(chats[0])] == [1, 3, 5]
     assert len(list(load_conversations(6, 100, rejoin=True, path=path))) == 1
+
+
+def test_bench_runs_on_a_small_file_and_writes_json(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from thrifty.bench.context import run_context_bench
+
+    long = " ".join(["apple"] * 300)
+    chat = [turn("human" if i % 2 == 0 else "gpt", f"m{i} {long}") for i in range(12)]
+    path = tmp_path / "chats.json"
+    path.write_text(orjson.dumps([{"id": "A_0", "conversations": chat}]).decode(), encoding="utf-8")
+    out = tmp_path / "bench.json"
+    with (tmp_path / "out.txt").open("w") as printed:
+        result = run_context_bench(
+            conversations=5,
+            min_messages=10,
+            history_budget=1000,
+            summary_tokens=100,
+            answer_model="gpt-4o",
+            summary_model="gpt-4o-mini",
+            json_out=out,
+            console=Console(file=printed),
+            large_samples=2,
+            data=path,
+        )
+    assert orjson.loads(out.read_bytes()) == result
+    assert len(result["datasets"]) == 2  # records as shipped, then rejoined chats
+    records = result["datasets"][0]
+    none, trim, compact = records["policies"]
+    assert [p["policy"] for p in records["policies"]] == ["none", "trim", "compact"]
+    assert none["requests"] == trim["requests"] == compact["requests"] == 6
+    assert none["input_tokens_by_turn"]["1"] == trim["input_tokens_by_turn"]["1"]  # nothing to cut yet
+    assert compact["summary_calls"] >= 1 and trim["summary_calls"] == 0
+    assert compact["input_tokens_per_request"] < none["input_tokens_per_request"]
+    assert Decimal(compact["summary_cost_usd"]) > 0
+    assert "offline stand-in" in result["note"] and "cannot be measured offline" in result["note"]

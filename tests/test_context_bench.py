@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from thrifty.bench.context import load_conversations, requests_of
+from thrifty.bench.sharegpt import load_conversations, requests_of
 
 pytest.importorskip("ijson")
 

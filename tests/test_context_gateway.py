@@ -357,3 +357,17 @@ def test_an_idempotent_retry_is_the_same_request_however_it_was_compacted(
     )
     assert first.choices[0].message.content == again.choices[0].message.content == "the one answer"
     assert len(answers(openai_upstream)) == 1
+
+
+def test_an_exhausted_budget_makes_no_summary_call(tmp_path: Path, openai_upstream: OpenAIWireServer) -> None:
+    settings = settings_for(tmp_path, openai_upstream, budget={"usd_per_day": "0.0000001"})
+    with (
+        BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server,
+        pytest.raises(openai.RateLimitError),
+    ):
+        chat(client(server), conversation(4)[-1])
+    assert openai_upstream.requests == []  # neither the summary nor the answer was paid for
+    row = ledger_rows(tmp_path / "ledger.db")[-1]
+    assert row["http_status"] == 429
+    notes = orjson.loads(row["context"])["notes"]
+    assert "the budget left cannot cover a summary call" in notes[0]

@@ -371,3 +371,24 @@ def test_an_exhausted_budget_makes_no_summary_call(tmp_path: Path, openai_upstre
     assert row["http_status"] == 429
     notes = orjson.loads(row["context"])["notes"]
     assert "the budget left cannot cover a summary call" in notes[0]
+
+
+def test_compacted_requests_share_exact_cache_entries(
+    tmp_path: Path, openai_upstream: OpenAIWireServer
+) -> None:
+    # Two chats that differ only in turns that were summarised (to the same text) are the same
+    # request once compacted: the second is answered from the exact cache, keyed after compaction.
+    openai_upstream.by_model[SUMMARY_MODEL] = [Reply(text="same summary"), Reply(text="same summary")]
+    settings = settings_for(tmp_path, openai_upstream, cache={"ttl_s": 600})
+    first = conversation(4)[-1]
+    second = [{"role": "user", "content": words(50, "horse")}, *first[1:]]
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
+        c = client(server)
+        for request in (first, second):
+            raw = c.chat.completions.with_raw_response.create(
+                model="route:chat",
+                messages=request,
+                temperature=0,  # type: ignore[arg-type]
+            )
+    assert len(summary_calls(openai_upstream)) == 2 and len(answers(openai_upstream)) == 1
+    assert raw.headers["x-thrifty-cache"] == "exact"

@@ -13,7 +13,7 @@ from typing import Any
 
 from thrifty.context.evidence import Candidate, Packed, pack
 from thrifty.context.history import Conversation, Unit, conversation, history_tokens, keep_newest
-from thrifty.context.sections import SECTIONS, CountCache, MessageView, Split, message_with, unmarked
+from thrifty.context.sections import SECTIONS, CountCache, MessageView, Split, unmarked
 from thrifty.context.tools import LEVELS, shorten
 from thrifty.errors import InvalidRequest
 from thrifty.settings import ContextSettings
@@ -299,6 +299,3 @@ def body_with(body: dict[str, Any], rw: Rewrite) -> dict[str, Any]:
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         new[key] = rw.output
     return new
-
-
-__all__ = ["ContextBudgetExceeded", "Rewrite", "message_with"]

@@ -199,9 +199,13 @@ def history_view(rw: Rewrite, count: CountCache) -> Conversation:
 
 def check_tail(conv: Conversation, budget: int) -> None:
     if conv.tail_tokens > budget:
+        what = (
+            "the newest user turn" if len(conv.tail) == 1 else "the newest user turn and the turns after it"
+        )
         raise ContextBudgetExceeded(
-            f"the history budget of {budget} tokens is smaller than the newest user turn "
-            f"({conv.tail_tokens} tokens); shorten the message or raise the route's history budget",
+            f"the history budget of {budget} tokens is smaller than {what} "
+            f"({conv.tail_tokens} tokens), which are never cut; shorten the message or raise the "
+            "route's history budget",
             param="messages",
         )
 

@@ -16,6 +16,7 @@ from thrifty.context.history import Conversation, Unit, conversation, history_to
 from thrifty.context.sections import SECTIONS, CountCache, MessageView, Split, unmarked
 from thrifty.context.tools import LEVELS, shorten
 from thrifty.errors import InvalidRequest
+from thrifty.guard.output import clamp_output
 from thrifty.settings import ContextSettings
 
 BREVITY = (
@@ -232,13 +233,15 @@ def summary_message(summary: str, covered_messages: int) -> dict[str, Any]:
     }
 
 
-def apply_output(rw: Rewrite, settings: ContextSettings) -> None:
+def apply_output(rw: Rewrite, settings: ContextSettings, *, client_asked: bool = True) -> None:
+    """`client_asked`: the output cap in the body is the client's (not one the gateway set for it);
+    only the client's own cap can be rejected."""
     budget = settings.output
     if budget is None:
         return
     asked = rw.split.output
     if asked is not None and asked > budget.budget:
-        if settings.policy("output") == "reject":
+        if settings.policy("output") == "reject" and client_asked:
             raise over_budget(
                 "output", asked, budget.budget, f"ask for max_tokens of at most {budget.budget}"
             )
@@ -300,6 +303,5 @@ def body_with(body: dict[str, Any], rw: Rewrite) -> dict[str, Any]:
     new = dict(body)
     new["messages"] = rw.messages()
     if rw.output is not None:
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        new[key] = rw.output
+        clamp_output(new, rw.output)  # every output field the client sent, or max_tokens
     return new

@@ -33,7 +33,7 @@ from thrifty.context.history import (
 from thrifty.context.sections import CountCache, DigestCache, split
 from thrifty.context.summaries import Summariser, Summary, SummaryStore, summary_request, transcript
 from thrifty.errors import BudgetExceeded, ThriftyError
-from thrifty.guard.spend import requested_output
+from thrifty.guard.output import requested_output
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.settings import ContextSettings, HistoryBudget, RouteSettings
@@ -130,7 +130,7 @@ class ContextStage:
         started = time.thread_time()
         count = self.counts_for(ctx.target)
         sections = split(
-            ctx.body, count, requested_output(ctx.body)[1], evidence_section=settings.retrieved is not None
+            ctx.body, count, requested_output(ctx.body), evidence_section=settings.retrieved is not None
         )
         ctx.context_report = {"before": sections.counts}
         try:
@@ -157,7 +157,7 @@ class ContextStage:
                         policy.trim_history(rw, conv, history.budget)
                     else:
                         await self._compact(ctx, rw, conv, history, count)
-            policy.apply_output(rw, settings)
+            policy.apply_output(rw, settings, client_asked=not ctx.output_ceiling_implied)
             after = policy.after_counts(rw, count)
         except policy.ContextBudgetExceeded as err:
             ctx.context_report["rejected"] = err.message

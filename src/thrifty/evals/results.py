@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from thrifty.errors import InvalidData
-from thrifty.evals.golden import GoldenSet
 from thrifty.evals.stats import percentile, wilson
+
+if TYPE_CHECKING:
+    from thrifty.evals.golden import GoldenSet
 
 RESULTS_VERSION = 1
 

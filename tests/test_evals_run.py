@@ -19,6 +19,7 @@ from rich.console import Console
 
 from tests.conftest import UPSTREAM_KEY, base_settings
 from tests.fakes.openai_wire import OpenAIWireServer, Reply
+from thrifty.errors import InvalidData
 from thrifty.evals.command import run_command
 from thrifty.evals.gate import gate
 from thrifty.routing.train.data import load_rows
@@ -239,3 +240,45 @@ def test_gate_exit_codes(tmp_path: Path):
     )
     bad = _cli("eval", "gate", "--baseline", "base.json", "--candidate", "nope.json", cwd=tmp_path)
     assert bad.returncode == 2 and "cannot read results file nope.json" in bad.stderr
+
+
+def test_run_refuses_unknown_models_routes_tenants_and_a_journal_of_another_set(tmp_path: Path):
+    golden = tmp_path / "set.jsonl"
+    golden.write_bytes(orjson.dumps({"id": "a", "prompt": "q", "scorer": "exact", "expected": "x"}) + b"\n")
+    recorded = tmp_path / "recorded.jsonl"
+    row = {
+        "id": "r",
+        "prompt": "other",
+        "reference": "x",
+        "responses": {"gpt-4o-mini-2024-07-18": {"output": "x"}},
+    }
+    recorded.write_bytes(orjson.dumps(row) + b"\n")
+    settings = base_settings(
+        tmp_path,
+        providers={"replay": {"kind": "replay", "data": [str(recorded)]}},
+        models={"mini": {"provider": "replay", "upstream": "gpt-4o-mini-2024-07-18"}},
+    )
+    out = tmp_path / "r.json"
+
+    def run(**kw: Any) -> Any:
+        args: dict[str, Any] = {
+            "golden_path": golden, "models": "mini", "route": None, "out": out, "tenant": "acme",
+            "concurrency": 1, "confidence": 0.95, "labelled_out": None, "console": _quiet(),
+        }  # fmt: skip
+        return run_command(settings, **{**args, **kw})
+
+    for kw, message in [
+        ({"models": "mini,gpt-5"}, "there is no model 'gpt-5'"),
+        ({"route": "cheap"}, "there is no route 'cheap'"),
+        ({"tenant": None}, "name the one to bill with --tenant"),
+        ({"tenant": "initech"}, "there is no tenant 'initech'"),
+        ({"models": None}, "give the models to evaluate"),
+        ({"concurrency": 0}, "--concurrency must be at least 1"),
+    ]:
+        with pytest.raises(InvalidData, match=message):
+            run(**kw)
+    assert not out.with_name("r.json.journal").exists()  # nothing started
+    assert run()["models"]["mini"]["failures"] == 1  # the prompt is not recorded: a failure, not a crash
+    golden.write_bytes(orjson.dumps({"id": "a", "prompt": "q2", "scorer": "exact", "expected": "x"}) + b"\n")
+    with pytest.raises(InvalidData, match="this journal is of another golden set"):
+        run()

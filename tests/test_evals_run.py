@@ -282,3 +282,46 @@ def test_run_refuses_unknown_models_routes_tenants_and_a_journal_of_another_set(
     golden.write_bytes(orjson.dumps({"id": "a", "prompt": "q2", "scorer": "exact", "expected": "x"}) + b"\n")
     with pytest.raises(InvalidData, match="this journal is of another golden set"):
         run()
+
+
+def test_an_answer_that_reached_the_gateway_but_not_the_journal_is_not_generated_again(
+    tmp_path: Path, openai_upstream: OpenAIWireServer, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("UP_KEY", UPSTREAM_KEY)
+    openai_upstream.default = Reply(text="42", prompt_tokens=1000, completion_tokens=10)
+    golden = tmp_path / "set.jsonl"
+    golden.write_bytes(
+        b"".join(
+            orjson.dumps({"id": f"q{i}", "prompt": f"question {i}", "scorer": "exact", "expected": "42"})
+            + b"\n"
+            for i in range(3)
+        )
+    )
+    settings = base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": openai_upstream.base_url, "api_key_env": "UP_KEY"}},
+        models={"mini": {"provider": "up", "upstream": "gpt-4o-mini"}},
+    )
+    out = tmp_path / "r.json"
+
+    def run() -> dict[str, Any]:
+        return run_command(
+            settings, golden_path=golden, models="mini", route=None, out=out, tenant="acme",
+            concurrency=1, confidence=0.95, labelled_out=None, console=_quiet(),
+        )  # fmt: skip
+
+    first = run()["models"]["mini"]
+    journal = out.with_name("r.json.journal")
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:-1]) + lines[-1][:20])  # the last line cut mid-write
+    again = run()["models"]["mini"]
+    assert len(openai_upstream.requests) == 3  # the cut item was answered by the idempotency store
+    assert (again["passed"], again["items"]) == (3, 3)
+    # It still costs what its one call cost, which is what the ledger holds.
+    ledger = _ledger(tmp_path / "ledger.db")
+    assert (
+        Decimal(again["cost_usd"])
+        == Decimal(first["cost_usd"])
+        == sum(Decimal(r["cost_usd"]) for r in ledger)
+    )
+    assert [r["cache"] for r in ledger].count("dedup") == 1

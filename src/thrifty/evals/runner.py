@@ -39,8 +39,13 @@ async def _ask(
     choices = result.body.get("choices") or [{}]
     text = (choices[0].get("message") or {}).get("content") or ""
     trailer = ctx.trailer or {}
-    cost = trailer.get("cost_usd")
-    return str(text), None if cost is None else Decimal(cost), trailer.get("request_id"), trailer.get("model")
+    raw = trailer.get("cost_usd")
+    cost = None if raw is None else Decimal(raw)
+    if trailer.get("cache") == "dedup" and ctx.saved_usd is not None:
+        # Answered from the idempotency store (its first call finished, the journal line did not):
+        # the answer cost what its first call, already in the ledger, cost.
+        cost = ctx.saved_usd
+    return str(text), cost, trailer.get("request_id"), trailer.get("model")
 
 
 async def _one(

@@ -154,9 +154,16 @@ def report(
     fmt: Annotated[str, typer.Option("--format", help="table|json|csv")] = "table",
     config: ConfigOpt = None,
     db: Annotated[Path | None, typer.Option(help="ledger SQLite file (instead of --config)")] = None,
+    until: Annotated[
+        str | None, typer.Option(help="only requests before this time (the forms of --since)")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's requests")] = None,
 ) -> None:
     """Spend, tokens and success by one attribution dimension."""
-    from thrifty.report import GROUP_COLUMNS, build_report, parse_since, render_table, to_csv
+    import asyncio
+
+    from thrifty.report import GROUP_COLUMNS, parse_since, render_table, to_csv
+    from thrifty.stores.reporting import SqliteReportingStore, Window
     from thrifty.stores.sqlite_db import open_database
 
     if by not in GROUP_COLUMNS:
@@ -170,9 +177,12 @@ def report(
         since_ts = parse_since(since)
     except ValueError as err:
         raise ThriftyError(f"--since: {err}") from err
-    conn = open_database(path)
-    rows = build_report(conn, by, since_ts)
-    conn.close()
+    try:
+        until_ts = parse_since(until)
+    except ValueError as err:
+        raise ThriftyError(f"--until: {err}") from err
+    open_database(path).close()  # brings an older ledger's schema up to date
+    rows = asyncio.run(SqliteReportingStore(path).spend_by(by, Window(since_ts, until_ts, tenant)))
     if fmt == "json":
         typer.echo(orjson.dumps([r.to_json() for r in rows], option=orjson.OPT_INDENT_2).decode())
     elif fmt == "csv":

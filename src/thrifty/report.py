@@ -42,6 +42,10 @@ class ReportRow:
     escalated: int = 0
     unpriced: int = 0
     estimated: int = 0
+    exact_hits: int = 0
+    semantic_hits: int = 0
+    exact_saved_usd: Decimal = field(default_factory=Decimal)
+    semantic_saved_usd: Decimal = field(default_factory=Decimal)
 
     @property
     def success_rate(self) -> float:
@@ -78,6 +82,10 @@ class ReportRow:
             "budget_rejections": self.rejected_budget,
             "unpriced_requests": self.unpriced,
             "estimated_usage_requests": self.estimated,
+            "exact_cache_hits": self.exact_hits,
+            "semantic_cache_hits": self.semantic_hits,
+            "exact_saved_usd": decimal_text(self.exact_saved_usd),
+            "semantic_saved_usd": decimal_text(self.semantic_saved_usd),
         }
 
 
@@ -102,7 +110,15 @@ def parse_since(text: str | None) -> float | None:
     return parsed.timestamp()
 
 
-def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) -> list[ReportRow]:
+def build_report(
+    conn: sqlite3.Connection,
+    by: str,
+    since: float | None = None,
+    *,
+    until: float | None = None,
+    tenant: str | None = None,
+) -> list[ReportRow]:
+    """Scan the ledger: rows with since <= ts < until (each optional), of one tenant if given."""
     if by not in GROUP_COLUMNS:
         raise ValueError(f"--by must be one of {', '.join(GROUP_COLUMNS)}")
     column = GROUP_COLUMNS[by]
@@ -110,10 +126,14 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
         f"SELECT {column}, status, input_tokens, cached_input_tokens, output_tokens, cost_usd, "
         "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated FROM ledger"
     )
-    params: tuple[Any, ...] = ()
-    if since is not None:
-        sql += " WHERE ts >= ?"
-        params = (since,)
+    clauses: list[str] = []
+    params: list[Any] = []
+    for clause, value in (("ts >= ?", since), ("ts < ?", until), ("tenant_id = ?", tenant)):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
     rows: dict[str | None, ReportRow] = {}
     for row_values in conn.execute(sql, params):
         key, status, inp, cached, out, cost, retry_cost, estimated, saved, http_status, cache, escalated = (
@@ -143,10 +163,16 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
             row.retry_cost_usd += Decimal(retry_cost)
         if saved is not None:
             row.saved_usd += Decimal(saved)
+            if cache == "exact":
+                row.exact_saved_usd += Decimal(saved)
+            elif cache == "semantic":
+                row.semantic_saved_usd += Decimal(saved)
         if http_status == 429:
             row.rejected_budget += 1
         if cache != "miss":
             row.cache_hits += 1
+            row.exact_hits += cache == "exact"
+            row.semantic_hits += cache == "semantic"
         row.escalated += escalated
     return sorted(rows.values(), key=lambda r: (-r.cost_usd, r.group is None, r.group or ""))
 
@@ -168,6 +194,10 @@ def totals(rows: Iterable[ReportRow]) -> ReportRow:
         total.escalated += r.escalated
         total.unpriced += r.unpriced
         total.estimated += r.estimated
+        total.exact_hits += r.exact_hits
+        total.semantic_hits += r.semantic_hits
+        total.exact_saved_usd += r.exact_saved_usd
+        total.semantic_saved_usd += r.semantic_saved_usd
     return total
 
 

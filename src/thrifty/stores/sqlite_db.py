@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -137,7 +139,99 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX semantic_cache_expiry ON semantic_cache (expires_at);
         """,
     ),
+    (
+        12,
+        # Hourly and daily rollups of the ledger, kept up to date by the ledger writer in the same
+        # transaction as its batch (stores/rollups.py), so the dashboard never scans the ledger.
+        # grain: 'h'/'d' by the attribution dimensions, 'hu'/'du' by tenant and user (users would
+        # multiply the main grain's rows). `dims` is json_array() of the grain's dimensions: NULL
+        # never equals NULL in a key, the JSON text does. Money is exact decimal text, summed with
+        # thrifty_dec_add/thrifty_dec_sum (registered on every connection). Existing rows are
+        # rolled up here, once.
+        """
+        CREATE TABLE ledger_rollup (
+            grain TEXT NOT NULL,
+            bucket INTEGER NOT NULL,
+            dims TEXT NOT NULL,
+            tenant_id TEXT NOT NULL,
+            feature TEXT,
+            route TEXT,
+            prompt_version TEXT,
+            model TEXT,
+            user TEXT,
+            requests INTEGER NOT NULL,
+            ok INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            cached_input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            cost_usd TEXT,
+            error_cost_usd TEXT,
+            retry_cost_usd TEXT,
+            saved_usd TEXT,
+            exact_saved_usd TEXT,
+            semantic_saved_usd TEXT,
+            budget_rejections INTEGER NOT NULL,
+            exact_hits INTEGER NOT NULL,
+            semantic_hits INTEGER NOT NULL,
+            escalated INTEGER NOT NULL,
+            retries INTEGER NOT NULL,
+            unpriced INTEGER NOT NULL,
+            estimated INTEGER NOT NULL,
+            PRIMARY KEY (grain, bucket, dims)
+        ) WITHOUT ROWID;
+        INSERT INTO ledger_rollup
+        SELECT g.grain, CAST(l.ts / g.width AS INTEGER) * g.width,
+            CASE WHEN g.by_user THEN json_array(l.tenant_id, l.user)
+                 ELSE json_array(l.tenant_id, l.feature, l.route, l.prompt_version, l.model) END,
+            l.tenant_id,
+            CASE WHEN g.by_user THEN NULL ELSE l.feature END,
+            CASE WHEN g.by_user THEN NULL ELSE l.route END,
+            CASE WHEN g.by_user THEN NULL ELSE l.prompt_version END,
+            CASE WHEN g.by_user THEN NULL ELSE l.model END,
+            CASE WHEN g.by_user THEN l.user ELSE NULL END,
+            COUNT(*), SUM(l.status = 'ok'), SUM(l.input_tokens), SUM(l.cached_input_tokens),
+            SUM(l.output_tokens), thrifty_dec_sum(l.cost_usd),
+            thrifty_dec_sum(CASE WHEN l.status != 'ok' THEN l.cost_usd END),
+            thrifty_dec_sum(l.retry_cost_usd), thrifty_dec_sum(l.saved_usd),
+            thrifty_dec_sum(CASE WHEN l.cache = 'exact' THEN l.saved_usd END),
+            thrifty_dec_sum(CASE WHEN l.cache = 'semantic' THEN l.saved_usd END),
+            SUM(l.http_status = 429), SUM(l.cache = 'exact'), SUM(l.cache = 'semantic'), SUM(l.escalated),
+            SUM(l.retries), SUM(l.cost_usd IS NULL), SUM(l.usage_estimated)
+        FROM ledger AS l CROSS JOIN (
+            SELECT 'h' AS grain, 3600 AS width, 0 AS by_user UNION ALL SELECT 'd', 86400, 0
+            UNION ALL SELECT 'hu', 3600, 1 UNION ALL SELECT 'du', 86400, 1
+        ) AS g
+        GROUP BY 1, 2, 3
+        """,
+    ),
 )
+
+
+def _dec_add(a: str | None, b: str | None) -> str | None:
+    """Exact sum of two decimal texts (NULL is nothing): SQLite itself has only binary floats."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return format(Decimal(a) + Decimal(b), "f")
+
+
+class _DecSum:
+    def __init__(self) -> None:
+        self.total: Decimal | None = None
+
+    def step(self, value: Any, /) -> None:
+        if value is not None:
+            self.total = Decimal(value) if self.total is None else self.total + Decimal(value)
+
+    def finalize(self) -> str | None:
+        return None if self.total is None else format(self.total, "f")
+
+
+def register_functions(conn: sqlite3.Connection) -> None:
+    """SQL functions thrifty's statements use: exact decimal addition and sum over decimal text."""
+    conn.create_function("thrifty_dec_add", 2, _dec_add, deterministic=True)
+    conn.create_aggregate("thrifty_dec_sum", 1, _DecSum)  # type: ignore[arg-type]  # typeshed: int only
 
 
 def scope_where(
@@ -159,11 +253,13 @@ def connect(path: Path, *, synchronous: str = "normal", check_same_thread: bool 
     # With WAL, NORMAL loses nothing when the process dies (only on power loss); FULL fsyncs each commit.
     conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
     conn.execute("PRAGMA busy_timeout=30000")
+    register_functions(conn)
     return conn
 
 
 def migrate(conn: sqlite3.Connection) -> list[int]:
     """Apply the migrations this database has not seen; return their versions."""
+    register_functions(conn)
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
     )

@@ -193,6 +193,46 @@ def report(
 
 
 @app.command()
+def dashboard(
+    config: ConfigOpt = None,
+    db: Annotated[
+        Path | None, typer.Option(help="ledger SQLite file (default: the settings' storage)")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default from settings)")] = None,
+    port: Annotated[int, typer.Option(help="port")] = 8081,
+    rebuild_rollups: Annotated[
+        bool, typer.Option("--rebuild-rollups", help="recompute the rollups from the ledger, then exit")
+    ] = False,
+) -> None:
+    """Serve the dashboard (/dashboard) over an existing ledger, without the proxy."""
+    import asyncio
+
+    from thrifty.stores.reporting import SqliteReportingStore
+    from thrifty.stores.sqlite_db import open_database
+
+    settings = _settings(config)
+    path = db or settings.storage.sqlite_path
+    if not path.exists():
+        raise ThriftyError(f"no ledger at {path}")
+    if rebuild_rollups:
+        open_database(path).close()
+        rows = asyncio.run(SqliteReportingStore(path).rebuild_rollups())
+        typer.echo(f"rebuilt the rollups from {rows:,} ledger row{'' if rows == 1 else 's'}")
+        return
+    import uvicorn
+
+    from thrifty.server.dashboard.standalone import dashboard_config
+
+    if not settings.dashboard.admin_key_hashes and not settings.tenants:
+        raise ThriftyError("no keys can sign in: add dashboard.admin_key_hashes or tenants to the settings")
+    server = uvicorn.Server(dashboard_config(settings, path, host=host or settings.server.host, port=port))
+    typer.echo(
+        f"thrifty dashboard on http://{host or settings.server.host}:{port}/dashboard over {path.resolve()}"
+    )
+    server.run()
+
+
+@app.command()
 def alerts(
     since: Annotated[str | None, typer.Option(help="YYYY-MM-DD, ISO time, or 7d/24h/30m")] = "7d",
     config: ConfigOpt = None,

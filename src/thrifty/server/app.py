@@ -19,7 +19,9 @@ from thrifty.errors import InvalidRequest, NotFound, ThriftyError
 from thrifty.gateway import Gateway, parse_chat_body
 from thrifty.pipeline import Completion, RequestContext, Streamed
 from thrifty.providers.base import StreamChunk, chunk_finishes, close_stream
+from thrifty.server.dashboard import DashboardApp
 from thrifty.settings import Settings
+from thrifty.stores.reporting import SqliteReportingStore
 from thrifty.types import Tags
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,13 @@ class ThriftyApp:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self._max_body = gateway.settings.server.max_body_bytes
+        self._dashboard: DashboardApp | None = None
+        if gateway.settings.dashboard.enabled:
+            self._dashboard = DashboardApp(
+                SqliteReportingStore(gateway.db_path),
+                gateway.settings,
+                lambda key: gateway.authenticate("Bearer " + key),
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -178,6 +187,8 @@ class ThriftyApp:
                 await _send_json(send, 200, {"object": "list", "data": self.gateway.model_list()})
             elif path == "/healthz":
                 await _send_json(send, 200, {"status": "ok"})
+            elif self._dashboard is not None and (path == "/dashboard" or path.startswith("/dashboard/")):
+                await self._dashboard(scope, receive, send)
             else:
                 raise NotFound(
                     f"no route {method} {path}; thrifty serves /v1/chat/completions and /v1/models",

@@ -152,3 +152,20 @@ async def test_existing_ledgers_are_rolled_up_by_the_migration_and_by_rebuild(tm
     assert await store.rebuild_rollups() == len(entries)
     assert conn.execute("SELECT * FROM ledger_rollup ORDER BY grain, bucket, dims").fetchall() == migrated
     conn.close()
+
+
+async def test_amounts_finer_than_a_pico_dollar_and_millions_stay_exact(tmp_path: Path):
+    db = tmp_path / "l.db"
+    open_database(db).close()
+    costs = ["0.0000000000001234", "0.1", "3000000.000001", "3000000", "2000000.5", "0.00000000000000001"]
+    entries = [
+        dataclasses.replace(ledger_entry(f"r{i}", ts=T0 + i, cost=c), saved_usd=Decimal(c))
+        for i, c in enumerate(costs)
+    ]
+    await _write(db, entries[:2])
+    await _write(db, entries[2:4])  # $6M in one batch: past what fits in 2^62 pico-USD
+    await _write(db, entries[4:])
+    store = SqliteReportingStore(db)
+    (row,) = await store.rollup_by("tenant", Window())
+    assert row.cost_usd == sum((Decimal(c) for c in costs), Decimal(0))
+    assert row.to_json() == (await store.spend_by("tenant", Window()))[0].to_json()

@@ -7,7 +7,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -37,6 +37,9 @@ from thrifty.stores.ledger import LedgerWriter
 from thrifty.stores.sqlite_db import open_database
 from thrifty.tokens import TokenCounter, encoding_for_model
 from thrifty.types import ModelTarget, Tags
+
+if TYPE_CHECKING:
+    from thrifty.tracing import LedgerTracer
 
 
 def _targets(settings: Settings) -> dict[str, ModelTarget]:
@@ -113,6 +116,12 @@ class Gateway:
             synchronous=settings.storage.synchronous,
             batch_max=settings.storage.ledger_batch_max,
         )
+        self.tracer: LedgerTracer | None = None
+        if settings.tracing.enabled:  # off: OpenTelemetry is not even imported
+            from thrifty.tracing import LedgerTracer
+
+            self.tracer = LedgerTracer(settings.tracing)
+            self.ledger.observe(self.tracer.observe_batch)
         self._key_tenants = {h: tenant for tenant, t in settings.tenants.items() for h in t.key_hashes}
         self._db: sqlite3.Connection | None = None
         self._keys: SqliteKeyStore | None = None
@@ -146,6 +155,7 @@ class Gateway:
             settings.routes, {n: p.kind for n, p in settings.providers.items()}
         )
         self._cache_db: sqlite3.Connection | None = None
+        self.resilience = Resilience(settings.resilience, settings.routes, self.targets)
         rate_limits = {t: s.rate_limit for t, s in settings.tenants.items() if s.rate_limit is not None}
         # A stage the settings leave nothing to do is not in the chain: it would cost every request.
         stages: list[Stage | None] = [
@@ -167,7 +177,7 @@ class Gateway:
             else None,
             spend_guard,
             self.router if self.router.active else None,
-            Resilience(settings.resilience, settings.routes, self.targets),
+            self.resilience,
             prefix_marks if prefix_marks.active else None,  # per attempt: fallbacks may not be Anthropic
         ]
         self._handle: Handler = build_chain(
@@ -224,6 +234,8 @@ class Gateway:
         for provider in self.providers.values():
             await provider.close()
         self.ledger.close()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.close)  # exports what is queued; never on the loop
         self.semantic_cache.close()
         if self._cache_db is not None:
             self._cache_db.close()

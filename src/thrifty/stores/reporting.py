@@ -24,7 +24,7 @@ import orjson
 
 from thrifty.report import GROUP_COLUMNS, ReportRow, build_report
 from thrifty.stores.rollups import DAY, HOUR, INT_FIELDS, MONEY_FIELDS, rebuild_rollups
-from thrifty.stores.sqlite_db import connect
+from thrifty.stores.sqlite_db import connect, join_money
 
 T = TypeVar("T")
 Bucket = Literal["hour", "day"]
@@ -108,7 +108,17 @@ def _day_text(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
 
 
-_SUMS = ", ".join([f"SUM({f})" for f in INT_FIELDS] + [f"thrifty_dec_sum({f})" for f in MONEY_FIELDS])
+def _sums(int_sum: str) -> str:
+    money = [
+        f"{int_sum}({f}_pico), MIN({f}_exp), thrifty_dec_sum({f}_rest) FILTER (WHERE {f}_rest IS NOT NULL)"
+        for f in MONEY_FIELDS
+    ]
+    return ", ".join([f"SUM({f})" for f in INT_FIELDS] + money)
+
+
+_SUMS = _sums("SUM")
+# Beyond 2^63 pico-USD ($9.2M) in one answer SQLite's SUM overflows; Python's integers do not.
+_BIG_SUMS = _sums("thrifty_int_sum")
 
 
 def _merge(row: ReportRow, values: tuple[Any, ...]) -> None:
@@ -125,13 +135,11 @@ def _merge(row: ReportRow, values: tuple[Any, ...]) -> None:
         _retries,
         unpriced,
         estimated,
-        cost,
-        error_cost,
-        retry_cost,
-        saved,
-        exact_saved,
-        semantic_saved,
+        *money,
     ) = values
+    cost, error_cost, retry_cost, saved, exact_saved, semantic_saved = (
+        join_money(*money[i : i + 3]) for i in range(0, len(money), 3)
+    )
     row.requests += requests
     row.ok += ok
     row.input_tokens += inp
@@ -152,8 +160,7 @@ def _merge(row: ReportRow, values: tuple[Any, ...]) -> None:
         ("exact_saved_usd", exact_saved),
         ("semantic_saved_usd", semantic_saved),
     ):
-        if amount is not None:
-            setattr(row, name, getattr(row, name) + Decimal(amount))
+        setattr(row, name, getattr(row, name) + amount)
 
 
 def _order(row: ReportRow) -> tuple[bool, str]:
@@ -222,10 +229,16 @@ class SqliteReportingStore:
             bucket_sql = "0" if width == 0 else f"bucket / {width} * {width}"
             group_sql = f"bucket / {DAY} * {DAY}" if by == "day" else column
             sql = (
-                f"SELECT {bucket_sql}, {group_sql}, {_SUMS} FROM ledger_rollup "
+                f"SELECT {bucket_sql}, {group_sql}, {{}} FROM ledger_rollup "
                 f"WHERE {' AND '.join(clauses)} GROUP BY 1, 2"
             )
-            for bucket, key, *values in conn.execute(sql, params):
+            try:
+                found_rows = conn.execute(sql.format(_SUMS), params).fetchall()
+            except sqlite3.OperationalError as err:
+                if "overflow" not in str(err):
+                    raise
+                found_rows = conn.execute(sql.format(_BIG_SUMS), params).fetchall()
+            for bucket, key, *values in found_rows:
                 group = _day_text(key) if by == "day" else (None if key is None else str(key))
                 row = found.get((bucket, group))
                 if row is None:
@@ -243,12 +256,13 @@ class SqliteReportingStore:
                 if value is not None:
                     clauses.append(f"{column} = ?")
                     params.append(value)
-            usd, tokens = conn.execute(
-                "SELECT thrifty_dec_sum(cost_usd), SUM(input_tokens + output_tokens) FROM ledger_rollup "
-                f"WHERE {' AND '.join(clauses)}",
+            pico, exponent, rest, tokens = conn.execute(
+                "SELECT thrifty_int_sum(cost_usd_pico), MIN(cost_usd_exp), "
+                "thrifty_dec_sum(cost_usd_rest) FILTER (WHERE cost_usd_rest IS NOT NULL), "
+                f"SUM(input_tokens + output_tokens) FROM ledger_rollup WHERE {' AND '.join(clauses)}",
                 params,
             ).fetchone()
-            return BudgetUse(Decimal(usd or 0), int(tokens or 0))
+            return BudgetUse(join_money(pico, exponent, rest), int(tokens or 0))
 
         return await self._run(query)
 

@@ -4,7 +4,7 @@ The dashboard reads these instead of the ledger, so a page over ten million rows
 thousand. The writer folds its batch in Python first (one dict update per row), then writes one
 UPSERT per distinct (grain, bucket, dimensions) key, inside the batch's own transaction: a row is
 in the rollups exactly when it is in the ledger. Money stays exact decimal text
-(`thrifty_dec_add`, registered on every connection by `sqlite_db.connect`).
+(whole pico-USD summed by SQLite, see migration 12).
 
 Grains: `h` and `d` (hour, UTC day) by tenant, feature, route, prompt version and model; `hu` and
 `du` by tenant and user, kept apart so that many users do not multiply the main grain's rows.
@@ -16,6 +16,8 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
+
+from thrifty.stores.sqlite_db import split_money
 
 HOUR = 3600
 DAY = 86400
@@ -50,17 +52,25 @@ MONEY_FIELDS = (
     "semantic_saved_usd",
 )
 MEASURES = INT_FIELDS + MONEY_FIELDS
-_KEY_COLUMNS = ("grain", "bucket", "tenant_id", "feature", "route", "prompt_version", "model", "user")
+MONEY_COLUMNS = tuple(f"{f}_{part}" for f in MONEY_FIELDS for part in ("pico", "exp", "rest"))
+_KEY_COLUMNS = "grain, bucket, dims, tenant_id, feature, route, prompt_version, model, user"
+_N_VALUES = 8 + len(INT_FIELDS) + len(MONEY_COLUMNS)
 
 UPSERT_SQL = (
-    "INSERT INTO ledger_rollup (grain, bucket, dims, tenant_id, feature, route, prompt_version, model, "
-    f"user, {', '.join(MEASURES)}) VALUES (?1, ?2, "
+    f"INSERT INTO ledger_rollup ({_KEY_COLUMNS}, {', '.join(INT_FIELDS)}, {', '.join(MONEY_COLUMNS)}) "
+    "VALUES (?1, ?2, "
     "CASE WHEN ?1 IN ('hu', 'du') THEN json_array(?3, ?8) ELSE json_array(?3, ?4, ?5, ?6, ?7) END, "
-    f"?3, ?4, ?5, ?6, ?7, ?8, {', '.join(f'?{i}' for i in range(9, 9 + len(MEASURES)))}) "
+    f"?3, ?4, ?5, ?6, ?7, ?8, {', '.join(f'?{i}' for i in range(9, _N_VALUES + 1))}) "
     "ON CONFLICT (grain, bucket, dims) DO UPDATE SET "
     + ", ".join(f"{f} = {f} + excluded.{f}" for f in INT_FIELDS)
     + ", "
-    + ", ".join(f"{f} = thrifty_dec_add({f}, excluded.{f})" for f in MONEY_FIELDS)
+    + ", ".join(
+        f"{f}_pico = {f}_pico + excluded.{f}_pico, {f}_exp = min({f}_exp, excluded.{f}_exp), "
+        # Python is called only for an amount finer than a pico-USD (an override's odd price).
+        f"{f}_rest = CASE WHEN excluded.{f}_rest IS NULL THEN {f}_rest "
+        f"ELSE thrifty_dec_add({f}_rest, excluded.{f}_rest) END"
+        for f in MONEY_FIELDS
+    )
 )
 
 # Positions in a ledger row tuple (stores/ledger.py `_COLUMNS`).
@@ -146,14 +156,14 @@ def fold_rows(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
                 into[i] += acc[i]
             for i in range(len(INT_FIELDS), len(MEASURES)):
                 into[i] = _add(into[i], acc[i])
-    return [
-        (
-            *key,
-            *acc[: len(INT_FIELDS)],
-            *(None if m is None else format(m, "f") for m in acc[len(INT_FIELDS) :]),
-        )
-        for key, acc in coarse.items()
-    ]
+    n_int = len(INT_FIELDS)
+    out = []
+    for key, acc in coarse.items():
+        values = [*key, *acc[:n_int]]
+        for amount in acc[n_int:]:
+            values.extend(split_money(amount))
+        out.append(tuple(values))
+    return out
 
 
 def add_rollups(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None:

@@ -38,7 +38,7 @@ _JSON = (b"content-type", b"application/json")
 _SECURITY = [
     (
         b"content-security-policy",
-        b"default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'",
+        b"default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'",
     ),
     (b"x-content-type-options", b"nosniff"),
     (b"cache-control", b"no-store"),

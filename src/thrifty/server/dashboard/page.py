@@ -33,7 +33,7 @@ th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}
 .chart .grid{stroke:#e5e5e5}.chart .tick{font-size:11px;fill:#555}
 .legend{list-style:none;display:flex;gap:12px;flex-wrap:wrap;padding:0;margin:6px 0}
 .swatch{display:inline-block;width:10px;height:10px;margin-right:4px}
-.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:12px}
+.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:12px}.cols>div{overflow-x:auto}
 .muted{color:#777}details summary{cursor:pointer}.error{color:#b00}
 """
 
@@ -293,7 +293,7 @@ def render_page(data: Mapping[str, Any]) -> str:
     ]
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>thrifty dashboard</title>'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">'
         f"<style>{_CSS}</style></head><body>"
         f'<header><h1>thrifty</h1><span id="viewer">{escape(who)}</span>{filters}'
         '<a href="/dashboard/logout">sign out</a></header>'
@@ -305,7 +305,8 @@ def login_page(message: str | None = None) -> str:
     note = f'<p class="error" id="login-error">{escape(message)}</p>' if message else ""
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>thrifty dashboard: sign in</title>'
-        f"<style>{_CSS}</style></head><body><main><section><h2>thrifty dashboard</h2>{note}"
+        f'<link rel="icon" href="data:,"><style>{_CSS}</style></head>'
+        f"<body><main><section><h2>thrifty dashboard</h2>{note}"
         '<form method="post" action="/dashboard/login"><label>key <input type="password" name="key" '
         'autocomplete="current-password" size="50"></label> <button type="submit">sign in</button></form>'
         '<p class="muted">An admin key sees every tenant; a tenant\'s virtual key sees its own.</p>'

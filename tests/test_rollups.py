@@ -45,7 +45,7 @@ def varied_entries(n: int = 120, t0: float = T0) -> list[LedgerEntry]:
             ),
             failed_attempt_costs=("0.0000003",) if i % 6 == 0 else (),
         )
-        cache = ("miss", "exact", "semantic")[i % 3] if i % 4 == 0 else "miss"
+        cache = ("miss", "exact", "semantic", "dedup")[i % 4] if i % 3 == 0 else "miss"
         out.append(
             dataclasses.replace(
                 base,

@@ -496,6 +496,25 @@ def cache_purge(
     )
 
 
+@bench_app.command("dashboard")
+def bench_dashboard(
+    rows: Annotated[int, typer.Option(help="synthetic ledger rows")] = 1_000_000,
+    db: Annotated[
+        Path | None, typer.Option(help="ledger file: reused when it holds --rows rows, else generated")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="requests per endpoint and window")] = 15,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+) -> None:
+    """p50/p95 of the dashboard's JSON endpoints over a large synthetic ledger (rollups, not scans)."""
+    from thrifty.bench.dashboard import run_dashboard_bench
+
+    path = db or Path(f"bench-dashboard-{rows}.db")
+    try:
+        run_dashboard_bench(path, rows, repeats=repeats, tenants=8, console=_console(), json_out=json_out)
+    except RuntimeError as err:
+        raise ThriftyError(str(err)) from err
+
+
 @bench_app.command("overhead")
 def bench_overhead(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,

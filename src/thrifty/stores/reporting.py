@@ -135,6 +135,7 @@ def _merge(row: ReportRow, values: tuple[Any, ...]) -> None:
         _retries,
         unpriced,
         estimated,
+        dedup,
         *money,
     ) = values
     cost, error_cost, retry_cost, saved, exact_saved, semantic_saved = (
@@ -152,6 +153,7 @@ def _merge(row: ReportRow, values: tuple[Any, ...]) -> None:
     row.escalated += escalated
     row.unpriced += unpriced
     row.estimated += estimated
+    row.dedup_hits += dedup
     for name, amount in (
         ("cost_usd", cost),
         ("error_cost_usd", error_cost),

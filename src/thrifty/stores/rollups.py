@@ -42,6 +42,7 @@ INT_FIELDS = (
     "retries",
     "unpriced",
     "estimated",
+    "dedup_hits",
 )
 MONEY_FIELDS = (
     "cost_usd",
@@ -121,23 +122,24 @@ def fold_rows(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
         acc[8] += row[_ESCALATED]
         acc[9] += row[_RETRIES]
         acc[11] += row[_ESTIMATED]
+        acc[12] += cache == "dedup"
         cost = row[_COST]
         if cost is None:
             acc[10] += 1
         else:
             amount = Decimal(cost)
-            acc[12] = amount if acc[12] is None else acc[12] + amount
+            acc[13] = amount if acc[13] is None else acc[13] + amount
             if not ok:
-                acc[13] = amount if acc[13] is None else acc[13] + amount
+                acc[14] = amount if acc[14] is None else acc[14] + amount
         if row[_RETRY_COST] is not None:
-            acc[14] = _add(acc[14], Decimal(row[_RETRY_COST]))
+            acc[15] = _add(acc[15], Decimal(row[_RETRY_COST]))
         if row[_SAVED] is not None:
             saved = Decimal(row[_SAVED])
-            acc[15] = _add(acc[15], saved)
+            acc[16] = _add(acc[16], saved)
             if cache == "exact":
-                acc[16] = _add(acc[16], saved)
-            elif cache == "semantic":
                 acc[17] = _add(acc[17], saved)
+            elif cache == "semantic":
+                acc[18] = _add(acc[18], saved)
     coarse: dict[tuple[Any, ...], list[Any]] = {}
     for (hour, tenant, feature, route, pv, model, user), acc in fine.items():
         day = hour // DAY * DAY

@@ -241,3 +241,22 @@ def test_the_gateway_serves_the_dashboard_over_its_own_ledger(tmp_path: Path, op
         assert [(r["group"], r["requests"], r["cost_usd"]) for r in body["rows"]] == [("f1", 1, cost)]
         assert get(root + "/dashboard", ADMIN_KEY).status_code == 200
         assert get(root + "/dashboard").status_code == 401
+
+
+def test_the_demo_serves_its_dashboard_with_serve():
+    from thrifty.demo import run_demo
+
+    lines: list[str] = []
+    seen: dict[str, Any] = {}
+
+    def look() -> None:  # what a user does while the demo keeps the gateway up
+        (line,) = [x for x in lines if x.startswith("dashboard: http://")]
+        url, key = line.split()[1], line.split("admin key: ")[1].rstrip(")")
+        seen["page"] = get(url, key, range="all")
+        seen["anonymous"] = get(url)
+
+    code = run_demo(None, 12, None, lambda x: lines.append(str(x)), cascade_prompts=0, support_lookups=0,
+                    serve=True, wait=look)  # fmt: skip
+    assert code == 0
+    assert seen["page"].status_code == 200 and "acme" in seen["page"].text and "<svg" in seen["page"].text
+    assert seen["anonymous"].status_code == 401

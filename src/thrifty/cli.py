@@ -286,6 +286,9 @@ def demo(
     support_lookups: Annotated[
         int, typer.Option(help="later askers in other words (0 skips the phase)")
     ] = 500,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="then keep the gateway up and print the dashboard's URL")
+    ] = False,
 ) -> None:
     """Start the gateway on loopback, send real SDK traffic, print the report. No keys, no services."""
     from thrifty.demo import DEFAULT_DATA, run_demo
@@ -302,6 +305,7 @@ def demo(
         support_seeds=support_seeds,
         support_lookups=support_lookups,
         width=console.width,
+        serve=serve,
     )
     raise typer.Exit(code)
 

@@ -102,6 +102,7 @@ def write_ledger(db: Path, entries: list[LedgerEntry]) -> None:
 def serve_asgi(app: Any) -> Iterator[str]:
     """Run an ASGI app under uvicorn on an ephemeral loopback port; yield its base URL."""
     sock = socket.socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, host="127.0.0.1", port=sock.getsockname()[1], **server_options())  # type: ignore[arg-type]
     server = uvicorn.Server(config)

@@ -260,3 +260,17 @@ def test_the_demo_serves_its_dashboard_with_serve():
     assert code == 0
     assert seen["page"].status_code == 200 and "acme" in seen["page"].text and "<svg" in seen["page"].text
     assert seen["anonymous"].status_code == 401
+
+
+@pytest.mark.parametrize("range_name", ["24h", "all"])
+def test_the_page_json_and_the_top_tables_equal_the_report(dash, range_name):
+    url, settings, _ = dash
+    page = get(url + "/dashboard/api/page", ADMIN_KEY, by="model", range=range_name).json()
+    window = page["summary"]["window"]
+    assert page["summary"]["rows"] == _scan(settings, "model", window)
+    assert page["prompt_versions"]["rows"] == _scan(settings, "prompt_version", window)
+    assert page["routes"]["rows"] == _scan(settings, "route", window)
+    fields = ("group", "requests", "ok", "cost_usd", "cost_per_success_usd")
+    for by in ("feature", "tenant", "user"):
+        expected = [{k: r[k] for k in fields} for r in _scan(settings, by, window)[: page["top"]["n"]]]
+        assert page["top"][by] == expected, by

@@ -225,11 +225,16 @@ def dashboard(
 
     if not settings.dashboard.admin_key_hashes and not settings.tenants:
         raise ThriftyError("no keys can sign in: add dashboard.admin_key_hashes or tenants to the settings")
-    server = uvicorn.Server(dashboard_config(settings, path, host=host or settings.server.host, port=port))
-    typer.echo(
-        f"thrifty dashboard on http://{host or settings.server.host}:{port}/dashboard over {path.resolve()}"
-    )
-    server.run()
+    from thrifty.server.run import listening_socket
+
+    bind = host or settings.server.host
+    server = uvicorn.Server(dashboard_config(settings, path, host=bind, port=port))
+    try:
+        sock = listening_socket(bind, port)
+    except OSError as err:
+        raise ThriftyError(f"cannot listen on {bind}:{port}: {err.strerror}") from err
+    typer.echo(f"thrifty dashboard on http://{bind}:{port}/dashboard over {path.resolve()}")
+    server.run(sockets=[sock])
 
 
 @app.command()

@@ -112,6 +112,7 @@ def _served(app: Any) -> Iterator[str]:
     from thrifty.server.run import server_options
 
     sock = socket.socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see server/run.py
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, host="127.0.0.1", port=port, **server_options())  # type: ignore[arg-type]

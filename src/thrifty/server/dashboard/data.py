@@ -16,7 +16,7 @@ from thrifty.errors import InvalidRequest, PermissionDenied
 from thrifty.guard.budgets import Limit, Scope, limits_of, window_bounds
 from thrifty.report import ReportRow, totals
 from thrifty.settings import Settings
-from thrifty.stores.reporting import Bucket, ReportingStore, Window
+from thrifty.stores.reporting import Bucket, ReportingStore, SeriesPoint, Window
 from thrifty.stores.rollups import DAY, HOUR
 from thrifty.types import decimal_text
 
@@ -143,10 +143,25 @@ def window_json(query: Query) -> dict[str, Any]:
     }
 
 
-async def summary(store: ReportingStore, query: Query, by: str | None = None) -> dict[str, Any]:
+def _summary_of(points: list[SeriesPoint]) -> list[ReportRow]:
+    """The series' points summed per group: the summary rows, without reading the rollups again."""
+    per_group: dict[str | None, list[ReportRow]] = {}
+    for p in points:
+        per_group.setdefault(p.row.group, []).append(p.row)
+    rows = []
+    for group, parts in per_group.items():
+        row = totals(parts)
+        row.group = group
+        rows.append(row)
+    return sorted(rows, key=lambda r: (-r.cost_usd, r.group is None, r.group or ""))
+
+
+async def summary(
+    store: ReportingStore, query: Query, by: str | None = None, points: list[SeriesPoint] | None = None
+) -> dict[str, Any]:
     """Rows by one dimension and their total: the shape and numbers of `thrifty report --format json`."""
     by = by or query.by
-    rows = await store.rollup_by(by, query.window)
+    rows = _summary_of(points) if points is not None else await store.rollup_by(by, query.window)
     return {
         "window": window_json(query),
         "by": by,
@@ -155,11 +170,14 @@ async def summary(store: ReportingStore, query: Query, by: str | None = None) ->
     }
 
 
-async def series(store: ReportingStore, query: Query, by: str | None = None) -> dict[str, Any]:
+async def series(
+    store: ReportingStore, query: Query, by: str | None = None, points: list[SeriesPoint] | None = None
+) -> dict[str, Any]:
     """Spend, requests and 429s per hour or day, one series per group (all groups; the chart
     merges the smallest into one band)."""
     by = by or query.by
-    points = await store.rollup_series(by, query.bucket, query.window)
+    if points is None:
+        points = await store.rollup_series(by, query.bucket, query.window)
     buckets = sorted({p.bucket for p in points})
     index = {b: i for i, b in enumerate(buckets)}
     groups: dict[str | None, dict[str, Any]] = {}
@@ -195,15 +213,18 @@ async def series(store: ReportingStore, query: Query, by: str | None = None) -> 
     }
 
 
+def _top_json(row: ReportRow) -> dict[str, Any]:
+    full = row.to_json()
+    return {k: full[k] for k in ("group", "requests", "ok", "cost_usd", "cost_per_success_usd")}
+
+
 async def top(store: ReportingStore, query: Query) -> dict[str, Any]:
-    found = await asyncio.gather(*(store.rollup_by(by, query.window) for by in TOP_DIMENSIONS))
+    """The most expensive features, tenants and users: requests, successes, cost, cost per success."""
+    found = await asyncio.gather(*(store.rollup_top(by, query.window, query.top_n) for by in TOP_DIMENSIONS))
     return {
         "window": window_json(query),
         "n": query.top_n,
-        **{
-            by: [r.to_json() for r in rows[: query.top_n]]
-            for by, rows in zip(TOP_DIMENSIONS, found, strict=True)
-        },
+        **{by: [_top_json(r) for r in rows] for by, rows in zip(TOP_DIMENSIONS, found, strict=True)},
     }
 
 
@@ -305,12 +326,17 @@ async def page(
     store: ReportingStore, settings: Settings, viewer: Viewer, query: Query, now: float
 ) -> dict[str, Any]:
     """Everything the page shows, in one dict (also GET /dashboard/api/page)."""
+    # A dimension's summary is its series summed: one read of the rollups serves both.
+    by_points, pv_points = await asyncio.gather(
+        store.rollup_series(query.by, query.bucket, query.window),
+        store.rollup_series("prompt_version", query.bucket, query.window),
+    )
     parts = await asyncio.gather(
-        summary(store, query),
-        series(store, query),
+        summary(store, query, points=by_points),
+        series(store, query, points=by_points),
         summary(store, query, "route"),
-        summary(store, query, "prompt_version"),
-        series(store, query, "prompt_version"),
+        summary(store, query, "prompt_version", points=pv_points),
+        series(store, query, "prompt_version", points=pv_points),
         top(store, query),
         budgets(store, settings, viewer, now),
         alerts(store, settings, viewer, query),

@@ -56,6 +56,7 @@ def varied_entries(n: int = 120, t0: float = T0) -> list[LedgerEntry]:
                 saved_usd=Decimal("0.0125") if cache != "miss" else None,
                 escalated=i % 8 == 0,
                 http_status=429 if i % 13 == 0 else base.http_status,
+                context=None if i % 5 else {"saved": i, "finish_reason": ("length", "stop", None)[i % 3]},
             )
         )
     return out

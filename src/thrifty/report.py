@@ -47,6 +47,10 @@ class ReportRow:
     semantic_hits: int = 0
     exact_saved_usd: Decimal = field(default_factory=Decimal)
     semantic_saved_usd: Decimal = field(default_factory=Decimal)
+    context_tokens_saved: int = 0  # input tokens the context budgets took out (ledger column context)
+    # Requests on routes with an output budget, and those of them cut off at max_tokens.
+    output_budgeted: int = 0
+    length_cutoffs: int = 0
 
     @property
     def success_rate(self) -> float:
@@ -89,6 +93,10 @@ class ReportRow:
             "semantic_cache_hits": self.semantic_hits,
             "exact_saved_usd": decimal_text(self.exact_saved_usd),
             "semantic_saved_usd": decimal_text(self.semantic_saved_usd),
+            "context_tokens_saved": self.context_tokens_saved,
+            "length_cutoff_rate": round(self.length_cutoffs / self.output_budgeted, 6)
+            if self.output_budgeted
+            else None,
         }
 
 
@@ -127,7 +135,8 @@ def build_report(
     column = GROUP_COLUMNS[by]
     sql = (
         f"SELECT {column}, status, input_tokens, cached_input_tokens, output_tokens, cost_usd, "
-        "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated FROM ledger"
+        "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated, "
+        "COALESCE(json_extract(context, '$.saved'), 0), json_extract(context, '$.finish_reason') FROM ledger"
     )
     clauses: list[str] = []
     params: list[Any] = []
@@ -139,9 +148,22 @@ def build_report(
         sql += " WHERE " + " AND ".join(clauses)
     rows: dict[str | None, ReportRow] = {}
     for row_values in conn.execute(sql, params):
-        key, status, inp, cached, out, cost, retry_cost, estimated, saved, http_status, cache, escalated = (
-            row_values
-        )
+        (
+            key,
+            status,
+            inp,
+            cached,
+            out,
+            cost,
+            retry_cost,
+            estimated,
+            saved,
+            http_status,
+            cache,
+            escalated,
+            ctx_saved,
+            finish_reason,
+        ) = row_values
         if by == "day":
             key = datetime.fromtimestamp(key, UTC).strftime("%Y-%m-%d")
         group = None if key is None else str(key)
@@ -179,6 +201,10 @@ def build_report(
             row.exact_hits += cache == "exact"
             row.semantic_hits += cache == "semantic"
         row.escalated += escalated
+        row.context_tokens_saved += ctx_saved
+        if finish_reason is not None:
+            row.output_budgeted += 1
+            row.length_cutoffs += finish_reason == "length"
     return sorted(rows.values(), key=lambda r: (-r.cost_usd, r.group is None, r.group or ""))
 
 
@@ -204,6 +230,9 @@ def totals(rows: Iterable[ReportRow]) -> ReportRow:
         total.semantic_hits += r.semantic_hits
         total.exact_saved_usd += r.exact_saved_usd
         total.semantic_saved_usd += r.semantic_saved_usd
+        total.context_tokens_saved += r.context_tokens_saved
+        total.output_budgeted += r.output_budgeted
+        total.length_cutoffs += r.length_cutoffs
     return total
 
 
@@ -238,6 +267,7 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None, *, wi
         Column("dedup", priority=5),
         Column("escalated", priority=3),
         Column("429s", priority=5),
+        Column("ctx tok saved", priority=0),
     ]
     shown = [*rows, totals(rows)] if rows else []
     money = {
@@ -266,6 +296,7 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None, *, wi
                 f"{r.dedup_hits / r.requests:.1%}" if r.requests else "-",
                 f"{r.escalated / r.requests:.1%}" if r.requests else "-",
                 f"{r.rejected_budget:,}",
+                f"{r.context_tokens_saved:,}",
             ]
         )
     return fit_table(columns, cells, width=width, title=title, section_after=len(rows) - 1 if rows else None)

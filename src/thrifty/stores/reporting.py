@@ -153,6 +153,9 @@ def _merge(row: ReportRow, values: tuple[Any, ...]) -> None:
         unpriced,
         estimated,
         dedup,
+        context_saved,
+        output_budgeted,
+        length_cutoffs,
         *money,
     ) = values
     cost, error_cost, retry_cost, saved, exact_saved, semantic_saved = (
@@ -171,6 +174,9 @@ def _merge(row: ReportRow, values: tuple[Any, ...]) -> None:
     row.unpriced += unpriced
     row.estimated += estimated
     row.dedup_hits += dedup
+    row.context_tokens_saved += context_saved
+    row.output_budgeted += output_budgeted
+    row.length_cutoffs += length_cutoffs
     for name, amount in (
         ("cost_usd", cost),
         ("error_cost_usd", error_cost),

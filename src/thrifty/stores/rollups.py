@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 from thrifty.stores.sqlite_db import split_money
 
 HOUR = 3600
@@ -43,6 +45,9 @@ INT_FIELDS = (
     "unpriced",
     "estimated",
     "dedup_hits",
+    "context_tokens_saved",
+    "output_budgeted",
+    "length_cutoffs",
 )
 MONEY_FIELDS = (
     "cost_usd",
@@ -88,7 +93,7 @@ _IN, _CACHED, _OUT, _ESTIMATED, _COST, _SAVED, _CACHE, _ESCALATED, _RETRIES, _RE
     20,
     21,
 )
-_STATUS, _HTTP = 22, 23
+_STATUS, _HTTP, _CONTEXT = 22, 23, 30
 
 
 def _add(a: Decimal | None, b: Decimal | None) -> Decimal | None:
@@ -123,23 +128,31 @@ def fold_rows(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
         acc[9] += row[_RETRIES]
         acc[11] += row[_ESTIMATED]
         acc[12] += cache == "dedup"
+        context = row[_CONTEXT]
+        if context is not None:  # only on routes with context or output budgets
+            budgets = orjson.loads(context)
+            acc[13] += budgets.get("saved") or 0
+            finish = budgets.get("finish_reason")
+            if finish is not None:
+                acc[14] += 1
+                acc[15] += finish == "length"
         cost = row[_COST]
         if cost is None:
             acc[10] += 1
         else:
             amount = Decimal(cost)
-            acc[13] = amount if acc[13] is None else acc[13] + amount
+            acc[16] = amount if acc[16] is None else acc[16] + amount
             if not ok:
-                acc[14] = amount if acc[14] is None else acc[14] + amount
+                acc[17] = amount if acc[17] is None else acc[17] + amount
         if row[_RETRY_COST] is not None:
-            acc[15] = _add(acc[15], Decimal(row[_RETRY_COST]))
+            acc[18] = _add(acc[18], Decimal(row[_RETRY_COST]))
         if row[_SAVED] is not None:
             saved = Decimal(row[_SAVED])
-            acc[16] = _add(acc[16], saved)
+            acc[19] = _add(acc[19], saved)
             if cache == "exact":
-                acc[17] = _add(acc[17], saved)
+                acc[20] = _add(acc[20], saved)
             elif cache == "semantic":
-                acc[18] = _add(acc[18], saved)
+                acc[21] = _add(acc[21], saved)
     coarse: dict[tuple[Any, ...], list[Any]] = {}
     for (hour, tenant, feature, route, pv, model, user), acc in fine.items():
         day = hour // DAY * DAY

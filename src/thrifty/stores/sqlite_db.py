@@ -160,6 +160,24 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
+        9,
+        # Context budgets: tokens per section before and after, per request (JSON); and the
+        # summaries of conversation prefixes, made once per tenant and extended as a chat grows.
+        """
+        ALTER TABLE ledger ADD COLUMN context TEXT;
+        CREATE TABLE context_summaries (
+            tenant_id TEXT NOT NULL,
+            prefix_key TEXT NOT NULL,
+            covered_messages INTEGER NOT NULL,
+            summary TEXT NOT NULL,
+            summary_tokens INTEGER NOT NULL,
+            model TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (tenant_id, prefix_key)
+        );
+        """,
+    ),
+    (
         12,
         # Hourly and daily rollups of the ledger, kept up to date by the ledger writer in the same
         # transaction as its batch (stores/rollups.py), so the dashboard never scans the ledger.
@@ -193,6 +211,9 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             unpriced INTEGER NOT NULL,
             estimated INTEGER NOT NULL,
             dedup_hits INTEGER NOT NULL,
+            context_tokens_saved INTEGER NOT NULL,
+            output_budgeted INTEGER NOT NULL,
+            length_cutoffs INTEGER NOT NULL,
             cost_usd_pico INTEGER NOT NULL,
             cost_usd_exp INTEGER NOT NULL,
             cost_usd_rest TEXT,
@@ -216,7 +237,8 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         INSERT INTO ledger_rollup
         SELECT grain, bucket, dims, tenant_id, feature, route, prompt_version, model, user,
             requests, ok, input_tokens, cached_input_tokens, output_tokens, budget_rejections, exact_hits,
-            semantic_hits, escalated, retries, unpriced, estimated, dedup_hits,
+            semantic_hits, escalated, retries, unpriced, estimated, dedup_hits, context_tokens_saved,
+            output_budgeted, length_cutoffs,
             thrifty_pico(cost_usd), thrifty_exp(cost_usd), thrifty_rest(cost_usd),
             thrifty_pico(error_cost_usd), thrifty_exp(error_cost_usd), thrifty_rest(error_cost_usd),
             thrifty_pico(retry_cost_usd), thrifty_exp(retry_cost_usd), thrifty_rest(retry_cost_usd),
@@ -240,6 +262,9 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
                 SUM(l.cache = 'semantic') AS semantic_hits, SUM(l.escalated) AS escalated,
                 SUM(l.retries) AS retries, SUM(l.cost_usd IS NULL) AS unpriced,
                 SUM(l.usage_estimated) AS estimated, SUM(l.cache = 'dedup') AS dedup_hits,
+                SUM(COALESCE(json_extract(l.context, '$.saved'), 0)) AS context_tokens_saved,
+                SUM(json_extract(l.context, '$.finish_reason') IS NOT NULL) AS output_budgeted,
+                SUM(COALESCE(json_extract(l.context, '$.finish_reason') = 'length', 0)) AS length_cutoffs,
                 thrifty_dec_sum(l.cost_usd) AS cost_usd,
                 thrifty_dec_sum(CASE WHEN l.status != 'ok' THEN l.cost_usd END) AS error_cost_usd,
                 thrifty_dec_sum(l.retry_cost_usd) AS retry_cost_usd,

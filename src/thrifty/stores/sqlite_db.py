@@ -313,6 +313,8 @@ def split_money(value: Decimal | None) -> tuple[int, int, str | None]:
     exponent = value.as_tuple().exponent
     assert isinstance(exponent, int), "amounts are finite"
     pico = int(value.scaleb(12))  # toward zero
+    if exponent >= -12 and abs(pico) < _PICO_LIMIT:
+        return pico, min(exponent, 0), None  # the common case: a whole number of pico-USD
     if abs(pico) >= _PICO_LIMIT:
         # Over $4.6M in one batch and key: all of it as text, so SQLite's integers never overflow.
         return 0, min(exponent, 0), format(value, "f")

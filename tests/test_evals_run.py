@@ -325,3 +325,47 @@ def test_an_answer_that_reached_the_gateway_but_not_the_journal_is_not_generated
         == sum(Decimal(r["cost_usd"]) for r in ledger)
     )
     assert [r["cache"] for r in ledger].count("dedup") == 1
+
+
+def test_a_scheduled_run_whose_pass_rate_drops_raises_one_drift_alert(tmp_path: Path):
+    recorded = tmp_path / "recorded.jsonl"
+    golden = tmp_path / "set.jsonl"
+    mini = "gpt-4o-mini-2024-07-18"
+    rows = [
+        {"id": f"q{i}", "task": "gsm", "prompt": f"q{i}?", "reference": "1",
+         "responses": {mini: {"output": '{"answer": "1"}' if i < 2 else "no", "correct": int(i < 2)}}}
+        for i in range(4)
+    ]  # fmt: skip
+    recorded.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    golden.write_bytes(recorded.read_bytes())
+    settings = base_settings(
+        tmp_path,
+        providers={"replay": {"kind": "replay", "data": [str(recorded)]}},
+        models={"mini": {"provider": "replay", "upstream": mini}},
+    )
+
+    def run(out: str, **kw: Any) -> dict[str, Any]:
+        return run_command(
+            settings, golden_path=golden, models="mini", route=None, out=tmp_path / out, tenant="acme",
+            concurrency=2, confidence=0.95, labelled_out=None, console=_quiet(), **kw,
+        )  # fmt: skip
+
+    first = run("first.json")
+    base = {**first, "items": {"mini": dict.fromkeys(first["items"]["mini"], True)}}  # it used to pass all 4
+    (tmp_path / "base.json").write_bytes(orjson.dumps(base))
+
+    def alerts() -> list[tuple[str, str]]:
+        with sqlite3.connect(tmp_path / "ledger.db") as conn:
+            return list(conn.execute("SELECT kind, message FROM alerts WHERE kind = 'eval_drift'"))
+
+    assert run("ok.json", baseline=tmp_path / "base.json", alert_drop="60pp")["drift"] == []
+    assert alerts() == []
+    drifted = run("nightly.json", baseline=tmp_path / "base.json", alert_drop="10pp")
+    assert drifted["drift"] == [{"model": "mini", "items": 4, "baseline_rate": 1.0, "rate": 0.5}]
+    assert alerts() == [
+        ("eval_drift", f"eval of mini on {golden}: pass rate 50.0% vs the baseline's 100.0% on 4 items")
+    ]
+    run("nightly.json", baseline=tmp_path / "base.json", alert_drop="10pp")  # the same run, resumed
+    assert len(alerts()) == 1
+    with pytest.raises(InvalidData, match="--baseline and --alert-drop go together"):
+        run("x.json", baseline=tmp_path / "base.json")

@@ -701,6 +701,10 @@ def eval_run(
     labelled_out: Annotated[
         Path | None, typer.Option(help="labelled outputs, ZeroEval format (default OUT-stem.zeroeval.jsonl)")
     ] = None,
+    baseline: Annotated[Path | None, typer.Option(help="results to compare with (drift alert)")] = None,
+    alert_drop: Annotated[
+        str | None, typer.Option(help="alert when a model's pass rate is this many points below --baseline")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Call each model on a golden set through the gateway (priced, in the ledger as feature
@@ -719,6 +723,8 @@ def eval_run(
         confidence=confidence,
         labelled_out=labelled_out,
         console=_console(),
+        baseline=baseline,
+        alert_drop=alert_drop,
     )
     if results["pending"]:
         raise typer.Exit(1)

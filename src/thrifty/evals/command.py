@@ -10,8 +10,9 @@ from typing import Any
 
 from rich.console import Console
 
+from thrifty.alerts.rules import Alert
 from thrifty.errors import InvalidData
-from thrifty.evals.gate import GateVerdict, gate, parse_points
+from thrifty.evals.gate import Drift, GateVerdict, gate, parse_points, pass_rate_drops
 from thrifty.evals.results import (
     TABLE_HEADERS,
     read_results,
@@ -70,6 +71,31 @@ def upstream_names(systems: Sequence[str], settings: Settings) -> dict[str, str]
     return {s: u for s, u in upstream.items() if counts[u] == 1}
 
 
+def drift_message(drift: Drift, set_path: str) -> str:
+    return (
+        f"eval of {drift.model} on {set_path}: pass rate {drift.rate:.1%} vs the baseline's "
+        f"{drift.baseline_rate:.1%} on {drift.items} items"
+    )
+
+
+def drift_alert(drift: Drift, set_path: str, run_id: str, threshold: float) -> Alert:
+    """Keyed by run and model: a resumed run (same run id) never raises it twice."""
+    return Alert(
+        key=f"eval_drift:{run_id}:{drift.model}",
+        kind="eval_drift",
+        scope=drift.model,
+        message=drift_message(drift, set_path),
+        data={
+            "model": drift.model,
+            "set": set_path,
+            "items": drift.items,
+            "baseline_rate": drift.baseline_rate,
+            "rate": drift.rate,
+            "threshold": threshold,
+        },
+    )
+
+
 def journal_path(out: Path) -> Path:
     return out.with_name(out.name + ".journal")
 
@@ -90,6 +116,8 @@ def run_command(
     confidence: float,
     labelled_out: Path | None,
     console: Console,
+    baseline: Path | None = None,
+    alert_drop: str | None = None,
 ) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
@@ -103,6 +131,12 @@ def run_command(
         raise InvalidData("--concurrency must be at least 1")
     if not 0.5 <= confidence < 1:
         raise InvalidData("--confidence must be in [0.5, 1)")
+    if (baseline is None) != (alert_drop is None):
+        raise InvalidData(
+            "--baseline and --alert-drop go together (the drop is measured against the baseline)"
+        )
+    drop = parse_points(alert_drop, "--alert-drop") if alert_drop is not None else None
+    base = read_results(baseline) if baseline is not None else None
     golden = load_golden(golden_path)
     systems = systems_of(models, route, settings)
     who = tenant_of(tenant, settings)
@@ -114,23 +148,35 @@ def run_command(
     try:
         todo = sum(1 for s in systems for i in golden.items if not journal.done(s, i.id))
 
-        async def go() -> list[tuple[str, str]]:
+        async def go() -> tuple[list[tuple[str, str]], list[Drift]]:
             with Progress(
                 TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                 console=console, transient=True, disable=todo == 0,
             ) as progress:  # fmt: skip
                 task = progress.add_task("eval", total=todo)
                 async with Gateway(settings, secrets=resolve_secrets(settings, os.environ)) as gateway:
-                    return await run_eval(
+                    left = await run_eval(
                         gateway, golden, systems, journal, tenant=who, concurrency=concurrency,
                         on_done=lambda: progress.advance(task),
                     )  # fmt: skip
+                    drifts: list[Drift] = []
+                    if base is not None and drop is not None:
+                        now = summarise(golden, systems, journal.records, confidence)
+                        drifts = pass_rate_drops(base, now, drop)
+                        if gateway.alerts is not None:
+                            gateway.alerts.fire(
+                                [drift_alert(d, golden.path, journal.run_id, drop) for d in drifts]
+                            )
+                    return left, drifts
 
-        pending = asyncio.run(go())
+        pending, drifts = asyncio.run(go())
     finally:
         journal.close()
     results = summarise(golden, systems, journal.records, confidence)
     results["pending"] = [list(p) for p in sorted(pending)]
+    results["drift"] = [
+        {"model": d.model, "items": d.items, "baseline_rate": d.baseline_rate, "rate": d.rate} for d in drifts
+    ]
     write_results(out, results)
     labelled = labelled_out or labelled_path(out)
     rows = write_zeroeval(labelled, golden, systems, journal.records, upstream_names(systems, settings))
@@ -139,6 +185,8 @@ def run_command(
         table.add_row(*row)
     console.print(table)
     console.print(f"results written to {out}; labelled outputs ({rows} rows, ZeroEval format) to {labelled}")
+    for d in drifts:
+        console.print(f"ALERT: {drift_message(d, golden.path)}", highlight=False)
     if pending:
         console.print(
             f"{len(pending)} call(s) were running when a previous run died and are refused by the gateway "

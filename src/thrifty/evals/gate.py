@@ -87,13 +87,42 @@ def gate(
     return GateVerdict(not reasons, tuple(reasons), tuple(notes))
 
 
-def parse_points(text: str) -> float:
+@dataclass(frozen=True, slots=True)
+class Drift:
+    model: str
+    items: int  # items both runs scored
+    baseline_rate: float
+    rate: float
+
+
+def pass_rate_drops(baseline: Mapping[str, Any], results: Mapping[str, Any], threshold: float) -> list[Drift]:
+    """Models of `results` whose pass rate on the items the baseline also scored is lower than the
+    baseline's by more than `threshold` (a fraction): model drift on a scheduled run."""
+    if baseline.get("set_fingerprint") != results.get("set_fingerprint"):
+        raise InvalidData(
+            f"the --baseline results are of another golden set ({baseline.get('set')}); "
+            "compare runs of the same set"
+        )
+    found = []
+    for model, items in results["items"].items():
+        before = baseline["items"].get(model)
+        shared = sorted(set(items) & set(before or {}))
+        if before is None or not shared:
+            continue
+        old = sum(before[i] for i in shared) / len(shared)
+        new = sum(items[i] for i in shared) / len(shared)
+        if old - new > threshold:
+            found.append(Drift(model, len(shared), old, new))
+    return found
+
+
+def parse_points(text: str, option: str = "--max-drop") -> float:
     """'1pp', '1', '0.5pp' -> a fraction (0.01); '2%' is points too."""
     raw = text.strip().lower().removesuffix("pp").removesuffix("%").strip()
     try:
         value = float(raw)
     except ValueError as err:
-        raise InvalidData(f"--max-drop {text!r} is not a number of points (e.g. 1pp)") from err
+        raise InvalidData(f"{option} {text!r} is not a number of points (e.g. 1pp)") from err
     if value < 0 or value > 100:
-        raise InvalidData(f"--max-drop {text!r} must be between 0 and 100 points")
+        raise InvalidData(f"{option} {text!r} must be between 0 and 100 points")
     return value / 100

@@ -37,7 +37,9 @@ class ServiceDir:
 
     @classmethod
     def start(cls, which: str = "all") -> ServiceDir:
-        path = Path(tempfile.mkdtemp(prefix="thrifty-svc-"))  # not under pytest's 0700 tmp: a non-root user owns it
+        path = Path(
+            tempfile.mkdtemp(prefix="thrifty-svc-")
+        )  # not under pytest's 0700 tmp: a non-root user owns it
         service = cls(path, {})
         service.run("start", which)
         return service

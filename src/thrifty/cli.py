@@ -14,6 +14,7 @@ from rich.console import Console
 
 from thrifty.errors import ThriftyError
 from thrifty.settings import Settings, load_settings, resolve_secrets
+from thrifty.stores.ports import LedgerReader
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="thrifty: the LLM cost-control gateway")
 keys_app = typer.Typer(no_args_is_help=True, help="Virtual keys (stored hashed; shown once)")
@@ -52,6 +53,21 @@ def _settings(config: Path | None) -> Settings:
     return load_settings(path)
 
 
+def _ledger_reader(config: Path | None, db: Path | None) -> LedgerReader:
+    """The ledger named by --db (a SQLite file) or by the settings' storage.url (SQLite or PostgreSQL)."""
+    from thrifty.stores.factory import open_reader
+    from thrifty.stores.readers import SqliteLedgerReader
+    from thrifty.stores.sqlite_db import open_database
+
+    settings = None if db is not None else _settings(config)
+    if settings is not None and settings.storage.backend == "postgresql":
+        return open_reader(settings)
+    path = db or (settings.storage.sqlite_path if settings else Path("thrifty.db"))
+    if not path.exists():
+        raise ThriftyError(f"no ledger at {path}")
+    return SqliteLedgerReader(open_database(path))
+
+
 @app.command()
 def serve(
     config: ConfigOpt = None,
@@ -77,14 +93,13 @@ def keys_create(
     label: Annotated[str | None, typer.Option(help="a note to recognise the key by")] = None,
 ) -> None:
     """Create a virtual key; it is printed once and stored only as a hash."""
-    from thrifty.stores.keys import SqliteKeyStore
-    from thrifty.stores.sqlite_db import open_database
+    from thrifty.stores.factory import open_key_store
 
     settings = _settings(config)
     if tenant not in settings.tenants:
         raise ThriftyError(f"unknown tenant {tenant!r}; add it under tenants: in the settings first")
-    conn = open_database(settings.storage.sqlite_path)
-    key = SqliteKeyStore(conn).create(tenant, label)
+    store, conn = open_key_store(settings)
+    key = store.create(tenant, label)
     conn.close()
     typer.echo(key)
 
@@ -92,11 +107,10 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(config: ConfigOpt = None) -> None:
     """List keys by hash prefix (the keys themselves are not stored)."""
-    from thrifty.stores.keys import SqliteKeyStore
-    from thrifty.stores.sqlite_db import open_database
+    from thrifty.stores.factory import open_key_store
 
-    conn = open_database(_settings(config).storage.sqlite_path)
-    for prefix, tenant, label, _created, revoked in SqliteKeyStore(conn).list():
+    store, conn = open_key_store(_settings(config))
+    for prefix, tenant, label, _created, revoked in store.list():
         typer.echo(f"{prefix}  {tenant:<20} {label or '':<20} {'revoked' if revoked else 'active'}")
     conn.close()
 
@@ -104,13 +118,12 @@ def keys_list(config: ConfigOpt = None) -> None:
 @keys_app.command("revoke")
 def keys_revoke(hash_prefix: str, config: ConfigOpt = None) -> None:
     """Revoke the key(s) whose hash starts with HASH_PREFIX (see `keys list`)."""
-    from thrifty.stores.keys import SqliteKeyStore
-    from thrifty.stores.sqlite_db import open_database
+    from thrifty.stores.factory import open_key_store
 
     if len(hash_prefix) < 8:
         raise ThriftyError("give at least 8 characters of the key hash")
-    conn = open_database(_settings(config).storage.sqlite_path)
-    typer.echo(f"revoked {SqliteKeyStore(conn).revoke(hash_prefix)} key(s)")
+    store, conn = open_key_store(_settings(config))
+    typer.echo(f"revoked {store.revoke(hash_prefix)} key(s)")
     conn.close()
 
 
@@ -124,22 +137,18 @@ def report(
 ) -> None:
     """Spend, tokens and success by one attribution dimension."""
     from thrifty.report import GROUP_COLUMNS, build_report, parse_since, render_table, to_csv
-    from thrifty.stores.sqlite_db import open_database
 
     if by not in GROUP_COLUMNS:
         raise ThriftyError(f"--by must be one of: {', '.join(GROUP_COLUMNS)}")
     if fmt not in ("table", "json", "csv"):
         raise ThriftyError("--format must be table, json or csv")
-    path = db or _settings(config).storage.sqlite_path
-    if not path.exists():
-        raise ThriftyError(f"no ledger at {path}")
     try:
         since_ts = parse_since(since)
     except ValueError as err:
         raise ThriftyError(f"--since: {err}") from err
-    conn = open_database(path)
-    rows = build_report(conn, by, since_ts)
-    conn.close()
+    reader = _ledger_reader(config, db)
+    rows = build_report(reader, by, since_ts)
+    reader.close()
     if fmt == "json":
         typer.echo(orjson.dumps([r.to_json() for r in rows], option=orjson.OPT_INDENT_2).decode())
     elif fmt == "csv":
@@ -158,18 +167,10 @@ def alerts(
     from datetime import UTC, datetime
 
     from thrifty.report import parse_since
-    from thrifty.stores.sqlite_db import open_database
 
-    path = db or _settings(config).storage.sqlite_path
-    if not path.exists():
-        raise ThriftyError(f"no ledger at {path}")
-    conn = open_database(path)
-    rows = conn.execute(
-        "SELECT ts, kind, scope, message, delivered_at, delivery_error FROM alerts "
-        "WHERE ts >= ? ORDER BY ts DESC",
-        (parse_since(since) or 0,),
-    ).fetchall()
-    conn.close()
+    reader = _ledger_reader(config, db)
+    rows = reader.alerts_since(parse_since(since) or 0)
+    reader.close()
     if not rows:
         typer.echo("no alerts")
     for ts, kind, _scope, message, delivered, error in rows:

@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
+from thrifty.stores.ports import LedgerReader
+from thrifty.stores.readers import SqliteLedgerReader
 from thrifty.types import decimal_text
 
 GroupBy = Literal["tenant", "feature", "route", "prompt_version", "model", "day", "user"]
@@ -94,20 +96,15 @@ def parse_since(text: str | None) -> float | None:
     return parsed.timestamp()
 
 
-def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) -> list[ReportRow]:
+def build_report(
+    source: sqlite3.Connection | LedgerReader, by: str, since: float | None = None
+) -> list[ReportRow]:
+    """Group the ledger (SQLite or PostgreSQL, through the LedgerReader port) by one dimension."""
     if by not in GROUP_COLUMNS:
         raise ValueError(f"--by must be one of {', '.join(GROUP_COLUMNS)}")
-    column = GROUP_COLUMNS[by]
-    sql = (
-        f"SELECT {column}, status, input_tokens, cached_input_tokens, output_tokens, cost_usd, "
-        "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated FROM ledger"
-    )
-    params: tuple[Any, ...] = ()
-    if since is not None:
-        sql += " WHERE ts >= ?"
-        params = (since,)
+    reader = SqliteLedgerReader(source) if isinstance(source, sqlite3.Connection) else source
     rows: dict[str, ReportRow] = {}
-    for row_values in conn.execute(sql, params):
+    for row_values in reader.report_rows(GROUP_COLUMNS[by], since):
         key, status, inp, cached, out, cost, retry_cost, estimated, saved, http_status, cache, escalated = (
             row_values
         )

@@ -1,4 +1,5 @@
-"""Alert storage (once per key, in SQLite) and delivery (webhook, off the request path)."""
+"""Alert storage (once per key: SQLite or PostgreSQL's primary key) and delivery (webhook, off the
+request path). With PostgreSQL the store is async: an alert is stored and sent from a task."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import logging
 import sqlite3
 import time
 from collections import defaultdict
+from collections.abc import Coroutine, Iterable
 from decimal import Decimal
+from typing import Any
 
 import aiohttp
 import orjson
 
 from thrifty.alerts.rules import Alert, spike
 from thrifty.settings import AlertSettings
+from thrifty.stores.postgres import PostgresAlertStore
+from thrifty.stores.readers import SqliteAlertStore
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +27,14 @@ _DAYS = 7
 
 
 class AlertService:
-    def __init__(self, settings: AlertSettings, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self, settings: AlertSettings, store: sqlite3.Connection | SqliteAlertStore | PostgresAlertStore
+    ) -> None:
         self._settings = settings
-        self._conn = conn
+        if isinstance(store, sqlite3.Connection):
+            store = SqliteAlertStore(store)
+        self._local = store if isinstance(store, SqliteAlertStore) else None
+        self._remote = store if isinstance(store, PostgresAlertStore) else None
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._checker: asyncio.Task[None] | None = None
@@ -53,26 +63,38 @@ class AlertService:
                 self._seen.clear()  # old windows; the primary key still guards against repeats
             self._seen.add(alert.key)
             payload = alert.payload()
-            cur = self._conn.execute(
-                "INSERT OR IGNORE INTO alerts (alert_key, ts, kind, scope, message, payload) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    alert.key,
-                    time.time(),
-                    alert.kind,
-                    alert.scope,
-                    alert.message,
-                    orjson.dumps(payload).decode(),
-                ),
-            )
-            if cur.rowcount == 1:
+            if self._remote is not None:
+                self._spawn(self._store_remote(alert, payload))
+                continue
+            assert self._local is not None
+            text = orjson.dumps(payload).decode()
+            if self._local.insert_once(alert.key, time.time(), alert.kind, alert.scope, alert.message, text):
                 new += 1
-                log.warning("alert: %s", alert.message)
-                if self._session is not None:
-                    task = asyncio.ensure_future(self._deliver(alert.key, payload))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                self._announce(alert, payload)
         return new
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _store_remote(self, alert: Alert, payload: dict[str, object]) -> None:
+        assert self._remote is not None
+        text = orjson.dumps(payload).decode()
+        try:
+            fresh = await self._remote.insert_once(
+                alert.key, time.time(), alert.kind, alert.scope, alert.message, text
+            )
+        except Exception as err:  # noqa: BLE001 - an alert must never fail a request
+            log.error("alert %s not stored: %s", alert.key, err)
+            return
+        if fresh:
+            self._announce(alert, payload)
+
+    def _announce(self, alert: Alert, payload: dict[str, object]) -> None:
+        log.warning("alert: %s", alert.message)
+        if self._session is not None:
+            self._spawn(self._deliver(alert.key, payload))
 
     async def _deliver(self, key: str, payload: dict[str, object]) -> None:
         assert self._session is not None and self._settings.webhook_url is not None
@@ -89,25 +111,35 @@ class AlertService:
             error = f"webhook unreachable: {err}"
         if error is not None:
             log.error("alert %s not delivered: %s", key, error)
-        self._conn.execute(
-            "UPDATE alerts SET delivered_at = ?, delivery_error = ? WHERE alert_key = ?",
-            (None if error else time.time(), error, key),
-        )
+        delivered = None if error else time.time()
+        if self._remote is not None:
+            await self._remote.mark_delivery(key, delivered, error)
+        elif self._local is not None:
+            self._local.mark_delivery(key, delivered, error)
 
     async def _check_periodically(self) -> None:
         while True:
             await asyncio.sleep(self._settings.anomaly_check_s)
-            self.fire(self.anomalies(time.time()))
+            now = time.time()
+            if self._remote is not None:
+                try:
+                    rows = await self._remote.recent_spend(_since(now))
+                except Exception as err:  # noqa: BLE001 - checked again next time
+                    log.warning("anomaly check skipped: %s", err)
+                    continue
+                self.fire(self.anomalies_in(rows, now))
+            else:
+                self.fire(self.anomalies(now))
 
     def anomalies(self, now: float) -> list[Alert]:
         """Features spending > spike factor x, tenants calling > rate factor x their usual hour."""
-        since = now - (_DAYS + 1) * 86400
+        assert self._local is not None
+        return self.anomalies_in(self._local.recent_spend(_since(now)), now)
+
+    def anomalies_in(self, rows: Iterable[tuple[float, str, str | None, Any]], now: float) -> list[Alert]:
         hour_start = now - _HOUR
         spend: dict[str, dict[int, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
         calls: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-        rows = self._conn.execute(
-            "SELECT ts, tenant_id, feature, cost_usd FROM ledger WHERE ts >= ?", (since,)
-        )
         for ts, tenant, feature, cost in rows:
             # Day offset of the hour-long slot ending now: 0 = the last hour, 1 = same hour yesterday.
             age = now - ts
@@ -144,3 +176,7 @@ class AlertService:
             if found is not None:
                 alerts.append(found)
         return alerts
+
+
+def _since(now: float) -> float:
+    return now - (_DAYS + 1) * 86400

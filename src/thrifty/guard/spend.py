@@ -8,20 +8,29 @@ no dollars, only tokens: a pricing gap must not block traffic (nor let it throug
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from decimal import Decimal
 
-from thrifty.errors import RequestTooExpensive
-from thrifty.guard.budgets import BudgetPlan, Limit, Reservation, tightest_usd
+from thrifty.errors import BudgetExceeded, RequestTooExpensive, SharedStateUnavailable
+from thrifty.guard.budgets import BudgetPlan, Limit, Reservation, rejection, tightest_of, tightest_usd
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.settings import ModelSettings, RouteSettings
-from thrifty.stores.ports import BudgetStore
+from thrifty.stores.faults import LocalFallback
+from thrifty.stores.ports import BudgetStore, SharedBudgetStore, window_bounds
 from thrifty.tokens import TokenCounter
 from thrifty.types import Usage, decimal_text
 
+log = logging.getLogger(__name__)
+
 _OUTPUT_KEYS = ("max_completion_tokens", "max_tokens")
+_SETTLE_RETRY_S = (0.05, 0.2, 1.0, 5.0, 15.0)  # a settle is idempotent: retrying it is safe
+
+# Told after each settlement, with (limit, window start, spent in it): budget threshold alerts.
+SpendListener = Callable[[list[tuple[Limit, float, Decimal]]], None]
 
 
 def requested_output(body: Mapping[str, object]) -> tuple[str | None, int | None]:
@@ -61,8 +70,10 @@ class SpendGuard:
         routes: Mapping[str, RouteSettings],
         plan: BudgetPlan,
         book: BudgetStore,
-        on_spend: Callable[[list[Limit], float], None] | None = None,
+        on_spend: SpendListener | None = None,
         route_calls: Mapping[str, Sequence[str]] | None = None,
+        shared: SharedBudgetStore | None = None,
+        fallback: LocalFallback | None = None,
     ) -> None:
         self._catalog = catalog
         self._counter = counter
@@ -70,7 +81,12 @@ class SpendGuard:
         self._routes = dict(routes)
         self._plan = plan
         self._book = book
-        self._on_spend = on_spend  # told after each settlement (budget threshold alerts)
+        # Several replicas: budgets live in a shared store (its calls are awaited; the local book
+        # is then only the store's own fallback when it degrades to per-replica limits).
+        self._shared = shared
+        self._fallback = fallback  # degrade_local: the local book decides while the store is down
+        self._settling: set[asyncio.Task[None]] = set()
+        self._on_spend = on_spend
         # Routes that may make several calls per request (cascades): every call they may make.
         self._route_calls = {name: list(calls) for name, calls in (route_calls or {}).items() if calls}
         # No budget and no per-request cap anywhere: nothing to count or reserve, ever.
@@ -103,9 +119,14 @@ class SpendGuard:
         if not limits:
             ctx.budget_remaining = "unlimited"
             return await call_next(ctx)
-        ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"  # also on a 429
-        reservation = self._book.reserve(limits, ctx.ts, worst_usd or Decimal(0), prompt.tokens + max_out)
-        ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"
+        if self._shared is not None:
+            reservation = await self._reserve_shared(
+                ctx, limits, worst_usd or Decimal(0), prompt.tokens + max_out
+            )
+        else:
+            ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"  # also on a 429
+            reservation = self._book.reserve(limits, ctx.ts, worst_usd or Decimal(0), prompt.tokens + max_out)
+            ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"
         try:
             result = await call_next(ctx)
         except BaseException:
@@ -116,10 +137,38 @@ class SpendGuard:
             return result
         return Streamed(self._settle_after(ctx, reservation, limits, result.chunks))
 
+    async def _reserve_shared(
+        self, ctx: RequestContext, limits: list[Limit], usd: Decimal, tokens: int
+    ) -> Reservation:
+        assert self._shared is not None
+        try:
+            outcome = await self._shared.reserve(limits, ctx.ts, usd, tokens)
+        except SharedStateUnavailable as err:
+            if self._fallback is None:
+                raise
+            self._fallback.note(err)
+            reservation = self._book.reserve(limits, ctx.ts, usd, tokens)
+            ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"
+            return reservation
+        ctx.budget_remaining = tightest_of(zip(limits, outcome.left, strict=True)) or "unlimited"
+        if outcome.reservation is None:
+            assert outcome.refused is not None
+            limit = limits[outcome.refused]
+            need = usd if limit.unit == "usd" else Decimal(tokens)
+            end = window_bounds(ctx.ts, limit.window)[1]
+            raise BudgetExceeded(rejection(limit, outcome.left[outcome.refused], need, end))
+        return outcome.reservation
+
+    async def drain(self) -> None:
+        """Wait for settlements still on their way to the shared store (at shutdown)."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
     def describe(self, ctx: RequestContext) -> str:
         """What is left, for a response that never reached this stage (cache hit, replay, rejection)."""
-        if self._unlimited:
-            return "unlimited"
+        if self._unlimited or self._shared is not None:
+            # Shared budgets: asking the store would add a round trip to a request that spent nothing.
+            return "unlimited" if self._unlimited else "unknown"
         limits = self._plan.limits_for(ctx.tags.tenant_id, ctx.tags.feature, ctx.route)
         return tightest_usd(limits, self._book, ctx.ts) or "unlimited"
 
@@ -150,9 +199,36 @@ class SpendGuard:
         for attempt in ctx.attempts:
             usd += attempt.cost_usd or Decimal(0)
             tokens += attempt.usage.input_tokens + attempt.usage.output_tokens
+        if not reservation.local:
+            # Off the response path: the reservation holds the worst case until the settle lands.
+            task = asyncio.ensure_future(self._settle_shared(reservation, limits, usd, tokens))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+            return
         self._book.settle(reservation, usd, tokens)
         if self._on_spend is not None:
-            self._on_spend(limits, ctx.ts)
+            self._on_spend([(limit, *self._book.spent_in_window(limit, ctx.ts)) for limit in limits])
+
+    async def _settle_shared(
+        self, reservation: Reservation, limits: list[Limit], usd: Decimal, tokens: int
+    ) -> None:
+        assert self._shared is not None
+        for delay in (*_SETTLE_RETRY_S, None):
+            try:
+                spent = await self._shared.settle(reservation, usd, tokens)
+                break
+            except SharedStateUnavailable as err:
+                if delay is None:
+                    log.error("budget settlement %s lost: %s", reservation.id, err.message)
+                    return
+                await asyncio.sleep(delay)
+        if self._on_spend is not None:
+            self._on_spend(
+                [
+                    (limit, key[2], amount)
+                    for limit, key, amount in zip(limits, reservation.keys, spent, strict=True)
+                ]
+            )
 
     async def _settle_after(
         self,

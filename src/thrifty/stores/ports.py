@@ -1,23 +1,109 @@
-"""The state ports the guard stages depend on.
+"""The state ports the stages depend on, and the values they speak in.
 
-The in-process implementations (`BudgetBook`, `FlightStore`, the rate windows) give the embedded
-default its guarantees because their check-and-update runs without an await on one event loop.
-A shared implementation (Redis, for several replicas) must give the same guarantees with atomic
-operations: `reserve` all-or-nothing across every limit, `begin` exactly one leader per key.
+Two kinds of implementation stand behind them. The in-process ones (`BudgetBook`, `FlightStore`,
+the rate windows, SQLite) give the embedded default its guarantees because their check-and-update
+runs without an await on one event loop; their methods are plain calls. The shared ones (Redis,
+PostgreSQL, for several replicas) cross the network, so their ports are async and must give the
+same guarantees with atomic operations: `reserve` all-or-nothing across every limit in one round
+trip, a settle that counts once however often it is retried, one leader per key.
+
+A stage holds the in-process store and, when settings name a shared backend, the shared one; it
+awaits only in the second case, so the embedded default pays nothing for the option.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from thrifty.dedup.stage import Flight, Outcome
-    from thrifty.guard.budgets import Limit, Reservation
+    from thrifty.types import Usage
+
+Window = Literal["day", "month"]
+Unit = Literal["usd", "tokens"]
+ScopeKind = Literal["org", "tenant", "feature", "route"]
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    kind: ScopeKind
+    name: str  # "" for the org, the tenant id, "tenant/feature", or the route name
+
+    def describe(self) -> str:
+        return "the organisation" if self.kind == "org" else f"{self.kind} {self.name!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    scope: Scope
+    window: Window
+    unit: Unit
+    amount: Decimal
+
+
+CounterKey = tuple[Scope, Window, float, Unit]  # scope, window, window start, unit
+
+
+@dataclass(slots=True)
+class Reservation:
+    keys: list[CounterKey]
+    usd: Decimal
+    tokens: int
+    settled: bool = False
+    # Shared stores: the reservation's id (also its settle id) and the lease it holds.
+    id: str | None = None
+    local: bool = True  # False when a shared store holds it
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveOutcome:
+    """A shared store's answer: the reservation, or the index of the first limit too small.
+
+    `left` is what remains on each limit (in the order given) after the reservation, or at the
+    refusal: the stage builds the remaining-budget header and the refusal message from it."""
+
+    reservation: Reservation | None
+    left: list[Decimal]
+    refused: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A shared rate store's answer for one request.
+
+    `refused` names the limit that was hit ("requests", "tokens" or "steps"), `used` what was used
+    of it and `wait_s` how long until a slot frees up."""
+
+    refused: Literal["requests", "tokens", "steps"] | None = None
+    used: int = 0
+    wait_s: float = 0.0
+
+
+def window_bounds(ts: float, window: Window) -> tuple[float, float]:
+    """(start, end) of the UTC day or month containing ts."""
+    now = datetime.fromtimestamp(ts, UTC)
+    if window == "day":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = datetime.fromtimestamp(start.timestamp() + 86400, UTC)
+    else:
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        if start.month == 12:
+            end = start.replace(year=start.year + 1, month=1)
+        else:
+            end = start.replace(month=start.month + 1)
+    return start.timestamp(), end.timestamp()
+
+
+# -- budgets -------------------------------------------------------------------------------------
 
 
 class BudgetStore(Protocol):
+    """In-process: every call completes without an await."""
+
     def reserve(self, limits: Iterable[Limit], ts: float, usd: Decimal, tokens: int) -> Reservation:
         """Reserve on every limit or none; raise BudgetExceeded naming the first that is too small."""
         ...
@@ -29,6 +115,100 @@ class BudgetStore(Protocol):
     def remaining(self, limit: Limit, ts: float) -> Decimal: ...
 
     def spent_in_window(self, limit: Limit, ts: float) -> tuple[float, Decimal]: ...
+
+
+class SharedBudgetStore(Protocol):
+    """Across replicas. Each method is one round trip; a reservation not settled within the
+    store's lease (its replica died) is released by the store itself."""
+
+    async def reserve(
+        self, limits: Sequence[Limit], ts: float, usd: Decimal, tokens: int
+    ) -> ReserveOutcome: ...
+
+    async def settle(self, reservation: Reservation, usd: Decimal, tokens: int) -> list[Decimal]:
+        """Replace the reservation by the actual spend; a repeat of the same settle counts nothing.
+        Returns what is spent on each of the reservation's counters afterwards."""
+        ...
+
+    async def remaining(self, limits: Sequence[Limit], ts: float) -> list[Decimal]: ...
+
+    async def rebuild_once(
+        self, month_start: float, load: Callable[[], Awaitable[dict[CounterKey, Decimal]]]
+    ) -> bool:
+        """Set the counters `load` rebuilds from the ledger, once per month across replicas: one
+        replica takes a lock, sees no marker for the month, loads, sets and marks; the others wait
+        for the marker. Returns whether this call did the rebuild."""
+        ...
+
+
+# -- rate limits ---------------------------------------------------------------------------------
+
+
+class SharedRateStore(Protocol):
+    async def admit(
+        self,
+        tenant: str,
+        *,
+        requests_per_minute: int | None,
+        tokens_per_minute: int | None,
+        tokens: int,
+        session: tuple[str, int] | None,
+    ) -> Admission:
+        """Check and record one request in the tenant's sliding minute (and its session's step
+        count, `(session key, max steps)`), all or nothing, in one round trip."""
+        ...
+
+
+# -- durable storage (SQLite, PostgreSQL) --------------------------------------------------------
+
+
+class LedgerSink(Protocol):
+    """Group commit: the future completes once the row is committed (or safely spooled)."""
+
+    def start(self, loop: Any) -> None: ...
+
+    def submit(self, entry: Any) -> Any: ...
+
+
+class KeyDirectory(Protocol):
+    def tenant_for_hash(self, key_hash: str) -> str | None: ...
+
+
+class SharedExactCache(Protocol):
+    async def get(self, key: str, now: float) -> tuple[dict[str, Any], Usage] | None: ...
+
+    async def put(
+        self, key: str, scope: dict[str, Any], response: dict[str, Any], usage: Usage, ttl_s: float
+    ) -> None: ...
+
+
+class AlertStore(Protocol):
+    def insert_once(self, key: str, ts: float, kind: str, scope: str, message: str, payload: str) -> bool:
+        """Store the alert unless its key is there (the primary key decides); True when new."""
+        ...
+
+    def mark_delivery(self, key: str, delivered_at: float | None, error: str | None) -> None: ...
+
+    def recent_spend(self, since: float) -> list[tuple[float, str, str | None, str | None]]:
+        """(ts, tenant, feature, cost_usd) of ledger rows since `since` (anomaly checks)."""
+        ...
+
+
+class LedgerReader(Protocol):
+    """What reports, alert listings and the budget rebuild read (the CLI and start-up; sync)."""
+
+    def report_rows(self, column: str, since: float | None) -> Iterable[tuple[Any, ...]]: ...
+
+    def spend_rows(self, since: float) -> Iterable[tuple[float, str, str | None, str | None, Any, int]]:
+        """(ts, tenant, feature, route, cost_usd, tokens) since `since`."""
+        ...
+
+    def alerts_since(self, since: float) -> list[tuple[float, str, str, str, float | None, str | None]]: ...
+
+    def close(self) -> None: ...
+
+
+# -- idempotency / single flight -----------------------------------------------------------------
 
 
 class FlightStorePort(Protocol):
@@ -43,4 +223,23 @@ class FlightStorePort(Protocol):
     def fail(self, key: tuple[str, ...], flight: Flight, error: BaseException) -> None: ...
 
 
-__all__ = ["BudgetStore", "FlightStorePort"]
+__all__ = [
+    "Admission",
+    "AlertStore",
+    "BudgetStore",
+    "CounterKey",
+    "FlightStorePort",
+    "KeyDirectory",
+    "LedgerReader",
+    "LedgerSink",
+    "Limit",
+    "Reservation",
+    "ReserveOutcome",
+    "Scope",
+    "SharedBudgetStore",
+    "SharedExactCache",
+    "SharedRateStore",
+    "Unit",
+    "Window",
+    "window_bounds",
+]

@@ -1,0 +1,70 @@
+"""SQLite's side of the durable-storage ports that are not the ledger writer: what reports, alert
+listings, the budget rebuild and the alert checks read, and where alerts are stored."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from typing import Any
+
+REPORT_SELECT = (
+    "SELECT {column}, status, input_tokens, cached_input_tokens, output_tokens, cost_usd, "
+    "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated FROM ledger"
+)
+
+
+class SqliteLedgerReader:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def report_rows(self, column: str, since: float | None) -> Iterable[tuple[Any, ...]]:
+        sql = REPORT_SELECT.format(column=column)
+        if since is None:
+            return self._conn.execute(sql)
+        return self._conn.execute(sql + " WHERE ts >= ?", (since,))
+
+    def spend_rows(self, since: float) -> Iterable[tuple[float, str, str | None, str | None, Any, int]]:
+        return self._conn.execute(
+            "SELECT ts, tenant_id, feature, route, cost_usd, input_tokens + output_tokens FROM ledger "
+            "WHERE ts >= ?",
+            (since,),
+        )
+
+    def alerts_since(self, since: float) -> list[tuple[float, str, str, str, float | None, str | None]]:
+        return self._conn.execute(
+            "SELECT ts, kind, scope, message, delivered_at, delivery_error FROM alerts "
+            "WHERE ts >= ? ORDER BY ts DESC",
+            (since,),
+        ).fetchall()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class SqliteAlertStore:
+    remote = False
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def insert_once(self, key: str, ts: float, kind: str, scope: str, message: str, payload: str) -> bool:
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO alerts (alert_key, ts, kind, scope, message, payload) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (key, ts, kind, scope, message, payload),
+        )
+        return cur.rowcount == 1
+
+    def mark_delivery(self, key: str, delivered_at: float | None, error: str | None) -> None:
+        self._conn.execute(
+            "UPDATE alerts SET delivered_at = ?, delivery_error = ? WHERE alert_key = ?",
+            (delivered_at, error, key),
+        )
+
+    def recent_spend(self, since: float) -> list[tuple[float, str, str | None, Any]]:
+        return self._conn.execute(
+            "SELECT ts, tenant_id, feature, cost_usd FROM ledger WHERE ts >= ?", (since,)
+        ).fetchall()
+
+
+__all__ = ["SqliteAlertStore", "SqliteLedgerReader"]

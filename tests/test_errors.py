@@ -52,11 +52,15 @@ def test_malformed_json_is_400(gateway):
         ("[1, 2]", None),
     ],
 )
-def test_schema_errors_are_400_naming_the_field(gateway, body, param):
+def test_schema_errors_are_400_naming_the_field(gateway, ledger, body, param):
     resp = _post(gateway, body)
     assert resp.status_code == 400
     err = _error(resp)
     assert err["type"] == "invalid_request_error" and err["param"] == param
+    # The key was good: the refusal is attributed like any request, with its own id.
+    (row,) = ledger()
+    assert (row["tenant_id"], row["status"], row["http_status"]) == ("acme", "error", 400)
+    assert row["request_id"] == resp.headers["x-thrifty-request-id"] and Decimal(row["cost_usd"]) == 0
 
 
 def test_bad_or_missing_key_is_401(gateway, ledger):
@@ -163,7 +167,7 @@ def test_unknown_path_and_wrong_method(gateway):
     assert resp.status_code == 405
 
 
-def test_oversized_body_is_413(gateway):
+def test_oversized_body_is_413(gateway, ledger):
     resp = _post(
         gateway,
         b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "'
@@ -171,3 +175,35 @@ def test_oversized_body_is_413(gateway):
         + b'"}]}',
     )
     assert resp.status_code == 413 and "max_body_bytes" in _error(resp)["message"]
+    (row,) = ledger()
+    assert (row["tenant_id"], row["http_status"]) == ("acme", 413) and "max_body_bytes" in row["error"]
+
+
+def test_malformed_json_with_a_good_key_is_in_the_ledger(gateway, ledger):
+    resp = _post(gateway, b'{"model": "gpt-4o-mini", "messages": [')
+    assert resp.status_code == 400
+    (row,) = ledger()
+    assert row["http_status"] == 400 and "not valid JSON" in row["error"]
+
+
+@pytest.mark.parametrize("header", [KEYS["acme"], f"Basic {KEYS['acme']}", "Bearer", f"Token {KEYS['acme']}"])
+def test_only_the_bearer_form_of_the_key_is_accepted(gateway, ledger, header):
+    resp = httpx.post(
+        gateway.base_url + "/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": MSG},
+        headers={"authorization": header},
+        timeout=10,
+    )
+    assert resp.status_code == 401 and "Bearer KEY" in _error(resp)["message"]
+    assert ledger() == []
+
+
+def test_a_stream_says_its_cache_outcome_in_the_headers(client):
+    with client.chat.completions.with_streaming_response.create(
+        model="gpt-4o-mini", messages=MSG, stream=True
+    ) as resp:
+        assert resp.headers["x-thrifty-cache"] == "miss" and resp.headers["x-thrifty-model"] == "gpt-4o-mini"
+        # The cost is not known yet: it is in the last event's `thrifty` field, never a guessed header.
+        assert "x-thrifty-cost-usd" not in resp.headers
+        events = [line for line in resp.iter_lines() if line.startswith("data: {")]
+        assert '"cost_usd"' in events[-1]

@@ -107,6 +107,11 @@ def test_report_since_and_csv_and_day(tmp_path: Path):
 def test_report_errors_are_one_clear_line(tmp_path: Path):
     out = _thrifty("report", "--by", "colour", "--db", str(tmp_path / "x.db"))
     assert out.returncode == 2 and "--by must be one of" in out.stderr
+    db = _ledger(tmp_path / "l.db")
+    for command in ("report", "alerts"):
+        out = _thrifty(command, "--since", "yesterday", "--db", str(db))
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert "'yesterday' is not a time" in out.stderr and "YYYY-MM-DD" in out.stderr and "7d" in out.stderr
     out = _thrifty("report", "--db", str(tmp_path / "missing.db"))
     assert out.returncode == 2 and "no ledger at" in out.stderr
 
@@ -180,6 +185,11 @@ def test_demo_without_data_says_synthetic(tmp_path: Path):
     out = _thrifty("demo", "--requests", "30", "--cascade-prompts", "12", cwd=tmp_path)  # no ../shared/data
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SYNTHETIC" in out.stdout and "SYNTHETIC FAQ" in out.stdout
+    # The data line says once what the data is and why.
+    assert "data: SYNTHETIC built-in workload (../shared/data/routing/zeroeval not found)" in out.stdout
+    # globex runs into its daily budget on the built-in workload too: refused before any spend.
+    refused = int(out.stdout.split("budgets: ")[1].split(" requests refused")[0])
+    assert refused > 0 and f"'429 RateLimitError': {refused}" in out.stdout
     # 30 mixed, 12 prompts twice (24), 6 synthetic first askers and 18 later askers (6 of them repeats).
     assert "ledger rows: 78 for 78 requests sent" in out.stdout
     # Six entries are below the floor: only the six repeats are answered, none wrongly.
@@ -259,3 +269,51 @@ def test_cache_tune_cli_learns_parameters_from_labelled_queries(tmp_path: Path):
     assert len(params.weights) == len(params.mean) == len(params.scale) > 0
     # 24 queries cannot show 90% precision: the tuner says so, and "never hit" survives JSON.
     assert params.threshold == float("inf") and "never answers" in out.stderr
+
+
+@pytest.mark.parametrize("columns", [80, 120, 160])
+def test_report_table_never_cuts_a_name_or_an_amount(tmp_path: Path, columns: int):
+    conn = open_database(tmp_path / "l.db")
+    costs = ["0.021", "0.00472", "0.0105", "12.5"]
+    for i, cost in enumerate(costs):
+        entry = ledger_entry(
+            f"req_{i}",
+            tenant="acme",
+            feature=f"a-rather-long-feature-name-{i}",
+            cost=cost,
+            usage=Usage(input_tokens=1000, output_tokens=20),
+        )
+        conn.execute(INSERT_ENTRY_SQL, entry_row(entry))
+    conn.execute(INSERT_ENTRY_SQL, entry_row(ledger_entry("req_x", tenant="acme", feature=None, cost="0.1")))
+    conn.close()
+    env_out = subprocess.run(
+        [sys.executable, "-m", "thrifty", "report", "--by", "feature", "--db", str(tmp_path / "l.db")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": str(columns)},
+        timeout=60,
+    )
+    out = env_out.stdout
+    assert env_out.returncode == 0, env_out.stderr
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= columns
+    for i in range(4):
+        assert f"a-rather-long-feature-name-{i}" in out
+    # One format per money column: as many decimals as the most precise amount needs, for all.
+    for cost in ("0.02100", "0.00472", "0.01050", "12.50000", "12.63622", "0.10000"):
+        assert cost in out, cost
+    assert "0.010500000000" not in out and "(none)" in out
+    if columns < 120:
+        assert "not shown:" in out  # the least important columns made room
+
+
+def test_report_null_group_is_empty_in_csv_and_null_in_json(tmp_path: Path):
+    conn = open_database(tmp_path / "l.db")
+    conn.execute(INSERT_ENTRY_SQL, entry_row(ledger_entry("req_x", tenant="acme", feature=None, cost="0.1")))
+    conn.close()
+    db = str(tmp_path / "l.db")
+    (row,) = json.loads(_thrifty("report", "--by", "feature", "--format", "json", "--db", db).stdout)
+    assert row["group"] is None
+    (record,) = csv.DictReader(
+        io.StringIO(_thrifty("report", "--by", "feature", "--format", "csv", "--db", db).stdout)
+    )
+    assert record["group"] == ""

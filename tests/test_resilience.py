@@ -107,7 +107,9 @@ def test_all_targets_failing_gives_one_clear_error(tmp_path, openai_upstream):
     with _server(tmp_path, openai_upstream) as server, pytest.raises(openai.APIStatusError) as info:
         _client(server).chat.completions.create(model="route:robust", messages=MSG)
     assert info.value.status_code == 502 and info.value.body["code"] == "all_attempts_failed"
-    assert "all 4 attempts failed" in info.value.message and "gpt-4o:" in info.value.message
+    # One sentence per distinct failure, with how often it happened, not the sentence once per call.
+    assert "all 4 calls failed" in info.value.message and "gpt-4o (2 attempts):" in info.value.message
+    assert info.value.message.count("bad gateway upstream") == 2
     (row,) = ledger_rows(tmp_path / "ledger.db")
     assert len(_attempts(row)) == 4 and row["status"] == "error"
 
@@ -159,3 +161,55 @@ def test_a_connection_dropped_before_the_first_event_is_retried(tmp_path, openai
             if c.choices
         )
     assert text == "second connection" and len(openai_upstream.requests) == 2
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_an_unreachable_provider_is_one_clear_sentence_and_a_502_streamed_or_not(tmp_path):
+    dead = f"http://127.0.0.1:{_closed_port()}/v1"
+    settings = base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": dead, "timeout_s": 0.5}},
+        models=openai_models(),
+        resilience={"retry_base_s": 0.0, "max_retries": 2, "breaker_failures": 4, "breaker_cooldown_s": 30},
+    )
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
+        client = _client(server)
+        seen = []
+        for stream in (False, True, False):
+            with pytest.raises(openai.APIStatusError) as info:
+                if stream:
+                    list(client.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True))
+                else:
+                    client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+            seen.append((info.value.status_code, info.value.body["code"], info.value.message))
+    # Calls 1-3 fail; the 4th opens the breaker during the second request, whose last call was
+    # made and refused: still a 502. The third request finds every target skipped: 503.
+    assert [s[:2] for s in seen] == [
+        (502, "provider_unreachable"),
+        (502, "all_attempts_failed"),
+        (503, "circuit_open"),
+    ]
+    first = seen[0][2]
+    assert "ssl:default" not in first and "connection refused" in first.lower()
+    assert first.count("cannot reach") == 1 and len(first) < 300
+    assert "skipped" in seen[1][2] and seen[1][2].count("cannot reach") == 1
+
+
+def test_a_provider_without_its_key_is_refused_naming_the_variable_without_a_call(tmp_path, openai_upstream):
+    settings = base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": openai_upstream.base_url, "api_key_env": "UP_KEY_X"}},
+        models=openai_models(),
+    )
+    with BackgroundServer(settings, secrets={}) as server, pytest.raises(openai.APIStatusError) as info:
+        _client(server).chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    assert info.value.status_code == 502 and info.value.body["code"] == "provider_key_missing"
+    assert "UP_KEY_X" in info.value.message and "providers.up.api_key_env" in info.value.message
+    assert openai_upstream.requests == []  # not retried, and the provider's own 401 never reached the client

@@ -11,6 +11,7 @@ from typing import Annotated
 import orjson
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from thrifty.errors import ThriftyError
 from thrifty.settings import Settings, load_settings, resolve_secrets
@@ -19,7 +20,9 @@ from thrifty.stores.ports import LedgerReader
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="thrifty: the LLM cost-control gateway")
 keys_app = typer.Typer(no_args_is_help=True, help="Virtual keys (stored hashed; shown once)")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a table and write JSON")
-cache_app = typer.Typer(no_args_is_help=True, help="Caching: tune the semantic cache")
+cache_app = typer.Typer(
+    no_args_is_help=True, help="Caching: tune the semantic cache, purge exact and semantic entries"
+)
 route_app = typer.Typer(no_args_is_help=True, help="Routing: train a router from labelled outputs")
 app.add_typer(keys_app, name="keys")
 app.add_typer(bench_app, name="bench")
@@ -39,18 +42,23 @@ TargetQualityOpt = Annotated[
 
 
 def _console() -> Console:
-    # Reports are wide; when piped (CI logs, files) do not squeeze them to 80 columns.
+    # Reports are wide; when piped (CI logs, files) do not squeeze them to 80 columns, unless the
+    # caller says how wide (COLUMNS).
     console = Console()
-    return console if console.is_terminal else Console(width=160)
+    return console if console.is_terminal or os.environ.get("COLUMNS") else Console(width=160)
 
 
-def _settings(config: Path | None) -> Settings:
+def _settings_path(config: Path | None) -> Path:
     path = config or (Path("thrifty.yaml") if Path("thrifty.yaml").exists() else None)
     if path is None:
         raise ThriftyError(
-            "no settings: pass --config FILE or create ./thrifty.yaml (see examples/thrifty.yaml)"
+            "no settings: pass --config FILE or create ./thrifty.yaml (cp examples/thrifty.yaml thrifty.yaml)"
         )
-    return load_settings(path)
+    return path
+
+
+def _settings(config: Path | None) -> Settings:
+    return load_settings(_settings_path(config))
 
 
 def _ledger_reader(config: Path | None, db: Path | None) -> LedgerReader:
@@ -75,14 +83,20 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (default from settings)")] = None,
 ) -> None:
     """Run the OpenAI-compatible gateway."""
+    import logging
+
     from thrifty.server.run import serve as run_server
 
-    settings = _settings(config)
+    # Start-up warnings (a provider key not set, a model without a price) are for the operator.
+    logging.basicConfig(level=logging.WARNING, format="thrifty %(levelname)s: %(message)s")
+    path = _settings_path(config)
+    settings = load_settings(path)
     run_server(
         settings,
         resolve_secrets(settings, os.environ),
         host=host or settings.server.host,
         port=settings.server.port if port is None else port,
+        settings_path=path,
     )
 
 
@@ -123,8 +137,14 @@ def keys_revoke(hash_prefix: str, config: ConfigOpt = None) -> None:
     if len(hash_prefix) < 8:
         raise ThriftyError("give at least 8 characters of the key hash")
     store, conn = open_key_store(_settings(config))
-    typer.echo(f"revoked {store.revoke(hash_prefix)} key(s)")
+    revoked = store.revoke(hash_prefix)
     conn.close()
+    if not revoked:
+        typer.echo(
+            f"no active key whose hash starts with {hash_prefix!r} (see `thrifty keys list`)", err=True
+        )
+        raise typer.Exit(1)
+    typer.echo(f"revoked {revoked} key{'' if revoked == 1 else 's'}")
 
 
 @app.command()
@@ -154,7 +174,8 @@ def report(
     elif fmt == "csv":
         typer.echo(to_csv(rows), nl=False)
     else:
-        _console().print(render_table(rows, by, title=f"spend by {by}"))
+        console = _console()
+        console.print(render_table(rows, by, title=f"spend by {by}", width=console.width))
 
 
 @app.command()
@@ -168,8 +189,12 @@ def alerts(
 
     from thrifty.report import parse_since
 
+    try:
+        since_ts = parse_since(since) or 0
+    except ValueError as err:
+        raise ThriftyError(f"--since: {err}") from err
     reader = _ledger_reader(config, db)
-    rows = reader.alerts_since(parse_since(since) or 0)
+    rows = reader.alerts_since(since_ts)
     reader.close()
     if not rows:
         typer.echo("no alerts")
@@ -214,6 +239,7 @@ def demo(
         support_data=support_data or (SUPPORT_DATA if SUPPORT_DATA.exists() else None),
         support_seeds=support_seeds,
         support_lookups=support_lookups,
+        width=console.width,
     )
     raise typer.Exit(code)
 
@@ -451,20 +477,44 @@ def bench_overhead(
         raise typer.Exit(1)
 
 
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """The click exception base classes that may carry a usage error.
+
+    typer >= 0.2x vendors its own copy of click whose exceptions are not `click.ClickException`
+    subclasses; older typer raises click's own. Both are shown the same way."""
+    found: list[type[BaseException]] = []
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+
+        found.append(VendoredClickException)
+    except ImportError:  # typer that uses the click package itself
+        pass
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
     except ThriftyError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err.message}", highlight=False)
+        # The message is plain text: brackets in it (an install hint's `.[semantic]`) are not markup.
+        Console(stderr=True, soft_wrap=True).print(
+            Text.assemble(("error:", "red"), " ", err.message), highlight=False
+        )
         sys.exit(2)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as err:
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except _usage_error_types() as err:
+        # Usage errors (missing or unknown options, bad values, no subcommand): click's own
+        # one-line message and usage, exit 2; "no arguments" shows the help, also exit 2 as click does.
+        err.show()  # type: ignore[attr-defined]
+        sys.exit(int(getattr(err, "exit_code", 2)))

@@ -124,6 +124,14 @@ class ProviderUnreachable(ThriftyError):
     code = "provider_unreachable"
 
 
+class ProviderKeyMissing(ThriftyError):
+    """The provider's API key variable was not set at start: its calls would only get a 401."""
+
+    status = 502
+    error_type = "upstream_error"
+    code = "provider_key_missing"
+
+
 class ProviderTimeout(ThriftyError):
     status = 504
     error_type = "upstream_error"
@@ -212,3 +220,7 @@ class CircuitOpen(ThriftyError):
     status = 503
     error_type = "upstream_error"
     code = "circuit_open"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = None if retry_after_s is None else max(0.0, retry_after_s)

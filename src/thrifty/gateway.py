@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from thrifty.accounting import Account, Accountant
+from thrifty.accounting import Account, Accountant, trailer_of
 from thrifty.alerts.rules import budget_alerts
 from thrifty.alerts.service import AlertService
 from thrifty.cache.exact import ExactCacheStage
@@ -85,6 +85,11 @@ def parse_chat_body(raw: bytes, route: str | None = None) -> dict[str, Any]:
     return body
 
 
+def _model_of(body: Any) -> str | None:
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
+
+
 class Gateway:
     """Build once from settings; `start()` inside the event loop, `close()` at the end."""
 
@@ -110,7 +115,7 @@ class Gateway:
         self.ledger = self.stores.ledger
         self._key_tenants = {h: tenant for tenant, t in settings.tenants.items() for h in t.key_hashes}
         self._keys: KeyDirectory | None = None
-        accountant = Accountant(self.catalog, self.counter, self.ledger)
+        accountant = self._accountant = Accountant(self.catalog, self.counter, self.ledger)
         unpriced = frozenset(a for a in self.targets if not self.catalog.is_priced(a))
         self.resolver = ResolveModel(
             self.targets,
@@ -231,9 +236,13 @@ class Gateway:
                 "no API key: send your thrifty virtual key as 'Authorization: Bearer KEY' "
                 "(create one with `thrifty keys create --tenant NAME`)"
             )
-        scheme, _, key = authorization.partition(" ")
-        key = key.strip() if scheme.lower() == "bearer" else authorization.strip()
-        digest = hash_key(key)
+        scheme, _, key = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise AuthenticationFailed(
+                "the Authorization header must be 'Bearer KEY' with your thrifty virtual key "
+                "(the openai SDK sends it so when given api_key=KEY)"
+            )
+        digest = hash_key(key.strip())
         tenant = self._key_tenants.get(digest)
         if tenant is None and self._keys is not None:
             tenant = self._keys.tenant_for_hash(digest)
@@ -264,6 +273,17 @@ class Gateway:
             client_wants_usage=bool(isinstance(options, dict) and options.get("include_usage")),
         )
 
+    async def refuse(
+        self, tags: Tags, err: ThriftyError, *, body_bytes: int, model: str | None = None
+    ) -> RequestContext:
+        """Record a request refused before it could be parsed (413, malformed JSON or schema), so
+        every request that passed authentication has its ledger row; wait for it to be committed."""
+        ctx = self.new_context({"model": model or ""}, body_bytes, tags)
+        entry = self._accountant.entry(ctx, "error", err.status, err.message)
+        ctx.trailer = trailer_of(entry)
+        await self.ledger.submit(entry)
+        return ctx
+
     async def run(self, ctx: RequestContext) -> Result:
         try:
             return await self._handle(ctx)
@@ -291,7 +311,6 @@ class Gateway:
         if tenant not in self.settings.tenants:
             raise ConfigError(f"unknown tenant {tenant!r}")
         raw = orjson.dumps(body)
-        parsed = parse_chat_body(raw)
         tags = Tags(
             tenant,
             feature,
@@ -303,6 +322,11 @@ class Gateway:
             evidence=tuple(sorted(set(evidence))),
             task=task,
         )
+        try:
+            parsed = parse_chat_body(raw)
+        except InvalidRequest as err:
+            await self.refuse(tags, err, body_bytes=len(raw), model=_model_of(body))
+            raise
         ctx = self.new_context(parsed, len(raw), tags)
         return ctx, await self.run(ctx)
 

@@ -29,7 +29,7 @@ GROUP_COLUMNS: dict[str, str] = {
 
 @dataclass(slots=True)
 class ReportRow:
-    group: str
+    group: str | None  # None: the attribute was not set (JSON null, an empty CSV cell)
     requests: int = 0
     ok: int = 0
     input_tokens: int = 0
@@ -83,6 +83,11 @@ class ReportRow:
         }
 
 
+SINCE_FORMS = (
+    "YYYY-MM-DD, an ISO time (2026-11-01T12:00 or with a zone), or a span back from now: 7d, 24h, 30m"
+)
+
+
 def parse_since(text: str | None) -> float | None:
     """`2026-11-01`, an ISO timestamp, or a relative `7d` / `24h` / `30m`."""
     if not text:
@@ -90,7 +95,10 @@ def parse_since(text: str | None) -> float | None:
     units = {"d": 86400, "h": 3600, "m": 60}
     if text[-1] in units and text[:-1].isdigit():
         return datetime.now(UTC).timestamp() - int(text[:-1]) * units[text[-1]]
-    parsed = datetime.fromisoformat(text)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a time; give {SINCE_FORMS}") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
@@ -103,14 +111,14 @@ def build_report(
     if by not in GROUP_COLUMNS:
         raise ValueError(f"--by must be one of {', '.join(GROUP_COLUMNS)}")
     reader = SqliteLedgerReader(source) if isinstance(source, sqlite3.Connection) else source
-    rows: dict[str, ReportRow] = {}
+    rows: dict[str | None, ReportRow] = {}
     for row_values in reader.report_rows(GROUP_COLUMNS[by], since):
         key, status, inp, cached, out, cost, retry_cost, estimated, saved, http_status, cache, escalated = (
             row_values
         )
         if by == "day":
             key = datetime.fromtimestamp(key, UTC).strftime("%Y-%m-%d")
-        group = "(none)" if key is None else str(key)
+        group = None if key is None else str(key)
         row = rows.get(group)
         if row is None:
             row = rows[group] = ReportRow(group)
@@ -137,7 +145,7 @@ def build_report(
         if cache != "miss":
             row.cache_hits += 1
         row.escalated += escalated
-    return sorted(rows.values(), key=lambda r: (-r.cost_usd, r.group))
+    return sorted(rows.values(), key=lambda r: (-r.cost_usd, r.group is None, r.group or ""))
 
 
 def totals(rows: Iterable[ReportRow]) -> ReportRow:
@@ -170,45 +178,58 @@ def to_csv(rows: list[ReportRow]) -> str:
     return buf.getvalue()
 
 
-def render_table(rows: list[ReportRow], by: str, title: str | None = None) -> Any:
-    from rich.table import Table
+def render_table(rows: list[ReportRow], by: str, title: str | None = None, *, width: int = 160) -> Any:
+    """The report as a table that fits `width` terminal columns: names and amounts are never cut;
+    on a narrow terminal the least important columns are left out (the caption says which)."""
+    from thrifty.tables import Column, fit_table, money_text
 
-    table = Table(title=title, title_justify="left")
-    for name, justify in (
-        (by, "left"),
-        ("requests", "right"),
-        ("success", "right"),
-        ("input tok", "right"),
-        ("cached tok", "right"),
-        ("output tok", "right"),
-        ("cost USD", "right"),
-        ("USD / success", "right"),
-        ("error USD", "right"),
-        ("retry USD", "right"),
-        ("saved USD", "right"),
-        ("cache hits", "right"),
-        ("escalated", "right"),
-        ("429 budget", "right"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for r in [*rows, totals(rows)] if rows else []:
-        cps = r.cost_per_success
-        table.add_row(
-            r.group,
-            f"{r.requests:,}",
-            f"{r.success_rate:.1%}",
-            f"{r.input_tokens:,}",
-            f"{r.cached_input_tokens:,}"
-            + (f" ({r.cached_input_tokens / r.input_tokens:.0%})" if r.input_tokens else ""),
-            f"{r.output_tokens:,}",
-            f"{r.cost_usd:.6f}" + ("*" if r.unpriced else ""),
-            "-" if cps is None else f"{cps:.8f}",
-            f"{r.error_cost_usd:.6f}",
-            f"{r.retry_cost_usd:.6f}",
-            f"{r.saved_usd:.6f}",
-            f"{r.cache_hits / r.requests:.1%}" if r.requests else "-",
-            f"{r.escalated / r.requests:.1%}" if r.requests else "-",
-            f"{r.rejected_budget:,}",
-            end_section=r.group == rows[-1].group if rows else False,
+    columns = [
+        Column(by, "left"),
+        Column("requests"),
+        Column("success", priority=10),
+        Column("input tok", priority=8),
+        Column("cached tok", priority=4),
+        Column("output tok", priority=9),
+        Column("cost USD"),
+        Column("USD/success", priority=11),
+        Column("error USD", priority=2),
+        Column("retry USD", priority=1),
+        Column("saved USD", priority=6),
+        Column("cache hits", priority=7),
+        Column("escalated", priority=3),
+        Column("429s", priority=5),
+    ]
+    shown = [*rows, totals(rows)] if rows else []
+    money = {
+        "cost": money_text([r.cost_usd for r in shown]),
+        "cps": money_text([_per_success(r) for r in shown]),
+        "error": money_text([r.error_cost_usd for r in shown]),
+        "retry": money_text([r.retry_cost_usd for r in shown]),
+        "saved": money_text([r.saved_usd for r in shown]),
+    }
+    cells = []
+    for n, r in enumerate(shown):
+        cells.append(
+            [
+                "(none)" if r.group is None else r.group,
+                f"{r.requests:,}",
+                f"{r.success_rate:.1%}",
+                f"{r.input_tokens:,}",
+                f"{r.cached_input_tokens:,}",
+                f"{r.output_tokens:,}",
+                money["cost"][n] + ("*" if r.unpriced else ""),
+                money["cps"][n] or "-",
+                money["error"][n],
+                money["retry"][n],
+                money["saved"][n],
+                f"{r.cache_hits / r.requests:.1%}" if r.requests else "-",
+                f"{r.escalated / r.requests:.1%}" if r.requests else "-",
+                f"{r.rejected_budget:,}",
+            ]
         )
-    return table
+    return fit_table(columns, cells, width=width, title=title, section_after=len(rows) - 1 if rows else None)
+
+
+def _per_success(row: ReportRow) -> Decimal | None:
+    cps = row.cost_per_success
+    return None if cps is None else cps.quantize(Decimal("1e-10"))

@@ -32,7 +32,8 @@ class ProviderSettings(_Strict):
     max_connections: int = Field(default=256, ge=1)
     # Anthropic only: the API version header.
     anthropic_version: str = "2023-06-01"
-    # Replay only: ZeroEval-format JSONL files or directories, and thrifty recordings.
+    # Replay only: ZeroEval-format JSONL files or directories, thrifty recordings, or a recording set
+    # shipped with thrifty (`builtin:quickstart`). Relative paths are relative to the settings file.
     data: list[str] = Field(default_factory=list)
     stream_chunk_chars: int = Field(default=24, ge=1)
 
@@ -387,6 +388,11 @@ def load_settings(path: Path) -> Settings:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read settings file {path}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "a settings file is YAML saved as UTF-8"
+        ) from err
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -414,7 +420,12 @@ def _anchor_paths(settings: Settings, base_dir: Path) -> Settings:
     routes = {name: _anchor_route(r, base_dir) for name, r in settings.routes.items()}
     providers = {
         name: p.model_copy(
-            update={"data": [str(base_dir / d) if not Path(d).is_absolute() else d for d in p.data]}
+            update={
+                "data": [
+                    d if Path(d).is_absolute() or d.startswith("builtin:") else str(base_dir / d)
+                    for d in p.data
+                ]
+            }
         )
         for name, p in settings.providers.items()
     }

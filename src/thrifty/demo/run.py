@@ -57,10 +57,18 @@ def demo_settings(
             "models": models,
             "routes": routes,
             # globex's small daily budget shows worst-case reservations turning requests away (429).
-            "tenants": {"acme": {}, "globex": {"budget": {"usd_per_day": "0.03"}}},
+            "tenants": {"acme": {}, "globex": {"budget": {"usd_per_day": _globex_budget(workload)}}},
         },
         source="demo settings",
     )
+
+
+def _globex_budget(workload: DemoWorkload) -> str:
+    """Small enough that globex runs into it on either workload. The built-in prompts and answers
+    are a few tokens each, so spend alone would never reach a budget; this one is below a gpt-4o
+    request's worst case (600 output tokens at $10 per million = $0.006), so each of globex's gpt-4o
+    requests is refused before any spend while its gpt-4o-mini requests go through."""
+    return "0.005" if workload.synthetic else "0.03"
 
 
 def _semantic_available() -> bool:
@@ -81,6 +89,7 @@ def run_demo(
     support_data: Path | None = None,
     support_seeds: int = 1500,
     support_lookups: int = 500,
+    width: int = 160,
 ) -> int:
     from rich.progress import Progress
 
@@ -93,24 +102,24 @@ def run_demo(
         workdir = Path(tmp)
         db_path = db or workdir / "demo.db"
         workload = load_workload(data, workdir)
-        label = (
-            "SYNTHETIC (built-in workload; real data not found)"
+        described = (
+            f"SYNTHETIC built-in workload ({DEFAULT_DATA} not found)"
             if workload.synthetic
-            else "real recorded outputs"
+            else f"{workload.source} (real recorded outputs)"
         )
-        print_fn(
-            f"[bold]thrifty demo[/bold] — data: {workload.source} ({label}), {len(workload.prompts)} prompts"
-        )
+        print_fn(f"[bold]thrifty demo[/bold] — data: {described}, {len(workload.prompts)} prompts")
         support_work = None
         recordings = None
         if support_lookups and _semantic_available():
             support_work = support.load_support(support_data, support_seeds, support_lookups)
             recordings = workdir / "support-answers.jsonl"
             support.write_recordings(support_work, recordings)
-            kind = (
-                "SYNTHETIC FAQ (Banking77 not found)" if support_work.synthetic else "real Banking77 queries"
+            described = (
+                f"SYNTHETIC FAQ ({support.DEFAULT_DATA} not found)"
+                if support_work.synthetic
+                else f"{support_work.source} (real Banking77 queries)"
             )
-            print_fn(f"support traffic: {support_work.source} ({kind}; answers are per-intent stand-ins)")
+            print_fn(f"support traffic: {described}; answers are per-intent stand-ins")
         elif support_lookups:
             print_fn(
                 "support traffic skipped: the semantic extra is not installed "
@@ -163,7 +172,7 @@ def run_demo(
             f"client-side latency p50 {statistics.median(stats.latencies_ms):.1f} ms"
         )
         for by in ("tenant", "feature", "route", "model"):
-            print_fn(render_table(build_report(conn, by), by, title=f"spend by {by}"))
+            print_fn(render_table(build_report(conn, by), by, title=f"spend by {by}", width=width))
         total = totals(build_report(conn, "tenant"))
         globex_budget = settings.tenants["globex"].budget
         assert globex_budget is not None

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
 
-from thrifty.errors import ProviderError, ProviderTimeout, ProviderUnreachable, ThriftyError
+from thrifty.errors import (
+    ProviderError,
+    ProviderKeyMissing,
+    ProviderTimeout,
+    ProviderUnreachable,
+    ThriftyError,
+)
 from thrifty.settings import ProviderSettings
 
 USER_AGENT = "thrifty/0.1"
@@ -17,8 +24,18 @@ USER_AGENT = "thrifty/0.1"
 class HttpClient:
     """One pooled session per provider, created on start and reused by every request."""
 
-    def __init__(self, name: str, settings: ProviderSettings, headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: ProviderSettings,
+        headers: dict[str, str],
+        *,
+        missing_key_env: str | None = None,
+    ) -> None:
         self.name = name
+        # Set when the provider's key variable was unset at start: refuse before the wire, naming it,
+        # rather than relay the provider's 401, which reads as if the client's own key were wrong.
+        self._missing_key_env = missing_key_env
         self._settings = settings
         self._headers = headers
         self._session: aiohttp.ClientSession | None = None
@@ -52,7 +69,15 @@ class HttpClient:
             raise RuntimeError(f"provider {self.name!r} used before start()")
         return self._session
 
+    def _check_key(self) -> None:
+        if self._missing_key_env is not None:
+            raise ProviderKeyMissing(
+                f"provider {self.name!r} has no API key: {self._missing_key_env} was not set when thrifty "
+                f"started (providers.{self.name}.api_key_env); set it and restart the gateway"
+            )
+
     async def post_json(self, url: str, payload: dict[str, Any]) -> dict[str, Any]:
+        self._check_key()
         try:
             async with self.session.post(
                 url,
@@ -85,6 +110,7 @@ class HttpClient:
 
     async def post_stream(self, url: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
         """Yield the `data:` payloads of an SSE response, one per event, without the prefix."""
+        self._check_key()
         try:
             async with self.session.post(
                 url,
@@ -110,7 +136,7 @@ class HttpClient:
 
     def unreachable(self, err: BaseException) -> ProviderUnreachable:
         return ProviderUnreachable(
-            f"cannot reach provider {self.name!r} at {self._settings.base_url}: {err}; "
+            f"cannot reach provider {self.name!r} at {self._settings.base_url} ({_reason(err)}); "
             f"check that it is up and that providers.{self.name}.base_url is right"
         )
 
@@ -136,6 +162,20 @@ class HttpClient:
             body=body if isinstance(body, dict) else None,
             retry_after_s=_seconds(retry_after),
         )
+
+
+def _reason(err: BaseException) -> str:
+    """Why a connection failed, in a few words (aiohttp's own text names ssl:default even for http)."""
+    if isinstance(err, aiohttp.ClientConnectorError):
+        os_error = err.os_error
+        # The errno's own words ("connection refused"); asyncio's strerror is "Connect call failed (...)".
+        reason = (
+            os.strerror(os_error.errno) if os_error.errno else str(os_error) or type(os_error).__name__
+        ).lower()
+        return f"{reason} connecting to {err.host}:{err.port}"
+    if isinstance(err, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection before answering"
+    return str(err) or type(err).__name__
 
 
 def _seconds(retry_after: str | None) -> float | None:

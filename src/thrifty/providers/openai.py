@@ -30,10 +30,17 @@ def usage_from_openai(raw: Any) -> Usage | None:
 
 
 class OpenAIProvider:
-    def __init__(self, name: str, settings: ProviderSettings, api_key: str | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: ProviderSettings,
+        api_key: str | None,
+        *,
+        missing_key_env: str | None = None,
+    ) -> None:
         self.name = name
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = HttpClient(name, settings, headers)
+        self._http = HttpClient(name, settings, headers, missing_key_env=missing_key_env)
         assert settings.base_url is not None
         self._url = settings.base_url.rstrip("/") + "/chat/completions"
 

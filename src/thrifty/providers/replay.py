@@ -31,16 +31,42 @@ def _messages_key(model: str, messages: Any) -> str:
     return hashlib.sha256(orjson.dumps([model, messages], option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def _jsonl_files(paths: Iterable[str]) -> list[Path]:
+BUILTIN_PREFIX = "builtin:"
+
+
+def _builtin(name: str, setting: str) -> Path:
+    """Recordings shipped inside the package (`builtin:quickstart`), read where pip put them."""
+    from importlib import resources
+
+    path = Path(str(resources.files("thrifty.providers") / "recordings" / f"{name}.jsonl"))
+    if not path.is_file():
+        known = sorted(
+            p.name.removesuffix(".jsonl")
+            for p in resources.files("thrifty.providers").joinpath("recordings").iterdir()
+            if p.name.endswith(".jsonl")
+        )
+        raise ConfigError(
+            f"{setting}: there is no built-in recording set {name!r} (built in: {', '.join(known)})"
+        )
+    return path
+
+
+def _jsonl_files(paths: Iterable[str], setting: str = "providers.replay.data") -> list[Path]:
     files: list[Path] = []
     for raw in paths:
+        if raw.startswith(BUILTIN_PREFIX):
+            files.append(_builtin(raw.removeprefix(BUILTIN_PREFIX), setting))
+            continue
         path = Path(raw)
         if path.is_dir():
             files.extend(sorted(path.glob("*.jsonl")))
         elif path.is_file():
             files.append(path)
         else:
-            raise ConfigError(f"replay data {raw!r} does not exist")
+            raise ConfigError(
+                f"{setting}: {raw!r} does not exist (a relative path in a settings file is relative to "
+                "the folder of that file); give a JSONL file or a folder of them, or builtin:quickstart"
+            )
     return files
 
 
@@ -52,9 +78,9 @@ class RecordingIndex:
         self.recordings: dict[str, dict[str, Any]] = {}
 
     @classmethod
-    def load(cls, paths: Iterable[str]) -> RecordingIndex:
+    def load(cls, paths: Iterable[str], setting: str = "providers.replay.data") -> RecordingIndex:
         index = cls()
-        for file in _jsonl_files(paths):
+        for file in _jsonl_files(paths, setting):
             with file.open("rb") as fh:
                 for lineno, line in enumerate(fh, 1):
                     if not line.strip():
@@ -91,7 +117,7 @@ class ReplayProvider:
         self.name = name
         self._settings = settings
         self._counter = counter
-        self._index = RecordingIndex.load(settings.data)
+        self._index = RecordingIndex.load(settings.data, f"providers.{name}.data")
 
     @property
     def index(self) -> RecordingIndex:

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from thrifty.errors import AllAttemptsFailed, CircuitOpen, ProviderError, ThriftyError
+from thrifty.errors import AllAttemptsFailed, CircuitOpen, ProviderError, ProviderKeyMissing, ThriftyError
 from thrifty.pipeline import Handler, RequestContext, Result, Streamed
 from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.settings import ResilienceSettings, RouteSettings
@@ -124,21 +124,29 @@ class Resilience:
         )
         fallbacks = route.fallbacks if route and ctx.use_fallbacks else ()
         chain = [ctx.target] + [self._targets[m] for m in fallbacks]
-        errors: list[str] = []
-        last: ThriftyError | None = None
+        failures: list[tuple[str, ThriftyError]] = []  # (alias, error) of calls that were made
+        skipped: list[CircuitOpen] = []  # targets an open breaker kept us from calling
         for target in chain:
             breaker = self.breaker(target)
             for attempt in range(max_retries + 1):
                 if not breaker.allow(self._clock()):
-                    last = CircuitOpen(f"{target.alias}: circuit open after repeated failures; skipped")
-                    errors.append(last.message)
+                    skipped.append(
+                        CircuitOpen(
+                            f"{target.alias} is skipped: its circuit breaker opened after repeated "
+                            "failures; retry after the cool-down",
+                            retry_after_s=breaker.open_until - self._clock(),
+                        )
+                    )
                     break
                 ctx.target = target
                 try:
                     result = await _primed(await call_next(ctx))
+                except ProviderKeyMissing as err:
+                    # Not the provider's fault, and no retry can fix it: the next fallback may.
+                    failures.append((target.alias, err))
+                    break
                 except ThriftyError as err:
-                    last = err
-                    errors.append(f"{target.alias}: {err.message}")
+                    failures.append((target.alias, err))
                     if err.status not in RETRYABLE:
                         breaker.success()  # the target answered; the request was at fault
                         raise
@@ -150,13 +158,33 @@ class Resilience:
                     break
                 breaker.success()
                 return result
-        assert last is not None
-        if len(errors) == 1:
-            raise last
-        raise AllAttemptsFailed(
-            f"all {len(errors)} attempts failed ({'; '.join(errors)}); retry later or check the providers",
-            status=last.status,
-        )
+        raise _summary(failures, skipped)
+
+
+def _summary(failures: list[tuple[str, ThriftyError]], skipped: list[CircuitOpen]) -> ThriftyError:
+    """One error for a request whose every target failed or was skipped.
+
+    A skipped target is not a failed call: the status is that of the last call that was made (a
+    502 stays a 502), and 503 only when every target was skipped. Each distinct failure is one
+    sentence, with how often it happened, not the same sentence once per retry."""
+    if not failures:
+        return min(skipped, key=lambda e: e.retry_after_s or 0.0)
+    distinct: dict[tuple[str, str], int] = {}
+    for alias, err in failures:
+        distinct[(alias, err.message)] = distinct.get((alias, err.message), 0) + 1
+    last = failures[-1][1]
+    if len(distinct) == 1 and not skipped:
+        return last
+    parts = [
+        f"{alias} ({count} attempts): {message}" if count > 1 else f"{alias}: {message}"
+        for (alias, message), count in distinct.items()
+    ]
+    parts += [err.message for err in skipped]
+    return AllAttemptsFailed(
+        f"all {len(failures)} calls failed{f' and {len(skipped)} targets were skipped' if skipped else ''}: "
+        + "; ".join(parts),
+        status=last.status,
+    )
 
 
 async def _primed(result: Result) -> Result:

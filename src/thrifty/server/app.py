@@ -77,6 +77,11 @@ def _tags(tenant: str, headers: Mapping[str, str], body: Mapping[str, Any]) -> T
     )
 
 
+def _content_length(headers: Mapping[str, str]) -> int:
+    value = headers.get("content-length", "")
+    return int(value) if value.isdigit() else 0
+
+
 def _evidence(header: str | None) -> tuple[str, ...]:
     if not header:
         return ()
@@ -92,8 +97,12 @@ def _accounting_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
         if trailer["model"]:
             out.append((b"x-thrifty-model", trailer["model"].encode()))
         out.append((b"x-thrifty-cache", trailer["cache"].encode()))
-    elif ctx.target is not None:
-        out.append((b"x-thrifty-model", ctx.target.alias.encode()))
+    else:
+        # A stream's headers leave before its cost is known (it is in the last event's `thrifty`
+        # field); whether it is answered from a cache is known now.
+        if ctx.target is not None:
+            out.append((b"x-thrifty-model", ctx.target.alias.encode()))
+        out.append((b"x-thrifty-cache", ctx.cache.encode()))
     if ctx.route:
         out.append((b"x-thrifty-route", ctx.route.encode()))
     if ctx.budget_remaining is not None:
@@ -200,8 +209,19 @@ class ThriftyApp:
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = _headers(scope)
         tenant = self.gateway.authenticate(headers.get("authorization"))
-        raw = await self._read_body(receive)
-        body = parse_chat_body(raw, headers.get("x-thrifty-route"))
+        raw = b""
+        try:
+            raw = await self._read_body(receive)
+            body = parse_chat_body(raw, headers.get("x-thrifty-route"))
+        except (_PayloadTooLarge, InvalidRequest) as err:
+            # Authenticated but unreadable: still one ledger row, committed before the answer.
+            refused = await self.gateway.refuse(
+                _tags(tenant, headers, {}), err, body_bytes=len(raw) or _content_length(headers)
+            )
+            await _send_json(
+                send, err.status, err.to_openai(), _error_headers(err, _accounting_headers(refused))
+            )
+            raise _Responded from err
         ctx = self.gateway.new_context(body, len(raw), _tags(tenant, headers, body))
         try:
             result = await self.gateway.run(ctx)

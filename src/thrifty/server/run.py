@@ -6,7 +6,8 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import uvicorn
 
@@ -40,8 +41,41 @@ def uvicorn_config(
     )
 
 
-def serve(settings: Settings, secrets: Mapping[str, str | None], *, host: str, port: int) -> None:
-    uvicorn.Server(uvicorn_config(settings, secrets, host=host, port=port)).run()
+def startup_line(settings: Settings, settings_path: Path | None, address: str) -> str:
+    """What `thrifty serve` says once it listens: where, with which settings, ledger and routes."""
+    routes = ", ".join(settings.routes) or "none (models only)"
+    source = str(settings_path.resolve()) if settings_path is not None else "(in-memory settings)"
+    url = settings.storage.url
+    storage = (
+        f"ledger {Path(url.removeprefix('sqlite:///')).resolve()}" if url.startswith("sqlite:///") else url
+    )
+    return f"thrifty serving http://{address}/v1 | settings {source} | {storage} | routes: {routes}"
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """uvicorn, but the one line printed once it listens is thrifty's (uvicorn's own is at INFO)."""
+
+    def __init__(self, config: uvicorn.Config, announce: Callable[[str], str]) -> None:
+        super().__init__(config)
+        self._announce = announce
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.servers and self.servers[0].sockets:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            print(self._announce(f"{host}:{port}"), flush=True)
+
+
+def serve(
+    settings: Settings,
+    secrets: Mapping[str, str | None],
+    *,
+    host: str,
+    port: int,
+    settings_path: Path | None = None,
+) -> None:
+    config = uvicorn_config(settings, secrets, host=host, port=port)
+    _AnnouncingServer(config, lambda address: startup_line(settings, settings_path, address)).run()
 
 
 class BackgroundServer:

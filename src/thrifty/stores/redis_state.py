@@ -170,7 +170,8 @@ def to_pico(usd: Decimal) -> int:
 
 
 def from_pico(value: int | str | bytes) -> Decimal:
-    return Decimal(int(value)) / PICO
+    # normalize(): 0.0081189, not 0.008118900000 (the same number; shown in alerts and headers).
+    return (Decimal(int(value)) / PICO).normalize()
 
 
 class RedisState:

@@ -347,3 +347,43 @@ def test_redis_down_degrade_local_keeps_per_replica_limits_and_warns(
             budget = [_chat(server, "acme").status_code for _ in range(25)]
         assert budget.count(200) == 22 and budget[-1] == 429  # the local book still holds the budget
         assert any("decided per replica" in r.getMessage() for r in caplog.records)
+        health = httpx.get(f"{server.base_url.removesuffix('/v1')}/healthz").json()
+        assert health["status"] == "ok" and health["shared_state_degraded_decisions"] == 4 + 25
+
+
+async def test_a_plain_request_makes_two_redis_round_trips_before_its_call_and_one_after(
+    tmp_path, openai_upstream, services, redis_prefix
+):
+    from thrifty.gateway import Gateway
+
+    openai_upstream.default = Reply(prompt_tokens=PROMPT_TOKENS, completion_tokens=500)
+    settings = base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": openai_upstream.base_url}},
+        models=openai_models(),
+        shared_state={"url": services.redis_url, "prefix": redis_prefix},
+        tenants={
+            "acme": {
+                "key_hashes": [hash_key(KEYS["acme"])],
+                "budget": {"usd_per_day": str(BUDGET)},
+                "rate_limit": {"requests_per_minute": 100, "tokens_per_minute": 100_000},
+            }
+        },
+    )
+    gateway = Gateway(settings, secrets={"up": UPSTREAM_KEY})
+    await gateway.start()
+    try:
+        state = gateway.stores.redis
+        before = state.round_trips
+        ctx, _ = await gateway.chat_completion(
+            {"model": "gpt-4o-mini", "messages": PROMPT, "max_tokens": 500}, tenant="acme"
+        )
+        await gateway._spend_guard.drain()
+        assert state.round_trips - before == 3  # admit (rate), reserve, and the settle off the response path
+        assert ctx.budget_remaining == f"{BUDGET - COST}; scope=tenant:acme; window=day"
+        remaining = await gateway.stores.shared_budgets.remaining(
+            gateway.budget_plan.limits_for("acme", None, None), ctx.ts
+        )
+        assert remaining == [BUDGET - COST]
+    finally:
+        await gateway.close()

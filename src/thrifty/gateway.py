@@ -227,6 +227,11 @@ class Gateway:
         await self.stores.close()
         self._started = False
 
+    def health(self) -> dict[str, int]:
+        """Counters for /healthz: decisions taken per replica while Redis was away (degrade_local),
+        ledger rows spooled while PostgreSQL was. Empty in the embedded default."""
+        return self.stores.health()
+
     # -- auth ------------------------------------------------------------------------------
 
     def authenticate(self, authorization: str | None) -> str:

@@ -177,7 +177,7 @@ class ThriftyApp:
                 self.gateway.authenticate(_headers(scope).get("authorization"))
                 await _send_json(send, 200, {"object": "list", "data": self.gateway.model_list()})
             elif path == "/healthz":
-                await _send_json(send, 200, {"status": "ok"})
+                await _send_json(send, 200, {"status": "ok", **self.gateway.health()})
             else:
                 raise NotFound(
                     f"no route {method} {path}; thrifty serves /v1/chat/completions and /v1/models",

@@ -80,6 +80,14 @@ class Stores:
     def degraded_decisions(self) -> int:
         return sum(f.decisions for f in (self.budget_fallback, self.rate_fallback) if f is not None)
 
+    def health(self) -> dict[str, int]:
+        out = {}
+        if self.redis is not None:
+            out["shared_state_degraded_decisions"] = self.degraded_decisions
+        if self.postgres:
+            out["ledger_rows_spooled"] = self.ledger.spooled
+        return out
+
     async def start(self, *, exact_cache: bool, semantic_cache: bool) -> None:
         storage = self.settings.storage
         if self.postgres:

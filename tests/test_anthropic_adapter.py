@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -404,7 +405,45 @@ async def test_usage_counts_cache_reads_and_writes_as_input(
         "prompt_tokens_details": {"cached_tokens": 2000},
         "cache_creation_input_tokens": 300,
         "cache_read_input_tokens": 2000,
+        "cache_creation": {"ephemeral_5m_input_tokens": 300, "ephemeral_1h_input_tokens": 0},
     }
+
+
+def test_usage_from_anthropic_splits_cache_writes_by_ttl() -> None:
+    raw = {
+        "input_tokens": 5,
+        "cache_creation_input_tokens": 3000,
+        "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000},
+        "output_tokens": 1,
+    }
+    assert usage_from_anthropic(raw) == Usage(
+        input_tokens=3005, cache_write_tokens=3000, output_tokens=1, cache_write_1h_tokens=2000
+    )
+    # Only the split given (no total): the total is its sum.
+    del raw["cache_creation_input_tokens"]
+    assert usage_from_anthropic(raw).cache_write_tokens == 3000
+
+
+def test_one_hour_writes_are_priced_at_genai_prices_1h_rate() -> None:
+    from thrifty.pricing.catalog import PriceCatalog
+    from thrifty.settings import ModelSettings, ProviderSettings
+
+    catalog = PriceCatalog.from_settings(
+        {"haiku": ModelSettings(provider="a", upstream="claude-haiku-4-5")},
+        {"a": ProviderSettings(kind="anthropic", base_url="http://x")},
+    )
+    usage = Usage(input_tokens=3000, cache_write_tokens=3000, cache_write_1h_tokens=2000)
+    # 1,000 at the 5-minute rate ($1.25) and 2,000 at the 1-hour rate ($2) per million.
+    assert catalog.cost("haiku", usage) == Decimal("0.00525")
+    from genai_prices import Usage as GenaiUsage
+    from genai_prices import calc_price
+
+    theirs = calc_price(
+        GenaiUsage(input_tokens=3000, cache_write_tokens=3000, cache_write_1h_tokens=2000),
+        model_ref="claude-haiku-4-5",
+        provider_id="anthropic",
+    ).total_price
+    assert catalog.cost("haiku", usage) == theirs
 
 
 def test_usage_from_anthropic_tolerates_missing_and_null_cache_fields() -> None:

@@ -132,3 +132,25 @@ def test_click_exceptions_of_either_click_are_caught():
     from typer._click.exceptions import ClickException
 
     assert ClickException in kinds
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("cache", "tune", "--data", "labelled.csv"),
+        ("bench", "cache", "--train", "labelled.csv", "--test", "labelled.csv"),
+    ],
+)
+@pytest.mark.parametrize("blocked", ["onnxruntime", "tokenizers"])
+def test_commands_that_embed_say_how_to_install_the_semantic_extra(tmp_path: Path, args, blocked):
+    (tmp_path / "labelled.csv").write_text("text,category\nlost my card,card\ncard lost,card\nrate?,fx\n")
+    script = (
+        f"import sys; sys.modules[{blocked!r}] = None; sys.argv = ['thrifty', *{list(args)!r}]; "
+        "from thrifty.cli import main; main()"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"needs the semantic extra ({blocked} is not installed)" in out.stderr
+    assert "pip install 'thrifty[semantic]'" in out.stderr and len(out.stderr.strip().splitlines()) == 1

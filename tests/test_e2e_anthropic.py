@@ -214,3 +214,45 @@ def test_prompt_cache_breakpoints_on_the_static_prefix(
         ]
         client.chat.completions.create(model="route:support", messages=own, tools=tools)
         assert "cache_control" not in anthropic_upstream.requests[-1].body["tools"][-1]
+
+
+def test_one_hour_cache_writes_are_priced_at_their_own_rate_streamed_or_not(
+    tmp_path, anthropic_upstream, ledger
+):
+    settings = base_settings(
+        tmp_path,
+        providers={"anthropic": {"kind": "anthropic", "base_url": anthropic_upstream.base_url}},
+        models={"haiku": {"provider": "anthropic", "upstream": "claude-haiku-4-5"}},
+        resilience={"max_retries": 0},
+    )
+    reply = Reply(
+        text="Cached for an hour.",
+        input_tokens=50,
+        cache_creation_input_tokens=1000,
+        cache_creation_1h_input_tokens=2000,
+        output_tokens=7,
+    )
+    anthropic_upstream.reply(reply, reply)
+    with BackgroundServer(settings, secrets={"anthropic": ANTHROPIC_KEY}) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key=KEYS["acme"], max_retries=0)
+        plain = client.chat.completions.with_raw_response.create(model="haiku", messages=MSG)
+        last = None
+        for chunk in client.chat.completions.create(
+            model="haiku", messages=MSG, stream=True, stream_options={"include_usage": True}
+        ):
+            last = chunk
+    # claude-haiku-4-5 list prices per million: $1 input, $1.25 5-minute write, $2 1-hour write, $5 output.
+    expected = (50 * Decimal(1) + 1000 * Decimal("1.25") + 2000 * Decimal(2) + 7 * Decimal(5)) / 10**6
+    assert expected == Decimal("0.005335")
+    assert Decimal(plain.headers["x-thrifty-cost-usd"]) == expected
+    assert last is not None and Decimal(last.model_extra["thrifty"]["cost_usd"]) == expected
+    assert last.model_extra["thrifty"]["usage"]["cache_write_1h_tokens"] == 2000
+    # The client sees Anthropic's split in the usage, in OpenAI's shape.
+    assert plain.parse().usage.model_extra["cache_creation"] == {
+        "ephemeral_5m_input_tokens": 1000,
+        "ephemeral_1h_input_tokens": 2000,
+    }
+    rows = ledger()
+    assert [Decimal(r["cost_usd"]) for r in rows] == [expected, expected]
+    assert [r["cache_write_tokens"] for r in rows] == [3000, 3000]
+    assert [json.loads(r["attempts"])[0]["cache_write_1h_tokens"] for r in rows] == [2000, 2000]

@@ -166,7 +166,7 @@ def test_ttl_restart_and_purge(tmp_path, openai_upstream):
         text=True,
         timeout=60,
     )
-    assert out.returncode == 0 and "purged 2 exact and 0 semantic cache entries" in out.stdout
+    assert out.returncode == 0 and "purged 2 cache entries (2 exact, 0 semantic)" in out.stdout
     with BackgroundServer(long_lived, secrets={"up": UPSTREAM_KEY}) as server:
         assert _ask(server, **other).headers["x-thrifty-cache"] == "miss"
     refused = subprocess.run(

@@ -168,3 +168,30 @@ def test_settings_that_are_not_utf8_are_one_line_and_exit_2(tmp_path: Path, cont
     )
     assert out.returncode == 2 and "not UTF-8" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_readme_library_example_runs_as_written(tmp_path: Path):
+    pytest.importorskip("onnxruntime", reason="the example's faq route uses the semantic extra")
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Use it as a library") :]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section[: section.index("\n## ", 3)], flags=re.S)
+    shutil.copy(REPO / "examples" / "thrifty.yaml", tmp_path / "thrifty.yaml")
+    ran = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr
+    answer, cost = ran.stdout.rsplit(maxsplit=1)
+    assert answer == "Hi! How can I help you today?"
+    assert Decimal(cost) == (8 * Decimal("0.15") + 9 * Decimal("0.60")) / 1_000_000
+
+
+def test_thrifty_is_a_package_with_its_public_api():
+    import thrifty
+
+    assert thrifty.__file__ is not None and thrifty.__file__.endswith("__init__.py")  # not a namespace
+    from thrifty import Completion, Gateway, Settings, Streamed, ThriftyError, load_settings
+
+    assert Gateway.__module__ == "thrifty.gateway" and issubclass(ThriftyError, Exception)
+    assert {Completion.__name__, Streamed.__name__, Settings.__name__, load_settings.__name__}
+    with pytest.raises(AttributeError):
+        thrifty.nope  # noqa: B018

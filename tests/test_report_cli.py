@@ -146,6 +146,14 @@ def test_keys_create_then_use_through_the_gateway(tmp_path: Path, openai_upstrea
         assert client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
         )
+    missing = _thrifty("keys", "revoke", "0123456789abcdef", "--config", str(config))
+    assert missing.returncode == 1 and "no active key whose hash starts with" in missing.stderr
+    prefix = listed.split()[0]
+    revoked = _thrifty("keys", "revoke", prefix, "--config", str(config))
+    assert revoked.returncode == 0 and "revoked 1 key" in revoked.stdout
+    assert "revoked" in _thrifty("keys", "list", "--config", str(config)).stdout
+    again = _thrifty("keys", "revoke", prefix, "--config", str(config))
+    assert again.returncode == 1  # already revoked: nothing active matches
 
 
 def test_demo_on_the_shared_data_or_synthetic(tmp_path: Path):

@@ -131,6 +131,7 @@ def trailer_of(entry: LedgerEntry) -> dict[str, Any]:
             "input_tokens": u.input_tokens,
             "cached_input_tokens": u.cached_input_tokens,
             "cache_write_tokens": u.cache_write_tokens,
+            "cache_write_1h_tokens": u.cache_write_1h_tokens,
             "output_tokens": u.output_tokens,
             "reasoning_tokens": u.reasoning_tokens,
             "estimated": u.estimated,

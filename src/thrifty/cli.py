@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -46,6 +48,17 @@ def _console() -> Console:
     # caller says how wide (COLUMNS).
     console = Console()
     return console if console.is_terminal or os.environ.get("COLUMNS") else Console(width=160)
+
+
+@contextlib.contextmanager
+def _semantic_extra(command: str) -> Iterator[None]:
+    """A command that embeds texts: a missing semantic extra is the one-line install hint, exit 2."""
+    from thrifty.cache.semantic import extra
+
+    try:
+        yield
+    except (ImportError, extra.ModelNotInstalledError) as err:
+        raise extra.missing(command, err) from err
 
 
 def _settings_path(config: Path | None) -> Path:
@@ -314,7 +327,8 @@ def bench_cache(
 ) -> None:
     """Semantic cache on labelled queries: hit rate, precision, false hits, lookup latency, and
     hit rate and precision by cache size (test vs random subsamples of train)."""
-    from thrifty.bench.cache import run_cache_bench
+    with _semantic_extra("thrifty bench cache"):
+        from thrifty.bench.cache import run_cache_bench
     from thrifty.cache.semantic.decision import DecisionParams, default_params
 
     padded: list[int | None] = [
@@ -326,16 +340,17 @@ def bench_cache(
         params = default_params()
     elif params_file is not None:
         params = DecisionParams.from_dict(orjson.loads(Path(params_file).read_bytes()))
-    run_cache_bench(
-        train,
-        test,
-        json_out,
-        _console(),
-        sizes=padded,
-        target_precision=target_precision,
-        params=params,
-        subsamples=subsamples,
-    )
+    with _semantic_extra("thrifty bench cache"):
+        run_cache_bench(
+            train,
+            test,
+            json_out,
+            _console(),
+            sizes=padded,
+            target_precision=target_precision,
+            params=params,
+            subsamples=subsamples,
+        )
 
 
 @cache_app.command("tune")
@@ -358,9 +373,10 @@ def cache_tune(
     ] = True,
 ) -> None:
     """Learn the semantic cache's decision parameters from labelled queries."""
-    from thrifty.bench.cache import tune_cache
+    with _semantic_extra("thrifty cache tune"):
+        from thrifty.bench.cache import tune_cache
 
-    result = tune_cache(data, target_precision, z=z, density=density)
+        result = tune_cache(data, target_precision, z=z, density=density)
     params = result.params.to_dict()
     if params["threshold"] == "inf":
         typer.echo(
@@ -426,7 +442,8 @@ def cache_purge(
     semantic = SqliteSemanticStore(conn).purge(**scope, expired_before=time.time() if expired else None)
     conn.close()
     typer.echo(
-        f"purged {exact} exact and {semantic} semantic cache entr{'y' if exact + semantic == 1 else 'ies'}"
+        f"purged {exact + semantic} cache entr{'y' if exact + semantic == 1 else 'ies'} "
+        f"({exact} exact, {semantic} semantic)"
     )
 
 
@@ -500,11 +517,14 @@ def _usage_error_types() -> tuple[type[BaseException], ...]:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns a typer.Exit's code instead of raising it.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except ThriftyError as err:
         # The message is plain text: brackets in it (an install hint's `.[semantic]`) are not markup.
-        Console(stderr=True, soft_wrap=True).print(
-            Text.assemble(("error:", "red"), " ", err.message), highlight=False
+        Console(stderr=True).print(
+            Text.assemble(("error:", "red"), " ", err.message), highlight=False, soft_wrap=True
         )
         sys.exit(2)
     except typer.Exit as exit_:

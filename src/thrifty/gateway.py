@@ -206,6 +206,13 @@ class Gateway:
             await provider.start()
         self._started = True
 
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     def _budget_alerts(self, spent: list[tuple[Limit, float, Decimal]]) -> None:
         if self.alerts is None:
             return

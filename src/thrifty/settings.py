@@ -53,6 +53,7 @@ class PriceOverride(_Strict):
     output_per_mtok: Decimal | None = Field(default=None, ge=0)
     cached_input_per_mtok: Decimal | None = Field(default=None, ge=0)
     cache_write_per_mtok: Decimal | None = Field(default=None, ge=0)
+    cache_write_1h_per_mtok: Decimal | None = Field(default=None, ge=0)  # default: cache_write_per_mtok
     flat_per_mtok: Decimal | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
@@ -383,7 +384,8 @@ def settings_from_mapping(
     return settings
 
 
-def load_settings(path: Path) -> Settings:
+def load_settings(path: Path | str) -> Settings:
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:

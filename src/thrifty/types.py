@@ -34,6 +34,9 @@ class Usage:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     estimated: bool = False
+    # The part of `cache_write_tokens` written with Anthropic's 1-hour TTL, priced at its own,
+    # higher rate; the rest are 5-minute writes.
+    cache_write_1h_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -43,6 +46,7 @@ class Usage:
             self.output_tokens + other.output_tokens,
             self.reasoning_tokens + other.reasoning_tokens,
             self.estimated or other.estimated,
+            self.cache_write_1h_tokens + other.cache_write_1h_tokens,
         )
 
 
@@ -84,6 +88,7 @@ class Attempt:
             "input_tokens": self.usage.input_tokens,
             "cached_input_tokens": self.usage.cached_input_tokens,
             "cache_write_tokens": self.usage.cache_write_tokens,
+            "cache_write_1h_tokens": self.usage.cache_write_1h_tokens,
             "output_tokens": self.usage.output_tokens,
             "reasoning_tokens": self.usage.reasoning_tokens,
             "usage_estimated": self.usage.estimated,

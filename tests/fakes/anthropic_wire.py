@@ -66,7 +66,8 @@ class Reply:
     stop_sequence: str | None = None
     input_tokens: int = 12
     output_tokens: int = 9
-    cache_creation_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0  # 5-minute writes
+    cache_creation_1h_input_tokens: int = 0  # 1-hour writes (reported inside cache_creation)
     cache_read_input_tokens: int = 0
     model: str | None = None  # defaults to the requested model
     error_status: int | None = None
@@ -368,11 +369,13 @@ class AnthropicWireServer:
     def _usage(reply: Reply, output_tokens: int) -> dict[str, Any]:
         return {
             "input_tokens": reply.input_tokens,
-            "cache_creation_input_tokens": reply.cache_creation_input_tokens,
+            # As Anthropic reports it: the total of both TTLs, and the split by TTL beside it.
+            "cache_creation_input_tokens": reply.cache_creation_input_tokens
+            + reply.cache_creation_1h_input_tokens,
             "cache_read_input_tokens": reply.cache_read_input_tokens,
             "cache_creation": {
                 "ephemeral_5m_input_tokens": reply.cache_creation_input_tokens,
-                "ephemeral_1h_input_tokens": 0,
+                "ephemeral_1h_input_tokens": reply.cache_creation_1h_input_tokens,
             },
             "output_tokens": output_tokens,
             "service_tier": "standard",

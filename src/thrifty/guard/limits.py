@@ -35,8 +35,8 @@ class InputLimits:
             approx = "" if count.exact else "about "
             if route_limit is not None and count.tokens > route_limit:
                 raise ContextTooLong(
-                    f"the prompt has {approx}{count.tokens} tokens, over route {ctx.route!r}'s limit of "
-                    f"{route_limit} input tokens; shorten the messages",
+                    f"the prompt has {approx}{count.tokens} tokens, over the limit of {route_limit} input "
+                    f"tokens of route {ctx.route!r}; shorten the messages",
                     param="messages",
                     code="route_input_limit_exceeded",
                 )

@@ -113,8 +113,9 @@ class SpendGuard:
         if cost_cap is not None and worst_usd is not None and worst_usd > cost_cap:
             raise RequestTooExpensive(
                 f"this request may cost up to ${decimal_text(worst_usd)} ({prompt.tokens} prompt tokens, "
-                f"up to {max_out} output tokens {self._worst_case_of(ctx)}), over route {ctx.route!r}'s "
-                f"cap of ${decimal_text(cost_cap)} per request; lower max_tokens or shorten the prompt"
+                f"up to {max_out} output tokens {self._worst_case_of(ctx)}), over the cap of "
+                f"${decimal_text(cost_cap)} per request of route {ctx.route!r}; lower max_tokens or shorten "
+                "the prompt"
             )
         if not limits:
             ctx.budget_remaining = "unlimited"

@@ -30,14 +30,16 @@ class Rates:
     input: Decimal
     output: Decimal
     cached_input: Decimal
-    cache_write: Decimal
+    cache_write: Decimal  # 5-minute writes (Anthropic), or the only kind there is
+    cache_write_1h: Decimal  # 1-hour writes; the 5-minute rate where no other is known
 
     def cost(self, usage: Usage) -> Decimal:
         uncached = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
         total = (
             uncached * self.input
             + usage.cached_input_tokens * self.cached_input
-            + usage.cache_write_tokens * self.cache_write
+            + (usage.cache_write_tokens - usage.cache_write_1h_tokens) * self.cache_write
+            + usage.cache_write_1h_tokens * self.cache_write_1h
             + usage.output_tokens * self.output
         )
         return total / _MILLION
@@ -46,14 +48,18 @@ class Rates:
     def from_override(cls, price: PriceOverride) -> Rates:
         if price.flat_per_mtok is not None:
             flat = price.flat_per_mtok
-            return cls(flat, flat, flat, flat)
+            return cls(flat, flat, flat, flat, flat)
         assert price.input_per_mtok is not None and price.output_per_mtok is not None
         inp = price.input_per_mtok
+        write = price.cache_write_per_mtok if price.cache_write_per_mtok is not None else inp
         return cls(
             input=inp,
             output=price.output_per_mtok,
             cached_input=price.cached_input_per_mtok if price.cached_input_per_mtok is not None else inp,
-            cache_write=price.cache_write_per_mtok if price.cache_write_per_mtok is not None else inp,
+            cache_write=write,
+            cache_write_1h=price.cache_write_1h_per_mtok
+            if price.cache_write_1h_per_mtok is not None
+            else write,
         )
 
 
@@ -81,6 +87,7 @@ def _genai_usage(usage: Usage) -> Any:
         input_tokens=usage.input_tokens,
         cache_read_tokens=usage.cached_input_tokens,
         cache_write_tokens=usage.cache_write_tokens,
+        cache_write_1h_tokens=usage.cache_write_1h_tokens,
         output_tokens=usage.output_tokens,
     )
 
@@ -93,7 +100,7 @@ def _genai_cost(model_price: Any, usage: Usage) -> Decimal:
 def _flat_rates(model_price: Any) -> Rates | None:
     """Rates when every token price is a plain Decimal; None when any is tiered."""
     values = {}
-    for key in ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok"):
+    for key in ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok", "cache_write_1h_mtok"):
         value = getattr(model_price, key, None)
         if value is not None and not isinstance(value, Decimal):
             return None
@@ -101,11 +108,13 @@ def _flat_rates(model_price: Any) -> Rates | None:
     inp, out = values["input_mtok"], values["output_mtok"]
     if inp is None or out is None:
         return None
+    write = values["cache_write_mtok"] if values["cache_write_mtok"] is not None else inp
     return Rates(
         input=inp,
         output=out,
         cached_input=values["cache_read_mtok"] if values["cache_read_mtok"] is not None else inp,
-        cache_write=values["cache_write_mtok"] if values["cache_write_mtok"] is not None else inp,
+        cache_write=write,
+        cache_write_1h=values["cache_write_1h_mtok"] if values["cache_write_1h_mtok"] is not None else write,
     )
 
 

@@ -43,11 +43,17 @@ def usage_from_anthropic(raw: dict[str, Any]) -> Usage:
     fresh = _int(raw.get("input_tokens"))
     read = _int(raw.get("cache_read_input_tokens"))
     written = _int(raw.get("cache_creation_input_tokens"))
+    # `cache_creation` splits the writes by TTL; 1-hour writes cost more than 5-minute ones.
+    by_ttl = raw.get("cache_creation")
+    written_1h = _int(by_ttl.get("ephemeral_1h_input_tokens")) if isinstance(by_ttl, dict) else 0
+    if isinstance(by_ttl, dict) and not written:
+        written = written_1h + _int(by_ttl.get("ephemeral_5m_input_tokens"))
     return Usage(
         input_tokens=fresh + read + written,
         cached_input_tokens=read,
         cache_write_tokens=written,
         output_tokens=_int(raw.get("output_tokens")),
+        cache_write_1h_tokens=min(written_1h, written),
     )
 
 
@@ -60,6 +66,10 @@ def openai_usage(usage: Usage) -> dict[str, Any]:
         "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens},
         "cache_creation_input_tokens": usage.cache_write_tokens,
         "cache_read_input_tokens": usage.cached_input_tokens,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": usage.cache_write_tokens - usage.cache_write_1h_tokens,
+            "ephemeral_1h_input_tokens": usage.cache_write_1h_tokens,
+        },
     }
 
 

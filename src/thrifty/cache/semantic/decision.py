@@ -351,7 +351,7 @@ def decide(
         return Decision(False, a.reason, 0.0)
     threshold = params.threshold_for(cache_size)
     if math.isinf(threshold) and cache_size is not None and params.size_steps:
-        why = f"cache too sparse for a certified hit ({cache_size} entries)"
+        why = f"cache too sparse for a certified hit ({cache_size} entr{'y' if cache_size == 1 else 'ies'})"
         return Decision(False, why, a.score, feats.answer_id)
     if a.score < threshold:
         return Decision(False, f"low confidence {a.score:.3f} < {threshold:.3f}", a.score, feats.answer_id)

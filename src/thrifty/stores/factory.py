@@ -55,14 +55,16 @@ class Stores:
         self.redis: Any = None
         self.shared_budgets: Any = None
         self.shared_rates: Any = None
+        self.breaker_board: Any = None
         self.budget_fallback: LocalFallback | None = None
         self.rate_fallback: LocalFallback | None = None
         if shared.url is not None:
-            from thrifty.stores.redis_state import RedisBudgets, RedisRates, RedisState
+            from thrifty.stores.redis_state import RedisBreakerBoard, RedisBudgets, RedisRates, RedisState
 
             self.redis = RedisState(shared)
             self.shared_budgets = RedisBudgets(self.redis)
             self.shared_rates = RedisRates(self.redis)
+            self.breaker_board = RedisBreakerBoard(self.redis, shared.breaker_poll_s)
             if shared.fault_mode == "degrade_local":
                 self.budget_fallback = LocalFallback("budgets")
                 self.rate_fallback = LocalFallback("rate limits")
@@ -184,6 +186,8 @@ class Stores:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+        if self.breaker_board is not None:
+            await self.breaker_board.close()
         if self.redis is not None:
             await self.redis.close()
         if self.cache_db is not None:

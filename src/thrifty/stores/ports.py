@@ -159,6 +159,23 @@ class SharedRateStore(Protocol):
         ...
 
 
+# -- circuit breakers ----------------------------------------------------------------------------
+
+
+class BreakerBoard(Protocol):
+    """Where replicas tell each other which targets' breakers are open (off the request path)."""
+
+    def opened(self, target: str, cooldown_s: float) -> None: ...
+
+    def closed(self, target: str) -> None: ...
+
+    def start(self, apply: Callable[[dict[str, float]], None]) -> None:
+        """Call `apply` with {target: seconds of cool-down left} whenever the board is read."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 # -- durable storage (SQLite, PostgreSQL) --------------------------------------------------------
 
 
@@ -226,6 +243,7 @@ class FlightStorePort(Protocol):
 __all__ = [
     "Admission",
     "AlertStore",
+    "BreakerBoard",
     "BudgetStore",
     "CounterKey",
     "FlightStorePort",

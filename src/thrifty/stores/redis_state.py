@@ -370,4 +370,66 @@ def _new_id() -> str:
     return os.urandom(9).hex()
 
 
-__all__ = ["RedisBudgets", "RedisRates", "RedisState", "from_pico", "to_pico"]
+class RedisBreakerBoard:
+    """Circuit-breaker state shared by the replicas, off the request path.
+
+    Each replica decides with its own breakers (no round trip per call). When one opens a breaker
+    it publishes the target and the wall-clock end of its cool-down here; every replica reads the
+    board every `poll_s` (one HGETALL) and opens its own breaker for the rest of that cool-down,
+    so a failing target is skipped by all replicas, not only by the one that saw it fail."""
+
+    def __init__(self, state: RedisState, poll_s: float = 0.5) -> None:
+        self._state = state
+        self._key = f"{state.prefix}breakers"
+        self._poll_s = poll_s
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._poller: asyncio.Task[None] | None = None
+
+    def opened(self, target: str, cooldown_s: float) -> None:
+        """Called by a replica's breaker as it opens (from the loop; the write runs as a task)."""
+        task = asyncio.ensure_future(self._publish(target, time.time() + cooldown_s))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def closed(self, target: str) -> None:
+        task = asyncio.ensure_future(self._clear(target))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, target: str, until: float) -> None:
+        try:
+            await self._state.call(lambda: self._state.client.hset(self._key, target, repr(until)))
+        except SharedStateUnavailable as err:
+            log.warning("breaker state not shared: %s", err.message)
+
+    async def _clear(self, target: str) -> None:
+        try:
+            await self._state.call(lambda: self._state.client.hdel(self._key, target))
+        except SharedStateUnavailable as err:
+            log.warning("breaker state not shared: %s", err.message)
+
+    async def read(self) -> dict[str, float]:
+        """Targets whose breaker some replica opened, with the seconds of cool-down left."""
+        board = await self._state.call(lambda: self._state.client.hgetall(self._key))
+        now = time.time()
+        return {str(target): float(until) - now for target, until in board.items() if float(until) > now}
+
+    def start(self, apply: Callable[[dict[str, float]], None]) -> None:
+        self._poller = asyncio.ensure_future(self._poll(apply))
+
+    async def _poll(self, apply: Callable[[dict[str, float]], None]) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            try:
+                apply(await self.read())
+            except SharedStateUnavailable:
+                continue  # each replica keeps deciding alone meanwhile
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+__all__ = ["RedisBreakerBoard", "RedisBudgets", "RedisRates", "RedisState", "from_pico", "to_pico"]

@@ -108,6 +108,8 @@ class Stores:
                 max_size=storage.pool_size,
                 open=False,
                 kwargs={"autocommit": True},
+                # After a database restart the pooled connections are dead: test each one lent out.
+                check=AsyncConnectionPool.check_connection,
             )
             await self._pool.open(wait=True, timeout=10)
             self._key_directory = postgres.PostgresKeyDirectory(self._pool, storage.key_refresh_s)
@@ -184,7 +186,7 @@ class Stores:
         if self._key_directory is not None:
             await self._key_directory.close()
         if self._pool is not None:
-            await self._pool.close()
+            await self._pool.close(timeout=1.0)
             self._pool = None
         if self.breaker_board is not None:
             await self.breaker_board.close()

@@ -517,10 +517,8 @@ def _usage_error_types() -> tuple[type[BaseException], ...]:
 
 def main() -> None:
     try:
-        # Without standalone mode click returns a typer.Exit's code instead of raising it.
+        # Without standalone mode click hands back typer.Exit's code instead of exiting with it.
         code = app(standalone_mode=False)
-        if isinstance(code, int) and code:
-            sys.exit(code)
     except ThriftyError as err:
         # The message is plain text: brackets in it (an install hint's `.[semantic]`) are not markup.
         Console(stderr=True).print(
@@ -538,3 +536,4 @@ def main() -> None:
         # one-line message and usage, exit 2; "no arguments" shows the help, also exit 2 as click does.
         err.show()  # type: ignore[attr-defined]
         sys.exit(int(getattr(err, "exit_code", 2)))
+    sys.exit(code if isinstance(code, int) else 0)

@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
-# Border and padding rich adds around each column of a default table.
-_COLUMN_CHROME = 3
-
 
 @dataclass(frozen=True, slots=True)
 class Column:
@@ -47,33 +44,41 @@ def fit_table(
     section_after: int | None = None,
 ) -> Any:
     """A rich Table of `rows` that fits `width` columns of terminal without truncating a cell."""
-    from rich.table import Table
+    from rich import box
+    from rich.console import Console
 
-    natural = [
-        max([len(column.header), *(len(row[i]) for row in rows)]) + _COLUMN_CHROME
-        for i, column in enumerate(columns)
-    ]
+    measure = Console(width=100_000)
     keep = list(range(len(columns)))
     droppable = sorted(
         (i for i, c in enumerate(columns) if c.priority is not None), key=lambda i: columns[i].priority or 0
     )
     dropped: list[str] = []
-    while sum(natural[i] for i in keep) + 1 > width and droppable:
+
+    def build(fits: bool) -> Any:
+        from rich.table import Table
+
+        caption = f"(narrow terminal: not shown: {', '.join(dropped)})" if dropped else None
+        # Simple rules and collapsed padding: about two characters between columns, not three.
+        table = Table(
+            title=title,
+            title_justify="left",
+            caption=caption,
+            caption_justify="left",
+            box=box.SIMPLE_HEAD,
+            collapse_padding=True,
+        )
+        for i in keep:
+            column = columns[i]
+            table.add_column(column.header, justify=column.justify, no_wrap=fits, overflow="fold")
+        for n, row in enumerate(rows):
+            table.add_row(
+                *(row[i] for i in keep), end_section=section_after is not None and n == section_after
+            )
+        return table
+
+    while measure.measure(build(True)).maximum > width and droppable:
         victim = droppable.pop(0)
         keep.remove(victim)
         dropped.append(columns[victim].header)
-    fits = sum(natural[i] for i in keep) + 1 <= width
-    caption = f"(narrow terminal: not shown: {', '.join(dropped)})" if dropped else None
-    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
-    for i in keep:
-        column = columns[i]
-        table.add_column(
-            column.header,
-            justify=column.justify,
-            no_wrap=fits,
-            overflow="fold",
-            min_width=natural[i] - _COLUMN_CHROME if fits else None,
-        )
-    for n, row in enumerate(rows):
-        table.add_row(*(row[i] for i in keep), end_section=section_after is not None and n == section_after)
-    return table
+    fits = measure.measure(build(True)).maximum <= width
+    return build(fits)

@@ -447,6 +447,37 @@ def cache_purge(
     )
 
 
+@bench_app.command("replicas")
+def bench_replicas(
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    duration: Annotated[float, typer.Option(help="seconds per measurement")] = 5.0,
+    concurrency: Annotated[
+        list[int] | None, typer.Option("--concurrency", help="repeat for each level (default 1 64)")
+    ] = None,
+    generator: Annotated[str, typer.Option(help="auto|wrk|python (auto: wrk when on PATH)")] = "auto",
+    redis_url: Annotated[str | None, typer.Option(help="a running Redis (default: start one)")] = None,
+    postgres_url: Annotated[
+        str | None, typer.Option(help="a running PostgreSQL (default: start one)")
+    ] = None,
+) -> None:
+    """1 replica on SQLite vs 1 and 3 on Redis + PostgreSQL: latency, req/s, CPU and round trips."""
+    from thrifty.bench.replicas import run_replicas_bench
+
+    if generator not in ("auto", "wrk", "python"):
+        raise ThriftyError("--generator must be auto, wrk or python")
+    report = run_replicas_bench(
+        duration=duration,
+        concurrencies=concurrency or [1, 64],
+        json_out=json_out,
+        console=_console(),
+        generator=generator,
+        redis_url=redis_url,
+        postgres_url=postgres_url,
+    )
+    if report["targets"]["ledger_rows_lost"]:
+        raise typer.Exit(1)
+
+
 @bench_app.command("overhead")
 def bench_overhead(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,

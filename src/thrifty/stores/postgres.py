@@ -176,8 +176,9 @@ class PostgresLedgerWriter:
         rows = [row for row, _ in batch]
         try:
             conn = await self._connection()
-            async with conn.transaction():
-                await conn.execute(insert_ledger_sql(len(rows)), [v for row in rows for v in row])
+            # One multi-row INSERT on an autocommit connection: one statement is one transaction,
+            # and one round trip (BEGIN and COMMIT would add two).
+            await conn.execute(insert_ledger_sql(len(rows)), [v for row in rows for v in row])
         except (psycopg.Error, OSError) as err:
             await self._drop_connection()
             self._spool_rows(rows, err)
@@ -188,7 +189,9 @@ class PostgresLedgerWriter:
 
     async def _connection(self) -> Any:
         if self._conn is None or self._conn.closed:
-            self._conn = await _psycopg().AsyncConnection.connect(conninfo(self._url), connect_timeout=2)
+            self._conn = await _psycopg().AsyncConnection.connect(
+                conninfo(self._url), connect_timeout=2, autocommit=True
+            )
         return self._conn
 
     async def _drop_connection(self) -> None:

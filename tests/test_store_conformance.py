@@ -160,6 +160,32 @@ async def test_a_reservation_whose_replica_died_is_released_after_its_lease(
         await state.close()
 
 
+async def test_admission_and_reservation_in_one_script_reserve_nothing_for_a_refused_request(
+    services: ServiceDir, redis_prefix: str
+):
+    from thrifty.stores.ports import AdmitRequest
+
+    state = RedisState(SharedStateSettings(url=services.redis_url, prefix=redis_prefix))
+    store = RedisBudgets(state)
+    try:
+        now = time.time()
+        limits = [usd("1")]
+        admit = AdmitRequest("acme", 2, None, 0, None)
+        first = [await store.reserve(limits, now, Decimal("0.1"), 1, admit=admit) for _ in range(3)]
+        assert [o.admission.refused if o.admission else "?" for o in first] == [None, None, "requests"]
+        assert first[2].reservation is None and first[2].admission is not None
+        assert 59 < first[2].admission.wait_s <= 60
+        # Only the two admitted requests hold budget.
+        assert await store.remaining(limits, now) == [Decimal("0.8")]
+        # A budget refusal still uses a rate slot, as with two separate calls (the window is shared).
+        steps = AdmitRequest("acme", None, None, 0, ("route:s1", 5))
+        over = await store.reserve(limits, now, Decimal("5"), 1, admit=steps)
+        assert over.admission is not None and over.admission.refused is None and over.refused == 0
+        assert over.left == [Decimal("0.8")]
+    finally:
+        await state.close()
+
+
 async def test_counters_are_rebuilt_once_per_window_across_replicas(services: ServiceDir, redis_prefix: str):
     settings = SharedStateSettings(url=services.redis_url, prefix=redis_prefix)
     replicas = [RedisState(settings) for _ in range(3)]

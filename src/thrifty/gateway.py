@@ -172,6 +172,8 @@ class Gateway:
                 self.counter,
                 shared=self.stores.shared_rates,
                 fallback=self.stores.rate_fallback,
+                # Admission and reservation in one round trip when budgets are shared too.
+                with_budget=self.stores.shared_budgets is not None and not spend_guard.unlimited,
             )
             if rate_limits or any(r.max_steps_per_session for r in settings.routes.values())
             else None,

@@ -18,7 +18,7 @@ from thrifty.guard.spend import requested_output
 from thrifty.pipeline import Handler, RequestContext, Result
 from thrifty.settings import ModelSettings, RateLimitSettings, RouteSettings
 from thrifty.stores.faults import LocalFallback
-from thrifty.stores.ports import SharedRateStore
+from thrifty.stores.ports import Admission, AdmitRequest, PendingAdmission, SharedRateStore
 from thrifty.tokens import TokenCounter
 
 _WINDOW_S = 60.0
@@ -49,6 +49,7 @@ class RateLimits:
         clock: Callable[[], float] = time.monotonic,
         shared: SharedRateStore | None = None,
         fallback: LocalFallback | None = None,
+        with_budget: bool = False,
     ) -> None:
         self._limits = dict(limits)
         self._step_limits = {n: r.max_steps_per_session for n, r in routes.items() if r.max_steps_per_session}
@@ -60,6 +61,8 @@ class RateLimits:
         # Several replicas: windows and step counts live in a shared store (one script per request).
         self._shared = shared
         self._fallback = fallback
+        # The next stage is a spend guard on the same shared store: hand it the admission.
+        self._with_budget = with_budget
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
         if self._shared is not None:
@@ -74,6 +77,7 @@ class RateLimits:
 
     async def _admit_shared(self, ctx: RequestContext) -> None:
         assert self._shared is not None
+        shared = self._shared
         limit = self._limits.get(ctx.tags.tenant_id)
         max_steps = self._step_limits.get(ctx.route) if ctx.route is not None else None
         session = None
@@ -82,31 +86,46 @@ class RateLimits:
         if limit is None and session is None:
             return
         tokens = self._tokens(ctx) if limit is not None and limit.tokens_per_minute is not None else 0
-        try:
-            admission = await self._shared.admit(
-                ctx.tags.tenant_id,
-                requests_per_minute=limit.requests_per_minute if limit else None,
-                tokens_per_minute=limit.tokens_per_minute if limit else None,
-                tokens=tokens,
-                session=session,
-            )
-        except SharedStateUnavailable as err:
+        request = AdmitRequest(
+            ctx.tags.tenant_id,
+            limit.requests_per_minute if limit else None,
+            limit.tokens_per_minute if limit else None,
+            tokens,
+            session,
+        )
+
+        def check(admission: Admission) -> None:
+            if admission.refused == "requests":
+                assert limit is not None and limit.requests_per_minute is not None
+                raise _over_requests(ctx, limit.requests_per_minute, admission.wait_s)
+            if admission.refused == "tokens":
+                assert limit is not None and limit.tokens_per_minute is not None
+                raise _over_tokens(ctx, limit.tokens_per_minute, admission.used, tokens, admission.wait_s)
+            if admission.refused == "steps":
+                raise _over_steps(ctx, admission.used)
+
+        def unavailable(err: SharedStateUnavailable) -> None:
             if self._fallback is None:
-                raise
+                raise err
             self._fallback.note(err)
             if limit is not None:
                 self._admit(ctx, limit)
             if session is not None:
                 self._step(ctx, session[1])
+
+        async def alone() -> None:
+            try:
+                admission = await shared.admit(request)
+            except SharedStateUnavailable as err:
+                unavailable(err)
+                return
+            check(admission)
+
+        if self._with_budget:
+            # The spend guard, next in the chain, sends this with its reservation: one round trip.
+            ctx.pending_admission = PendingAdmission(request, check, alone, unavailable)
             return
-        if admission.refused == "requests":
-            assert limit is not None and limit.requests_per_minute is not None
-            raise _over_requests(ctx, limit.requests_per_minute, admission.wait_s)
-        if admission.refused == "tokens":
-            assert limit is not None and limit.tokens_per_minute is not None
-            raise _over_tokens(ctx, limit.tokens_per_minute, admission.used, tokens, admission.wait_s)
-        if admission.refused == "steps":
-            raise _over_steps(ctx, admission.used)
+        await alone()
 
     def _tokens(self, ctx: RequestContext) -> int:
         assert ctx.target is not None

@@ -104,6 +104,8 @@ class SpendGuard:
         limits = self._plan.limits_for(ctx.tags.tenant_id, ctx.tags.feature, ctx.route)
         if not limits and cost_cap is None:
             ctx.budget_remaining = "unlimited"
+            if ctx.pending_admission is not None:  # shared state only: nothing to send it with
+                await self._admit_alone(ctx)
             return await call_next(ctx)
         prompt = ctx.prompt_tokens or self._counter.count_messages(
             ctx.body.get("messages") or [], target.upstream_model, tools=ctx.body.get("tools")
@@ -119,6 +121,8 @@ class SpendGuard:
             )
         if not limits:
             ctx.budget_remaining = "unlimited"
+            if ctx.pending_admission is not None:
+                await self._admit_alone(ctx)
             return await call_next(ctx)
         if self._shared is not None:
             reservation = await self._reserve_shared(
@@ -142,15 +146,22 @@ class SpendGuard:
         self, ctx: RequestContext, limits: list[Limit], usd: Decimal, tokens: int
     ) -> Reservation:
         assert self._shared is not None
+        pending, ctx.pending_admission = ctx.pending_admission, None
         try:
-            outcome = await self._shared.reserve(limits, ctx.ts, usd, tokens)
+            outcome = await self._shared.reserve(
+                limits, ctx.ts, usd, tokens, admit=None if pending is None else pending.request
+            )
         except SharedStateUnavailable as err:
+            if pending is not None:
+                pending.unavailable(err)  # fail_closed: raises; degrade_local: the local windows admit
             if self._fallback is None:
                 raise
             self._fallback.note(err)
             reservation = self._book.reserve(limits, ctx.ts, usd, tokens)
             ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"
             return reservation
+        if pending is not None and outcome.admission is not None:
+            pending.check(outcome.admission)  # the rate stage's own 429s, before any budget's
         ctx.budget_remaining = tightest_of(zip(limits, outcome.left, strict=True)) or "unlimited"
         if outcome.reservation is None:
             assert outcome.refused is not None
@@ -159,6 +170,15 @@ class SpendGuard:
             end = window_bounds(ctx.ts, limit.window)[1]
             raise BudgetExceeded(rejection(limit, outcome.left[outcome.refused], need, end))
         return outcome.reservation
+
+    @property
+    def unlimited(self) -> bool:
+        return self._unlimited
+
+    async def _admit_alone(self, ctx: RequestContext) -> None:
+        pending, ctx.pending_admission = ctx.pending_admission, None
+        assert pending is not None
+        await pending.alone()
 
     async def drain(self) -> None:
         """Wait for settlements still on their way to the shared store (at shutdown)."""

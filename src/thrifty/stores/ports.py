@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from thrifty.dedup.stage import Flight, Outcome
+    from thrifty.errors import SharedStateUnavailable
     from thrifty.types import Usage
 
 Window = Literal["day", "month"]
@@ -64,11 +65,14 @@ class ReserveOutcome:
     """A shared store's answer: the reservation, or the index of the first limit too small.
 
     `left` is what remains on each limit (in the order given) after the reservation, or at the
-    refusal: the stage builds the remaining-budget header and the refusal message from it."""
+    refusal: the stage builds the remaining-budget header and the refusal message from it. When
+    the rate admission came along (`admit=`), `admission` is its answer; a request it refused
+    reserves nothing (reservation None, left empty, refused None)."""
 
     reservation: Reservation | None
     left: list[Decimal]
     refused: int | None = None
+    admission: Admission | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,31 @@ class Admission:
     refused: Literal["requests", "tokens", "steps"] | None = None
     used: int = 0
     wait_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitRequest:
+    """One request's rate admission: the tenant's per-minute limits (None: no such limit), the
+    tokens it may use, and its session's step key and maximum."""
+
+    tenant: str
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    tokens: int
+    session: tuple[str, int] | None
+
+
+@dataclass(slots=True)
+class PendingAdmission:
+    """A rate admission the rate stage leaves to the budget stage, so that both go to the shared
+    store in one round trip. `check` raises the rate stage's own errors for a refusal; `alone`
+    runs the admission by itself (a request that reserves nothing); `unavailable` decides what
+    a store that did not answer means (raise, or admit with the local windows)."""
+
+    request: AdmitRequest
+    check: Callable[[Admission], None]
+    alone: Callable[[], Awaitable[None]]
+    unavailable: Callable[[SharedStateUnavailable], None]
 
 
 def window_bounds(ts: float, window: Window) -> tuple[float, float]:
@@ -122,8 +151,10 @@ class SharedBudgetStore(Protocol):
     store's lease (its replica died) is released by the store itself."""
 
     async def reserve(
-        self, limits: Sequence[Limit], ts: float, usd: Decimal, tokens: int
-    ) -> ReserveOutcome: ...
+        self, limits: Sequence[Limit], ts: float, usd: Decimal, tokens: int, admit: AdmitRequest | None = None
+    ) -> ReserveOutcome:
+        """Reserve on every limit or none, after `admit` (when given) in the same round trip."""
+        ...
 
     async def settle(self, reservation: Reservation, usd: Decimal, tokens: int) -> list[Decimal]:
         """Replace the reservation by the actual spend; a repeat of the same settle counts nothing.
@@ -145,15 +176,7 @@ class SharedBudgetStore(Protocol):
 
 
 class SharedRateStore(Protocol):
-    async def admit(
-        self,
-        tenant: str,
-        *,
-        requests_per_minute: int | None,
-        tokens_per_minute: int | None,
-        tokens: int,
-        session: tuple[str, int] | None,
-    ) -> Admission:
+    async def admit(self, request: AdmitRequest) -> Admission:
         """Check and record one request in the tenant's sliding minute (and its session's step
         count, `(session key, max steps)`), all or nothing, in one round trip."""
         ...
@@ -242,6 +265,7 @@ class FlightStorePort(Protocol):
 
 __all__ = [
     "Admission",
+    "AdmitRequest",
     "AlertStore",
     "BreakerBoard",
     "BudgetStore",
@@ -251,6 +275,7 @@ __all__ = [
     "LedgerReader",
     "LedgerSink",
     "Limit",
+    "PendingAdmission",
     "Reservation",
     "ReserveOutcome",
     "Scope",

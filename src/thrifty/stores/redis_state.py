@@ -24,12 +24,13 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import ROUND_CEILING, Decimal
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from thrifty.errors import ConfigError, SharedStateUnavailable
 from thrifty.settings import SharedStateSettings
 from thrifty.stores.ports import (
     Admission,
+    AdmitRequest,
     CounterKey,
     Limit,
     Reservation,
@@ -43,47 +44,57 @@ PICO = Decimal("1e12")
 _COUNTER_DAYS = 40  # counters outlive their window by this much (reports of the last window)
 T = TypeVar("T")
 
-_RESERVE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease, id, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local n = #KEYS / 2
-for i = 1, n do
-  local h, z = KEYS[2 * i - 1], KEYS[2 * i]
-  local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
-  for _, rid in ipairs(expired) do
-    local held = redis.call('HGET', h, 'r:' .. rid)
-    if held and held ~= '0' then redis.call('HINCRBY', h, 'reserved', '-' .. held) end
-    redis.call('HDEL', h, 'r:' .. rid)
+_NOW = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# reserve(K, A, now): K = (counter hash, its lease zset) per limit; A = lease ms, reservation id,
+# counter ttl, then (limit, need) per limit. Returns {refused limit (1-based) or 0, then spent and
+# reserved per limit}.
+_RESERVE_FN = """
+local function reserve(K, A, now)
+  local lease, id, ttl = tonumber(A[1]), A[2], tonumber(A[3])
+  local n = #K / 2
+  for i = 1, n do
+    local h, z = K[2 * i - 1], K[2 * i]
+    local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
+    for _, rid in ipairs(expired) do
+      local held = redis.call('HGET', h, 'r:' .. rid)
+      if held and held ~= '0' then redis.call('HINCRBY', h, 'reserved', '-' .. held) end
+      redis.call('HDEL', h, 'r:' .. rid)
+    end
+    if #expired > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now) end
   end
-  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now) end
-end
-local refused = 0
-local out = {}
-for i = 1, n do
-  local h = KEYS[2 * i - 1]
-  local spent = redis.call('HGET', h, 'spent') or '0'
-  local reserved = redis.call('HGET', h, 'reserved') or '0'
-  local limit, need = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
-  if refused == 0 and tonumber(need) > tonumber(limit) - tonumber(spent) - tonumber(reserved) then
-    refused = i
+  local refused = 0
+  local out = {}
+  for i = 1, n do
+    local h = K[2 * i - 1]
+    local spent = redis.call('HGET', h, 'spent') or '0'
+    local reserved = redis.call('HGET', h, 'reserved') or '0'
+    local limit, need = A[2 + 2 * i], A[3 + 2 * i]
+    if refused == 0 and tonumber(need) > tonumber(limit) - tonumber(spent) - tonumber(reserved) then
+      refused = i
+    end
+    out[2 * i] = spent
+    out[2 * i + 1] = reserved
   end
-  out[2 * i] = spent
-  out[2 * i + 1] = reserved
+  out[1] = refused
+  if refused > 0 then return out end
+  for i = 1, n do
+    local h, z = K[2 * i - 1], K[2 * i]
+    local need = A[3 + 2 * i]
+    if need ~= '0' then redis.call('HINCRBY', h, 'reserved', need) end
+    redis.call('HSET', h, 'r:' .. id, need)
+    redis.call('ZADD', z, now + lease, id)
+    redis.call('EXPIRE', h, ttl)
+    redis.call('EXPIRE', z, ttl)
+    out[2 * i + 1] = redis.call('HGET', h, 'reserved')
+  end
+  return out
 end
-out[1] = refused
-if refused > 0 then return out end
-for i = 1, n do
-  local h, z = KEYS[2 * i - 1], KEYS[2 * i]
-  local need = ARGV[3 + 2 * i]
-  if need ~= '0' then redis.call('HINCRBY', h, 'reserved', need) end
-  redis.call('HSET', h, 'r:' .. id, need)
-  redis.call('ZADD', z, now + lease, id)
-  redis.call('EXPIRE', h, ttl)
-  redis.call('EXPIRE', z, ttl)
-  out[2 * i + 1] = redis.call('HGET', h, 'reserved')
-end
-return out
 """
 
 _SETTLE = """
@@ -123,45 +134,70 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-_ADMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local z, tk, sk = KEYS[1], KEYS[2], KEYS[3]
-local rpm, tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local member, max_steps = ARGV[4], tonumber(ARGV[5])
-local limited = rpm >= 0 or tpm >= 0
-if limited then
-  local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - 60000)
-  for _, m in ipairs(old) do
-    local used = string.match(m, ':(%d+)$')
-    if used and used ~= '0' then redis.call('DECRBY', tk, used) end
+# admit(K, A, now): K = the tenant's window zset, its token total, the session's step counter;
+# A = requests per minute, tokens per minute, this request's tokens, its member, max steps (-1:
+# no such limit). Returns {0 or 1 requests / 2 tokens / 3 steps, used, wait ms}.
+_ADMIT_FN = """
+local function admit(K, A, now)
+  local z, tk, sk = K[1], K[2], K[3]
+  local rpm, tpm, tokens = tonumber(A[1]), tonumber(A[2]), tonumber(A[3])
+  local member, max_steps = A[4], tonumber(A[5])
+  local limited = rpm >= 0 or tpm >= 0
+  if limited then
+    local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - 60000)
+    for _, m in ipairs(old) do
+      local used = string.match(m, ':(%d+)$')
+      if used and used ~= '0' then redis.call('DECRBY', tk, used) end
+    end
+    if #old > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now - 60000) end
+    local count = redis.call('ZCARD', z)
+    local used_tokens = tonumber(redis.call('GET', tk) or '0')
+    local oldest = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+    local wait = 0
+    if oldest[2] then wait = math.max(0, tonumber(oldest[2]) + 60000 - now) end
+    if rpm >= 0 and count >= rpm then return {1, count, wait} end
+    if tpm >= 0 and used_tokens + tokens > tpm then
+      if tokens > tpm then wait = 60000 end
+      return {2, used_tokens, wait}
+    end
   end
-  if #old > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now - 60000) end
-  local count = redis.call('ZCARD', z)
-  local used_tokens = tonumber(redis.call('GET', tk) or '0')
-  local oldest = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
-  local wait = 0
-  if oldest[2] then wait = math.max(0, tonumber(oldest[2]) + 60000 - now) end
-  if rpm >= 0 and count >= rpm then return {1, count, wait} end
-  if tpm >= 0 and used_tokens + tokens > tpm then
-    if tokens > tpm then wait = 60000 end
-    return {2, used_tokens, wait}
+  if max_steps >= 0 then
+    local steps = tonumber(redis.call('GET', sk) or '0')
+    if steps >= max_steps then return {3, steps, 0} end
+    redis.call('INCR', sk)
+    redis.call('EXPIRE', sk, 86400)
   end
+  if limited then
+    redis.call('ZADD', z, now, member)
+    if tokens > 0 then redis.call('INCRBY', tk, tokens) end
+    redis.call('PEXPIRE', z, 61000)
+    redis.call('PEXPIRE', tk, 61000)
+  end
+  return {0, 0, 0}
 end
-if max_steps >= 0 then
-  local steps = tonumber(redis.call('GET', sk) or '0')
-  if steps >= max_steps then return {3, steps, 0} end
-  redis.call('INCR', sk)
-  redis.call('EXPIRE', sk, 86400)
-end
-if limited then
-  redis.call('ZADD', z, now, member)
-  if tokens > 0 then redis.call('INCRBY', tk, tokens) end
-  redis.call('PEXPIRE', z, 61000)
-  redis.call('PEXPIRE', tk, 61000)
-end
-return {0, 0, 0}
 """
+
+_RESERVE = _NOW + _RESERVE_FN + "return reserve(KEYS, ARGV, now_ms())"
+_ADMIT = _NOW + _ADMIT_FN + "return admit(KEYS, ARGV, now_ms())"
+# Rate admission and budget reservation of one request in one round trip: the first 3 keys and
+# 5 arguments are admit's, the rest reserve's. A request the rate limit refuses reserves nothing.
+_ADMIT_AND_RESERVE = (
+    _NOW
+    + _ADMIT_FN
+    + _RESERVE_FN
+    + """
+local ak, aa, rk, ra = {}, {}, {}, {}
+for i = 1, #KEYS do if i <= 3 then ak[i] = KEYS[i] else rk[#rk + 1] = KEYS[i] end end
+for i = 1, #ARGV do if i <= 5 then aa[i] = ARGV[i] else ra[#ra + 1] = ARGV[i] end end
+local now = now_ms()
+local a = admit(ak, aa, now)
+if a[1] ~= 0 then return a end
+local r = reserve(rk, ra, now)
+local out = {0, 0, 0}
+for i = 1, #r do out[3 + i] = r[i] end
+return out
+"""
+)
 
 
 def to_pico(usd: Decimal) -> int:
@@ -201,6 +237,7 @@ class RedisState:
         self.seed_script = self.client.register_script(_SEED)
         self.unlock_script = self.client.register_script(_UNLOCK)
         self.admit_script = self.client.register_script(_ADMIT)
+        self.admit_and_reserve_script = self.client.register_script(_ADMIT_AND_RESERVE)
         self.round_trips = 0  # counted for `thrifty bench replicas`
 
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
@@ -239,7 +276,9 @@ class RedisBudgets:
             out += [counter, counter + ":leases"]
         return out
 
-    async def reserve(self, limits: Sequence[Limit], ts: float, usd: Decimal, tokens: int) -> ReserveOutcome:
+    async def reserve(
+        self, limits: Sequence[Limit], ts: float, usd: Decimal, tokens: int, admit: AdmitRequest | None = None
+    ) -> ReserveOutcome:
         counters: list[CounterKey] = []
         args: list[Any] = [self._lease_ms, _new_id(), 0]
         ttl = 0
@@ -252,13 +291,26 @@ class RedisBudgets:
             ttl = max(ttl, int(end - ts) + _COUNTER_DAYS * 86400)
         args[2] = ttl
         keys = self._keys(counters)
-        reply = await self._state.call(lambda: self._state.reserve_script(keys=keys, args=args))
+        admission = None
+        if admit is None:
+            reply = await self._state.call(lambda: self._state.reserve_script(keys=keys, args=args))
+        else:
+            admit_keys, admit_args = admission_call(self._state.prefix, admit)
+            both = await self._state.call(
+                lambda: self._state.admit_and_reserve_script(
+                    keys=[*admit_keys, *keys], args=[*admit_args, *args]
+                )
+            )
+            admission = admission_of(both[:3])
+            if admission.refused is not None:
+                return ReserveOutcome(None, [], None, admission)
+            reply = both[3:]
         refused = int(reply[0])
         left = [_left(limit, reply[1 + 2 * i], reply[2 + 2 * i]) for i, limit in enumerate(limits)]
         if refused:
-            return ReserveOutcome(None, left, refused - 1)
+            return ReserveOutcome(None, left, refused - 1, admission)
         reservation = Reservation(counters, usd, tokens, id=str(args[1]), local=False)
-        return ReserveOutcome(reservation, left)
+        return ReserveOutcome(reservation, left, None, admission)
 
     async def settle(self, reservation: Reservation, usd: Decimal, tokens: int) -> list[Decimal]:
         assert reservation.id is not None
@@ -332,32 +384,33 @@ class RedisRates:
     def __init__(self, state: RedisState) -> None:
         self._state = state
 
-    async def admit(
-        self,
-        tenant: str,
-        *,
-        requests_per_minute: int | None,
-        tokens_per_minute: int | None,
-        tokens: int,
-        session: tuple[str, int] | None,
-    ) -> Admission:
-        prefix = self._state.prefix
-        window = f"{prefix}rl:{tenant}"
-        keys = [window, window + ":tokens", f"{prefix}steps:{tenant}:{session[0] if session else ''}"]
-        args: list[int | str] = [
-            -1 if requests_per_minute is None else requests_per_minute,
-            -1 if tokens_per_minute is None else tokens_per_minute,
-            tokens,
-            f"{_new_id()}:{tokens}",
-            -1 if session is None else session[1],
-        ]
-        refused, used, wait_ms = await self._state.call(
-            lambda: self._state.admit_script(keys=keys, args=args)
-        )
-        if not refused:
-            return Admission()
-        kind = ("requests", "tokens", "steps")[int(refused) - 1]
-        return Admission(kind, int(used), int(wait_ms) / 1000)  # type: ignore[arg-type]
+    async def admit(self, request: AdmitRequest) -> Admission:
+        keys, args = admission_call(self._state.prefix, request)
+        reply = await self._state.call(lambda: self._state.admit_script(keys=keys, args=args))
+        return admission_of(reply)
+
+
+def admission_call(prefix: str, request: AdmitRequest) -> tuple[list[str], list[int | str]]:
+    """The keys and arguments of the admit script for one request."""
+    window = f"{prefix}rl:{request.tenant}"
+    session = request.session
+    keys = [window, window + ":tokens", f"{prefix}steps:{request.tenant}:{session[0] if session else ''}"]
+    args: list[int | str] = [
+        -1 if request.requests_per_minute is None else request.requests_per_minute,
+        -1 if request.tokens_per_minute is None else request.tokens_per_minute,
+        request.tokens,
+        f"{_new_id()}:{request.tokens}",
+        -1 if session is None else session[1],
+    ]
+    return keys, args
+
+
+def admission_of(reply: Sequence[Any]) -> Admission:
+    refused, used, wait_ms = (int(v) for v in reply)
+    if not refused:
+        return Admission()
+    kind: Literal["requests", "tokens", "steps"] = ("requests", "tokens", "steps")[refused - 1]
+    return Admission(kind, used, wait_ms / 1000)
 
 
 def _left(limit: Limit, spent: str, reserved: str) -> Decimal:

@@ -172,7 +172,8 @@ class Gateway:
                 self.counter,
                 shared=self.stores.shared_rates,
                 fallback=self.stores.rate_fallback,
-                # Admission and reservation in one round trip when budgets are shared too.
+                # Admission and reservation in one round trip when budgets are shared too: the
+                # spend guard must come right after (it sends the admission the rate stage left).
                 with_budget=self.stores.shared_budgets is not None and not spend_guard.unlimited,
             )
             if rate_limits or any(r.max_steps_per_session for r in settings.routes.values())

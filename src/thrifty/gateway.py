@@ -21,8 +21,9 @@ from thrifty.dedup.stage import Deduplicate
 from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
 from thrifty.guard.budgets import BudgetPlan, Limit
 from thrifty.guard.limits import InputLimits
+from thrifty.guard.output import OutputCeiling
 from thrifty.guard.rate import RateLimits
-from thrifty.guard.spend import ClampOutput, SpendGuard
+from thrifty.guard.spend import SpendGuard
 from thrifty.pipeline import Handler, RequestContext, Result, Stage, build_chain
 from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import Provider
@@ -49,6 +50,13 @@ def _targets(settings: Settings) -> dict[str, ModelTarget]:
         )
         for alias, m in settings.models.items()
     }
+
+
+def _anthropic_models(settings: Settings) -> frozenset[str]:
+    """Anthropic's models: one choice per request whatever `n` says, and prompt-cache writes billed
+    above the input price."""
+    kinds = {name: p.kind for name, p in settings.providers.items()}
+    return frozenset(a for a, m in settings.models.items() if kinds[m.provider] == "anthropic")
 
 
 def parse_chat_body(raw: bytes, route: str | None = None) -> dict[str, Any]:
@@ -135,10 +143,12 @@ class Gateway:
             book=self.budget_book,
             on_spend=self._budget_alerts,
             route_calls={name: self.router.possible_calls(name, r) for name, r in settings.routes.items()},
+            anthropic=_anthropic_models(settings),
             shared=self.stores.shared_budgets,
             fallback=self.stores.budget_fallback,
         )
         self.alerts: AlertService | None = None
+        self.idempotency = self.stores.idempotency
         self.exact_cache = ExactCacheStage(settings.routes, self.catalog)
         self.semantic_cache = SemanticCacheStage(
             settings.routes, self.catalog, embed_threads=settings.semantic.embed_threads
@@ -154,9 +164,7 @@ class Gateway:
         stages: list[Stage | None] = [
             Account(accountant),
             self.resolver,
-            ClampOutput(settings.routes)
-            if any(r.max_output_tokens for r in settings.routes.values())
-            else None,
+            OutputCeiling(settings.models, settings.routes, _anthropic_models(settings)),
             InputLimits(self.counter, settings.routes)
             if any(m.context_window for m in settings.models.values())
             or any(r.max_input_tokens for r in settings.routes.values())
@@ -164,7 +172,7 @@ class Gateway:
             self.exact_cache if self.exact_cache.active else None,
             self.semantic_cache if self.semantic_cache.active else None,
             # Before the spend guard: a duplicate must neither reserve nor be refused budget.
-            Deduplicate(settings.idempotency, settings.routes),
+            Deduplicate(settings.idempotency, settings.routes, self.idempotency),
             RateLimits(
                 rate_limits,
                 settings.routes,
@@ -207,6 +215,7 @@ class Gateway:
         await self.alerts.start()
         if self.stores.breaker_board is not None:
             self.stores.breaker_board.start(self._resilience.apply_shared)
+        await self.idempotency.start()
         encodings = {encoding_for_model(t.upstream_model)[0] for t in self.targets.values()}
         # Vocabularies load in ~0.5 s; do it now, not on the first request that needs a count.
         await loop.run_in_executor(None, self.counter.warm, encodings)
@@ -238,6 +247,7 @@ class Gateway:
             await provider.close()
         await self._spend_guard.drain()
         await self.exact_cache.drain()
+        await self.idempotency.close()
         self.semantic_cache.close()
         await self.stores.close()
         self._started = False

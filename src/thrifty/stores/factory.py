@@ -68,6 +68,21 @@ class Stores:
             if shared.fault_mode == "degrade_local":
                 self.budget_fallback = LocalFallback("budgets")
                 self.rate_fallback = LocalFallback("rate limits")
+        # Idempotency-Key records: Redis with shared state (one owner per key across replicas),
+        # otherwise the SQLite file (with PostgreSQL storage: this replica's local file).
+        self.idempotency: Any
+        if self.redis is not None:
+            from thrifty.stores.redis_idempotency import RedisIdempotencyStore
+
+            self.idempotency = RedisIdempotencyStore(self.redis)
+        else:
+            from thrifty.stores.idempotency import SqliteIdempotencyStore
+
+            self.idempotency = SqliteIdempotencyStore(
+                storage.sqlite_path,
+                max_entries=settings.idempotency.max_entries,
+                synchronous=storage.synchronous,
+            )
         self.keys: KeyDirectory | None = None
         self.alert_store: Any = None
         self.exact_local: SqliteExactCache | None = None

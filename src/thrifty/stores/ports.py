@@ -5,7 +5,7 @@ the rate windows, SQLite) give the embedded default its guarantees because their
 runs without an await on one event loop; their methods are plain calls. The shared ones (Redis,
 PostgreSQL, for several replicas) cross the network, so their ports are async and must give the
 same guarantees with atomic operations: `reserve` all-or-nothing across every limit in one round
-trip, a settle that counts once however often it is retried, one leader per key.
+trip, a settle that counts once however often it is retried, `claim` exactly one owner per key.
 
 A stage holds the in-process store and, when settings name a shared backend, the shared one; it
 awaits only in the second case, so the embedded default pays nothing for the option.
@@ -20,7 +20,6 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
-    from thrifty.dedup.stage import Flight, Outcome
     from thrifty.errors import SharedStateUnavailable
     from thrifty.types import Usage
 
@@ -248,19 +247,59 @@ class LedgerReader(Protocol):
     def close(self) -> None: ...
 
 
-# -- idempotency / single flight -----------------------------------------------------------------
+# -- idempotency: one durable record per (tenant, Idempotency-Key) ---------------------------
 
 
-class FlightStorePort(Protocol):
-    def get(self, key: tuple[str, ...], now: float) -> Flight | None: ...
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    tenant_id: str
+    key: str  # the client's Idempotency-Key header
 
-    def begin(self, key: tuple[str, ...], fingerprint: str) -> Flight:
-        """Become the one leader for `key`; callers have checked `get` first."""
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """A finished generation as a repeat is answered: the completion body in OpenAI's shape (a
+    streamed answer folded into one), and what generating it cost (None when unpriced)."""
+
+    body: dict[str, Any]
+    cost_usd: Decimal | None
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """What the store holds for a key someone else claimed first."""
+
+    fingerprint: str  # the generation asked for: a repeat with another body is refused
+    result: StoredResult | None  # None while the first request may still be running
+    expires_at: float  # wall clock: end of the lease while running, of the TTL once done
+
+
+class IdempotencyStore(Protocol):
+    """Durable idempotency records: a finished result answers repeats for its TTL, across restarts
+    and replicas; a running marker with a lease keeps a key that was in flight when its gateway
+    died from being generated twice (repeats get a 409 until the lease ends)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def claim(
+        self, key: IdempotencyKey, fingerprint: str, *, owner: str, now: float, lease_s: float
+    ) -> IdempotencyRecord | None:
+        """Atomically: when the key has no live record (none, expired, or running under this same
+        `owner`), write a running record for `owner` until `now + lease_s` and return None: the
+        caller generates. Otherwise return the record found and write nothing."""
         ...
 
-    def finish(self, key: tuple[str, ...], flight: Flight, outcome: Outcome, *, keep: bool) -> None: ...
+    async def complete(
+        self, key: IdempotencyKey, result: StoredResult, *, owner: str, now: float, ttl_s: float
+    ) -> None:
+        """Store the finished result until `now + ttl_s`, if `owner` still holds the key."""
+        ...
 
-    def fail(self, key: tuple[str, ...], flight: Flight, error: BaseException) -> None: ...
+    async def release(self, key: IdempotencyKey, *, owner: str) -> None:
+        """The owner's request failed: drop its running record so a retry generates anew."""
+        ...
 
 
 __all__ = [
@@ -270,7 +309,9 @@ __all__ = [
     "BreakerBoard",
     "BudgetStore",
     "CounterKey",
-    "FlightStorePort",
+    "IdempotencyKey",
+    "IdempotencyRecord",
+    "IdempotencyStore",
     "KeyDirectory",
     "LedgerReader",
     "LedgerSink",
@@ -282,6 +323,7 @@ __all__ = [
     "SharedBudgetStore",
     "SharedExactCache",
     "SharedRateStore",
+    "StoredResult",
     "Unit",
     "Window",
     "window_bounds",

@@ -40,7 +40,13 @@ PROMPT = [{"role": "user", "content": "word " * 999}]
 PROMPT_TOKENS = 1007
 COST = (PROMPT_TOKENS * Decimal("0.15") + 500 * Decimal("0.6")) / 10**6  # worst case = actual: 0.00045105
 BUDGET = Decimal("0.01")  # room for exactly 22 requests
-REPLICA_KEYS = {"acme": KEYS["acme"], "globex": KEYS["globex"], "initech": "thr-test-key-initech-0003"}
+REPLICA_KEYS = {
+    "acme": KEYS["acme"],
+    "globex": KEYS["globex"],
+    "initech": "thr-test-key-initech-0003",
+    "hooli": "thr-test-key-hooli-0004",
+}
+LEASE_S = 3.0  # idempotency lease in the cluster: longer than any generation below but the killed one
 
 
 def _free_port() -> int:
@@ -57,11 +63,21 @@ class Cluster:
     pg_url: str
     upstream: OpenAIWireServer
 
-    def post(self, i: int, tenant: str, body: dict[str, Any], timeout: float = 30) -> httpx.Response:
+    def post(
+        self,
+        i: int,
+        tenant: str,
+        body: dict[str, Any],
+        timeout: float = 30,
+        idempotency_key: str | None = None,
+    ) -> httpx.Response:
+        headers = {"authorization": f"Bearer {REPLICA_KEYS[tenant]}"}
+        if idempotency_key is not None:
+            headers["idempotency-key"] = idempotency_key
         return httpx.post(
             f"{self.urls[i % len(self.urls)]}/v1/chat/completions",
             json=body,
-            headers={"authorization": f"Bearer {REPLICA_KEYS[tenant]}"},
+            headers=headers,
             timeout=timeout,
         )
 
@@ -124,6 +140,7 @@ def cluster(
             "models": {"gpt-4o-mini": {"provider": "up", "upstream": "gpt-4o-mini"}},
             "routes": {"faq": {"model": "gpt-4o-mini", "cache": {"ttl_s": 600}}},
             "resilience": {"max_retries": 0},
+            "idempotency": {"lease_s": LEASE_S},
             "tenants": {
                 "acme": {"key_hashes": [hash_key(KEYS["acme"])], "budget": {"usd_per_day": str(BUDGET)}},
                 "globex": {
@@ -131,6 +148,7 @@ def cluster(
                     "rate_limit": {"requests_per_minute": 10},
                 },
                 "initech": {},  # its key is created with `thrifty keys create`, in PostgreSQL
+                "hooli": {"key_hashes": [hash_key(REPLICA_KEYS["hooli"])]},
             },
         }
         path = root / f"replica-{i}.yaml"
@@ -261,6 +279,30 @@ def test_thrifty_report_reads_postgres(cluster: Cluster):
     assert by_tenant["globex"]["requests"] == 30
 
 
+def test_50_requests_with_one_idempotency_key_over_3_replicas_make_one_generation_and_one_charge(
+    cluster: Cluster,
+):
+    before = len(cluster.upstream.requests)
+    cluster.upstream.queue(Reply(prompt_tokens=PROMPT_TOKENS, completion_tokens=500, delay_s=1.0))
+    body = {"model": "gpt-4o-mini", "messages": PROMPT, "max_tokens": 500}
+    with ThreadPoolExecutor(50) as pool:
+        responses = list(
+            pool.map(lambda i: cluster.post(i, "hooli", body, idempotency_key="order-42"), range(50))
+        )
+    assert [r.status_code for r in responses] == [200] * 50
+    assert len({_canonical(r.json()) for r in responses}) == 1, "every replica answered the same response"
+    assert len(cluster.upstream.requests) - before == 1
+    ((charged, rows),) = cluster.ledger(
+        "SELECT sum(cost_usd), count(*) FROM ledger WHERE tenant_id = 'hooli' AND idempotency_key = %s",
+        "order-42",
+    )
+    assert rows == 50 and charged == COST
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
 def test_sigkill_of_one_replica_under_load_every_200_is_in_the_ledger_exactly_once(cluster: Cluster):
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "load"}], "max_tokens": 5}
     received: list[str] = []
@@ -290,6 +332,35 @@ def test_sigkill_of_one_replica_under_load_every_200_is_in_the_ledger_exactly_on
     recorded = {rid for (rid,) in cluster.ledger("SELECT request_id FROM ledger WHERE tenant_id = 'initech'")}
     missing = set(received) - recorded
     assert not missing, f"{len(missing)} of {len(received)} answered requests are not in the ledger"
+
+
+def test_a_leader_killed_mid_generation_is_replaced_after_its_lease(cluster: Cluster):
+    # Replica 1 is gone (the SIGKILL test); replica 0 leads this key and is killed mid-generation.
+    before = len(cluster.upstream.requests)
+    cluster.upstream.queue(Reply(delay_s=30.0), Reply(prompt_tokens=PROMPT_TOKENS, completion_tokens=500))
+    body = {"model": "gpt-4o-mini", "messages": PROMPT, "max_tokens": 500}
+    with ThreadPoolExecutor(1) as pool:
+        doomed = pool.submit(cluster.post, 0, "hooli", body, 60, "order-43")
+        deadline = time.monotonic() + 10
+        while len(cluster.upstream.requests) == before:
+            assert time.monotonic() < deadline, "the leader never called upstream"
+            time.sleep(0.02)
+        os.kill(cluster.procs[0].pid, signal.SIGKILL)
+        with pytest.raises(httpx.TransportError):
+            doomed.result()
+    cluster.procs[0].wait()
+    started = time.monotonic()
+    answered = cluster.post(2, "hooli", body, idempotency_key="order-43")
+    waited = time.monotonic() - started
+    assert answered.status_code == 200 and waited < LEASE_S + 2
+    assert len(cluster.upstream.requests) - before == 2  # the dead leader's call, then the new one's
+    ((charged, rows),) = cluster.ledger(
+        "SELECT sum(cost_usd), count(*) FROM ledger WHERE tenant_id = 'hooli' AND idempotency_key = %s",
+        "order-43",
+    )
+    assert rows == 1 and charged == COST  # one charge, for the generation that completed
+    again = cluster.post(2, "hooli", body, idempotency_key="order-43")
+    assert again.json() == answered.json() and len(cluster.upstream.requests) - before == 2
 
 
 # -- Redis unreachable: the configured fault mode ------------------------------------------------

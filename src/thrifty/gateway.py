@@ -172,7 +172,12 @@ class Gateway:
             self.exact_cache if self.exact_cache.active else None,
             self.semantic_cache if self.semantic_cache.active else None,
             # Before the spend guard: a duplicate must neither reserve nor be refused budget.
-            Deduplicate(settings.idempotency, settings.routes, self.idempotency),
+            Deduplicate(
+                settings.idempotency,
+                settings.routes,
+                self.idempotency,
+                wait_elsewhere=self.stores.redis is not None,
+            ),
             RateLimits(
                 rate_limits,
                 settings.routes,

@@ -14,7 +14,7 @@ import logging
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from thrifty.cache.exact import SqliteExactCache
 from thrifty.errors import SharedStateUnavailable
@@ -23,9 +23,21 @@ from thrifty.settings import Settings
 from thrifty.stores.faults import LocalFallback
 from thrifty.stores.keys import SqliteKeyStore
 from thrifty.stores.ledger import LedgerWriter
-from thrifty.stores.ports import CounterKey, KeyDirectory, LedgerReader, window_bounds
+from thrifty.stores.ports import (
+    BreakerBoard,
+    CounterKey,
+    KeyDirectory,
+    LedgerReader,
+    SharedBudgetStore,
+    SharedExactCache,
+    SharedRateStore,
+    window_bounds,
+)
 from thrifty.stores.readers import SqliteAlertStore, SqliteLedgerReader
 from thrifty.stores.sqlite_db import open_database
+
+if TYPE_CHECKING:
+    from thrifty.stores.redis_state import RedisState
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +64,10 @@ class Stores:
                 storage.sqlite_path, synchronous=storage.synchronous, batch_max=storage.ledger_batch_max
             )
         shared = settings.shared_state
-        self.redis: Any = None
-        self.shared_budgets: Any = None
-        self.shared_rates: Any = None
-        self.breaker_board: Any = None
+        self.redis: RedisState | None = None
+        self.shared_budgets: SharedBudgetStore | None = None
+        self.shared_rates: SharedRateStore | None = None
+        self.breaker_board: BreakerBoard | None = None
         self.budget_fallback: LocalFallback | None = None
         self.rate_fallback: LocalFallback | None = None
         if shared.url is not None:
@@ -86,7 +98,7 @@ class Stores:
         self.keys: KeyDirectory | None = None
         self.alert_store: Any = None
         self.exact_local: SqliteExactCache | None = None
-        self.exact_remote: Any = None
+        self.exact_remote: SharedExactCache | None = None
         self.cache_db: sqlite3.Connection | None = None  # the semantic cache's entries (per replica)
         self._db: sqlite3.Connection | None = None
         self._pool: Any = None
@@ -176,6 +188,8 @@ class Stores:
             task.add_done_callback(self._tasks.discard)
 
     async def _rebuild_shared(self, month_start: float, totals: dict[CounterKey, Decimal]) -> None:
+        assert self.shared_budgets is not None
+
         async def load() -> dict[CounterKey, Decimal]:
             return totals
 

@@ -201,14 +201,6 @@ class BreakerBoard(Protocol):
 # -- durable storage (SQLite, PostgreSQL) --------------------------------------------------------
 
 
-class LedgerSink(Protocol):
-    """Group commit: the future completes once the row is committed (or safely spooled)."""
-
-    def start(self, loop: Any) -> None: ...
-
-    def submit(self, entry: Any) -> Any: ...
-
-
 class KeyDirectory(Protocol):
     def tenant_for_hash(self, key_hash: str) -> str | None: ...
 
@@ -219,18 +211,6 @@ class SharedExactCache(Protocol):
     async def put(
         self, key: str, scope: dict[str, Any], response: dict[str, Any], usage: Usage, ttl_s: float
     ) -> None: ...
-
-
-class AlertStore(Protocol):
-    def insert_once(self, key: str, ts: float, kind: str, scope: str, message: str, payload: str) -> bool:
-        """Store the alert unless its key is there (the primary key decides); True when new."""
-        ...
-
-    def mark_delivery(self, key: str, delivered_at: float | None, error: str | None) -> None: ...
-
-    def recent_spend(self, since: float) -> list[tuple[float, str, str | None, str | None]]:
-        """(ts, tenant, feature, cost_usd) of ledger rows since `since` (anomaly checks)."""
-        ...
 
 
 class LedgerReader(Protocol):
@@ -305,7 +285,6 @@ class IdempotencyStore(Protocol):
 __all__ = [
     "Admission",
     "AdmitRequest",
-    "AlertStore",
     "BreakerBoard",
     "BudgetStore",
     "CounterKey",
@@ -314,7 +293,6 @@ __all__ = [
     "IdempotencyStore",
     "KeyDirectory",
     "LedgerReader",
-    "LedgerSink",
     "Limit",
     "PendingAdmission",
     "Reservation",

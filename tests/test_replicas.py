@@ -138,7 +138,10 @@ def cluster(
             "shared_state": {"url": services.redis_url, "prefix": prefix},
             "providers": {"up": {"kind": "openai", "base_url": upstream.base_url, "api_key_env": "UP_KEY"}},
             "models": {"gpt-4o-mini": {"provider": "up", "upstream": "gpt-4o-mini"}},
-            "routes": {"faq": {"model": "gpt-4o-mini", "cache": {"ttl_s": 600}}},
+            "routes": {
+                "faq": {"model": "gpt-4o-mini", "cache": {"ttl_s": 600}},
+                "agent": {"model": "gpt-4o-mini", "max_steps_per_session": 3},
+            },
             "resilience": {"max_retries": 0},
             "idempotency": {"lease_s": LEASE_S},
             "tenants": {
@@ -223,6 +226,22 @@ def test_rate_limit_over_3_replicas_admits_no_more_than_the_limit(cluster: Clust
     assert (
         limited.json()["error"]["code"] == "rate_limit_exceeded" and int(limited.headers["retry-after"]) >= 1
     )
+
+
+def test_an_agent_session_gets_its_step_limit_once_across_replicas(cluster: Cluster):
+    body = {"model": "route:agent", "messages": [{"role": "user", "content": "step"}], "max_tokens": 5}
+
+    def step(i: int) -> int:
+        resp = httpx.post(
+            f"{cluster.urls[i % 3]}/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {REPLICA_KEYS['hooli']}", "x-thrifty-session": "run-7"},
+            timeout=30,
+        )
+        return resp.status_code
+
+    statuses = [step(i) for i in range(9)]
+    assert statuses == [200, 200, 200] + [429] * 6
 
 
 def test_a_key_created_with_the_cli_works_on_every_replica_and_the_cache_is_shared(cluster: Cluster):

@@ -572,3 +572,28 @@ def test_postgres_restart_under_load_every_200_is_in_the_ledger_exactly_once(tmp
         assert len(ids) == len(set(ids)) and set(received) <= set(ids)
     finally:
         service.remove()
+
+
+def test_an_unreachable_postgres_is_one_clear_line_for_the_cli_and_at_start(tmp_path: Path):
+    port = _free_port()  # nothing listens there
+    config = tmp_path / "thrifty.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"url": f"postgresql://thrifty:secret@127.0.0.1:{port}/thrifty"},
+                "providers": {"p": {"kind": "replay", "data": ["builtin:quickstart"]}},
+                "models": {"m": {"provider": "p"}},
+                "tenants": {"a": {}},
+            }
+        )
+    )
+    for args in (["report"], ["keys", "list"], ["alerts"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "thrifty", *args, "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert f"PostgreSQL at 127.0.0.1:{port}/thrifty (storage.url) is unreachable" in out.stderr
+        assert "secret" not in out.stderr

@@ -138,7 +138,11 @@ class Stores:
                 # After a database restart the pooled connections are dead: test each one lent out.
                 check=AsyncConnectionPool.check_connection,
             )
-            await self._pool.open(wait=True, timeout=10)
+            try:
+                await self._pool.open(wait=True, timeout=10)
+            except Exception as err:
+                await self._pool.close(timeout=1.0)
+                raise postgres.unreachable(storage.url, err) from err
             self._key_directory = postgres.PostgresKeyDirectory(self._pool, storage.key_refresh_s)
             await self._key_directory.start()
             self.keys = self._key_directory

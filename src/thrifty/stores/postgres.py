@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from thrifty.errors import ConfigError
+from thrifty.errors import ConfigError, SharedStateUnavailable
 from thrifty.stores.keys import hash_key, new_key
 from thrifty.stores.ledger import entry_row
 from thrifty.stores.migrations import POSTGRES_MIGRATIONS
@@ -87,8 +87,21 @@ def conninfo(url: str) -> str:
 
 
 def connect(url: str) -> Any:
-    """A synchronous autocommit connection (start-up, the CLI)."""
-    return _psycopg().connect(conninfo(url), autocommit=True, connect_timeout=5)
+    """A synchronous autocommit connection (start-up, the CLI); unreachable is a clear error."""
+    psycopg = _psycopg()
+    try:
+        return psycopg.connect(conninfo(url), autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as err:
+        raise unreachable(url, err) from err
+
+
+def unreachable(url: str, err: BaseException) -> SharedStateUnavailable:
+    where = url.split("@")[-1]  # never echo a password
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return SharedStateUnavailable(
+        f"PostgreSQL at {where} (storage.url) is unreachable: {first}; start it (bash scripts/services.sh "
+        "start DIR for a local one) or fix storage.url"
+    )
 
 
 def migrate(conn: Any) -> list[int]:

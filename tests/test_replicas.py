@@ -356,7 +356,8 @@ def test_sigkill_of_one_replica_under_load_every_200_is_in_the_ledger_exactly_on
 def test_a_leader_killed_mid_generation_is_replaced_after_its_lease(cluster: Cluster):
     # Replica 1 is gone (the SIGKILL test); replica 0 leads this key and is killed mid-generation.
     before = len(cluster.upstream.requests)
-    cluster.upstream.queue(Reply(delay_s=30.0), Reply(prompt_tokens=PROMPT_TOKENS, completion_tokens=500))
+    # The doomed call outlives its replica, not the fake upstream's shutdown at the end of the module.
+    cluster.upstream.queue(Reply(delay_s=4.0), Reply(prompt_tokens=PROMPT_TOKENS, completion_tokens=500))
     body = {"model": "gpt-4o-mini", "messages": PROMPT, "max_tokens": 500}
     with ThreadPoolExecutor(1) as pool:
         doomed = pool.submit(cluster.post, 0, "hooli", body, 60, "order-43")

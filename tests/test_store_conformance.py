@@ -266,6 +266,8 @@ async def test_ledger_commits_before_release_and_reports_the_same(backend: str, 
             ledger_entry(f"req_{i:04d}", tenant=("acme", "globex")[i % 2], cost=costs[i % 4], feature="f")
             for i in range(200)
         ]
+        # The context stage's record is in the ledger too, and in the report, on both backends.
+        entries[1] = dataclasses.replace(entries[1], context={"saved": 120, "finish_reason": "length"})
         await asyncio.gather(*(writer.submit(e) for e in entries))
         reader = _reader(backend)
         assert len(list(reader.report_rows("tenant_id", None))) == 200  # committed, read elsewhere
@@ -275,6 +277,7 @@ async def test_ledger_commits_before_release_and_reports_the_same(backend: str, 
     finally:
         await _close(writer)
     assert rows["acme"].requests == 100 and rows["globex"].requests == 100
+    assert (rows["globex"].context_tokens_saved, rows["globex"].length_cutoffs) == (120, 1)
     assert rows["acme"].cost_usd == 50 * Decimal("0.0000225") + 50 * Decimal("1.1")
     assert rows["globex"].cost_usd == 50 * Decimal("0.000001875") + 50 * Decimal("0.3333333333333")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from collections.abc import Mapping
 from decimal import Decimal
@@ -17,6 +18,8 @@ from thrifty.alerts.service import AlertService
 from thrifty.cache.exact import ExactCacheStage
 from thrifty.cache.prefix import PromptCacheBreakpoints
 from thrifty.cache.semantic.stage import SemanticCacheStage
+from thrifty.context.stage import ContextStage
+from thrifty.context.summaries import SqliteSummaryStore, Summariser
 from thrifty.dedup.stage import Deduplicate
 from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
 from thrifty.guard.budgets import BudgetPlan, Limit
@@ -36,6 +39,7 @@ from thrifty.settings import Settings
 from thrifty.stores.factory import Stores
 from thrifty.stores.keys import hash_key
 from thrifty.stores.ports import KeyDirectory
+from thrifty.stores.sqlite_db import open_database
 from thrifty.tokens import TokenCounter, encoding_for_model
 from thrifty.types import ModelTarget, Tags
 
@@ -156,15 +160,28 @@ class Gateway:
         prefix_marks = PromptCacheBreakpoints(
             settings.routes, {n: p.kind for n, p in settings.providers.items()}
         )
-        self._resilience = Resilience(
+        rate_limits = {t: s.rate_limit for t, s in settings.tenants.items() if s.rate_limit is not None}
+        resilience = self._resilience = Resilience(
             settings.resilience, settings.routes, self.targets, board=self.stores.breaker_board
         )
-        rate_limits = {t: s.rate_limit for t, s in settings.tenants.items() if s.rate_limit is not None}
+        call_provider = CallProvider(self.providers, accountant)
+        # Context summaries go down the same retries, breakers and fallbacks as answers.
+        self.context = ContextStage(
+            settings.routes,
+            self.counter,
+            summariser=Summariser(build_chain([resilience], call_provider), self.targets),
+            budget=spend_guard,
+        )
+        if self.semantic_cache.active:
+            self.context.embed = self.semantic_cache.embed_texts  # ranks evidence sent without scores
+        self._context_db: sqlite3.Connection | None = None
         # A stage the settings leave nothing to do is not in the chain: it would cost every request.
         stages: list[Stage | None] = [
             Account(accountant),
             self.resolver,
             OutputCeiling(settings.models, settings.routes, _anthropic_models(settings)),
+            # Before the prompt limits, the cache keys and the spend guard: they see the compacted request.
+            self.context if self.context.active else None,
             InputLimits(self.counter, settings.routes)
             if any(m.context_window for m in settings.models.values())
             or any(r.max_input_tokens for r in settings.routes.values())
@@ -193,12 +210,10 @@ class Gateway:
             else None,
             spend_guard,
             self.router if self.router.active else None,
-            self._resilience,
+            resilience,
             prefix_marks if prefix_marks.active else None,  # per attempt: fallbacks may not be Anthropic
         ]
-        self._handle: Handler = build_chain(
-            [stage for stage in stages if stage is not None], CallProvider(self.providers, accountant)
-        )
+        self._handle: Handler = build_chain([stage for stage in stages if stage is not None], call_provider)
         self._started = False
 
     async def start(self) -> None:
@@ -216,6 +231,11 @@ class Gateway:
         if self.semantic_cache.active:
             assert self.stores.cache_db is not None
             await self.semantic_cache.start(self.stores.cache_db)
+        if self.context.active:
+            # Summaries of conversation prefixes: the SQLite file (with PostgreSQL, this replica's own).
+            self._context_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
+            self._context_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
+            self.context.store = SqliteSummaryStore(self._context_db)
         self.alerts = AlertService(self.settings.alerts, self.stores.alert_store)
         await self.alerts.start()
         if self.stores.breaker_board is not None:
@@ -254,6 +274,9 @@ class Gateway:
         await self.exact_cache.drain()
         await self.idempotency.close()
         self.semantic_cache.close()
+        if self._context_db is not None:
+            self._context_db.close()
+            self._context_db = None
         await self.stores.close()
         self._started = False
 

@@ -49,6 +49,11 @@ class RequestContext:
     # Shared state: a rate admission the rate stage left for the spend guard to send along with
     # its reservation (one round trip to the shared store for both).
     pending_admission: PendingAdmission | None = None
+    # The body as the client sent it, when a stage rewrote ctx.body (context budgets): what makes two
+    # requests the same request for idempotency and coalescing.
+    client_body: dict[str, Any] | None = None
+    # The context stage's record (tokens per section before/after, actions, notes) for the ledger.
+    context_report: dict[str, Any] | None = None
     # Filled by accounting once the ledger entry is committed; a stream's last event carries it.
     trailer: dict[str, Any] | None = None
 

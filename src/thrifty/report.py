@@ -45,6 +45,10 @@ class ReportRow:
     escalated: int = 0
     unpriced: int = 0
     estimated: int = 0
+    context_tokens_saved: int = 0  # input tokens the context budgets took out (ledger column context)
+    # Requests on routes with an output budget, and those of them cut off at max_tokens.
+    output_budgeted: int = 0
+    length_cutoffs: int = 0
 
     @property
     def success_rate(self) -> float:
@@ -83,6 +87,10 @@ class ReportRow:
             "budget_rejections": self.rejected_budget,
             "unpriced_requests": self.unpriced,
             "estimated_usage_requests": self.estimated,
+            "context_tokens_saved": self.context_tokens_saved,
+            "length_cutoff_rate": round(self.length_cutoffs / self.output_budgeted, 6)
+            if self.output_budgeted
+            else None,
         }
 
 
@@ -116,9 +124,22 @@ def build_report(
     reader = SqliteLedgerReader(source) if isinstance(source, sqlite3.Connection) else source
     rows: dict[str | None, ReportRow] = {}
     for row_values in reader.report_rows(GROUP_COLUMNS[by], since):
-        key, status, inp, cached, out, cost, retry_cost, estimated, saved, http_status, cache, escalated = (
-            row_values
-        )
+        (
+            key,
+            status,
+            inp,
+            cached,
+            out,
+            cost,
+            retry_cost,
+            estimated,
+            saved,
+            http_status,
+            cache,
+            escalated,
+            ctx_saved,
+            finish_reason,
+        ) = row_values
         if by == "day":
             key = datetime.fromtimestamp(key, UTC).strftime("%Y-%m-%d")
         group = None if key is None else str(key)
@@ -150,6 +171,10 @@ def build_report(
         elif cache != "miss":
             row.cache_hits += 1
         row.escalated += escalated
+        row.context_tokens_saved += ctx_saved
+        if finish_reason is not None:
+            row.output_budgeted += 1
+            row.length_cutoffs += finish_reason == "length"
     return sorted(rows.values(), key=lambda r: (-r.cost_usd, r.group is None, r.group or ""))
 
 
@@ -171,6 +196,9 @@ def totals(rows: Iterable[ReportRow]) -> ReportRow:
         total.escalated += r.escalated
         total.unpriced += r.unpriced
         total.estimated += r.estimated
+        total.context_tokens_saved += r.context_tokens_saved
+        total.output_budgeted += r.output_budgeted
+        total.length_cutoffs += r.length_cutoffs
     return total
 
 
@@ -205,6 +233,7 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None, *, wi
         Column("dedup", priority=5),
         Column("escalated", priority=3),
         Column("429s", priority=5),
+        Column("ctx tok saved", priority=0),
     ]
     shown = [*rows, totals(rows)] if rows else []
     money = {
@@ -233,6 +262,7 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None, *, wi
                 f"{r.dedup_hits / r.requests:.1%}" if r.requests else "-",
                 f"{r.escalated / r.requests:.1%}" if r.requests else "-",
                 f"{r.rejected_budget:,}",
+                f"{r.context_tokens_saved:,}",
             ]
         )
     return fit_table(columns, cells, width=width, title=title, section_after=len(rows) - 1 if rows else None)

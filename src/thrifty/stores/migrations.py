@@ -84,6 +84,12 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX exact_cache_scope ON exact_cache (tenant_id, route);
         """,
     ),
+    (
+        2,
+        # Context budgets: tokens per section before and after, per request (SQLite's migration 9).
+        # Summaries of conversation prefixes stay in each replica's local SQLite file.
+        "ALTER TABLE ledger ADD COLUMN context JSONB",
+    ),
 )
 
 __all__ = ["POSTGRES_MIGRATIONS", "SQLITE_MIGRATIONS"]

@@ -26,7 +26,7 @@ from thrifty.errors import ConfigError, SharedStateUnavailable
 from thrifty.stores.keys import hash_key, new_key
 from thrifty.stores.ledger import entry_row
 from thrifty.stores.migrations import POSTGRES_MIGRATIONS
-from thrifty.stores.readers import REPORT_SELECT
+from thrifty.stores.readers import POSTGRES_CONTEXT, REPORT_SELECT
 from thrifty.types import LedgerEntry, Usage
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,11 @@ LEDGER_COLUMNS = (
     "idempotency_key",
     "batch",
     "stream",
+    "context",
 )
 _CASTS = {
     "attempts": "::jsonb",
+    "context": "::jsonb",
     "cost_usd": "::numeric",
     "saved_usd": "::numeric",
     "retry_cost_usd": "::numeric",
@@ -454,7 +456,7 @@ class PostgresLedgerReader:
 
 
 def _report_rows(conn: Any, column: str, since: float | None, mark: str) -> Iterable[tuple[Any, ...]]:
-    sql = REPORT_SELECT.format(column='"user"' if column == "user" else column)
+    sql = REPORT_SELECT.format(column='"user"' if column == "user" else column, context=POSTGRES_CONTEXT)
     if since is None:
         return list(conn.execute(sql))
     return list(conn.execute(sql + f" WHERE ts >= {mark}", (since,)))

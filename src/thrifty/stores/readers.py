@@ -7,10 +7,13 @@ import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
+# The report's columns; the last two come from the context stage's JSON record, in each dialect.
 REPORT_SELECT = (
     "SELECT {column}, status, input_tokens, cached_input_tokens, output_tokens, cost_usd, "
-    "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated FROM ledger"
+    "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated, {context} FROM ledger"
 )
+SQLITE_CONTEXT = "COALESCE(json_extract(context, '$.saved'), 0), json_extract(context, '$.finish_reason')"
+POSTGRES_CONTEXT = "COALESCE((context->>'saved')::bigint, 0), context->>'finish_reason'"
 
 
 class SqliteLedgerReader:
@@ -18,7 +21,7 @@ class SqliteLedgerReader:
         self._conn = conn
 
     def report_rows(self, column: str, since: float | None) -> Iterable[tuple[Any, ...]]:
-        sql = REPORT_SELECT.format(column=column)
+        sql = REPORT_SELECT.format(column=column, context=SQLITE_CONTEXT)
         if since is None:
             return self._conn.execute(sql)
         return self._conn.execute(sql + " WHERE ts >= ?", (since,))

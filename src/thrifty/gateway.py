@@ -135,7 +135,7 @@ class Gateway:
             settings.tenants,
             refuse_unpriced=unpriced if settings.pricing.reject_unpriced else frozenset(),
         )
-        self.router = RouteStage(settings.routes, self.targets)
+        self.router = RouteStage(settings.routes, self.targets, _anthropic_models(settings))
         self.budget_plan = BudgetPlan(settings)
         self.budget_book = self.stores.budget_book
         spend_guard = self._spend_guard = SpendGuard(
@@ -236,7 +236,9 @@ class Gateway:
             self._context_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
             self._context_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
             self.context.store = SqliteSummaryStore(self._context_db)
-        self.alerts = AlertService(self.settings.alerts, self.stores.alert_store)
+        self.alerts = AlertService(
+            self.settings.alerts, self.stores.alert_store, self.router.expected_escalation()
+        )
         await self.alerts.start()
         if self.stores.breaker_board is not None:
             self.stores.breaker_board.start(self._resilience.apply_shared)

@@ -8,14 +8,14 @@ import logging
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Mapping
 from decimal import Decimal
 from typing import Any
 
 import aiohttp
 import orjson
 
-from thrifty.alerts.rules import Alert, spike
+from thrifty.alerts.rules import Alert, escalation_drift, spike
 from thrifty.settings import AlertSettings
 from thrifty.stores.postgres import PostgresAlertStore
 from thrifty.stores.readers import SqliteAlertStore
@@ -28,13 +28,18 @@ _DAYS = 7
 
 class AlertService:
     def __init__(
-        self, settings: AlertSettings, store: sqlite3.Connection | SqliteAlertStore | PostgresAlertStore
+        self,
+        settings: AlertSettings,
+        store: sqlite3.Connection | SqliteAlertStore | PostgresAlertStore,
+        expected_escalation: Mapping[str, float] | None = None,
     ) -> None:
         self._settings = settings
         if isinstance(store, sqlite3.Connection):
             store = SqliteAlertStore(store)
         self._local = store if isinstance(store, SqliteAlertStore) else None
         self._remote = store if isinstance(store, PostgresAlertStore) else None
+        # Per route driven by a trained router: the escalation rate it was calibrated for.
+        self._expected = dict(expected_escalation or {})
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._checker: asyncio.Task[None] | None = None
@@ -124,17 +129,22 @@ class AlertService:
             if self._remote is not None:
                 try:
                     rows = await self._remote.recent_spend(_since(now))
+                    counts = (
+                        await self._remote.escalations(now - self._settings.escalation_drift_window_s)
+                        if self._expected
+                        else []
+                    )
                 except Exception as err:  # noqa: BLE001 - checked again next time
                     log.warning("anomaly check skipped: %s", err)
                     continue
-                self.fire(self.anomalies_in(rows, now))
+                self.fire(self.anomalies_in(rows, now) + self.drift_in(counts, now))
             else:
                 self.fire(self.anomalies(now))
 
     def anomalies(self, now: float) -> list[Alert]:
         """Features spending > spike factor x, tenants calling > rate factor x their usual hour."""
         assert self._local is not None
-        return self.anomalies_in(self._local.recent_spend(_since(now)), now)
+        return self.anomalies_in(self._local.recent_spend(_since(now)), now) + self.drift(now)
 
     def anomalies_in(self, rows: Iterable[tuple[float, str, str | None, Any]], now: float) -> list[Alert]:
         hour_start = now - _HOUR
@@ -172,6 +182,33 @@ class AlertService:
                 [float(counts.get(d, 0)) for d in range(1, _DAYS + 1)],
                 self._settings.rate_spike_factor,
                 "requests",
+            )
+            if found is not None:
+                alerts.append(found)
+        return alerts
+
+    def drift(self, now: float) -> list[Alert]:
+        """Routes whose escalation rate over the last window is off their calibrated rate. The
+        alert's window is the aligned one `now` falls in, so it fires once per window."""
+        if not self._expected or self._local is None:
+            return []
+        return self.drift_in(self._local.escalations(now - self._settings.escalation_drift_window_s), now)
+
+    def drift_in(self, counts: Iterable[tuple[str, int, int | None]], now: float) -> list[Alert]:
+        s = self._settings
+        window = s.escalation_drift_window_s
+        alerts = []
+        for route, total, escalated in counts:
+            if route not in self._expected:
+                continue
+            found = escalation_drift(
+                route,
+                (now // window) * window,
+                int(escalated or 0),
+                int(total),
+                self._expected[route],
+                s.escalation_drift_margin,
+                min_requests=s.escalation_drift_min_requests,
             )
             if found is not None:
                 alerts.append(found)

@@ -26,7 +26,7 @@ from thrifty.errors import ConfigError, SharedStateUnavailable
 from thrifty.stores.keys import hash_key, new_key
 from thrifty.stores.ledger import entry_row
 from thrifty.stores.migrations import POSTGRES_MIGRATIONS
-from thrifty.stores.readers import POSTGRES_CONTEXT, REPORT_SELECT
+from thrifty.stores.readers import ESCALATIONS_SQL, POSTGRES_CONTEXT, REPORT_SELECT
 from thrifty.types import LedgerEntry, Usage
 
 log = logging.getLogger(__name__)
@@ -415,6 +415,11 @@ class PostgresAlertStore:
                 "UPDATE alerts SET delivered_at = %s, delivery_error = %s WHERE alert_key = %s",
                 (delivered_at, error, key),
             )
+
+    async def escalations(self, since: float) -> list[tuple[str, int, int | None]]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(ESCALATIONS_SQL.format(mark="%s"), (since,))
+            return list(await cur.fetchall())
 
     async def recent_spend(self, since: float) -> list[tuple[float, str, str | None, Any]]:
         async with self._pool.connection() as conn:

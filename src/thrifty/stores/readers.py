@@ -12,6 +12,10 @@ REPORT_SELECT = (
     "SELECT {column}, status, input_tokens, cached_input_tokens, output_tokens, cost_usd, "
     "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated, {context} FROM ledger"
 )
+ESCALATIONS_SQL = (
+    "SELECT route, COUNT(*), SUM(escalated) FROM ledger WHERE ts >= {mark} AND route IS NOT NULL "
+    "AND status = 'ok' GROUP BY route"
+)
 SQLITE_CONTEXT = "COALESCE(json_extract(context, '$.saved'), 0), json_extract(context, '$.finish_reason')"
 POSTGRES_CONTEXT = "COALESCE((context->>'saved')::bigint, 0), context->>'finish_reason'"
 
@@ -68,6 +72,10 @@ class SqliteAlertStore:
         return self._conn.execute(
             "SELECT ts, tenant_id, feature, cost_usd FROM ledger WHERE ts >= ?", (since,)
         ).fetchall()
+
+    def escalations(self, since: float) -> list[tuple[str, int, int | None]]:
+        """(route, answered requests, escalated) since `since` (escalation-drift alerts)."""
+        return self._conn.execute(ESCALATIONS_SQL.format(mark="?"), (since,)).fetchall()
 
 
 __all__ = ["SqliteAlertStore", "SqliteLedgerReader"]

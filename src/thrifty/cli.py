@@ -176,9 +176,17 @@ def report(
     fmt: Annotated[str, typer.Option("--format", help="table|json|csv")] = "table",
     config: ConfigOpt = None,
     db: Annotated[Path | None, typer.Option(help="ledger SQLite file (instead of --config)")] = None,
+    until: Annotated[
+        str | None, typer.Option(help="only requests before this time (the forms of --since)")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's requests")] = None,
 ) -> None:
     """Spend, tokens and success by one attribution dimension."""
+    import asyncio
+
     from thrifty.report import GROUP_COLUMNS, build_report, parse_since, render_table, to_csv
+    from thrifty.stores.reporting import SqliteReportingStore, Window
+    from thrifty.stores.sqlite_db import open_database
 
     if by not in GROUP_COLUMNS:
         raise ThriftyError(f"--by must be one of: {', '.join(GROUP_COLUMNS)}")
@@ -188,9 +196,22 @@ def report(
         since_ts = parse_since(since)
     except ValueError as err:
         raise ThriftyError(f"--since: {err}") from err
-    reader = _ledger_reader(config, db)
-    rows = build_report(reader, by, since_ts)
-    reader.close()
+    try:
+        until_ts = parse_since(until)
+    except ValueError as err:
+        raise ThriftyError(f"--until: {err}") from err
+    settings = None if db is not None else _settings(config)
+    if settings is not None and settings.storage.backend == "postgresql":
+        # PostgreSQL: the ledger itself, through the same reader port (no rollups there yet).
+        reader = _ledger_reader(config, db)
+        rows = build_report(reader, by, since_ts, until=until_ts, tenant=tenant)
+        reader.close()
+    else:
+        path = db or (settings.storage.sqlite_path if settings else Path("thrifty.db"))
+        if not path.exists():
+            raise ThriftyError(f"no ledger at {path}")
+        open_database(path).close()  # brings an older ledger's schema up to date
+        rows = asyncio.run(SqliteReportingStore(path).spend_by(by, Window(since_ts, until_ts, tenant)))
     if fmt == "json":
         typer.echo(orjson.dumps([r.to_json() for r in rows], option=orjson.OPT_INDENT_2).decode())
     elif fmt == "csv":
@@ -198,6 +219,51 @@ def report(
     else:
         console = _console()
         console.print(render_table(rows, by, title=f"spend by {by}", width=console.width))
+
+
+@app.command()
+def dashboard(
+    config: ConfigOpt = None,
+    db: Annotated[
+        Path | None, typer.Option(help="ledger SQLite file (default: the settings' storage)")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default from settings)")] = None,
+    port: Annotated[int, typer.Option(help="port")] = 8081,
+    rebuild_rollups: Annotated[
+        bool, typer.Option("--rebuild-rollups", help="recompute the rollups from the ledger, then exit")
+    ] = False,
+) -> None:
+    """Serve the dashboard (/dashboard) over an existing ledger, without the proxy."""
+    import asyncio
+
+    from thrifty.stores.reporting import SqliteReportingStore
+    from thrifty.stores.sqlite_db import open_database
+
+    settings = _settings(config)
+    path = db or settings.storage.sqlite_path
+    if not path.exists():
+        raise ThriftyError(f"no ledger at {path}")
+    if rebuild_rollups:
+        open_database(path).close()
+        rows = asyncio.run(SqliteReportingStore(path).rebuild_rollups())
+        typer.echo(f"rebuilt the rollups from {rows:,} ledger row{'' if rows == 1 else 's'}")
+        return
+    import uvicorn
+
+    from thrifty.server.dashboard.standalone import dashboard_config
+
+    if not settings.dashboard.admin_key_hashes and not settings.tenants:
+        raise ThriftyError("no keys can sign in: add dashboard.admin_key_hashes or tenants to the settings")
+    from thrifty.server.run import listening_socket
+
+    bind = host or settings.server.host
+    server = uvicorn.Server(dashboard_config(settings, path, host=bind, port=port))
+    try:
+        sock = listening_socket(bind, port)
+    except OSError as err:
+        raise ThriftyError(f"cannot listen on {bind}:{port}: {err.strerror}") from err
+    typer.echo(f"thrifty dashboard on http://{bind}:{port}/dashboard over {path.resolve()}")
+    server.run(sockets=[sock])
 
 
 @app.command()
@@ -246,6 +312,9 @@ def demo(
     support_lookups: Annotated[
         int, typer.Option(help="later askers in other words (0 skips the phase)")
     ] = 500,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="then keep the gateway up and print the dashboard's URL")
+    ] = False,
 ) -> None:
     """Start the gateway on loopback, send real SDK traffic, print the report. No keys, no services."""
     from thrifty.demo import DEFAULT_DATA, run_demo
@@ -262,6 +331,7 @@ def demo(
         support_seeds=support_seeds,
         support_lookups=support_lookups,
         width=console.width,
+        serve=serve,
     )
     raise typer.Exit(code)
 
@@ -588,6 +658,25 @@ def bench_replicas(
     )
     if report["targets"]["ledger_rows_lost"]:
         raise typer.Exit(1)
+
+
+@bench_app.command("dashboard")
+def bench_dashboard(
+    rows: Annotated[int, typer.Option(help="synthetic ledger rows")] = 1_000_000,
+    db: Annotated[
+        Path | None, typer.Option(help="ledger file: reused when it holds --rows rows, else generated")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="requests per endpoint and window")] = 15,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+) -> None:
+    """p50/p95 of the dashboard's JSON endpoints over a large synthetic ledger (rollups, not scans)."""
+    from thrifty.bench.dashboard import run_dashboard_bench
+
+    path = db or Path(f"bench-dashboard-{rows}.db")
+    try:
+        run_dashboard_bench(path, rows, repeats=repeats, tenants=8, console=_console(), json_out=json_out)
+    except RuntimeError as err:
+        raise ThriftyError(str(err)) from err
 
 
 @bench_app.command("overhead")

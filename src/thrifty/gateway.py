@@ -8,7 +8,7 @@ import sqlite3
 import time
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -42,6 +42,9 @@ from thrifty.stores.ports import KeyDirectory
 from thrifty.stores.sqlite_db import open_database
 from thrifty.tokens import TokenCounter, encoding_for_model
 from thrifty.types import ModelTarget, Tags
+
+if TYPE_CHECKING:
+    from thrifty.tracing import LedgerTracer
 
 
 def _targets(settings: Settings) -> dict[str, ModelTarget]:
@@ -125,6 +128,12 @@ class Gateway:
         )
         self.db_path = settings.storage.sqlite_path
         self.ledger = self.stores.ledger
+        self.tracer: LedgerTracer | None = None
+        if settings.tracing.enabled:  # off: OpenTelemetry is not even imported
+            from thrifty.tracing import LedgerTracer
+
+            self.tracer = LedgerTracer(settings.tracing)
+            self.ledger.observe(self.tracer.observe_batch)
         self._key_tenants = {h: tenant for tenant, t in settings.tenants.items() for h in t.key_hashes}
         self._keys: KeyDirectory | None = None
         accountant = self._accountant = Accountant(self.catalog, self.counter, self.ledger)
@@ -161,7 +170,7 @@ class Gateway:
             settings.routes, {n: p.kind for n, p in settings.providers.items()}
         )
         rate_limits = {t: s.rate_limit for t, s in settings.tenants.items() if s.rate_limit is not None}
-        resilience = self._resilience = Resilience(
+        resilience = self.resilience = Resilience(
             settings.resilience, settings.routes, self.targets, board=self.stores.breaker_board
         )
         call_provider = CallProvider(self.providers, accountant)
@@ -241,7 +250,7 @@ class Gateway:
         )
         await self.alerts.start()
         if self.stores.breaker_board is not None:
-            self.stores.breaker_board.start(self._resilience.apply_shared)
+            self.stores.breaker_board.start(self.resilience.apply_shared)
         await self.idempotency.start()
         encodings = {encoding_for_model(t.upstream_model)[0] for t in self.targets.values()}
         # Vocabularies load in ~0.5 s; do it now, not on the first request that needs a count.
@@ -279,7 +288,9 @@ class Gateway:
         if self._context_db is not None:
             self._context_db.close()
             self._context_db = None
-        await self.stores.close()
+        await self.stores.close()  # the ledger flushes its last batch here
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.close)  # exports what is queued; never on the loop
         self._started = False
 
     def health(self) -> dict[str, int]:

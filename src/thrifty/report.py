@@ -45,6 +45,10 @@ class ReportRow:
     escalated: int = 0
     unpriced: int = 0
     estimated: int = 0
+    exact_hits: int = 0
+    semantic_hits: int = 0
+    exact_saved_usd: Decimal = field(default_factory=Decimal)
+    semantic_saved_usd: Decimal = field(default_factory=Decimal)
     context_tokens_saved: int = 0  # input tokens the context budgets took out (ledger column context)
     # Requests on routes with an output budget, and those of them cut off at max_tokens.
     output_budgeted: int = 0
@@ -87,6 +91,10 @@ class ReportRow:
             "budget_rejections": self.rejected_budget,
             "unpriced_requests": self.unpriced,
             "estimated_usage_requests": self.estimated,
+            "exact_cache_hits": self.exact_hits,
+            "semantic_cache_hits": self.semantic_hits,
+            "exact_saved_usd": decimal_text(self.exact_saved_usd),
+            "semantic_saved_usd": decimal_text(self.semantic_saved_usd),
             "context_tokens_saved": self.context_tokens_saved,
             "length_cutoff_rate": round(self.length_cutoffs / self.output_budgeted, 6)
             if self.output_budgeted
@@ -116,14 +124,20 @@ def parse_since(text: str | None) -> float | None:
 
 
 def build_report(
-    source: sqlite3.Connection | LedgerReader, by: str, since: float | None = None
+    source: sqlite3.Connection | LedgerReader,
+    by: str,
+    since: float | None = None,
+    *,
+    until: float | None = None,
+    tenant: str | None = None,
 ) -> list[ReportRow]:
-    """Group the ledger (SQLite or PostgreSQL, through the LedgerReader port) by one dimension."""
+    """Scan the ledger (SQLite or PostgreSQL, through the LedgerReader port): rows with
+    since <= ts < until (each optional), of one tenant if given."""
     if by not in GROUP_COLUMNS:
         raise ValueError(f"--by must be one of {', '.join(GROUP_COLUMNS)}")
     reader = SqliteLedgerReader(source) if isinstance(source, sqlite3.Connection) else source
     rows: dict[str | None, ReportRow] = {}
-    for row_values in reader.report_rows(GROUP_COLUMNS[by], since):
+    for row_values in reader.report_rows(GROUP_COLUMNS[by], since, until, tenant):
         (
             key,
             status,
@@ -164,12 +178,18 @@ def build_report(
             row.retry_cost_usd += Decimal(retry_cost)
         if saved is not None:
             row.saved_usd += Decimal(saved)
+            if cache == "exact":
+                row.exact_saved_usd += Decimal(saved)
+            elif cache == "semantic":
+                row.semantic_saved_usd += Decimal(saved)
         if http_status == 429:
             row.rejected_budget += 1
         if cache == "dedup":
             row.dedup_hits += 1
         elif cache != "miss":
             row.cache_hits += 1
+            row.exact_hits += cache == "exact"
+            row.semantic_hits += cache == "semantic"
         row.escalated += escalated
         row.context_tokens_saved += ctx_saved
         if finish_reason is not None:
@@ -196,6 +216,10 @@ def totals(rows: Iterable[ReportRow]) -> ReportRow:
         total.escalated += r.escalated
         total.unpriced += r.unpriced
         total.estimated += r.estimated
+        total.exact_hits += r.exact_hits
+        total.semantic_hits += r.semantic_hits
+        total.exact_saved_usd += r.exact_saved_usd
+        total.semantic_saved_usd += r.semantic_saved_usd
         total.context_tokens_saved += r.context_tokens_saved
         total.output_budgeted += r.output_budgeted
         total.length_cutoffs += r.length_cutoffs

@@ -239,8 +239,10 @@ class _Borrowed:
     def __init__(self, reader: SqliteLedgerReader) -> None:
         self._reader = reader
 
-    def report_rows(self, column: str, since: float | None) -> Any:
-        return self._reader.report_rows(column, since)
+    def report_rows(
+        self, column: str, since: float | None, until: float | None = None, tenant: str | None = None
+    ) -> Any:
+        return self._reader.report_rows(column, since, until, tenant)
 
     def spend_rows(self, since: float) -> Any:
         return self._reader.spend_rows(since)

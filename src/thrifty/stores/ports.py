@@ -216,7 +216,9 @@ class SharedExactCache(Protocol):
 class LedgerReader(Protocol):
     """What reports, alert listings and the budget rebuild read (the CLI and start-up; sync)."""
 
-    def report_rows(self, column: str, since: float | None) -> Iterable[tuple[Any, ...]]: ...
+    def report_rows(
+        self, column: str, since: float | None, until: float | None = None, tenant: str | None = None
+    ) -> Iterable[tuple[Any, ...]]: ...
 
     def spend_rows(self, since: float) -> Iterable[tuple[float, str, str | None, str | None, Any, int]]:
         """(ts, tenant, feature, route, cost_usd, tokens) since `since`."""

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from thrifty.errors import ConfigError, SharedStateUnavailable
 from thrifty.stores.keys import hash_key, new_key
 from thrifty.stores.ledger import entry_row
 from thrifty.stores.migrations import POSTGRES_MIGRATIONS
-from thrifty.stores.readers import ESCALATIONS_SQL, POSTGRES_CONTEXT, REPORT_SELECT
+from thrifty.stores.readers import ESCALATIONS_SQL, POSTGRES_CONTEXT, REPORT_SELECT, report_query
 from thrifty.types import LedgerEntry, Usage
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,16 @@ class PostgresLedgerWriter:
         self._replayer: asyncio.Task[None] | None = None
         self._closing = False
         self.spooled = 0  # rows written to the spool (a metric)
+        self._observers: list[Callable[[list[tuple[Any, ...]]], None]] = []
+
+    def observe(self, observer: Callable[[list[tuple[Any, ...]]], None]) -> None:
+        """Call `observer` with every written batch's rows (committed or spooled), on the loop."""
+        self._observers.append(observer)
+
+    @property
+    def pending(self) -> int:
+        """Entries submitted and not yet written (a queue depth for /metrics)."""
+        return len(self._pending)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -198,6 +208,11 @@ class PostgresLedgerWriter:
             await self._drop_connection()
             self._spool_rows(rows, err)
             self._start_replayer()
+        for observer in self._observers:
+            try:
+                observer(rows)
+            except Exception:
+                log.exception("a ledger batch observer failed; the batch itself is written")
         for _, future in batch:
             if not future.done():
                 future.set_result(None)
@@ -435,8 +450,14 @@ class PostgresLedgerReader:
     def __init__(self, url: str) -> None:
         self._conn = connect(url)
 
-    def report_rows(self, column: str, since: float | None) -> Iterable[tuple[Any, ...]]:
-        return _report_rows(self._conn, column, since, "%s")
+    def report_rows(
+        self, column: str, since: float | None, until: float | None = None, tenant: str | None = None
+    ) -> Iterable[tuple[Any, ...]]:
+        select = REPORT_SELECT.format(
+            column='"user"' if column == "user" else column, context=POSTGRES_CONTEXT
+        )
+        sql, params = report_query(select, "%s", since, until, tenant)
+        return list(self._conn.execute(sql, params))
 
     def spend_rows(self, since: float) -> Iterable[tuple[float, str, str | None, str | None, Any, int]]:
         return list(
@@ -458,13 +479,6 @@ class PostgresLedgerReader:
 
     def close(self) -> None:
         self._conn.close()
-
-
-def _report_rows(conn: Any, column: str, since: float | None, mark: str) -> Iterable[tuple[Any, ...]]:
-    sql = REPORT_SELECT.format(column='"user"' if column == "user" else column, context=POSTGRES_CONTEXT)
-    if since is None:
-        return list(conn.execute(sql))
-    return list(conn.execute(sql + f" WHERE ts >= {mark}", (since,)))
 
 
 __all__ = [

@@ -20,15 +20,30 @@ SQLITE_CONTEXT = "COALESCE(json_extract(context, '$.saved'), 0), json_extract(co
 POSTGRES_CONTEXT = "COALESCE((context->>'saved')::bigint, 0), context->>'finish_reason'"
 
 
+def report_query(
+    select: str, mark: str, since: float | None, until: float | None, tenant: str | None
+) -> tuple[str, list[Any]]:
+    """The report's SELECT with since <= ts < until and the tenant (each optional)."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for clause, value in ((f"ts >= {mark}", since), (f"ts < {mark}", until), (f"tenant_id = {mark}", tenant)):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return (select + (" WHERE " + " AND ".join(clauses) if clauses else "")), params
+
+
 class SqliteLedgerReader:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
 
-    def report_rows(self, column: str, since: float | None) -> Iterable[tuple[Any, ...]]:
-        sql = REPORT_SELECT.format(column=column, context=SQLITE_CONTEXT)
-        if since is None:
-            return self._conn.execute(sql)
-        return self._conn.execute(sql + " WHERE ts >= ?", (since,))
+    def report_rows(
+        self, column: str, since: float | None, until: float | None = None, tenant: str | None = None
+    ) -> Iterable[tuple[Any, ...]]:
+        sql, params = report_query(
+            REPORT_SELECT.format(column=column, context=SQLITE_CONTEXT), "?", since, until, tenant
+        )
+        return self._conn.execute(sql, params)
 
     def spend_rows(self, since: float) -> Iterable[tuple[float, str, str | None, str | None, Any, int]]:
         return self._conn.execute(

@@ -173,6 +173,12 @@ class Gateway:
         self._handle: Handler = build_chain(
             [stage for stage in stages if stage is not None], CallProvider(self.providers, accountant)
         )
+        from thrifty.batch.runner import BatchRunner
+        from thrifty.batch.service import BatchService
+        from thrifty.batch.wiring import build_adapters
+
+        self.batch = BatchService(self, build_adapters(settings, secrets or {}, self.providers))
+        self.batch_runner = BatchRunner(self.batch)
         self._started = False
 
     async def start(self) -> None:
@@ -198,6 +204,8 @@ class Gateway:
         await loop.run_in_executor(None, self.counter.warm, encodings)
         for provider in self.providers.values():
             await provider.start()
+        self.batch.start()
+        await self.batch_runner.start()
         self._started = True
 
     async def __aenter__(self) -> Gateway:
@@ -218,6 +226,8 @@ class Gateway:
             self.alerts.fire(found)
 
     async def close(self) -> None:
+        await self.batch_runner.close()
+        self.batch.close()
         if self.alerts is not None:
             await self.alerts.close()
             self.alerts = None

@@ -138,6 +138,12 @@ class ThriftyApp:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self._max_body = gateway.settings.server.max_body_bytes
+        from thrifty.server.batch_routes import BatchRoutes, defer_chat
+
+        self._batch = BatchRoutes(gateway, self._max_body)
+        self._defer_chat = defer_chat
+        # Only routes with `defer` settings, or the x-thrifty-defer header, cost the chat path a lookup.
+        self._defer_routes = bool(gateway.batch.defer_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -178,9 +184,12 @@ class ThriftyApp:
                 await _send_json(send, 200, {"object": "list", "data": self.gateway.model_list()})
             elif path == "/healthz":
                 await _send_json(send, 200, {"status": "ok"})
+            elif path.startswith(("/v1/files", "/v1/batches", "/v1/thrifty/")):
+                await self._batch(scope, receive, send)
             else:
                 raise NotFound(
-                    f"no route {method} {path}; thrifty serves /v1/chat/completions and /v1/models",
+                    f"no route {method} {path}; thrifty serves /v1/chat/completions, /v1/models, /v1/files "
+                    "and /v1/batches",
                     code="unknown_url",
                 )
         except _Responded:
@@ -222,6 +231,10 @@ class ThriftyApp:
                 send, err.status, err.to_openai(), _error_headers(err, _accounting_headers(refused))
             )
             raise _Responded from err
+        if (self._defer_routes or "x-thrifty-defer" in headers) and await self._defer_chat(
+            self.gateway, send, tenant, headers, body, len(raw)
+        ):
+            raise _Responded
         ctx = self.gateway.new_context(body, len(raw), _tags(tenant, headers, body))
         try:
             result = await self.gateway.run(ctx)

@@ -1,0 +1,143 @@
+"""OpenAI Batch: the lines go up as a JSONL file (purpose=batch), then one batch per file.
+
+OpenAI takes one model per input file; the runner groups items by model before they get here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+
+from thrifty.batch.adapters.base import Outbound, Outcome, RemoteState
+from thrifty.errors import ProviderProtocolError, ThriftyError
+from thrifty.providers.http import HttpClient
+from thrifty.providers.openai import usage_from_openai
+from thrifty.settings import ProviderSettings
+
+_ENDED = frozenset({"completed", "failed", "expired", "cancelled"})
+_LEFTOVER = {"batch_expired": "expired", "batch_cancelled": "cancelled"}
+
+
+class OpenAIBatchAdapter:
+    max_items = 50_000
+
+    def __init__(self, name: str, settings: ProviderSettings, api_key: str | None) -> None:
+        self.name = name
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = HttpClient(name, settings, headers)
+        assert settings.base_url is not None
+        self._base = settings.base_url.rstrip("/")
+
+    async def start(self) -> None:
+        await self._http.start()
+
+    async def close(self) -> None:
+        await self._http.close()
+
+    async def submit(self, items: Sequence[Outbound], label: str) -> str:
+        lines = b"".join(
+            orjson.dumps(
+                {
+                    "custom_id": item.request_id,
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {**item.body, "model": item.target.upstream_model},
+                }
+            )
+            + b"\n"
+            for item in items
+        )
+        form = aiohttp.FormData()
+        form.add_field("purpose", "batch")
+        form.add_field("file", lines, filename=f"{label}.jsonl", content_type="application/jsonl")
+        uploaded = await self._request("POST", "/files", data=form)
+        batch = await self._http.post_json(
+            self._base + "/batches",
+            {
+                "input_file_id": uploaded["id"],
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+                "metadata": {"thrifty_batch": label},
+            },
+        )
+        return str(batch["id"])
+
+    async def poll(self, remote_id: str) -> RemoteState:
+        batch = await self._request("GET", f"/batches/{remote_id}")
+        status = str(batch.get("status"))
+        return RemoteState(ended=status in _ENDED, status=status)
+
+    async def results(self, remote_id: str, items: Sequence[Outbound]) -> AsyncIterator[Outcome]:
+        batch = await self._request("GET", f"/batches/{remote_id}")
+        seen: set[str] = set()
+        for key in ("output_file_id", "error_file_id"):
+            file_id = batch.get(key)
+            if not file_id:
+                continue
+            async for line in self._lines(f"/files/{file_id}/content"):
+                outcome = _outcome(line)
+                seen.add(outcome.request_id)
+                yield outcome
+        errors = (batch.get("errors") or {}).get("data") or []
+        why = "; ".join(str(e.get("message")) for e in errors) or f"the batch ended {batch.get('status')}"
+        for item in items:
+            if item.request_id not in seen:
+                yield Outcome(
+                    item.request_id,
+                    "expired" if batch.get("status") == "expired" else "failed",
+                    error={"code": "batch_failed", "message": f"{self.name}: {why}"},
+                )
+
+    async def cancel(self, remote_id: str) -> None:
+        await self._request("POST", f"/batches/{remote_id}/cancel")
+
+    async def _request(self, method: str, path: str, data: aiohttp.FormData | None = None) -> dict[str, Any]:
+        payload = data() if data is not None else None
+        # The session's default content-type is JSON; a form names its own (with the boundary).
+        headers = {"content-type": payload.content_type} if payload is not None else None
+        try:
+            async with self._http.session.request(
+                method, self._base + path, data=payload, headers=headers
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise self._http.error_from(resp.status, raw)
+        except ThriftyError:
+            raise
+        except aiohttp.ClientError as err:
+            raise self._http.unreachable(err) from err
+        body = orjson.loads(raw)
+        if not isinstance(body, dict):
+            raise ProviderProtocolError(f"{self.name} answered {path} with JSON that is not an object")
+        return body
+
+    async def _lines(self, path: str) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async with self._http.session.get(self._base + path) as resp:
+                if resp.status >= 400:
+                    raise self._http.error_from(resp.status, await resp.read())
+                async for raw in resp.content:
+                    if raw.strip():
+                        yield orjson.loads(raw)
+        except ThriftyError:
+            raise
+        except aiohttp.ClientError as err:
+            raise self._http.unreachable(err) from err
+
+
+def _outcome(line: dict[str, Any]) -> Outcome:
+    """One line of an output or error file, in OpenAI's format."""
+    request_id = str(line.get("custom_id"))
+    response = line.get("response")
+    error = line.get("error")
+    if isinstance(response, dict):
+        code = int(response.get("status_code") or 0)
+        body = response.get("body") if isinstance(response.get("body"), dict) else None
+        if code == 200 and body is not None:
+            return Outcome(request_id, "done", 200, body, usage_from_openai(body.get("usage")))
+        return Outcome(request_id, "failed", code or 500, body)
+    error = error if isinstance(error, dict) else {"code": "unknown", "message": "no response"}
+    return Outcome(request_id, _LEFTOVER.get(str(error.get("code")), "failed"), error=error)  # type: ignore[arg-type]

@@ -15,6 +15,8 @@ class ThriftyError(Exception):
     error_type: str = "server_error"
     code: str | None = None
     retry_after_s: float | None = None  # sent as Retry-After when set
+    # Sent as x-should-retry (which the OpenAI SDKs obey over their own retry policy) when set.
+    should_retry: bool | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -147,11 +149,20 @@ class ProviderProtocolError(ThriftyError):
 
 
 class BudgetExceeded(ThriftyError):
-    """A hard budget would be overrun by this request's worst-case cost."""
+    """A hard budget would be overrun by this request's worst-case cost.
+
+    Retry-After is the time until the budget's window resets. An SDK retrying at once would only be
+    refused again, so `x-should-retry: false` tells the OpenAI SDKs not to, unless the reset is
+    close enough (a minute) that waiting for it and retrying is what the client wants."""
 
     status = 429
     error_type = "insufficient_quota"
     code = "budget_exceeded"
+
+    def __init__(self, message: str, *, resets_in_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(0.0, resets_in_s)
+        self.should_retry = resets_in_s <= 60
 
 
 class RequestTooExpensive(ThriftyError):
@@ -203,6 +214,29 @@ class IdempotentRequestUnfinished(ThriftyError):
     status = 409
     error_type = "invalid_request_error"
     code = "idempotent_request_unfinished"
+
+
+class IdempotentRequestInProgress(ThriftyError):
+    """The key's first request was still running when its gateway stopped (or runs on another
+    replica): answering now could generate and charge twice, so the client retries later."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    code = "idempotent_request_in_progress"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message, param="Idempotency-Key")
+        self.retry_after_s = retry_after_s
+
+
+class IdempotencyCapacity(ThriftyError):
+    """As many idempotent requests are running as `idempotency.max_entries` allows; a running key is
+    never dropped to make room (a repeat of it would generate twice), so a new one waits."""
+
+    status = 503
+    error_type = "server_error"
+    code = "idempotency_capacity"
+    retry_after_s = 1.0
 
 
 class CircuitOpen(ThriftyError):

@@ -21,8 +21,9 @@ from thrifty.dedup.stage import Deduplicate
 from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
 from thrifty.guard.budgets import BudgetBook, BudgetPlan, Limit
 from thrifty.guard.limits import InputLimits
+from thrifty.guard.output import OutputCeiling
 from thrifty.guard.rate import RateLimits
-from thrifty.guard.spend import ClampOutput, SpendGuard
+from thrifty.guard.spend import SpendGuard
 from thrifty.pipeline import Handler, RequestContext, Result, Stage, build_chain
 from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import Provider
@@ -32,6 +33,7 @@ from thrifty.providers.resilience import Resilience
 from thrifty.routing.resolve import ROUTE_PREFIX, ResolveModel
 from thrifty.routing.stage import RouteStage
 from thrifty.settings import Settings
+from thrifty.stores.idempotency import SqliteIdempotencyStore
 from thrifty.stores.keys import SqliteKeyStore, hash_key
 from thrifty.stores.ledger import LedgerWriter
 from thrifty.stores.sqlite_db import open_database
@@ -49,6 +51,13 @@ def _targets(settings: Settings) -> dict[str, ModelTarget]:
         )
         for alias, m in settings.models.items()
     }
+
+
+def _anthropic_models(settings: Settings) -> frozenset[str]:
+    """Anthropic's models: one choice per request whatever `n` says, and prompt-cache writes billed
+    above the input price."""
+    kinds = {name: p.kind for name, p in settings.providers.items()}
+    return frozenset(a for a, m in settings.models.items() if kinds[m.provider] == "anthropic")
 
 
 def parse_chat_body(raw: bytes, route: str | None = None) -> dict[str, Any]:
@@ -136,8 +145,14 @@ class Gateway:
             book=self.budget_book,
             on_spend=self._budget_alerts,
             route_calls={name: self.router.possible_calls(name, r) for name, r in settings.routes.items()},
+            anthropic=_anthropic_models(settings),
         )
         self.alerts: AlertService | None = None
+        self.idempotency = SqliteIdempotencyStore(
+            self.db_path,
+            max_entries=settings.idempotency.max_entries,
+            synchronous=settings.storage.synchronous,
+        )
         self.exact_cache = ExactCacheStage(settings.routes, self.catalog)
         self.semantic_cache = SemanticCacheStage(
             settings.routes, self.catalog, embed_threads=settings.semantic.embed_threads
@@ -151,9 +166,7 @@ class Gateway:
         stages: list[Stage | None] = [
             Account(accountant),
             self.resolver,
-            ClampOutput(settings.routes)
-            if any(r.max_output_tokens for r in settings.routes.values())
-            else None,
+            OutputCeiling(settings.models, settings.routes, _anthropic_models(settings)),
             InputLimits(self.counter, settings.routes)
             if any(m.context_window for m in settings.models.values())
             or any(r.max_input_tokens for r in settings.routes.values())
@@ -161,7 +174,7 @@ class Gateway:
             self.exact_cache if self.exact_cache.active else None,
             self.semantic_cache if self.semantic_cache.active else None,
             # Before the spend guard: a duplicate must neither reserve nor be refused budget.
-            Deduplicate(settings.idempotency, settings.routes),
+            Deduplicate(settings.idempotency, settings.routes, self.idempotency),
             RateLimits(rate_limits, settings.routes, settings.models, self.counter)
             if rate_limits or any(r.max_steps_per_session for r in settings.routes.values())
             else None,
@@ -198,6 +211,7 @@ class Gateway:
             await self.semantic_cache.start(self._cache_db)
         self.alerts = AlertService(self.settings.alerts, self._db)
         await self.alerts.start()
+        await self.idempotency.start()
         self.ledger.start(loop)
         encodings = {encoding_for_model(t.upstream_model)[0] for t in self.targets.values()}
         # Vocabularies load in ~0.5 s; do it now, not on the first request that needs a count.
@@ -233,6 +247,7 @@ class Gateway:
             self.alerts = None
         for provider in self.providers.values():
             await provider.close()
+        await self.idempotency.close()
         self.ledger.close()
         self.semantic_cache.close()
         if self._cache_db is not None:

@@ -32,6 +32,8 @@ class RequestContext:
     target: ModelTarget | None = None
     attempts: list[Attempt] = field(default_factory=list)
     prompt_tokens: TokenCount | None = None
+    # The client sent no output cap; thrifty set the one it assumes (it may lower it to fit).
+    output_ceiling_implied: bool = False
     ttft_ms: float | None = None
     budget_remaining: str | None = None  # for the x-thrifty-budget-remaining header
     saved_usd: Decimal | None = None  # what an answer without an upstream call would have cost

@@ -38,7 +38,8 @@ class ReportRow:
     retry_cost_usd: Decimal = field(default_factory=Decimal)
     saved_usd: Decimal = field(default_factory=Decimal)
     rejected_budget: int = 0
-    cache_hits: int = 0
+    cache_hits: int = 0  # exact and semantic cache hits
+    dedup_hits: int = 0  # idempotent repeats and coalesced duplicates (no upstream call either)
     escalated: int = 0
     unpriced: int = 0
     estimated: int = 0
@@ -73,6 +74,8 @@ class ReportRow:
             "saved_usd": decimal_text(self.saved_usd),
             "cache_hits": self.cache_hits,
             "cache_hit_rate": round(self.cache_hits / self.requests, 6) if self.requests else 0.0,
+            "dedup_hits": self.dedup_hits,
+            "dedup_rate": round(self.dedup_hits / self.requests, 6) if self.requests else 0.0,
             "escalated": self.escalated,
             "escalation_rate": round(self.escalated / self.requests, 6) if self.requests else 0.0,
             "budget_rejections": self.rejected_budget,
@@ -145,7 +148,9 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
             row.saved_usd += Decimal(saved)
         if http_status == 429:
             row.rejected_budget += 1
-        if cache != "miss":
+        if cache == "dedup":
+            row.dedup_hits += 1
+        elif cache != "miss":
             row.cache_hits += 1
         row.escalated += escalated
     return sorted(rows.values(), key=lambda r: (-r.cost_usd, r.group is None, r.group or ""))
@@ -165,6 +170,7 @@ def totals(rows: Iterable[ReportRow]) -> ReportRow:
         total.saved_usd += r.saved_usd
         total.rejected_budget += r.rejected_budget
         total.cache_hits += r.cache_hits
+        total.dedup_hits += r.dedup_hits
         total.escalated += r.escalated
         total.unpriced += r.unpriced
         total.estimated += r.estimated
@@ -199,6 +205,7 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None, *, wi
         Column("retry USD", priority=1),
         Column("saved USD", priority=6),
         Column("cache hits", priority=7),
+        Column("dedup", priority=5),
         Column("escalated", priority=3),
         Column("429s", priority=5),
     ]
@@ -226,6 +233,7 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None, *, wi
                 money["retry"][n],
                 money["saved"][n],
                 f"{r.cache_hits / r.requests:.1%}" if r.requests else "-",
+                f"{r.dedup_hits / r.requests:.1%}" if r.requests else "-",
                 f"{r.escalated / r.requests:.1%}" if r.requests else "-",
                 f"{r.rejected_budget:,}",
             ]

@@ -215,6 +215,10 @@ class RouteSettings(_Strict):
     max_input_tokens: int | None = Field(default=None, gt=0)
     # Server-side ceiling on max_tokens: the client's value is clamped to it, never trusted.
     max_output_tokens: int | None = Field(default=None, gt=0)
+    # A request without max_tokens is sent the ceiling the guards reserve for (the model's
+    # max_output_tokens). False forwards no cap: then max_output_tokens must be the model's real
+    # maximum output, as that is what is reserved (OpenAI-compatible models only).
+    send_output_ceiling: bool = True
     # Reject before the call when the worst-case cost of the request is above this.
     max_cost_per_request_usd: Decimal | None = Field(default=None, gt=0)
     budget: BudgetSettings | None = None
@@ -307,7 +311,12 @@ class AlertSettings(_Strict):
 
 class IdempotencySettings(_Strict):
     ttl_s: float = Field(default=86400.0, gt=0)  # how long a finished result answers repeats
-    max_entries: int = Field(default=10000, ge=1)  # oldest results are dropped beyond this
+    # Finished results kept (oldest dropped beyond this); also the most keys running at once in
+    # one process: a running key is never dropped, a new key past it is refused (503).
+    max_entries: int = Field(default=10000, ge=1)
+    # How long a key whose request was running when its gateway died stays refused (409) before
+    # a retry may generate anew; longer than the slowest request (timeouts x retries).
+    lease_s: float = Field(default=600.0, gt=0)
 
 
 class SemanticSettings(_Strict):
@@ -360,6 +369,14 @@ class Settings(_Strict):
                 for alias in aliases:
                     if alias not in self.models:
                         raise ValueError(f"routes.{name}.{where}: unknown model {alias!r}")
+            if not route.send_output_ceiling:
+                reachable = [route.model, *route.fallbacks, *(a for _, aliases in named for a in aliases)]
+                capped = [a for a in reachable if self.providers[self.models[a].provider].kind == "anthropic"]
+                if capped:
+                    raise ValueError(
+                        f"routes.{name}.send_output_ceiling: false is for OpenAI-compatible models; "
+                        f"{capped[0]!r} is an Anthropic model, which always needs max_tokens"
+                    )
         for tenant, tset in self.tenants.items():
             for h in tset.key_hashes:
                 if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):

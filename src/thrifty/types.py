@@ -12,7 +12,9 @@ def decimal_text(value: Decimal) -> str:
     return format(value, "f")
 
 
-CacheOutcome = Literal["miss", "exact", "semantic"]
+# How a request was answered without (or with) its own upstream call: `dedup` is an idempotent
+# repeat or a coalesced duplicate, answered from another request's generation.
+CacheOutcome = Literal["miss", "exact", "semantic", "dedup"]
 # What an upstream call was for: the answer returned, a cascade draft the gate rejected (or that was
 # not chosen), or a voter asked by an agreement gate.
 AttemptRole = Literal["answer", "draft", "voter"]

@@ -15,6 +15,7 @@ Usage from a pytest-asyncio fixture:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from collections import deque
@@ -78,6 +79,8 @@ class Reply:
     stream_error: tuple[str, str] | None = None  # (error type, message), e.g. overloaded_error
     text_chunk_chars: int = 5
     json_chunk_chars: int = 7
+    # Bill as the real API would: write `output_tokens` tokens, cut at the request's max_tokens.
+    honest: bool = False
 
     @property
     def effective_stop_reason(self) -> str:
@@ -346,6 +349,15 @@ class AnthropicWireServer:
             return self._error(400, "invalid_request_error", problem)
         if reply.error_status is not None:
             return self._error(reply.error_status, reply.error_type, reply.error_message)
+        if reply.honest:
+            written = min(body["max_tokens"], reply.output_tokens)
+            reply = dataclasses.replace(
+                reply,
+                text=" ".join(["word"] * written),
+                output_tokens=written,
+                stop_reason="max_tokens" if written == body["max_tokens"] else reply.stop_reason,
+                text_chunk_chars=max(reply.text_chunk_chars, 2000),
+            )
         message = self._message(reply, body["model"])
         if body.get("stream"):
             return await self._stream(request, reply, message)

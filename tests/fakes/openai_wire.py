@@ -2,17 +2,25 @@
 
 Tests script the next replies; the server records every request it receives. It stands in
 for the hosted API at the wire, so the gateway's own code runs unpatched.
+
+A reply with `honest=True` bills as the real API would: the prompt tokens of the messages it
+received, and for each of the `n` choices it writes `completion_tokens` tokens, cut at the cap
+the request carries (the larger of max_tokens and max_completion_tokens, the reading that costs
+most). Without a cap it writes them all, past any ceiling the gateway assumed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from thrifty.tokens import TokenCounter
 
 
 @dataclass
@@ -33,6 +41,7 @@ class Reply:
     chunk_chars: int = 5
     finish_reason: str = "stop"
     logprobs: list[float] | None = None  # per-token logprobs, returned when the request asks for them
+    honest: bool = False  # bill real prompt counts and write up to the cap per choice (see above)
 
 
 def _usage(reply: Reply) -> dict[str, Any]:
@@ -65,6 +74,7 @@ class OpenAIWireServer:
         self.replies: list[Reply] = []
         self.by_model: dict[str, list[Reply]] = {}  # scripted per upstream model, before the shared queue
         self.default = Reply()
+        self._counter = TokenCounter()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -132,8 +142,11 @@ class OpenAIWireServer:
                 headers=reply.headers,
             )
         model = body.get("model", "gpt-4o-mini")
+        n = body.get("n") or 1
+        if reply.honest:
+            reply = self._honest(reply, body, n)
         if body.get("stream"):
-            return await self._stream(request, body, reply, model)
+            return await self._stream(request, body, reply, model, n)
         return web.json_response(
             {
                 "id": "chatcmpl-fake123",
@@ -143,19 +156,33 @@ class OpenAIWireServer:
                 "system_fingerprint": "fp_fake",
                 "choices": [
                     {
-                        "index": 0,
+                        "index": i,
                         "message": {"role": "assistant", "content": reply.text, "refusal": None},
                         "logprobs": _logprobs(reply) if body.get("logprobs") else None,
                         "finish_reason": reply.finish_reason,
                     }
+                    for i in range(n)
                 ],
                 "usage": _usage(reply),
             },
             dumps=lambda o: orjson.dumps(o).decode(),
         )
 
+    def _honest(self, reply: Reply, body: dict[str, Any], n: int) -> Reply:
+        prompt = self._counter.count_messages(body["messages"], body["model"], tools=body.get("tools"))
+        caps = [body[k] for k in ("max_tokens", "max_completion_tokens") if isinstance(body.get(k), int)]
+        per_choice = min(max(caps), reply.completion_tokens) if caps else reply.completion_tokens
+        return dataclasses.replace(
+            reply,
+            text=" ".join(["word"] * per_choice),
+            prompt_tokens=prompt.tokens,
+            completion_tokens=n * per_choice,
+            finish_reason="length" if caps and per_choice == max(caps) else reply.finish_reason,
+            chunk_chars=max(reply.chunk_chars, 2000),
+        )
+
     async def _stream(
-        self, request: web.Request, body: dict[str, Any], reply: Reply, model: str
+        self, request: web.Request, body: dict[str, Any], reply: Reply, model: str, n: int = 1
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
@@ -171,25 +198,27 @@ class OpenAIWireServer:
             return b"data: " + orjson.dumps({**base, "choices": choices, **extra}) + b"\n\n"
 
         pieces = [reply.text[i : i + reply.chunk_chars] for i in range(0, len(reply.text), reply.chunk_chars)]
-        events = [
-            event(
-                [
-                    {
-                        "index": 0,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ]
+        events: list[bytes] = []
+        for i in range(n):
+            events.append(
+                event(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
             )
-        ]
-        events += [
-            event([{"index": 0, "delta": {"content": p}, "logprobs": None, "finish_reason": None}])
-            for p in pieces
-        ]
-        events.append(
-            event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reply.finish_reason}])
-        )
+            events += [
+                event([{"index": i, "delta": {"content": p}, "logprobs": None, "finish_reason": None}])
+                for p in pieces
+            ]
+            events.append(
+                event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reply.finish_reason}])
+            )
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if wants_usage and reply.stream_usage:
             events.append(event([], usage=_usage(reply)))

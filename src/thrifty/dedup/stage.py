@@ -2,37 +2,52 @@
 
 With an `Idempotency-Key`, a repeat while the first request runs waits for it and gets the same
 response; a repeat after it finished gets the stored result (for `idempotency.ttl_s`) without a
-new call and without a charge. Without a key, identical in-flight requests of one tenant are
-merged into one upstream call on routes that set `coalesce: true`. A key reused with another
-body is refused (422), as payment APIs do. A failed leader stores nothing, so a retry runs anew.
+new call and without a charge, also after a restart: the result is in the durable
+`IdempotencyStore` before the first response is released. A key that was running when its
+gateway died is refused with a 409 until its lease ends, rather than generated twice. Without a
+key, identical in-flight requests of one tenant are merged into one upstream call on routes that
+set `coalesce: true`. A key reused with another body is refused (422), as payment APIs do. A
+failed leader stores nothing, so a retry runs anew.
 
-The store is in-process and bounded; the Redis implementation of the same port will share it
-across replicas.
+Waiting for a running generation is in-process (`Flights`, futures on this event loop); the
+durable record is what answers across restarts and replicas. Flights are bounded by
+`idempotency.max_entries` and a running one is never dropped: a new key past the bound is refused
+(503), a request that would only have been coalesced simply runs on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import os
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
-from thrifty.errors import IdempotencyConflict, IdempotentRequestUnfinished
+from thrifty.errors import (
+    IdempotencyCapacity,
+    IdempotencyConflict,
+    IdempotentRequestInProgress,
+    IdempotentRequestUnfinished,
+)
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
-from thrifty.providers.base import StreamChunk, relay_and_keep
+from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.settings import IdempotencySettings, RouteSettings
 from thrifty.shapes import as_chunks, as_completion, stream_from
-from thrifty.stores.ports import FlightStorePort
+from thrifty.stores.ports import IdempotencyKey, IdempotencyStore, StoredResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class Outcome:
+    """A finished generation, as the waiters of its flight are answered."""
+
     body: dict[str, Any] | None = None
     chunks: list[StreamChunk] | None = None
     cost_usd: Decimal | None = None
@@ -42,47 +57,40 @@ class Outcome:
 class Flight:
     fingerprint: str
     future: asyncio.Future[Outcome]
-    expires: float = float("inf")
 
 
 @dataclass(slots=True)
-class FlightStore:
-    """Running and finished flights by key, oldest dropped first beyond `max_entries`."""
+class Flights:
+    """The generations running in this process, by key, for requests that wait on them."""
 
-    ttl_s: float
-    max_entries: int
-    flights: OrderedDict[tuple[str, ...], Flight] = field(default_factory=OrderedDict)
+    max_running: int
+    running: dict[tuple[str, ...], Flight] = field(default_factory=dict)
 
-    def get(self, key: tuple[str, ...], now: float) -> Flight | None:
-        flight = self.flights.get(key)
-        if flight is not None and flight.expires <= now:
-            del self.flights[key]
+    def get(self, key: tuple[str, ...]) -> Flight | None:
+        return self.running.get(key)
+
+    def begin(self, key: tuple[str, ...], fingerprint: str) -> Flight | None:
+        """The one flight for `key` (callers checked `get` first); None when the table is full."""
+        if len(self.running) >= self.max_running:
             return None
-        return flight
-
-    def begin(self, key: tuple[str, ...], fingerprint: str) -> Flight:
         flight = Flight(fingerprint, asyncio.get_running_loop().create_future())
-        self.flights[key] = flight
-        while len(self.flights) > self.max_entries:
-            _, oldest = self.flights.popitem(last=False)
-            if not oldest.future.done():
-                oldest.future.cancel()  # its waiters retry as leaders; memory stays bounded
+        self.running[key] = flight
         return flight
 
-    def finish(self, key: tuple[str, ...], flight: Flight, outcome: Outcome, *, keep: bool) -> None:
+    def finish(self, key: tuple[str, ...], flight: Flight, outcome: Outcome) -> None:
+        self._drop(key, flight)
         if not flight.future.done():
             flight.future.set_result(outcome)
-        if keep:
-            flight.expires = time.monotonic() + self.ttl_s
-        elif self.flights.get(key) is flight:
-            del self.flights[key]
 
     def fail(self, key: tuple[str, ...], flight: Flight, error: BaseException) -> None:
-        if self.flights.get(key) is flight:
-            del self.flights[key]
+        self._drop(key, flight)
         if not flight.future.done():
             flight.future.set_exception(error)
             flight.future.exception()  # retrieved here: waiters are optional
+
+    def _drop(self, key: tuple[str, ...], flight: Flight) -> None:
+        if self.running.get(key) is flight:
+            del self.running[key]
 
 
 _DELIVERY_FIELDS = frozenset({"stream", "stream_options"})
@@ -99,10 +107,16 @@ class Deduplicate:
         self,
         settings: IdempotencySettings,
         routes: Mapping[str, RouteSettings],
-        store: FlightStorePort | None = None,
+        store: IdempotencyStore,
     ) -> None:
-        self._store: FlightStorePort = store or FlightStore(settings.ttl_s, settings.max_entries)
+        self._settings = settings
+        self._flights = Flights(settings.max_entries)
+        self._store = store
         self._coalesce = frozenset(name for name, r in routes.items() if r.coalesce)
+        # This gateway's running records: a restarted process is another owner, so what its
+        # previous life left running is refused until the lease ends, not taken over.
+        self._owner = os.urandom(8).hex()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
         idem = ctx.tags.idempotency_key
@@ -113,48 +127,141 @@ class Deduplicate:
         else:
             return await call_next(ctx)
         request_fingerprint = fingerprint(ctx)
-        while True:
-            flight = self._store.get(key, time.monotonic())
-            if flight is None:
-                break
+        flight = self._flights.get(key)
+        if flight is not None:
             if flight.fingerprint != request_fingerprint:
-                raise IdempotencyConflict(
-                    f"Idempotency-Key {idem!r} was already used with a different request; "
-                    "use a new key for a new request",
-                    param="Idempotency-Key",
-                )
-            try:
-                outcome = await asyncio.shield(flight.future)
-            except asyncio.CancelledError:
-                if flight.future.cancelled():
-                    continue  # evicted while running: take the lead ourselves
-                raise
+                raise _conflict(idem)
+            return _replay(ctx, await asyncio.shield(flight.future))
+        flight = self._flights.begin(key, request_fingerprint)  # no await since get: one leader
+        if flight is None:
+            if idem is None:
+                return await call_next(ctx)  # coalescing is an optimisation: run on our own
+            raise IdempotencyCapacity(
+                f"{self._settings.max_entries} requests with an Idempotency-Key are running on this "
+                "gateway (idempotency.max_entries); retry in a moment"
+            )
+        if idem is None:
+            return await self._lead(ctx, call_next, key, flight, None)
+        durable = IdempotencyKey(ctx.tags.tenant_id, idem)
+        try:
+            record = await self._store.claim(
+                durable,
+                request_fingerprint,
+                owner=self._owner,
+                now=time.time(),
+                lease_s=self._settings.lease_s,
+            )
+            if record is not None:
+                if record.fingerprint != request_fingerprint:
+                    raise _conflict(idem)
+                if record.result is None:
+                    wait = max(1.0, record.expires_at - time.time())
+                    raise IdempotentRequestInProgress(
+                        f"the first request with Idempotency-Key {idem!r} was still running when the "
+                        f"gateway stopped, or runs elsewhere; retry in {wait:.0f}s to get its result "
+                        "(a new generation is allowed only once its lease has ended)",
+                        retry_after_s=wait,
+                    )
+        except BaseException as err:
+            self._flights.fail(key, flight, err)
+            raise
+        if record is not None:
+            assert record.result is not None
+            outcome = Outcome(body=record.result.body, cost_usd=record.result.cost_usd)
+            self._flights.finish(key, flight, outcome)
             return _replay(ctx, outcome)
-        flight = self._store.begin(key, request_fingerprint)
-        keep = idem is not None
+        return await self._lead(ctx, call_next, key, flight, durable)
+
+    async def _lead(
+        self,
+        ctx: RequestContext,
+        call_next: Handler,
+        key: tuple[str, ...],
+        flight: Flight,
+        durable: IdempotencyKey | None,
+    ) -> Result:
         try:
             result = await call_next(ctx)
         except BaseException as err:
-            self._store.fail(key, flight, err)
+            self._abandon(key, flight, durable, err)
             raise
-        if isinstance(result, Completion):
-            self._store.finish(key, flight, Outcome(body=result.body, cost_usd=_cost(ctx)), keep=keep)
-            return result
-        return Streamed(relay_and_keep(result.chunks, self._settle_flight(ctx, key, flight, keep)))
+        if isinstance(result, Streamed):
+            return Streamed(self._relay(ctx, key, flight, durable, result.chunks))
+        outcome = Outcome(body=result.body, cost_usd=_cost(ctx))
+        await self._keep(durable, result.body, outcome.cost_usd)
+        self._flights.finish(key, flight, outcome)
+        return result
 
-    def _settle_flight(
-        self, ctx: RequestContext, key: tuple[str, ...], flight: Flight, keep: bool
-    ) -> Callable[[list[StreamChunk] | None], None]:
-        def on_end(kept: list[StreamChunk] | None) -> None:
-            if kept is not None:
-                self._store.finish(key, flight, Outcome(chunks=kept, cost_usd=_cost(ctx)), keep=keep)
-            else:
-                error = IdempotentRequestUnfinished(
-                    "the first request with this key did not finish; retry it"
-                )
-                self._store.fail(key, flight, error)
+    async def _relay(
+        self,
+        ctx: RequestContext,
+        key: tuple[str, ...],
+        flight: Flight,
+        durable: IdempotencyKey | None,
+        chunks: AsyncIterator[StreamChunk],
+    ) -> AsyncIterator[StreamChunk]:
+        """Relay the leader's stream, keeping its chunks; once it ended, store the result before the
+        stream's end reaches the client (the server holds the last event until then)."""
+        kept: list[StreamChunk] = []
+        try:
+            async for chunk in chunks:
+                kept.append(chunk)
+                yield chunk
+        except BaseException as err:
+            await close_stream(chunks)
+            self._abandon(key, flight, durable, err)
+            raise
+        await close_stream(chunks)
+        outcome = Outcome(chunks=kept, cost_usd=_cost(ctx))
+        await self._keep(durable, as_completion(kept), outcome.cost_usd)
+        self._flights.finish(key, flight, outcome)
 
-        return on_end
+    async def _keep(self, durable: IdempotencyKey | None, body: dict[str, Any], cost: Decimal | None) -> None:
+        """Store the result before it is answered. The generation is made and paid for: should the
+        store fail, it is answered all the same (an error would only make the client generate again),
+        and its running record stays until the lease ends, refusing repeats elsewhere meanwhile."""
+        if durable is None:
+            return
+        try:
+            await self._store.complete(
+                durable,
+                StoredResult(body, cost),
+                owner=self._owner,
+                now=time.time(),
+                ttl_s=self._settings.ttl_s,
+            )
+        except Exception:
+            log.exception("could not store the result of Idempotency-Key %r", durable.key)
+
+    def _abandon(
+        self, key: tuple[str, ...], flight: Flight, durable: IdempotencyKey | None, err: BaseException
+    ) -> None:
+        """The leader ended without a result: waiters get the error, and the running record goes,
+        so a retry generates anew. Not awaited: it may run while the request is being cancelled."""
+        if isinstance(err, GeneratorExit | asyncio.CancelledError):
+            err = IdempotentRequestUnfinished("the first request with this key did not finish; retry it")
+        self._flights.fail(key, flight, err)
+        if durable is not None:
+            self._spawn(self._store.release(durable, owner=self._owner))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The record stays running until its lease ends: repeats get a 409 meanwhile.
+            log.warning("could not release an idempotency record: %s", task.exception())
+
+
+def _conflict(idem: str | None) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"Idempotency-Key {idem!r} was already used with a different request; "
+        "use a new key for a new request",
+        param="Idempotency-Key",
+    )
 
 
 def _cost(ctx: RequestContext) -> Decimal | None:
@@ -171,6 +278,7 @@ def _replay(ctx: RequestContext, outcome: Outcome) -> Result:
     # it would have cost is recorded as saved.
     ctx.saved_usd = outcome.cost_usd
     ctx.deduplicated = True
+    ctx.cache = "dedup"
     if outcome.chunks is not None:
         if ctx.stream:
             return Streamed(stream_from(outcome.chunks))

@@ -22,7 +22,6 @@ from thrifty.demo.traffic import MODELS, TENANTS, DemoWorkload, drive, load_work
 from thrifty.settings import Settings, settings_from_mapping
 
 DEFAULT_DATA = Path("../shared/data/routing/zeroeval")
-_REPEATS = "SELECT count(*) FROM ledger WHERE saved_usd IS NOT NULL AND cache = 'miss'"
 _SAVED_BY_FEATURE = "SELECT saved_usd FROM ledger WHERE feature = ? AND saved_usd IS NOT NULL"
 
 
@@ -180,7 +179,7 @@ def run_demo(
             f"budgets: {total.rejected_budget} requests refused with 429 before any spend (globex's "
             f"${globex_budget.usd_per_day}/day, reserved at worst case: prompt + max_tokens=600); "
             f"answered without an upstream call: {total.cache_hits} from the caches and "
-            f"{conn.execute(_REPEATS).fetchone()[0]} idempotent repeats, saving ${total.saved_usd:.6f} in all"
+            f"{total.dedup_hits} idempotent repeats, saving ${total.saved_usd:.6f} in all"
         )
         for line in cascade.summary(cascade_stats, trained_on) if prompts else []:
             print_fn(line)

@@ -139,7 +139,7 @@ class BudgetBook:
             need = usd if limit.unit == "usd" else Decimal(tokens)
             left = limit.amount - self.spent.get(key, Decimal(0)) - self.reserved.get(key, Decimal(0))
             if need > left:
-                raise BudgetExceeded(_rejection(limit, left, need, end))
+                raise BudgetExceeded(_rejection(limit, left, need, end), resets_in_s=end - ts)
             keys.append(key)
         for key in keys:
             amount = usd if key[3] == "usd" else Decimal(tokens)

@@ -1,11 +1,15 @@
-"""Prompt-size limits: the model's context window and the route's max input tokens."""
+"""Prompt-size limits: the model's context window and the route's max input tokens.
+
+The window holds the prompt and one completion: with `n` choices each is its own completion of
+the same prompt, so `n` does not enter this check (it does enter every cost and token estimate).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 from thrifty.errors import ContextTooLong
-from thrifty.guard.spend import requested_output
+from thrifty.guard.output import requested_output
 from thrifty.pipeline import Handler, RequestContext, Result
 from thrifty.settings import RouteSettings
 from thrifty.tokens import TokenCounter, prompt_upper_bound
@@ -21,7 +25,7 @@ class InputLimits:
         assert target is not None, "InputLimits runs after ResolveModel"
         route_limit = self._route_limits.get(ctx.route) if ctx.route else None
         window = target.context_window
-        output = requested_output(ctx.body)[1] or 0
+        output = requested_output(ctx.body) or 0
         ceiling = min(
             [limit for limit in (route_limit, (window - output) if window else None) if limit is not None],
             default=None,
@@ -40,6 +44,10 @@ class InputLimits:
                     param="messages",
                     code="route_input_limit_exceeded",
                 )
+            implied = ctx.output_ceiling_implied
+            if window is not None and implied and count.tokens + output > window and count.tokens < window:
+                # The ceiling is thrifty's assumption, not the client's ask: fit it to the window.
+                ctx.body["max_tokens"] = output = window - count.tokens
             if window is not None and count.tokens + output > window:
                 raise ContextTooLong(
                     f"model {target.alias!r} has a context window of {window} tokens; the request has "

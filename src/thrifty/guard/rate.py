@@ -2,7 +2,7 @@
 
 Sliding 60-second windows kept in-process: the admission check and the record happen without
 an await, so concurrent requests of one event loop cannot slip past together. Tokens are counted
-at admission as prompt + the output ceiling, as OpenAI's own TPM limits do. Memory is bounded:
+at admission as prompt + n x the output ceiling, as OpenAI's own TPM limits do. Memory is bounded:
 a tenant's window holds at most its request limit, and sessions are kept in an LRU.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from thrifty.errors import RateLimited, SessionStepLimit
-from thrifty.guard.spend import requested_output
+from thrifty.guard.output import choices, output_ceiling
 from thrifty.pipeline import Handler, RequestContext, Result
 from thrifty.settings import ModelSettings, RateLimitSettings, RouteSettings
 from thrifty.tokens import TokenCounter
@@ -73,8 +73,8 @@ class RateLimits:
                 ctx.body.get("messages") or [], ctx.target.upstream_model, tools=ctx.body.get("tools")
             )
             ctx.prompt_tokens = prompt
-            out = requested_output(ctx.body)[1] or self._models[ctx.target.alias].max_output_tokens
-            tokens = prompt.tokens + out
+            out = output_ceiling(ctx.body, self._models[ctx.target.alias])
+            tokens = prompt.tokens + choices(ctx.body) * out
         rpm, tpm = limit.requests_per_minute, limit.tokens_per_minute
         if rpm is not None and len(window.events) >= rpm:
             wait = window.wait_for(now)
@@ -88,7 +88,7 @@ class RateLimits:
             raise RateLimited(
                 f"tenant {ctx.tags.tenant_id!r} is over its rate limit of {tpm} tokens per minute "
                 f"({window.tokens} used, this request may use {tokens}); retry in {wait:.1f}s "
-                "or lower max_tokens",
+                "or lower max_tokens (or n)",
                 retry_after_s=wait,
             )
         window.events.append((now, tokens))

@@ -1,6 +1,7 @@
-"""The spend guard stage: clamp max_tokens, cap the cost of one request, reserve budgets.
+"""The spend guard stage: cap the cost of one request, reserve budgets.
 
-Worst-case cost = prompt tokens x input price + the (clamped) output ceiling x output price. It is
+Worst-case cost = prompt tokens x input price + n x the output ceiling x output price (n choices
+are each billed; the ceiling is fixed by `guard.output.OutputCeiling`, which also sends it). It is
 reserved on every budget that applies before the call and settled to the actual cost of all the
 request's attempts afterwards (released when nothing was generated). An unpriced model reserves
 no dollars, only tokens: a pricing gap must not block traffic (nor let it through token limits).
@@ -8,11 +9,13 @@ no dollars, only tokens: a pricing gap must not block traffic (nor let it throug
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from decimal import Decimal
 
 from thrifty.errors import RequestTooExpensive
 from thrifty.guard.budgets import BudgetPlan, Limit, Reservation, tightest_usd
+from thrifty.guard.output import choices, output_ceiling
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import StreamChunk, close_stream
@@ -21,34 +24,12 @@ from thrifty.stores.ports import BudgetStore
 from thrifty.tokens import TokenCounter
 from thrifty.types import Usage, decimal_text
 
-_OUTPUT_KEYS = ("max_completion_tokens", "max_tokens")
-
-
-def requested_output(body: Mapping[str, object]) -> tuple[str | None, int | None]:
-    for key in _OUTPUT_KEYS:
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return key, value
-    return None, None
-
-
-def clamp_output(body: dict[str, object], route_cap: int | None) -> None:
-    """Lower (or set) the client's max_tokens to the route's ceiling: never trust the client's."""
-    key, requested = requested_output(body)
-    if route_cap is not None and (requested is None or requested > route_cap):
-        body[key or "max_tokens"] = route_cap
-
-
-class ClampOutput:
-    """Runs before the prompt-size check, so the context window is checked with the clamped value."""
-
-    def __init__(self, routes: Mapping[str, RouteSettings]) -> None:
-        self._caps = {name: r.max_output_tokens for name, r in routes.items() if r.max_output_tokens}
-
-    async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
-        if ctx.route is not None and ctx.route in self._caps:
-            clamp_output(ctx.body, self._caps[ctx.route])
-        return await call_next(ctx)
+# An escalated cascade call carries the rejected draft (up to one output ceiling) and the reason
+# for rejecting it: room for the reason and the message framing.
+_FEEDBACK_TOKENS = 256
+# Anthropic adds a system prompt of its own to a request with tools, billed as input: at most 530
+# tokens in its tool-use pricing table (Claude 3 Opus, tool_choice auto; 346 on Claude 4 models).
+ANTHROPIC_TOOL_PROMPT_TOKENS = 530
 
 
 class SpendGuard:
@@ -63,6 +44,7 @@ class SpendGuard:
         book: BudgetStore,
         on_spend: Callable[[list[Limit], float], None] | None = None,
         route_calls: Mapping[str, Sequence[str]] | None = None,
+        anthropic: frozenset[str] = frozenset(),
     ) -> None:
         self._catalog = catalog
         self._counter = counter
@@ -73,6 +55,10 @@ class SpendGuard:
         self._on_spend = on_spend  # told after each settlement (budget threshold alerts)
         # Routes that may make several calls per request (cascades): every call they may make.
         self._route_calls = {name: list(calls) for name, calls in (route_calls or {}).items() if calls}
+        # Anthropic's models bill writing the prompt cache above the input price (a request may
+        # write its whole prompt, so that is its worst case), and add a tool-use system prompt of
+        # their own to a request with tools.
+        self._anthropic = anthropic
         # No budget and no per-request cap anywhere: nothing to count or reserve, ever.
         self._unlimited = plan.empty and not any(r.max_cost_per_request_usd for r in self._routes.values())
 
@@ -83,7 +69,7 @@ class SpendGuard:
         target = ctx.target
         assert target is not None, "SpendGuard runs after ResolveModel"
         route = self._routes.get(ctx.route) if ctx.route else None
-        max_out = requested_output(ctx.body)[1] or self._models[target.alias].max_output_tokens
+        n = choices(ctx.body)
         cost_cap = route.max_cost_per_request_usd if route else None
         limits = self._plan.limits_for(ctx.tags.tenant_id, ctx.tags.feature, ctx.route)
         if not limits and cost_cap is None:
@@ -93,19 +79,22 @@ class SpendGuard:
             ctx.body.get("messages") or [], target.upstream_model, tools=ctx.body.get("tools")
         )
         ctx.prompt_tokens = prompt
-        worst_usd = self._worst_usd(ctx, route, Usage(input_tokens=prompt.tokens, output_tokens=max_out))
+        worst_usd, worst_tokens = self._worst(ctx, route, prompt.tokens, n)
         if cost_cap is not None and worst_usd is not None and worst_usd > cost_cap:
+            per_choice = output_ceiling(ctx.body, self._models[target.alias])
+            output = f"{n} choices x {per_choice}" if n > 1 else f"{per_choice}"
             raise RequestTooExpensive(
                 f"this request may cost up to ${decimal_text(worst_usd)} ({prompt.tokens} prompt tokens, "
-                f"up to {max_out} output tokens {self._worst_case_of(ctx)}), over the cap of "
-                f"${decimal_text(cost_cap)} per request of route {ctx.route!r}; lower max_tokens or shorten "
-                "the prompt"
+                f"up to {output} output tokens {self._worst_case_of(ctx)}), over the cap of "
+                f"${decimal_text(cost_cap)} per request of route {ctx.route!r}; lower max_tokens"
+                + (" or n" if n > 1 else "")
+                + " or shorten the prompt"
             )
         if not limits:
             ctx.budget_remaining = "unlimited"
             return await call_next(ctx)
         ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"  # also on a 429
-        reservation = self._book.reserve(limits, ctx.ts, worst_usd or Decimal(0), prompt.tokens + max_out)
+        reservation = self._book.reserve(limits, ctx.ts, worst_usd or Decimal(0), worst_tokens)
         ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"
         try:
             result = await call_next(ctx)
@@ -124,19 +113,51 @@ class SpendGuard:
         limits = self._plan.limits_for(ctx.tags.tenant_id, ctx.tags.feature, ctx.route)
         return tightest_usd(limits, self._book, ctx.ts) or "unlimited"
 
-    def _worst_usd(self, ctx: RequestContext, route: RouteSettings | None, usage: Usage) -> Decimal | None:
-        """The dearest way the request may end: its target, a pinned model or a fallback; on a
-        cascade, every call it may make (drafts, voters, the top tier) plus the dearest fallback."""
+    def _worst(
+        self, ctx: RequestContext, route: RouteSettings | None, prompt: int, n: int
+    ) -> tuple[Decimal | None, int]:
+        """The dearest way the request may end, in dollars and in tokens: its target, a pinned
+        model or a fallback; on a cascade, every call it may make (drafts, voters, the top tier)
+        plus the dearest fallback. Every call may return n choices of its output ceiling."""
         assert ctx.target is not None
+
+        tools = bool(ctx.body.get("tools"))
+
+        def usage(alias: str, grown: bool = False) -> Usage:
+            out = output_ceiling(ctx.body, self._models[alias])
+            extra = out + _FEEDBACK_TOKENS if grown else 0  # the rejected draft, sent back in
+            if tools and alias in self._anthropic:
+                extra += ANTHROPIC_TOOL_PROMPT_TOKENS
+            return Usage(input_tokens=prompt + extra, output_tokens=n * out)
+
+        def tokens(u: Usage) -> int:
+            return u.input_tokens + u.output_tokens
+
+        def cost(calls: list[tuple[str, Usage]]) -> list[Decimal]:
+            return [c for c in (self._call_cost(a, u) for a, u in calls) if c is not None]
+
         calls = self._route_calls.get(ctx.route or "")
-        fallbacks = list(route.fallbacks) if route else []
+        spare = [(a, usage(a)) for a in (route.fallbacks if route else ())]
+        spare_tokens = max((tokens(u) for _, u in spare), default=0)
         if calls:
-            priced = [c for c in (self._catalog.cost(a, usage) for a in calls) if c is not None]
-            spare = [c for c in (self._catalog.cost(a, usage) for a in fallbacks) if c is not None]
-            return sum(priced, Decimal(0)) + max(spare, default=Decimal(0)) if priced else None
-        aliases = [ctx.target.alias, *fallbacks, *(route.pin.values() if route else ())]
-        costs = [c for c in (self._catalog.cost(a, usage) for a in aliases) if c is not None]
-        return max(costs) if costs else None
+            grows = bool(route and route.include_rejected_draft)
+            made = [(a, usage(a, grown=grows and i > 0)) for i, a in enumerate(calls)]
+            priced = cost(made)
+            worst_tokens = sum(tokens(u) for _, u in made) + spare_tokens
+            if not priced:
+                return None, worst_tokens
+            return sum(priced, Decimal(0)) + max(cost(spare), default=Decimal(0)), worst_tokens
+        pinned = [(a, usage(a)) for a in (route.pin.values() if route else ())]
+        one = [(ctx.target.alias, usage(ctx.target.alias)), *spare, *pinned]
+        costs = cost(one)
+        return (max(costs) if costs else None), max(tokens(u) for _, u in one)
+
+    def _call_cost(self, alias: str, usage: Usage) -> Decimal | None:
+        cost = self._catalog.cost(alias, usage)
+        if cost is None or alias not in self._anthropic:
+            return cost
+        written = self._catalog.cost(alias, dataclasses.replace(usage, cache_write_tokens=usage.input_tokens))
+        return max(cost, written or cost)
 
     def _worst_case_of(self, ctx: RequestContext) -> str:
         assert ctx.target is not None

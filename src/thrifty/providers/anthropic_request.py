@@ -61,13 +61,17 @@ def to_anthropic_request(body: dict[str, Any], upstream_model: str) -> dict[str,
 
 
 def _max_tokens(body: dict[str, Any]) -> int:
+    """Anthropic takes one cap: of a client's two, the tighter (the gateway reserved the larger).
+    Through the gateway a cap is always present (the reserved ceiling); the default is for the
+    adapter used on its own."""
+    caps = []
     for key in ("max_completion_tokens", "max_tokens"):
         value = body.get(key)
         if value is not None:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidRequest(f"{key} must be a positive integer", param=key)
-            return value
-    return DEFAULT_MAX_TOKENS
+            caps.append(value)
+    return min(caps) if caps else DEFAULT_MAX_TOKENS
 
 
 def _split_messages(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -116,6 +116,8 @@ def _error_headers(
     out = list(extra or [])
     if err.retry_after_s is not None:
         out.append((b"retry-after", str(max(1, round(err.retry_after_s))).encode()))
+    if err.should_retry is not None:
+        out.append((b"x-should-retry", b"true" if err.should_retry else b"false"))
     return out
 
 

@@ -138,6 +138,26 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
+        8,
+        # Idempotency records: a finished result answers repeats of its key across restarts; a
+        # running row (with a lease in expires_at) keeps a key in flight at a crash from running twice.
+        """
+        CREATE TABLE idempotency (
+            tenant_id TEXT NOT NULL,
+            idem_key TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            state TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            response TEXT,
+            cost_usd TEXT,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (tenant_id, idem_key)
+        );
+        CREATE INDEX idempotency_expiry ON idempotency (state, expires_at);
+        """,
+    ),
+    (
         11,
         # Batch offload (thrifty/batch): uploaded files, jobs (an OpenAI batch or one deferred request),
         # their items (the queue is the items in state 'queued') and the provider batches they went in.

@@ -1,0 +1,109 @@
+"""The IdempotencyStore port's contract, against the SQLite implementation.
+
+Written against the port only (`make_store` is the one SQLite-specific line), so another
+implementation (Redis, for replicas) can run the same checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from thrifty.stores.idempotency import SqliteIdempotencyStore
+from thrifty.stores.ports import IdempotencyKey, IdempotencyStore, StoredResult
+
+KEY = IdempotencyKey("acme", "order-1")
+BODY = {"id": "chatcmpl-1", "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}]}
+
+
+def make_store(tmp_path: Path, max_entries: int = 100) -> IdempotencyStore:
+    return SqliteIdempotencyStore(tmp_path / "thrifty.db", max_entries=max_entries)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[IdempotencyStore]:
+    s = make_store(tmp_path)
+    await s.start()
+    yield s
+    await s.close()
+
+
+async def test_one_owner_per_key_and_a_result_for_everyone_after(store: IdempotencyStore) -> None:
+    assert await store.claim(KEY, "fp", owner="a", now=100.0, lease_s=60) is None
+    running = await store.claim(KEY, "fp", owner="b", now=101.0, lease_s=60)
+    assert running is not None and running.result is None and running.expires_at == 160.0
+    # The same owner finds its own running record free (its flight ended, the release is late).
+    assert await store.claim(KEY, "fp", owner="a", now=102.0, lease_s=60) is None
+    await store.complete(KEY, StoredResult(BODY, Decimal("0.000123")), owner="a", now=103.0, ttl_s=1000)
+    for owner in ("a", "b"):
+        done = await store.claim(KEY, "other-fp", owner=owner, now=104.0, lease_s=60)
+        assert done is not None and done.fingerprint == "fp"
+        assert done.result == StoredResult(BODY, Decimal("0.000123")) and done.expires_at == 1103.0
+    # Keys are per tenant.
+    assert (
+        await store.claim(IdempotencyKey("globex", "order-1"), "fp", owner="b", now=104.0, lease_s=60) is None
+    )
+
+
+async def test_leases_and_ttls_end_and_only_the_owner_completes_or_releases(store: IdempotencyStore) -> None:
+    assert await store.claim(KEY, "fp", owner="a", now=100.0, lease_s=60) is None
+    await store.release(KEY, owner="b")  # not b's: nothing happens
+    assert await store.claim(KEY, "fp", owner="b", now=101.0, lease_s=60) is not None
+    # After the lease, another owner takes the key over; the old owner can no longer complete it.
+    assert await store.claim(KEY, "fp", owner="b", now=161.0, lease_s=60) is None
+    await store.complete(KEY, StoredResult(BODY, None), owner="a", now=162.0, ttl_s=1000)
+    still = await store.claim(KEY, "fp", owner="c", now=163.0, lease_s=60)
+    assert still is not None and still.result is None
+    await store.release(KEY, owner="b")
+    assert await store.claim(KEY, "fp", owner="c", now=164.0, lease_s=60) is None
+    await store.complete(KEY, StoredResult(BODY, None), owner="c", now=165.0, ttl_s=10)
+    await store.release(KEY, owner="c")  # a finished result is not released
+    assert (await store.claim(KEY, "fp", owner="d", now=170.0, lease_s=60)) is not None
+    assert await store.claim(KEY, "fp", owner="d", now=175.0, lease_s=60) is None  # TTL over
+
+
+async def test_results_survive_a_new_store_on_the_same_file(tmp_path: Path) -> None:
+    first = make_store(tmp_path)
+    await first.start()
+    assert await first.claim(KEY, "fp", owner="a", now=100.0, lease_s=60) is None
+    await first.complete(KEY, StoredResult(BODY, Decimal("0.5")), owner="a", now=101.0, ttl_s=1000)
+    await first.claim(IdempotencyKey("acme", "in-flight"), "fp", owner="a", now=102.0, lease_s=60)
+    await first.close()
+    second = make_store(tmp_path)
+    await second.start()
+    try:
+        done = await second.claim(KEY, "fp", owner="z", now=200.0, lease_s=60)
+        assert done is not None and done.result == StoredResult(BODY, Decimal("0.5"))
+        running = await second.claim(
+            IdempotencyKey("acme", "in-flight"), "fp", owner="z", now=120.0, lease_s=60
+        )
+        assert running is not None and running.result is None
+    finally:
+        await second.close()
+
+
+async def test_the_oldest_results_are_dropped_beyond_max_entries_but_running_keys_never(
+    tmp_path: Path,
+) -> None:
+    store = make_store(tmp_path, max_entries=2)
+    await store.start()
+    try:
+        running = IdempotencyKey("acme", "running")
+        assert await store.claim(running, "fp", owner="a", now=1.0, lease_s=10_000) is None
+        for i in range(4):
+            key = IdempotencyKey("acme", f"done-{i}")
+            assert await store.claim(key, "fp", owner="a", now=10.0 + i, lease_s=60) is None
+            await store.complete(key, StoredResult(BODY, None), owner="a", now=10.0 + i, ttl_s=1000)
+        kept = [
+            await store.claim(IdempotencyKey("acme", f"done-{i}"), "fp", owner="b", now=20.0, lease_s=60)
+            is not None
+            for i in range(4)
+        ]
+        assert kept == [False, False, True, True]
+        found = await store.claim(running, "fp", owner="b", now=20.0, lease_s=60)
+        assert found is not None and found.result is None
+    finally:
+        await store.close()

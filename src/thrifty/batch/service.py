@@ -28,7 +28,7 @@ from thrifty.batch.store import FileRecord, Item, JobRecord, NewItem
 from thrifty.errors import BudgetExceeded, InvalidRequest, NotFound, ThriftyError
 from thrifty.guard.budgets import Reservation
 from thrifty.guard.limits import InputLimits
-from thrifty.guard.spend import ClampOutput, requested_output
+from thrifty.guard.output import OutputCeiling, choices, requested_output
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, build_chain
 from thrifty.providers.anthropic_request import to_anthropic_request
 from thrifty.settings import DeferSettings, parse_window
@@ -107,9 +107,13 @@ class BatchService:
         self.adapters = adapters
         self.pricer = BatchPricer(gateway.catalog, gateway.settings.models, gateway.settings.providers)
         routes = gateway.settings.routes
-        stages: list[Any] = [gateway.resolver]
-        if any(r.max_output_tokens for r in routes.values()):
-            stages.append(ClampOutput(routes))
+        from thrifty.gateway import _anthropic_models
+
+        models = gateway.settings.models
+        stages: list[Any] = [
+            gateway.resolver,
+            OutputCeiling(models, routes, _anthropic_models(gateway.settings)),
+        ]
         if any(m.context_window for m in gateway.settings.models.values()) or any(
             r.max_input_tokens for r in routes.values()
         ):
@@ -390,8 +394,9 @@ class BatchService:
         prompt = ctx.prompt_tokens or self.gateway.counter.count_messages(
             ctx.body.get("messages") or [], ctx.target.upstream_model, tools=ctx.body.get("tools")
         )
-        output = (
-            requested_output(ctx.body)[1] or self.gateway.settings.models[ctx.target.alias].max_output_tokens
+        # The output ceiling stage has set the cap that is sent; each of n choices may reach it.
+        output = choices(ctx.body) * (
+            requested_output(ctx.body) or self.gateway.settings.models[ctx.target.alias].max_output_tokens
         )
         usd = self.pricer.cost(ctx.target.alias, Usage(input_tokens=prompt.tokens, output_tokens=output))
         return usd, prompt.tokens + output

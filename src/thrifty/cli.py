@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from thrifty.batch.cli import batch_app
 from thrifty.errors import ThriftyError
 from thrifty.settings import Settings, load_settings, resolve_secrets
 
@@ -29,6 +30,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(bench_app, name="bench")
 app.add_typer(route_app, name="route")
 app.add_typer(cache_app, name="cache")
+app.add_typer(batch_app, name="batch")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="settings YAML (default ./thrifty.yaml)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -22,6 +23,7 @@ from tests.fakes.anthropic_batch_wire import AnthropicBatchWireServer
 from tests.fakes.anthropic_wire import Reply as AReply
 from tests.fakes.openai_batch_wire import OpenAIBatchWireServer
 from tests.fakes.openai_wire import Reply
+from thrifty.report import batch_line, build_report
 from thrifty.server.run import BackgroundServer
 
 OPENAI_KEY = "sk-fake-upstream"
@@ -232,8 +234,19 @@ def test_batch_items_cost_exactly_the_batch_rate(make_gateway, oa, an, tmp_path,
     # saved = what the same call costs in real time, less the batch price
     realtime_o = (Decimal(1034) * Decimal("0.15") + 200 * Decimal("0.075") + 321 * Decimal("0.6")) / M
     assert Decimal(costs[by_custom["o"]]["saved_usd"]) == realtime_o - expect_o
-    # gpt-4o has no batch price in the snapshot's sense? It does; a model with neither is said at start.
-    assert not any("no batch price" in r.message and "claude-haiku'" in r.message for r in caplog.records)
+    # Both Anthropic models have a batch price (one from genai-prices, one from the discount).
+    assert not any("no batch price" in r.message for r in caplog.records)
+    # The report: batch share, batch cost, and the same items at real-time prices.
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    (acme,) = build_report(conn, "tenant")
+    conn.close()
+    report = acme.to_json()
+    assert report["batch_requests"] == 3 and report["batch_share"] == 1.0
+    assert Decimal(report["batch_cost_usd"]) == expect_o + expect_h + expect_n
+    realtime = realtime_o + expect_h * 2 + (50 * Decimal(1) + 10 * Decimal(5)) / M
+    assert Decimal(report["batch_realtime_usd"]) == realtime
+    line = batch_line([acme])
+    assert line is not None and "3 of 3 requests (100.0%)" in line and f"${realtime}" in line
 
 
 def test_no_batch_price_and_no_discount_is_a_start_warning(tmp_path, oa, an, caplog):

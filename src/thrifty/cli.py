@@ -158,7 +158,7 @@ def report(
     db: Annotated[Path | None, typer.Option(help="ledger SQLite file (instead of --config)")] = None,
 ) -> None:
     """Spend, tokens and success by one attribution dimension."""
-    from thrifty.report import GROUP_COLUMNS, build_report, parse_since, render_table, to_csv
+    from thrifty.report import GROUP_COLUMNS, batch_line, build_report, parse_since, render_table, to_csv
     from thrifty.stores.sqlite_db import open_database
 
     if by not in GROUP_COLUMNS:
@@ -182,6 +182,9 @@ def report(
     else:
         console = _console()
         console.print(render_table(rows, by, title=f"spend by {by}", width=console.width))
+        line = batch_line(rows)
+        if line:
+            console.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -196,7 +196,10 @@ class DeferSettings(_Strict):
 
     @model_validator(mode="after")
     def _window(self) -> DeferSettings:
-        parse_window(self.after)
+        if self.max_age_s >= parse_window(self.after):
+            raise ValueError(
+                f"max_age_s ({self.max_age_s:g}) must be shorter than the window after ({self.after})"
+            )
         return self
 
 

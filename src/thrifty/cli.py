@@ -498,6 +498,24 @@ def bench_overhead(
         raise typer.Exit(1)
 
 
+@bench_app.command("batch")
+def bench_batch(
+    lines: Annotated[
+        list[int] | None, typer.Option("--lines", help="job sizes, repeat for each (default 1000 10000)")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+) -> None:
+    """A batch job through thrifty serve to a batch stub: CPU and memory per item, times, cost."""
+    from thrifty.bench.batch import run_batch_bench
+
+    sizes = lines or [1000, 10000]
+    if any(n < 1 or n > 50_000 for n in sizes):
+        raise ThriftyError("--lines must be between 1 and 50000 (OpenAI's limit per batch)")
+    report = run_batch_bench(sizes, json_out, _console())
+    if not report["cpu_ok"]:
+        raise typer.Exit(1)
+
+
 def _usage_error_types() -> tuple[type[BaseException], ...]:
     """The click exception base classes that may carry a usage error.
 

@@ -13,7 +13,8 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -130,21 +131,21 @@ class BatchRunner:
             job.tenant_id, job.tags.get("feature"), job.tags.get("prompt_version"), job.tags.get("user")
         )
         route = job.tags.get("route")
-        seen: set[str] = set()
+        # A restart during validation resumes after the last chunk stored (each chunk, with the
+        # ledger rows of its refused lines, is one transaction): no line is added twice.
+        done_line, seen = db.validated_so_far(job.job_id)
         items: list[NewItem] = []
         refused: list[LedgerEntry] = []
-        queued: list[NewItem] = []
         with Path(record.path).open("rb") as fh:
             line_no = 0
             for raw in fh:
                 line_no += 1
-                if not raw.strip():
+                if line_no <= done_line or not raw.strip():
                     continue
                 try:
                     line = parse_line(raw, line_no, job.endpoint, seen, route)
                     seen.add(line.custom_id)
                     item = await service.admit(line, tags, job.job_id, job.job_id, service.settings.defer)
-                    queued.append(item)
                 except LineError as err:
                     if err.custom_id is not None:
                         seen.add(err.custom_id)
@@ -154,19 +155,29 @@ class BatchRunner:
                     )
                 items.append(item)
                 if len(items) >= _CHUNK:
-                    db.add_items(items, refused)
+                    if not self._store_chunk(job, items, refused):
+                        return
                     items, refused = [], []
                     await asyncio.sleep(0)  # let requests in between chunks
+        if self._store_chunk(job, items, refused):
+            db.set_job_status(job.job_id, "in_progress", time.time())
+            self._advance(job.job_id)
+
+    def _store_chunk(self, job: JobRecord, items: list[NewItem], refused: list[LedgerEntry]) -> bool:
+        """Reserve the chunk's worst case and store it; a job over its budget fails whole (its
+        earlier chunks' reservations released), before any line is sent."""
+        queued = [i for i in items if i.state == "queued"]
         try:
-            service.reserve(job.tenant_id, job.tags, queued)
+            self.service.reserve(job.tenant_id, job.tags, queued)
         except BudgetExceeded as err:
-            db.add_items(items, refused)
+            self.service.db.add_items(items, refused)
             self._drop_queued(job, "budget_exceeded", err.message)
-            db.set_job_status(job.job_id, "failed", time.time(), [_error("budget_exceeded", err.message)])
-            return
-        db.add_items(items, refused)
-        db.set_job_status(job.job_id, "in_progress", time.time())
-        self._advance(job.job_id)
+            self.service.db.set_job_status(
+                job.job_id, "failed", time.time(), [_error("budget_exceeded", err.message)]
+            )
+            return False
+        self.service.db.add_items(items, refused)
+        return True
 
     def _drop_queued(self, job: JobRecord, code: str, message: str, state: str = "failed") -> None:
         ts = time.time()
@@ -197,8 +208,8 @@ class BatchRunner:
             for upstream in db.upstream_batches(["submitted"]):
                 if upstream.upstream_id in self._cancel_sent or upstream.remote_id is None:
                     continue
-                members = db.items_of_upstream(upstream.upstream_id)
-                if not members or members[0].job_id != job.job_id:
+                first = next(db.items_of_upstream(upstream.upstream_id), None)
+                if first is None or first.job_id != job.job_id:
                     continue  # a deferred queue's batch carries other jobs' requests too
                 self._cancel_sent.add(upstream.upstream_id)
                 try:
@@ -218,24 +229,26 @@ class BatchRunner:
                 continue
             while True:
                 upstream_id = "ub_" + os.urandom(10).hex()
-                items = db.claim(group, adapter.max_items, upstream_id, time.time())
-                if not items:
+                claimed = db.claim(group, adapter.max_items, upstream_id, time.time())
+                if not claimed:
                     break
                 try:
-                    remote_id = await adapter.submit(self._outbound(items), upstream_id)
+                    outbound = self._outbound(db.items_of_upstream(upstream_id))
+                    remote_id = await adapter.submit(outbound, upstream_id)
                 except ThriftyError as err:
                     log.warning(
                         "submitting a %s batch failed (%s); retrying later", group.provider, err.message
                     )
                     db.requeue_unsent(upstream_id)
-                    return
+                    self._submit_retry_at[key] = time.time() + self.service.settings.poll_interval_s
+                    break
                 db.mark_submitted(upstream_id, remote_id, time.time() + self.service.settings.poll_interval_s)
-                if len(items) < adapter.max_items:
+                if claimed < adapter.max_items:
                     break
 
-    def _outbound(self, items: Sequence[Item]) -> list[Outbound]:
+    def _outbound(self, items: Iterable[Item]) -> Iterator[Outbound]:
         targets = self.service.gateway.targets
-        return [Outbound(i.request_id, targets[i.model or ""], i.body or {}) for i in items]
+        return (Outbound(i.request_id, targets[i.model or ""], i.body or {}) for i in items)
 
     # -- poll and collect -------------------------------------------------------------------
 
@@ -264,25 +277,45 @@ class BatchRunner:
                 )
 
     async def _collect(self, upstream: UpstreamBatch, remote_status: str) -> None:
+        """Record every result of an ended provider batch, a page at a time (memory does not grow
+        with the batch); an item the provider returned nothing for ends failed (or expired)."""
         db = self.service.db
         assert upstream.remote_id is not None
-        items = db.items_of_upstream(upstream.upstream_id)
-        by_id = {i.request_id: i for i in items}
-        jobs = {i.job_id for i in items}
-        pending: list[ItemResult] = []
+        jobs: set[str] = set()
+        page: list[Outcome] = []
         adapter = self.service.adapters[upstream.provider]
-        async for outcome in adapter.results(upstream.remote_id, self._outbound(items)):
-            item = by_id.get(outcome.request_id)
-            if item is None or item.state != "submitted":
-                continue  # not ours, or recorded before a restart
-            pending.append(self._result(item, outcome))
-            if len(pending) >= _CHUNK:
-                self._record(pending)
-                pending = []
-        self._record(pending)
+        items = self._outbound(db.items_of_upstream(upstream.upstream_id, "submitted"))
+        async for outcome in adapter.results(upstream.remote_id, items):
+            page.append(outcome)
+            if len(page) >= _CHUNK:
+                jobs |= self._record_page(page)
+                page = []
+        jobs |= self._record_page(page)
+        missing = Outcome(
+            "",
+            "expired" if remote_status == "expired" else "failed",
+            error=_error(
+                "missing_result", f"{upstream.provider} returned no result for it ({remote_status})"
+            ),
+        )
+        page = [
+            replace(missing, request_id=i.request_id)
+            for i in db.items_of_upstream(upstream.upstream_id, "submitted")
+        ]
+        jobs |= self._record_page(page)
         db.finish_upstream(upstream.upstream_id, remote_status, time.time())
         for job_id in jobs:
             self._advance(job_id)
+
+    def _record_page(self, outcomes: list[Outcome]) -> set[str]:
+        items = self.service.db.get_items(o.request_id for o in outcomes)
+        results = [
+            self._result(item, o)
+            for o in outcomes
+            if (item := items.get(o.request_id)) is not None and item.state == "submitted"
+        ]  # not ours, or recorded before a restart: left alone
+        self._record(results)
+        return {item.job_id for item in items.values()}
 
     def _record(self, results: list[ItemResult]) -> None:
         recorded = set(self.service.db.record_results(results, time.time()))

@@ -232,6 +232,16 @@ class SqliteBatchStore:
             rows,
         )
 
+    def validated_so_far(self, job_id: str) -> tuple[int, set[str]]:
+        """The last input line stored for a job, and the custom_ids seen up to it."""
+        last = self._conn.execute(
+            "SELECT MAX(line_no) FROM batch_items WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        if last is None or last[0] is None:
+            return 0, set()
+        rows = self._conn.execute("SELECT custom_id FROM batch_items WHERE job_id = ?", (job_id,))
+        return int(last[0]), {r[0] for r in rows}
+
     def item_counts(self, job_id: str) -> dict[str, int]:
         rows = self._conn.execute(
             "SELECT state, COUNT(*) FROM batch_items WHERE job_id = ? GROUP BY state", (job_id,)
@@ -265,27 +275,26 @@ class SqliteBatchStore:
         )
         return [QueueGroup(*r) for r in rows]
 
-    def claim(self, group: QueueGroup, limit: int, upstream_id: str, now: float) -> list[Item]:
-        """Move up to `limit` queued items into a new provider batch (not yet sent)."""
-        provider, model = group.provider, group.model
+    def claim(self, group: QueueGroup, limit: int, upstream_id: str, now: float) -> int:
+        """Move up to `limit` queued items into a new provider batch (not yet sent); how many."""
         with self._transaction():
-            rows = self._conn.execute(
-                f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE state = 'queued' AND provider = ? "
+            ids = self._conn.execute(
+                "SELECT request_id FROM batch_items WHERE state = 'queued' AND provider = ? "
                 "AND model = ? AND queue = ? ORDER BY created_at, line_no LIMIT ?",
-                (provider, model, group.queue, limit),
+                (group.provider, group.model, group.queue, limit),
             ).fetchall()
-            if not rows:
-                return []
+            if not ids:
+                return 0
             self._conn.execute(
                 "INSERT INTO batch_upstream (upstream_id, provider, model, state, items, created_at, "
                 "next_poll_at) VALUES (?, ?, ?, 'preparing', ?, ?, ?)",
-                (upstream_id, provider, model, len(rows), now, now),
+                (upstream_id, group.provider, group.model, len(ids), now, now),
             )
             self._conn.executemany(
                 "UPDATE batch_items SET state = 'submitted', upstream_id = ? WHERE request_id = ?",
-                ((upstream_id, r[0]) for r in rows),
+                ((upstream_id, r[0]) for r in ids),
             )
-        return [_item(r) for r in rows]
+        return len(ids)
 
     def mark_submitted(self, upstream_id: str, remote_id: str, next_poll_at: float) -> None:
         self._conn.execute(
@@ -312,11 +321,30 @@ class SqliteBatchStore:
         )
         return [UpstreamBatch(*r) for r in rows]
 
-    def items_of_upstream(self, upstream_id: str) -> list[Item]:
+    def items_of_upstream(self, upstream_id: str, state: str | None = None) -> Iterator[Item]:
+        """The batch's items a page at a time (keyset paging: safe while results are recorded)."""
+        after = ""
+        where = "upstream_id = ? AND request_id > ?" + (" AND state = ?" if state else "")
+        while True:
+            params: tuple[Any, ...] = (upstream_id, after, state) if state else (upstream_id, after)
+            rows = self._conn.execute(
+                f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE {where} ORDER BY request_id LIMIT 500", params
+            ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _item(row)
+            after = rows[-1][0]
+
+    def get_items(self, request_ids: Iterable[str]) -> dict[str, Item]:
+        wanted = tuple(request_ids)
+        if not wanted:
+            return {}
         rows = self._conn.execute(
-            f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE upstream_id = ?", (upstream_id,)
+            f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE request_id IN ({', '.join('?' * len(wanted))})",
+            wanted,
         )
-        return [_item(r) for r in rows]
+        return {row[0]: _item(row) for row in rows}
 
     def poll_later(self, upstream_id: str, next_poll_at: float, remote_status: str) -> None:
         self._conn.execute(

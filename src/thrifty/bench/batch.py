@@ -75,7 +75,7 @@ class BatchStub:
     async def _upload(self, request: web.Request) -> web.Response:
         form = await request.post()
         upload = form["file"]
-        assert not isinstance(upload, str)
+        assert isinstance(upload, web.FileField)
         file_id = "file-" + secrets.token_hex(8)
         self.files[file_id] = upload.file.read()
         return web.json_response({"id": file_id, "object": "file", "purpose": "batch"})

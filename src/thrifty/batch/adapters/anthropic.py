@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
@@ -45,7 +45,8 @@ class AnthropicBatchAdapter:
     async def close(self) -> None:
         await self._http.close()
 
-    async def submit(self, items: Sequence[Outbound], label: str) -> str:
+    async def submit(self, items: Iterable[Outbound], label: str) -> str:
+        # Anthropic takes the requests inline in one JSON body (up to 256 MB), so they are in memory.
         requests = [
             {
                 "custom_id": item.request_id,
@@ -61,32 +62,22 @@ class AnthropicBatchAdapter:
         status = str(batch.get("processing_status"))
         return RemoteState(ended=status == "ended", status=status)
 
-    async def results(self, remote_id: str, items: Sequence[Outbound]) -> AsyncIterator[Outcome]:
+    async def results(self, remote_id: str, items: Iterable[Outbound]) -> AsyncIterator[Outcome]:
         batch = await self._get(f"{self._url}/{remote_id}")
         url = batch.get("results_url")
         if not url:
             raise ProviderProtocolError(f"{self.name}: batch {remote_id} ended without a results_url")
-        seen: set[str] = set()
         try:
             async with self._http.session.get(url) as resp:
                 if resp.status >= 400:
                     raise self._http.error_from(resp.status, await resp.read())
                 async for raw in resp.content:
                     if raw.strip():
-                        outcome = _outcome(orjson.loads(raw))
-                        seen.add(outcome.request_id)
-                        yield outcome
+                        yield _outcome(orjson.loads(raw))
         except ThriftyError:
             raise
         except aiohttp.ClientError as err:
             raise self._http.unreachable(err) from err
-        for item in items:
-            if item.request_id not in seen:
-                yield Outcome(
-                    item.request_id,
-                    "failed",
-                    error={"code": "missing_result", "message": f"{self.name} returned no result for it"},
-                )
 
     async def cancel(self, remote_id: str) -> None:
         await self._http.post_json(f"{self._url}/{remote_id}/cancel", {})

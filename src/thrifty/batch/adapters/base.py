@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -44,12 +44,12 @@ class BatchAdapter(Protocol):
 
     async def close(self) -> None: ...
 
-    async def submit(self, items: Sequence[Outbound], label: str) -> str:
+    async def submit(self, items: Iterable[Outbound], label: str) -> str:
         """Send one provider batch; return the provider's id for it."""
         ...
 
     async def poll(self, remote_id: str) -> RemoteState: ...
 
-    def results(self, remote_id: str, items: Sequence[Outbound]) -> AsyncIterator[Outcome]: ...
+    def results(self, remote_id: str, items: Iterable[Outbound]) -> AsyncIterator[Outcome]: ...
 
     async def cancel(self, remote_id: str) -> None: ...

@@ -5,7 +5,8 @@ OpenAI takes one model per input file; the runner groups items by model before t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import tempfile
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
@@ -37,23 +38,22 @@ class OpenAIBatchAdapter:
     async def close(self) -> None:
         await self._http.close()
 
-    async def submit(self, items: Sequence[Outbound], label: str) -> str:
-        lines = b"".join(
-            orjson.dumps(
-                {
+    async def submit(self, items: Iterable[Outbound], label: str) -> str:
+        # The input file is written to a temporary file and streamed up: memory does not grow with it.
+        with tempfile.TemporaryFile() as fh:
+            for item in items:
+                line = {
                     "custom_id": item.request_id,
                     "method": "POST",
                     "url": "/v1/chat/completions",
                     "body": {**item.body, "model": item.target.upstream_model},
                 }
-            )
-            + b"\n"
-            for item in items
-        )
-        form = aiohttp.FormData()
-        form.add_field("purpose", "batch")
-        form.add_field("file", lines, filename=f"{label}.jsonl", content_type="application/jsonl")
-        uploaded = await self._request("POST", "/files", data=form)
+                fh.write(orjson.dumps(line) + b"\n")
+            fh.seek(0)
+            form = aiohttp.FormData()
+            form.add_field("purpose", "batch")
+            form.add_field("file", fh, filename=f"{label}.jsonl", content_type="application/jsonl")
+            uploaded = await self._request("POST", "/files", data=form)
         batch = await self._http.post_json(
             self._base + "/batches",
             {
@@ -70,26 +70,22 @@ class OpenAIBatchAdapter:
         status = str(batch.get("status"))
         return RemoteState(ended=status in _ENDED, status=status)
 
-    async def results(self, remote_id: str, items: Sequence[Outbound]) -> AsyncIterator[Outcome]:
+    async def results(self, remote_id: str, items: Iterable[Outbound]) -> AsyncIterator[Outcome]:
         batch = await self._request("GET", f"/batches/{remote_id}")
-        seen: set[str] = set()
-        for key in ("output_file_id", "error_file_id"):
-            file_id = batch.get(key)
-            if not file_id:
-                continue
+        files = [batch.get(k) for k in ("output_file_id", "error_file_id") if batch.get(k)]
+        for file_id in files:
             async for line in self._lines(f"/files/{file_id}/content"):
-                outcome = _outcome(line)
-                seen.add(outcome.request_id)
-                yield outcome
+                yield _outcome(line)
+        if files:
+            return  # a line missing from both files is the runner's to account for
         errors = (batch.get("errors") or {}).get("data") or []
         why = "; ".join(str(e.get("message")) for e in errors) or f"the batch ended {batch.get('status')}"
         for item in items:
-            if item.request_id not in seen:
-                yield Outcome(
-                    item.request_id,
-                    "expired" if batch.get("status") == "expired" else "failed",
-                    error={"code": "batch_failed", "message": f"{self.name}: {why}"},
-                )
+            yield Outcome(
+                item.request_id,
+                "expired" if batch.get("status") == "expired" else "failed",
+                error={"code": "batch_failed", "message": f"{self.name}: {why}"},
+            )
 
     async def cancel(self, remote_id: str) -> None:
         await self._request("POST", f"/batches/{remote_id}/cancel")

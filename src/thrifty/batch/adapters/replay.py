@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable
 
 from thrifty.batch.adapters.base import Outbound, Outcome, RemoteState
 from thrifty.errors import ThriftyError
@@ -23,13 +23,13 @@ class ReplayBatchAdapter:
     async def close(self) -> None:
         return None
 
-    async def submit(self, items: Sequence[Outbound], label: str) -> str:
+    async def submit(self, items: Iterable[Outbound], label: str) -> str:
         return f"replay_{os.urandom(8).hex()}"
 
     async def poll(self, remote_id: str) -> RemoteState:
         return RemoteState(ended=True, status="ended")
 
-    async def results(self, remote_id: str, items: Sequence[Outbound]) -> AsyncIterator[Outcome]:
+    async def results(self, remote_id: str, items: Iterable[Outbound]) -> AsyncIterator[Outcome]:
         for item in items:
             try:
                 result = await self._provider.complete(item.target, item.body)

@@ -144,7 +144,10 @@ def _submit(client: openai.OpenAI, rows: list[Any], **kwargs: Any) -> Any:
 def test_sdk_batch_to_openai_and_anthropic_with_bad_lines_and_partial_failures(
     make_gateway, oa, an, tmp_path
 ):
-    server = make_gateway(tenants={"acme": {"allowed_models": ["gpt-4o-mini", "claude-haiku"]}})
+    server = make_gateway(
+        tenants={"acme": {"allowed_models": ["gpt-4o-mini", "claude-haiku", "route:short"]}},
+        routes={"short": {"model": "gpt-4o-mini", "max_input_tokens": 20}},
+    )
     oa.by_model["gpt-4o-mini"] = [Reply(), Reply(status=500, error_message="upstream broke"), Reply()]
     an.reply(
         AReply(text="claude says hi", input_tokens=20, output_tokens=4),
@@ -163,13 +166,15 @@ def test_sdk_batch_to_openai_and_anthropic_with_bad_lines_and_partial_failures(
         {"custom_id": "w1", "method": "GET", "url": "/v1/chat/completions", "body": {}},
         _line("c2", "claude-haiku"),  # Anthropic answers it errored: a partial failure
         _line("c3", "claude-haiku", temperature=5),  # Anthropic's range is 0-1: refused at validation
+        _line("r1", "route:short", text="many words " * 40),  # over the route's input limit
     ]
     batch = _submit(client, rows, metadata={"feature": "nightly-eval", "prompt_version": "v7"})
     assert batch.status == "validating" and batch.id.startswith("batch_")
     done = _wait(client, batch.id)
     assert done.status == "completed"
-    assert done.request_counts.total == 11
-    assert done.request_counts.completed == 3 and done.request_counts.failed == 8
+    assert done.request_counts.total == 12
+    assert done.request_counts.completed == 3 and done.request_counts.failed == 9
+    assert [b.id for b in client.batches.list()] == [batch.id]
 
     output = _lines(client, done.output_file_id)
     assert sorted(o["custom_id"] for o in output) == ["a1", "a3", "c1"]
@@ -185,6 +190,7 @@ def test_sdk_batch_to_openai_and_anthropic_with_bad_lines_and_partial_failures(
     assert ("w1", "invalid_method") in errors
     assert errors[("c2", None)]["response"]["status_code"] == 529  # errored: overloaded_error
     assert "line 11" in errors[("c3", "invalid_request_error")]["error"]["message"]
+    assert "input tokens of route 'short'" in errors[("r1", "route_input_limit_exceeded")]["error"]["message"]
 
     # One provider batch per provider (OpenAI: one model per file), custom_id = thrifty's request id.
     assert oa.batch_creations == 1 and an.batch_creations == 1
@@ -193,7 +199,7 @@ def test_sdk_batch_to_openai_and_anthropic_with_bad_lines_and_partial_failures(
     assert sent.lines[2]["body"]["max_tokens"] == 50
 
     rows_ = ledger_rows(tmp_path / "ledger.db")
-    assert len(rows_) == 11 and all(r["batch"] == 1 for r in rows_)
+    assert len(rows_) == 12 and all(r["batch"] == 1 for r in rows_)
     assert {r["feature"] for r in rows_} == {"nightly-eval"} and {r["prompt_version"] for r in rows_} == {
         "v7"
     }
@@ -385,6 +391,11 @@ def test_deferred_requests_go_in_one_provider_batch_answered_by_poll_and_webhook
             if i == 1:  # the same request again: enqueued once, the same job
                 again = http.post(url, json=body, headers=headers)
                 assert again.status_code == 202 and again.json()["id"] == resp.json()["id"]
+                other_body = {**body, "messages": [{"role": "user", "content": "something else"}]}
+                conflict = http.post(url, json=other_body, headers=headers)
+                assert (
+                    conflict.status_code == 422 and "Idempotency-Key" in conflict.json()["error"]["message"]
+                )
         assert jobs[0]["status"] == "queued" and jobs[0]["poll_url"] == f"/v1/thrifty/jobs/{jobs[0]['id']}"
         views = []
         for job in jobs:
@@ -426,3 +437,15 @@ def test_deferred_requests_go_in_one_provider_batch_answered_by_poll_and_webhook
         and {r["route"] for r in rows} == {"nightly"}
         and {r["feature"] for r in rows} == {"digest"}
     )
+
+
+def test_a_deferred_request_over_the_budget_is_refused_at_once(make_gateway, oa, an, tmp_path):
+    server = make_gateway(tenants={"acme": {"budget": {"usd_per_day": "0.0001"}}})
+    resp = httpx.post(
+        server.base_url + "/chat/completions",
+        json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4000},
+        headers={"authorization": f"Bearer {KEYS['acme']}", "x-thrifty-defer": "24h"},
+    )
+    assert resp.status_code == 429 and "budget" in resp.json()["error"]["message"]
+    (row,) = ledger_rows(tmp_path / "ledger.db")
+    assert row["http_status"] == 429 and row["request_id"] == resp.headers["x-thrifty-request-id"]

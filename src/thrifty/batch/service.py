@@ -25,7 +25,7 @@ from thrifty.batch.pricing import BatchPricer
 from thrifty.batch.sqlite_store import SqliteBatchStore
 from thrifty.batch.states import JOB_FINAL, request_counts
 from thrifty.batch.store import FileRecord, Item, JobRecord, NewItem
-from thrifty.errors import BudgetExceeded, InvalidRequest, NotFound, ThriftyError
+from thrifty.errors import BudgetExceeded, IdempotencyConflict, InvalidRequest, NotFound, ThriftyError
 from thrifty.guard.budgets import Reservation
 from thrifty.guard.limits import InputLimits
 from thrifty.guard.output import OutputCeiling, choices, requested_output
@@ -345,6 +345,17 @@ class BatchService:
         assert refreshed is not None
         return refreshed
 
+    def list_batches(self, tenant: str, limit: int, after: str | None) -> dict[str, Any]:
+        jobs = self.db.jobs_of_tenant(tenant, limit + 1, after)
+        data = [self.batch_object(j) for j in jobs[:limit]]
+        return {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": len(jobs) > limit,
+        }
+
     def batches_for_sha256(self, tenant: str, sha256: str) -> list[dict[str, Any]]:
         return [self.batch_object(j) for j in self.db.jobs_for_sha256(tenant, sha256)]
 
@@ -502,6 +513,13 @@ class BatchService:
         stored = self.db.create_job(job, [item])
         if stored.job_id != job.job_id:
             self.settle(item.request_id, _ZERO, 0)  # a repeat: the first one holds the reservation
+            first = next(self.db.items_of_job(stored.job_id), None)
+            if first is None or first.body != item.body or first.model != item.model:
+                raise IdempotencyConflict(
+                    f"Idempotency-Key {tags.idempotency_key!r} was already used with a different request "
+                    f"(job {stored.job_id}); use a new key for a new request",
+                    param="Idempotency-Key",
+                )
             return stored, False
         self._notify()
         return stored, True

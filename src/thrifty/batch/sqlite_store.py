@@ -174,6 +174,19 @@ class SqliteBatchStore:
         )
         return [_job(r) for r in rows]
 
+    def jobs_of_tenant(self, tenant_id: str, limit: int, after: str | None) -> list[JobRecord]:
+        """A tenant's file jobs, newest first; `after` is the last id of the previous page."""
+        before = float("inf")
+        if after is not None:
+            found = self.get_job(after)
+            before = found.created_at if found is not None else before
+        rows = self._conn.execute(
+            f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE tenant_id = ? AND kind = 'file' AND created_at < ? "
+            "ORDER BY created_at DESC LIMIT ?",
+            (tenant_id, before, limit),
+        )
+        return [_job(r) for r in rows]
+
     def jobs_for_sha256(self, tenant_id: str, sha256: str) -> list[JobRecord]:
         rows = self._conn.execute(
             f"SELECT {', '.join('j.' + c.strip() for c in _JOB_COLUMNS.split(','))} FROM batch_jobs j "

@@ -12,16 +12,19 @@ from thrifty.settings import Settings
 def build_adapters(
     settings: Settings, secrets: Mapping[str, str | None], providers: Mapping[str, Provider]
 ) -> dict[str, BatchAdapter]:
+    from thrifty.providers.registry import missing_keys
+
     adapters: dict[str, BatchAdapter] = {}
+    unset = missing_keys(settings, secrets)  # said at start by build_providers; refused before the wire
     for name, p in settings.providers.items():
         if p.kind == "openai":
             from thrifty.batch.adapters.openai import OpenAIBatchAdapter
 
-            adapters[name] = OpenAIBatchAdapter(name, p, secrets.get(name))
+            adapters[name] = OpenAIBatchAdapter(name, p, secrets.get(name), unset.get(name))
         elif p.kind == "anthropic":
             from thrifty.batch.adapters.anthropic import AnthropicBatchAdapter
 
-            adapters[name] = AnthropicBatchAdapter(name, p, secrets.get(name))
+            adapters[name] = AnthropicBatchAdapter(name, p, secrets.get(name), unset.get(name))
         else:
             from thrifty.batch.adapters.replay import ReplayBatchAdapter
             from thrifty.providers.replay import ReplayProvider

@@ -54,6 +54,13 @@ class BatchRoutes:
         elif len(parts) == 3 and parts[0] == "files" and parts[2] == "content":
             _only(method, "GET", path)
             await self._stream(send, service.content(tenant, parts[1]))
+        elif parts == ["batches"] and method == "GET":
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            raw_limit = (query.get("limit") or ["20"])[0]
+            if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+                raise InvalidRequest("'limit' must be a number from 1 to 100", param="limit")
+            after = (query.get("after") or [None])[0]
+            await _send_json(send, 200, service.list_batches(tenant, int(raw_limit), after))
         elif parts == ["batches"]:
             _only(method, "POST", path)
             body = _json(await self._read(receive))
@@ -83,7 +90,7 @@ class BatchRoutes:
         else:
             raise NotFound(
                 f"no route {method} {path}; batch routes: POST /v1/files, GET /v1/files/ID[/content], "
-                "POST /v1/batches, GET /v1/batches/ID, POST /v1/batches/ID/cancel, GET /v1/thrifty/jobs/ID",
+                "POST /v1/batches, GET /v1/batches[/ID], POST /v1/batches/ID/cancel, GET /v1/thrifty/jobs/ID",
                 code="unknown_url",
             )
 

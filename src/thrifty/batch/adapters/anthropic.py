@@ -30,12 +30,14 @@ _ERROR_STATUS = {
 class AnthropicBatchAdapter:
     max_items = 100_000
 
-    def __init__(self, name: str, settings: ProviderSettings, api_key: str | None) -> None:
+    def __init__(
+        self, name: str, settings: ProviderSettings, api_key: str | None, missing_key_env: str | None = None
+    ) -> None:
         self.name = name
         headers = {"anthropic-version": settings.anthropic_version}
         if api_key:
             headers["x-api-key"] = api_key
-        self._http = HttpClient(name, settings, headers)
+        self._http = HttpClient(name, settings, headers, missing_key_env=missing_key_env)
         assert settings.base_url is not None
         self._url = settings.base_url.rstrip("/") + "/v1/messages/batches"
 

@@ -25,10 +25,12 @@ _LEFTOVER = {"batch_expired": "expired", "batch_cancelled": "cancelled"}
 class OpenAIBatchAdapter:
     max_items = 50_000
 
-    def __init__(self, name: str, settings: ProviderSettings, api_key: str | None) -> None:
+    def __init__(
+        self, name: str, settings: ProviderSettings, api_key: str | None, missing_key_env: str | None = None
+    ) -> None:
         self.name = name
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = HttpClient(name, settings, headers)
+        self._http = HttpClient(name, settings, headers, missing_key_env=missing_key_env)
         assert settings.base_url is not None
         self._base = settings.base_url.rstrip("/")
 
@@ -39,6 +41,7 @@ class OpenAIBatchAdapter:
         await self._http.close()
 
     async def submit(self, items: Iterable[Outbound], label: str) -> str:
+        self._http._check_key()  # an unset key variable is named before anything is written
         # The input file is written to a temporary file and streamed up: memory does not grow with it.
         with tempfile.TemporaryFile() as fh:
             for item in items:

@@ -419,6 +419,12 @@ def test_deferred_requests_go_in_one_provider_batch_answered_by_poll_and_webhook
             headers={**auth, "x-thrifty-defer": "soon"},
         )
         assert bad.status_code == 400 and "90s, 30m, 24h" in bad.json()["error"]["message"]
+        streamed = http.post(
+            url,
+            json={"model": "route:nightly", "messages": [{"role": "user", "content": "x"}], "stream": True},
+            headers=auth,
+        )
+        assert streamed.status_code == 400 and "cannot stream" in streamed.json()["error"]["message"]
         other = http.get(
             server.base_url.removesuffix("/v1") + jobs[0]["poll_url"],
             headers={"authorization": f"Bearer {KEYS['globex']}"},

@@ -478,6 +478,12 @@ class BatchService:
         self, body: dict[str, Any], tags: Tags, defer: DeferSettings, webhook: str | None
     ) -> tuple[JobRecord, bool]:
         """Queue one chat request; (its job, whether it was queued now rather than before)."""
+        if body.get("stream"):
+            raise InvalidRequest(
+                "a deferred request is answered later, so it cannot stream: leave out 'stream', "
+                "or send x-thrifty-defer: no for an answer now",
+                param="stream",
+            )
         job_id = "job_" + os.urandom(12).hex()
         line = InputLine(1, job_id, body)
         try:

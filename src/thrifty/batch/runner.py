@@ -55,12 +55,13 @@ class BatchRunner:
         # items go back to the queue (the window is the one HTTP call that creates the batch).
         for upstream in db.upstream_batches(["preparing"]):
             db.requeue_unsent(upstream.upstream_id)
-        open_items = db.open_items()
-        owners = {}
-        for item in open_items:
-            job = self._job(item.job_id)
-            owners[item.job_id] = (job.tenant_id, job.tags)
-        self.service.rereserve(owners, open_items)
+        if not self.service.gateway.budget_plan.empty:
+            open_items = db.open_items()
+            owners = {}
+            for item in open_items:
+                job = self._job(item.job_id)
+                owners[item.job_id] = (job.tenant_id, job.tags)
+            self.service.rereserve(owners, open_items)
         for adapter in self.service.adapters.values():
             await adapter.start()
         self._http = aiohttp.ClientSession(

@@ -508,6 +508,7 @@ class BatchService:
                 "prompt_version": tags.prompt_version,
                 "user": tags.user,
                 "route": item.route,
+                "idempotency_key": tags.idempotency_key,
             },
             created_at=now,
             expires_at=now + parse_window(defer.after),
@@ -643,7 +644,7 @@ def result_entry(
         http_status=status_code or 499,
         latency_ms=latency,
         ttft_ms=None,
-        idempotency_key=None,
+        idempotency_key=tags.get("idempotency_key"),
         batch=True,
     )
 

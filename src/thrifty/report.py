@@ -46,6 +46,10 @@ class ReportRow:
     escalated: int = 0
     unpriced: int = 0
     estimated: int = 0
+    context_tokens_saved: int = 0  # input tokens the context budgets took out (ledger column context)
+    # Requests on routes with an output budget, and those of them cut off at max_tokens.
+    output_budgeted: int = 0
+    length_cutoffs: int = 0
 
     @property
     def success_rate(self) -> float:
@@ -89,6 +93,10 @@ class ReportRow:
             "budget_rejections": self.rejected_budget,
             "unpriced_requests": self.unpriced,
             "estimated_usage_requests": self.estimated,
+            "context_tokens_saved": self.context_tokens_saved,
+            "length_cutoff_rate": round(self.length_cutoffs / self.output_budgeted, 6)
+            if self.output_budgeted
+            else None,
         }
 
 
@@ -119,7 +127,9 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
     column = GROUP_COLUMNS[by]
     sql = (
         f"SELECT {column}, status, input_tokens, cached_input_tokens, output_tokens, cost_usd, "
-        "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated, batch FROM ledger"
+        "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated, "
+        "COALESCE(json_extract(context, '$.saved'), 0), json_extract(context, '$.finish_reason'), batch "
+        "FROM ledger"
     )
     params: tuple[Any, ...] = ()
     if since is not None:
@@ -127,9 +137,23 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
         params = (since,)
     rows: dict[str | None, ReportRow] = {}
     for row_values in conn.execute(sql, params):
-        (key, status, inp, cached, out, cost, retry_cost, estimated, saved, http_status, cache, escalated) = (
-            row_values[:12]
-        )
+        (
+            key,
+            status,
+            inp,
+            cached,
+            out,
+            cost,
+            retry_cost,
+            estimated,
+            saved,
+            http_status,
+            cache,
+            escalated,
+            ctx_saved,
+            finish_reason,
+            batch,
+        ) = row_values
         if by == "day":
             key = datetime.fromtimestamp(key, UTC).strftime("%Y-%m-%d")
         group = None if key is None else str(key)
@@ -161,7 +185,11 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
         elif cache != "miss":
             row.cache_hits += 1
         row.escalated += escalated
-        if row_values[12]:
+        row.context_tokens_saved += ctx_saved
+        if finish_reason is not None:
+            row.output_budgeted += 1
+            row.length_cutoffs += finish_reason == "length"
+        if batch:
             row.batch_requests += 1
             row.batch_cost_usd += Decimal(cost or 0)
             row.batch_saved_usd += Decimal(saved or 0)
@@ -189,6 +217,9 @@ def totals(rows: Iterable[ReportRow]) -> ReportRow:
         total.escalated += r.escalated
         total.unpriced += r.unpriced
         total.estimated += r.estimated
+        total.context_tokens_saved += r.context_tokens_saved
+        total.output_budgeted += r.output_budgeted
+        total.length_cutoffs += r.length_cutoffs
     return total
 
 
@@ -223,6 +254,7 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None, *, wi
         Column("dedup", priority=5),
         Column("escalated", priority=3),
         Column("429s", priority=5),
+        Column("ctx tok saved", priority=0),
     ]
     shown = [*rows, totals(rows)] if rows else []
     money = {
@@ -251,6 +283,7 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None, *, wi
                 f"{r.dedup_hits / r.requests:.1%}" if r.requests else "-",
                 f"{r.escalated / r.requests:.1%}" if r.requests else "-",
                 f"{r.rejected_budget:,}",
+                f"{r.context_tokens_saved:,}",
             ]
         )
     return fit_table(columns, cells, width=width, title=title, section_after=len(rows) - 1 if rows else None)

@@ -16,8 +16,8 @@ def decimal_text(value: Decimal) -> str:
 # repeat or a coalesced duplicate, answered from another request's generation.
 CacheOutcome = Literal["miss", "exact", "semantic", "dedup"]
 # What an upstream call was for: the answer returned, a cascade draft the gate rejected (or that was
-# not chosen), or a voter asked by an agreement gate.
-AttemptRole = Literal["answer", "draft", "voter"]
+# not chosen), a voter asked by an agreement gate, or a summary of older turns (context compaction).
+AttemptRole = Literal["answer", "draft", "voter", "compaction"]
 RequestStatus = Literal["ok", "error", "client_disconnected"]
 
 
@@ -130,6 +130,8 @@ class LedgerEntry:
     idempotency_key: str | None
     batch: bool = False
     stream: bool = False
+    # Context budgets: tokens per section before and after, what was done (see context/report.py).
+    context: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

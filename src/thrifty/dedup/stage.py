@@ -98,7 +98,8 @@ _DELIVERY_FIELDS = frozenset({"stream", "stream_options"})
 
 def fingerprint(ctx: RequestContext) -> str:
     """The generation asked for; how it is delivered (streamed or not) does not make it another."""
-    body = {k: v for k, v in ctx.body.items() if k not in _DELIVERY_FIELDS}
+    sent = ctx.client_body if ctx.client_body is not None else ctx.body
+    body = {k: v for k, v in sent.items() if k not in _DELIVERY_FIELDS}
     return hashlib.sha256(orjson.dumps([ctx.requested_model, body], option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 

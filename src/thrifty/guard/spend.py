@@ -80,6 +80,11 @@ class SpendGuard:
         )
         ctx.prompt_tokens = prompt
         worst_usd, worst_tokens = self._worst(ctx, route, prompt.tokens, n)
+        # Calls made before this stage (a context summary) were reserved and settled on their own
+        # (see hold); they still count towards the request's cost cap.
+        first = len(ctx.attempts)
+        if worst_usd is not None and first:
+            worst_usd += sum((a.cost_usd or Decimal(0) for a in ctx.attempts), Decimal(0))
         if cost_cap is not None and worst_usd is not None and worst_usd > cost_cap:
             per_choice = output_ceiling(ctx.body, self._models[target.alias])
             output = f"{n} choices x {per_choice}" if n > 1 else f"{per_choice}"
@@ -99,12 +104,32 @@ class SpendGuard:
         try:
             result = await call_next(ctx)
         except BaseException:
-            self._settle(ctx, reservation, limits)
+            self._settle(ctx, reservation, limits, first)
             raise
         if isinstance(result, Completion):
-            self._settle(ctx, reservation, limits)
+            self._settle(ctx, reservation, limits, first)
             return result
-        return Streamed(self._settle_after(ctx, reservation, limits, result.chunks))
+        return Streamed(self._settle_after(ctx, reservation, limits, result.chunks, first))
+
+    def hold(self, ctx: RequestContext, aliases: Sequence[str], usage: Usage) -> Reservation | None:
+        """Reserve a call made before this stage (a context summary) at its worst case on the
+        request's budgets; BudgetExceeded when it does not fit. Settle it with `release`."""
+        if self._unlimited:
+            return None
+        limits = self._plan.limits_for(ctx.tags.tenant_id, ctx.tags.feature, ctx.route)
+        if not limits:
+            return None
+        costs = [c for c in (self._catalog.cost(a, usage) for a in aliases) if c is not None]
+        return self._book.reserve(
+            limits, ctx.ts, max(costs, default=Decimal(0)), usage.input_tokens + usage.output_tokens
+        )
+
+    def release(self, ctx: RequestContext, hold: object | None, first_attempt: int) -> None:
+        """Settle a hold to what the attempts made since `first_attempt` cost."""
+        if not isinstance(hold, Reservation):
+            return
+        limits = self._plan.limits_for(ctx.tags.tenant_id, ctx.tags.feature, ctx.route)
+        self._settle(ctx, hold, limits, first_attempt)
 
     def describe(self, ctx: RequestContext) -> str:
         """What is left, for a response that never reached this stage (cache hit, replay, rejection)."""
@@ -166,10 +191,12 @@ class SpendGuard:
             return f"on every call cascade route {ctx.route!r} may make ({', '.join(calls)})"
         return f"on {ctx.target.alias!r}"
 
-    def _settle(self, ctx: RequestContext, reservation: Reservation, limits: list[Limit]) -> None:
+    def _settle(
+        self, ctx: RequestContext, reservation: Reservation, limits: list[Limit], first: int = 0
+    ) -> None:
         usd = Decimal(0)
         tokens = 0
-        for attempt in ctx.attempts:
+        for attempt in ctx.attempts[first:]:
             usd += attempt.cost_usd or Decimal(0)
             tokens += attempt.usage.input_tokens + attempt.usage.output_tokens
         self._book.settle(reservation, usd, tokens)
@@ -182,10 +209,11 @@ class SpendGuard:
         reservation: Reservation,
         limits: list[Limit],
         chunks: AsyncIterator[StreamChunk],
+        first: int = 0,
     ) -> AsyncIterator[StreamChunk]:
         try:
             async for chunk in chunks:
                 yield chunk
         finally:
             await close_stream(chunks)  # the inner stage records its attempt when it closes
-            self._settle(ctx, reservation, limits)
+            self._settle(ctx, reservation, limits, first)

@@ -158,6 +158,24 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
+        9,
+        # Context budgets: tokens per section before and after, per request (JSON); and the
+        # summaries of conversation prefixes, made once per tenant and extended as a chat grows.
+        """
+        ALTER TABLE ledger ADD COLUMN context TEXT;
+        CREATE TABLE context_summaries (
+            tenant_id TEXT NOT NULL,
+            prefix_key TEXT NOT NULL,
+            covered_messages INTEGER NOT NULL,
+            summary TEXT NOT NULL,
+            summary_tokens INTEGER NOT NULL,
+            model TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (tenant_id, prefix_key)
+        );
+        """,
+    ),
+    (
         11,
         # Batch offload (thrifty/batch): uploaded files, jobs (an OpenAI batch or one deferred request),
         # their items (the queue is the items in state 'queued') and the provider batches they went in.

@@ -208,6 +208,15 @@ class SemanticCacheStage:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
+    async def embed_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """L2-normalised embeddings of `texts`, in a worker thread (after start)."""
+        assert self._embedder is not None and self._pool is not None
+        embedder = self._embedder
+        rows: npt.NDArray[np.float32] = await asyncio.get_running_loop().run_in_executor(
+            self._pool, embedder.embed, list(texts)
+        )
+        return rows
+
     async def _embed(self, text: str) -> npt.NDArray[np.float32]:
         assert self._embedder is not None and self._pool is not None
         embedder = self._embedder

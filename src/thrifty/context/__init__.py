@@ -1,0 +1,1 @@
+"""Context budgets: every section of a prompt within its route's budget (see stage.py)."""

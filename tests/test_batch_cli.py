@@ -65,3 +65,20 @@ def test_submit_wait_results_and_a_second_submit_resumes(make_gateway, oa, tmp_p
     down = _thrifty("status", batch_id, "--base-url", "http://127.0.0.1:9/v1", env=env)
     assert down.returncode == 2 and "cannot reach the gateway" in down.stderr
     assert "Traceback" not in down.stderr
+
+
+def test_bench_batch_measures_a_job_and_its_cost_is_exactly_half(tmp_path: Path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "thrifty", "bench", "batch", "--lines", "200", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["lines"] == 200 and result["cost_ratio"] == "0.5"
+    # 200 x (60 input x $0.075 + 20 output x $0.30 per 1M tokens) at gpt-4o-mini's batch price.
+    assert result["batch_cost_usd"] == "0.0021000" and result["realtime_cost_usd"] == "0.0042000"
+    assert result["gateway_cpu_us_per_item"] > 0 and "CPU per item" in run.stdout

@@ -149,3 +149,22 @@ def test_an_item_ends_once_and_is_billed_once_however_often_its_result_arrives(t
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT count(*) FROM ledger WHERE request_id = 'req_1'").fetchone() == (1,)
     conn.close()
+
+
+def test_one_process_validates_a_job_at_a_time(tmp_path: Path):
+    db = tmp_path / "ledger.db"
+    one, two = SqliteBatchStore(db), SqliteBatchStore(db)
+    now = time.time()
+    one.create_job(
+        JobRecord(
+            "batch_v", "file", "acme", None, CHAT_ENDPOINT, "24h", "validating", None, {}, now, now + 86400
+        )
+    )
+    assert one.lease("batch_v", "p1", now, 60) and one.lease("batch_v", "p1", now + 1, 60)  # renewed
+    assert not two.lease("batch_v", "p2", now + 30, 60)
+    assert two.lease("batch_v", "p2", now + 62, 60)  # p1's lease ran out (it crashed): p2 resumes
+    assert not one.lease("batch_v", "p1", now + 63, 60)
+    one.set_job_status("batch_v", "in_progress", now + 64)
+    assert not two.lease("batch_v", "p2", now + 65, 60)  # validated: nothing left to lease
+    one.close()
+    two.close()

@@ -34,6 +34,7 @@ from thrifty.types import LedgerEntry, Tags, Usage
 log = logging.getLogger(__name__)
 
 _CHUNK = 500  # lines validated (and results recorded) per transaction
+_LEASE_S = 60.0  # a validation lease; renewed every chunk
 
 
 class BatchRunner:
@@ -43,6 +44,7 @@ class BatchRunner:
         self._event = asyncio.Event()
         self._cancel_sent: set[str] = set()
         self._jobs: dict[str, JobRecord] = {}
+        self._owner = f"{os.getpid()}-{os.urandom(4).hex()}"  # this process, for leases
         self._http: aiohttp.ClientSession | None = None
         self._retry_at: dict[str, float] = {}  # webhook deliveries that failed: not before then
         # Queues whose submission failed: not retried before then.
@@ -122,6 +124,8 @@ class BatchRunner:
     async def _validate(self, job: JobRecord) -> None:
         service, db = self.service, self.service.db
         assert job.input_file_id is not None
+        if not db.lease(job.job_id, self._owner, time.time(), _LEASE_S):
+            return  # another process sharing the store is validating it
         record = db.get_file(job.tenant_id, job.input_file_id)
         if record is None:
             db.set_job_status(
@@ -156,6 +160,8 @@ class BatchRunner:
                     )
                 items.append(item)
                 if len(items) >= _CHUNK:
+                    if not db.lease(job.job_id, self._owner, time.time(), _LEASE_S):
+                        return  # the lease ran out and another process took the job over
                     if not self._store_chunk(job, items, refused):
                         return
                     items, refused = [], []

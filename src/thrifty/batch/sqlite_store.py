@@ -196,6 +196,16 @@ class SqliteBatchStore:
         )
         return [_job(r) for r in rows]
 
+    def lease(self, job_id: str, owner: str, now: float, seconds: float) -> bool:
+        """Take (or extend) the job's validation lease: one process validates a job at a time;
+        a lease left by a crashed process runs out and another resumes the job."""
+        cursor = self._conn.execute(
+            "UPDATE batch_jobs SET lease_owner = ?, lease_until = ? WHERE job_id = ? "
+            "AND status = 'validating' AND (lease_owner IS NULL OR lease_owner = ? OR lease_until < ?)",
+            (owner, now + seconds, job_id, owner, now),
+        )
+        return cursor.rowcount == 1
+
     def set_job_status(
         self, job_id: str, status: str, ts: float, errors: list[dict[str, Any]] | None = None
     ) -> None:

@@ -216,7 +216,9 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             cancelling_at REAL,
             cancelled_at REAL,
             delivered_at REAL,
-            delivery_error TEXT
+            delivery_error TEXT,
+            lease_owner TEXT,
+            lease_until REAL
         );
         CREATE INDEX batch_jobs_status ON batch_jobs (status);
         CREATE UNIQUE INDEX batch_jobs_idempotency ON batch_jobs (tenant_id, idempotency_key)

@@ -6,6 +6,13 @@ with the official synchronous `openai` SDK exactly as an app would.
 
 from __future__ import annotations
 
+import os
+
+# Before numpy loads: one BLAS thread. On a shared 2-core machine a multi-threaded solve in the
+# router's training fights the other suites for cores and runs ~10x slower.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import asyncio
 import sqlite3
 import threading

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from thrifty.bench.route import evaluate_router, replay_row, run_policy_router
-from thrifty.routing.train.cost import FLASH, GPT4O, GPT35, HAIKU, MINI, SONNET
 from thrifty.routing.train.data import Call, Row
 from thrifty.routing.train.fit import train
 from thrifty.routing.train.gate import Logistic, parse, prompt_features, stage_features
@@ -18,6 +17,9 @@ from thrifty.routing.train.metrics import summarise
 from thrifty.routing.train.policy import run_single
 from thrifty.routing.train.router import AGREE_BONUS, NEVER, Gate, Router, accept_score
 from thrifty.routing.train.step import Accept, CallModel, Draft, replay
+
+MINI, GPT4O, HAIKU = "gpt-4o-mini-2024-07-18", "gpt-4o-2024-08-06", "claude-3-haiku-20240307"
+SONNET, FLASH, GPT35 = "claude-3-5-sonnet-20240620", "gemini-1.5-flash", "gpt-3.5-turbo-0125"
 
 ALL = (MINI, GPT4O, HAIKU, SONNET, FLASH, GPT35)
 PROMPT = "What is 2 + 2?"
@@ -175,7 +177,7 @@ def _synthetic(n: int, task: str, wrong_every: int) -> list[Row]:
 
 
 def test_artifact_round_trip(tmp_path: Path) -> None:
-    router = train(_synthetic(60, "a", 3) + _synthetic(60, "b", 4), folds=3)
+    router = train(_synthetic(60, "a", 3) + _synthetic(60, "b", 4), folds=3, ladder=(MINI, FLASH))
     path = tmp_path / "router.json"
     router.save(path)
     loaded = Router.load(path)
@@ -191,7 +193,7 @@ def test_artifact_round_trip(tmp_path: Path) -> None:
 
 def test_training_trusts_agreement_on_seen_tasks_and_is_cautious_on_unseen() -> None:
     # Agreement is always right and a split always means mini is wrong.
-    router = train(_synthetic(80, "a", 3) + _synthetic(80, "b", 5), folds=4)
+    router = train(_synthetic(80, "a", 3) + _synthetic(80, "b", 5), folds=4, ladder=(MINI, FLASH))
     assert set(router.gates) == {"a", "b"}
     assert router.fallback.first == NEVER and router.fallback.second >= AGREE_BONUS
     assert not router.fallback.cost_aware

@@ -39,9 +39,16 @@ ConfigOpt = Annotated[
 ]
 TargetQualityOpt = Annotated[
     float,
+    typer.Option(help="quality relative to the reference that the thresholds are certified for"),
+]
+ConfidenceOpt = Annotated[
+    float, typer.Option(help="confidence of the certified quality on new prompts of the seen tasks")
+]
+PricesOpt = Annotated[
+    Path | None,
     typer.Option(
-        help="quality relative to the reference the thresholds are calibrated for; 0.995 held "
-        ">= 99% on every held-out split of the shared data"
+        help='JSON prices per model id, {"MODEL": {"input_per_mtok": .., "output_per_mtok": ..}}; '
+        "models not in it are priced by genai-prices"
     ),
 ]
 
@@ -270,14 +277,27 @@ def route_train(
     reference: Annotated[
         str, typer.Option(help="the model whose quality is the target")
     ] = "gpt-4o-2024-08-06",
-    target_quality: TargetQualityOpt = 0.995,
+    target_quality: TargetQualityOpt = 0.99,
+    confidence: ConfidenceOpt = 0.95,
+    prices: PricesOpt = None,
 ) -> None:
-    """Learn a cascade router (and a pre-call classifier) from labelled per-model outputs; thresholds
-    are calibrated on out-of-fold gate scores, per task and, for unseen tasks, across tasks."""
-    from thrifty.bench.route import train_router
+    """Learn a cascade router (and a pre-call classifier) from labelled per-model outputs of any
+    models: the ladder is searched over every priced model in the data, and thresholds are
+    certified on out-of-fold gate scores (per task, and across tasks for unseen tasks)."""
+    from thrifty.bench.route import certificate_line, train_router
 
-    router = train_router(data, out, reference=reference, target_quality=target_quality)
-    typer.echo(f"router written to {out} ({type(router).__name__})")
+    console = _console()
+    router = train_router(
+        data,
+        out,
+        reference=reference,
+        target_quality=target_quality,
+        confidence=confidence,
+        prices=prices,
+        console=console,
+    )
+    console.print(certificate_line(router), highlight=False)
+    typer.echo(f"router written to {out}; it calls {', '.join(sorted(router.models()))}")
 
 
 @bench_app.command("route")
@@ -286,13 +306,25 @@ def bench_route(
     test: Annotated[list[Path], typer.Option(help="test JSONL file(s) or dir(s); repeatable")],
     reference: Annotated[str, typer.Option(help="reference model")] = "gpt-4o-2024-08-06",
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
-    target_quality: TargetQualityOpt = 0.995,
+    target_quality: TargetQualityOpt = 0.99,
+    confidence: ConfidenceOpt = 0.95,
+    prices: PricesOpt = None,
 ) -> None:
-    """Offline routing benchmark on recorded outputs: single models, random, oracle, cascades, PGR.
+    """Offline routing benchmark on recorded outputs: single models, random, oracle, cascades, PGR,
+    and whether the certified quality held on the test prompts of the seen tasks.
     Our strategies are replayed through the router's online step API, as the gateway runs it."""
     from thrifty.bench.route import run_route_bench
 
-    run_route_bench(train, test, reference, json_out, _console(), target_quality=target_quality)
+    run_route_bench(
+        train,
+        test,
+        reference,
+        json_out,
+        _console(),
+        target_quality=target_quality,
+        confidence=confidence,
+        prices=prices,
+    )
 
 
 @bench_app.command("route-bound")
@@ -300,13 +332,14 @@ def bench_route_bound(
     data: Annotated[list[Path], typer.Option(help="labelled JSONL file(s) or dir(s); repeatable")],
     reference: Annotated[str, typer.Option(help="reference model")] = "gpt-4o-2024-08-06",
     json_out: Annotated[Path | None, typer.Option("--json", help="write the bound here")] = None,
+    prices: PricesOpt = None,
 ) -> None:
     """How cheap any of our routing rules could be on DATA if it knew the answers: thresholds on
-    out-of-fold gate scores and every vote cascade, chosen with hindsight. A target this cannot
-    reach is out of reach of the signals in the data, whatever the calibration."""
+    out-of-fold gate scores and every vote cascade over the pool's cheap models, chosen with
+    hindsight. A target this cannot reach is out of reach of the signals in the data."""
     from thrifty.bench.route import run_route_bound
 
-    run_route_bound(data, reference, json_out, _console())
+    run_route_bound(data, reference, json_out, _console(), prices=prices)
 
 
 @prompt_app.command("lint")

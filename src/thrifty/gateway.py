@@ -135,7 +135,7 @@ class Gateway:
             settings.tenants,
             refuse_unpriced=unpriced if settings.pricing.reject_unpriced else frozenset(),
         )
-        self.router = RouteStage(settings.routes, self.targets)
+        self.router = RouteStage(settings.routes, self.targets, _anthropic_models(settings))
         self.budget_plan = BudgetPlan(settings)
         self.budget_book = BudgetBook()
         spend_guard = self._spend_guard = SpendGuard(
@@ -227,7 +227,7 @@ class Gateway:
             self._context_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
             self._context_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
             self.context.store = SqliteSummaryStore(self._context_db)
-        self.alerts = AlertService(self.settings.alerts, self._db)
+        self.alerts = AlertService(self.settings.alerts, self._db, self.router.expected_escalation())
         await self.alerts.start()
         await self.idempotency.start()
         self.ledger.start(loop)

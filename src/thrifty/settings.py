@@ -195,7 +195,14 @@ class ContextSettings(_Strict):
 
 
 GateKind = Literal[
-    "json_schema", "pydantic", "agreement", "router_scorer", "logprob", "self_confidence", "python"
+    "json_schema",
+    "pydantic",
+    "agreement",
+    "router_scorer",
+    "logprob",
+    "self_confidence",
+    "python",
+    "self_consistency",
 ]
 
 
@@ -211,7 +218,12 @@ class GateSettings(_Strict):
     # agreement without a field compares the whole normalised reply.
     field: str | None = None
     voters: list[str] = Field(default_factory=list)  # agreement: model aliases asked the same question
-    min_agree: int | None = Field(default=None, ge=1)  # agreement: voters that must agree (default all)
+    # agreement: voters that must agree (default all); self_consistency: samples that must agree
+    # (default a majority of `samples`).
+    min_agree: int | None = Field(default=None, ge=1)
+    # self_consistency: the draft tier is sampled this many times (one call with n where the
+    # provider has it, else that many calls); the draft is accepted when min_agree answers agree.
+    samples: int | None = Field(default=None, ge=2, le=16)
     # router_scorer / logprob / self_confidence: the lowest probability or confidence accepted.
     threshold: float | None = Field(default=None, ge=0, le=1)
 
@@ -229,6 +241,11 @@ class GateSettings(_Strict):
             raise ValueError(f"a {self.kind} gate needs {needs[self.kind][0]}")
         if self.kind == "self_confidence" and not self.field:
             raise ValueError("a self_confidence gate needs field (the JSON reply's confidence field)")
+        if self.kind == "self_consistency":
+            if self.samples is None:
+                raise ValueError("a self_consistency gate needs samples (how many times to sample the draft)")
+            if self.min_agree is not None and self.min_agree > self.samples:
+                raise ValueError(f"self_consistency: min_agree {self.min_agree} > samples {self.samples}")
         return self
 
 
@@ -378,6 +395,11 @@ class AlertSettings(_Strict):
     anomaly_check_s: float = Field(default=60.0, gt=0)  # how often spend and rate anomalies are checked
     spend_spike_factor: float = Field(default=2.0, gt=1)  # feature's last hour vs the 7-day median
     rate_spike_factor: float = Field(default=10.0, gt=1)  # tenant's last hour vs the 7-day median
+    # Drift watch of routes a trained router drives as a cascade: an alert when a route's
+    # escalation rate over the last window departs from its calibrated rate by more than the margin.
+    escalation_drift_margin: float = Field(default=0.15, gt=0, lt=1)
+    escalation_drift_window_s: float = Field(default=3600.0, gt=0)
+    escalation_drift_min_requests: int = Field(default=50, ge=1)
 
 
 class IdempotencySettings(_Strict):

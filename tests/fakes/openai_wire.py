@@ -42,6 +42,7 @@ class Reply:
     finish_reason: str = "stop"
     logprobs: list[float] | None = None  # per-token logprobs, returned when the request asks for them
     honest: bool = False  # bill real prompt counts and write up to the cap per choice (see above)
+    samples: list[str] | None = None  # with n: choice i says samples[i] (cycled); else every choice says text
 
 
 def _usage(reply: Reply) -> dict[str, Any]:
@@ -157,7 +158,11 @@ class OpenAIWireServer:
                 "choices": [
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": reply.text, "refusal": None},
+                        "message": {
+                            "role": "assistant",
+                            "content": reply.samples[i % len(reply.samples)] if reply.samples else reply.text,
+                            "refusal": None,
+                        },
                         "logprobs": _logprobs(reply) if body.get("logprobs") else None,
                         "finish_reason": reply.finish_reason,
                     }

@@ -91,3 +91,40 @@ def spike(
         f"the same hour over the previous {len(same_hour_before)} days ({median:g})",
         data={"current": current, "median": median, "factor": factor, "hour_start": hour_start},
     )
+
+
+def escalation_drift(
+    route: str,
+    window_start: float,
+    escalated: int,
+    total: int,
+    expected: float,
+    margin: float,
+    *,
+    min_requests: int,
+) -> Alert | None:
+    """A trained route escalating far more (or less) than it was calibrated to: its traffic no
+    longer looks like the labels it was trained on, and it needs new ones. None below
+    `min_requests` in the window (a handful of requests says nothing about a rate)."""
+    if total < min_requests or total <= 0:
+        return None
+    rate = escalated / total
+    if abs(rate - expected) <= margin:
+        return None
+    direction = "more" if rate > expected else "less"
+    return Alert(
+        key=f"escalation_drift|route:{route}|{window_start:.0f}",
+        kind="escalation_drift",
+        scope=f"route:{route}",
+        message=f"route {route!r} escalated {rate:.1%} of {total} requests, {direction} than the "
+        f"{expected:.1%} its router was calibrated for (margin {margin:.0%}): relabel recent traffic "
+        "and retrain (`thrifty route train`)",
+        data={
+            "rate": rate,
+            "expected": expected,
+            "margin": margin,
+            "requests": total,
+            "escalated": escalated,
+            "window_start": window_start,
+        },
+    )

@@ -7,12 +7,13 @@ import logging
 import sqlite3
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from decimal import Decimal
 
 import aiohttp
 import orjson
 
-from thrifty.alerts.rules import Alert, spike
+from thrifty.alerts.rules import Alert, escalation_drift, spike
 from thrifty.settings import AlertSettings
 
 log = logging.getLogger(__name__)
@@ -22,9 +23,16 @@ _DAYS = 7
 
 
 class AlertService:
-    def __init__(self, settings: AlertSettings, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self,
+        settings: AlertSettings,
+        conn: sqlite3.Connection,
+        expected_escalation: Mapping[str, float] | None = None,
+    ) -> None:
         self._settings = settings
         self._conn = conn
+        # Per route driven by a trained router: the escalation rate it was calibrated for.
+        self._expected = dict(expected_escalation or {})
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._checker: asyncio.Task[None] | None = None
@@ -140,6 +148,35 @@ class AlertService:
                 [float(counts.get(d, 0)) for d in range(1, _DAYS + 1)],
                 self._settings.rate_spike_factor,
                 "requests",
+            )
+            if found is not None:
+                alerts.append(found)
+        return alerts + self.drift(now)
+
+    def drift(self, now: float) -> list[Alert]:
+        """Routes whose escalation rate over the last window is off their calibrated rate. The
+        alert's window is the aligned one `now` falls in, so it fires once per window."""
+        if not self._expected:
+            return []
+        s = self._settings
+        window = s.escalation_drift_window_s
+        counts = self._conn.execute(
+            "SELECT route, COUNT(*), SUM(escalated) FROM ledger WHERE ts >= ? AND route IS NOT NULL "
+            "AND status = 'ok' GROUP BY route",
+            (now - window,),
+        )
+        alerts = []
+        for route, total, escalated in counts:
+            if route not in self._expected:
+                continue
+            found = escalation_drift(
+                route,
+                (now // window) * window,
+                int(escalated or 0),
+                int(total),
+                self._expected[route],
+                s.escalation_drift_margin,
+                min_requests=s.escalation_drift_min_requests,
             )
             if found is not None:
                 alerts.append(found)

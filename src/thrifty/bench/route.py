@@ -1,11 +1,12 @@
 """`thrifty bench route` and `thrifty route train`: train a router on recorded replies and replay
-strategies over held-out recorded replies (no network), priced at the benchmark's list prices."""
+strategies over held-out recorded replies (no network), priced by a `--prices` file or genai-prices."""
 
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,9 +15,9 @@ from rich.table import Table
 
 from thrifty.errors import InvalidData
 from thrifty.routing.train.bound import Bound, hindsight_bound
-from thrifty.routing.train.cost import FLASH, GPT4O, MINI, PRICES
+from thrifty.routing.train.cost import CostModel, load_prices
 from thrifty.routing.train.data import Row, load_rows
-from thrifty.routing.train.fit import train
+from thrifty.routing.train.fit import pool_models, train
 from thrifty.routing.train.metrics import PairMetrics, Summary, pair_metrics, random_at_cost, summarise
 from thrifty.routing.train.policy import (
     CascadePolicy,
@@ -26,30 +27,79 @@ from thrifty.routing.train.policy import (
     run_single,
     short_name,
 )
-from thrifty.routing.train.router import Router
+from thrifty.routing.train.router import Gate, Router
 from thrifty.routing.train.step import replay
 
-WEAK, STRONG = MINI, GPT4O
-NAIVE = CascadePolicy((MINI, FLASH), min_votes=2, max_dissent=0, strong=GPT4O)
+DEFAULT_REFERENCE = "gpt-4o-2024-08-06"
+
+
+def load_priced(
+    paths: Sequence[str | Path], prices: str | Path | None, console: Console | None = None
+) -> list[Row]:
+    """Rows priced from the `--prices` file or genai-prices; models with no price are left out
+    (and named), as nothing can be routed to a model whose cost is unknown."""
+    costs = CostModel(load_prices(prices) if prices is not None else None)
+    rows = load_rows(paths, costs)
+    if costs.unpriced() and console is not None:
+        console.print(
+            f"left out, no price (give them in --prices): {', '.join(costs.unpriced())}", highlight=False
+        )
+    return rows
 
 
 def train_router(
     data_paths: Sequence[str | Path],
     out_path: str | Path,
     *,
-    reference: str = GPT4O,
-    target_quality: float = 0.995,
+    reference: str = DEFAULT_REFERENCE,
+    target_quality: float = 0.99,
+    confidence: float = 0.95,
+    prices: str | Path | None = None,
+    console: Console | None = None,
 ) -> Router:
-    """Train on every row of `data_paths` (thresholds from out-of-fold scores); write the artifact."""
-    router = train(load_rows(data_paths), reference=reference, target_quality=target_quality)
+    """Train on every row of `data_paths` (ladder searched, thresholds certified out-of-fold);
+    write the artifact."""
+    rows = load_priced(data_paths, prices, console)
+    router = train(rows, reference=reference, target_quality=target_quality, confidence=confidence)
     router.save(out_path)
     return router
 
 
+def certificate_line(router: Router) -> str:
+    """What the router promises, in words: the certified lower bound of its quality."""
+    cert = router.meta.get("certificate", {})
+    if not cert:
+        return "no certificate (an artifact from before certified thresholds)"
+    conf, target = float(cert["confidence"]), float(cert["target"])
+    bound, cost = float(cert["bound"]), float(cert["rel_cost"])
+    ladder = " → ".join(short_name(m) for m in (*router.ladder, router.strong))
+    head = f"ladder {ladder}; "
+    if not cert["certified"]:
+        return head + (
+            f"NOT certified: even escalating every prompt is not certified ≥ {target:.1%} of "
+            f"{short_name(router.reference)} at {conf:.1%} confidence; "
+            f"everything goes to {short_name(router.strong)}"
+        )
+    return head + (
+        f"certified: quality ≥ {bound:.2%} of {short_name(router.reference)} on new prompts of the seen "
+        f"tasks at {conf:.1%} confidence (target {target:.1%}); out-of-fold cost {cost:.1%}"
+    )
+
+
+def with_median_gates(router: Router) -> Router | None:
+    """The same router with the median (uncertified) thresholds, to show what certainty costs."""
+    median = router.meta.get("median_gates")
+    if not median:
+        return None
+    return replace(router, gates={t: Gate.from_json(g) for t, g in median.items()})
+
+
 def evaluate_router(router: Router, rows: Sequence[Row], reference: str) -> tuple[list[Summary], PairMetrics]:
     ref = run_single(rows, reference)
+    weak, strong = router.ladder[0], reference
+    naive = CascadePolicy(router.ladder, min_votes=2, max_dissent=0, strong=router.strong)
     # Single models and the all-model oracle over the priced models every test row has replies of.
-    every = tuple(m for m in PRICES if all(m in r.calls for r in rows))
+    every = tuple(pool_models(rows))
     results: list[Summary] = [summarise(m, run_single(rows, m), ref) for m in every]
     ours = run_policy_router(router.with_strategy("cascade"), rows)
     ours_summary = summarise("thrifty-cascade", ours, ref)
@@ -58,28 +108,28 @@ def evaluate_router(router: Router, rows: Sequence[Row], reference: str) -> tupl
     )
     results.append(
         random_at_cost(
-            f"random {short_name(WEAK)}/{short_name(STRONG)} @ matched cost",
+            f"random {short_name(weak)}/{short_name(strong)} @ matched cost",
             ours_summary.cost_usd,
-            run_single(rows, WEAK),
-            run_single(rows, STRONG),
+            run_single(rows, weak),
+            run_single(rows, strong),
             ref,
         )
     )
     results.append(
-        summarise(f"oracle {short_name(WEAK)}+{short_name(STRONG)}", run_oracle(rows, (WEAK, STRONG)), ref)
+        summarise(f"oracle {short_name(weak)}+{short_name(strong)}", run_oracle(rows, (weak, strong)), ref)
     )
-    results.append(
-        summarise(
-            "oracle all six" if len(every) == 6 else f"oracle all {len(every)}", run_oracle(rows, every), ref
-        )
-    )
-    results.append(summarise("naive cascade mini=flash else 4o", run_policy(rows, NAIVE), ref))
+    results.append(summarise(f"oracle all {len(every)}", run_oracle(rows, every), ref))
+    results.append(summarise(f"naive cascade {naive.describe()}", run_policy(rows, naive), ref))
     results.append(classifier)
+    median = with_median_gates(router)
+    if median is not None:
+        median_runs = run_policy_router(median.with_strategy("cascade"), rows)
+        results.append(summarise("thrifty-cascade, median thresholds", median_runs, ref))
     results.append(ours_summary)
     pair = pair_metrics(
         [router.strong_score(r) for r in rows],
-        [r.calls[WEAK].correct for r in rows],
-        [r.calls[STRONG].correct for r in rows],
+        [r.calls[weak].correct for r in rows],
+        [r.calls[strong].correct for r in rows],
     )
     return results, pair
 
@@ -100,34 +150,72 @@ def run_policy_router(router: Router, rows: Sequence[Row]) -> list[Outcome]:
     return [replay_row(router, r, r.task) for r in rows]
 
 
+def held_out_check(router: Router, rows: Sequence[Row], reference: str) -> dict[str, object] | None:
+    """Whether the certified promise held on the test rows of the seen tasks: their quality under
+    the router vs the reference's, against the target the certificate was for."""
+    cert = router.meta.get("certificate")
+    seen = [r for r in rows if router.known(r.task)]
+    if not cert or not seen:
+        return None
+    runs = run_policy_router(router.with_strategy("cascade"), seen)
+    ours = summarise("seen", runs, run_single(seen, reference))
+    target = float(cert["target"])
+    return {
+        "target": target,
+        "confidence": float(cert["confidence"]),
+        "certified_bound": float(cert["bound"]),
+        "held_out_quality": float(ours.rel_quality),
+        "held_out_cost": float(ours.rel_cost),
+        "met": bool(cert["certified"]) and float(ours.rel_quality) >= target - 1e-12,
+        "prompts": len(seen),
+    }
+
+
 def run_route_bench(
     train_paths: Sequence[str | Path],
     test_paths: Sequence[str | Path],
-    reference: str = GPT4O,
+    reference: str = DEFAULT_REFERENCE,
     json_out: str | Path | None = None,
     console: Console | None = None,
     *,
-    target_quality: float = 0.995,
+    target_quality: float = 0.99,
+    confidence: float = 0.95,
+    prices: str | Path | None = None,
 ) -> list[Summary]:
     """Train on `train_paths`, replay on `test_paths`, print the table, optionally write JSON."""
     console = console or Console()
-    router = train(load_rows(train_paths), reference=reference, target_quality=target_quality)
-    test_rows = load_rows(test_paths)
+    router = train(
+        load_priced(train_paths, prices, console),
+        reference=reference,
+        target_quality=target_quality,
+        confidence=confidence,
+    )
+    test_rows = load_priced(test_paths, prices)
     if not test_rows:
         raise InvalidData("no test rows")
-    needed = (*router.models(), reference, WEAK, STRONG, *NAIVE.cheap)
+    needed = (*router.models(), reference)
     missing = {m for r in test_rows for m in needed if m not in r.calls}
     if missing:
         raise InvalidData(f"test rows lack replies from: {', '.join(sorted(missing))}")
     results, pair = evaluate_router(router, test_rows, reference)
     per_task = evaluate_by_task(router, test_rows, reference)
+    console.print(certificate_line(router), highlight=False)
     print_results(console, router, test_rows, results, pair, reference)
     if per_task:
         print_by_task(console, router, per_task)
-    if json_out is not None:
-        Path(json_out).write_text(
-            json.dumps([s.to_json() for s in [*results, *per_task]], indent=2) + "\n", encoding="utf-8"
+    check = held_out_check(router, test_rows, reference)
+    if check is not None:
+        console.print(
+            f"held-out seen tasks ({check['prompts']} prompts): quality {check['held_out_quality']:.2%} at "
+            f"cost {check['held_out_cost']:.1%}; certified target {check['target']:.1%} "
+            f"{'MET' if check['met'] else 'NOT met'}",
+            highlight=False,
         )
+    if json_out is not None:
+        payload = [s.to_json() for s in [*results, *per_task]]
+        if check is not None:
+            payload.append({"strategy": "certificate", **check})
+        Path(json_out).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return [*results, *per_task]
 
 
@@ -139,13 +227,14 @@ def evaluate_by_task(router: Router, rows: Sequence[Row], reference: str) -> lis
     if len(tasks) < 2:
         return []
     cascade, classifier = router.with_strategy("cascade"), router.with_strategy("classifier")
+    naive = CascadePolicy(router.ladder, min_votes=2, max_dissent=0, strong=router.strong)
     out: list[Summary] = []
     for task in tasks:
         sub = [r for r in rows if r.task == task]
         ref = run_single(sub, reference)
         out += [
             summarise(f"{short_name(reference)} @ {task}", ref, ref),
-            summarise(f"naive cascade @ {task}", run_policy(sub, NAIVE), ref),
+            summarise(f"naive cascade @ {task}", run_policy(sub, naive), ref),
             summarise(f"thrifty-classifier @ {task}", run_policy_router(classifier, sub), ref),
             summarise(f"thrifty-cascade @ {task}", run_policy_router(cascade, sub), ref),
         ]
@@ -196,8 +285,8 @@ def print_results(
     console.print(table)
     pgr = "  ".join(f"{rate:.0%}:{v:.2f}" for rate, v in pair.pgr.items())
     console.print(
-        f"pair {short_name(WEAK)} ({pair.weak_acc:.3f}) / {short_name(STRONG)} ({pair.strong_acc:.3f}), "
-        f"router ranking = 1 - stage-1 gate P({short_name(WEAK)} right)"
+        f"pair {short_name(router.ladder[0])} ({pair.weak_acc:.3f}) / {short_name(reference)} "
+        f"({pair.strong_acc:.3f}), router ranking = 1 - stage-1 gate P({short_name(router.ladder[0])} right)"
     )
     console.print(f"  PGR by strong-call rate: {pgr}")
     console.print(f"  APGR {pair.apgr:.3f}  CPT(50%) {_pct(pair.cpt50)}  CPT(80%) {_pct(pair.cpt80)}")
@@ -209,14 +298,16 @@ def _pct(v: float | None) -> str:
 
 def run_route_bound(
     data_paths: Sequence[str | Path],
-    reference: str = GPT4O,
+    reference: str = DEFAULT_REFERENCE,
     json_out: str | Path | None = None,
     console: Console | None = None,
     targets: Sequence[float] = (0.98, 0.99, 0.995, 1.0),
+    *,
+    prices: str | Path | None = None,
 ) -> Bound:
     """Print (and optionally write) the hindsight bound of our routing rules on `data_paths`."""
     console = console or Console()
-    rows = load_rows(data_paths)
+    rows = load_priced(data_paths, prices, console)
     if not rows:
         raise InvalidData("no rows")
     bound = hindsight_bound(rows, targets, reference=reference)
@@ -238,6 +329,11 @@ def run_route_bound(
             cells += [f"{q:.1%} / {c:.1%}", "unreachable" if alone is None else f"{alone:.1%}"]
         table.add_row(*cells)
     console.print(table)
+    console.print(
+        f"gates on {' → '.join(short_name(m) for m in bound.ladder)}; vote cascades over "
+        f"{', '.join(short_name(m) for m in bound.cheap)}",
+        highlight=False,
+    )
     for t in tasks:
         console.print(
             f"{t}: gate AUC within splits {_auc(bound.split_auc[t])}, "
@@ -250,6 +346,8 @@ def run_route_bound(
 
 def bound_to_json(bound: Bound) -> dict[str, object]:
     return {
+        "ladder": list(bound.ladder),
+        "cheap": list(bound.cheap),
         "targets": [
             {
                 "target": b.target,

@@ -40,12 +40,15 @@ def learned_route_settings(router_path: Path) -> dict[str, Any]:
 
 def train_router(files: list[str], held_out: list[Prompt], out: Path) -> int:
     """Train on every recorded prompt except those the demo will send; the rows it learned from."""
-    from thrifty.routing.train.data import load_rows
+    from thrifty.routing.train.data import Row, load_rows
     from thrifty.routing.train.fit import train
 
     sent = {p.text for p in held_out}
+    pool = set(UPSTREAM.values())  # the ladder is learned over the models this gateway has
     rows = [
-        r for r in load_rows(files) if r.prompt not in sent and all(m in r.calls for m in UPSTREAM.values())
+        Row(r.id, r.task, r.prompt, {m: c for m, c in r.calls.items() if m in pool})
+        for r in load_rows(files)
+        if r.prompt not in sent and pool <= set(r.calls)
     ]
     train(rows).save(out)
     return len(rows)

@@ -185,6 +185,16 @@ def resolve_model_pricing(
         provider_id = None
     if standard is None:
         return None
+    return _from_genai(ref, provider_id, standard)
+
+
+def genai_pricing(model_ref: str, provider_id: str | None = None) -> ModelPricing | None:
+    """How genai-prices prices a model id (any provider unless one is named); None if unknown."""
+    standard = lookup_genai(model_ref, provider_id)
+    return None if standard is None else _from_genai(model_ref, provider_id, standard)
+
+
+def _from_genai(ref: str, provider_id: str | None, standard: Any) -> ModelPricing:
     batch = lookup_genai(ref, provider_id, batch=True)
     batch_rates = _flat_rates(batch) if batch is not None and batch != standard else None
     rates = _flat_rates(standard)

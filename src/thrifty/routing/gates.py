@@ -13,6 +13,7 @@ import importlib
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ import jsonschema
 import pydantic
 
 from thrifty.errors import ConfigError
+from thrifty.routing.answers import canonical
 from thrifty.routing.train.router import Router
 from thrifty.settings import GateSettings
 from thrifty.shapes import last_user_message_text
@@ -41,6 +43,8 @@ class Draft:
 class Verdict:
     passed: bool
     reason: str
+    # The reply to deliver when it is not the draft as called (one sample of several).
+    response: Mapping[str, Any] | None = None
 
 
 # Ask another model (by alias) the draft's question; None when that call failed.
@@ -80,15 +84,13 @@ def reply_json(text: str) -> Any | None:
 
 def normalised_answer(value: Any) -> str:
     """Compare answers the way a reader would: case, spacing, thousands separators and $ ignored;
-    numbers compared by value ("42.0" == "42")."""
+    numbers by value ("42.0" == "42", "1/2" == "0.5" == "\\frac{1}{2}"), \\boxed{} unwrapped,
+    units after a number dropped, choice letters by letter ("(B)" == "B." == "Answer: B")."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    text = re.sub(r"\s+", " ", text.strip().lower()).replace("$", "").strip(" .")
-    number = text.replace(",", "")
-    try:
-        as_float = float(number)
-    except ValueError:
-        return text
-    return repr(as_float) if math.isfinite(as_float) else text
+    key = canonical(text)
+    if key is not None and not key.startswith("text:"):
+        return key
+    return re.sub(r"\s+", " ", text.strip().lower()).replace("$", "").strip(" .")
 
 
 def field_value(text: str, field: str | None) -> Any | None:
@@ -180,6 +182,58 @@ class AgreementGate:
                 agree += 1
         verdict = f"agreement: {agree}/{self._need} voters agree on {str(mine)[:40]!r}"
         return Verdict(agree >= self._need, verdict)
+
+
+def one_choice(response: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """The response as if it had only its choice `index` (renumbered 0); usage is the call's."""
+    choices = response.get("choices") or []
+    return {**response, "choices": [{**choices[index], "index": 0}]}
+
+
+class SelfConsistencyGate:
+    """The draft's tier sampled `samples` times; accept when `min_agree` samples give one answer
+    (default: a majority). The cascade asks for every sample in the draft call itself (`n`) where
+    the provider has it; samples still missing (Anthropic has no `n`) are asked one call each, and
+    no more than needed to settle the vote. Answers compare as `agreement` does (the JSON reply's
+    `field`, or the whole reply, with answer equivalence), and the sample delivered is the first
+    that gives the winning answer."""
+
+    def __init__(self, samples: int, min_agree: int | None, field: str | None) -> None:
+        self.samples = samples
+        self._need = min_agree if min_agree is not None else samples // 2 + 1
+        self._field = field
+
+    def _key(self, text: str) -> str | None:
+        value = field_value(text, self._field)
+        return None if value is None else normalised_answer(value)
+
+    async def judge(self, draft: Draft, ask: Ask) -> Verdict:
+        asked_n = draft.request.get("n")
+        if isinstance(asked_n, int) and asked_n > 1 and asked_n != self.samples:
+            return Verdict(False, f"self_consistency: the client asked for n={asked_n} choices")
+        choices = list(draft.response.get("choices") or [])[: self.samples]
+        replies: list[Mapping[str, Any]] = [one_choice(draft.response, i) for i in range(len(choices))]
+        keys = [self._key(reply_text(r)) for r in replies]
+
+        def tally() -> tuple[str | None, int]:
+            counts = Counter(k for k in keys if k is not None)
+            return counts.most_common(1)[0] if counts else (None, 0)
+
+        top, count = tally()
+        while (
+            len(keys) < self.samples and count < self._need and count + self.samples - len(keys) >= self._need
+        ):
+            other = await ask(draft.model)
+            replies.append(other.response if other is not None else {})
+            keys.append(self._key(other.text) if other is not None else None)
+            top, count = tally()
+        shown = field_value(reply_text(replies[keys.index(top)]), self._field) if top is not None else None
+        reason = (
+            f"self_consistency: {count}/{len(keys)} samples agree on {str(shown)[:40]!r}, need {self._need}"
+        )
+        if count < self._need:
+            return Verdict(False, reason)
+        return Verdict(True, reason, replies[keys.index(top)])
 
 
 class LogprobGate:
@@ -276,6 +330,9 @@ def build_gate(settings: GateSettings, router: Router | None = None, task: str |
     if kind == "python":
         assert settings.target is not None
         return PythonGate(settings.target)
+    if kind == "self_consistency":
+        assert settings.samples is not None
+        return SelfConsistencyGate(settings.samples, settings.min_agree, settings.field)
     if router is None:
         raise ConfigError("a router_scorer gate needs a trained router on the route (router: {path: ...})")
     return RouterScorerGate(router, task, settings.threshold if settings.threshold is not None else 0.9)
@@ -284,12 +341,14 @@ def build_gate(settings: GateSettings, router: Router | None = None, task: str |
 async def judge_all(gates: Sequence[Gate], draft: Draft, ask: Ask) -> Verdict:
     """All gates in order; the first failure decides (later gates, which may cost calls, are skipped)."""
     reasons: list[str] = []
+    chosen: Mapping[str, Any] | None = None
     for gate in gates:
         verdict = await gate.judge(draft, ask)
         if not verdict.passed:
             return verdict
         reasons.append(verdict.reason)
-    return Verdict(True, "; ".join(reasons) or "no gates")
+        chosen = verdict.response or chosen
+    return Verdict(True, "; ".join(reasons) or "no gates", chosen)
 
 
 __all__ = [
@@ -303,6 +362,7 @@ __all__ = [
     "PythonGate",
     "RouterScorerGate",
     "SelfConfidenceGate",
+    "SelfConsistencyGate",
     "Verdict",
     "build_gate",
     "judge_all",

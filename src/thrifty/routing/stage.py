@@ -41,6 +41,7 @@ class CascadePlan:
     gates: tuple[Gate, ...]
     include_rejected_draft: bool
     wants_logprobs: bool
+    samples: int = 1  # a self_consistency gate's samples of each draft (1: none)
 
 
 def cascade_plan(name: str, route: RouteSettings) -> CascadePlan:
@@ -51,7 +52,12 @@ def cascade_plan(name: str, route: RouteSettings) -> CascadePlan:
         gates=tuple(build_gate(g, router, task) for g in route.gates),
         include_rejected_draft=route.include_rejected_draft,
         wants_logprobs=any(g.kind == "logprob" for g in route.gates),
+        samples=_samples(route),
     )
+
+
+def _samples(route: RouteSettings) -> int:
+    return max((g.samples or 1 for g in route.gates if g.kind == "self_consistency"), default=1)
 
 
 def load_router(name: str, route: RouteSettings) -> Router:
@@ -93,8 +99,12 @@ def possible_calls(route: RouteSettings) -> list[str]:
         return []
     plan_tiers = route.cascade_tiers()
     voters = [v for g in route.gates for v in g.voters]
-    # Every tier but the last may be judged, and each judgement may ask every voter.
-    return [*plan_tiers, *(voters * max(0, len(plan_tiers) - 1))]
+    # Every tier but the last may be judged, and each judgement may ask every voter; a
+    # self-consistency gate samples each judged tier k times in all (k calls cost at least what
+    # one call with n=k does: the prompt k times against once, the same k outputs).
+    judged = plan_tiers[:-1]
+    resampled = [t for t in judged for _ in range(_samples(route) - 1)]
+    return [*plan_tiers, *(voters * len(judged)), *resampled]
 
 
 def with_feedback(body: Mapping[str, Any], draft: Draft, verdict: Verdict) -> dict[str, Any]:
@@ -112,8 +122,14 @@ def with_feedback(body: Mapping[str, Any], draft: Draft, verdict: Verdict) -> di
 
 
 class RouteStage:
-    def __init__(self, routes: Mapping[str, RouteSettings], targets: Mapping[str, ModelTarget]) -> None:
+    def __init__(
+        self,
+        routes: Mapping[str, RouteSettings],
+        targets: Mapping[str, ModelTarget],
+        single_choice: frozenset[str] = frozenset(),
+    ) -> None:
         self._targets = dict(targets)
+        self._single_choice = single_choice  # models with no `n` (Anthropic): sampled one call each
         self._pins = {name: dict(r.pin) for name, r in routes.items() if r.pin}
         self._cascades = {
             name: cascade_plan(name, r) for name, r in routes.items() if r.strategy == "cascade" and r.tiers
@@ -127,6 +143,16 @@ class RouteStage:
     @property
     def active(self) -> bool:
         return bool(self._pins or self._cascades or self._learned)
+
+    def expected_escalation(self) -> dict[str, float]:
+        """Per route a trained router drives as a cascade on a task it was calibrated on: the
+        share of prompts that escalated out of fold in training (the drift watch's baseline)."""
+        out: dict[str, float] = {}
+        for name, plan in self._learned.items():
+            rates = plan.router.meta.get("escalation_rate") or {}
+            if plan.router.strategy == "cascade" and plan.task in rates:
+                out[name] = float(rates[plan.task])
+        return out
 
     def possible_calls(self, name: str, route: RouteSettings) -> list[str]:
         """Every model alias one request on the route may call, once per call (worst-case cost)."""
@@ -218,14 +244,17 @@ class RouteStage:
             draft_body = (
                 {**body, "logprobs": True} if plan.wants_logprobs and not body.get("logprobs") else body
             )
+            sampled = draft_body
+            if plan.samples > 1 and alias not in self._single_choice and not body.get("n"):
+                sampled = {**draft_body, "n": plan.samples}  # one prompt, k outputs
             try:
-                result = await self.call(ctx, call_next, alias, draft_body, stream=False, role="draft")
+                result = await self.call(ctx, call_next, alias, sampled, stream=False, role="draft")
             except ThriftyError as err:
                 if err.status not in _ESCALATE_ON:
                     raise
                 continue  # the tier is down: the next one answers
             assert isinstance(result, Completion)
-            draft = Draft(alias, draft_body, result.body)
+            draft = Draft(alias, sampled, result.body)
 
             async def ask(voter: str, question: dict[str, Any] = draft_body) -> Draft | None:
                 try:
@@ -241,7 +270,7 @@ class RouteStage:
             if verdict.passed:
                 self._promote(ctx, mark)
                 ctx.escalated = i > 0
-                response = result.body
+                response = dict(verdict.response) if verdict.response is not None else result.body
                 if draft_body is not body:
                     response = _without_logprobs(response)
                 return self.deliver(ctx, response)

@@ -1,6 +1,6 @@
 """Training and offline evaluation of thrifty's router from labelled, recorded model replies."""
 
-from thrifty.routing.train.cost import CHEAP_MODELS, PRICES, STRONG_MODELS, CostModel, Price
+from thrifty.routing.train.cost import CostModel, load_prices
 from thrifty.routing.train.data import Call, Row, load_rows, split_rows
 from thrifty.routing.train.extract import answer_key, extract_answer, normalise
 from thrifty.routing.train.fit import train
@@ -10,9 +10,6 @@ from thrifty.routing.train.router import Gate, Router
 from thrifty.routing.train.step import Accept, CallModel, Draft, Step, replay
 
 __all__ = [
-    "CHEAP_MODELS",
-    "PRICES",
-    "STRONG_MODELS",
     "Accept",
     "Call",
     "CallModel",
@@ -22,13 +19,13 @@ __all__ = [
     "Gate",
     "Outcome",
     "PairMetrics",
-    "Price",
     "Router",
     "Row",
     "Step",
     "Summary",
     "answer_key",
     "extract_answer",
+    "load_prices",
     "load_rows",
     "normalise",
     "pair_metrics",

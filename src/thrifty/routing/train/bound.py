@@ -15,9 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from thrifty.errors import InvalidData
-from thrifty.routing.train.cost import CHEAP_MODELS, FLASH, GPT4O, MINI
 from thrifty.routing.train.data import Row
-from thrifty.routing.train.fit import Point, calibrate_joint, frontier, oof, oof_second, prepare
+from thrifty.routing.train.fit import (
+    Point,
+    calibrate_joint,
+    candidate_ladders,
+    frontier,
+    oof,
+    oof_second,
+    pool_models,
+    prepare,
+)
 from thrifty.routing.train.metrics import auc
 from thrifty.routing.train.policy import CascadePolicy, run_policy
 from thrifty.routing.train.router import AGREE_BONUS
@@ -54,22 +62,37 @@ class Bound:
     agree_auc: dict[str, float]  # per task: how well it ranks which agreements are right
     # per task alone: target -> the least relative cost reaching it on that task (None: unreachable)
     task_alone: dict[str, dict[float, float | None]]
+    ladder: tuple[str, str] = ("", "")  # the gates' ladder
+    cheap: tuple[str, ...] = ()  # the models the vote cascades draw from
 
 
 def hindsight_bound(
     rows: Sequence[Row],
     targets: Sequence[float] = (0.98, 0.99, 0.995, 1.0),
     *,
-    reference: str = GPT4O,
-    ladder: tuple[str, str] = (MINI, FLASH),
-    cheap: Sequence[str] = CHEAP_MODELS,
+    reference: str = "gpt-4o-2024-08-06",
+    ladder: tuple[str, str] | None = None,
+    cheap: Sequence[str] | None = None,
     folds: int = 5,
     l2: float = 10.0,
     grid: int = 120,
 ) -> Bound:
     """For each target, the least cost over the mixture of tasks, each task choosing its rule with
     hindsight among learned-gate threshold pairs (lone draft, agreements and splits all allowed)
-    and every vote cascade."""
+    and every vote cascade.
+
+    Any pool: without `ladder`, the gates are fitted on the cheapest plain agreement ladder over the
+    rows' models; without `cheap`, the votes are over the models of the cheapest such ladders and
+    then the cheapest of the pool, four in all (every order of four is 424 cascades; five would be ~3,400)."""
+    options = candidate_ladders(rows, reference, min(targets), 4) if ladder is None or cheap is None else []
+    if ladder is None:
+        ladder = options[0].ladder
+    if cheap is None:
+        # The models of the cheapest plain agreement ladders first (the router's own candidates),
+        # then the cheapest others of the pool.
+        pool = [m for m in pool_models(rows) if m != reference]
+        by_cost = sorted(pool, key=lambda m: sum(r.calls[m].cost for r in rows))
+        cheap = list(dict.fromkeys([*ladder, *(m for o in options for m in o.ladder), *by_cost]))[:4]
     lacking = sorted({m for r in rows for m in (*ladder, reference) if m not in r.calls})
     if lacking:
         raise InvalidData(f"rows lack replies from: {', '.join(lacking)}")
@@ -119,7 +142,7 @@ def hindsight_bound(
                 reachable=quality >= target - 1e-9,
             )
         )
-    return Bound(out, split_auc, agree_auc, task_alone)
+    return Bound(out, split_auc, agree_auc, task_alone, ladder, tuple(cheap))
 
 
 def _cheapest_at(points: Sequence[Point], need: float, ref_cost: float) -> float | None:

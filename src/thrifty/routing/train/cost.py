@@ -1,67 +1,83 @@
-"""Benchmark prices and the per-call cost of a recorded reply.
+"""Prices of the models in labelled routing data, and the per-call cost of a recorded reply.
 
-Prices are the list prices (USD per million tokens) at the time these models were current, as the
-data README gives them. Tokens are counted with o200k for every model: exact for the gpt-4o family,
-an approximation for Claude, Gemini and gpt-3.5 (cl100k), whose tokenizers are not available
-offline; the approximation is the same for every strategy, so relative costs stay comparable.
+No price is built in: a model is priced from a `--prices` file when it is named there, else by
+genai-prices (the project's price source, as the gateway's PriceCatalog prices a model alias).
+A model neither knows is left out of training and benchmarks, and the caller is told which.
+Tokens are counted with o200k for every model: exact for the gpt-4o family, an approximation for
+others, whose tokenizers are not available offline; the approximation is the same for every
+strategy, so relative costs stay comparable.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
+from pydantic import ValidationError
+
+from thrifty.errors import InvalidData
+from thrifty.pricing.catalog import ModelPricing, Rates, genai_pricing
+from thrifty.settings import PriceOverride
 from thrifty.tokens import TokenCounter
+from thrifty.types import Usage
 
-MINI = "gpt-4o-mini-2024-07-18"
-GPT4O = "gpt-4o-2024-08-06"
-HAIKU = "claude-3-haiku-20240307"
-SONNET = "claude-3-5-sonnet-20240620"
-FLASH = "gemini-1.5-flash"
-GPT35 = "gpt-3.5-turbo-0125"
-
-_MILLION = Decimal(1_000_000)
+PRICES_HINT = '{"MODEL": {"input_per_mtok": "0.15", "output_per_mtok": "0.60"}, ...} (USD per million tokens)'
 
 
-@dataclass(frozen=True, slots=True)
-class Price:
-    input_per_m: Decimal
-    output_per_m: Decimal
-
-    def cost(self, input_tokens: int, output_tokens: int) -> Decimal:
-        return (input_tokens * self.input_per_m + output_tokens * self.output_per_m) / _MILLION
-
-
-PRICES: Mapping[str, Price] = {
-    MINI: Price(Decimal("0.15"), Decimal("0.60")),
-    GPT4O: Price(Decimal("2.50"), Decimal("10.00")),
-    HAIKU: Price(Decimal("0.25"), Decimal("1.25")),
-    SONNET: Price(Decimal("3.00"), Decimal("15.00")),
-    FLASH: Price(Decimal("0.075"), Decimal("0.30")),
-    GPT35: Price(Decimal("0.50"), Decimal("1.50")),
-}
-
-# The tiers the cascade may draw from; "cheap" models are the voters, "strong" ones the fallback.
-CHEAP_MODELS: tuple[str, ...] = (MINI, FLASH, HAIKU, GPT35)
-STRONG_MODELS: tuple[str, ...] = (GPT4O, SONNET)
+def load_prices(path: str | Path) -> dict[str, ModelPricing]:
+    """A `--prices` file: JSON, model id -> a price override as in settings (`models.X.price`)."""
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidData(f"{p}: cannot read the prices file: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidData(f"{p}: not JSON ({exc}); expected {PRICES_HINT}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidData(f"{p}: expected {PRICES_HINT}")
+    out: dict[str, ModelPricing] = {}
+    for model, price in raw.items():
+        try:
+            override = PriceOverride.model_validate(price)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise InvalidData(
+                f"{p}: model {model!r}: {where}: {first['msg']}; expected {PRICES_HINT}"
+            ) from exc
+        out[str(model)] = ModelPricing(source="override", rates=Rates.from_override(override))
+    return out
 
 
 class CostModel:
-    """Cost of one recorded call: tokens(prompt) x input price + tokens(output) x output price."""
+    """Cost of one recorded call: its prompt and output tokens priced for that model."""
 
-    def __init__(self, prices: Mapping[str, Price] = PRICES, counter: TokenCounter | None = None) -> None:
-        self._prices = prices
+    def __init__(
+        self, prices: Mapping[str, ModelPricing] | None = None, counter: TokenCounter | None = None
+    ) -> None:
+        self._given = dict(prices or {})
+        self._resolved: dict[str, ModelPricing | None] = {}
         self._counter = counter or TokenCounter()
 
     def tokens(self, text: str) -> int:
         return self._counter.count_text(text, "o200k_base")
 
+    def pricing(self, model: str) -> ModelPricing | None:
+        if model not in self._resolved:
+            self._resolved[model] = self._given.get(model) or genai_pricing(model)
+        return self._resolved[model]
+
     def priced(self, model: str) -> bool:
-        return model in self._prices
+        return self.pricing(model) is not None
+
+    def unpriced(self) -> list[str]:
+        """Models asked about that have no price (left out of training and benchmarks)."""
+        return sorted(m for m, p in self._resolved.items() if p is None)
 
     def call_cost(self, model: str, prompt_tokens: int, output_tokens: int) -> Decimal:
-        price = self._prices.get(model)
-        if price is None:
-            raise KeyError(f"no benchmark price for model {model!r}")
-        return price.cost(prompt_tokens, output_tokens)
+        pricing = self.pricing(model)
+        if pricing is None:
+            raise KeyError(f"no price for model {model!r}")
+        return pricing.cost(Usage(input_tokens=prompt_tokens, output_tokens=output_tokens))

@@ -11,13 +11,18 @@ from __future__ import annotations
 import json
 import re
 
+from thrifty.routing.answers import canonical
+
 _DECODER = json.JSONDecoder(strict=False)  # models put raw newlines inside JSON strings
 _ANSWER_RE = re.compile(r'"answer"\s*:\s*(.+)')
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
-# Tasks whose answers compare as numbers (their first number, as gsm is graded); any other task,
-# unseen ones included, compares strings. Not competition maths: "\frac{1}{2}" and "\frac{1}{3}"
-# share a first number, and a false agreement is accepted without escalation.
+# Tasks whose answers compare as numbers (their first number, as gsm is graded). Not competition
+# maths: "\frac{1}{2}" and "\frac{1}{3}" share a first number, and a false agreement is accepted
+# without escalation; maths tasks and unseen ones ("" here) compare by answer equivalence
+# (thrifty.routing.answers: numbers, fractions, LaTeX, units, choice letters). Any other named
+# task compares strings with the outer quotes stripped, as its labels were made.
 NUMERIC_TASKS = frozenset({"gsm", "gsm8k"})
+EQUIVALENCE_TASKS = frozenset({"", "math", "competition_math", "math500", "aime", "mmlu", "gpqa"})
 
 
 def first_json_object(text: str) -> dict[str, object] | None:
@@ -74,6 +79,8 @@ def normalise(answer: str | None, task: str) -> str | None:
             return None
         value = float(match.group(0))
         return str(int(value)) if value.is_integer() else repr(value)
+    if task in EQUIVALENCE_TASKS:
+        return canonical(answer)
     # An empty string is a real answer here (a function may return ''), so it is not None.
     return _strip_quotes(answer)
 

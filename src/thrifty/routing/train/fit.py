@@ -1,19 +1,22 @@
-"""Training the router: fit its gates on labelled per-model outputs, calibrate its thresholds.
+"""Training the router: learn its ladder, fit its gates, certify its thresholds.
 
-Gate scores are out-of-fold (k folds over the training rows); per-task thresholds are the cheapest
-whose quality over all seen tasks is >= (target_quality + seen_margin) x the reference's, each the
-median over bootstrap resamples; the fallback for unknown tasks is calibrated by scoring each
-training task with gates fitted without it (see ``router`` for how the thresholds are used).
+The ladder (draft model, voter, strong model) is searched over every model the training data has
+(``candidate_ladders``, then each candidate trained). Gate scores are out-of-fold (k folds over the
+training rows); the lone-draft threshold is the cheapest rule whose quality over all seen tasks is
+certified >= target_quality x the reference's at the stated confidence (``certify``); the median
+choice of the old calibration (bootstrap medians, no certainty) is kept in the artifact's meta for
+comparison. The fallback for unknown tasks is calibrated by scoring each training task with gates
+fitted without it (see ``router`` for how the thresholds are used).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from thrifty.errors import InvalidData
-from thrifty.routing.train.cost import FLASH, GPT4O, MINI
+from thrifty.routing.train.certify import certified_ratio, certify_path, z_score
 from thrifty.routing.train.data import Row, id_bucket
 from thrifty.routing.train.gate import Logistic, fit_logistic, parse, prompt_features, stage_features
 from thrifty.routing.train.router import AGREE_BONUS, NEVER, Gate, Router, accept_score
@@ -41,6 +44,8 @@ class Prepared:
     cost_strong: float  # both cheap calls and the strong one
     cost_ref: float
     fold: int
+    ok_alone: bool = False  # the strong model's answer when it is called first and alone
+    cost_alone: float = 0.0
 
 
 def prepare(row: Row, ladder: tuple[str, str], strong: str, reference: str, folds: int) -> Prepared:
@@ -70,6 +75,8 @@ def prepare(row: Row, ladder: tuple[str, str], strong: str, reference: str, fold
         cost_strong=float(c0.cost + c1.cost + cs.cost),
         cost_ref=float(row.calls[reference].cost),
         fold=min(folds - 1, int(id_bucket(row.id, "gate-fold") * folds)),
+        ok_alone=cs.correct,
+        cost_alone=float(cs.cost),
     )
 
 
@@ -299,30 +306,158 @@ def calibrate_classifier(rows: Sequence[Prepared], p: Sequence[float], target: f
     return best
 
 
+def pool_models(rows: Sequence[Row]) -> list[str]:
+    """The models every row has a (priced) reply from: the pool a router may be built over."""
+    if not rows:
+        return []
+    common = set(rows[0].calls)
+    for r in rows[1:]:
+        common &= set(r.calls)
+    return sorted(common)
+
+
+@dataclass(frozen=True, slots=True)
+class LadderOption:
+    ladder: tuple[str, str]
+    strong: str
+    cost: float  # the agreement cascade's cost on the training rows (no learned gate yet)
+    quality: float
+
+
+def candidate_ladders(rows: Sequence[Row], reference: str, target: float, limit: int) -> list[LadderOption]:
+    """Ladders worth training, cheapest first: (draft, voter) -> strong, ranked by the plain
+    agreement cascade (accept when the two cheap answers agree, else call the strong model) on the
+    training rows. The learned gates only add cheaper acceptances on top, so a ladder whose plain
+    cascade misses the target by much is not worth the folds. Strong candidates: the reference
+    and any cheaper model at least as good as it on these rows."""
+    import itertools
+
+    import numpy as np
+
+    pool = pool_models(rows)
+    if reference not in pool:
+        raise InvalidData(f"every training row needs a reply from the reference model {reference!r}")
+    right = {m: np.array([r.calls[m].correct for r in rows], dtype=float) for m in pool}
+    cost = {m: np.array([float(r.calls[m].cost) for r in rows]) for m in pool}
+    keys = {m: [r.calls[m].answer for r in rows] for m in pool}
+    ref_q, ref_c = right[reference].sum(), cost[reference].sum()
+    strongs = [reference] + [
+        m for m in pool if m != reference and right[m].sum() >= ref_q and cost[m].sum() < ref_c
+    ]
+    options: list[LadderOption] = []
+    for strong in strongs:
+        for a, b in itertools.permutations([m for m in pool if m != strong], 2):
+            if cost[a].sum() + cost[b].sum() >= 0.5 * cost[strong].sum():
+                continue  # two cheap calls that cost half the strong one cannot save much
+            agree = np.array([x is not None and x == y for x, y in zip(keys[a], keys[b], strict=True)])
+            q = float(np.where(agree, right[a], right[strong]).sum())
+            c = float((cost[a] + cost[b]).sum() + cost[strong][~agree].sum())
+            options.append(LadderOption((a, b), strong, c, q))
+    if not options:
+        raise InvalidData(
+            "no two models in the training data are cheap enough next to a strong one to cascade; "
+            f"the pool is {', '.join(pool)}"
+        )
+    feasible = sorted((o for o in options if o.quality >= target * ref_q), key=lambda o: o.cost)
+    ranked = (feasible or sorted(options, key=lambda o: -o.quality))[:limit]
+    if all(o.strong != reference for o in ranked):
+        # A strong model other than the reference is only as good as it on these rows; keep the
+        # cheapest ladder that ends on the reference itself, whose promise can always be certified.
+        own = [o for o in (feasible or options) if o.strong == reference]
+        ranked = [*ranked[: limit - 1], min(own, key=lambda o: o.cost)] if own else ranked
+    return ranked
+
+
+@dataclass(frozen=True, slots=True)
+class Calibrated:
+    """One ladder trained and certified on out-of-fold scores."""
+
+    router: Router
+    rel_cost: float  # out-of-fold cost of the certified rule, relative to the reference
+    bound: float  # certified quality ratio (lower confidence bound), relative to the reference
+    certified: bool  # whether the bound reaches the target
+
+
 def train(
     rows: Sequence[Row],
     *,
-    reference: str = GPT4O,
-    target_quality: float = 0.995,
-    seen_margin: float = 0.005,
+    reference: str = "gpt-4o-2024-08-06",
+    target_quality: float = 0.99,
+    confidence: float = 0.95,
     unseen_target: float = 1.0,
     unseen_margin: float = 0.01,
     unseen_tolerance: float = 0.02,
-    ladder: tuple[str, str] = (MINI, FLASH),
+    ladder: tuple[str, str] | None = None,
     strong: str | None = None,
+    candidates: int = 3,
     folds: int = 5,
     l2: float = 10.0,
     cost_aware: bool = True,
     grid: int = 60,
     bootstrap: int = 30,
-    accept_splits: bool = False,
-    rank_agreements: bool = False,
 ) -> Router:
-    """Fit the gates on all rows; calibrate thresholds on out-of-fold scores, per task and across
-    tasks for the unseen-task fallback."""
+    """Learn the ladder and fit its gates on all rows; certify thresholds on out-of-fold scores.
+
+    Without `ladder`, the `candidates` cheapest plain agreement cascades over the pool are each
+    trained and certified, and the one whose certified rule is cheapest wins; each is certified at
+    1 - (1 - confidence) / candidates, so that picking the best of them keeps the stated confidence."""
     if not rows:
         raise InvalidData("no training rows")
-    strong = strong or reference
+    z_score(confidence)  # a bad confidence is refused before any work
+    if ladder is not None:
+        options = [LadderOption(ladder, strong or reference, 0.0, 0.0)]
+    else:
+        options = candidate_ladders(rows, reference, target_quality, candidates)
+    level = 1.0 - (1.0 - confidence) / len(options)
+    fits = [
+        _train_ladder(
+            rows,
+            o.ladder,
+            o.strong,
+            reference=reference,
+            target_quality=target_quality,
+            confidence=level,
+            unseen_target=unseen_target,
+            unseen_margin=unseen_margin,
+            unseen_tolerance=unseen_tolerance,
+            folds=folds,
+            l2=l2,
+            cost_aware=cost_aware,
+            grid=grid,
+            bootstrap=bootstrap,
+        )
+        for o in options
+    ]
+    best = min(fits, key=lambda f: (not f.certified, f.rel_cost if f.certified else -f.bound))
+    searched = [
+        {"ladder": list(f.router.ladder), "strong": f.router.strong, "rel_cost": f.rel_cost, "bound": f.bound}
+        for f in fits
+    ]
+    meta = dict(best.router.meta)
+    # The promise is at the confidence asked for; each candidate was tested at `level`.
+    meta["certificate"] = {**meta["certificate"], "confidence": confidence, "per_ladder_level": level}
+    meta["ladders_searched"] = searched
+    meta["pool"] = pool_models(rows)
+    return replace(best.router, meta=meta)
+
+
+def _train_ladder(
+    rows: Sequence[Row],
+    ladder: tuple[str, str],
+    strong: str,
+    *,
+    reference: str,
+    target_quality: float,
+    confidence: float,
+    unseen_target: float,
+    unseen_margin: float,
+    unseen_tolerance: float,
+    folds: int,
+    l2: float,
+    cost_aware: bool,
+    grid: int,
+    bootstrap: int,
+) -> Calibrated:
     needed = (*ladder, strong, reference)
     for row in rows:
         lacking = [m for m in needed if m not in row.calls]
@@ -341,56 +476,65 @@ def train(
             for i, p in zip(idx, ps, strict=True)
         ]
 
-    def second_scores(idx: Sequence[int], ps: Sequence[float], aware: bool = cost_aware) -> list[float]:
-        return [
-            s + (AGREE_BONUS if prep[i].agree else 0.0)
-            for i, s in zip(idx, first_scores(idx, ps, aware), strict=True)
-        ]
-
     every = range(len(prep))
     o1 = first_scores(every, oof(prep, "x1", "y1", folds, l2))
-    o2p = oof_second(prep, folds, l2)
-    o2 = second_scores(every, o2p)
     op = oof(prep, "xp", "y1", folds, l2 * 30)
-    seen_need = target_quality + seen_margin
-    chosen = calibrate_bagged(
+    # The certified rule: one path over every seen task's rows (cost-aware scores are comparable
+    # across tasks), as the promise is quality over the mixture of seen tasks.
+    o2p = oof_second(prep, folds, l2)
+    o2_agree = [
+        s if prep[i].agree else -math.inf for i, s in zip(every, first_scores(every, o2p), strict=True)
+    ]
+    points, chosen = certify_path(
+        o1,
+        o2_agree,
+        [p.ok1 for p in prep],
+        [p.ok2 for p in prep],
+        [p.ok_strong for p in prep],
+        [p.ok_alone for p in prep],
+        [p.ok_ref for p in prep],
+        [p.cost1 for p in prep],
+        [p.cost2 for p in prep],
+        [p.cost_strong for p in prep],
+        [p.cost_alone for p in prep],
+        target=target_quality,
+        confidence=confidence,
+    )
+    point = points[max(chosen, 0)]
+    first = point.threshold if point.step >= 1 else NEVER
+    # Agreements need the same score as lone drafts (AGREE_BONUS puts them in their own band).
+    second = AGREE_BONUS + point.threshold if point.step >= 1 else NEVER
+    n, ref_q = len(prep), float(sum(p.ok_ref for p in prep))
+    ref_c = float(sum(p.cost_ref for p in prep)) or 1.0
+    bound = certified_ratio(point.quality, point.both, ref_q, n, z_score(confidence))
+    # The median choice, for comparison: per-task thresholds, each the median over bootstrap
+    # resamples of the cheapest pair reaching the target on the point estimate (no certainty).
+    o2 = [
+        s + (AGREE_BONUS if prep[i].agree else 0.0)
+        for i, s in zip(every, first_scores(every, o2p), strict=True)
+    ]
+    median = calibrate_bagged(
         {t: [prep[i] for i in idx] for t, idx in by_task.items()},
         {t: [o1[i] for i in idx] for t, idx in by_task.items()},
         {t: [o2[i] for i in idx] for t, idx in by_task.items()},
-        seen_need,
+        target_quality,
         grid=grid,
         rounds=bootstrap,
-        min_second=-math.inf if accept_splits else AGREE_BONUS,
-        max_second=None if rank_agreements else AGREE_BONUS,
+        min_second=AGREE_BONUS,
+        max_second=AGREE_BONUS,
     )
     gates: dict[str, Gate] = {}
+    escalation: dict[str, float] = {}
     for t, idx in by_task.items():
         sub = [prep[i] for i in idx]
-        tc = calibrate_classifier(sub, [op[i] for i in idx], seen_need)
-        gates[t] = Gate(chosen[t][0], chosen[t][1], tc, cost_aware)
-    # The fallback: each task scored by gates that never saw it (if there are other tasks).
-    held_out: list[tuple[Sequence[Prepared], Sequence[float]]] = []
-    strictest_cls = 0.0
-    unseen_need = unseen_target + unseen_margin
-    for t, idx in by_task.items():
-        others = [i for i, p in enumerate(prep) if p.task != t]
-        sub = [prep[i] for i in idx]
-        if not others:
-            strictest_cls = NEVER
-            continue
-        gp = _fit(prep, others, "xp", "y1", l2 * 30)
-        held_out.append((sub, _second(prep, others, idx, l2)))
-        strictest_cls = max(
-            strictest_cls, calibrate_classifier(sub, [gp.prob(p.xp) for p in sub], unseen_need)
+        tc = calibrate_classifier(sub, [op[i] for i in idx], target_quality)
+        gates[t] = Gate(first, second, tc, cost_aware)
+        escalation[t] = _escalation_rate(
+            [o1[i] for i in idx], [o2_agree[i] for i in idx], point.threshold if point.step >= 1 else None
         )
-    # An unknown task never takes a lone draft, nor one the other cheap model contradicts; its
-    # scores are plain P(right), as a new task's cost scale is unknown. With a single training
-    # task there is no evidence of how a gate transfers, so any agreement is accepted: the one
-    # rule that needs no calibration.
-    agree_p = calibrate_unseen(held_out, unseen_need, unseen_tolerance) if held_out else 0.0
-    fallback = Gate(NEVER, AGREE_BONUS + agree_p, strictest_cls, cost_aware=False)
+    fallback, held_out_tasks = _fallback(prep, by_task, unseen_target + unseen_margin, unseen_tolerance, l2)
     all_i = list(range(len(prep)))
-    return Router(
+    router = Router(
         reference=reference,
         target_quality=target_quality,
         ladder=ladder,
@@ -401,5 +545,59 @@ def train(
         prompt_gate=_fit(prep, all_i, "xp", "y1", l2 * 30),
         gates=gates,
         fallback=fallback,
-        meta={"rows": {t: len(i) for t, i in by_task.items()}, "folds": folds},
+        meta={
+            "rows": {t: len(i) for t, i in by_task.items()},
+            "folds": folds,
+            "certificate": {
+                "confidence": confidence,
+                "target": target_quality,
+                "certified": chosen >= 0,
+                "bound": bound,
+                "quality": point.quality / ref_q if ref_q else 0.0,
+                "rel_cost": point.cost / ref_c,
+            },
+            # What each seen task escalated out of fold under the certified rule: the drift watch's
+            # baseline (a live rate far from it means the traffic no longer looks like the labels).
+            "escalation_rate": escalation,
+            "median_gates": {
+                t: Gate(m[0], m[1], gates[t].classifier, cost_aware).to_json() for t, m in median.items()
+            },
+            "unseen_calibrated_on": held_out_tasks,
+        },
     )
+    return Calibrated(router, point.cost / ref_c, bound, chosen >= 0 and bound >= target_quality - 1e-9)
+
+
+def _escalation_rate(s1: Sequence[float], s2: Sequence[float], threshold: float | None) -> float:
+    """The share of rows the certified rule sends to the strong model (all, when threshold is None)."""
+    if not s1:
+        return 0.0
+    if threshold is None:
+        return 1.0
+    return sum(1 for a, b in zip(s1, s2, strict=True) if a < threshold and b < threshold) / len(s1)
+
+
+def _fallback(
+    prep: Sequence[Prepared], by_task: dict[str, list[int]], need: float, tolerance: float, l2: float
+) -> tuple[Gate, list[str]]:
+    """The gate for a task the router was not trained on: each training task scored by gates
+    that never saw it (if there are other tasks)."""
+    held_out: list[tuple[Sequence[Prepared], Sequence[float]]] = []
+    strictest_cls = 0.0
+    names: list[str] = []
+    for t, idx in by_task.items():
+        others = [i for i, p in enumerate(prep) if p.task != t]
+        sub = [prep[i] for i in idx]
+        if not others:
+            strictest_cls = NEVER
+            continue
+        names.append(t)
+        gp = _fit(prep, others, "xp", "y1", l2 * 30)
+        held_out.append((sub, _second(prep, others, idx, l2)))
+        strictest_cls = max(strictest_cls, calibrate_classifier(sub, [gp.prob(p.xp) for p in sub], need))
+    # An unknown task never takes a lone draft, nor one the other cheap model contradicts; its
+    # scores are plain P(right), as a new task's cost scale is unknown. With a single training
+    # task there is no evidence of how a gate transfers, so any agreement is accepted: the one
+    # rule that needs no calibration.
+    agree_p = calibrate_unseen(held_out, need, tolerance) if held_out else 0.0
+    return Gate(NEVER, AGREE_BONUS + agree_p, strictest_cls, cost_aware=False), names

@@ -182,7 +182,9 @@ def fit_logistic(
         raise ValueError("no training rows for the gate")
     mean = x.mean(axis=0)
     scale = x.std(axis=0)
-    scale[scale == 0] = 1.0
+    # A constant column's std comes out as ~1e-15, not 0; dividing by it turns the rounding of the
+    # stored mean into a huge feature value (P(right) of 0 or 1 for every draft).
+    scale[scale <= 1e-9 * np.maximum(1.0, np.abs(mean))] = 1.0
     z = np.hstack([(x - mean) / scale, np.ones((len(x), 1))])
     w = np.zeros(z.shape[1])
     reg = np.full(z.shape[1], l2)

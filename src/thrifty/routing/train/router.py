@@ -1,24 +1,24 @@
 """The trained router: a sequential, calibrated cascade over cheap drafts, with an online step API.
 
-Cascade (the default strategy): call the first cheap model (mini); accept its lone draft if its
-score clears the task's first threshold; else call the second (flash) and accept if the stage-2
-score clears the second threshold; else call the strong model and return its answer. Easy prompts
-cost one cheap call. Scores come from logistic gates over task-agnostic draft features (agreement
-above all; gate.py), made cost-aware on known tasks: log(estimated escalation cost) - log P(wrong),
-so a risk is taken more readily where escalating would cost more. At stage 2 every agreement
-ranks above every split (AGREE_BONUS), so one threshold says "splits with score >= x" or
-"agreements with score >= x". Training, by default, accepts every agreement and no split: which
-agreement is wrong, or which side of a split is right, is barely predictable from the replies
-(gate AUC ~0.5-0.6), and thresholds there fit calibration noise (`rank_agreements`,
-`accept_splits` re-open those choices). The learned part that pays is the lone-draft gate.
+Cascade (the default strategy): call the ladder's draft model; accept its lone draft if its score
+clears the task's first threshold; else call the voter and accept if the stage-2 score clears the
+second threshold; else call the strong (final) model and return its answer. The ladder's models are
+whatever the training data had (the artifact names them). Easy prompts cost one cheap call. Scores
+come from logistic gates over task-agnostic draft features (agreement above all; gate.py), made
+cost-aware on known tasks: log(estimated escalation cost) - log P(wrong), so a risk is taken more
+readily where escalating would cost more. At stage 2 every agreement ranks above every split
+(AGREE_BONUS), so one threshold says "splits with score >= x" or "agreements with score >= x".
+Training certifies one score threshold for lone drafts and agreements alike and never accepts a
+split (which side of a split is right is barely predictable from the replies, gate AUC ~0.5-0.6).
 
 Classifier (the other strategy): before any call, a logistic model over hashed prompt words
-predicts whether mini will be right; the prompt goes to mini alone or to the strong model.
+predicts whether the draft model will be right; the prompt goes to it alone or to the strong model.
 
-Calibration (``fit``): thresholds are fitted out-of-fold for a target quality relative to the
-reference. A task not in the artifact (or None) gets the fallback: never a lone draft, never a
-split, agreements only above a bar that held on tasks the gates had not seen, and straight to the
-strong model if no bar is safe. So an unfamiliar task leans to the strong model.
+Calibration (``fit``, ``certify``): thresholds are certified out-of-fold for a target quality
+relative to the reference at a stated confidence. A task not in the artifact (or None) gets the
+fallback: never a lone draft, never a split, agreements (compared by answer equivalence) only above
+a bar that held on tasks the gates had not seen, and straight to the strong model if no bar is safe.
+So an unfamiliar task leans to the strong model.
 """
 
 from __future__ import annotations
@@ -145,7 +145,8 @@ class Router:
         gate = self.gate_for(task)
         where = f"task {task}" if self.known(task) else "unknown task, cautious"
         strong_at = [i for i, d in enumerate(drafts) if d.model == self.strong]
-        parsed = {i: parse(d.output, task) for i, d in enumerate(drafts)}
+        # An unseen task's answers compare by equivalence ("1/2" agrees with "\\frac{1}{2}").
+        parsed = {i: parse(d.output, task if self.known(task) else None) for i, d in enumerate(drafts)}
         if strong_at:
             return self._final(strong_at[-1], parsed)
         if self.strategy == "classifier":

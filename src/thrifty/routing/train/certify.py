@@ -1,0 +1,129 @@
+"""Certified thresholds: the cheapest acceptance rule whose quality holds on new prompts, with a
+stated confidence, rather than on the calibration rows alone.
+
+The promise is "quality >= target x the reference's", over prompts drawn like the training ones.
+For a rule, each row gives a paired difference d = ok(rule) - target x ok(reference); the rule is
+certified when a one-sided lower confidence bound on the mean of d is >= 0 (normal approximation
+of the paired difference: mean - z x sd / sqrt(n); n is hundreds here). Rules are tested along a
+path fixed before looking at correctness, most cautious first (everything to the strong model,
+then lone drafts and agreements accepted by decreasing gate score), and testing stops at the first rule
+that fails: fixed-sequence testing, so the chance that the chosen rule misses the target is at
+most 1 - confidence however many rules the path holds (each test is at the full level; no
+multiple-comparison penalty, which is why the order must not depend on the labels).
+
+Everything here is pure numpy over arrays, so the repeated-draw test of the coverage is fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
+
+
+def z_score(confidence: float) -> float:
+    if not 0.5 <= confidence < 1.0:
+        raise ValueError("confidence must be in [0.5, 1)")
+    return NormalDist().inv_cdf(confidence)
+
+
+@dataclass(frozen=True, slots=True)
+class PathPoint:
+    """One rule on the path: how many lone drafts it accepts, its totals over the rows."""
+
+    step: int  # 0: all to the strong model alone; then rules by decreasing score threshold
+    threshold: float  # the score a lone draft or an agreement needs (inf: none accepted)
+    quality: float  # right answers
+    both: float  # rows right under both the rule and the reference
+    cost: float
+    lower: float  # lower confidence bound of sum(d), >= 0 when certified
+
+
+def lower_bounds(q: Any, qr: Any, r: float, n: int, target: float, z: float) -> Any:
+    """Vectorised lower bounds of sum(d) for rules with `q` right answers, `qr` rows right under
+    both the rule and the reference, `r` reference-right rows of `n`."""
+    import numpy as np
+
+    q, qr = np.asarray(q, dtype=float), np.asarray(qr, dtype=float)
+    s = q - target * r
+    s2 = q + target * target * r - 2.0 * target * qr  # sum of d^2 (ok values are 0/1)
+    var = np.maximum(s2 - s * s / n, 0.0)  # n x variance of d: the variance of the sum
+    return s - z * np.sqrt(var)
+
+
+def certified_ratio(q: float, qr: float, r: float, n: int, z: float) -> float:
+    """The largest quality ratio (rule / reference) that the rows certify: the least `target` at
+    which the lower bound still holds, found by bisection (the bound falls as target rises)."""
+    lo, hi = 0.0, 2.0
+    if r <= 0:
+        return 0.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if float(lower_bounds([q], [qr], r, n, mid, z)[0]) >= 0:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def certify_path(
+    score1: Any,
+    score2: Any,
+    ok1: Any,
+    ok2: Any,
+    ok_esc: Any,
+    ok_base: Any,
+    ok_ref: Any,
+    cost1: Any,
+    cost2: Any,
+    cost_esc: Any,
+    cost_base: Any,
+    *,
+    target: float,
+    confidence: float,
+) -> tuple[list[PathPoint], int]:
+    """The path's rules and the index of the certified one (-1: not even the first is).
+
+    Rule 0 sends every prompt to the strong model alone (`ok_base`/`cost_base`). Rule lambda takes
+    a row's lone draft when `score1` >= lambda (`ok1`/`cost1`), else its second-stage answer when
+    `score2` >= lambda (`ok2`/`cost2`; -inf where the drafts disagree), else escalates after the
+    cheap calls (`ok_esc`/`cost_esc`); lambda runs down over every score, so each rule accepts a
+    superset of the one before. `ok_ref` is the reference's correctness. Scores are label-free
+    (out-of-fold gate outputs), so the order of the path does not look at the answers."""
+    import numpy as np
+
+    z = z_score(confidence)
+    s1, s2 = np.asarray(score1, dtype=float), np.asarray(score2, dtype=float)
+    o1, o2, oe, ob, ref, c1, c2, ce, cb = (
+        np.asarray(a, dtype=float)
+        for a in (ok1, ok2, ok_esc, ok_base, ok_ref, cost1, cost2, cost_esc, cost_base)
+    )
+    n, r = len(s1), float(ref.sum())
+    grid = np.unique(np.concatenate([s1, s2]))
+    grid = grid[np.isfinite(grid)][::-1]
+    lam = np.concatenate([[np.inf], grid])[:, None]  # inf: every prompt escalates after the cheap calls
+    take1 = s1[None, :] >= lam
+    take2 = ~take1 & (s2[None, :] >= lam)
+    esc = ~take1 & ~take2
+    ok = take1 * o1 + take2 * o2 + esc * oe
+    q = np.concatenate([[ob.sum()], ok.sum(axis=1)])
+    qr = np.concatenate([[(ob * ref).sum()], (ok * ref).sum(axis=1)])
+    c = np.concatenate([[cb.sum()], (take1 * c1 + take2 * c2 + esc * ce).sum(axis=1)])
+    lows = lower_bounds(q, qr, r, n, target, z)
+    # Each rule's threshold is cut halfway to the next lower score: the gates the artifact ships
+    # are refitted on every row, and their scores move a little from the out-of-fold ones.
+    scores = [float(v) for v in lam[:, 0]]
+    lower = [*scores[1:], scores[-1] - 2.0]
+    cuts = [(a + b) / 2 if math.isfinite(a) else a for a, b in zip(scores, lower, strict=True)]
+    thresholds = [math.inf, *cuts]
+    points = [
+        PathPoint(i, thresholds[i], float(q[i]), float(qr[i]), float(c[i]), float(lows[i]))
+        for i in range(len(q))
+    ]
+    chosen = -1
+    for i, p in enumerate(points):
+        if p.lower < 0:
+            break  # fixed-sequence testing: stop at the first rule that is not certified
+        chosen = i
+    return points, chosen

@@ -1,0 +1,174 @@
+"""Routers over any model pool: the learned ladder, certified thresholds, answer equivalence."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from thrifty.errors import InvalidData
+from thrifty.routing.answers import canonical, equivalent
+from thrifty.routing.train.certify import certify_path
+from thrifty.routing.train.cost import CostModel, load_prices
+from thrifty.routing.train.data import Call, Row, load_rows
+from thrifty.routing.train.fit import candidate_ladders, train
+from thrifty.routing.train.router import Router
+
+# A hand-made pool of four models nobody ships prices for.
+TINY, SMALL, JUNK, BIG = "tiny-1b", "small-8b", "junk-3b", "big-400b"
+COST = {TINY: "1", SMALL: "2", JUNK: "0.5", BIG: "20"}
+
+
+def _reply(answer: str, sure: bool) -> str:
+    reasoning = (
+        "Add them: the sum is clear." if sure else "Wait, maybe; actually I am not sure, let me re-check."
+    )
+    return json.dumps({"reasoning": reasoning, "answer": answer})
+
+
+def _pool_row(i: int) -> Row:
+    """tiny and small are right on 70% of prompts, and hedge exactly when they are wrong; junk
+    answers something different every time; big is always right."""
+    truth = str(i % 7)
+    wrong = i % 10 < 3
+    answers = {
+        TINY: (str(100 + i) if wrong else truth, not wrong),
+        SMALL: (str(200 + i) if wrong else truth, not wrong),
+        JUNK: (str(300 + i), True),
+        BIG: (truth, True),
+    }
+    calls = {
+        m: Call(answer=a, correct=a == truth, cost=Decimal(COST[m]), output_tokens=10, output=_reply(a, sure))
+        for m, (a, sure) in answers.items()
+    }
+    return Row(f"r{i}", "sums", "What is the sum?", calls)
+
+
+def test_training_on_a_four_model_pool_learns_the_expected_ladder(tmp_path: Path) -> None:
+    rows = [_pool_row(i) for i in range(150)]
+    # The plain agreement cascades worth training, cheapest first: junk never agrees with anyone,
+    # so a ladder with it escalates every prompt and comes last.
+    options = candidate_ladders(rows, BIG, 0.99, 3)
+    assert {o.ladder for o in options[:2]} == {(TINY, SMALL), (SMALL, TINY)}
+    assert JUNK in options[2].ladder and options[2].cost > options[1].cost
+    assert all(o.strong == BIG for o in options)
+    router = train(rows, reference=BIG, folds=3, bootstrap=5)
+    # tiny drafts (cheaper, and its confident drafts are trusted alone), small votes, big answers last.
+    assert (router.ladder, router.strong) == ((TINY, SMALL), BIG)
+    assert router.models() == {TINY, SMALL, BIG}
+    cert = router.meta["certificate"]
+    assert cert["certified"] and cert["bound"] >= 0.99 and cert["confidence"] == 0.95
+    # Lone confident tiny drafts (70%) cost 1; the rest pay tiny + small + big = 23.
+    assert cert["rel_cost"] == pytest.approx((0.7 * 1 + 0.3 * 23) / 20, abs=0.01)
+    assert router.meta["escalation_rate"]["sums"] == pytest.approx(0.3, abs=0.01)
+    # The artifact names its models and loads back.
+    path = tmp_path / "router.json"
+    router.save(path)
+    obj = json.loads(path.read_text())
+    assert (obj["ladder"], obj["strong"]) == ([TINY, SMALL], BIG)
+    assert Router.load(path) == router
+
+
+def test_a_pool_without_two_cheap_models_is_a_clear_error() -> None:
+    rows = [_pool_row(i) for i in range(10)]
+    only = [Row(r.id, r.task, r.prompt, {m: r.calls[m] for m in (BIG, TINY)}) for r in rows]
+    with pytest.raises(InvalidData, match="no two models"):
+        train(only, reference=BIG)
+
+
+def test_prices_come_from_a_file_or_genai_prices(tmp_path: Path) -> None:
+    prices = tmp_path / "p.json"
+    prices.write_text(json.dumps({TINY: {"input_per_mtok": "1", "output_per_mtok": "2"}}))
+    costs = CostModel(load_prices(prices))
+    assert costs.call_cost(TINY, 1_000_000, 500_000) == Decimal(2)
+    # Not in the file: genai-prices' list price (gpt-4o-mini: 0.15 / 0.60 per million).
+    assert costs.call_cost("gpt-4o-mini-2024-07-18", 1_000_000, 1_000_000) == Decimal("0.75")
+    assert not costs.priced("no-such-model-xyz") and costs.unpriced() == ["no-such-model-xyz"]
+    data = tmp_path / "d.jsonl"
+    responses = {m: {"output": '{"answer": "1"}', "correct": 1} for m in (TINY, "no-such-model-xyz")}
+    data.write_text(json.dumps({"id": "a", "task": "t", "prompt": "p", "responses": responses}) + "\n")
+    (row,) = load_rows([data], costs)
+    assert set(row.calls) == {TINY}  # the unpriced model is left out
+    prices.write_text(json.dumps({TINY: {"input_per_mtok": "1"}}))
+    with pytest.raises(InvalidData, match="give flat_per_mtok, or both"):
+        load_prices(prices)
+
+
+def _true_quality(t: np.ndarray) -> np.ndarray:
+    # Score s ~ U(0, 1); the lone draft is right with probability s; otherwise the strong model,
+    # which is the reference, is right with probability 0.9. E[right | accept s >= t] integrates s.
+    return ((1 - t**2) / 2 + 0.9 * t) / 0.9
+
+
+def test_certification_holds_at_its_stated_rate_over_repeated_draws() -> None:
+    rng = np.random.default_rng(12345)
+    target, n, draws = 0.99, 400, 100
+    held = point_held = 0
+    for _ in range(draws):
+        s = rng.random(n)
+        ok1 = rng.random(n) < s
+        ref = rng.random(n) < 0.9
+        never = np.full(n, -np.inf)  # no second stage: a draft not taken goes to the strong model
+        points, chosen = certify_path(
+            s, never, ok1, ref, ref, ref, ref, np.ones(n), np.ones(n), np.full(n, 11.0), np.full(n, 10.0),
+            target=target, confidence=0.95,
+        )  # fmt: skip
+        t = points[max(chosen, 0)].threshold
+        held += bool(_true_quality(np.array([min(t, 1.0)]))[0] >= target)
+        # The point estimate's choice: the cheapest rule whose sample quality reaches the target.
+        need = target * ref.sum()
+        cheapest = min((p for p in points if p.quality >= need), key=lambda p: p.cost)
+        point_held += bool(_true_quality(np.array([min(cheapest.threshold, 1.0)]))[0] >= target)
+    assert held >= 93
+    # Without the bound the promise is a coin toss: the test can tell the two apart.
+    assert point_held <= 80
+
+
+EQUIVALENT = [
+    ("0.5", "1/2"),
+    ("\\frac{1}{2}", "0.5"),
+    ("\\dfrac12", "\\frac{1}{2}"),
+    ("\\tfrac{1}{2}", "1/2"),
+    ("$\\boxed{\\frac12}$", "0.50"),
+    ("\\boxed{42}", "42"),
+    ("-\\frac{3}{4}", "-0.75"),
+    ("$1,234.00", "1234"),
+    ("12 cm", "12"),
+    ("5 \\text{ dollars}", "5"),
+    ("45^\\circ", "45"),
+    ("1e3", "1000"),
+    ("(B)", "B"),
+    ("B.", "Answer: B"),
+    ("The answer is (C) 17", "C"),
+    ("'abc'", "abc"),
+    ("x + 1", "x  + 1"),
+]
+DIFFERENT = [
+    ("\\frac{1}{2}", "\\frac{1}{3}"),
+    ("0.5", "5"),
+    ("12 cm", "13 cm"),
+    ("(B)", "(C)"),
+    ("A cat", "A"),
+    ("a", "A"),
+    ("2 and 3", "2"),
+    ("x + 1", "x + 2"),
+    ("[1, 2]", "[2, 1]"),
+    ("1/0", "0"),
+]
+
+
+@pytest.mark.parametrize(("a", "b"), EQUIVALENT)
+def test_equivalent_answer_forms_agree_both_ways(a: str, b: str) -> None:
+    assert equivalent(a, b) and equivalent(b, a)
+
+
+@pytest.mark.parametrize(("a", "b"), DIFFERENT)
+def test_different_answers_disagree_both_ways(a: str, b: str) -> None:
+    assert not equivalent(a, b) and not equivalent(b, a)
+
+
+def test_no_answer_agrees_with_nothing() -> None:
+    assert canonical(None) is None and not equivalent(None, None) and not equivalent("1", None)

@@ -265,7 +265,8 @@ def test_no_batch_price_and_no_discount_is_a_start_warning(tmp_path, oa, an, cap
     with BackgroundServer(settings_from_mapping(data), secrets={"oa": OPENAI_KEY, "an": ANTHROPIC_KEY}):
         pass
     warned = [r.message for r in caplog.records if "no batch price" in r.message]
-    assert len(warned) == 1 and "'claude-haiku'" in warned[0] and "batch_discount" in warned[0]
+    assert len(warned) == 1 and "'claude-haiku' (an)" in warned[0] and "batch_discount" in warned[0]
+    assert "claude-new" not in warned[0] and "gpt-4o" not in warned[0]  # genai-prices has theirs
 
 
 def test_expiry_and_cancel_release_reservations_and_keep_answered_lines(make_gateway, oa, an, tmp_path):

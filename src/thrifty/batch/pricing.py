@@ -40,13 +40,18 @@ class BatchPricer:
                 self.basis[alias] = "real-time price (no batch price known)"
 
     def gaps(self, models: Mapping[str, ModelSettings]) -> list[str]:
-        """Start-up warnings: models whose batch items are charged the real-time price."""
-        return [
-            f"model {alias!r} has no batch price in genai-prices and providers.{m.provider}.batch_discount "
-            f"is not set: its batch items are recorded at the real-time price; set the discount the "
-            f"provider gives (e.g. batch_discount: 0.5) to price them"
+        """The start-up warning (one line) naming the models whose batch items get the real-time price."""
+        missing = [
+            f"{alias!r} ({m.provider})"
             for alias, m in models.items()
             if self.basis.get(alias) == "real-time price (no batch price known)"
+        ]
+        if not missing:
+            return []
+        return [
+            f"no batch price for model{'s' if len(missing) > 1 else ''} {', '.join(missing)}: genai-prices "
+            "has none and the provider sets no batch_discount, so their batch items are recorded at the "
+            "real-time price; set providers.NAME.batch_discount (e.g. 0.5) where the provider gives one"
         ]
 
     def cost(self, alias: str, usage: Usage) -> Decimal | None:

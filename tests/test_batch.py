@@ -23,8 +23,13 @@ from tests.fakes.anthropic_batch_wire import AnthropicBatchWireServer
 from tests.fakes.anthropic_wire import Reply as AReply
 from tests.fakes.openai_batch_wire import OpenAIBatchWireServer
 from tests.fakes.openai_wire import Reply
+from thrifty.batch.adapters.base import Outbound
+from thrifty.batch.adapters.openai import OpenAIBatchAdapter
+from thrifty.batch.sqlite_store import SqliteBatchStore
+from thrifty.batch.store import JobRecord, NewItem
 from thrifty.report import batch_line, build_report
 from thrifty.server.run import BackgroundServer
+from thrifty.types import ModelTarget
 
 OPENAI_KEY = "sk-fake-upstream"
 ANTHROPIC_KEY = "sk-ant-fake"
@@ -456,3 +461,65 @@ def test_a_deferred_request_over_the_budget_is_refused_at_once(make_gateway, oa,
     assert resp.status_code == 429 and "budget" in resp.json()["error"]["message"]
     (row,) = ledger_rows(tmp_path / "ledger.db")
     assert row["http_status"] == 429 and row["request_id"] == resp.headers["x-thrifty-request-id"]
+
+
+def test_a_provider_batch_sent_just_before_a_crash_is_adopted_not_sent_again(tmp_path, oa, an, loop_thread):
+    settings = settings_for(tmp_path, oa, an)
+    # What a crash between sending a provider batch and storing its id leaves behind: the items
+    # claimed into a provider batch that is still "preparing" here, while the provider has it.
+    store = SqliteBatchStore(tmp_path / "ledger.db")
+    now = time.time()
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    job = JobRecord(
+        "batch_crash",
+        "file",
+        "acme",
+        None,
+        "/v1/chat/completions",
+        "24h",
+        "in_progress",
+        None,
+        {},
+        now,
+        now + 86400,
+    )
+    items = [
+        NewItem(
+            f"req_{i:032x}",
+            job.job_id,
+            i + 1,
+            f"c{i}",
+            "queued",
+            job.job_id,
+            now,
+            now,
+            1,
+            "gpt-4o-mini",
+            None,
+            "oa",
+            body,
+        )
+        for i in range(3)
+    ]
+    store.create_job(job, items)
+    (group,) = store.queue_groups()
+    assert store.claim(group, 10, "ub_crash", now) == 3
+    target = ModelTarget("gpt-4o-mini", "oa", "gpt-4o-mini", None)
+    adapter = OpenAIBatchAdapter("oa", settings.providers["oa"], OPENAI_KEY)
+    outbound = [Outbound(i.request_id, target, body) for i in store.items_of_upstream("ub_crash")]
+
+    async def send() -> str:
+        await adapter.start()
+        try:
+            return await adapter.submit(outbound, "ub_crash")
+        finally:
+            await adapter.close()
+
+    loop_thread.run(send())
+    store.close()
+    assert oa.batch_creations == 1
+    with BackgroundServer(settings, secrets={"oa": OPENAI_KEY, "an": ANTHROPIC_KEY}) as server:
+        done = _wait(_client(server), job.job_id)
+    assert done.status == "completed" and done.request_counts.completed == 3
+    assert oa.batch_creations == 1  # found by its label and adopted, not sent again
+    assert len(ledger_rows(tmp_path / "ledger.db")) == 3

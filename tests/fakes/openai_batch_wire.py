@@ -68,6 +68,7 @@ class OpenAIBatchWireServer(OpenAIWireServer):
         app.router.add_post("/v1/files", self._upload)
         app.router.add_get("/v1/files/{id}/content", self._content)
         app.router.add_post("/v1/batches", self._create)
+        app.router.add_get("/v1/batches", self._list)
         app.router.add_get("/v1/batches/{id}", self._retrieve)
         app.router.add_post("/v1/batches/{id}/cancel", self._cancel)
         self._runner = web.AppRunner(app, access_log=None)
@@ -270,6 +271,14 @@ class OpenAIBatchWireServer(OpenAIWireServer):
             "usage": _usage(reply),
             "system_fingerprint": "fp_fake",
         }
+
+    async def _list(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response(_UNAUTHORIZED, status=401)
+        limit = int(request.query.get("limit", "20"))
+        newest = sorted(self.batches.values(), key=lambda b: b.created_at, reverse=True)[:limit]
+        data = [self._batch_object(b) for b in newest]
+        return web.json_response({"object": "list", "data": data, "has_more": len(self.batches) > limit})
 
     async def _retrieve(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

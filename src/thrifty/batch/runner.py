@@ -53,10 +53,8 @@ class BatchRunner:
 
     async def start(self) -> None:
         db = self.service.db
-        # Provider batches whose submission a crash interrupted before their id was stored: their
-        # items go back to the queue (the window is the one HTTP call that creates the batch).
-        for upstream in db.upstream_batches(["preparing"]):
-            db.requeue_unsent(upstream.upstream_id)
+        for adapter in self.service.adapters.values():
+            await adapter.start()
         if not self.service.gateway.budget_plan.empty:
             open_items = db.open_items()
             owners = {}
@@ -64,12 +62,28 @@ class BatchRunner:
                 job = self._job(item.job_id)
                 owners[item.job_id] = (job.tenant_id, job.tags)
             self.service.rereserve(owners, open_items)
-        for adapter in self.service.adapters.values():
-            await adapter.start()
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.service.settings.webhook_timeout_s)
         )
         self._task = asyncio.ensure_future(self._loop())
+
+    async def _recover_unsent(self) -> None:
+        """Provider batches a crash interrupted between sending and storing their id: the one the
+        provider has (found by its label) is adopted; the others' items go back to the queue."""
+        db = self.service.db
+        for upstream in db.upstream_batches(["preparing"]):
+            adapter = self.service.adapters.get(upstream.provider)
+            remote_id = None
+            if adapter is not None:
+                try:
+                    remote_id = await adapter.find(upstream.upstream_id)
+                except ThriftyError as err:
+                    log.warning("looking for provider batch %s: %s", upstream.upstream_id, err.message)
+                    continue  # unknown yet: left preparing, looked for again at the next start
+            if remote_id is None:
+                db.requeue_unsent(upstream.upstream_id)
+            else:
+                db.mark_submitted(upstream.upstream_id, remote_id, time.time())
 
     async def close(self) -> None:
         if self._task is not None:
@@ -84,6 +98,10 @@ class BatchRunner:
             self._http = None
 
     async def _loop(self) -> None:
+        try:  # here, not in start(): a provider that is down must not hold up the gateway's start
+            await self._recover_unsent()
+        except Exception:
+            log.exception("recovering provider batches sent before a crash")
         while True:
             try:
                 wait = await self.tick()

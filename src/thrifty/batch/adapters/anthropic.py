@@ -59,6 +59,9 @@ class AnthropicBatchAdapter:
         batch = await self._http.post_json(self._url, {"requests": requests})
         return str(batch["id"])
 
+    async def find(self, label: str) -> str | None:
+        return None  # its batches carry no label to find them by
+
     async def poll(self, remote_id: str) -> RemoteState:
         batch = await self._get(f"{self._url}/{remote_id}")
         status = str(batch.get("processing_status"))

@@ -68,6 +68,14 @@ class OpenAIBatchAdapter:
         )
         return str(batch["id"])
 
+    async def find(self, label: str) -> str | None:
+        """Batches are created with metadata {thrifty_batch: label}; look among the newest."""
+        listing = await self._request("GET", "/batches?limit=100")
+        for batch in listing.get("data") or []:
+            if (batch.get("metadata") or {}).get("thrifty_batch") == label:
+                return str(batch["id"])
+        return None
+
     async def poll(self, remote_id: str) -> RemoteState:
         batch = await self._request("GET", f"/batches/{remote_id}")
         status = str(batch.get("status"))

@@ -26,6 +26,9 @@ class ReplayBatchAdapter:
     async def submit(self, items: Iterable[Outbound], label: str) -> str:
         return f"replay_{os.urandom(8).hex()}"
 
+    async def find(self, label: str) -> str | None:
+        return None  # its batches carry no label to find them by
+
     async def poll(self, remote_id: str) -> RemoteState:
         return RemoteState(ended=True, status="ended")
 

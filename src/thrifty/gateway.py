@@ -7,7 +7,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -41,6 +41,9 @@ from thrifty.stores.ledger import LedgerWriter
 from thrifty.stores.sqlite_db import open_database
 from thrifty.tokens import TokenCounter, encoding_for_model
 from thrifty.types import ModelTarget, Tags
+
+if TYPE_CHECKING:
+    from thrifty.tracing import LedgerTracer
 
 
 def _targets(settings: Settings) -> dict[str, ModelTarget]:
@@ -124,6 +127,12 @@ class Gateway:
             synchronous=settings.storage.synchronous,
             batch_max=settings.storage.ledger_batch_max,
         )
+        self.tracer: LedgerTracer | None = None
+        if settings.tracing.enabled:  # off: OpenTelemetry is not even imported
+            from thrifty.tracing import LedgerTracer
+
+            self.tracer = LedgerTracer(settings.tracing)
+            self.ledger.observe(self.tracer.observe_batch)
         self._key_tenants = {h: tenant for tenant, t in settings.tenants.items() for h in t.key_hashes}
         self._db: sqlite3.Connection | None = None
         self._keys: SqliteKeyStore | None = None
@@ -164,7 +173,7 @@ class Gateway:
         )
         self._cache_db: sqlite3.Connection | None = None
         rate_limits = {t: s.rate_limit for t, s in settings.tenants.items() if s.rate_limit is not None}
-        resilience = Resilience(settings.resilience, settings.routes, self.targets)
+        resilience = self.resilience = Resilience(settings.resilience, settings.routes, self.targets)
         call_provider = CallProvider(self.providers, accountant)
         # Context summaries go down the same retries, breakers and fallbacks as answers.
         self.context = ContextStage(
@@ -267,6 +276,8 @@ class Gateway:
             await provider.close()
         await self.idempotency.close()
         self.ledger.close()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.close)  # exports what is queued; never on the loop
         self.semantic_cache.close()
         if self._cache_db is not None:
             self._cache_db.close()

@@ -46,6 +46,10 @@ class ReportRow:
     escalated: int = 0
     unpriced: int = 0
     estimated: int = 0
+    exact_hits: int = 0
+    semantic_hits: int = 0
+    exact_saved_usd: Decimal = field(default_factory=Decimal)
+    semantic_saved_usd: Decimal = field(default_factory=Decimal)
     context_tokens_saved: int = 0  # input tokens the context budgets took out (ledger column context)
     # Requests on routes with an output budget, and those of them cut off at max_tokens.
     output_budgeted: int = 0
@@ -93,6 +97,10 @@ class ReportRow:
             "budget_rejections": self.rejected_budget,
             "unpriced_requests": self.unpriced,
             "estimated_usage_requests": self.estimated,
+            "exact_cache_hits": self.exact_hits,
+            "semantic_cache_hits": self.semantic_hits,
+            "exact_saved_usd": decimal_text(self.exact_saved_usd),
+            "semantic_saved_usd": decimal_text(self.semantic_saved_usd),
             "context_tokens_saved": self.context_tokens_saved,
             "length_cutoff_rate": round(self.length_cutoffs / self.output_budgeted, 6)
             if self.output_budgeted
@@ -121,7 +129,15 @@ def parse_since(text: str | None) -> float | None:
     return parsed.timestamp()
 
 
-def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) -> list[ReportRow]:
+def build_report(
+    conn: sqlite3.Connection,
+    by: str,
+    since: float | None = None,
+    *,
+    until: float | None = None,
+    tenant: str | None = None,
+) -> list[ReportRow]:
+    """Scan the ledger: rows with since <= ts < until (each optional), of one tenant if given."""
     if by not in GROUP_COLUMNS:
         raise ValueError(f"--by must be one of {', '.join(GROUP_COLUMNS)}")
     column = GROUP_COLUMNS[by]
@@ -131,10 +147,14 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
         "COALESCE(json_extract(context, '$.saved'), 0), json_extract(context, '$.finish_reason'), batch "
         "FROM ledger"
     )
-    params: tuple[Any, ...] = ()
-    if since is not None:
-        sql += " WHERE ts >= ?"
-        params = (since,)
+    clauses: list[str] = []
+    params: list[Any] = []
+    for clause, value in (("ts >= ?", since), ("ts < ?", until), ("tenant_id = ?", tenant)):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
     rows: dict[str | None, ReportRow] = {}
     for row_values in conn.execute(sql, params):
         (
@@ -178,12 +198,18 @@ def build_report(conn: sqlite3.Connection, by: str, since: float | None = None) 
             row.retry_cost_usd += Decimal(retry_cost)
         if saved is not None:
             row.saved_usd += Decimal(saved)
+            if cache == "exact":
+                row.exact_saved_usd += Decimal(saved)
+            elif cache == "semantic":
+                row.semantic_saved_usd += Decimal(saved)
         if http_status == 429:
             row.rejected_budget += 1
         if cache == "dedup":
             row.dedup_hits += 1
         elif cache != "miss":
             row.cache_hits += 1
+            row.exact_hits += cache == "exact"
+            row.semantic_hits += cache == "semantic"
         row.escalated += escalated
         row.context_tokens_saved += ctx_saved
         if finish_reason is not None:
@@ -217,6 +243,10 @@ def totals(rows: Iterable[ReportRow]) -> ReportRow:
         total.escalated += r.escalated
         total.unpriced += r.unpriced
         total.estimated += r.estimated
+        total.exact_hits += r.exact_hits
+        total.semantic_hits += r.semantic_hits
+        total.exact_saved_usd += r.exact_saved_usd
+        total.semantic_saved_usd += r.semantic_saved_usd
         total.context_tokens_saved += r.context_tokens_saved
         total.output_budgeted += r.output_budgeted
         total.length_cutoffs += r.length_cutoffs

@@ -423,6 +423,42 @@ class PricingSettings(_Strict):
     reject_unpriced: bool = False
 
 
+class DashboardSettings(_Strict):
+    """`GET /dashboard`: read-only over the ledger. A tenant's virtual key sees its own tenant."""
+
+    enabled: bool = True
+    # sha256 hex digests of admin keys (`printf %s KEY | sha256sum`): they see every tenant, and
+    # /metrics. Any string works as an admin key; make it long and random.
+    admin_key_hashes: list[str] = Field(default_factory=list)
+    top_n: int = Field(default=10, ge=1, le=1000)  # rows in the top features / tenants / users tables
+    explorer_rows: int = Field(default=50, ge=1, le=1000)  # requests per explorer page
+
+    @model_validator(mode="after")
+    def _hashes(self) -> DashboardSettings:
+        for h in self.admin_key_hashes:
+            if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+                raise ValueError(f"admin_key_hashes: {h!r} is not a sha256 hex digest")
+        return self
+
+
+class MetricsSettings(_Strict):
+    """`GET /metrics` in Prometheus' text format, updated from each committed ledger batch."""
+
+    enabled: bool = True
+    # Distinct values kept per label (tenant, feature, route, model); later ones count as "other".
+    max_label_values: int = Field(default=50, ge=1)
+    # Spend per tenant is not for everyone: scrapes send an admin key (Bearer) unless this is off.
+    require_admin_key: bool = True
+
+
+class TracingSettings(_Strict):
+    """OpenTelemetry spans per request, one child per upstream attempt (`pip install thrifty[otel]`)."""
+
+    enabled: bool = False
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"  # OTLP over HTTP
+    service_name: str = "thrifty"
+
+
 class Settings(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
@@ -432,6 +468,9 @@ class Settings(_Strict):
     resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     semantic: SemanticSettings = Field(default_factory=SemanticSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     providers: dict[str, ProviderSettings]
     models: dict[str, ModelSettings]

@@ -19,6 +19,7 @@ from thrifty.batch.flush import QueueGroup
 from thrifty.batch.states import ITEM_OPEN, STATUS_TIME
 from thrifty.batch.store import FileRecord, Item, ItemResult, JobRecord, NewItem, UpstreamBatch
 from thrifty.stores.ledger import INSERT_ENTRY_SQL, entry_row
+from thrifty.stores.rollups import add_rollups
 from thrifty.stores.sqlite_db import open_database
 from thrifty.types import LedgerEntry, decimal_text
 
@@ -223,7 +224,7 @@ class SqliteBatchStore:
         """New items, and in the same transaction the ledger rows of the lines refused already."""
         with self._transaction():
             self._insert_items(items)
-            self._conn.executemany(INSERT_ENTRY_SQL, (entry_row(e) for e in entries))
+            self._insert_ledger(entry_row(e) for e in entries)
 
     def _insert_items(self, items: Iterable[NewItem]) -> None:
         rows = (
@@ -394,6 +395,7 @@ class SqliteBatchStore:
 
     def record_results(self, results: Iterable[ItemResult], ts: float) -> list[str]:
         recorded: list[str] = []
+        rows: list[tuple[Any, ...]] = []
         with self._transaction():
             for r in results:
                 cursor = self._conn.execute(
@@ -402,9 +404,17 @@ class SqliteBatchStore:
                     (r.state, r.status_code, _json(r.response), _json(r.error), ts, r.request_id, *_OPEN),
                 )
                 if cursor.rowcount == 1:
-                    self._conn.execute(INSERT_ENTRY_SQL, entry_row(r.entry))
+                    rows.append(entry_row(r.entry))
                     recorded.append(r.request_id)
+            self._insert_ledger(rows)
         return recorded
+
+    def _insert_ledger(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Ledger rows, folded into the dashboard's rollups in the same transaction (as the ledger
+        writer does): a row is in the rollups exactly when it is in the ledger."""
+        inserted = [row for row in rows if self._conn.execute(INSERT_ENTRY_SQL, row).rowcount == 1]
+        if inserted:
+            add_rollups(self._conn, inserted)
 
     # -- webhooks ---------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ traffic on the semantic cache with real Banking77 queries. Then the report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
@@ -90,6 +91,8 @@ def run_demo(
     support_seeds: int = 1500,
     support_lookups: int = 500,
     width: int = 160,
+    serve: bool = False,
+    wait: Callable[[], None] | None = None,
 ) -> int:
     from rich.progress import Progress
 
@@ -211,4 +214,35 @@ def run_demo(
             "(one per request that passed authentication)"
         )
         print_fn(f"demo took {elapsed:.1f}s")
-        return 0 if stats.ok > 0 and ledger_rows == sent else 1
+        code = 0 if stats.ok > 0 and ledger_rows == sent else 1
+        _show_dashboard(settings, print_fn, serve, wait)
+        return code
+
+
+def _show_dashboard(
+    settings: Any, print_fn: Callable[[Any], None], serve: bool, wait: Callable[[], None] | None
+) -> None:
+    """The dashboard over what the demo did: its URL, and with --serve the gateway until Ctrl-C."""
+    import secrets
+
+    from thrifty.server.run import BackgroundServer
+    from thrifty.settings import DashboardSettings
+    from thrifty.stores.keys import hash_key
+
+    if not serve:
+        print_fn("dashboard: run `thrifty demo --serve` to keep the gateway up and look at it in a browser")
+        return
+    admin_key = "thr-demo-admin-" + secrets.token_urlsafe(16)
+    viewable = settings.model_copy(
+        update={"dashboard": DashboardSettings(admin_key_hashes=[hash_key(admin_key)])}
+    )
+    with BackgroundServer(viewable) as server:
+        print_fn(f"dashboard: http://{server.host}:{server.port}/dashboard (admin key: {admin_key})")
+        print_fn("the gateway keeps running over the demo's ledger; Ctrl-C stops it")
+        with contextlib.suppress(KeyboardInterrupt):
+            (wait or _forever)()
+
+
+def _forever() -> None:
+    while True:
+        time.sleep(3600)

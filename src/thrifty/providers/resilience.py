@@ -103,6 +103,10 @@ class Resilience:
             )
         return breaker
 
+    def breaker_states(self) -> dict[tuple[str, str], str]:
+        """(provider, upstream model) -> closed | open | half-open, for every target called so far."""
+        return {key: breaker.state for key, breaker in self._breakers.items()}
+
     def _budget(self, target: ModelTarget) -> RetryBudget:
         key = (target.provider, target.upstream_model)
         budget = self._budgets.get(key)

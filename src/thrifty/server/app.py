@@ -9,17 +9,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import orjson
 
-from thrifty.errors import InvalidRequest, NotFound, ThriftyError
+from thrifty.errors import AuthenticationFailed, InvalidRequest, NotFound, ThriftyError
 from thrifty.gateway import Gateway, parse_chat_body
 from thrifty.pipeline import Completion, RequestContext, Streamed
 from thrifty.providers.base import StreamChunk, chunk_finishes, close_stream
+from thrifty.server.dashboard import DashboardApp
+from thrifty.server.metrics import GatewayMetrics
 from thrifty.settings import Settings
+from thrifty.stores.keys import hash_key
+from thrifty.stores.reporting import SqliteReportingStore
 from thrifty.types import Tags
 
 log = logging.getLogger(__name__)
@@ -140,6 +145,22 @@ class ThriftyApp:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self._max_body = gateway.settings.server.max_body_bytes
+        self._dashboard: DashboardApp | None = None
+        if gateway.settings.dashboard.enabled:
+            self._dashboard = DashboardApp(
+                SqliteReportingStore(gateway.db_path),
+                gateway.settings,
+                lambda key: gateway.authenticate("Bearer " + key),
+            )
+        self._metrics: GatewayMetrics | None = None
+        if gateway.settings.metrics.enabled:
+            ledger = gateway.ledger
+            self._metrics = GatewayMetrics(
+                gateway.settings,
+                breakers=gateway.resilience.breaker_states,
+                depths={"ledger": lambda: ledger.pending},
+            )
+            ledger.observe(self._metrics.observe_batch)
         from thrifty.server.batch_routes import BatchRoutes, defer_chat
 
         self._batch = BatchRoutes(gateway, self._max_body)
@@ -186,6 +207,10 @@ class ThriftyApp:
                 await _send_json(send, 200, {"object": "list", "data": self.gateway.model_list()})
             elif path == "/healthz":
                 await _send_json(send, 200, {"status": "ok"})
+            elif path == "/metrics" and self._metrics is not None:
+                await self._send_metrics(self._metrics, _headers(scope), send)
+            elif self._dashboard is not None and (path == "/dashboard" or path.startswith("/dashboard/")):
+                await self._dashboard(scope, receive, send)
             elif path.startswith(("/v1/files", "/v1/batches", "/v1/thrifty/")):
                 await self._batch(scope, receive, send)
             else:
@@ -198,6 +223,36 @@ class ThriftyApp:
             return
         except ThriftyError as err:
             await _send_json(send, err.status, err.to_openai(), _error_headers(err))
+
+    async def _send_metrics(self, metrics: GatewayMetrics, headers: Mapping[str, str], send: Send) -> None:
+        settings = self.gateway.settings
+        if settings.metrics.require_admin_key:
+            hashes = settings.dashboard.admin_key_hashes
+            scheme, _, key = (headers.get("authorization") or "").strip().partition(" ")
+            if not hashes:
+                raise AuthenticationFailed(
+                    "/metrics needs an admin key and none is set: add dashboard.admin_key_hashes, "
+                    "or set metrics.require_admin_key: false"
+                )
+            if scheme.lower() != "bearer" or not any(
+                hmac.compare_digest(hash_key(key.strip()), h) for h in hashes
+            ):
+                raise AuthenticationFailed(
+                    "/metrics needs an admin key: send Authorization: Bearer KEY "
+                    "(in Prometheus: authorization.credentials)"
+                )
+        body, content_type = metrics.exposition()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", content_type.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
     async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []

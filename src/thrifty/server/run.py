@@ -86,6 +86,9 @@ class BackgroundServer:
     ) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit it: uvicorn writes a response's head and body separately, and
+        # with Nagle on, a keep-alive client waits ~40 ms (its delayed ACK) for the body.
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock.bind((host, 0))
         self.host = host
         self.port = self._sock.getsockname()[1]
@@ -113,3 +116,12 @@ class BackgroundServer:
         self._server.should_exit = True
         self._thread.join(timeout=30)
         self._sock.close()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for uvicorn's `sockets=`, with TCP_NODELAY (see BackgroundServer)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    return sock

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -176,6 +178,108 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
+        12,
+        # Hourly and daily rollups of the ledger, kept up to date by the ledger writer in the same
+        # transaction as its batch (stores/rollups.py), so the dashboard never scans the ledger.
+        # grain: 'h'/'d' by the attribution dimensions, 'hu'/'du' by tenant and user (users would
+        # multiply the main grain's rows). `dims` is json_array() of the grain's dimensions: NULL
+        # never equals NULL in a key, the JSON text does. Money is exact and summed by SQLite
+        # itself: whole pico-USD (`_pico`), the exact rest below 1e-12 as decimal text (`_rest`,
+        # almost always NULL) and the smallest decimal exponent summed (`_exp`, so the sum reads
+        # as the ledger's Decimal sum does). Existing ledger rows are rolled up here, once.
+        """
+        CREATE TABLE ledger_rollup (
+            grain TEXT NOT NULL,
+            bucket INTEGER NOT NULL,
+            dims TEXT NOT NULL,
+            tenant_id TEXT NOT NULL,
+            feature TEXT,
+            route TEXT,
+            prompt_version TEXT,
+            model TEXT,
+            user TEXT,
+            requests INTEGER NOT NULL,
+            ok INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            cached_input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            budget_rejections INTEGER NOT NULL,
+            exact_hits INTEGER NOT NULL,
+            semantic_hits INTEGER NOT NULL,
+            escalated INTEGER NOT NULL,
+            retries INTEGER NOT NULL,
+            unpriced INTEGER NOT NULL,
+            estimated INTEGER NOT NULL,
+            dedup_hits INTEGER NOT NULL,
+            context_tokens_saved INTEGER NOT NULL,
+            output_budgeted INTEGER NOT NULL,
+            length_cutoffs INTEGER NOT NULL,
+            cost_usd_pico INTEGER NOT NULL,
+            cost_usd_exp INTEGER NOT NULL,
+            cost_usd_rest TEXT,
+            error_cost_usd_pico INTEGER NOT NULL,
+            error_cost_usd_exp INTEGER NOT NULL,
+            error_cost_usd_rest TEXT,
+            retry_cost_usd_pico INTEGER NOT NULL,
+            retry_cost_usd_exp INTEGER NOT NULL,
+            retry_cost_usd_rest TEXT,
+            saved_usd_pico INTEGER NOT NULL,
+            saved_usd_exp INTEGER NOT NULL,
+            saved_usd_rest TEXT,
+            exact_saved_usd_pico INTEGER NOT NULL,
+            exact_saved_usd_exp INTEGER NOT NULL,
+            exact_saved_usd_rest TEXT,
+            semantic_saved_usd_pico INTEGER NOT NULL,
+            semantic_saved_usd_exp INTEGER NOT NULL,
+            semantic_saved_usd_rest TEXT,
+            PRIMARY KEY (grain, bucket, dims)
+        ) WITHOUT ROWID;
+        INSERT INTO ledger_rollup
+        SELECT grain, bucket, dims, tenant_id, feature, route, prompt_version, model, user,
+            requests, ok, input_tokens, cached_input_tokens, output_tokens, budget_rejections, exact_hits,
+            semantic_hits, escalated, retries, unpriced, estimated, dedup_hits, context_tokens_saved,
+            output_budgeted, length_cutoffs,
+            thrifty_pico(cost_usd), thrifty_exp(cost_usd), thrifty_rest(cost_usd),
+            thrifty_pico(error_cost_usd), thrifty_exp(error_cost_usd), thrifty_rest(error_cost_usd),
+            thrifty_pico(retry_cost_usd), thrifty_exp(retry_cost_usd), thrifty_rest(retry_cost_usd),
+            thrifty_pico(saved_usd), thrifty_exp(saved_usd), thrifty_rest(saved_usd),
+            thrifty_pico(exact_saved_usd), thrifty_exp(exact_saved_usd), thrifty_rest(exact_saved_usd),
+            thrifty_pico(semantic_saved_usd), thrifty_exp(semantic_saved_usd),
+            thrifty_rest(semantic_saved_usd)
+        FROM (
+            SELECT g.grain AS grain, CAST(l.ts / g.width AS INTEGER) * g.width AS bucket,
+                CASE WHEN g.by_user THEN json_array(l.tenant_id, l.user)
+                     ELSE json_array(l.tenant_id, l.feature, l.route, l.prompt_version, l.model) END AS dims,
+                l.tenant_id AS tenant_id,
+                CASE WHEN g.by_user THEN NULL ELSE l.feature END AS feature,
+                CASE WHEN g.by_user THEN NULL ELSE l.route END AS route,
+                CASE WHEN g.by_user THEN NULL ELSE l.prompt_version END AS prompt_version,
+                CASE WHEN g.by_user THEN NULL ELSE l.model END AS model,
+                CASE WHEN g.by_user THEN l.user ELSE NULL END AS user,
+                COUNT(*) AS requests, SUM(l.status = 'ok') AS ok, SUM(l.input_tokens) AS input_tokens,
+                SUM(l.cached_input_tokens) AS cached_input_tokens, SUM(l.output_tokens) AS output_tokens,
+                SUM(l.http_status = 429) AS budget_rejections, SUM(l.cache = 'exact') AS exact_hits,
+                SUM(l.cache = 'semantic') AS semantic_hits, SUM(l.escalated) AS escalated,
+                SUM(l.retries) AS retries, SUM(l.cost_usd IS NULL) AS unpriced,
+                SUM(l.usage_estimated) AS estimated, SUM(l.cache = 'dedup') AS dedup_hits,
+                SUM(COALESCE(json_extract(l.context, '$.saved'), 0)) AS context_tokens_saved,
+                SUM(json_extract(l.context, '$.finish_reason') IS NOT NULL) AS output_budgeted,
+                SUM(COALESCE(json_extract(l.context, '$.finish_reason') = 'length', 0)) AS length_cutoffs,
+                thrifty_dec_sum(l.cost_usd) AS cost_usd,
+                thrifty_dec_sum(CASE WHEN l.status != 'ok' THEN l.cost_usd END) AS error_cost_usd,
+                thrifty_dec_sum(l.retry_cost_usd) AS retry_cost_usd,
+                thrifty_dec_sum(l.saved_usd) AS saved_usd,
+                thrifty_dec_sum(CASE WHEN l.cache = 'exact' THEN l.saved_usd END) AS exact_saved_usd,
+                thrifty_dec_sum(CASE WHEN l.cache = 'semantic' THEN l.saved_usd END) AS semantic_saved_usd
+            FROM ledger AS l CROSS JOIN (
+                SELECT 'h' AS grain, 3600 AS width, 0 AS by_user UNION ALL SELECT 'd', 86400, 0
+                UNION ALL SELECT 'hu', 3600, 1 UNION ALL SELECT 'du', 86400, 1
+            ) AS g
+            GROUP BY 1, 2, 3
+        )
+        """,
+    ),
+    (
         11,
         # Batch offload (thrifty/batch): uploaded files, jobs (an OpenAI batch or one deferred request),
         # their items (the queue is the items in state 'queued') and the provider batches they went in.
@@ -267,6 +371,84 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
 )
 
 
+def _dec_add(a: str | None, b: str | None) -> str | None:
+    """Exact sum of two decimal texts (NULL is nothing): SQLite itself has only binary floats."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return format(Decimal(a) + Decimal(b), "f")
+
+
+class _DecSum:
+    def __init__(self) -> None:
+        self.total: Decimal | None = None
+
+    def step(self, value: Any, /) -> None:
+        if value is not None:
+            self.total = Decimal(value) if self.total is None else self.total + Decimal(value)
+
+    def finalize(self) -> str | None:
+        return None if self.total is None else format(self.total, "f")
+
+
+_PICO_LIMIT = 2**62
+
+
+def split_money(value: Decimal | None) -> tuple[int, int, str | None]:
+    """An exact amount as (whole pico-USD, decimal exponent, the rest below 1e-12 as text or None)."""
+    if value is None:
+        return 0, 0, None
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int), "amounts are finite"
+    pico = int(value.scaleb(12))  # toward zero
+    if exponent >= -12 and abs(pico) < _PICO_LIMIT:
+        return pico, min(exponent, 0), None  # the common case: a whole number of pico-USD
+    if abs(pico) >= _PICO_LIMIT:
+        # Over $4.6M in one batch and key: all of it as text, so SQLite's integers never overflow.
+        return 0, min(exponent, 0), format(value, "f")
+    rest = value - Decimal(pico).scaleb(-12)
+    return pico, min(exponent, 0), None if rest.is_zero() else format(rest, "f")
+
+
+def join_money(pico: int | str | None, exponent: int | None, rest: str | None) -> Decimal:
+    """The inverse of split_money over a sum: the exact amount, written with the smallest exponent."""
+    value = Decimal(int(pico or 0)).scaleb(-12)
+    if rest is not None:
+        value += Decimal(rest)
+    return value.quantize(Decimal(1).scaleb(min(exponent or 0, 0)))
+
+
+class _IntSum:
+    """SUM over integers without SQLite's 64-bit overflow (returned as text)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def step(self, value: Any, /) -> None:
+        if value is not None:
+            self.total += int(value)
+
+    def finalize(self) -> str:
+        return str(self.total)
+
+
+def _split_text(index: int) -> Any:
+    def part(text: str | None) -> Any:
+        return split_money(None if text is None else Decimal(text))[index]
+
+    return part
+
+
+def register_functions(conn: sqlite3.Connection) -> None:
+    """SQL functions thrifty's statements use: exact decimal sums, and money split for the rollups."""
+    conn.create_function("thrifty_dec_add", 2, _dec_add, deterministic=True)
+    conn.create_aggregate("thrifty_dec_sum", 1, _DecSum)  # type: ignore[arg-type]  # typeshed: int only
+    conn.create_aggregate("thrifty_int_sum", 1, _IntSum)  # type: ignore[arg-type]
+    for index, name in enumerate(("thrifty_pico", "thrifty_exp", "thrifty_rest")):
+        conn.create_function(name, 1, _split_text(index), deterministic=True)
+
+
 def scope_where(
     equals: dict[str, object | None], *, expired_before: float | None = None
 ) -> tuple[str, list[object]]:
@@ -286,11 +468,13 @@ def connect(path: Path, *, synchronous: str = "normal", check_same_thread: bool 
     # With WAL, NORMAL loses nothing when the process dies (only on power loss); FULL fsyncs each commit.
     conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
     conn.execute("PRAGMA busy_timeout=30000")
+    register_functions(conn)
     return conn
 
 
 def migrate(conn: sqlite3.Connection) -> list[int]:
     """Apply the migrations this database has not seen; return their versions."""
+    register_functions(conn)
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
     )

@@ -1,0 +1,348 @@
+"""The read port of reports and the dashboard, and its SQLite implementation.
+
+`ReportingStore` is everything `thrifty report` and the dashboard read: exact spend from the
+ledger, the same measures from the rollups (stores/rollups.py), the request explorer, alerts and
+budget use. A PostgreSQL implementation provides the same methods over the same tables.
+
+Rollup reads take hour-aligned windows (`Window.aligned`); a report over any other window scans
+the ledger. Every method is async: the SQLite implementation runs each query on a worker thread
+with its own connection, so a slow page never stalls the gateway's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+import orjson
+
+from thrifty.report import GROUP_COLUMNS, ReportRow, build_report
+from thrifty.stores.rollups import DAY, HOUR, INT_FIELDS, MONEY_FIELDS, rebuild_rollups
+from thrifty.stores.sqlite_db import connect, join_money
+
+T = TypeVar("T")
+Bucket = Literal["hour", "day"]
+BUCKET_WIDTH: dict[str, int] = {"hour": HOUR, "day": DAY}
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """since <= ts < until (None: unbounded), of one tenant when `tenant` is set."""
+
+    since: float | None = None
+    until: float | None = None
+    tenant: str | None = None
+
+    @property
+    def aligned(self) -> bool:
+        return all(t is None or t % HOUR == 0 for t in (self.since, self.until))
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesPoint:
+    bucket: int  # start of the UTC hour or day, unix seconds
+    row: ReportRow  # row.group: the dimension's value
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUse:
+    usd: Decimal
+    tokens: int  # input + output, as budgets count them
+
+
+class ReportingStore(Protocol):
+    async def spend_by(self, by: str, window: Window) -> list[ReportRow]:
+        """Exact, from the ledger rows themselves (what `thrifty report` prints)."""
+        ...
+
+    async def rollup_by(self, by: str, window: Window) -> list[ReportRow]:
+        """The same rows as spend_by for an hour-aligned window, from the rollups."""
+        ...
+
+    async def rollup_top(self, by: str, window: Window, limit: int) -> list[ReportRow]:
+        """The `limit` most expensive groups; only requests, ok and cost_usd are filled in."""
+        ...
+
+    async def rollup_series(self, by: str, bucket: Bucket, window: Window) -> list[SeriesPoint]: ...
+
+    async def budget_use(
+        self, since: float, *, tenant: str | None, feature: str | None, route: str | None
+    ) -> BudgetUse:
+        """Spend since a day boundary of one scope (None: any value), from the daily rollups."""
+        ...
+
+    async def requests(
+        self, window: Window, *, limit: int, before: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest ledger rows first, with their attempts."""
+        ...
+
+    async def alerts(self, since: float, *, limit: int) -> list[dict[str, Any]]: ...
+
+    async def rebuild_rollups(self) -> int: ...
+
+
+def _plan(since: float | None, until: float | None, width: int) -> list[tuple[str, int | None, int | None]]:
+    """Split [since, until) into ranges served by the daily grain and hourly edges ('h'/'d')."""
+    if width == HOUR:
+        return [("h", _int(since), _int(until))]
+    day_lo = None if since is None else -(-int(since) // DAY) * DAY
+    day_hi = None if until is None else int(until) // DAY * DAY
+    if day_lo is not None and day_hi is not None and day_lo >= day_hi:
+        return [("h", _int(since), _int(until))]
+    parts: list[tuple[str, int | None, int | None]] = [("d", day_lo, day_hi)]
+    if since is not None and day_lo is not None and since < day_lo:
+        parts.append(("h", int(since), day_lo))
+    if until is not None and day_hi is not None and day_hi < until:
+        parts.append(("h", day_hi, int(until)))
+    return parts
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _day_text(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+def _sums(int_sum: str) -> str:
+    money = [
+        f"{int_sum}({f}_pico), MIN({f}_exp), thrifty_dec_sum({f}_rest) FILTER (WHERE {f}_rest IS NOT NULL)"
+        for f in MONEY_FIELDS
+    ]
+    return ", ".join([f"SUM({f})" for f in INT_FIELDS] + money)
+
+
+_SUMS = _sums("SUM")
+# Beyond 2^63 pico-USD ($9.2M) in one answer SQLite's SUM overflows; Python's integers do not.
+_BIG_SUMS = _sums("thrifty_int_sum")
+# Rankings need requests, successes and cost only: a fifth of the work on the large user grain.
+_TOP_SUMS, _BIG_TOP_SUMS = (
+    f"SUM(requests), SUM(ok), {int_sum}(cost_usd_pico), MIN(cost_usd_exp), "
+    "thrifty_dec_sum(cost_usd_rest) FILTER (WHERE cost_usd_rest IS NOT NULL)"
+    for int_sum in ("SUM", "thrifty_int_sum")
+)
+
+
+def _merge_top(row: ReportRow, values: tuple[Any, ...]) -> None:
+    requests, ok, *money = values
+    row.requests += requests
+    row.ok += ok
+    row.cost_usd += join_money(*money)
+
+
+def _merge(row: ReportRow, values: tuple[Any, ...]) -> None:
+    (
+        requests,
+        ok,
+        inp,
+        cached,
+        out,
+        rejected,
+        exact,
+        semantic,
+        escalated,
+        _retries,
+        unpriced,
+        estimated,
+        dedup,
+        context_saved,
+        output_budgeted,
+        length_cutoffs,
+        *money,
+    ) = values
+    cost, error_cost, retry_cost, saved, exact_saved, semantic_saved = (
+        join_money(*money[i : i + 3]) for i in range(0, len(money), 3)
+    )
+    row.requests += requests
+    row.ok += ok
+    row.input_tokens += inp
+    row.cached_input_tokens += cached
+    row.output_tokens += out
+    row.rejected_budget += rejected
+    row.exact_hits += exact
+    row.semantic_hits += semantic
+    row.cache_hits += exact + semantic
+    row.escalated += escalated
+    row.unpriced += unpriced
+    row.estimated += estimated
+    row.dedup_hits += dedup
+    row.context_tokens_saved += context_saved
+    row.output_budgeted += output_budgeted
+    row.length_cutoffs += length_cutoffs
+    for name, amount in (
+        ("cost_usd", cost),
+        ("error_cost_usd", error_cost),
+        ("retry_cost_usd", retry_cost),
+        ("saved_usd", saved),
+        ("exact_saved_usd", exact_saved),
+        ("semantic_saved_usd", semantic_saved),
+    ):
+        setattr(row, name, getattr(row, name) + amount)
+
+
+def _order(row: ReportRow) -> tuple[bool, str]:
+    return row.group is None, row.group or ""
+
+
+def _sorted(rows: list[ReportRow]) -> list[ReportRow]:
+    # The report's order: most expensive first, then by name, unset last.
+    return sorted(rows, key=lambda r: (-r.cost_usd, *_order(r)))
+
+
+_REQUEST_COLUMNS = (
+    "request_id, ts, tenant_id, user, feature, route, prompt_version, model, provider, attempts, "
+    "input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, cost_usd, "
+    "saved_usd, cache, escalated, retries, retry_cost_usd, status, http_status, error, latency_ms, ttft_ms"
+)
+
+
+class SqliteReportingStore:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    async def _run(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.to_thread(self._query, query)
+
+    def _query(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        conn = connect(self._path)
+        try:
+            return query(conn)
+        finally:
+            conn.close()
+
+    async def spend_by(self, by: str, window: Window) -> list[ReportRow]:
+        return await self._run(
+            lambda conn: build_report(conn, by, window.since, until=window.until, tenant=window.tenant)
+        )
+
+    async def rollup_by(self, by: str, window: Window) -> list[ReportRow]:
+        width = DAY if by == "day" else 0
+        points = await self._run(lambda conn: self._rollup(conn, by, width, window))
+        return _sorted([p.row for p in points])
+
+    async def rollup_top(self, by: str, window: Window, limit: int) -> list[ReportRow]:
+        points = await self._run(lambda conn: self._rollup(conn, by, 0, window, top=True))
+        return _sorted([p.row for p in points])[:limit]
+
+    async def rollup_series(self, by: str, bucket: Bucket, window: Window) -> list[SeriesPoint]:
+        width = BUCKET_WIDTH[bucket]
+        points = await self._run(lambda conn: self._rollup(conn, by, width, window))
+        return sorted(
+            points, key=lambda p: (p.bucket, -p.row.cost_usd, p.row.group is None, p.row.group or "")
+        )
+
+    def _rollup(
+        self, conn: sqlite3.Connection, by: str, width: int, window: Window, *, top: bool = False
+    ) -> list[SeriesPoint]:
+        """Rows per (bucket of `width` seconds, or 0 = the whole window; group); `top`: requests,
+        successes and cost only."""
+        sums, big_sums, merge = (_TOP_SUMS, _BIG_TOP_SUMS, _merge_top) if top else (_SUMS, _BIG_SUMS, _merge)
+        if by not in GROUP_COLUMNS:
+            raise ValueError(f"by must be one of {', '.join(GROUP_COLUMNS)}")
+        if not window.aligned:
+            raise ValueError("rollups answer whole hours: since and until must be on the hour")
+        user = by == "user"
+        column = "bucket" if by == "day" else GROUP_COLUMNS[by]
+        found: dict[tuple[int, str | None], ReportRow] = {}
+        for grain, lo, hi in _plan(window.since, window.until, HOUR if width == HOUR else DAY):
+            clauses = ["grain = ?"]
+            params: list[Any] = [grain + ("u" if user else "")]
+            for clause, value in (("bucket >= ?", lo), ("bucket < ?", hi), ("tenant_id = ?", window.tenant)):
+                if value is not None:
+                    clauses.append(clause)
+                    params.append(value)
+            bucket_sql = "0" if width == 0 else f"bucket / {width} * {width}"
+            group_sql = f"bucket / {DAY} * {DAY}" if by == "day" else column
+            sql = (
+                f"SELECT {bucket_sql}, {group_sql}, {{}} FROM ledger_rollup "
+                f"WHERE {' AND '.join(clauses)} GROUP BY 1, 2"
+            )
+            try:
+                found_rows = conn.execute(sql.format(sums), params).fetchall()
+            except sqlite3.OperationalError as err:
+                if "overflow" not in str(err):
+                    raise
+                found_rows = conn.execute(sql.format(big_sums), params).fetchall()
+            for bucket, key, *values in found_rows:
+                group = _day_text(key) if by == "day" else (None if key is None else str(key))
+                row = found.get((bucket, group))
+                if row is None:
+                    row = found[(bucket, group)] = ReportRow(group)
+                merge(row, tuple(values))
+        return [SeriesPoint(bucket, row) for (bucket, _), row in found.items()]
+
+    async def budget_use(
+        self, since: float, *, tenant: str | None, feature: str | None, route: str | None
+    ) -> BudgetUse:
+        def query(conn: sqlite3.Connection) -> BudgetUse:
+            clauses = ["grain = 'd'", "bucket >= ?"]
+            params: list[Any] = [int(since)]
+            for column, value in (("tenant_id", tenant), ("feature", feature), ("route", route)):
+                if value is not None:
+                    clauses.append(f"{column} = ?")
+                    params.append(value)
+            pico, exponent, rest, tokens = conn.execute(
+                "SELECT thrifty_int_sum(cost_usd_pico), MIN(cost_usd_exp), "
+                "thrifty_dec_sum(cost_usd_rest) FILTER (WHERE cost_usd_rest IS NOT NULL), "
+                f"SUM(input_tokens + output_tokens) FROM ledger_rollup WHERE {' AND '.join(clauses)}",
+                params,
+            ).fetchone()
+            return BudgetUse(join_money(pico, exponent, rest), int(tokens or 0))
+
+        return await self._run(query)
+
+    async def requests(
+        self, window: Window, *, limit: int, before: float | None = None
+    ) -> list[dict[str, Any]]:
+        def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            clauses: list[str] = []
+            params: list[Any] = []
+            until = window.until if before is None else min(before, window.until or before)
+            for clause, value in (
+                ("ts >= ?", window.since),
+                ("ts < ?", until),
+                ("tenant_id = ?", window.tenant),
+            ):
+                if value is not None:
+                    clauses.append(clause)
+                    params.append(value)
+            where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+            cursor = conn.execute(
+                f"SELECT {_REQUEST_COLUMNS} FROM ledger{where} ORDER BY ts DESC LIMIT ?", [*params, limit]
+            )
+            names = [d[0] for d in cursor.description]
+            out = []
+            for values in cursor:
+                record = dict(zip(names, values, strict=True))
+                record["attempts"] = orjson.loads(record["attempts"])
+                record["escalated"] = bool(record["escalated"])
+                out.append(record)
+            return out
+
+        return await self._run(query)
+
+    async def alerts(self, since: float, *, limit: int) -> list[dict[str, Any]]:
+        def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            cursor = conn.execute(
+                "SELECT ts, kind, scope, message, delivered_at, delivery_error FROM alerts "
+                "WHERE ts >= ? ORDER BY ts DESC LIMIT ?",
+                (since, limit),
+            )
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, values, strict=True)) for values in cursor]
+
+        return await self._run(query)
+
+    async def rebuild_rollups(self) -> int:
+        return await self._run(rebuild_rollups)
+
+
+__all__ = ["BudgetUse", "ReportingStore", "SeriesPoint", "SqliteReportingStore", "Window"]

@@ -3,6 +3,7 @@ OpenAI's Batch API and Anthropic's Message Batches; money to the exact Decimal; 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -29,6 +30,7 @@ from thrifty.batch.sqlite_store import SqliteBatchStore
 from thrifty.batch.store import JobRecord, NewItem
 from thrifty.report import batch_line, build_report
 from thrifty.server.run import BackgroundServer
+from thrifty.stores.reporting import SqliteReportingStore, Window
 from thrifty.types import ModelTarget
 
 OPENAI_KEY = "sk-fake-upstream"
@@ -256,6 +258,11 @@ def test_batch_items_cost_exactly_the_batch_rate(make_gateway, oa, an, tmp_path,
     assert Decimal(report["batch_cost_usd"]) == expect_o + expect_h + expect_n
     realtime = realtime_o + expect_h * 2 + (50 * Decimal(1) + 10 * Decimal(5)) / M
     assert Decimal(report["batch_realtime_usd"]) == realtime
+    # The dashboard's rollups hold the batch rows too, to the same Decimal.
+    (rolled,) = asyncio.run(
+        SqliteReportingStore(tmp_path / "ledger.db").rollup_by("tenant", Window(None, None))
+    )
+    assert rolled.requests == 3 and rolled.cost_usd == acme.cost_usd == expect_o + expect_h + expect_n
     line = batch_line([acme])
     assert line is not None and "3 of 3 requests (100.0%)" in line and f"${realtime}" in line
 

@@ -24,11 +24,15 @@ import openai
 import pytest
 
 from tests.fakes.openai_wire import OpenAIWireServer
+from tests.services import pg_url, private_redis, redis_prefix, services
 from thrifty.server.run import BackgroundServer
 from thrifty.settings import Settings, settings_from_mapping
 from thrifty.stores.keys import hash_key
 
 T = TypeVar("T")
+
+# Fixtures defined elsewhere, re-exported so every test module can ask for them.
+__all__ = ["pg_url", "private_redis", "redis_prefix", "services"]
 
 KEYS = {"acme": "thr-test-key-acme-0001", "globex": "thr-test-key-globex-0002"}
 UPSTREAM_KEY = "sk-fake-upstream"

@@ -1,7 +1,7 @@
-"""The IdempotencyStore port's contract, against the SQLite implementation.
+"""The IdempotencyStore port's contract, against the SQLite and the Redis implementations.
 
-Written against the port only (`make_store` is the one SQLite-specific line), so another
-implementation (Redis, for replicas) can run the same checks.
+Written against the port only: the `store` fixture runs each contract test on both (a real Redis,
+started by scripts/services.sh); the tests that reopen a file or bound its size are SQLite's own.
 """
 
 from __future__ import annotations
@@ -23,12 +23,26 @@ def make_store(tmp_path: Path, max_entries: int = 100) -> IdempotencyStore:
     return SqliteIdempotencyStore(tmp_path / "thrifty.db", max_entries=max_entries)
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[IdempotencyStore]:
-    s = make_store(tmp_path)
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[IdempotencyStore]:
+    state = None
+    if request.param == "redis":
+        from thrifty.settings import SharedStateSettings
+        from thrifty.stores.redis_idempotency import RedisIdempotencyStore
+        from thrifty.stores.redis_state import RedisState
+
+        services = request.getfixturevalue("services")
+        state = RedisState(
+            SharedStateSettings(url=services.redis_url, prefix=request.getfixturevalue("redis_prefix"))
+        )
+        s: IdempotencyStore = RedisIdempotencyStore(state)
+    else:
+        s = make_store(tmp_path)
     await s.start()
     yield s
     await s.close()
+    if state is not None:
+        await state.close()
 
 
 async def test_one_owner_per_key_and_a_result_for_everyone_after(store: IdempotencyStore) -> None:

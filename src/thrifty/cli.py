@@ -18,6 +18,7 @@ from rich.text import Text
 from thrifty.batch.cli import batch_app
 from thrifty.errors import ThriftyError
 from thrifty.settings import Settings, load_settings, resolve_secrets
+from thrifty.stores.ports import LedgerReader
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="thrifty: the LLM cost-control gateway")
 keys_app = typer.Typer(no_args_is_help=True, help="Virtual keys (stored hashed; shown once)")
@@ -84,6 +85,21 @@ def _settings(config: Path | None) -> Settings:
     return load_settings(_settings_path(config))
 
 
+def _ledger_reader(config: Path | None, db: Path | None) -> LedgerReader:
+    """The ledger named by --db (a SQLite file) or by the settings' storage.url (SQLite or PostgreSQL)."""
+    from thrifty.stores.factory import open_reader
+    from thrifty.stores.readers import SqliteLedgerReader
+    from thrifty.stores.sqlite_db import open_database
+
+    settings = None if db is not None else _settings(config)
+    if settings is not None and settings.storage.backend == "postgresql":
+        return open_reader(settings)
+    path = db or (settings.storage.sqlite_path if settings else Path("thrifty.db"))
+    if not path.exists():
+        raise ThriftyError(f"no ledger at {path}")
+    return SqliteLedgerReader(open_database(path))
+
+
 @app.command()
 def serve(
     config: ConfigOpt = None,
@@ -115,14 +131,13 @@ def keys_create(
     label: Annotated[str | None, typer.Option(help="a note to recognise the key by")] = None,
 ) -> None:
     """Create a virtual key; it is printed once and stored only as a hash."""
-    from thrifty.stores.keys import SqliteKeyStore
-    from thrifty.stores.sqlite_db import open_database
+    from thrifty.stores.factory import open_key_store
 
     settings = _settings(config)
     if tenant not in settings.tenants:
         raise ThriftyError(f"unknown tenant {tenant!r}; add it under tenants: in the settings first")
-    conn = open_database(settings.storage.sqlite_path)
-    key = SqliteKeyStore(conn).create(tenant, label)
+    store, conn = open_key_store(settings)
+    key = store.create(tenant, label)
     conn.close()
     typer.echo(key)
 
@@ -130,11 +145,10 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(config: ConfigOpt = None) -> None:
     """List keys by hash prefix (the keys themselves are not stored)."""
-    from thrifty.stores.keys import SqliteKeyStore
-    from thrifty.stores.sqlite_db import open_database
+    from thrifty.stores.factory import open_key_store
 
-    conn = open_database(_settings(config).storage.sqlite_path)
-    for prefix, tenant, label, _created, revoked in SqliteKeyStore(conn).list():
+    store, conn = open_key_store(_settings(config))
+    for prefix, tenant, label, _created, revoked in store.list():
         typer.echo(f"{prefix}  {tenant:<20} {label or '':<20} {'revoked' if revoked else 'active'}")
     conn.close()
 
@@ -142,13 +156,12 @@ def keys_list(config: ConfigOpt = None) -> None:
 @keys_app.command("revoke")
 def keys_revoke(hash_prefix: str, config: ConfigOpt = None) -> None:
     """Revoke the key(s) whose hash starts with HASH_PREFIX (see `keys list`)."""
-    from thrifty.stores.keys import SqliteKeyStore
-    from thrifty.stores.sqlite_db import open_database
+    from thrifty.stores.factory import open_key_store
 
     if len(hash_prefix) < 8:
         raise ThriftyError("give at least 8 characters of the key hash")
-    conn = open_database(_settings(config).storage.sqlite_path)
-    revoked = SqliteKeyStore(conn).revoke(hash_prefix)
+    store, conn = open_key_store(_settings(config))
+    revoked = store.revoke(hash_prefix)
     conn.close()
     if not revoked:
         typer.echo(
@@ -173,7 +186,7 @@ def report(
     """Spend, tokens and success by one attribution dimension."""
     import asyncio
 
-    from thrifty.report import GROUP_COLUMNS, batch_line, parse_since, render_table, to_csv
+    from thrifty.report import GROUP_COLUMNS, batch_line, build_report, parse_since, render_table, to_csv
     from thrifty.stores.reporting import SqliteReportingStore, Window
     from thrifty.stores.sqlite_db import open_database
 
@@ -181,9 +194,6 @@ def report(
         raise ThriftyError(f"--by must be one of: {', '.join(GROUP_COLUMNS)}")
     if fmt not in ("table", "json", "csv"):
         raise ThriftyError("--format must be table, json or csv")
-    path = db or _settings(config).storage.sqlite_path
-    if not path.exists():
-        raise ThriftyError(f"no ledger at {path}")
     try:
         since_ts = parse_since(since)
     except ValueError as err:
@@ -192,8 +202,18 @@ def report(
         until_ts = parse_since(until)
     except ValueError as err:
         raise ThriftyError(f"--until: {err}") from err
-    open_database(path).close()  # brings an older ledger's schema up to date
-    rows = asyncio.run(SqliteReportingStore(path).spend_by(by, Window(since_ts, until_ts, tenant)))
+    settings = None if db is not None else _settings(config)
+    if settings is not None and settings.storage.backend == "postgresql":
+        # PostgreSQL: the ledger itself, through the same reader port (no rollups there yet).
+        reader = _ledger_reader(config, db)
+        rows = build_report(reader, by, since_ts, until=until_ts, tenant=tenant)
+        reader.close()
+    else:
+        path = db or (settings.storage.sqlite_path if settings else Path("thrifty.db"))
+        if not path.exists():
+            raise ThriftyError(f"no ledger at {path}")
+        open_database(path).close()  # brings an older ledger's schema up to date
+        rows = asyncio.run(SqliteReportingStore(path).spend_by(by, Window(since_ts, until_ts, tenant)))
     if fmt == "json":
         typer.echo(orjson.dumps([r.to_json() for r in rows], option=orjson.OPT_INDENT_2).decode())
     elif fmt == "csv":
@@ -261,22 +281,14 @@ def alerts(
     from datetime import UTC, datetime
 
     from thrifty.report import parse_since
-    from thrifty.stores.sqlite_db import open_database
 
-    path = db or _settings(config).storage.sqlite_path
-    if not path.exists():
-        raise ThriftyError(f"no ledger at {path}")
     try:
         since_ts = parse_since(since) or 0
     except ValueError as err:
         raise ThriftyError(f"--since: {err}") from err
-    conn = open_database(path)
-    rows = conn.execute(
-        "SELECT ts, kind, scope, message, delivered_at, delivery_error FROM alerts "
-        "WHERE ts >= ? ORDER BY ts DESC",
-        (since_ts,),
-    ).fetchall()
-    conn.close()
+    reader = _ledger_reader(config, db)
+    rows = reader.alerts_since(since_ts)
+    reader.close()
     if not rows:
         typer.echo("no alerts")
     for ts, kind, _scope, message, delivered, error in rows:
@@ -620,6 +632,37 @@ def cache_purge(
         f"purged {exact + semantic} cache entr{'y' if exact + semantic == 1 else 'ies'} "
         f"({exact} exact, {semantic} semantic)"
     )
+
+
+@bench_app.command("replicas")
+def bench_replicas(
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    duration: Annotated[float, typer.Option(help="seconds per measurement")] = 5.0,
+    concurrency: Annotated[
+        list[int] | None, typer.Option("--concurrency", help="repeat for each level (default 1 64)")
+    ] = None,
+    generator: Annotated[str, typer.Option(help="auto|wrk|python (auto: wrk when on PATH)")] = "auto",
+    redis_url: Annotated[str | None, typer.Option(help="a running Redis (default: start one)")] = None,
+    postgres_url: Annotated[
+        str | None, typer.Option(help="a running PostgreSQL (default: start one)")
+    ] = None,
+) -> None:
+    """1 replica on SQLite vs 1 and 3 on Redis + PostgreSQL: latency, req/s, CPU and round trips."""
+    from thrifty.bench.replicas import run_replicas_bench
+
+    if generator not in ("auto", "wrk", "python"):
+        raise ThriftyError("--generator must be auto, wrk or python")
+    report = run_replicas_bench(
+        duration=duration,
+        concurrencies=concurrency or [1, 64],
+        json_out=json_out,
+        console=_console(),
+        generator=generator,
+        redis_url=redis_url,
+        postgres_url=postgres_url,
+    )
+    if report["targets"]["ledger_rows_lost"]:
+        raise typer.Exit(1)
 
 
 @bench_app.command("dashboard")

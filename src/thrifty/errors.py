@@ -165,6 +165,15 @@ class BudgetExceeded(ThriftyError):
         self.should_retry = resets_in_s <= 60
 
 
+class SharedStateUnavailable(ThriftyError):
+    """A store shared by the replicas (Redis, PostgreSQL) did not answer, and the settings say to
+    refuse rather than guess (fault mode `fail_closed`)."""
+
+    status = 503
+    error_type = "server_error"
+    code = "dependency_unavailable"
+
+
 class RequestTooExpensive(ThriftyError):
     """The request's worst-case cost is above the route's per-request cap; retrying will not help."""
 

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -14,14 +15,14 @@ import orjson
 from thrifty.accounting import Account, Accountant, trailer_of
 from thrifty.alerts.rules import budget_alerts
 from thrifty.alerts.service import AlertService
-from thrifty.cache.exact import ExactCacheStage, SqliteExactCache
+from thrifty.cache.exact import ExactCacheStage
 from thrifty.cache.prefix import PromptCacheBreakpoints
 from thrifty.cache.semantic.stage import SemanticCacheStage
 from thrifty.context.stage import ContextStage
 from thrifty.context.summaries import SqliteSummaryStore, Summariser
 from thrifty.dedup.stage import Deduplicate
 from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
-from thrifty.guard.budgets import BudgetBook, BudgetPlan, Limit
+from thrifty.guard.budgets import BudgetPlan, Limit
 from thrifty.guard.limits import InputLimits
 from thrifty.guard.output import OutputCeiling
 from thrifty.guard.rate import RateLimits
@@ -35,9 +36,9 @@ from thrifty.providers.resilience import Resilience
 from thrifty.routing.resolve import ROUTE_PREFIX, ResolveModel
 from thrifty.routing.stage import RouteStage
 from thrifty.settings import Settings
-from thrifty.stores.idempotency import SqliteIdempotencyStore
-from thrifty.stores.keys import SqliteKeyStore, hash_key
-from thrifty.stores.ledger import LedgerWriter
+from thrifty.stores.factory import Stores
+from thrifty.stores.keys import hash_key
+from thrifty.stores.ports import KeyDirectory
 from thrifty.stores.sqlite_db import open_database
 from thrifty.tokens import TokenCounter, encoding_for_model
 from thrifty.types import ModelTarget, Tags
@@ -113,8 +114,12 @@ class Gateway:
         *,
         secrets: Mapping[str, str | None] | None = None,
         providers: Mapping[str, Provider] | None = None,
+        stores: Stores | None = None,
     ) -> None:
         self.settings = settings
+        # Every store comes from the factory, chosen by the settings' URLs; nothing below knows
+        # whether it is SQLite, PostgreSQL or Redis.
+        self.stores = stores or Stores(settings)
         self.counter = TokenCounter()
         self.catalog = PriceCatalog.from_settings(settings.models, settings.providers)
         self.targets = _targets(settings)
@@ -122,11 +127,7 @@ class Gateway:
             providers if providers is not None else build_providers(settings, secrets or {}, self.counter)
         )
         self.db_path = settings.storage.sqlite_path
-        self.ledger = LedgerWriter(
-            self.db_path,
-            synchronous=settings.storage.synchronous,
-            batch_max=settings.storage.ledger_batch_max,
-        )
+        self.ledger = self.stores.ledger
         self.tracer: LedgerTracer | None = None
         if settings.tracing.enabled:  # off: OpenTelemetry is not even imported
             from thrifty.tracing import LedgerTracer
@@ -134,8 +135,7 @@ class Gateway:
             self.tracer = LedgerTracer(settings.tracing)
             self.ledger.observe(self.tracer.observe_batch)
         self._key_tenants = {h: tenant for tenant, t in settings.tenants.items() for h in t.key_hashes}
-        self._db: sqlite3.Connection | None = None
-        self._keys: SqliteKeyStore | None = None
+        self._keys: KeyDirectory | None = None
         accountant = self._accountant = Accountant(self.catalog, self.counter, self.ledger)
         unpriced = frozenset(a for a in self.targets if not self.catalog.is_priced(a))
         self.resolver = ResolveModel(
@@ -146,7 +146,7 @@ class Gateway:
         )
         self.router = RouteStage(settings.routes, self.targets, _anthropic_models(settings))
         self.budget_plan = BudgetPlan(settings)
-        self.budget_book = BudgetBook()
+        self.budget_book = self.stores.budget_book
         spend_guard = self._spend_guard = SpendGuard(
             catalog=self.catalog,
             counter=self.counter,
@@ -157,13 +157,11 @@ class Gateway:
             on_spend=self._budget_alerts,
             route_calls={name: self.router.possible_calls(name, r) for name, r in settings.routes.items()},
             anthropic=_anthropic_models(settings),
+            shared=self.stores.shared_budgets,
+            fallback=self.stores.budget_fallback,
         )
         self.alerts: AlertService | None = None
-        self.idempotency = SqliteIdempotencyStore(
-            self.db_path,
-            max_entries=settings.idempotency.max_entries,
-            synchronous=settings.storage.synchronous,
-        )
+        self.idempotency = self.stores.idempotency
         self.exact_cache = ExactCacheStage(settings.routes, self.catalog)
         self.semantic_cache = SemanticCacheStage(
             settings.routes, self.catalog, embed_threads=settings.semantic.embed_threads
@@ -171,9 +169,10 @@ class Gateway:
         prefix_marks = PromptCacheBreakpoints(
             settings.routes, {n: p.kind for n, p in settings.providers.items()}
         )
-        self._cache_db: sqlite3.Connection | None = None
         rate_limits = {t: s.rate_limit for t, s in settings.tenants.items() if s.rate_limit is not None}
-        resilience = self.resilience = Resilience(settings.resilience, settings.routes, self.targets)
+        resilience = self.resilience = Resilience(
+            settings.resilience, settings.routes, self.targets, board=self.stores.breaker_board
+        )
         call_provider = CallProvider(self.providers, accountant)
         # Context summaries go down the same retries, breakers and fallbacks as answers.
         self.context = ContextStage(
@@ -199,8 +198,23 @@ class Gateway:
             self.exact_cache if self.exact_cache.active else None,
             self.semantic_cache if self.semantic_cache.active else None,
             # Before the spend guard: a duplicate must neither reserve nor be refused budget.
-            Deduplicate(settings.idempotency, settings.routes, self.idempotency),
-            RateLimits(rate_limits, settings.routes, settings.models, self.counter)
+            Deduplicate(
+                settings.idempotency,
+                settings.routes,
+                self.idempotency,
+                wait_elsewhere=self.stores.redis is not None,
+            ),
+            RateLimits(
+                rate_limits,
+                settings.routes,
+                settings.models,
+                self.counter,
+                shared=self.stores.shared_rates,
+                fallback=self.stores.rate_fallback,
+                # Admission and reservation in one round trip when budgets are shared too: the
+                # spend guard must come right after (it sends the admission the rate stage left).
+                with_budget=self.stores.shared_budgets is not None and not spend_guard.unlimited,
+            )
             if rate_limits or any(r.max_steps_per_session for r in settings.routes.values())
             else None,
             spend_guard,
@@ -221,25 +235,29 @@ class Gateway:
         if self._started:
             return
         loop = asyncio.get_running_loop()
-        self._db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
-        self._keys = SqliteKeyStore(self._db)
+        await self.stores.start(
+            exact_cache=self.exact_cache.active, semantic_cache=self.semantic_cache.active
+        )
+        self._keys = self.stores.keys
         if not self.budget_plan.empty:
-            self.budget_book.load_ledger(self._db, self.budget_plan, time.time())
-        if self.exact_cache.active or self.semantic_cache.active:
-            self._cache_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
-            self._cache_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
-            self.exact_cache.store = SqliteExactCache(self._cache_db)
+            await self.stores.rebuild_budgets(self.budget_plan, time.time())
+        self.exact_cache.store = self.stores.exact_local
+        self.exact_cache.remote = self.stores.exact_remote
         if self.semantic_cache.active:
-            assert self._cache_db is not None
-            await self.semantic_cache.start(self._cache_db)
+            assert self.stores.cache_db is not None
+            await self.semantic_cache.start(self.stores.cache_db)
         if self.context.active:
+            # Summaries of conversation prefixes: the SQLite file (with PostgreSQL, this replica's own).
             self._context_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
             self._context_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
             self.context.store = SqliteSummaryStore(self._context_db)
-        self.alerts = AlertService(self.settings.alerts, self._db, self.router.expected_escalation())
+        self.alerts = AlertService(
+            self.settings.alerts, self.stores.alert_store, self.router.expected_escalation()
+        )
         await self.alerts.start()
+        if self.stores.breaker_board is not None:
+            self.stores.breaker_board.start(self.resilience.apply_shared)
         await self.idempotency.start()
-        self.ledger.start(loop)
         encodings = {encoding_for_model(t.upstream_model)[0] for t in self.targets.values()}
         # Vocabularies load in ~0.5 s; do it now, not on the first request that needs a count.
         await loop.run_in_executor(None, self.counter.warm, encodings)
@@ -256,13 +274,12 @@ class Gateway:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _budget_alerts(self, limits: list[Limit], ts: float) -> None:
+    def _budget_alerts(self, spent: list[tuple[Limit, float, Decimal]]) -> None:
         if self.alerts is None:
             return
         found = []
-        for limit in limits:
-            start, spent = self.budget_book.spent_in_window(limit, ts)
-            found += budget_alerts(limit, start, spent, self.settings.alerts.budget_thresholds)
+        for limit, start, amount in spent:
+            found += budget_alerts(limit, start, amount, self.settings.alerts.budget_thresholds)
         if found:
             self.alerts.fire(found)
 
@@ -274,21 +291,22 @@ class Gateway:
             self.alerts = None
         for provider in self.providers.values():
             await provider.close()
+        await self._spend_guard.drain()
+        await self.exact_cache.drain()
         await self.idempotency.close()
-        self.ledger.close()
-        if self.tracer is not None:
-            await asyncio.to_thread(self.tracer.close)  # exports what is queued; never on the loop
         self.semantic_cache.close()
-        if self._cache_db is not None:
-            self._cache_db.close()
-            self._cache_db = None
         if self._context_db is not None:
             self._context_db.close()
             self._context_db = None
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        await self.stores.close()  # the ledger flushes its last batch here
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.close)  # exports what is queued; never on the loop
         self._started = False
+
+    def health(self) -> dict[str, int]:
+        """Counters for /healthz: decisions taken per replica while Redis was away (degrade_local),
+        ledger rows spooled while PostgreSQL was. Empty in the embedded default."""
+        return self.stores.health()
 
     # -- auth ------------------------------------------------------------------------------
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from thrifty.providers.base import StreamChunk
 from thrifty.tokens import TokenCount
 from thrifty.types import Attempt, CacheOutcome, ModelTarget, Tags, Usage
+
+if TYPE_CHECKING:
+    from thrifty.stores.ports import PendingAdmission
 
 
 @dataclass(slots=True)
@@ -43,6 +46,9 @@ class RequestContext:
     # False while a cascade calls a draft or a voter: a tier that is down is a failed draft and
     # the cascade escalates itself, rather than the route's fallbacks answering in its place.
     use_fallbacks: bool = True
+    # Shared state: a rate admission the rate stage left for the spend guard to send along with
+    # its reservation (one round trip to the shared store for both).
+    pending_admission: PendingAdmission | None = None
     # The body as the client sent it, when a stage rewrote ctx.body (context budgets): what makes two
     # requests the same request for idempotency and coalescing.
     client_body: dict[str, Any] | None = None

@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
+from thrifty.stores.ports import LedgerReader
+from thrifty.stores.readers import SqliteLedgerReader
 from thrifty.types import decimal_text
 
 GroupBy = Literal["tenant", "feature", "route", "prompt_version", "model", "day", "user"]
@@ -130,33 +132,20 @@ def parse_since(text: str | None) -> float | None:
 
 
 def build_report(
-    conn: sqlite3.Connection,
+    source: sqlite3.Connection | LedgerReader,
     by: str,
     since: float | None = None,
     *,
     until: float | None = None,
     tenant: str | None = None,
 ) -> list[ReportRow]:
-    """Scan the ledger: rows with since <= ts < until (each optional), of one tenant if given."""
+    """Scan the ledger (SQLite or PostgreSQL, through the LedgerReader port): rows with
+    since <= ts < until (each optional), of one tenant if given."""
     if by not in GROUP_COLUMNS:
         raise ValueError(f"--by must be one of {', '.join(GROUP_COLUMNS)}")
-    column = GROUP_COLUMNS[by]
-    sql = (
-        f"SELECT {column}, status, input_tokens, cached_input_tokens, output_tokens, cost_usd, "
-        "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated, "
-        "COALESCE(json_extract(context, '$.saved'), 0), json_extract(context, '$.finish_reason'), batch "
-        "FROM ledger"
-    )
-    clauses: list[str] = []
-    params: list[Any] = []
-    for clause, value in (("ts >= ?", since), ("ts < ?", until), ("tenant_id = ?", tenant)):
-        if value is not None:
-            clauses.append(clause)
-            params.append(value)
-    if clauses:
-        sql += " WHERE " + " AND ".join(clauses)
+    reader = SqliteLedgerReader(source) if isinstance(source, sqlite3.Connection) else source
     rows: dict[str | None, ReportRow] = {}
-    for row_values in conn.execute(sql, params):
+    for row_values in reader.report_rows(GROUP_COLUMNS[by], since, until, tenant):
         (
             key,
             status,

@@ -362,16 +362,54 @@ class TenantSettings(_Strict):
 
 
 class StorageSettings(_Strict):
+    # sqlite:///PATH (embedded default) or postgresql://USER@HOST:PORT/DB (several replicas).
     url: str = "sqlite:///thrifty.db"
     # NORMAL survives a killed process (WAL); FULL also survives power loss, at an fsync per batch.
     synchronous: Literal["normal", "full"] = "normal"
     ledger_batch_max: int = Field(default=512, ge=1)
+    # PostgreSQL only: completed rows go here (fsynced) while the database is unreachable and are
+    # replayed when it returns; the per-replica SQLite file for what is not shared (semantic cache).
+    spool_path: str = "thrifty-ledger.spool.jsonl"
+    local_path: str = "thrifty-local.db"
+    pool_size: int = Field(default=8, ge=1)
+    key_refresh_s: float = Field(default=2.0, gt=0)  # keys created or revoked elsewhere apply this soon
+
+    @model_validator(mode="after")
+    def _known_url(self) -> StorageSettings:
+        if not self.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError(f"url must be sqlite:///PATH or postgresql://..., got {self.url!r}")
+        return self
+
+    @property
+    def backend(self) -> Literal["sqlite", "postgresql"]:
+        return "sqlite" if self.url.startswith("sqlite:///") else "postgresql"
 
     @property
     def sqlite_path(self) -> Path:
-        if not self.url.startswith("sqlite:///"):
-            raise ConfigError(f"storage.url: only sqlite:///PATH is supported so far, got {self.url!r}")
+        """The SQLite file: the whole store, or with PostgreSQL the per-replica local file."""
+        if self.backend == "postgresql":
+            return Path(self.local_path)
         return Path(self.url.removeprefix("sqlite:///"))
+
+
+class SharedStateSettings(_Strict):
+    """Redis for what several replicas must share atomically (budgets, rate limits)."""
+
+    url: str | None = None  # redis://HOST:PORT/DB; unset: in-process state (one replica)
+    prefix: str = "thrifty:"  # key prefix, so several deployments can share one Redis
+    # Redis unreachable: refuse with a 503 naming Redis, or fall back to per-replica limits.
+    fault_mode: Literal["fail_closed", "degrade_local"] = "fail_closed"
+    timeout_s: float = Field(default=0.5, gt=0)
+    # A reservation its replica never settled (it died) is released after this long.
+    reservation_lease_s: float = Field(default=900.0, gt=0)
+    # How often a replica reads the breakers other replicas opened (off the request path).
+    breaker_poll_s: float = Field(default=0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _known_url(self) -> SharedStateSettings:
+        if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"url must be redis://HOST:PORT/DB, got {self.url!r}")
+        return self
 
 
 class ServerSettings(_Strict):
@@ -462,6 +500,7 @@ class TracingSettings(_Strict):
 class Settings(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    shared_state: SharedStateSettings = Field(default_factory=SharedStateSettings)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
     budget: BudgetSettings | None = None  # the whole organisation
     idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
@@ -572,6 +611,13 @@ def _anchor_paths(settings: Settings, base_dir: Path) -> Settings:
         storage = storage.model_copy(
             update={"url": "sqlite:///" + str(base_dir / url.removeprefix("sqlite:///"))}
         )
+    storage = storage.model_copy(
+        update={
+            name: str(base_dir / value)
+            for name, value in (("spool_path", storage.spool_path), ("local_path", storage.local_path))
+            if not Path(value).is_absolute()
+        }
+    )
     routes = {name: _anchor_route(r, base_dir) for name, r in settings.routes.items()}
     providers = {
         name: p.model_copy(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from thrifty.guard.budgets import Limit
+from thrifty.stores.ports import Limit
 from thrifty.types import decimal_text
 
 _PER = {"day": "daily", "month": "monthly"}

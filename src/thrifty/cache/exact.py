@@ -11,6 +11,7 @@ Entries live in SQLite, so a restart keeps them; `thrifty cache purge` removes t
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import sqlite3
@@ -26,6 +27,7 @@ from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import StreamChunk, relay_and_keep
 from thrifty.settings import ExactCacheSettings, RouteSettings
 from thrifty.shapes import as_completion
+from thrifty.stores.ports import SharedExactCache
 from thrifty.stores.sqlite_db import scope_where
 from thrifty.types import Usage
 
@@ -106,6 +108,10 @@ class ExactCacheStage:
         self._settings = {name: r.cache for name, r in routes.items() if r.cache is not None}
         self._catalog = catalog
         self.store: SqliteExactCache | None = None  # set when the gateway opens its database
+        # Several replicas: entries in a shared store (PostgreSQL); reads are awaited, writes run
+        # off the response path.
+        self.remote: SharedExactCache | None = None
+        self._writes: set[asyncio.Task[None]] = set()
 
     @property
     def active(self) -> bool:
@@ -113,12 +119,20 @@ class ExactCacheStage:
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
         settings = self._settings.get(ctx.route) if ctx.route is not None else None
-        if settings is None or self.store is None or not cacheable(ctx.body, settings):
+        if (
+            settings is None
+            or (self.store is None and self.remote is None)
+            or not cacheable(ctx.body, settings)
+        ):
             return await call_next(ctx)
         key = cache_key(ctx, settings)
         directive = ctx.tags.cache_control or ""
         if "no-cache" not in directive:
-            found = self.store.get(key, time.time())
+            if self.remote is not None:
+                found = await self._get_remote(key)
+            else:
+                assert self.store is not None
+                found = self.store.get(key, time.time())
             if found is not None:
                 return serve_stored(ctx, "exact", *found, self._catalog)
         result = await call_next(ctx)
@@ -133,8 +147,42 @@ class ExactCacheStage:
         self, key: str, ctx: RequestContext, response: dict[str, Any], settings: ExactCacheSettings
     ) -> None:
         usage = usage_worth_keeping(ctx, response)
-        if self.store is not None and usage is not None:
+        if usage is None:
+            return
+        if self.remote is not None:
+            scope = {
+                "tenant_id": ctx.tags.tenant_id,
+                "route": ctx.route or "",
+                "prompt_version": ctx.tags.prompt_version,
+                "corpus_version": ctx.tags.corpus_version,
+                "model": ctx.requested_model,
+            }
+            task = asyncio.ensure_future(self._put_remote(key, scope, response, usage, settings.ttl_s))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+        elif self.store is not None:
             self.store.put(key, ctx, response, usage, settings.ttl_s)
+
+    async def _get_remote(self, key: str) -> tuple[dict[str, Any], Usage] | None:
+        assert self.remote is not None
+        try:
+            return await self.remote.get(key, time.time())
+        except Exception as err:  # noqa: BLE001 - a cache that is away is a miss, never a failure
+            log.warning("exact cache lookup failed: %s", err)
+            return None
+
+    async def _put_remote(
+        self, key: str, scope: dict[str, Any], response: dict[str, Any], usage: Usage, ttl_s: float
+    ) -> None:
+        assert self.remote is not None
+        try:
+            await self.remote.put(key, scope, response, usage, ttl_s)
+        except Exception as err:  # noqa: BLE001 - a cache write is an optimisation
+            log.warning("exact cache entry not stored: %s", err)
+
+    async def drain(self) -> None:
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
     def _store_stream(
         self, key: str, ctx: RequestContext, settings: ExactCacheSettings

@@ -3,58 +3,31 @@
 Hierarchical scopes (org, tenant, tenant feature, route), each with optional USD and token limits
 per UTC day and month. `BudgetBook` is the in-process counter store; its check-and-reserve runs
 without an await, so within one event loop concurrent requests cannot both take the last dollar.
-A Redis implementation of the same methods will carry the guarantee across replicas.
+`stores/redis_state.py` carries the same guarantee across replicas (one Lua script per reserve).
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Any
 
 from thrifty.errors import BudgetExceeded
 from thrifty.settings import BudgetSettings, Settings
-from thrifty.stores.ports import BudgetStore
+from thrifty.stores.ports import (
+    BudgetStore,
+    CounterKey,
+    Limit,
+    Reservation,
+    Scope,
+    ScopeKind,
+    Unit,
+    Window,
+    window_bounds,
+)
 from thrifty.types import decimal_text
-
-Window = Literal["day", "month"]
-Unit = Literal["usd", "tokens"]
-ScopeKind = Literal["org", "tenant", "feature", "route"]
-
-
-@dataclass(frozen=True, slots=True)
-class Scope:
-    kind: ScopeKind
-    name: str  # "" for the org, the tenant id, "tenant/feature", or the route name
-
-    def describe(self) -> str:
-        return "the organisation" if self.kind == "org" else f"{self.kind} {self.name!r}"
-
-
-@dataclass(frozen=True, slots=True)
-class Limit:
-    scope: Scope
-    window: Window
-    unit: Unit
-    amount: Decimal
-
-
-def window_bounds(ts: float, window: Window) -> tuple[float, float]:
-    """(start, end) of the UTC day or month containing ts."""
-    now = datetime.fromtimestamp(ts, UTC)
-    if window == "day":
-        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        end = datetime.fromtimestamp(start.timestamp() + 86400, UTC)
-    else:
-        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        if start.month == 12:
-            end = start.replace(year=start.year + 1, month=1)
-        else:
-            end = start.replace(month=start.month + 1)
-    return start.timestamp(), end.timestamp()
 
 
 def limits_of(scope: Scope, budget: BudgetSettings | None) -> list[Limit]:
@@ -105,17 +78,6 @@ class BudgetPlan:
 
 
 @dataclass(slots=True)
-class Reservation:
-    keys: list[tuple[Scope, Window, float, Unit]]
-    usd: Decimal
-    tokens: int
-    settled: bool = False
-
-
-CounterKey = tuple[Scope, Window, float, Unit]  # scope, window, window start, unit
-
-
-@dataclass(slots=True)
 class BudgetBook:
     """Spent and reserved amounts per scope and window (in-process, single event loop)."""
 
@@ -139,7 +101,7 @@ class BudgetBook:
             need = usd if limit.unit == "usd" else Decimal(tokens)
             left = limit.amount - self.spent.get(key, Decimal(0)) - self.reserved.get(key, Decimal(0))
             if need > left:
-                raise BudgetExceeded(_rejection(limit, left, need, end), resets_in_s=end - ts)
+                raise BudgetExceeded(rejection(limit, left, need, end), resets_in_s=end - ts)
             keys.append(key)
         for key in keys:
             amount = usd if key[3] == "usd" else Decimal(tokens)
@@ -156,25 +118,33 @@ class BudgetBook:
             self.reserved[key] = self.reserved.get(key, Decimal(0)) - held
             self.spent[key] = self.spent.get(key, Decimal(0)) + (usd if key[3] == "usd" else Decimal(tokens))
 
-    def load_ledger(self, conn: sqlite3.Connection, plan: BudgetPlan, now: float) -> None:
-        """Rebuild this month's counters from the ledger once, at start."""
-        month_start, _ = window_bounds(now, "month")
-        day_start, _ = window_bounds(now, "day")
-        rows = conn.execute(
-            "SELECT ts, tenant_id, feature, route, cost_usd, input_tokens + output_tokens FROM ledger "
-            "WHERE ts >= ?",
-            (month_start,),
-        )
-        for ts, tenant, feature, route, cost, tokens in rows:
-            for limit in plan.limits_for(tenant, feature, route):
-                if limit.window == "day" and ts < day_start:
-                    continue
-                key = (limit.scope, limit.window, window_bounds(ts, limit.window)[0], limit.unit)
-                amount = Decimal(cost or 0) if limit.unit == "usd" else Decimal(tokens)
-                self.spent[key] = self.spent.get(key, Decimal(0)) + amount
+    def load(self, spent: dict[CounterKey, Decimal]) -> None:
+        """Add counters rebuilt from the ledger (once, at start)."""
+        for key, amount in spent.items():
+            self.spent[key] = self.spent.get(key, Decimal(0)) + amount
 
 
-def _rejection(limit: Limit, left: Decimal, need: Decimal, resets: float) -> str:
+SpendRow = tuple[float, str, str | None, str | None, Any, int]  # ts, tenant, feature, route, cost, tokens
+
+
+def spend_totals(rows: Iterable[SpendRow], plan: BudgetPlan, now: float) -> dict[CounterKey, Decimal]:
+    """This month's (and today's) spent amounts per counter, summed from ledger rows."""
+    day_start, _ = window_bounds(now, "day")
+    month_start, _ = window_bounds(now, "month")
+    out: dict[CounterKey, Decimal] = {}
+    for ts, tenant, feature, route, cost, tokens in rows:
+        if ts < month_start:
+            continue
+        for limit in plan.limits_for(tenant, feature, route):
+            if limit.window == "day" and ts < day_start:
+                continue
+            key = (limit.scope, limit.window, window_bounds(ts, limit.window)[0], limit.unit)
+            amount = Decimal(cost or 0) if limit.unit == "usd" else Decimal(tokens)
+            out[key] = out.get(key, Decimal(0)) + amount
+    return out
+
+
+def rejection(limit: Limit, left: Decimal, need: Decimal, resets: float) -> str:
     when = datetime.fromtimestamp(resets, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     per = "daily" if limit.window == "day" else "monthly"
     if limit.unit == "usd":
@@ -194,18 +164,35 @@ def _rejection(limit: Limit, left: Decimal, need: Decimal, resets: float) -> str
 
 def tightest_usd(limits: Iterable[Limit], book: BudgetStore, ts: float) -> str | None:
     """The smallest USD amount left among the limits, for the x-thrifty-budget-remaining header."""
+    return tightest_of([(limit, book.remaining(limit, ts)) for limit in limits if limit.unit == "usd"])
+
+
+def tightest_of(left: Iterable[tuple[Limit, Decimal]]) -> str | None:
+    """The header text for the smallest USD amount left among (limit, left) pairs."""
     best: tuple[Decimal, Limit] | None = None
-    for limit in limits:
-        if limit.unit != "usd":
-            continue
-        left = book.remaining(limit, ts)
-        if best is None or left < best[0]:
-            best = (left, limit)
+    for limit, amount in left:
+        if limit.unit == "usd" and (best is None or amount < best[0]):
+            best = (amount, limit)
     if best is None:
         return None
-    left, limit = best
+    amount, limit = best
     scope = f"{limit.scope.kind}:{limit.scope.name}"
-    return f"{decimal_text(max(left, Decimal(0)))}; scope={scope}; window={limit.window}"
+    return f"{decimal_text(max(amount, Decimal(0)))}; scope={scope}; window={limit.window}"
 
 
-__all__ = ["BudgetBook", "BudgetPlan", "Limit", "Reservation", "Scope", "tightest_usd"]
+__all__ = [
+    "BudgetBook",
+    "BudgetPlan",
+    "CounterKey",
+    "Limit",
+    "Reservation",
+    "Scope",
+    "ScopeKind",
+    "Unit",
+    "Window",
+    "rejection",
+    "spend_totals",
+    "tightest_of",
+    "tightest_usd",
+    "window_bounds",
+]

@@ -9,20 +9,30 @@ no dollars, only tokens: a pricing gap must not block traffic (nor let it throug
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from decimal import Decimal
 
-from thrifty.errors import RequestTooExpensive
-from thrifty.guard.budgets import BudgetPlan, Limit, Reservation, tightest_usd
+from thrifty.errors import BudgetExceeded, RequestTooExpensive, SharedStateUnavailable
+from thrifty.guard.budgets import BudgetPlan, Limit, Reservation, rejection, tightest_of, tightest_usd
 from thrifty.guard.output import choices, output_ceiling
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.settings import ModelSettings, RouteSettings
-from thrifty.stores.ports import BudgetStore
+from thrifty.stores.faults import LocalFallback
+from thrifty.stores.ports import BudgetStore, SharedBudgetStore, window_bounds
 from thrifty.tokens import TokenCounter
 from thrifty.types import Usage, decimal_text
+
+log = logging.getLogger(__name__)
+
+_SETTLE_RETRY_S = (0.05, 0.2, 1.0, 5.0, 15.0)  # a settle is idempotent: retrying it is safe
+
+# Told after each settlement, with (limit, window start, spent in it): budget threshold alerts.
+SpendListener = Callable[[list[tuple[Limit, float, Decimal]]], None]
 
 # An escalated cascade call carries the rejected draft (up to one output ceiling) and the reason
 # for rejecting it: room for the reason and the message framing.
@@ -42,9 +52,11 @@ class SpendGuard:
         routes: Mapping[str, RouteSettings],
         plan: BudgetPlan,
         book: BudgetStore,
-        on_spend: Callable[[list[Limit], float], None] | None = None,
+        on_spend: SpendListener | None = None,
         route_calls: Mapping[str, Sequence[str]] | None = None,
         anthropic: frozenset[str] = frozenset(),
+        shared: SharedBudgetStore | None = None,
+        fallback: LocalFallback | None = None,
     ) -> None:
         self._catalog = catalog
         self._counter = counter
@@ -52,6 +64,11 @@ class SpendGuard:
         self._routes = dict(routes)
         self._plan = plan
         self._book = book
+        # Several replicas: budgets live in a shared store (its calls are awaited; the local book
+        # is then only the store's own fallback when it degrades to per-replica limits).
+        self._shared = shared
+        self._fallback = fallback  # degrade_local: the local book decides while the store is down
+        self._settling: set[asyncio.Task[None]] = set()
         self._on_spend = on_spend  # told after each settlement (budget threshold alerts)
         # Routes that may make several calls per request (cascades): every call they may make.
         self._route_calls = {name: list(calls) for name, calls in (route_calls or {}).items() if calls}
@@ -74,6 +91,8 @@ class SpendGuard:
         limits = self._plan.limits_for(ctx.tags.tenant_id, ctx.tags.feature, ctx.route)
         if not limits and cost_cap is None:
             ctx.budget_remaining = "unlimited"
+            if ctx.pending_admission is not None:  # shared state only: nothing to send it with
+                await self._admit_alone(ctx)
             return await call_next(ctx)
         prompt = ctx.prompt_tokens or self._counter.count_messages(
             ctx.body.get("messages") or [], target.upstream_model, tools=ctx.body.get("tools")
@@ -97,10 +116,15 @@ class SpendGuard:
             )
         if not limits:
             ctx.budget_remaining = "unlimited"
+            if ctx.pending_admission is not None:
+                await self._admit_alone(ctx)
             return await call_next(ctx)
-        ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"  # also on a 429
-        reservation = self._book.reserve(limits, ctx.ts, worst_usd or Decimal(0), worst_tokens)
-        ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"
+        if self._shared is not None:
+            reservation = await self._reserve_shared(ctx, limits, worst_usd or Decimal(0), worst_tokens)
+        else:
+            ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"  # also on a 429
+            reservation = self._book.reserve(limits, ctx.ts, worst_usd or Decimal(0), worst_tokens)
+            ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"
         try:
             result = await call_next(ctx)
         except BaseException:
@@ -131,10 +155,56 @@ class SpendGuard:
         limits = self._plan.limits_for(ctx.tags.tenant_id, ctx.tags.feature, ctx.route)
         self._settle(ctx, hold, limits, first_attempt)
 
+    async def _reserve_shared(
+        self, ctx: RequestContext, limits: list[Limit], usd: Decimal, tokens: int
+    ) -> Reservation:
+        assert self._shared is not None
+        pending, ctx.pending_admission = ctx.pending_admission, None
+        try:
+            outcome = await self._shared.reserve(
+                limits, ctx.ts, usd, tokens, admit=None if pending is None else pending.request
+            )
+        except SharedStateUnavailable as err:
+            if pending is not None:
+                pending.unavailable(err)  # fail_closed: raises; degrade_local: the local windows admit
+            if self._fallback is None:
+                raise
+            self._fallback.note(err)
+            reservation = self._book.reserve(limits, ctx.ts, usd, tokens)
+            ctx.budget_remaining = tightest_usd(limits, self._book, ctx.ts) or "unlimited"
+            return reservation
+        if pending is not None and outcome.admission is not None:
+            pending.check(outcome.admission)  # the rate stage's own 429s, before any budget's
+        ctx.budget_remaining = tightest_of(zip(limits, outcome.left, strict=True)) or "unlimited"
+        if outcome.reservation is None:
+            assert outcome.refused is not None
+            limit = limits[outcome.refused]
+            need = usd if limit.unit == "usd" else Decimal(tokens)
+            end = window_bounds(ctx.ts, limit.window)[1]
+            raise BudgetExceeded(
+                rejection(limit, outcome.left[outcome.refused], need, end), resets_in_s=end - ctx.ts
+            )
+        return outcome.reservation
+
+    @property
+    def unlimited(self) -> bool:
+        return self._unlimited
+
+    async def _admit_alone(self, ctx: RequestContext) -> None:
+        pending, ctx.pending_admission = ctx.pending_admission, None
+        assert pending is not None
+        await pending.alone()
+
+    async def drain(self) -> None:
+        """Wait for settlements still on their way to the shared store (at shutdown)."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
     def describe(self, ctx: RequestContext) -> str:
         """What is left, for a response that never reached this stage (cache hit, replay, rejection)."""
-        if self._unlimited:
-            return "unlimited"
+        if self._unlimited or self._shared is not None:
+            # Shared budgets: asking the store would add a round trip to a request that spent nothing.
+            return "unlimited" if self._unlimited else "unknown"
         limits = self._plan.limits_for(ctx.tags.tenant_id, ctx.tags.feature, ctx.route)
         return tightest_usd(limits, self._book, ctx.ts) or "unlimited"
 
@@ -199,9 +269,36 @@ class SpendGuard:
         for attempt in ctx.attempts[first:]:
             usd += attempt.cost_usd or Decimal(0)
             tokens += attempt.usage.input_tokens + attempt.usage.output_tokens
+        if not reservation.local:
+            # Off the response path: the reservation holds the worst case until the settle lands.
+            task = asyncio.ensure_future(self._settle_shared(reservation, limits, usd, tokens))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+            return
         self._book.settle(reservation, usd, tokens)
         if self._on_spend is not None:
-            self._on_spend(limits, ctx.ts)
+            self._on_spend([(limit, *self._book.spent_in_window(limit, ctx.ts)) for limit in limits])
+
+    async def _settle_shared(
+        self, reservation: Reservation, limits: list[Limit], usd: Decimal, tokens: int
+    ) -> None:
+        assert self._shared is not None
+        for delay in (*_SETTLE_RETRY_S, None):
+            try:
+                spent = await self._shared.settle(reservation, usd, tokens)
+                break
+            except SharedStateUnavailable as err:
+                if delay is None:
+                    log.error("budget settlement %s lost: %s", reservation.id, err.message)
+                    return
+                await asyncio.sleep(delay)
+        if self._on_spend is not None:
+            self._on_spend(
+                [
+                    (limit, key[2], amount)
+                    for limit, key, amount in zip(limits, reservation.keys, spent, strict=True)
+                ]
+            )
 
     async def _settle_after(
         self,

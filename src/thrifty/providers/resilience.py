@@ -22,6 +22,7 @@ from thrifty.errors import AllAttemptsFailed, CircuitOpen, ProviderError, Provid
 from thrifty.pipeline import Handler, RequestContext, Result, Streamed
 from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.settings import ResilienceSettings, RouteSettings
+from thrifty.stores.ports import BreakerBoard
 from thrifty.types import ModelTarget
 
 RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
@@ -85,6 +86,7 @@ class Resilience:
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        board: BreakerBoard | None = None,
     ) -> None:
         self._settings = settings
         self._routes = dict(routes)
@@ -93,6 +95,23 @@ class Resilience:
         self._budgets: dict[tuple[str, str], RetryBudget] = {}
         self._sleep = sleep
         self._clock = clock
+        # Several replicas: a breaker that opens here is published, and breakers others opened are
+        # applied here, off the request path (each call still asks only its local breaker).
+        self._board = board  # started by the gateway, with apply_shared
+
+    def apply_shared(self, open_elsewhere: dict[str, float]) -> None:
+        """Open the local breakers of targets another replica found failing, for what is left of
+        their cool-down."""
+        now = self._clock()
+        for target in self._targets.values():
+            left = open_elsewhere.get(f"{target.provider}/{target.upstream_model}")
+            if left is None:
+                continue
+            breaker = self.breaker(target)
+            if breaker.open_until < now + left:
+                breaker.failures = max(breaker.failures, breaker.failures_to_open)
+                breaker.open_until = now + left
+                breaker.probing = False
 
     def breaker(self, target: ModelTarget) -> Breaker:
         key = (target.provider, target.upstream_model)
@@ -156,10 +175,16 @@ class Resilience:
                         raise
                     if err.status in BREAKING:
                         breaker.failure(self._clock())
+                        if self._board is not None and breaker.state != "closed":
+                            self._board.opened(
+                                f"{target.provider}/{target.upstream_model}", breaker.cooldown_s
+                            )
                     if attempt < max_retries and self._budget(target).take(self._clock()):
                         await self._sleep(self._backoff(attempt, err))
                         continue
                     break
+                if self._board is not None and breaker.failures >= breaker.failures_to_open:
+                    self._board.closed(f"{target.provider}/{target.upstream_model}")  # the probe passed
                 breaker.success()
                 return result
         raise _summary(failures, skipped)

@@ -206,7 +206,7 @@ class ThriftyApp:
                 self.gateway.authenticate(_headers(scope).get("authorization"))
                 await _send_json(send, 200, {"object": "list", "data": self.gateway.model_list()})
             elif path == "/healthz":
-                await _send_json(send, 200, {"status": "ok"})
+                await _send_json(send, 200, {"status": "ok", **self.gateway.health()})
             elif path == "/metrics" and self._metrics is not None:
                 await self._send_metrics(self._metrics, _headers(scope), send)
             elif self._dashboard is not None and (path == "/dashboard" or path.startswith("/dashboard/")):

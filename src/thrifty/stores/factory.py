@@ -1,0 +1,278 @@
+"""The composition root for state: every store the gateway uses, chosen by the settings' URLs.
+
+`storage.url` picks where durable things live (the ledger, keys, alerts, exact-cache entries):
+`sqlite:///PATH` (embedded default, zero services) or `postgresql://...` (several replicas).
+`shared_state.url` picks where what must be shared and atomic lives (budget reservations, rate
+windows, session steps): unset (in-process, one replica) or `redis://...`. Only this module knows
+the backends; stages see ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from thrifty.cache.exact import SqliteExactCache
+from thrifty.errors import SharedStateUnavailable
+from thrifty.guard.budgets import BudgetBook, BudgetPlan, spend_totals
+from thrifty.settings import Settings
+from thrifty.stores.faults import LocalFallback
+from thrifty.stores.keys import SqliteKeyStore
+from thrifty.stores.ledger import LedgerWriter
+from thrifty.stores.ports import (
+    BreakerBoard,
+    CounterKey,
+    KeyDirectory,
+    LedgerReader,
+    SharedBudgetStore,
+    SharedExactCache,
+    SharedRateStore,
+    window_bounds,
+)
+from thrifty.stores.readers import SqliteAlertStore, SqliteLedgerReader
+from thrifty.stores.sqlite_db import open_database
+
+if TYPE_CHECKING:
+    from thrifty.stores.redis_state import RedisState
+
+log = logging.getLogger(__name__)
+
+_REBUILD_RETRY_S = 2.0
+
+
+class Stores:
+    """Built once from settings (no I/O); `start()` inside the event loop, `close()` at the end."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        storage = settings.storage
+        self.postgres = storage.backend == "postgresql"
+        self.budget_book = BudgetBook()  # in-process counters (the shared store's fallback, if any)
+        self.ledger: Any
+        if self.postgres:
+            from thrifty.stores.postgres import PostgresLedgerWriter
+
+            self.ledger = PostgresLedgerWriter(
+                storage.url, Path(storage.spool_path), batch_max=storage.ledger_batch_max
+            )
+        else:
+            self.ledger = LedgerWriter(
+                storage.sqlite_path, synchronous=storage.synchronous, batch_max=storage.ledger_batch_max
+            )
+        shared = settings.shared_state
+        self.redis: RedisState | None = None
+        self.shared_budgets: SharedBudgetStore | None = None
+        self.shared_rates: SharedRateStore | None = None
+        self.breaker_board: BreakerBoard | None = None
+        self.budget_fallback: LocalFallback | None = None
+        self.rate_fallback: LocalFallback | None = None
+        if shared.url is not None:
+            from thrifty.stores.redis_state import RedisBreakerBoard, RedisBudgets, RedisRates, RedisState
+
+            self.redis = RedisState(shared)
+            self.shared_budgets = RedisBudgets(self.redis)
+            self.shared_rates = RedisRates(self.redis)
+            self.breaker_board = RedisBreakerBoard(self.redis, shared.breaker_poll_s)
+            if shared.fault_mode == "degrade_local":
+                self.budget_fallback = LocalFallback("budgets")
+                self.rate_fallback = LocalFallback("rate limits")
+        # Idempotency-Key records: Redis with shared state (one owner per key across replicas),
+        # otherwise the SQLite file (with PostgreSQL storage: this replica's local file).
+        self.idempotency: Any
+        if self.redis is not None:
+            from thrifty.stores.redis_idempotency import RedisIdempotencyStore
+
+            self.idempotency = RedisIdempotencyStore(self.redis)
+        else:
+            from thrifty.stores.idempotency import SqliteIdempotencyStore
+
+            self.idempotency = SqliteIdempotencyStore(
+                storage.sqlite_path,
+                max_entries=settings.idempotency.max_entries,
+                synchronous=storage.synchronous,
+            )
+        self.keys: KeyDirectory | None = None
+        self.alert_store: Any = None
+        self.exact_local: SqliteExactCache | None = None
+        self.exact_remote: SharedExactCache | None = None
+        self.cache_db: sqlite3.Connection | None = None  # the semantic cache's entries (per replica)
+        self._db: sqlite3.Connection | None = None
+        self._pool: Any = None
+        self._key_directory: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def degraded_decisions(self) -> int:
+        return sum(f.decisions for f in (self.budget_fallback, self.rate_fallback) if f is not None)
+
+    def health(self) -> dict[str, int]:
+        out = {}
+        if self.redis is not None:
+            out["shared_state_degraded_decisions"] = self.degraded_decisions
+        if self.postgres:
+            out["ledger_rows_spooled"] = self.ledger.spooled
+        return out
+
+    async def start(self, *, exact_cache: bool, semantic_cache: bool) -> None:
+        storage = self.settings.storage
+        if self.postgres:
+            from psycopg_pool import AsyncConnectionPool
+
+            from thrifty.stores import postgres
+
+            conn = postgres.connect(storage.url)
+            try:
+                postgres.migrate(conn)
+            finally:
+                conn.close()
+            self._pool = AsyncConnectionPool(
+                postgres.conninfo(storage.url),
+                min_size=1,
+                max_size=storage.pool_size,
+                open=False,
+                kwargs={"autocommit": True},
+                # After a database restart the pooled connections are dead: test each one lent out.
+                check=AsyncConnectionPool.check_connection,
+            )
+            try:
+                await self._pool.open(wait=True, timeout=10)
+            except Exception as err:
+                await self._pool.close(timeout=1.0)
+                raise postgres.unreachable(storage.url, err) from err
+            self._key_directory = postgres.PostgresKeyDirectory(self._pool, storage.key_refresh_s)
+            await self._key_directory.start()
+            self.keys = self._key_directory
+            self.alert_store = postgres.PostgresAlertStore(self._pool)
+            if exact_cache:
+                self.exact_remote = postgres.PostgresExactCache(self._pool)
+        else:
+            self._db = open_database(storage.sqlite_path, synchronous=storage.synchronous)
+            self.keys = SqliteKeyStore(self._db)
+            self.alert_store = SqliteAlertStore(self._db)
+        if (exact_cache and not self.postgres) or semantic_cache:
+            self.cache_db = open_database(storage.sqlite_path, synchronous=storage.synchronous)
+            self.cache_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
+            if exact_cache and not self.postgres:
+                self.exact_local = SqliteExactCache(self.cache_db)
+        self.ledger.start(asyncio.get_running_loop())
+
+    def reader(self) -> LedgerReader:
+        """What the ledger holds, for the budget rebuild (sync; start-up only)."""
+        if self.postgres:
+            from thrifty.stores.postgres import PostgresLedgerReader
+
+            return PostgresLedgerReader(self.settings.storage.url)
+        assert self._db is not None
+        return _Borrowed(SqliteLedgerReader(self._db))
+
+    async def rebuild_budgets(self, plan: BudgetPlan, now: float) -> None:
+        """Counters from this month's ledger: into the in-process book, and into Redis once per
+        window across replicas (its lock and marker); never added twice."""
+        month_start = window_bounds(now, "month")[0]
+        reader = self.reader()
+        try:
+            totals = spend_totals(reader.spend_rows(month_start), plan, now)
+        finally:
+            reader.close()
+        self.budget_book.load(totals)
+        if self.shared_budgets is None:
+            return
+        try:
+            await self._rebuild_shared(month_start, totals)
+        except SharedStateUnavailable as err:
+            log.error(
+                "budget counters not rebuilt in Redis yet (%s); retrying in the background", err.message
+            )
+            task = asyncio.ensure_future(self._rebuild_shared_later(month_start, totals))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _rebuild_shared(self, month_start: float, totals: dict[CounterKey, Decimal]) -> None:
+        assert self.shared_budgets is not None
+
+        async def load() -> dict[CounterKey, Decimal]:
+            return totals
+
+        if await self.shared_budgets.rebuild_once(month_start, load):
+            log.info("budget counters rebuilt in Redis from the ledger (%d counters)", len(totals))
+
+    async def _rebuild_shared_later(self, month_start: float, totals: dict[CounterKey, Decimal]) -> None:
+        while True:
+            await asyncio.sleep(_REBUILD_RETRY_S)
+            try:
+                await self._rebuild_shared(month_start, totals)
+                return
+            except SharedStateUnavailable:
+                continue
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.postgres:
+            await self.ledger.aclose()
+        else:
+            self.ledger.close()
+        if self._key_directory is not None:
+            await self._key_directory.close()
+        if self._pool is not None:
+            await self._pool.close(timeout=1.0)
+            self._pool = None
+        if self.breaker_board is not None:
+            await self.breaker_board.close()
+        if self.redis is not None:
+            await self.redis.close()
+        if self.cache_db is not None:
+            self.cache_db.close()
+            self.cache_db = None
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+class _Borrowed:
+    """A reader over the gateway's own connection: closing it leaves the connection open."""
+
+    def __init__(self, reader: SqliteLedgerReader) -> None:
+        self._reader = reader
+
+    def report_rows(
+        self, column: str, since: float | None, until: float | None = None, tenant: str | None = None
+    ) -> Any:
+        return self._reader.report_rows(column, since, until, tenant)
+
+    def spend_rows(self, since: float) -> Any:
+        return self._reader.spend_rows(since)
+
+    def alerts_since(self, since: float) -> Any:
+        return self._reader.alerts_since(since)
+
+    def close(self) -> None:
+        pass
+
+
+def open_reader(settings: Settings) -> LedgerReader:
+    """A reader for the CLI (`thrifty report`, `thrifty alerts`), whichever backend holds the ledger."""
+    if settings.storage.backend == "postgresql":
+        from thrifty.stores.postgres import PostgresLedgerReader
+
+        return PostgresLedgerReader(settings.storage.url)
+    return SqliteLedgerReader(open_database(settings.storage.sqlite_path))
+
+
+def open_key_store(settings: Settings) -> tuple[Any, Any]:
+    """(key store, connection to close) for `thrifty keys`."""
+    if settings.storage.backend == "postgresql":
+        from thrifty.stores import postgres
+
+        conn = postgres.connect(settings.storage.url)
+        postgres.migrate(conn)
+        return postgres.PostgresKeys(conn), conn
+    conn = open_database(settings.storage.sqlite_path)
+    return SqliteKeyStore(conn), conn
+
+
+__all__ = ["Stores", "open_key_store", "open_reader"]

@@ -52,6 +52,8 @@ class BatchRunner:
         service.wake = self._event.set
 
     async def start(self) -> None:
+        if not self.service.enabled:
+            return
         db = self.service.db
         for adapter in self.service.adapters.values():
             await adapter.start()

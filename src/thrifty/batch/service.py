@@ -45,6 +45,12 @@ _OUTPUT_SUFFIX = "-output"
 _ERRORS_SUFFIX = "-errors"
 
 
+class BatchUnavailable(ThriftyError):
+    status = 501
+    error_type = "invalid_request_error"
+    code = "batch_unavailable"
+
+
 class FileTooLarge(ThriftyError):
     status = 413
     error_type = "invalid_request_error"
@@ -129,7 +135,28 @@ class BatchService:
         self.reservations: dict[str, Reservation] = {}
         self.wake: Any = None  # set by the runner: called when there is new work
 
+    @property
+    def enabled(self) -> bool:
+        # The batch store is SQLite only so far: with PostgreSQL each replica would keep its own
+        # jobs, and their ledger rows would miss the shared ledger. Refused clearly instead.
+        return self.gateway.settings.storage.backend == "sqlite"
+
+    def check_enabled(self) -> None:
+        if not self.enabled:
+            raise BatchUnavailable(
+                "batch offload needs storage on SQLite for now (storage.url is PostgreSQL: its batch "
+                "store is not built yet); send these requests in real time"
+            )
+
     def start(self) -> None:
+        if not self.enabled:
+            if self.defer_routes:
+                log.warning(
+                    "routes %s defer requests, but batch offload needs storage on SQLite for now: "
+                    "their requests are refused with 501",
+                    ", ".join(sorted(self.defer_routes)),
+                )
+            return
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self.store = SqliteBatchStore(
             self.gateway.db_path, synchronous=self.gateway.settings.storage.synchronous

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from thrifty.batch.cli import batch_app
 from thrifty.errors import ThriftyError
 from thrifty.settings import Settings, load_settings, resolve_secrets
 from thrifty.stores.ports import LedgerReader
@@ -36,6 +37,7 @@ eval_app = typer.Typer(
     no_args_is_help=True, help="Evals: golden sets through the gateway, and a regression gate"
 )
 app.add_typer(eval_app, name="eval")
+app.add_typer(batch_app, name="batch")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="settings YAML (default ./thrifty.yaml)")
@@ -188,7 +190,7 @@ def report(
     """Spend, tokens and success by one attribution dimension."""
     import asyncio
 
-    from thrifty.report import GROUP_COLUMNS, build_report, parse_since, render_table, to_csv
+    from thrifty.report import GROUP_COLUMNS, batch_line, build_report, parse_since, render_table, to_csv
     from thrifty.stores.reporting import SqliteReportingStore, Window
     from thrifty.stores.sqlite_db import open_database
 
@@ -223,6 +225,9 @@ def report(
     else:
         console = _console()
         console.print(render_table(rows, by, title=f"spend by {by}", width=console.width))
+        line = batch_line(rows)
+        if line:
+            console.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -806,6 +811,24 @@ def eval_gate(
             typer.echo(f"FAIL: {reason}")
         raise typer.Exit(1)
     typer.echo("PASS")
+
+
+@bench_app.command("batch")
+def bench_batch(
+    lines: Annotated[
+        list[int] | None, typer.Option("--lines", help="job sizes, repeat for each (default 1000 10000)")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+) -> None:
+    """A batch job through thrifty serve to a batch stub: CPU and memory per item, times, cost."""
+    from thrifty.bench.batch import run_batch_bench
+
+    sizes = lines or [1000, 10000]
+    if any(n < 1 or n > 50_000 for n in sizes):
+        raise ThriftyError("--lines must be between 1 and 50000 (OpenAI's limit per batch)")
+    report = run_batch_bench(sizes, json_out, _console())
+    if not report["cpu_ok"]:
+        raise typer.Exit(1)
 
 
 def _usage_error_types() -> tuple[type[BaseException], ...]:

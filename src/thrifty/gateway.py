@@ -223,6 +223,12 @@ class Gateway:
             prefix_marks if prefix_marks.active else None,  # per attempt: fallbacks may not be Anthropic
         ]
         self._handle: Handler = build_chain([stage for stage in stages if stage is not None], call_provider)
+        from thrifty.batch.runner import BatchRunner
+        from thrifty.batch.service import BatchService
+        from thrifty.batch.wiring import build_adapters
+
+        self.batch = BatchService(self, build_adapters(settings, secrets or {}, self.providers))
+        self.batch_runner = BatchRunner(self.batch)
         self._started = False
 
     async def start(self) -> None:
@@ -257,6 +263,8 @@ class Gateway:
         await loop.run_in_executor(None, self.counter.warm, encodings)
         for provider in self.providers.values():
             await provider.start()
+        self.batch.start()
+        await self.batch_runner.start()
         self._started = True
 
     async def __aenter__(self) -> Gateway:
@@ -276,6 +284,8 @@ class Gateway:
             self.alerts.fire(found)
 
     async def close(self) -> None:
+        await self.batch_runner.close()
+        self.batch.close()
         if self.alerts is not None:
             await self.alerts.close()
             self.alerts = None

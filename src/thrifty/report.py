@@ -42,6 +42,9 @@ class ReportRow:
     rejected_budget: int = 0
     cache_hits: int = 0  # exact and semantic cache hits
     dedup_hits: int = 0  # idempotent repeats and coalesced duplicates (no upstream call either)
+    batch_requests: int = 0  # items sent through a provider's batch API
+    batch_cost_usd: Decimal = field(default_factory=Decimal)
+    batch_saved_usd: Decimal = field(default_factory=Decimal)  # real-time price less the batch price
     escalated: int = 0
     unpriced: int = 0
     estimated: int = 0
@@ -86,6 +89,11 @@ class ReportRow:
             "cache_hit_rate": round(self.cache_hits / self.requests, 6) if self.requests else 0.0,
             "dedup_hits": self.dedup_hits,
             "dedup_rate": round(self.dedup_hits / self.requests, 6) if self.requests else 0.0,
+            "batch_requests": self.batch_requests,
+            "batch_share": round(self.batch_requests / self.requests, 6) if self.requests else 0.0,
+            "batch_cost_usd": decimal_text(self.batch_cost_usd),
+            # What the same batch items would have cost as real-time calls.
+            "batch_realtime_usd": decimal_text(self.batch_cost_usd + self.batch_saved_usd),
             "escalated": self.escalated,
             "escalation_rate": round(self.escalated / self.requests, 6) if self.requests else 0.0,
             "budget_rejections": self.rejected_budget,
@@ -153,6 +161,7 @@ def build_report(
             escalated,
             ctx_saved,
             finish_reason,
+            batch,
         ) = row_values
         if by == "day":
             key = datetime.fromtimestamp(key, UTC).strftime("%Y-%m-%d")
@@ -195,6 +204,10 @@ def build_report(
         if finish_reason is not None:
             row.output_budgeted += 1
             row.length_cutoffs += finish_reason == "length"
+        if batch:
+            row.batch_requests += 1
+            row.batch_cost_usd += Decimal(cost or 0)
+            row.batch_saved_usd += Decimal(saved or 0)
     return sorted(rows.values(), key=lambda r: (-r.cost_usd, r.group is None, r.group or ""))
 
 
@@ -213,6 +226,9 @@ def totals(rows: Iterable[ReportRow]) -> ReportRow:
         total.rejected_budget += r.rejected_budget
         total.cache_hits += r.cache_hits
         total.dedup_hits += r.dedup_hits
+        total.batch_requests += r.batch_requests
+        total.batch_cost_usd += r.batch_cost_usd
+        total.batch_saved_usd += r.batch_saved_usd
         total.escalated += r.escalated
         total.unpriced += r.unpriced
         total.estimated += r.estimated
@@ -290,6 +306,19 @@ def render_table(rows: list[ReportRow], by: str, title: str | None = None, *, wi
             ]
         )
     return fit_table(columns, cells, width=width, title=title, section_after=len(rows) - 1 if rows else None)
+
+
+def batch_line(rows: list[ReportRow]) -> str | None:
+    """One line under the table: the batch share, its cost, and the same items in real time."""
+    total = totals(rows)
+    if not total.batch_requests:
+        return None
+    realtime = total.batch_cost_usd + total.batch_saved_usd
+    return (
+        f"batch: {total.batch_requests:,} of {total.requests:,} requests "
+        f"({total.batch_requests / total.requests:.1%}) cost ${decimal_text(total.batch_cost_usd)}; "
+        f"the same in real time: ${decimal_text(realtime)} (saved ${decimal_text(total.batch_saved_usd)})"
+    )
 
 
 def _per_success(row: ReportRow) -> Decimal | None:

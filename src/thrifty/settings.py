@@ -36,6 +36,9 @@ class ProviderSettings(_Strict):
     # shipped with thrifty (`builtin:quickstart`). Relative paths are relative to the settings file.
     data: list[str] = Field(default_factory=list)
     stream_chunk_chars: int = Field(default=24, ge=1)
+    # Batch items of models without a batch price in genai-prices are charged the real-time price
+    # less this fraction (0.5: half price); unset, they are charged the real-time price (said at start).
+    batch_discount: Decimal | None = Field(default=None, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _needs_url(self) -> ProviderSettings:
@@ -255,6 +258,44 @@ class RouterArtifactSettings(_Strict):
     models: dict[str, str] = Field(default_factory=dict)
 
 
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_window(text: str) -> float:
+    """'24h', '30m', '2d', '90s' -> seconds; raises ValueError naming the accepted forms."""
+    text = text.strip().lower()
+    if len(text) >= 2 and text[-1] in _WINDOW_UNITS and text[:-1].isdigit() and int(text[:-1]) > 0:
+        return float(int(text[:-1]) * _WINDOW_UNITS[text[-1]])
+    raise ValueError(f"{text!r} is not a time window; give a number and a unit: 90s, 30m, 24h, 2d")
+
+
+class DeferSettings(_Strict):
+    """Latency-tolerant work: answered later, through the providers' batch APIs at batch prices."""
+
+    after: str = "24h"  # the longest the caller is willing to wait (the providers' window is 24h)
+    max_batch: int = Field(default=1000, ge=1)  # flush the queue into a provider batch at this many
+    max_age_s: float = Field(default=300.0, ge=0)  # ... or when its oldest request waited this long
+    webhook_url: str | None = None  # POSTed the job with its answer when it is done
+
+    @model_validator(mode="after")
+    def _window(self) -> DeferSettings:
+        if self.max_age_s >= parse_window(self.after):
+            raise ValueError(
+                f"max_age_s ({self.max_age_s:g}) must be shorter than the window after ({self.after})"
+            )
+        return self
+
+
+class BatchSettings(_Strict):
+    poll_interval_s: float = Field(default=30.0, gt=0)  # how often submitted provider batches are polled
+    max_lines: int = Field(default=50_000, ge=1)  # per input file (OpenAI's limit)
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)  # per input file (OpenAI's limit)
+    # Where uploaded input files are kept; default: a folder beside the SQLite file.
+    files_dir: str | None = None
+    defer: DeferSettings = Field(default_factory=DeferSettings)  # for requests with x-thrifty-defer
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+
+
 class RouteSettings(_Strict):
     model: str
     max_input_tokens: int | None = Field(default=None, gt=0)
@@ -290,6 +331,8 @@ class RouteSettings(_Strict):
     pin: dict[str, str] = Field(default_factory=dict)
     # Per-section token budgets (system, developer, history, retrieved, tools, output).
     context: ContextSettings | None = None
+    # Requests on this route are deferrable: accepted at once (202 + a job id), sent in a provider batch.
+    defer: DeferSettings | None = None
 
     def cascade_tiers(self) -> list[str]:
         """The tiers a cascade may call, in order, within max_escalations."""
@@ -467,6 +510,7 @@ class Settings(_Strict):
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
     providers: dict[str, ProviderSettings]
     models: dict[str, ModelSettings]
     routes: dict[str, RouteSettings] = Field(default_factory=dict)

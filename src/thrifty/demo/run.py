@@ -18,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from thrifty.demo import cascade, support
+from thrifty.demo import cascade, nightly, support
 from thrifty.demo.traffic import MODELS, TENANTS, DemoWorkload, drive, load_workload
 from thrifty.settings import Settings, settings_from_mapping
 
@@ -58,6 +58,7 @@ def demo_settings(
             "routes": routes,
             # globex's small daily budget shows worst-case reservations turning requests away (429).
             "tenants": {"acme": {}, "globex": {"budget": {"usd_per_day": _globex_budget(workload)}}},
+            "batch": {"poll_interval_s": 0.1},  # the replay provider answers a batch at once
         },
         source="demo settings",
     )
@@ -168,6 +169,11 @@ def run_demo(
                             lambda: progress.advance(support_task),
                         )
                     )
+            nightly_stats = (
+                nightly.run_nightly(server.base_url, keys["acme"], [p.text for p in prompts])
+                if prompts
+                else None
+            )
         elapsed = time.perf_counter() - started
         print_fn(
             f"mixed traffic: {stats.sent} requests, {stats.ok} ok, errors {stats.errors or 'none'}; "
@@ -191,6 +197,8 @@ def run_demo(
             floor = settings.routes[support.ROUTE].semantic_cache
             assert floor is not None
             print_fn(support.summary(support_stats, len(support_work.seeds), saved, floor.min_entries))
+        if nightly_stats is not None:
+            print_fn(nightly.summary(nightly_stats, conn))
         for (message,) in conn.execute("SELECT message FROM alerts ORDER BY ts"):
             print_fn(f"alert: {message}")
         (ledger_rows,) = conn.execute("SELECT count(*) FROM ledger").fetchone()
@@ -199,6 +207,7 @@ def run_demo(
             stats.sent
             + (3 if router_path is not None else 2) * cascade_stats.prompts
             + (len(support_work.seeds) + support_stats.lookups if support_work and support_stats else 0)
+            + (nightly_stats.sent if nightly_stats is not None else 0)
         )
         print_fn(
             f"ledger rows: {ledger_rows} for {sent} requests sent "

@@ -161,6 +161,12 @@ class ThriftyApp:
                 depths={"ledger": lambda: ledger.pending},
             )
             ledger.observe(self._metrics.observe_batch)
+        from thrifty.server.batch_routes import BatchRoutes, defer_chat
+
+        self._batch = BatchRoutes(gateway, self._max_body)
+        self._defer_chat = defer_chat
+        # Only routes with `defer` settings, or the x-thrifty-defer header, cost the chat path a lookup.
+        self._defer_routes = bool(gateway.batch.defer_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -205,9 +211,12 @@ class ThriftyApp:
                 await self._send_metrics(self._metrics, _headers(scope), send)
             elif self._dashboard is not None and (path == "/dashboard" or path.startswith("/dashboard/")):
                 await self._dashboard(scope, receive, send)
+            elif path.startswith(("/v1/files", "/v1/batches", "/v1/thrifty/")):
+                await self._batch(scope, receive, send)
             else:
                 raise NotFound(
-                    f"no route {method} {path}; thrifty serves /v1/chat/completions and /v1/models",
+                    f"no route {method} {path}; thrifty serves /v1/chat/completions, /v1/models, /v1/files "
+                    "and /v1/batches",
                     code="unknown_url",
                 )
         except _Responded:
@@ -279,6 +288,10 @@ class ThriftyApp:
                 send, err.status, err.to_openai(), _error_headers(err, _accounting_headers(refused))
             )
             raise _Responded from err
+        if (self._defer_routes or "x-thrifty-defer" in headers) and await self._defer_chat(
+            self.gateway, send, tenant, headers, body, len(raw)
+        ):
+            raise _Responded
         ctx = self.gateway.new_context(body, len(raw), _tags(tenant, headers, body))
         try:
             result = await self.gateway.run(ctx)

@@ -10,7 +10,7 @@ from typing import Any
 # The report's columns; the last two come from the context stage's JSON record, in each dialect.
 REPORT_SELECT = (
     "SELECT {column}, status, input_tokens, cached_input_tokens, output_tokens, cost_usd, "
-    "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated, {context} FROM ledger"
+    "retry_cost_usd, usage_estimated, saved_usd, http_status, cache, escalated, {context}, batch FROM ledger"
 )
 ESCALATIONS_SQL = (
     "SELECT route, COUNT(*), SUM(escalated) FROM ledger WHERE ts >= {mark} AND route IS NOT NULL "

@@ -178,6 +178,95 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
+        11,
+        # Batch offload (thrifty/batch): uploaded files, jobs (an OpenAI batch or one deferred request),
+        # their items (the queue is the items in state 'queued') and the provider batches they went in.
+        # An item's request_id is its ledger row's id and the provider-side custom_id.
+        """
+        CREATE TABLE batch_files (
+            file_id TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL,
+            purpose TEXT NOT NULL,
+            filename TEXT NOT NULL,
+            bytes INTEGER NOT NULL,
+            lines INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            path TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX batch_files_sha ON batch_files (tenant_id, sha256);
+        CREATE TABLE batch_jobs (
+            job_id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            tenant_id TEXT NOT NULL,
+            input_file_id TEXT,
+            endpoint TEXT NOT NULL,
+            completion_window TEXT NOT NULL,
+            status TEXT NOT NULL,
+            metadata TEXT,
+            tags TEXT NOT NULL,
+            errors TEXT,
+            webhook_url TEXT,
+            idempotency_key TEXT,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            in_progress_at REAL,
+            finalizing_at REAL,
+            completed_at REAL,
+            failed_at REAL,
+            expired_at REAL,
+            cancelling_at REAL,
+            cancelled_at REAL,
+            delivered_at REAL,
+            delivery_error TEXT,
+            lease_owner TEXT,
+            lease_until REAL
+        );
+        CREATE INDEX batch_jobs_status ON batch_jobs (status);
+        CREATE UNIQUE INDEX batch_jobs_idempotency ON batch_jobs (tenant_id, idempotency_key)
+            WHERE idempotency_key IS NOT NULL;
+        CREATE TABLE batch_items (
+            request_id TEXT PRIMARY KEY,
+            job_id TEXT NOT NULL,
+            line_no INTEGER NOT NULL,
+            custom_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            queue TEXT NOT NULL,
+            model TEXT,
+            route TEXT,
+            provider TEXT,
+            body TEXT,
+            reserve_usd TEXT,
+            reserve_tokens INTEGER NOT NULL DEFAULT 0,
+            flush_at REAL NOT NULL,
+            flush_size INTEGER NOT NULL,
+            upstream_id TEXT,
+            status_code INTEGER,
+            response TEXT,
+            error TEXT,
+            created_at REAL NOT NULL,
+            finished_at REAL
+        );
+        CREATE INDEX batch_items_job ON batch_items (job_id, line_no);
+        CREATE INDEX batch_items_state ON batch_items (state, provider, model, queue);
+        CREATE INDEX batch_items_upstream ON batch_items (upstream_id);
+        CREATE TABLE batch_upstream (
+            upstream_id TEXT PRIMARY KEY,
+            provider TEXT NOT NULL,
+            model TEXT NOT NULL,
+            remote_id TEXT,
+            state TEXT NOT NULL,
+            items INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            submitted_at REAL,
+            next_poll_at REAL NOT NULL,
+            collected_at REAL,
+            remote_status TEXT
+        );
+        CREATE INDEX batch_upstream_state ON batch_upstream (state)
+        """,
+    ),
+    (
         12,
         # Hourly and daily rollups of the ledger, kept up to date by the ledger writer in the same
         # transaction as its batch (stores/rollups.py), so the dashboard never scans the ledger.

@@ -1,0 +1,1 @@
+"""Provider batch adapters: OpenAI Batch (files + batches), Anthropic Message Batches, replay."""

@@ -1,0 +1,447 @@
+"""The batch store in the gateway's SQLite file (migration 11).
+
+Every state change of an item and its ledger row are one transaction: an item ends once, and
+its ledger row is written once, whatever crashes or restarts happen around it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from thrifty.batch.flush import QueueGroup
+from thrifty.batch.states import ITEM_OPEN, STATUS_TIME
+from thrifty.batch.store import FileRecord, Item, ItemResult, JobRecord, NewItem, UpstreamBatch
+from thrifty.stores.ledger import INSERT_ENTRY_SQL, entry_row
+from thrifty.stores.rollups import add_rollups
+from thrifty.stores.sqlite_db import open_database
+from thrifty.types import LedgerEntry, decimal_text
+
+_JOB_COLUMNS = (
+    "job_id, kind, tenant_id, input_file_id, endpoint, completion_window, status, metadata, tags, errors, "
+    "webhook_url, idempotency_key, created_at, expires_at, in_progress_at, finalizing_at, completed_at, "
+    "failed_at, expired_at, cancelling_at, cancelled_at, delivered_at"
+)
+_TIME_COLUMNS = (
+    "in_progress_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+)
+_ITEM_COLUMNS = (
+    "request_id, job_id, custom_id, state, model, route, provider, body, reserve_usd, reserve_tokens, "
+    "created_at, status_code, response, error"
+)
+_OPEN = tuple(sorted(ITEM_OPEN))
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _load(value: str | None) -> Any:
+    return None if value is None else orjson.loads(value)
+
+
+def _job(row: tuple[Any, ...]) -> JobRecord:
+    return JobRecord(
+        job_id=row[0],
+        kind=row[1],
+        tenant_id=row[2],
+        input_file_id=row[3],
+        endpoint=row[4],
+        completion_window=row[5],
+        status=row[6],
+        metadata=_load(row[7]),
+        tags=_load(row[8]) or {},
+        errors=_load(row[9]),
+        webhook_url=row[10],
+        idempotency_key=row[11],
+        created_at=row[12],
+        expires_at=row[13],
+        times=dict(zip(_TIME_COLUMNS, row[14:21], strict=True)),
+        delivered_at=row[21],
+    )
+
+
+def _item(row: tuple[Any, ...]) -> Item:
+    return Item(
+        request_id=row[0],
+        job_id=row[1],
+        custom_id=row[2],
+        state=row[3],
+        model=row[4],
+        route=row[5],
+        provider=row[6],
+        body=_load(row[7]),
+        reserve_usd=None if row[8] is None else Decimal(row[8]),
+        reserve_tokens=row[9],
+        created_at=row[10],
+        status_code=row[11],
+        response=_load(row[12]),
+        error=_load(row[13]),
+    )
+
+
+class SqliteBatchStore:
+    def __init__(self, path: Path, *, synchronous: str = "normal") -> None:
+        self._conn = open_database(path, synchronous=synchronous)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- files ------------------------------------------------------------------------------
+
+    def add_file(self, record: FileRecord) -> None:
+        self._conn.execute(
+            "INSERT INTO batch_files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.file_id,
+                record.tenant_id,
+                record.purpose,
+                record.filename,
+                record.bytes,
+                record.lines,
+                record.sha256,
+                record.path,
+                record.created_at,
+            ),
+        )
+
+    def get_file(self, tenant_id: str, file_id: str) -> FileRecord | None:
+        row = self._conn.execute(
+            "SELECT * FROM batch_files WHERE file_id = ? AND tenant_id = ?", (file_id, tenant_id)
+        ).fetchone()
+        return None if row is None else FileRecord(*row)
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def create_job(self, job: JobRecord, items: Iterable[NewItem] = ()) -> JobRecord:
+        values = (
+            job.job_id,
+            job.kind,
+            job.tenant_id,
+            job.input_file_id,
+            job.endpoint,
+            job.completion_window,
+            job.status,
+            _json(job.metadata),
+            _json(job.tags),
+            _json(job.errors),
+            job.webhook_url,
+            job.idempotency_key,
+            job.created_at,
+            job.expires_at,
+            *(job.times.get(c) for c in _TIME_COLUMNS),
+            job.delivered_at,
+        )
+        try:
+            with self._transaction():
+                self._conn.execute(
+                    f"INSERT INTO batch_jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 22)})", values
+                )
+                self._insert_items(items)
+        except sqlite3.IntegrityError:
+            if job.idempotency_key is None:
+                raise
+            row = self._conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE tenant_id = ? AND idempotency_key = ?",
+                (job.tenant_id, job.idempotency_key),
+            ).fetchone()
+            return _job(row)
+        return job
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        row = self._conn.execute(
+            f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        return None if row is None else _job(row)
+
+    def jobs_with_status(self, statuses: Iterable[str]) -> list[JobRecord]:
+        wanted = tuple(statuses)
+        rows = self._conn.execute(
+            f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE status IN ({', '.join('?' * len(wanted))}) "
+            "ORDER BY created_at",
+            wanted,
+        )
+        return [_job(r) for r in rows]
+
+    def jobs_of_tenant(self, tenant_id: str, limit: int, after: str | None) -> list[JobRecord]:
+        """A tenant's file jobs, newest first; `after` is the last id of the previous page."""
+        before = float("inf")
+        if after is not None:
+            found = self.get_job(after)
+            before = found.created_at if found is not None else before
+        rows = self._conn.execute(
+            f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE tenant_id = ? AND kind = 'file' AND created_at < ? "
+            "ORDER BY created_at DESC LIMIT ?",
+            (tenant_id, before, limit),
+        )
+        return [_job(r) for r in rows]
+
+    def jobs_for_sha256(self, tenant_id: str, sha256: str) -> list[JobRecord]:
+        rows = self._conn.execute(
+            f"SELECT {', '.join('j.' + c.strip() for c in _JOB_COLUMNS.split(','))} FROM batch_jobs j "
+            "JOIN batch_files f ON f.file_id = j.input_file_id "
+            "WHERE f.tenant_id = ? AND f.sha256 = ? ORDER BY j.created_at",
+            (tenant_id, sha256),
+        )
+        return [_job(r) for r in rows]
+
+    def lease(self, job_id: str, owner: str, now: float, seconds: float) -> bool:
+        """Take (or extend) the job's validation lease: one process validates a job at a time;
+        a lease left by a crashed process runs out and another resumes the job."""
+        cursor = self._conn.execute(
+            "UPDATE batch_jobs SET lease_owner = ?, lease_until = ? WHERE job_id = ? "
+            "AND status = 'validating' AND (lease_owner IS NULL OR lease_owner = ? OR lease_until < ?)",
+            (owner, now + seconds, job_id, owner, now),
+        )
+        return cursor.rowcount == 1
+
+    def set_job_status(
+        self, job_id: str, status: str, ts: float, errors: list[dict[str, Any]] | None = None
+    ) -> None:
+        column = STATUS_TIME.get(status)
+        sets = "status = ?" + (f", {column} = COALESCE({column}, ?)" if column else "")
+        params: list[Any] = [status] + ([ts] if column else [])
+        if errors is not None:
+            sets += ", errors = ?"
+            params.append(_json(errors))
+        self._conn.execute(f"UPDATE batch_jobs SET {sets} WHERE job_id = ?", (*params, job_id))
+
+    # -- items ------------------------------------------------------------------------------
+
+    def add_items(self, items: Iterable[NewItem], entries: Iterable[LedgerEntry] = ()) -> None:
+        """New items, and in the same transaction the ledger rows of the lines refused already."""
+        with self._transaction():
+            self._insert_items(items)
+            self._insert_ledger(entry_row(e) for e in entries)
+
+    def _insert_items(self, items: Iterable[NewItem]) -> None:
+        rows = (
+            (
+                i.request_id,
+                i.job_id,
+                i.line_no,
+                i.custom_id,
+                i.state,
+                i.queue,
+                i.model,
+                i.route,
+                i.provider,
+                _json(i.body),
+                None if i.reserve_usd is None else decimal_text(i.reserve_usd),
+                i.reserve_tokens,
+                i.flush_at,
+                i.flush_size,
+                _json(i.error),
+                i.created_at,
+                None if i.state == "queued" else i.created_at,
+            )
+            for i in items
+        )
+        self._conn.executemany(
+            "INSERT INTO batch_items (request_id, job_id, line_no, custom_id, state, queue, model, route, "
+            "provider, body, reserve_usd, reserve_tokens, flush_at, flush_size, error, created_at, "
+            "finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+    def validated_so_far(self, job_id: str) -> tuple[int, set[str]]:
+        """The last input line stored for a job, and the custom_ids seen up to it."""
+        last = self._conn.execute(
+            "SELECT MAX(line_no) FROM batch_items WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        if last is None or last[0] is None:
+            return 0, set()
+        rows = self._conn.execute("SELECT custom_id FROM batch_items WHERE job_id = ?", (job_id,))
+        return int(last[0]), {r[0] for r in rows}
+
+    def item_counts(self, job_id: str) -> dict[str, int]:
+        rows = self._conn.execute(
+            "SELECT state, COUNT(*) FROM batch_items WHERE job_id = ? GROUP BY state", (job_id,)
+        )
+        return {state: n for state, n in rows}
+
+    def items_of_job(self, job_id: str) -> Iterator[Item]:
+        cursor = self._conn.execute(
+            f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE job_id = ? ORDER BY line_no", (job_id,)
+        )
+        while rows := cursor.fetchmany(500):
+            for row in rows:
+                yield _item(row)
+
+    def queued_items(self, job_id: str) -> list[Item]:
+        rows = self._conn.execute(
+            f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE job_id = ? AND state = 'queued'", (job_id,)
+        )
+        return [_item(r) for r in rows]
+
+    def queued_past_window(self, now: float, limit: int = 500) -> list[Item]:
+        """Queued items whose job's window has passed (the provider was unreachable that long)."""
+        columns = ", ".join("i." + c.strip() for c in _ITEM_COLUMNS.split(","))
+        rows = self._conn.execute(
+            f"SELECT {columns} FROM batch_items i JOIN batch_jobs j ON j.job_id = i.job_id "
+            "WHERE i.state = 'queued' AND j.expires_at < ? LIMIT ?",
+            (now, limit),
+        )
+        return [_item(r) for r in rows]
+
+    def open_items(self) -> list[Item]:
+        rows = self._conn.execute(
+            f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE state IN ({', '.join('?' * len(_OPEN))})", _OPEN
+        )
+        return [_item(r) for r in rows]
+
+    def queue_groups(self) -> list[QueueGroup]:
+        rows = self._conn.execute(
+            "SELECT provider, model, queue, COUNT(*), MIN(flush_at), MIN(flush_size) FROM batch_items "
+            "WHERE state = 'queued' GROUP BY provider, model, queue"
+        )
+        return [QueueGroup(*r) for r in rows]
+
+    def claim(self, group: QueueGroup, limit: int, upstream_id: str, now: float) -> int:
+        """Move up to `limit` queued items into a new provider batch (not yet sent); how many."""
+        with self._transaction():
+            ids = self._conn.execute(
+                "SELECT request_id FROM batch_items WHERE state = 'queued' AND provider = ? "
+                "AND model = ? AND queue = ? ORDER BY created_at, line_no LIMIT ?",
+                (group.provider, group.model, group.queue, limit),
+            ).fetchall()
+            if not ids:
+                return 0
+            self._conn.execute(
+                "INSERT INTO batch_upstream (upstream_id, provider, model, state, items, created_at, "
+                "next_poll_at) VALUES (?, ?, ?, 'preparing', ?, ?, ?)",
+                (upstream_id, group.provider, group.model, len(ids), now, now),
+            )
+            self._conn.executemany(
+                "UPDATE batch_items SET state = 'submitted', upstream_id = ? WHERE request_id = ?",
+                ((upstream_id, r[0]) for r in ids),
+            )
+        return len(ids)
+
+    def mark_submitted(self, upstream_id: str, remote_id: str, next_poll_at: float) -> None:
+        self._conn.execute(
+            "UPDATE batch_upstream SET remote_id = ?, state = 'submitted', submitted_at = ?, "
+            "next_poll_at = ? WHERE upstream_id = ?",
+            (remote_id, time.time(), next_poll_at, upstream_id),
+        )
+
+    def requeue_unsent(self, upstream_id: str) -> None:
+        with self._transaction():
+            self._conn.execute(
+                "UPDATE batch_items SET state = 'queued', upstream_id = NULL "
+                "WHERE upstream_id = ? AND state = 'submitted'",
+                (upstream_id,),
+            )
+            self._conn.execute("DELETE FROM batch_upstream WHERE upstream_id = ?", (upstream_id,))
+
+    def upstream_batches(self, states: Iterable[str]) -> list[UpstreamBatch]:
+        wanted = tuple(states)
+        rows = self._conn.execute(
+            "SELECT upstream_id, provider, model, remote_id, state, items, next_poll_at FROM batch_upstream "
+            f"WHERE state IN ({', '.join('?' * len(wanted))}) ORDER BY created_at",
+            wanted,
+        )
+        return [UpstreamBatch(*r) for r in rows]
+
+    def items_of_upstream(self, upstream_id: str, state: str | None = None) -> Iterator[Item]:
+        """The batch's items a page at a time (keyset paging: safe while results are recorded)."""
+        after = ""
+        where = "upstream_id = ? AND request_id > ?" + (" AND state = ?" if state else "")
+        while True:
+            params: tuple[Any, ...] = (upstream_id, after, state) if state else (upstream_id, after)
+            rows = self._conn.execute(
+                f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE {where} ORDER BY request_id LIMIT 500", params
+            ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _item(row)
+            after = rows[-1][0]
+
+    def get_items(self, request_ids: Iterable[str]) -> dict[str, Item]:
+        wanted = tuple(request_ids)
+        if not wanted:
+            return {}
+        rows = self._conn.execute(
+            f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE request_id IN ({', '.join('?' * len(wanted))})",
+            wanted,
+        )
+        return {row[0]: _item(row) for row in rows}
+
+    def poll_later(self, upstream_id: str, next_poll_at: float, remote_status: str) -> None:
+        self._conn.execute(
+            "UPDATE batch_upstream SET next_poll_at = ?, remote_status = ? WHERE upstream_id = ?",
+            (next_poll_at, remote_status, upstream_id),
+        )
+
+    def finish_upstream(self, upstream_id: str, remote_status: str, ts: float) -> None:
+        self._conn.execute(
+            "UPDATE batch_upstream SET state = 'collected', remote_status = ?, collected_at = ? "
+            "WHERE upstream_id = ?",
+            (remote_status, ts, upstream_id),
+        )
+
+    def record_results(self, results: Iterable[ItemResult], ts: float) -> list[str]:
+        recorded: list[str] = []
+        rows: list[tuple[Any, ...]] = []
+        with self._transaction():
+            for r in results:
+                cursor = self._conn.execute(
+                    "UPDATE batch_items SET state = ?, status_code = ?, response = ?, error = ?, "
+                    f"finished_at = ? WHERE request_id = ? AND state IN ({', '.join('?' * len(_OPEN))})",
+                    (r.state, r.status_code, _json(r.response), _json(r.error), ts, r.request_id, *_OPEN),
+                )
+                if cursor.rowcount == 1:
+                    rows.append(entry_row(r.entry))
+                    recorded.append(r.request_id)
+            self._insert_ledger(rows)
+        return recorded
+
+    def _insert_ledger(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Ledger rows, folded into the dashboard's rollups in the same transaction (as the ledger
+        writer does): a row is in the rollups exactly when it is in the ledger."""
+        inserted = [row for row in rows if self._conn.execute(INSERT_ENTRY_SQL, row).rowcount == 1]
+        if inserted:
+            add_rollups(self._conn, inserted)
+
+    # -- webhooks ---------------------------------------------------------------------------
+
+    def undelivered(self) -> list[JobRecord]:
+        rows = self._conn.execute(
+            f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE webhook_url IS NOT NULL AND delivered_at IS NULL "
+            "AND status IN ('completed', 'failed', 'expired', 'cancelled')"
+        )
+        return [_job(r) for r in rows]
+
+    def mark_delivered(self, job_id: str, ts: float | None, error: str | None) -> None:
+        self._conn.execute(
+            "UPDATE batch_jobs SET delivered_at = ?, delivery_error = ? WHERE job_id = ?", (ts, error, job_id)
+        )
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._conn)
+
+
+class _Transaction:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        self._conn.execute("ROLLBACK" if kind is not None else "COMMIT")

@@ -1,0 +1,555 @@
+"""Batch offload end to end: the openai SDK's files + batches through thrifty to wire-level fakes of
+OpenAI's Batch API and Anthropic's Message Batches; money to the exact Decimal; deferred requests."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from aiohttp import web
+
+from tests.conftest import KEYS, LoopThread, base_settings, ledger_rows
+from tests.fakes.anthropic_batch_wire import AnthropicBatchWireServer
+from tests.fakes.anthropic_wire import Reply as AReply
+from tests.fakes.openai_batch_wire import OpenAIBatchWireServer
+from tests.fakes.openai_wire import Reply
+from thrifty.batch.adapters.base import Outbound
+from thrifty.batch.adapters.openai import OpenAIBatchAdapter
+from thrifty.batch.sqlite_store import SqliteBatchStore
+from thrifty.batch.store import JobRecord, NewItem
+from thrifty.report import batch_line, build_report
+from thrifty.server.run import BackgroundServer
+from thrifty.stores.reporting import SqliteReportingStore, Window
+from thrifty.types import ModelTarget
+
+OPENAI_KEY = "sk-fake-upstream"
+ANTHROPIC_KEY = "sk-ant-fake"
+M = Decimal(1_000_000)
+
+
+@pytest.fixture
+def oa(loop_thread: LoopThread) -> Iterator[OpenAIBatchWireServer]:
+    server = OpenAIBatchWireServer(api_key=OPENAI_KEY)
+    loop_thread.run(server.start())
+    yield server
+    loop_thread.run(server.stop())
+
+
+@pytest.fixture
+def an(loop_thread: LoopThread) -> Iterator[AnthropicBatchWireServer]:
+    server = AnthropicBatchWireServer(api_key=ANTHROPIC_KEY)
+    loop_thread.run(server.start())
+    yield server
+    loop_thread.run(server.stop())
+
+
+def settings_for(
+    tmp_path: Path, oa: OpenAIBatchWireServer, an: AnthropicBatchWireServer, **extra: Any
+) -> Any:
+    batch = {"poll_interval_s": 0.05, **extra.pop("batch", {})}
+    tenants = extra.pop("tenants", None)
+    settings = base_settings(
+        tmp_path,
+        providers={
+            "oa": {"kind": "openai", "base_url": oa.base_url, "api_key_env": "OA_KEY"},
+            "an": {
+                "kind": "anthropic",
+                "base_url": an.base_url,
+                "api_key_env": "AN_KEY",
+                "batch_discount": "0.5",
+            },
+        },
+        models={
+            "gpt-4o-mini": {"provider": "oa", "upstream": "gpt-4o-mini"},
+            "gpt-4o": {"provider": "oa", "upstream": "gpt-4o-2024-08-06"},
+            "claude-haiku": {"provider": "an", "upstream": "claude-3-5-haiku-latest"},
+            "claude-new": {"provider": "an", "upstream": "claude-haiku-4-5"},
+        },
+        batch=batch,
+        **extra,
+    )
+    if tenants:
+        data = settings.model_dump(mode="json")
+        for name, update in tenants.items():
+            data["tenants"][name].update(update)
+        from thrifty.settings import settings_from_mapping
+
+        settings = settings_from_mapping(data)
+    return settings
+
+
+@pytest.fixture
+def make_gateway(
+    tmp_path: Path, oa: OpenAIBatchWireServer, an: AnthropicBatchWireServer
+) -> Iterator[Callable[..., BackgroundServer]]:
+    servers: list[BackgroundServer] = []
+
+    def make(**extra: Any) -> BackgroundServer:
+        server = BackgroundServer(
+            settings_for(tmp_path, oa, an, **extra), secrets={"oa": OPENAI_KEY, "an": ANTHROPIC_KEY}
+        )
+        server.__enter__()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+def _client(server: BackgroundServer, tenant: str = "acme") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key=KEYS[tenant], max_retries=0, timeout=20)
+
+
+def _line(custom_id: str, model: str, text: str = "hi", **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": text}], **body},
+    }
+
+
+def _jsonl(rows: list[Any]) -> bytes:
+    return b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows)
+
+
+def _wait(client: openai.OpenAI, batch_id: str, timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "expired", "cancelled"):
+            return batch
+        time.sleep(0.05)
+    raise AssertionError(f"batch {batch_id} still {batch.status}")
+
+
+def _lines(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+def _submit(client: openai.OpenAI, rows: list[Any], **kwargs: Any) -> Any:
+    uploaded = client.files.create(file=("input.jsonl", io.BytesIO(_jsonl(rows))), purpose="batch")
+    return client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h", **kwargs
+    )
+
+
+def test_sdk_batch_to_openai_and_anthropic_with_bad_lines_and_partial_failures(
+    make_gateway, oa, an, tmp_path
+):
+    server = make_gateway(
+        tenants={"acme": {"allowed_models": ["gpt-4o-mini", "claude-haiku", "route:short"]}},
+        routes={"short": {"model": "gpt-4o-mini", "max_input_tokens": 20}},
+    )
+    oa.by_model["gpt-4o-mini"] = [Reply(), Reply(status=500, error_message="upstream broke"), Reply()]
+    an.reply(
+        AReply(text="claude says hi", input_tokens=20, output_tokens=4),
+        AReply(error_status=529, error_type="overloaded_error", error_message="Overloaded"),
+    )
+    client = _client(server)
+    rows: list[Any] = [
+        _line("a1", "gpt-4o-mini"),
+        _line("a2", "gpt-4o-mini"),
+        b"{not json",
+        _line("a3", "gpt-4o-mini", max_tokens=50),
+        _line("a1", "gpt-4o-mini"),  # duplicate custom_id
+        _line("c1", "claude-haiku", temperature=0.2),
+        _line("x1", "gpt-4o"),  # not allowed for acme
+        _line("s1", "gpt-4o-mini", stream=True),
+        {"custom_id": "w1", "method": "GET", "url": "/v1/chat/completions", "body": {}},
+        _line("c2", "claude-haiku"),  # Anthropic answers it errored: a partial failure
+        _line("c3", "claude-haiku", temperature=5),  # Anthropic's range is 0-1: refused at validation
+        _line("r1", "route:short", text="many words " * 40),  # over the route's input limit
+    ]
+    batch = _submit(client, rows, metadata={"feature": "nightly-eval", "prompt_version": "v7"})
+    assert batch.status == "validating" and batch.id.startswith("batch_")
+    done = _wait(client, batch.id)
+    assert done.status == "completed"
+    assert done.request_counts.total == 12
+    assert done.request_counts.completed == 3 and done.request_counts.failed == 9
+    assert [b.id for b in client.batches.list()] == [batch.id]
+
+    output = _lines(client, done.output_file_id)
+    assert sorted(o["custom_id"] for o in output) == ["a1", "a3", "c1"]
+    by_id = {o["custom_id"]: o for o in output}
+    assert by_id["c1"]["response"]["body"]["choices"][0]["message"]["content"] == "claude says hi"
+    assert by_id["a1"]["response"]["status_code"] == 200 and by_id["a1"]["error"] is None
+    errors = {(e["custom_id"], (e["error"] or {}).get("code")): e for e in _lines(client, done.error_file_id)}
+    assert ("a2", None) in errors and errors[("a2", None)]["response"]["status_code"] == 500
+    assert "line 3" in errors[("line-3", "invalid_json")]["error"]["message"]
+    assert "line 5" in errors[("a1", "duplicate_custom_id")]["error"]["message"]
+    assert "may not use 'gpt-4o'" in errors[("x1", "model_not_allowed")]["error"]["message"]
+    assert "stream" in errors[("s1", "invalid_body")]["error"]["message"]
+    assert ("w1", "invalid_method") in errors
+    assert errors[("c2", None)]["response"]["status_code"] == 529  # errored: overloaded_error
+    assert "line 11" in errors[("c3", "invalid_request_error")]["error"]["message"]
+    assert "input tokens of route 'short'" in errors[("r1", "route_input_limit_exceeded")]["error"]["message"]
+
+    # One provider batch per provider (OpenAI: one model per file), custom_id = thrifty's request id.
+    assert oa.batch_creations == 1 and an.batch_creations == 1
+    (sent,) = oa.batches.values()
+    assert len(sent.lines) == 3 and all(line["custom_id"].startswith("req_") for line in sent.lines)
+    assert sent.lines[2]["body"]["max_tokens"] == 50
+
+    rows_ = ledger_rows(tmp_path / "ledger.db")
+    assert len(rows_) == 12 and all(r["batch"] == 1 for r in rows_)
+    assert {r["feature"] for r in rows_} == {"nightly-eval"} and {r["prompt_version"] for r in rows_} == {
+        "v7"
+    }
+    answered = {r["request_id"] for r in rows_ if r["status"] == "ok"}
+    assert {line["custom_id"] for line in sent.lines} & answered == {
+        by_id["a1"]["response"]["request_id"],
+        by_id["a3"]["response"]["request_id"],
+    }
+
+
+def test_batch_items_cost_exactly_the_batch_rate(make_gateway, oa, an, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    server = make_gateway()
+    oa.by_model["gpt-4o-mini"] = [Reply(prompt_tokens=1234, cached_tokens=200, completion_tokens=321)]
+    an.reply(
+        AReply(input_tokens=1000, output_tokens=77, cache_read_input_tokens=300),
+        AReply(input_tokens=50, output_tokens=10),
+    )
+    client = _client(server)
+    rows = [
+        _line("o", "gpt-4o-mini"),
+        _line("h", "claude-haiku"),  # no batch price in genai-prices: providers.an.batch_discount 0.5
+        _line("n", "claude-new"),  # genai-prices has its batch price
+    ]
+    done = _wait(client, _submit(client, rows).id)
+    assert done.status == "completed", done
+    by_custom = {o["custom_id"]: o["response"]["request_id"] for o in _lines(client, done.output_file_id)}
+    costs = {r["request_id"]: r for r in ledger_rows(tmp_path / "ledger.db")}
+    # gpt-4o-mini batch: $0.075 input, $0.075 cached input, $0.30 output per 1M tokens.
+    expect_o = (Decimal(1034) * Decimal("0.075") + 200 * Decimal("0.075") + 321 * Decimal("0.3")) / M
+    # claude-3-5-haiku real time: $0.80 input, $0.08 cache read, $4 output; half of it.
+    expect_h = (1000 * Decimal("0.8") + 300 * Decimal("0.08") + 77 * Decimal(4)) / M * Decimal("0.5")
+    # claude-haiku-4-5 batch: $0.50 input, $2.50 output.
+    expect_n = (50 * Decimal("0.5") + 10 * Decimal("2.5")) / M
+    assert Decimal(costs[by_custom["o"]]["cost_usd"]) == expect_o
+    assert Decimal(costs[by_custom["h"]]["cost_usd"]) == expect_h
+    assert Decimal(costs[by_custom["n"]]["cost_usd"]) == expect_n
+    # saved = what the same call costs in real time, less the batch price
+    realtime_o = (Decimal(1034) * Decimal("0.15") + 200 * Decimal("0.075") + 321 * Decimal("0.6")) / M
+    assert Decimal(costs[by_custom["o"]]["saved_usd"]) == realtime_o - expect_o
+    # Both Anthropic models have a batch price (one from genai-prices, one from the discount).
+    assert not any("no batch price" in r.message for r in caplog.records)
+    # The report: batch share, batch cost, and the same items at real-time prices.
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    (acme,) = build_report(conn, "tenant")
+    conn.close()
+    report = acme.to_json()
+    assert report["batch_requests"] == 3 and report["batch_share"] == 1.0
+    assert Decimal(report["batch_cost_usd"]) == expect_o + expect_h + expect_n
+    realtime = realtime_o + expect_h * 2 + (50 * Decimal(1) + 10 * Decimal(5)) / M
+    assert Decimal(report["batch_realtime_usd"]) == realtime
+    # The dashboard's rollups hold the batch rows too, to the same Decimal.
+    (rolled,) = asyncio.run(
+        SqliteReportingStore(tmp_path / "ledger.db").rollup_by("tenant", Window(None, None))
+    )
+    assert rolled.requests == 3 and rolled.cost_usd == acme.cost_usd == expect_o + expect_h + expect_n
+    line = batch_line([acme])
+    assert line is not None and "3 of 3 requests (100.0%)" in line and f"${realtime}" in line
+
+
+def test_no_batch_price_and_no_discount_is_a_start_warning(tmp_path, oa, an, caplog):
+    caplog.set_level(logging.WARNING)
+    settings = settings_for(tmp_path, oa, an)
+    data = settings.model_dump(mode="json")
+    data["providers"]["an"]["batch_discount"] = None
+    from thrifty.settings import settings_from_mapping
+
+    with BackgroundServer(settings_from_mapping(data), secrets={"oa": OPENAI_KEY, "an": ANTHROPIC_KEY}):
+        pass
+    warned = [r.message for r in caplog.records if "no batch price" in r.message]
+    assert len(warned) == 1 and "'claude-haiku' (an)" in warned[0] and "batch_discount" in warned[0]
+    assert "claude-new" not in warned[0] and "gpt-4o" not in warned[0]  # genai-prices has theirs
+
+
+def test_expiry_and_cancel_release_reservations_and_keep_answered_lines(make_gateway, oa, an, tmp_path):
+    server = make_gateway(tenants={"acme": {"budget": {"usd_per_day": "1"}}})
+    client = _client(server)
+    oa.expire, oa.answer_before_expiry = True, 1
+    done = _wait(client, _submit(client, [_line(f"e{i}", "gpt-4o-mini") for i in range(3)]).id)
+    assert done.status == "expired"
+    assert [o["custom_id"] for o in _lines(client, done.output_file_id)] == ["e0"]
+    assert {e["error"]["code"] for e in _lines(client, done.error_file_id)} == {"batch_expired"}
+    oa.expire = False
+
+    an.hold = True
+    batch = _submit(client, [_line(f"k{i}", "claude-haiku") for i in range(2)])
+    deadline = time.monotonic() + 10
+    while not an.batches and time.monotonic() < deadline:
+        time.sleep(0.02)
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status == "cancelling"
+    done = _wait(client, batch.id)
+    assert done.status == "cancelled" and done.request_counts.failed == 2
+    with pytest.raises(openai.BadRequestError, match="cancelled already"):
+        client.batches.cancel(batch.id)
+    rows = ledger_rows(tmp_path / "ledger.db")
+    assert len(rows) == 5 and all(r["batch"] for r in rows)
+    # Every reservation is released: left is the limit less what was spent and this request's own
+    # worst case (a few millionths of a dollar; one leaked item's would be over $0.001).
+    spent = sum(Decimal(r["cost_usd"]) for r in rows)
+    resp = httpx.post(
+        server.base_url + "/chat/completions",
+        headers={"authorization": f"Bearer {KEYS['acme']}"},
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
+    )
+    remaining = Decimal(resp.headers["x-thrifty-budget-remaining"].split(";")[0])
+    assert Decimal(0) < Decimal(1) - spent - remaining < Decimal("0.00001")
+
+
+def test_a_job_over_the_budget_fails_whole_before_any_call(make_gateway, oa, an):
+    server = make_gateway(tenants={"acme": {"budget": {"usd_per_day": "0.0001"}}})
+    client = _client(server)
+    done = _wait(client, _submit(client, [_line(f"b{i}", "gpt-4o", max_tokens=4000) for i in range(3)]).id)
+    assert done.status == "failed" and done.errors.data[0].code == "budget_exceeded"
+    assert oa.batch_creations == 0
+
+
+def test_bad_requests_name_the_problem(make_gateway, oa, an):
+    server = make_gateway(batch={"max_lines": 2, "max_file_bytes": 2048})
+    client = _client(server)
+    with pytest.raises(openai.NotFoundError, match="batch_nope"):
+        client.batches.retrieve("batch_nope")
+    with pytest.raises(openai.NotFoundError, match="file-nope"):
+        client.batches.create(
+            input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    too_many = client.files.create(
+        file=("x.jsonl", io.BytesIO(_jsonl([_line(f"l{i}", "gpt-4o-mini") for i in range(3)]))),
+        purpose="batch",
+    )
+    with pytest.raises(openai.BadRequestError, match="3 lines, over the limit of 2"):
+        client.batches.create(
+            input_file_id=too_many.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    with pytest.raises(openai.APIStatusError, match="over 2048 bytes") as err:
+        client.files.create(file=("big.jsonl", io.BytesIO(b"x" * 5000)), purpose="batch")
+    assert err.value.status_code == 413
+    with pytest.raises(openai.BadRequestError, match="endpoint"):
+        client.batches.create(input_file_id=too_many.id, endpoint="/v1/embeddings", completion_window="24h")
+    # Another tenant cannot see or use acme's files and batches.
+    other = _client(server, "globex")
+    with pytest.raises(openai.NotFoundError):
+        other.files.content(too_many.id)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0).files.content(too_many.id)
+
+
+# -- automatic offload ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def webhook(loop_thread: LoopThread) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    received: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return int(runner.addresses[0][1])
+
+    port = loop_thread.run(start())
+    yield f"http://127.0.0.1:{port}/hook", received
+    loop_thread.run(runner.cleanup())
+
+
+def test_deferred_requests_go_in_one_provider_batch_answered_by_poll_and_webhook(
+    make_gateway, oa, an, tmp_path, webhook
+):
+    hook_url, received = webhook
+    server = make_gateway(
+        routes={"nightly": {"model": "gpt-4o-mini", "defer": {"max_batch": 3, "max_age_s": 60}}}
+    )
+    url = server.base_url + "/chat/completions"
+    auth = {"authorization": f"Bearer {KEYS['acme']}"}
+    jobs = []
+    with httpx.Client(timeout=10) as http:
+        for i in range(3):
+            headers = {**auth, "x-thrifty-feature": "digest"}
+            if i == 0:
+                headers["x-thrifty-webhook"] = hook_url
+            if i == 1:
+                headers["idempotency-key"] = "digest-1"
+            body = {"model": "route:nightly", "messages": [{"role": "user", "content": f"q{i}"}]}
+            resp = http.post(url, json=body, headers=headers)
+            assert resp.status_code == 202, resp.text
+            jobs.append(resp.json())
+            if i == 1:  # the same request again: enqueued once, the same job
+                again = http.post(url, json=body, headers=headers)
+                assert again.status_code == 202 and again.json()["id"] == resp.json()["id"]
+                other_body = {**body, "messages": [{"role": "user", "content": "something else"}]}
+                conflict = http.post(url, json=other_body, headers=headers)
+                assert (
+                    conflict.status_code == 422 and "Idempotency-Key" in conflict.json()["error"]["message"]
+                )
+        assert jobs[0]["status"] == "queued" and jobs[0]["poll_url"] == f"/v1/thrifty/jobs/{jobs[0]['id']}"
+        views = []
+        for job in jobs:
+            deadline = time.monotonic() + 15
+            while True:
+                view = http.get(server.base_url.removesuffix("/v1") + job["poll_url"], headers=auth).json()
+                if view["status"] == "completed" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            views.append(view)
+        # A header defers a request on a route without defer settings; 'no' keeps it real time.
+        resp = http.post(
+            url,
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "now"}]},
+            headers={**auth, "x-thrifty-defer": "no"},
+        )
+        assert resp.status_code == 200
+        bad = http.post(
+            url,
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]},
+            headers={**auth, "x-thrifty-defer": "soon"},
+        )
+        assert bad.status_code == 400 and "90s, 30m, 24h" in bad.json()["error"]["message"]
+        streamed = http.post(
+            url,
+            json={"model": "route:nightly", "messages": [{"role": "user", "content": "x"}], "stream": True},
+            headers=auth,
+        )
+        assert streamed.status_code == 400 and "cannot stream" in streamed.json()["error"]["message"]
+        other = http.get(
+            server.base_url.removesuffix("/v1") + jobs[0]["poll_url"],
+            headers={"authorization": f"Bearer {KEYS['globex']}"},
+        )
+        assert other.status_code == 404
+    assert [v["status"] for v in views] == ["completed"] * 3, views
+    assert views[0]["response"]["body"]["choices"][0]["message"]["content"] == Reply().text
+    assert oa.batch_creations == 1 and len(next(iter(oa.batches.values())).lines) == 3
+    deadline = time.monotonic() + 10
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [r["id"] for r in received] == [jobs[0]["id"]] and received[0]["status"] == "completed"
+    rows = [r for r in ledger_rows(tmp_path / "ledger.db") if r["batch"]]
+    assert (
+        len(rows) == 3
+        and {r["route"] for r in rows} == {"nightly"}
+        and {r["feature"] for r in rows} == {"digest"}
+    )
+
+
+def test_a_deferred_request_over_the_budget_is_refused_at_once(make_gateway, oa, an, tmp_path):
+    server = make_gateway(tenants={"acme": {"budget": {"usd_per_day": "0.0001"}}})
+    resp = httpx.post(
+        server.base_url + "/chat/completions",
+        json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4000},
+        headers={"authorization": f"Bearer {KEYS['acme']}", "x-thrifty-defer": "24h"},
+    )
+    assert resp.status_code == 429 and "budget" in resp.json()["error"]["message"]
+    (row,) = ledger_rows(tmp_path / "ledger.db")
+    assert row["http_status"] == 429 and row["request_id"] == resp.headers["x-thrifty-request-id"]
+
+
+def test_a_provider_batch_sent_just_before_a_crash_is_adopted_not_sent_again(tmp_path, oa, an, loop_thread):
+    settings = settings_for(tmp_path, oa, an)
+    # What a crash between sending a provider batch and storing its id leaves behind: the items
+    # claimed into a provider batch that is still "preparing" here, while the provider has it.
+    store = SqliteBatchStore(tmp_path / "ledger.db")
+    now = time.time()
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    job = JobRecord(
+        "batch_crash",
+        "file",
+        "acme",
+        None,
+        "/v1/chat/completions",
+        "24h",
+        "in_progress",
+        None,
+        {},
+        now,
+        now + 86400,
+    )
+    items = [
+        NewItem(
+            f"req_{i:032x}",
+            job.job_id,
+            i + 1,
+            f"c{i}",
+            "queued",
+            job.job_id,
+            now,
+            now,
+            1,
+            "gpt-4o-mini",
+            None,
+            "oa",
+            body,
+        )
+        for i in range(3)
+    ]
+    store.create_job(job, items)
+    (group,) = store.queue_groups()
+    assert store.claim(group, 10, "ub_crash", now) == 3
+    target = ModelTarget("gpt-4o-mini", "oa", "gpt-4o-mini", None)
+    adapter = OpenAIBatchAdapter("oa", settings.providers["oa"], OPENAI_KEY)
+    outbound = [Outbound(i.request_id, target, body) for i in store.items_of_upstream("ub_crash")]
+
+    async def send() -> str:
+        await adapter.start()
+        try:
+            return await adapter.submit(outbound, "ub_crash")
+        finally:
+            await adapter.close()
+
+    loop_thread.run(send())
+    store.close()
+    assert oa.batch_creations == 1
+    with BackgroundServer(settings, secrets={"oa": OPENAI_KEY, "an": ANTHROPIC_KEY}) as server:
+        done = _wait(_client(server), job.job_id)
+    assert done.status == "completed" and done.request_counts.completed == 3
+    assert oa.batch_creations == 1  # found by its label and adopted, not sent again
+    assert len(ledger_rows(tmp_path / "ledger.db")) == 3
+
+
+def test_a_deferred_request_not_sent_within_its_window_expires(make_gateway, oa, an, tmp_path):
+    server = make_gateway()
+    oa.api_key = "rotated"  # every submission is refused (401) until the window has passed
+    auth = {"authorization": f"Bearer {KEYS['acme']}", "x-thrifty-defer": "2s"}
+    resp = httpx.post(
+        server.base_url + "/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]},
+        headers=auth,
+    )
+    assert resp.status_code == 202 and resp.json()["defer"] == "2s"
+    poll = server.base_url.removesuffix("/v1") + resp.json()["poll_url"]
+    deadline = time.monotonic() + 10
+    view = httpx.get(poll, headers=auth).json()
+    # Between two refused submissions it is briefly "submitted".
+    while view["status"] in ("queued", "submitted") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        view = httpx.get(poll, headers=auth).json()
+    assert view["status"] == "expired" and view["error"]["code"] == "batch_expired"
+    assert oa.batch_creations == 0
+    (row,) = ledger_rows(tmp_path / "ledger.db")
+    assert row["batch"] == 1 and row["status"] == "error" and Decimal(row["cost_usd"]) == 0

@@ -194,7 +194,9 @@ class LedgerWriter:
         self._busy_since = None
         _resolve_all([future for _, future in batch])
         if self._observers and committed:
-            self._notify(committed)
+            # After the responses: their tasks were woken first, so metrics and traces are built
+            # once they have been sent, not while the requests wait.
+            self._loop.call_soon(self._notify, committed)
 
     # -- writer thread (synchronous: full) -----------------------------------------------------
 

@@ -239,6 +239,14 @@ class StreamTranslator:
 # I/O
 
 
+def auth_headers(settings: ProviderSettings, api_key: str | None) -> dict[str, str]:
+    """The headers every call to Anthropic's API carries (messages and message batches alike)."""
+    headers = {"anthropic-version": settings.anthropic_version}
+    if api_key:
+        headers["x-api-key"] = api_key
+    return headers
+
+
 class AnthropicProvider:
     def __init__(
         self,
@@ -249,10 +257,9 @@ class AnthropicProvider:
         missing_key_env: str | None = None,
     ) -> None:
         self.name = name
-        headers = {"anthropic-version": settings.anthropic_version}
-        if api_key:
-            headers["x-api-key"] = api_key
-        self._http = HttpClient(name, settings, headers, missing_key_env=missing_key_env)
+        self._http = HttpClient(
+            name, settings, auth_headers(settings, api_key), missing_key_env=missing_key_env
+        )
         assert settings.base_url is not None
         self._url = settings.base_url.rstrip("/") + "/v1/messages"
 

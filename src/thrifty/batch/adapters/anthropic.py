@@ -10,7 +10,7 @@ import orjson
 
 from thrifty.batch.adapters.base import Outbound, Outcome, RemoteState
 from thrifty.errors import ProviderProtocolError, ThriftyError
-from thrifty.providers.anthropic import from_anthropic_message, usage_from_anthropic
+from thrifty.providers.anthropic import auth_headers, from_anthropic_message, usage_from_anthropic
 from thrifty.providers.anthropic_request import to_anthropic_request
 from thrifty.providers.http import HttpClient
 from thrifty.settings import ProviderSettings
@@ -34,10 +34,9 @@ class AnthropicBatchAdapter:
         self, name: str, settings: ProviderSettings, api_key: str | None, missing_key_env: str | None = None
     ) -> None:
         self.name = name
-        headers = {"anthropic-version": settings.anthropic_version}
-        if api_key:
-            headers["x-api-key"] = api_key
-        self._http = HttpClient(name, settings, headers, missing_key_env=missing_key_env)
+        self._http = HttpClient(
+            name, settings, auth_headers(settings, api_key), missing_key_env=missing_key_env
+        )
         assert settings.base_url is not None
         self._url = settings.base_url.rstrip("/") + "/v1/messages/batches"
 

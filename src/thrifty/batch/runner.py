@@ -23,9 +23,10 @@ import aiohttp
 import orjson
 
 from thrifty.batch.adapters.base import Outbound, Outcome
+from thrifty.batch.entries import refused_entry, result_entry
 from thrifty.batch.flush import due, next_wake
 from thrifty.batch.lines import LineError, parse_line
-from thrifty.batch.service import BatchService, new_request_id, refused_entry, result_entry
+from thrifty.batch.service import BatchService, new_request_id
 from thrifty.batch.states import STATUS_TIME, next_status
 from thrifty.batch.store import Item, ItemResult, JobRecord, NewItem, UpstreamBatch
 from thrifty.errors import BudgetExceeded, ThriftyError

@@ -27,6 +27,7 @@ from thrifty.cli_common import semantic_extra as _semantic_extra
 from thrifty.cli_common import settings_path as _settings_path
 from thrifty.errors import ThriftyError
 from thrifty.settings import load_settings, resolve_secrets
+from thrifty.simulate.command import simulate_command
 from thrifty.stores.ports import LedgerReader
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="thrifty: the LLM cost-control gateway")
@@ -46,6 +47,7 @@ eval_app = typer.Typer(
 )
 app.add_typer(eval_app, name="eval")
 app.add_typer(batch_app, name="batch")
+app.command("simulate")(simulate_command)
 
 
 def _ledger_reader(config: Path | None, db: Path | None) -> LedgerReader:

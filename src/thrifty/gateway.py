@@ -17,7 +17,7 @@ from thrifty.alerts.rules import budget_alerts
 from thrifty.alerts.service import AlertService
 from thrifty.cache.exact import ExactCacheStage
 from thrifty.cache.prefix import PromptCacheBreakpoints
-from thrifty.cache.semantic.stage import SemanticCacheStage
+from thrifty.cache.semantic.stage import EmbedderFactory, SemanticCacheStage
 from thrifty.context.stage import ContextStage
 from thrifty.context.summaries import SqliteSummaryStore, Summariser
 from thrifty.dedup.stage import Deduplicate
@@ -115,7 +115,11 @@ class Gateway:
         secrets: Mapping[str, str | None] | None = None,
         providers: Mapping[str, Provider] | None = None,
         stores: Stores | None = None,
+        embedder_factory: EmbedderFactory | None = None,
     ) -> None:
+        """`providers` replaces the providers the settings name (tests, `thrifty simulate`);
+        `embedder_factory` the semantic cache's embedding model (simulate hands it one that has
+        embedded the whole traffic in batches beforehand)."""
         self.settings = settings
         # Every store comes from the factory, chosen by the settings' URLs; nothing below knows
         # whether it is SQLite, PostgreSQL or Redis.
@@ -164,7 +168,10 @@ class Gateway:
         self.idempotency = self.stores.idempotency
         self.exact_cache = ExactCacheStage(settings.routes, self.catalog)
         self.semantic_cache = SemanticCacheStage(
-            settings.routes, self.catalog, embed_threads=settings.semantic.embed_threads
+            settings.routes,
+            self.catalog,
+            embed_threads=settings.semantic.embed_threads,
+            embedder_factory=embedder_factory,
         )
         prefix_marks = PromptCacheBreakpoints(
             settings.routes, {n: p.kind for n, p in settings.providers.items()}

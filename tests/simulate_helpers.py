@@ -23,14 +23,14 @@ def completion(model: str, text: str, prompt: int, output: int) -> dict[str, Any
         "object": "chat.completion",
         "created": 1,
         "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-        ],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output},
     }
 
 
-def _line(ts: float, route: str, content: Any, text: str, prompt: int, output: int, **extra: Any) -> dict[str, Any]:
+def _line(
+    ts: float, route: str, content: Any, text: str, prompt: int, output: int, **extra: Any
+) -> dict[str, Any]:
     messages = content if isinstance(content, list) else [{"role": "user", "content": content}]
     return {
         "ts": ts,
@@ -62,6 +62,7 @@ def traffic_lines() -> list[dict[str, Any]]:
 
 def outputs_rows() -> list[dict[str, Any]]:
     """The small model's recorded drafts (exact usage), and correctness labels for both models."""
+
     def recording(prompt: str, text: str) -> dict[str, Any]:
         return {
             "thrifty_recording": 1,
@@ -74,7 +75,10 @@ def outputs_rows() -> list[dict[str, Any]]:
         return {
             "id": prompt,
             "prompt": prompt,
-            "responses": {BIG: {"output": "x", "correct": big_ok}, SMALL: {"output": "y", "correct": small_ok}},
+            "responses": {
+                BIG: {"output": "x", "correct": big_ok},
+                SMALL: {"output": "y", "correct": small_ok},
+            },
         }
 
     return [
@@ -91,7 +95,11 @@ def candidate_settings(tmp_path: Path, data: list[str], **extra: Any) -> dict[st
         "providers": {"p": {"kind": "replay", "data": data, "batch_discount": "0.5"}},
         "models": {
             "big": {"provider": "p", "upstream": BIG, "price": {"input_per_mtok": 10, "output_per_mtok": 30}},
-            "small": {"provider": "p", "upstream": SMALL, "price": {"input_per_mtok": 1, "output_per_mtok": 3}},
+            "small": {
+                "provider": "p",
+                "upstream": SMALL,
+                "price": {"input_per_mtok": 1, "output_per_mtok": 3},
+            },
         },
         "routes": {
             "faq": {"model": "big", "cache": {"ttl_s": 3600}, "semantic_cache": {"ttl_s": 3600}},

@@ -90,7 +90,11 @@ class BatchRunner:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            # Python 3.11's wait_for swallows a cancel that lands as the awaited event fires, and the
+            # loop then runs on: cancel until the task has ended.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait([self._task], timeout=0.5)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None

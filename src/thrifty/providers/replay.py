@@ -149,7 +149,9 @@ class ReplayProvider:
         self._settings = settings
         self._counter = counter
         # `thrifty simulate` hands every provider one index built from the traffic it replays.
-        self._index = index if index is not None else RecordingIndex.load(settings.data, f"providers.{name}.data")
+        self._index = (
+            index if index is not None else RecordingIndex.load(settings.data, f"providers.{name}.data")
+        )
 
     @property
     def index(self) -> RecordingIndex:

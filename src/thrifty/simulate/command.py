@@ -50,11 +50,15 @@ def simulate_command(
     ] = None,
     outputs: Annotated[
         list[str] | None,
-        typer.Option("--outputs", help="labelled per-model outputs (ZeroEval JSONL file or folder; repeatable)"),
+        typer.Option(
+            "--outputs", help="labelled per-model outputs (ZeroEval JSONL file or folder; repeatable)"
+        ),
     ] = None,
     output_format: Annotated[str, typer.Option("--format", help="table | json")] = "table",
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the JSON here")] = None,
-    svg_out: Annotated[Path | None, typer.Option("--svg", help="write the stack as an SVG chart here")] = None,
+    svg_out: Annotated[
+        Path | None, typer.Option("--svg", help="write the stack as an SVG chart here")
+    ] = None,
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="replay the good lines when some are malformed")
     ] = False,

@@ -57,7 +57,10 @@ def _semantic_queries(steps: Sequence[Step], lines: Sequence[TrafficLine]) -> li
     from thrifty.cache.semantic.stage import last_user_text
 
     routes = {
-        n for s in steps for n, r in s.settings.routes.items() if r.semantic_cache and r.semantic_cache.enabled
+        n
+        for s in steps
+        for n, r in s.settings.routes.items()
+        if r.semantic_cache and r.semantic_cache.enabled
     }
     if not routes:
         return None
@@ -132,7 +135,9 @@ def _caveats(candidate: Settings, lines: Sequence[TrafficLine], runs: Sequence[S
     if len(lines) > 1:
         span = lines[-1].ts - lines[0].ts
         ttls = [
-            (f"routes.{n}.cache.ttl_s", r.cache.ttl_s) for n, r in candidate.routes.items() if r.cache is not None
+            (f"routes.{n}.cache.ttl_s", r.cache.ttl_s)
+            for n, r in candidate.routes.items()
+            if r.cache is not None
         ] + [
             (f"routes.{n}.semantic_cache.ttl_s", r.semantic_cache.ttl_s)
             for n, r in candidate.routes.items()

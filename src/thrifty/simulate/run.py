@@ -57,7 +57,7 @@ class Outcome:
         if not self.unrecorded or self.error is None:
             return None
         found = _MISSING_OUTPUT.search(self.error)
-        return found.group(1) if found else "any model (prompt never recorded)"
+        return found.group(1) if found else (self.model or "any model")
 
 
 class BatchedEmbedder:
@@ -191,9 +191,11 @@ def _read_ledger(db_path: Path) -> dict[str, Outcome]:
             report = orjson.loads(context)
             before, after = report.get("before") or {}, report.get("after") or {}
             if after:
-                saved = max(0, sum(v for v in before.values() if isinstance(v, int)) - sum(
-                    v for v in after.values() if isinstance(v, int)
-                ))
+                saved = max(
+                    0,
+                    sum(v for v in before.values() if isinstance(v, int))
+                    - sum(v for v in after.values() if isinstance(v, int)),
+                )
         found[rid] = Outcome(
             cost=None if cost is None else Decimal(cost),
             ok=status == "ok",
@@ -263,7 +265,9 @@ async def run_step(
                 advance()
         if gateway.batch.defer_routes:
             # The clock just past every queue's age limit: each is due, and no item's window has passed.
-            ages = [d.max_age_s for d in gateway.batch.defer_routes.values()] + [prepared.batch.defer.max_age_s]
+            ages = [d.max_age_s for d in gateway.batch.defer_routes.values()] + [
+                prepared.batch.defer.max_age_s
+            ]
             left = await gateway.batch_runner.drain(time.time() + max(ages) + 1.0)
     finally:
         await gateway.close()

@@ -37,7 +37,9 @@ class Quality:
         if self.measured:
             out.update(scored=self.scored, correct=self.correct, rate=_ratio(self.correct, self.scored))
             if self.before_correct is not None:
-                out.update(before_correct=self.before_correct, before_rate=_ratio(self.before_correct, self.scored))
+                out.update(
+                    before_correct=self.before_correct, before_rate=_ratio(self.before_correct, self.scored)
+                )
         return out
 
 
@@ -140,9 +142,7 @@ def _routing_quality(
         ok_before += b
     if not scored:
         return Quality(False, "no labels for the routed requests: quality not measured")
-    text = (
-        f"accuracy {ok_now / scored:.1%} (before {ok_before / scored:.1%}) on {scored} labelled requests"
-    )
+    text = f"accuracy {ok_now / scored:.1%} (before {ok_before / scored:.1%}) on {scored} labelled requests"
     return Quality(True, text, scored, ok_now, ok_before)
 
 
@@ -185,10 +185,8 @@ def build_stack(
             else:
                 now.append(outcome)
         layer.cost_after = sum((_cost(o) for o in now), _ZERO)
-        layer.affected = sum(
-            _cost(a) != _cost(b) or a.cache != b.cache or a.model != b.model or a.batch != b.batch
-            for a, b in zip(now, before, strict=True)
-        )
+        # Requests whose cost this layer changed (up or down: an escalation costs more).
+        layer.affected = sum(_cost(a) != _cost(b) for a, b in zip(now, before, strict=True))
         layer.uninformed = sum(missing.values())
         layer.uninformed_models = dict(missing.most_common())
         _describe(layer, lines, before, now, labels, correct_by_prompt or {}, step)
@@ -221,9 +219,7 @@ def _describe(
         trimmed = [i for i, o in enumerate(now) if o.context_saved > 0]
         layer.detail["requests_trimmed"] = len(trimmed)
         layer.detail["prompt_tokens_saved"] = sum(now[i].context_saved for i in trimmed)
-        layer.quality = Quality(
-            False, "not measured offline: nobody recorded answers to the trimmed prompts"
-        )
+        layer.quality = Quality(False, "not measured offline: nobody recorded answers to the trimmed prompts")
         if trimmed:
             layer.notes.append("output tokens of trimmed requests are the recorded ones (assumed unchanged)")
     elif key == "routing":
@@ -233,7 +229,9 @@ def _describe(
         layer.detail["escalated"] = sum(o.escalated for o in now)
         layer.quality = _routing_quality(lines, before, now, correct_by_prompt, upstream)
     elif key == "batch":
-        layer.detail["deferred_to_batch"] = sum(o.batch and not b.batch for o, b in zip(now, before, strict=True))
+        layer.detail["deferred_to_batch"] = sum(
+            o.batch and not b.batch for o, b in zip(now, before, strict=True)
+        )
         layer.quality = Quality(False, "same model, same prompt: answers as in real time, later")
     if layer.uninformed:
         wanting = ", ".join(f"{m} ({n})" for m, n in layer.uninformed_models.items())

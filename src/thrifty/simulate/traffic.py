@@ -1,7 +1,7 @@
 """The traffic format: one recorded request a line (JSONL), what `thrifty simulate` reads and
 `thrifty recordings export` writes. Users can feed their own logs in it too.
 
-    {"ts": 1764547200.0,                      # required: epoch seconds or ISO 8601 ("2026-12-01T00:00:00Z")
+    {"ts": 1796083200.0,                      # required: epoch seconds or ISO 8601 ("2026-12-01T00:00:00Z")
      "tenant": "acme",                         # required
      "request": {"model": "gpt-4o-mini", "messages": [...], ...},   # required: the OpenAI body sent
      "route": "support", "feature": "faq", "prompt_version": "v3", "user": "u-1",
@@ -118,7 +118,9 @@ def parse_line(raw: bytes, where: str) -> TrafficLine:
             raise ValueError(f"'{key}' must be a string")
         text[key] = value
     response = row.get("response")
-    if response is not None and not (isinstance(response, dict) and isinstance(response.get("choices"), list)):
+    if response is not None and not (
+        isinstance(response, dict) and isinstance(response.get("choices"), list)
+    ):
         raise ValueError("'response' must be a chat completion (an object with 'choices')")
     return TrafficLine(
         where=where,

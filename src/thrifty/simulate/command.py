@@ -79,7 +79,7 @@ def simulate_command(
     if read.bad:
         for bad in read.bad[:20]:
             out.print(f"bad traffic line {bad}", markup=False, highlight=False)
-        more = f" (first 20 shown)" if len(read.bad) > 20 else ""
+        more = " (first 20 shown)" if len(read.bad) > 20 else ""
         summary = f"{len(read.bad)} bad traffic lines of {len(read.bad) + len(read.lines)}{more}"
         if not skip_bad:
             raise BadTraffic(f"{summary}; fix them, or pass --skip-bad to replay the others")

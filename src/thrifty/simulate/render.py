@@ -76,7 +76,8 @@ def stack_notes(report: StackReport) -> list[str]:
             lines.append(f"{layer.title}: {note}")
     if report.unrecorded:
         lines.append(
-            f"{report.unrecorded} requests have no recorded answer at all: they fail in every step and cost $0"
+            f"{report.unrecorded} requests have no recorded answer at all: "
+            "they fail in every step and cost $0"
         )
     if report.unpriced:
         lines.append(f"{report.unpriced} answered requests are on models without a price (counted as $0)")
@@ -126,7 +127,9 @@ def stack_json(report: StackReport) -> dict[str, Any]:
 def stack_svg(report: StackReport, title: str = "thrifty savings stack") -> str:
     """A waterfall: the baseline bar, each layer's saving taken off it, the candidate's cost."""
     width, left, right, row, top = 860, 190, 200, 30, 44
-    bars = [("baseline", report.baseline_cost, Decimal(0), None)]
+    bars: list[tuple[str, Decimal, Decimal, LayerReport | None]] = [
+        ("baseline", report.baseline_cost, Decimal(0), None)
+    ]
     bars += [(layer.title, layer.cost_after, layer.saving, layer) for layer in report.layers]
     bars.append(("candidate", report.final_cost, Decimal(0), None))
     height = top + row * len(bars) + 30
@@ -156,7 +159,7 @@ def stack_svg(report: StackReport, title: str = "thrifty savings stack") -> str:
             label = "traffic cannot inform it"
         else:
             pct = _pct(saving, report.baseline_cost)
-            label = f"−${saving:.4f} ({_fmt_pct(pct)})"
+            label = f"-${saving:.4f} ({_fmt_pct(pct)})"
         out.append(f'<text x="{width - right + 10}" y="{y + 19}">{escape(label)}</text>')
     out.append(
         f'<text x="12" y="{height - 10}" fill="#666">{report.requests:,} requests replayed through the '

@@ -128,7 +128,7 @@ def parse_line(raw: bytes, where: str) -> TrafficLine:
         tenant=tenant,
         request=orjson.dumps(request),
         response=response,
-        **text,  # type: ignore[arg-type]  # the OPTIONAL_TEXT fields, each str | None
+        **text,  # the OPTIONAL_TEXT fields, each str | None
     )
 
 

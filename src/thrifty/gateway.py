@@ -33,12 +33,14 @@ from thrifty.providers.base import Provider
 from thrifty.providers.call import CallProvider
 from thrifty.providers.registry import build_providers
 from thrifty.providers.resilience import Resilience
+from thrifty.recording.stage import RecordingStage
 from thrifty.routing.resolve import ROUTE_PREFIX, ResolveModel
 from thrifty.routing.stage import RouteStage
 from thrifty.settings import Settings
 from thrifty.stores.factory import Stores
 from thrifty.stores.keys import hash_key
 from thrifty.stores.ports import KeyDirectory
+from thrifty.stores.recordings import RecordingWriter, open_sink
 from thrifty.stores.sqlite_db import open_database
 from thrifty.tokens import TokenCounter, encoding_for_model
 from thrifty.types import ModelTarget, Tags
@@ -191,8 +193,11 @@ class Gateway:
         if self.semantic_cache.active:
             self.context.embed = self.semantic_cache.embed_texts  # ranks evidence sent without scores
         self._context_db: sqlite3.Connection | None = None
+        self.recorder = RecordingStage(settings.routes)
         # A stage the settings leave nothing to do is not in the chain: it would cost every request.
         stages: list[Stage | None] = [
+            # Outermost: it keeps the body as the client sent it and the answer as the client got it.
+            self.recorder if self.recorder.active else None,
             Account(accountant),
             self.resolver,
             OutputCeiling(settings.models, settings.routes, _anthropic_models(settings)),
@@ -258,6 +263,9 @@ class Gateway:
             self._context_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
             self._context_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
             self.context.store = SqliteSummaryStore(self._context_db)
+        if self.recorder.active:
+            self.recorder.writer = RecordingWriter(open_sink(self.settings))
+            self.recorder.writer.start()
         self.alerts = AlertService(
             self.settings.alerts, self.stores.alert_store, self.router.expected_escalation()
         )
@@ -305,6 +313,9 @@ class Gateway:
         if self._context_db is not None:
             self._context_db.close()
             self._context_db = None
+        if self.recorder.writer is not None:
+            await asyncio.to_thread(self.recorder.writer.close)  # writes what is queued
+            self.recorder.writer = None
         await self.stores.close()  # the ledger flushes its last batch here
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.close)  # exports what is queued; never on the loop

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +16,27 @@ from thrifty.errors import ThriftyError
 from thrifty.settings import load_settings
 
 
+class _Once(logging.Filter):
+    """Each step builds a gateway, and each gateway says its start-up warnings: say them once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
+
+
+def _warn_once() -> None:
+    logging.basicConfig(level=logging.WARNING, format="thrifty %(levelname)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Once())
+
+
 class BadTraffic(ThriftyError):
     """Malformed traffic lines and no --skip-bad: named, and the command exits non-zero."""
 
@@ -24,6 +46,7 @@ def _bars(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], None]]
     if not enabled:
         yield None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(
@@ -31,7 +54,7 @@ def _bars(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], None]]
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=console(),
+        console=Console(stderr=True),
         transient=True,
     ) as progress:
 
@@ -86,6 +109,7 @@ def simulate_command(
         out.print(f"{summary}: skipped (--skip-bad)", markup=False, highlight=False)
     if not read.lines:
         raise ThriftyError("the traffic has no requests to replay")
+    _warn_once()
     candidate = load_settings(settings)
     current = load_settings(baseline) if baseline is not None else None
     with semantic_extra("simulate (the candidate has a semantic_cache route)"), _bars(progress) as bars:

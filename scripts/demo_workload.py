@@ -19,7 +19,9 @@ from thrifty.simulate.workload import build_workload, demo_settings
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--out", type=Path, default=Path("workload"))
     parser.add_argument("--shared", type=Path, default=Path("../shared/data"))
@@ -29,7 +31,9 @@ def main() -> None:
     work = build_workload(args.out / "traffic.jsonl", args.requests, shared=args.shared, seed=args.seed)
     outputs = [str(Path(o).resolve()) for o in work.outputs]
     for name, candidate in (("candidate.yaml", True), ("current.yaml", False)):
-        (args.out / name).write_text(yaml.safe_dump(demo_settings(outputs, candidate=candidate), sort_keys=False))
+        (args.out / name).write_text(
+            yaml.safe_dump(demo_settings(outputs, candidate=candidate), sort_keys=False)
+        )
     print(f"{args.out / 'traffic.jsonl'}: {work.description}")
 
 

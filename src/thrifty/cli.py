@@ -287,6 +287,9 @@ def demo(
     serve: Annotated[
         bool, typer.Option("--serve", help="then keep the gateway up and print the dashboard's URL")
     ] = False,
+    stack_requests: Annotated[
+        int, typer.Option(help="requests of the demo workload replayed for the savings stack (0 skips)")
+    ] = 1000,
 ) -> None:
     """Start the gateway on loopback, send real SDK traffic, print the report. No keys, no services."""
     from thrifty.demo import DEFAULT_DATA, run_demo
@@ -304,6 +307,7 @@ def demo(
         support_lookups=support_lookups,
         width=console.width,
         serve=serve,
+        stack_requests=stack_requests,
     )
     raise typer.Exit(code)
 

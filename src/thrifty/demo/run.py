@@ -93,6 +93,8 @@ def run_demo(
     width: int = 160,
     serve: bool = False,
     wait: Callable[[], None] | None = None,
+    stack_requests: int = 1000,
+    shared: Path = Path("../shared/data"),
 ) -> int:
     from rich.progress import Progress
 
@@ -213,10 +215,27 @@ def run_demo(
             f"ledger rows: {ledger_rows} for {sent} requests sent "
             "(one per request that passed authentication)"
         )
-        print_fn(f"demo took {elapsed:.1f}s")
+        if stack_requests:
+            _show_stack(workdir / "stack", stack_requests, shared, print_fn)
+        print_fn(f"demo took {time.perf_counter() - started:.1f}s (gateway phases {elapsed:.1f}s)")
         code = 0 if stats.ok > 0 and ledger_rows == sent else 1
         _show_dashboard(settings, print_fn, serve, wait)
         return code
+
+
+def _show_stack(workdir: Path, requests: int, shared: Path, print_fn: Callable[[Any], None]) -> None:
+    from rich.progress import Progress
+
+    from thrifty.demo.stack import run_stack
+
+    workdir.mkdir()
+    with Progress(transient=True) as progress:
+
+        def task(name: str, total: int) -> Callable[[int], None]:
+            task_id = progress.add_task(name, total=total)
+            return lambda n: progress.advance(task_id, n)
+
+        run_stack(workdir, requests, shared, print_fn, semantic=_semantic_available(), progress=task)
 
 
 def _show_dashboard(

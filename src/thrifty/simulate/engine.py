@@ -11,10 +11,17 @@ from pathlib import Path
 
 import orjson
 
-from thrifty.providers.replay import RecordingIndex, _jsonl_files
+from thrifty.providers.replay import _jsonl_files
 from thrifty.settings import Settings
 from thrifty.simulate.layers import Step, stack_steps
-from thrifty.simulate.run import BatchedEmbedder, StepRun, build_index, run_step
+from thrifty.simulate.run import (
+    BatchedEmbedder,
+    PreparedStep,
+    StepRun,
+    build_index,
+    prepare_step,
+    run_prepared,
+)
 from thrifty.simulate.stack import StackReport, build_stack
 from thrifty.simulate.traffic import TrafficLine
 from thrifty.tokens import TokenCounter
@@ -102,22 +109,32 @@ def simulate(
         advance = progress("embedding queries (batched)", len(set(queries))) if progress else None
         embedder.prepare(queries, advance)
     counter = TokenCounter()
-    runs: list[StepRun] = []
     with tempfile.TemporaryDirectory(prefix="thrifty-simulate-", dir=workdir) as tmp:
+        prepared: dict[int, PreparedStep] = {}
         for k, step in enumerate(steps):
-            if not step.changed and runs:
-                runs.append(runs[-1])
+            if not step.changed and k > 0:
                 continue
             folder = Path(tmp) / f"step-{k}"
             folder.mkdir()
-            tick = progress(step.title, len(lines)) if progress else None
-            if runs:  # every step builds a gateway: its start-up warnings were said by the first
+            if prepared:  # every step builds a gateway: its start-up warnings were said by the first
                 logging.disable(logging.WARNING)
             try:
-                run = _run(step, lines, index, folder, counter, embedder, tick)
+                prepared[k] = prepare_step(
+                    step.settings,
+                    lines,
+                    index=index,
+                    workdir=folder,
+                    send_keys=step.send_idempotency_keys,
+                    counter=counter,
+                    embedder=embedder,
+                )
             finally:
                 logging.disable(logging.NOTSET)
-            runs.append(run)
+        ticks = {k: progress(steps[k].title, len(lines)) if progress else None for k in prepared}
+        done = asyncio.run(_run_all(prepared, lines, ticks))
+    runs: list[StepRun] = []
+    for k in range(len(steps)):
+        runs.append(done[k] if k in done else runs[-1])
     report = build_stack(steps, runs, lines, correct_by_prompt=load_correctness(data) if data else None)
     report.seconds = {s.title: r.seconds for s, r in zip(steps, runs, strict=True) if s.changed}
     report.ledger_totals = {s.title: str(r.ledger_total) for s, r in zip(steps, runs, strict=True)}
@@ -125,27 +142,20 @@ def simulate(
     return Simulation(steps, runs, report)
 
 
-def _run(
-    step: Step,
+async def _run_all(
+    prepared: dict[int, PreparedStep],
     lines: Sequence[TrafficLine],
-    index: RecordingIndex,
-    folder: Path,
-    counter: TokenCounter,
-    embedder: BatchedEmbedder | None,
-    tick: Callable[[int], None] | None,
-) -> StepRun:
-    return asyncio.run(
-        run_step(
-            step.settings,
-            lines,
-            index=index,
-            workdir=folder,
-            send_keys=step.send_idempotency_keys,
-            counter=counter,
-            embedder=embedder,
-            advance=(lambda: tick(1)) if tick is not None else None,
-        )
-    )
+    ticks: dict[int, Callable[[int], None] | None],
+) -> dict[int, StepRun]:
+    """The steps side by side on one event loop: each is sequential in itself (requests in recorded
+    order), and while one waits on its store's threads the others go on."""
+
+    def advance(k: int) -> Callable[[], None] | None:
+        tick = ticks[k]
+        return (lambda: tick(1)) if tick is not None else None
+
+    results = await asyncio.gather(*(run_prepared(step, lines, advance(k)) for k, step in prepared.items()))
+    return dict(zip(prepared, results, strict=True))
 
 
 def _caveats(candidate: Settings, lines: Sequence[TrafficLine], runs: Sequence[StepRun]) -> list[str]:

@@ -11,7 +11,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -232,7 +232,17 @@ def build_index(lines: Sequence[TrafficLine], outputs: Sequence[str]) -> Recordi
     return index
 
 
-async def run_step(
+@dataclass
+class PreparedStep:
+    """A step's gateway, built (synchronously: its start-up warnings are said here) but not started."""
+
+    gateway: Gateway
+    db_path: Path
+    send_keys: bool
+    started: float
+
+
+def prepare_step(
     settings: Settings,
     lines: Sequence[TrafficLine],
     *,
@@ -241,9 +251,7 @@ async def run_step(
     send_keys: bool,
     counter: TokenCounter,
     embedder: BatchedEmbedder | None = None,
-    advance: Callable[[], None] | None = None,
-) -> StepRun:
-    started = time.perf_counter()
+) -> PreparedStep:
     db_path = workdir / "ledger.db"
     prepared = replay_settings(settings, db_path, {line.tenant for line in lines})
     providers = {
@@ -255,39 +263,65 @@ async def run_step(
         providers=providers,
         embedder_factory=embedder.factory() if embedder is not None else None,
     )
+    return PreparedStep(gateway, db_path, send_keys, time.perf_counter())
+
+
+async def run_prepared(
+    step: PreparedStep, lines: Sequence[TrafficLine], advance: Callable[[], None] | None = None
+) -> StepRun:
+    """Every line through the step's gateway in recorded order, one at a time, then its ledger."""
+    gateway = step.gateway
     ids: list[tuple[str, str | None]] = []
     left = 0
     await gateway.start()
     try:
         for line in lines:
-            ids.append(await _send(gateway, line, send_keys))
+            ids.append(await _send(gateway, line, step.send_keys))
             if advance is not None:
                 advance()
-        if gateway.batch.defer_routes:
+        service = gateway.batch
+        if service.defer_routes:
             # The clock just past every queue's age limit: each is due, and no item's window has passed.
-            ages = [d.max_age_s for d in gateway.batch.defer_routes.values()] + [
-                prepared.batch.defer.max_age_s
-            ]
+            ages = [d.max_age_s for d in service.defer_routes.values()] + [service.settings.defer.max_age_s]
             left = await gateway.batch_runner.drain(time.time() + max(ages) + 1.0)
     finally:
         await gateway.close()
-    ledger = _read_ledger(db_path)
+    ledger = await asyncio.to_thread(_read_ledger, step.db_path)
     outcomes: list[Outcome | None] = []
     for rid, text in ids:
         row = ledger.get(rid)
         if row is not None and text is not None:
-            row = Outcome(**{**_fields(row), "answer": text})
+            row = replace(row, answer=text)
         outcomes.append(row)
     total = sum((o.cost for o in ledger.values() if o.cost is not None), Decimal(0))
-    return StepRun(outcomes, total, len(ledger), time.perf_counter() - started, left)
+    return StepRun(outcomes, total, len(ledger), time.perf_counter() - step.started, left)
 
 
-def _fields(outcome: Outcome) -> dict[str, Any]:
-    return {name: getattr(outcome, name) for name in Outcome.__slots__}
+async def run_step(
+    settings: Settings,
+    lines: Sequence[TrafficLine],
+    *,
+    index: RecordingIndex,
+    workdir: Path,
+    send_keys: bool,
+    counter: TokenCounter,
+    embedder: BatchedEmbedder | None = None,
+    advance: Callable[[], None] | None = None,
+) -> StepRun:
+    step = prepare_step(
+        settings, lines, index=index, workdir=workdir, send_keys=send_keys, counter=counter, embedder=embedder
+    )
+    return await run_prepared(step, lines, advance)
 
 
-def run_step_sync(*args: Any, **kwargs: Any) -> StepRun:
-    return asyncio.run(run_step(*args, **kwargs))
-
-
-__all__ = ["BatchedEmbedder", "Outcome", "StepRun", "build_index", "replay_settings", "run_step"]
+__all__ = [
+    "BatchedEmbedder",
+    "Outcome",
+    "PreparedStep",
+    "StepRun",
+    "build_index",
+    "prepare_step",
+    "replay_settings",
+    "run_prepared",
+    "run_step",
+]

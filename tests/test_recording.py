@@ -23,6 +23,7 @@ from thrifty.server.run import BackgroundServer
 from thrifty.simulate.traffic import read_traffic
 from thrifty.stores.keys import hash_key
 
+ANSWER = Reply(text="Mail jane@example.com about 1234-5678, Jane.")
 REDACT = [
     {"preset": "email"},
     {"regex": r"\b\d{4}-\d{4}\b", "replace": "[account]"},
@@ -54,7 +55,7 @@ def _client(server: BackgroundServer, tenant: str) -> openai.OpenAI:
 def test_recordings_are_redacted_before_they_are_written_and_kept_per_tenant(
     tmp_path: Path, openai_upstream: OpenAIWireServer
 ):
-    openai_upstream.default = Reply(text="Mail jane@example.com about 1234-5678, Jane.")
+    openai_upstream.default = ANSWER
     settings = base_settings(
         tmp_path,
         **{k: v for k, v in _settings(tmp_path, openai_upstream).items() if k not in ("storage", "tenants")},
@@ -208,3 +209,31 @@ def test_bad_redact_rules_are_refused_at_start(tmp_path: Path, rule: dict[str, A
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match=message):
         load_settings(path)
+
+
+def test_recordings_on_postgresql_are_shared_redacted_and_per_tenant(
+    tmp_path: Path, openai_upstream: OpenAIWireServer, pg_url: str
+):
+    config = _settings(tmp_path, openai_upstream)
+    config["storage"] = {
+        "url": pg_url,
+        "local_path": str(tmp_path / "local.db"),
+        "spool_path": str(tmp_path / "spool.jsonl"),
+    }
+    from thrifty.settings import settings_from_mapping
+
+    settings = settings_from_mapping(config)
+    openai_upstream.default = ANSWER
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
+        for tenant in ("acme", "globex"):
+            _client(server, tenant).chat.completions.create(
+                model="route:support", messages=[{"role": "user", "content": f"{tenant}: me@corp.example"}]
+            )
+    (acme,) = read_recordings(settings, "acme")
+    assert acme.request["messages"] == [{"role": "user", "content": "acme: [redacted]"}]
+    assert acme.response["choices"][0]["message"]["content"] == "Mail [redacted] about [account], Jane."
+    assert [r.tenant_id for r in read_recordings(settings, "globex")] == ["globex"]
+    import psycopg
+
+    with psycopg.connect(pg_url) as conn:  # in PostgreSQL, where every replica writes and reads
+        assert conn.execute("SELECT count(*) FROM recordings").fetchone() == (2,)

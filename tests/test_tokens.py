@@ -46,5 +46,7 @@ def test_text_that_spells_a_special_token_is_counted_as_text():
     # (it raised ValueError, a 500, before). Found replaying ShareGPT chats through simulate.
     counter = TokenCounter()
     assert counter.count_text("say <|endoftext|> now") > counter.count_text("say now")
-    count = counter.count_messages([{"role": "user", "content": "<|endoftext|><|fim_prefix|>"}], "gpt-4o-mini")
+    count = counter.count_messages(
+        [{"role": "user", "content": "<|endoftext|><|fim_prefix|>"}], "gpt-4o-mini"
+    )
     assert count.tokens > 7 and count.exact

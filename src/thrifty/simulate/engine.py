@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ def simulate(
         advance = progress("embedding queries (batched)", len(set(queries))) if progress else None
         embedder.prepare(queries, advance)
     counter = TokenCounter()
-    with tempfile.TemporaryDirectory(prefix="thrifty-simulate-", dir=workdir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="thrifty-simulate-", dir=workdir or _scratch()) as tmp:
         prepared: dict[int, PreparedStep] = {}
         for k, step in enumerate(steps):
             if not step.changed and k > 0:
@@ -156,6 +157,13 @@ async def _run_all(
 
     results = await asyncio.gather(*(run_prepared(step, lines, advance(k)) for k, step in prepared.items()))
     return dict(zip(prepared, results, strict=True))
+
+
+def _scratch() -> Path | None:
+    """Memory-backed scratch space where there is one: each step's store is thrown away after it,
+    and a replay makes several SQLite commits per request."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 def _caveats(candidate: Settings, lines: Sequence[TrafficLine], runs: Sequence[StepRun]) -> list[str]:

@@ -23,7 +23,7 @@ from tests.simulate_helpers import HISTORY, traffic_lines, write_workload
 from thrifty.settings import load_settings
 from thrifty.simulate.engine import simulate
 from thrifty.simulate.layers import stack_steps
-from thrifty.simulate.traffic import read_traffic
+from thrifty.simulate.traffic import parse_line, read_traffic
 from thrifty.stores.keys import hash_key
 from thrifty.tokens import TokenCounter
 
@@ -187,7 +187,9 @@ def test_a_layer_the_candidate_leaves_as_the_baseline_is_not_replayed(tmp_path: 
     steps = stack_steps(plain, baseline=plain)
     assert [s.changed for s in steps[1:]] == [False] * 6
     lines = read_traffic([tmp_path / "traffic.jsonl"]).lines
-    report = simulate(plain, lines[:4], baseline=plain).report
+    unknown = parse_line(orjson.dumps({**traffic_lines()[0], "route": "nope", "ts": 99}), "x.jsonl:1")
+    report = simulate(plain, [*lines[:4], unknown], baseline=plain).report
+    assert report.failed == 1 and "nope" in (report.failed_example or "")
     assert all(not layer.configured and layer.saving == 0 for layer in report.layers)
     # Keys honoured and the exact cache on from the start: the first question and its lower-case
     # paraphrase (no semantic cache here) are the two calls.

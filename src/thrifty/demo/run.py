@@ -1,9 +1,10 @@
 """`thrifty demo`: the gateway on loopback, real SDK traffic, and what it did to the bill.
 
-Three phases against one gateway and one embedded SQLite ledger, all answered offline by the
-replay provider: mixed traffic from two tenants (exact cache, idempotent retries, budgets, streams),
-a cascade route on real recorded model outputs scored against reference answers, and support
-traffic on the semantic cache with real Banking77 queries. Then the report.
+Phases against one gateway and one embedded SQLite ledger, all answered offline by the replay
+provider: mixed traffic from two tenants (exact cache, idempotent retries, budgets, streams), a
+cascade route on real recorded model outputs scored against reference answers, support traffic on
+the semantic cache with real Banking77 queries, a nightly batch. Then the report, and the savings
+stack of a candidate's settings on the demo workload (`thrifty simulate`'s engine, offline).
 """
 
 from __future__ import annotations

@@ -79,6 +79,11 @@ def stack_notes(report: StackReport) -> list[str]:
             f"{report.unrecorded} requests have no recorded answer at all: "
             "they fail in every step and cost $0"
         )
+    if report.failed:
+        lines.append(
+            f"{report.failed} requests were refused in the baseline already (cost $0 there), e.g.: "
+            f"{report.failed_example}"
+        )
     if report.unpriced:
         lines.append(f"{report.unpriced} answered requests are on models without a price (counted as $0)")
     lines.extend(report.notes)
@@ -117,6 +122,7 @@ def stack_json(report: StackReport) -> dict[str, Any]:
         ],
         "unrecorded_requests": report.unrecorded,
         "unpriced_requests": report.unpriced,
+        "refused_in_baseline": report.failed,
         "notes": report.notes,
         "skipped_lines": report.skipped,
         "seconds": report.seconds,

@@ -69,6 +69,8 @@ class StackReport:
     layers: list[LayerReport]
     unrecorded: int  # requests no recording answers even in the baseline (cost 0 in every step)
     unpriced: int  # ledger rows without a price in the last step
+    failed: int = 0  # requests refused in the baseline for another reason (unknown route, bad body)
+    failed_example: str | None = None
     notes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -164,6 +166,9 @@ def build_stack(
         unrecorded=unrecorded,
         unpriced=0,
     )
+    refused = [o for o in base if not o.ok and not o.unrecorded]
+    report.failed = len(refused)
+    report.failed_example = refused[0].error if refused else None
     before = base
     for step, run in zip(steps[1:], runs[1:], strict=True):
         assert step.layer is not None

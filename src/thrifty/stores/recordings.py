@@ -143,13 +143,15 @@ def open_sink(settings: Settings) -> RecordingSink:
 class RecordingWriter:
     """One thread, one connection, batches of whatever is queued."""
 
-    def __init__(self, sink: RecordingSink, batch_max: int = 256) -> None:
+    def __init__(self, sink: RecordingSink, batch_max: int = 256, max_queued: int = 10_000) -> None:
         self._sink = sink
         self._batch_max = batch_max
-        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
+        # Bounded: a store slower than the traffic drops recordings (counted), it never grows memory.
+        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(max_queued)
         self._thread: threading.Thread | None = None
         self.written = 0
         self.failed = 0
+        self.dropped = 0
 
     def start(self) -> None:
         if self._thread is None:
@@ -157,7 +159,12 @@ class RecordingWriter:
             self._thread.start()
 
     def submit(self, recording: Recording) -> None:
-        self._queue.put(recording.row())
+        try:
+            self._queue.put_nowait(recording.row())
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("recordings: the store is behind; %d recordings dropped so far", self.dropped)
 
     def _run(self) -> None:
         done = False
@@ -189,7 +196,7 @@ class RecordingWriter:
     def close(self) -> None:
         """Write what is queued, then stop (blocking: call it off the event loop)."""
         if self._thread is not None:
-            self._queue.put(None)
+            self._queue.put(None)  # blocks while the queue is full: everything before it is written
             self._thread.join()
             self._thread = None
 

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.factories import ledger_entry
+from tests.inprocess_cli import Cli, cli  # noqa: F401 (a fixture)
 from thrifty.errors import InvalidData
 from thrifty.planning import calculators as calc
 from thrifty.planning.estimate import build_estimate
@@ -225,6 +226,15 @@ def test_a_deferrable_feature_goes_to_batch_and_needs_a_batch_price(tmp_path: Pa
 # -- the command ----------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def run(cli: Cli):  # noqa: F811
+    def go(*args: str) -> subprocess.CompletedProcess[str]:
+        code, out, err = cli(*args)
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return go
+
+
 def test_estimate_flags_json_is_the_worked_example():
     out = _thrifty(
         "estimate",
@@ -245,7 +255,7 @@ def test_estimate_flags_json_is_the_worked_example():
     assert doc["prices_usd_per_mtok"]["input"] == "0.15" and doc["price_source"] == "genai-prices"
 
 
-def test_estimate_spec_file_with_every_section_and_flags_overriding(tmp_path: Path):
+def test_estimate_spec_file_with_every_section_and_flags_overriding(tmp_path: Path, run):
     spec = tmp_path / "feature.yaml"
     spec.write_text(
         yaml.safe_dump(
@@ -266,7 +276,7 @@ def test_estimate_spec_file_with_every_section_and_flags_overriding(tmp_path: Pa
             }
         )
     )
-    out = _thrifty("estimate", "--spec", str(spec), "--requests-per-day", "100", "--format", "json")
+    out = run("estimate", "--spec", str(spec), "--requests-per-day", "100", "--format", "json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     # gpt-4o: (1000 x 2.5 + 200 x 10)/1M = 0.0045 a request; 3,000 a month
@@ -274,13 +284,13 @@ def test_estimate_spec_file_with_every_section_and_flags_overriding(tmp_path: Pa
     assert doc["cascade"]["blended_cost_per_request_usd"] == "0.00117"  # 0.00027 + 0.2 x 0.0045
     assert [b["model"] for b in doc["self_hosting"]] == ["gpt-4o", "gpt-4o-mini"]
     assert doc["fine_tuning"]["payback_days"] == "285.714286"  # 100 / (0.0035 x 100)
-    table = _thrifty("estimate", "--spec", str(spec))
+    table = run("estimate", "--spec", str(spec))
     assert table.returncode == 0, table.stderr
     for text in ("6.75", "cascade", "self-hosting break-even", "fine-tuning"):
         assert text in table.stdout
 
 
-def test_estimate_bad_input_is_one_line_exit_2(tmp_path: Path):
+def test_estimate_bad_input_is_one_line_exit_2(tmp_path: Path, run):
     bad = _thrifty(
         "estimate",
         "--model",
@@ -294,9 +304,9 @@ def test_estimate_bad_input_is_one_line_exit_2(tmp_path: Path):
     )
     assert bad.returncode == 2 and "avg_input_tokens (--avg-input-tokens)" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    missing = _thrifty("estimate", "--model", "gpt-4o-mini")
+    missing = run("estimate", "--model", "gpt-4o-mini")
     assert missing.returncode == 2 and "avg_input_tokens" in missing.stderr
-    unknown = _thrifty(
+    unknown = run(
         "estimate",
         "--model",
         "no-such-model-x",
@@ -309,7 +319,7 @@ def test_estimate_bad_input_is_one_line_exit_2(tmp_path: Path):
     )
     assert unknown.returncode == 2 and "no price known for model 'no-such-model-x'" in unknown.stderr
     (tmp_path / "s.yaml").write_text("- a list\n")
-    listed = _thrifty("estimate", "--spec", str(tmp_path / "s.yaml"))
+    listed = run("estimate", "--spec", str(tmp_path / "s.yaml"))
     assert listed.returncode == 2 and "is a mapping" in listed.stderr
 
 
@@ -317,7 +327,7 @@ def _ts(day: int, hour: int = 12) -> float:
     return datetime(2026, 11, day, hour, tzinfo=UTC).timestamp()
 
 
-def test_from_ledger_takes_the_averages_and_flags_a_forecast_over_budget(tmp_path: Path):
+def test_from_ledger_takes_the_averages_and_flags_a_forecast_over_budget(tmp_path: Path, run):
     settings = _settings(
         tmp_path,
         tenants={
@@ -358,7 +368,7 @@ def test_from_ledger_takes_the_averages_and_flags_a_forecast_over_budget(tmp_pat
     for e in entries:
         conn.execute(INSERT_ENTRY_SQL, entry_row(e))
     conn.close()
-    out = _thrifty(
+    out = run(
         "estimate",
         "--from-ledger",
         "--feature",
@@ -384,7 +394,7 @@ def test_from_ledger_takes_the_averages_and_flags_a_forecast_over_budget(tmp_pat
     assert doc["adjustments"]["retry_factor"] == "1.2"
     # m at $1/$2: (1400 + 280)/1M = 0.00168 a request, x 0.6 x 30
     assert doc["cost_per_request_usd"] == "0.00168" and doc["monthly_usd"] == "0.03024"
-    table = _thrifty(
+    table = run(
         "estimate",
         "--from-ledger",
         "--feature",
@@ -398,7 +408,7 @@ def test_from_ledger_takes_the_averages_and_flags_a_forecast_over_budget(tmp_pat
     )
     assert table.returncode == 0, table.stderr
     assert "120.00" in table.stdout and "OVER BUDGET" not in table.stdout
-    none = _thrifty(
+    none = run(
         "estimate",
         "--from-ledger",
         "--feature",

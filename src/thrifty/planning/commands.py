@@ -199,3 +199,129 @@ def _reader(config: Path | None, db: Path | None) -> Any:
     if not path.exists():
         raise ThriftyError(f"no ledger at {path}")
     return SqliteLedgerReader(open_database(path))
+
+
+def _fraction(text: str, flag: str) -> Any:
+    from decimal import Decimal, InvalidOperation
+
+    raw = text.strip()
+    percent = raw.endswith("%")
+    try:
+        value = Decimal(raw.removesuffix("%")) / (100 if percent else 1)
+    except InvalidOperation:
+        raise ThriftyError(f"{flag}: {text!r} is not a number (0.05 or 5%)") from None
+    if not value.is_finite() or value < 0:
+        raise ThriftyError(f"{flag}: {text!r} must be a number >= 0 (0.05 or 5%)")
+    return value
+
+
+def reconcile(
+    provider: Annotated[str, typer.Option(help="whose export it is: openai|anthropic")],
+    export: Annotated[Path, typer.Option(help="the provider's usage or cost export (JSON pages or CSV)")],
+    config: ConfigOpt = None,
+    db: Annotated[Path | None, _opt("ledger SQLite file (instead of the settings')")] = None,
+    tolerance: Annotated[
+        str, _opt("largest accepted difference, of the provider's figure (5% or 0.05)")
+    ] = "5%",
+    min_diff_usd: Annotated[str, _opt("cost differences up to this many USD are never flagged")] = "0.01",
+    scope: Annotated[
+        list[str] | None,
+        _opt(
+            "PROVIDER=ID: the API key, project or workspace id the settings' provider PROVIDER bills to "
+            "(repeatable); compares per scope where the export has one"
+        ),
+    ] = None,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="compare without malformed export rows (listed on stderr)")
+    ] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="list every row, not only the differences")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="table|json")] = "table",
+) -> None:
+    """Compare a provider's usage/cost export with the ledger per day x model (x API key, project or
+    workspace), list differences above the tolerance with their likely cause; exit 1 when any is
+    (for a scheduled job), 2 on malformed rows unless --skip-bad."""
+    import sys
+    from datetime import UTC, datetime, timedelta
+
+    import orjson
+
+    from thrifty.cli_common import console as make_console
+    from thrifty.errors import InvalidData
+    from thrifty.planning.reconcile import render
+    from thrifty.planning.reconcile.compare import LedgerView
+    from thrifty.planning.reconcile.compare import reconcile as compare
+    from thrifty.planning.reconcile.exports import read_export
+
+    if provider not in ("openai", "anthropic"):
+        raise ThriftyError("--provider must be openai or anthropic")
+    if fmt not in ("table", "json"):
+        raise ThriftyError("--format must be table or json")
+    tol = _fraction(tolerance, "--tolerance")
+    floor = _fraction(min_diff_usd, "--min-diff-usd")
+    settings = _optional_settings(config)
+    if settings is None and db is None:
+        raise ThriftyError("no ledger: pass --config SETTINGS (or create ./thrifty.yaml), or --db FILE")
+    scopes: dict[str, str] = {}
+    for item in scope or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ThriftyError(f"--scope {item!r}: give PROVIDER=ID (e.g. openai=proj_abc123)")
+        if settings is not None and name not in settings.providers:
+            known = ", ".join(sorted(settings.providers))
+            raise ThriftyError(f"--scope {item!r}: no provider {name!r} in the settings (known: {known})")
+        scopes[name] = value
+    try:
+        text = export.read_text(encoding="utf-8")
+    except OSError as err:
+        raise InvalidData(f"cannot read the export {export}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise InvalidData(
+            f"{export} is not UTF-8 text (offset {err.start}): give the export as downloaded"
+        ) from err
+    parsed = read_export(text, str(export), provider)  # type: ignore[arg-type]
+    skipped = [str(b) for b in parsed.bad]
+    if skipped and not skip_bad:
+        for line in skipped[:50]:
+            typer.echo(line, err=True)
+        if len(skipped) > 50:
+            typer.echo(f"... and {len(skipped) - 50} more", err=True)
+        raise InvalidData(
+            f"{len(skipped)} malformed row{'s' if len(skipped) != 1 else ''} in {export} (listed above); "
+            "fix them, or pass --skip-bad to compare without them"
+        )
+    if not parsed.records:
+        raise InvalidData(f"{export}: no usage or cost rows to compare")
+    days = sorted({r.day for r in parsed.records})
+    since = datetime.fromisoformat(days[0]).replace(tzinfo=UTC)
+    until = datetime.fromisoformat(days[-1]).replace(tzinfo=UTC) + timedelta(days=1)
+    view = LedgerView(
+        provider_kind=provider,
+        model_ids={a: m.upstream or a for a, m in settings.models.items()} if settings else {},
+        provider_kinds={n: p.kind for n, p in settings.providers.items()} if settings else {},
+        scopes=scopes,
+    )
+    reader = _reader(config, db)
+    try:
+        rows = list(reader.usage_rows(since.timestamp(), until.timestamp()))
+    finally:
+        reader.close()
+    result = compare(parsed, rows, view, tolerance=tol, min_diff_usd=floor)
+    if fmt == "json":
+        doc = render.to_json(result, parsed, provider, skipped=skipped)
+        typer.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    else:
+        console = make_console()
+        console.print(render.summary_line(result, parsed), highlight=False, soft_wrap=True)
+        shown = render.table(result, width=console.width, show_all=show_all)
+        if shown is not None:
+            console.print(shown, highlight=False)
+        console.print(render.totals_line(result), highlight=False)
+    if skipped:
+        print(
+            f"skipped {len(skipped)} malformed row{'s' if len(skipped) != 1 else ''} (--skip-bad): "
+            + "; ".join(skipped[:20])
+            + (f"; ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""),
+            file=sys.stderr,
+        )
+    if result.over:
+        raise typer.Exit(1)

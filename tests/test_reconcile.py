@@ -1,9 +1,9 @@
 """`thrifty reconcile` on sample exports built from the providers' documentation
 (tests/data/exports/), against a ledger that agrees with them except where a discrepancy is planted.
 
-The ledger, per UTC day (USD as recorded; tokens in / out):
+The ledger, per UTC day (USD as recorded; tokens in / out; "local" is an OpenAI-compatible server):
   11-03  mini x3 $1 each (1000/100)  big $10 (10000/1000, after a failed retry)  haiku $2 (5000/500)
-         and a cache hit (no upstream call)
+         llama on "local" $0.50 (100/10), and a cache hit (no upstream call)
   11-04  big $10 (10000/1000)  mini $1 (1000/100)  mystery: unpriced (2000/200)  haiku $1 (4000/400)
 """
 
@@ -88,12 +88,14 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "providers": {
             "oai": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"},
             "ant": {"kind": "anthropic", "base_url": "http://127.0.0.1:9"},
+            "local": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"},  # a local server
         },
         "models": {
             "mini": {"provider": "oai", "upstream": "gpt-4o-mini"},
             "big": {"provider": "oai", "upstream": "gpt-4o"},
             "mystery": {"provider": "oai", "upstream": "ft:gpt-4o-mini-2024-07-18:acme::abc123"},
             "haiku": {"provider": "ant", "upstream": "claude-3-5-haiku-20241022"},
+            "llama": {"provider": "local", "upstream": "llama-3.1-8b"},
         },
     }
     path = root / "thrifty.yaml"
@@ -108,6 +110,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _entry("x4", 4, "mystery", "oai", None, 2000, 200),
         _entry("h4", 4, "haiku", "ant", "1.00", 4000, 400),
         _entry("late", 6, "big", "oai", "99", 1, 1),  # outside the exports' days
+        _entry("l3", 3, "llama", "local", "0.50", 100, 10),  # OpenAI-compatible, not OpenAI's bill
     ]
     hit = _entry("c3", 3, "mini", "oai", "0", 0, 0)
     entries.append(LedgerEntry(**{**{f: getattr(hit, f) for f in hit.__dataclass_fields__},
@@ -157,8 +160,14 @@ def test_openai_costs_per_day_and_model_with_planted_differences(config: Path, r
     nano = rows[("2026-11-04", "gpt-4.1-nano-2025-04-14", None)]
     assert nano["ledger"]["calls"] == 0 and "no gateway calls" in " ".join(nano["likely_causes"])
     # Anthropic's calls and the day outside the export are not in an OpenAI reconciliation.
-    assert not any("claude" in m for _, m, _ in rows) and doc["ledger_total"] == "24.00"
-    assert doc["provider_total"] == "35.7" and doc["over_tolerance"] == 4
+    assert not any("claude" in m for _, m, _ in rows) and doc["provider_total"] == "35.7"
+    # The local OpenAI-compatible server's calls are of the kind, so counted, until left out:
+    local = rows[("2026-11-03", "llama-3.1-8b", None)]
+    assert local["over_tolerance"] and "the export has nothing" in local["likely_causes"][0]
+    assert doc["ledger_total"] == "24.50" and doc["over_tolerance"] == 5
+    code, doc, _ = run(config, "openai", EXPORTS / "openai-costs.json", "--gateway-provider", "oai")
+    assert doc["ledger_total"] == "24.00" and doc["over_tolerance"] == 4
+    assert ("2026-11-03", "llama-3.1-8b", None) not in _rows(doc)
 
 
 def test_scope_maps_a_provider_to_its_project(config: Path, run):
@@ -227,7 +236,17 @@ def test_a_clean_export_exits_zero_with_a_table(config: Path, tmp_path: Path):
                          "line_item": "gpt-4o-mini-2024-07-18, output", "project_id": None}]}]}  # fmt: skip
     clean = tmp_path / "clean.json"
     clean.write_text(json.dumps(page))
-    out = _thrifty("reconcile", "--provider", "openai", "--export", str(clean), "--config", str(config))
+    out = _thrifty(
+        "reconcile",
+        "--provider",
+        "openai",
+        "--export",
+        str(clean),
+        "--config",
+        str(config),
+        "--gateway-provider",
+        "oai",
+    )
     assert out.returncode == 0, out.stderr
     assert "0 of 2 rows differ by more than 5%" in out.stdout and "totals: provider $13.00" in out.stdout
 

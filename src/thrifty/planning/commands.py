@@ -231,6 +231,13 @@ def reconcile(
             "(repeatable); compares per scope where the export has one"
         ),
     ] = None,
+    gateway_provider: Annotated[
+        list[str] | None,
+        _opt(
+            "count only this provider of the settings (repeatable; default: every provider of the "
+            "--provider kind, e.g. leave out an OpenAI-compatible local server)"
+        ),
+    ] = None,
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="compare without malformed export rows (listed on stderr)")
     ] = False,
@@ -270,6 +277,12 @@ def reconcile(
             known = ", ".join(sorted(settings.providers))
             raise ThriftyError(f"--scope {item!r}: no provider {name!r} in the settings (known: {known})")
         scopes[name] = value
+    for name in gateway_provider or []:
+        if settings is not None and name not in settings.providers:
+            known = ", ".join(sorted(settings.providers))
+            raise ThriftyError(
+                f"--gateway-provider {name!r}: no such provider in the settings (known: {known})"
+            )
     try:
         text = export.read_text(encoding="utf-8")
     except OSError as err:
@@ -299,6 +312,7 @@ def reconcile(
         model_ids={a: m.upstream or a for a, m in settings.models.items()} if settings else {},
         provider_kinds={n: p.kind for n, p in settings.providers.items()} if settings else {},
         scopes=scopes,
+        only=frozenset(gateway_provider) if gateway_provider else None,
     )
     reader = _reader(config, db)
     try:

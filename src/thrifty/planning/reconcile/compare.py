@@ -90,6 +90,7 @@ class LedgerView:
     model_ids: Mapping[str, str]
     provider_kinds: Mapping[str, str]
     scopes: Mapping[str, str]
+    only: frozenset[str] | None = None  # the settings' providers to count (None: all of the kind)
 
 
 def ledger_sides(rows: Iterable[tuple[Any, ...]], view: LedgerView, *, by_scope: bool) -> dict[Key, Side]:
@@ -102,6 +103,8 @@ def ledger_sides(rows: Iterable[tuple[Any, ...]], view: LedgerView, *, by_scope:
         for attempt in attempts_of(stored):
             provider = str(attempt.get("provider"))
             if view.provider_kinds.get(provider, provider) != view.provider_kind:
+                continue
+            if view.only is not None and provider not in view.only:
                 continue
             alias = str(attempt.get("model"))
             model = view.model_ids.get(alias, alias)

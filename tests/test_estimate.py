@@ -64,19 +64,31 @@ def test_the_stack_applies_retries_caches_and_batch_in_order():
     work = calc.Workload(D(1000), D(100), D(1000), D(30))
     # one call: (1000 x 0.15 + 100 x 0.6) / 1M = 0.00021; 30,000 requests: $6.30
     adj = calc.Adjustments(
-        retry_factor=D("1.1"), cache_hit_rate=D("0.2"), prompt_cache_share=D("0.5"), batch_share=D("0.5")
+        retry_factor=D("1.1"),
+        cache_hit_rate=D("0.2"),
+        semantic_hit_rate=D("0.25"),
+        prompt_cache_share=D("0.5"),
+        batch_share=D("0.5"),
     )
     batch = calc.TokenPrices(D("0.075"), D("0.3"), D("0.0375"))
     est = calc.monthly_cost(work, MINI, adj, batch)
     steps = {s.name: (s.monthly_usd, s.delta_usd) for s in est.steps}
     assert est.monthly_usd == D("6.3")
     assert steps["retries"] == (D("6.93"), D("0.63"))  # 33,000 calls
-    assert steps["gateway cache hits"] == (D("5.544"), D("-1.386"))  # 26,400 calls
+    assert steps["exact cache hits"] == (D("5.544"), D("-1.386"))  # 26,400 calls
+    assert steps["semantic cache hits"] == (D("4.158"), D("-1.386"))  # 19,800 calls
     # prompt cache: (500 x 0.15 + 500 x 0.075 + 100 x 0.6) / 1M = 0.0001725 a call
-    assert steps["provider prompt cache"] == (D("4.554"), D("-0.990"))
+    assert steps["provider prompt cache"] == (D("3.4155"), D("-0.7425"))
     # batch half: 0.5 x 0.0001725 + 0.5 x (500 x .075 + 500 x .0375 + 100 x .3) / 1M = 0.000129375
-    assert steps["batch API"] == (D("3.4155"), D("-1.1385"))
-    assert est.adjusted_monthly_usd == D("3.4155")
+    assert steps["batch API"] == (D("2.561625"), D("-0.853875"))
+    assert est.adjusted_monthly_usd == D("2.561625")
+    assert list(steps) == [
+        "retries",
+        "exact cache hits",
+        "semantic cache hits",
+        "provider prompt cache",
+        "batch API",
+    ]
 
 
 def test_a_batch_share_without_batch_prices_is_refused():
@@ -390,7 +402,8 @@ def test_from_ledger_takes_the_averages_and_flags_a_forecast_over_budget(tmp_pat
     # averages over the 5 upstream requests: (4 x 1000 + 3000) / 5 = 1400 in, 140 out
     assert doc["model"] == "m" and doc["avg_input_tokens"] == "1400" and doc["avg_output_tokens"] == "140"
     assert doc["requests_per_day"] == "0.6"  # 6 requests in 10 days
-    assert doc["adjustments"]["cache_hit_rate"] == "0.1666666666666666666666666667"
+    assert doc["adjustments"]["cache_hit_rate"] == "0.1666666666666666666666666667"  # 1 of 6
+    assert doc["adjustments"]["semantic_hit_rate"] == "0"
     assert doc["adjustments"]["retry_factor"] == "1.2"
     # m at $1/$2: (1400 + 280)/1M = 0.00168 a request, x 0.6 x 30
     assert doc["cost_per_request_usd"] == "0.00168" and doc["monthly_usd"] == "0.03024"
@@ -419,3 +432,29 @@ def test_from_ledger_takes_the_averages_and_flags_a_forecast_over_budget(tmp_pat
         "2026-11-11T00:00:00+00:00",
     )
     assert none.returncode == 2 and "no requests of feature 'nope'" in none.stderr
+
+
+def test_ledger_rates_split_exact_repeats_and_semantic_hits():
+    from thrifty.planning.ledger_usage import spec_values, summarise
+
+    def row(cache: str, cost: str | None = "1", batch: int = 0, retries: int = 0) -> tuple:
+        # (ts, tenant, feature, model, cache, batch, status, cost, in, cached, out, retries, attempts)
+        return (0.0, "t", "f", "m", cache, batch, "ok", cost, 100, 25, 10, retries, "[]")
+
+    rows = [
+        row("miss", retries=1),
+        row("miss", batch=1),
+        row("miss", cost=None),
+        row("exact", "0"),
+        row("dedup", "0"),
+        row("semantic", "0"),
+    ]
+    usage = summarise(rows)
+    assert (usage.requests, usage.upstream, usage.semantic, usage.unpriced) == (6, 3, 1, 1)
+    values = spec_values(usage, D(2), 30)
+    assert values["cache_hit_rate"] == D(2) / 6  # the exact hit and the repeat
+    assert values["semantic_hit_rate"] == D(1) / 4  # of the 4 the exact cache did not answer
+    assert values["requests_per_day"] == D(3) and values["retry_factor"] == D(1) + D(1) / 3
+    assert values["prompt_cache_share"] == D("0.25") and values["batch_share"] == D(1) / 3
+    assert values["latency_class"] == "deferrable" and values["model"] == "m"
+    assert usage.cost_usd == D(2)

@@ -54,7 +54,8 @@ class Workload:
 @dataclass(frozen=True, slots=True)
 class Adjustments:
     retry_factor: Decimal = _ONE  # upstream calls per request that reaches the provider (>= 1)
-    cache_hit_rate: Decimal = _ZERO  # requests the gateway's caches answer (no upstream call)
+    cache_hit_rate: Decimal = _ZERO  # requests the exact cache (or a deduplicated repeat) answers
+    semantic_hit_rate: Decimal = _ZERO  # of the requests left, those the semantic cache answers
     prompt_cache_share: Decimal = _ZERO  # input tokens read from the provider's prompt cache
     batch_share: Decimal = _ZERO  # upstream calls sent through the provider's batch API
 
@@ -86,8 +87,8 @@ def monthly_cost(
     adjustments: Adjustments = Adjustments(),
     batch_prices: TokenPrices | None = None,
 ) -> MonthlyEstimate:
-    """List price of the month, then retries, gateway cache hits, prompt caching and batch in that
-    order, each step's saving measured on what the steps before it left."""
+    """List price of the month, then retries, exact and semantic cache hits, prompt caching and
+    batch in that order, each step's saving measured on what the steps before it left."""
     adj = adjustments
     if adj.batch_share and batch_prices is None:
         raise ValueError("a batch share needs batch prices")
@@ -105,7 +106,10 @@ def monthly_cost(
         step("retries", per_call * calls)
     if adj.cache_hit_rate:
         calls = calls * (_ONE - adj.cache_hit_rate)
-        step("gateway cache hits", per_call * calls)
+        step("exact cache hits", per_call * calls)
+    if adj.semantic_hit_rate:
+        calls = calls * (_ONE - adj.semantic_hit_rate)
+        step("semantic cache hits", per_call * calls)
     realtime_call = per_call
     if adj.prompt_cache_share:
         realtime_call = call_cost(

@@ -25,7 +25,12 @@ def estimate(
     latency_class: Annotated[
         str | None, _opt("interactive (default) or deferrable (may wait for the batch API)")
     ] = None,
-    cache_hit_rate: Annotated[str | None, _opt("share of requests the gateway's caches answer (0-1)")] = None,
+    cache_hit_rate: Annotated[
+        str | None, _opt("share of requests the exact cache (or a deduplicated repeat) answers (0-1)")
+    ] = None,
+    semantic_hit_rate: Annotated[
+        str | None, _opt("share of the requests left that the semantic cache answers (0-1)")
+    ] = None,
     prompt_cache_share: Annotated[
         str | None, _opt("share of input tokens read from the provider's prompt cache (0-1)")
     ] = None,
@@ -91,6 +96,7 @@ def estimate(
         "days_per_month": days_per_month,
         "latency_class": latency_class,
         "cache_hit_rate": cache_hit_rate,
+        "semantic_hit_rate": semantic_hit_rate,
         "prompt_cache_share": prompt_cache_share,
         "batch_share": batch_share,
         "batch_discount": batch_discount,

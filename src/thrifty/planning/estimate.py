@@ -72,6 +72,7 @@ class EstimateReport:
             "adjustments": {
                 "retry_factor": decimal_text(spec.retry_factor),
                 "cache_hit_rate": decimal_text(spec.cache_hit_rate),
+                "semantic_hit_rate": decimal_text(spec.semantic_hit_rate),
                 "prompt_cache_share": decimal_text(spec.prompt_cache_share),
                 "batch_share": decimal_text(spec.effective_batch_share),
             },
@@ -181,6 +182,7 @@ def build_estimate(spec: FeatureSpec, settings: Settings | None) -> EstimateRepo
     adjustments = calc.Adjustments(
         retry_factor=spec.retry_factor,
         cache_hit_rate=spec.cache_hit_rate,
+        semantic_hit_rate=spec.semantic_hit_rate,
         prompt_cache_share=spec.prompt_cache_share,
         batch_share=batch_share,
     )

@@ -25,6 +25,7 @@ def attempts_of(stored: Any) -> list[dict[str, Any]]:
 class FeatureUsage:
     requests: int = 0
     upstream: int = 0  # requests that called a provider (not answered by a cache or a repeat)
+    semantic: int = 0  # answered by the semantic cache
     input_tokens: int = 0  # of the upstream requests
     cached_input_tokens: int = 0
     output_tokens: int = 0
@@ -53,6 +54,7 @@ def summarise(rows: Iterable[tuple[Any, ...]]) -> FeatureUsage:
         usage.cost_usd += amount
         usage.cost_by_tenant[tenant] = usage.cost_by_tenant.get(tenant, Decimal(0)) + amount
         if cache != "miss":
+            usage.semantic += cache == "semantic"
             continue
         usage.upstream += 1
         usage.input_tokens += inp
@@ -87,7 +89,8 @@ def spec_values(usage: FeatureUsage, elapsed_days: Decimal, days_in_month: int) 
         "avg_output_tokens": Decimal(usage.output_tokens) / upstream,
         "requests_per_day": Decimal(usage.requests) / elapsed_days,
         "days_per_month": Decimal(days_in_month),
-        "cache_hit_rate": Decimal(usage.requests - usage.upstream) / Decimal(usage.requests),
+        "cache_hit_rate": Decimal(usage.requests - usage.upstream - usage.semantic) / Decimal(usage.requests),
+        "semantic_hit_rate": Decimal(usage.semantic) / Decimal(usage.upstream + usage.semantic),
         "retry_factor": 1 + Decimal(usage.retries) / upstream,
         "prompt_cache_share": Decimal(usage.cached_input_tokens) / Decimal(usage.input_tokens)
         if usage.input_tokens

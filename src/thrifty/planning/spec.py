@@ -7,7 +7,8 @@ avg_output_tokens: 350
 requests_per_day: 20000
 latency_class: interactive        # or deferrable (may wait for the batch API: batch_share 1)
 days_per_month: 30
-cache_hit_rate: 0.12              # requests the gateway's caches answer
+cache_hit_rate: 0.12              # requests the exact cache (or a deduplicated repeat) answers
+    semantic_hit_rate: 0.18           # of the requests left, those the semantic cache answers
 prompt_cache_share: 0.5           # input tokens read from the provider's prompt cache
 batch_share: 0                    # calls sent through the batch API (deferrable work only)
 retry_factor: 1.03                # upstream calls per request that reaches the provider
@@ -77,6 +78,7 @@ class FeatureSpec(_Spec):
     latency_class: Literal["interactive", "deferrable"] = "interactive"
     days_per_month: Decimal = Field(default=Decimal(30), gt=0, le=31)
     cache_hit_rate: Decimal = Field(default=Decimal(0), ge=0, le=1)
+    semantic_hit_rate: Decimal = Field(default=Decimal(0), ge=0, le=1)
     prompt_cache_share: Decimal = Field(default=Decimal(0), ge=0, le=1)
     batch_share: Decimal | None = Field(default=None, ge=0, le=1)  # default: 1 if deferrable, else 0
     batch_discount: Decimal | None = Field(default=None, ge=0, lt=1)  # for models without batch prices

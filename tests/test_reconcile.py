@@ -113,8 +113,11 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _entry("l3", 3, "llama", "local", "0.50", 100, 10),  # OpenAI-compatible, not OpenAI's bill
     ]
     hit = _entry("c3", 3, "mini", "oai", "0", 0, 0)
-    entries.append(LedgerEntry(**{**{f: getattr(hit, f) for f in hit.__dataclass_fields__},
-                                  "cache": "exact", "attempts": ()}))  # fmt: skip
+    entries.append(
+        LedgerEntry(
+            **{**{f: getattr(hit, f) for f in hit.__dataclass_fields__}, "cache": "exact", "attempts": ()}
+        )
+    )
     for e in entries:
         conn.execute(INSERT_ENTRY_SQL, entry_row(e))
     conn.close()
@@ -124,8 +127,18 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def run(cli: Cli):  # noqa: F811
     def reconcile(config: Path, provider: str, export: Path, *extra: str) -> tuple[int, dict, str]:
-        code, out, err = cli("reconcile", "--provider", provider, "--export", str(export),
-                             "--config", str(config), "--format", "json", *extra)  # fmt: skip
+        code, out, err = cli(
+            "reconcile",
+            "--provider",
+            provider,
+            "--export",
+            str(export),
+            "--config",
+            str(config),
+            "--format",
+            "json",
+            *extra,
+        )
         return code, json.loads(out) if out.strip() else {}, err
 
     return reconcile
@@ -229,11 +242,30 @@ def test_usage_exports_compare_tokens(config: Path, run):
 
 
 def test_a_clean_export_exits_zero_with_a_table(config: Path, tmp_path: Path):
-    page = {"object": "page", "data": [{"object": "bucket", "start_time": 1793664000, "end_time": 1793750400,
-            "results": [{"object": "organization.costs.result", "amount": {"value": 10.0, "currency": "usd"},
-                         "line_item": "gpt-4o-2024-08-06, input", "project_id": None},
-                        {"object": "organization.costs.result", "amount": {"value": 3.0, "currency": "usd"},
-                         "line_item": "gpt-4o-mini-2024-07-18, output", "project_id": None}]}]}  # fmt: skip
+    page = {
+        "object": "page",
+        "data": [
+            {
+                "object": "bucket",
+                "start_time": 1793664000,
+                "end_time": 1793750400,
+                "results": [
+                    {
+                        "object": "organization.costs.result",
+                        "amount": {"value": 10.0, "currency": "usd"},
+                        "line_item": "gpt-4o-2024-08-06, input",
+                        "project_id": None,
+                    },
+                    {
+                        "object": "organization.costs.result",
+                        "amount": {"value": 3.0, "currency": "usd"},
+                        "line_item": "gpt-4o-mini-2024-07-18, output",
+                        "project_id": None,
+                    },
+                ],
+            }
+        ],
+    }
     clean = tmp_path / "clean.json"
     clean.write_text(json.dumps(page))
     out = _thrifty(
@@ -309,3 +341,35 @@ def test_jsonl_pages_and_line_items():
     assert split_line_item("gpt-4o") == ("gpt-4o", None) and split_line_item(None) == (None, None)
     with pytest.raises(InvalidData, match=r"pages\.jsonl:2: not JSON"):
         read_export(json.dumps(first) + "\n{oops\n", "pages.jsonl", "openai")
+
+
+def test_an_export_not_grouped_by_model_is_compared_per_day(config: Path, tmp_path: Path, run):
+    page = {
+        "object": "page",
+        "data": [
+            {
+                "object": "bucket",
+                "start_time": 1793664000,
+                "end_time": 1793750400,
+                "results": [
+                    {
+                        "object": "organization.costs.result",
+                        "amount": {"value": 13.5, "currency": "usd"},
+                        "line_item": None,
+                        "project_id": None,
+                    }
+                ],
+            },
+            {"object": "bucket", "start_time": 1793750400, "end_time": 1793836800, "results": []},
+        ],
+    }
+    path = tmp_path / "daily.json"
+    path.write_text(json.dumps(page))
+    code, doc, err = run(config, "openai", path, "--gateway-provider", "oai")
+    assert doc["compared_by"] == ["day"], err
+    rows = _rows(doc)
+    # 11-03: mini $3 + big $10 in the ledger against $13.50 billed: 3.7%, within 5%.
+    assert rows[("2026-11-03", "*", None)]["ledger"]["cost_usd"] == "13.00"
+    assert not rows[("2026-11-03", "*", None)]["over_tolerance"]
+    # 11-04 has an empty bucket: the gateway's $11 there is unbilled.
+    assert rows[("2026-11-04", "*", None)]["over_tolerance"] and code == 1

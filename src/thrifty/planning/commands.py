@@ -297,7 +297,7 @@ def reconcile(
         raise InvalidData(
             f"{export} is not UTF-8 text (offset {err.start}): give the export as downloaded"
         ) from err
-    parsed = read_export(text, str(export), provider)  # type: ignore[arg-type]
+    parsed = read_export(text, str(export), "openai" if provider == "openai" else "anthropic")
     skipped = [str(b) for b in parsed.bad]
     if skipped and not skip_bad:
         for line in skipped[:50]:
@@ -310,7 +310,7 @@ def reconcile(
         )
     if not parsed.records:
         raise InvalidData(f"{export}: no usage or cost rows to compare")
-    days = sorted({r.day for r in parsed.records})
+    days = parsed.days
     since = datetime.fromisoformat(days[0]).replace(tzinfo=UTC)
     until = datetime.fromisoformat(days[-1]).replace(tzinfo=UTC) + timedelta(days=1)
     view = LedgerView(

@@ -101,6 +101,12 @@ class Export:
     format: str
     records: list[ExportRecord] = field(default_factory=list)
     bad: list[BadRow] = field(default_factory=list)
+    # The days the export covers: its buckets' (an empty bucket is a day billed nothing).
+    bucket_days: set[str] = field(default_factory=set)
+
+    @property
+    def days(self) -> list[str]:
+        return sorted(self.bucket_days | {r.day for r in self.records})
 
     @property
     def measures_cost(self) -> bool:
@@ -166,7 +172,20 @@ def _pages(doc: _Document, file: str) -> Iterator[tuple[Any, str]]:
         yield value, ""
 
 
-def _results(doc: _Document, file: str, bad: list[BadRow]) -> Iterator[tuple[Any, Any, str, _Lines]]:
+def _bucket_day(bucket: Any) -> str | None:
+    if not isinstance(bucket, dict):
+        return None
+    try:
+        if "starting_at" in bucket:
+            return _day_from_rfc3339(bucket["starting_at"])
+        return _day_from_unix(bucket.get("start_time"))
+    except _RowError:
+        return None  # its results say so, row by row
+
+
+def _results(
+    doc: _Document, file: str, bad: list[BadRow], days: set[str]
+) -> Iterator[tuple[Any, Any, str, _Lines]]:
     """(bucket, result, JSON pointer of the result, lines) of every result in a document."""
     lines = _Lines(doc)
     for page, base in _pages(doc, file):
@@ -177,6 +196,9 @@ def _results(doc: _Document, file: str, bad: list[BadRow]) -> Iterator[tuple[Any
         for b, bucket in enumerate(buckets):
             results = bucket.get("results") if isinstance(bucket, dict) else None
             where = f"{base}/data/{b}"
+            day = _bucket_day(bucket)
+            if day is not None:
+                days.add(day)
             if not isinstance(results, list):
                 bad.append(BadRow(file, lines.line(where), 'a bucket without a "results" list'))
                 continue
@@ -412,7 +434,7 @@ def read_export(text: str, file: str, provider: Provider) -> Export:
     export = Export(file, fmt)
     read = _READERS[fmt]
     for doc in docs:
-        for bucket, result, pointer, lines in _results(doc, file, export.bad):
+        for bucket, result, pointer, lines in _results(doc, file, export.bad, export.bucket_days):
             try:
                 if not isinstance(result, dict):
                     raise _RowError("a result that is not an object")

@@ -26,6 +26,7 @@ from thrifty.cli_common import console as _console
 from thrifty.cli_common import semantic_extra as _semantic_extra
 from thrifty.cli_common import settings_path as _settings_path
 from thrifty.errors import ThriftyError
+from thrifty.planning.commands import estimate, reconcile
 from thrifty.recording.command import recordings_app
 from thrifty.settings import load_settings, resolve_secrets
 from thrifty.simulate.command import simulate_command
@@ -48,6 +49,8 @@ eval_app = typer.Typer(
 )
 app.add_typer(eval_app, name="eval")
 app.add_typer(batch_app, name="batch")
+app.command()(estimate)
+app.command()(reconcile)
 app.command("simulate")(simulate_command)
 app.add_typer(recordings_app, name="recordings")
 

@@ -237,3 +237,38 @@ def test_recordings_on_postgresql_are_shared_redacted_and_per_tenant(
 
     with psycopg.connect(pg_url) as conn:  # in PostgreSQL, where every replica writes and reads
         assert conn.execute("SELECT count(*) FROM recordings").fetchone() == (2,)
+
+
+def test_prompt_lint_reads_a_routes_recorded_prompts_of_one_tenant(
+    tmp_path: Path, openai_upstream: OpenAIWireServer
+):
+    config = _settings(tmp_path, openai_upstream)
+    path = tmp_path / "thrifty.yaml"
+    path.write_text(yaml.safe_dump(config))
+    settings = base_settings(tmp_path, **{k: v for k, v in config.items() if k not in ("storage", "tenants")})
+    acme_prompt = "Please be thorough and detailed. Never promise a refund. Never promise a refund."
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
+        for tenant, system in (("acme", acme_prompt), ("acme", acme_prompt), ("globex", "Globex secret.")):
+            _client(server, tenant).chat.completions.create(
+                model="route:support",
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": "hi"}],
+            )
+
+    def lint(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "thrifty", "prompt", "lint", "-c", str(path), *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "UP_KEY": UPSTREAM_KEY, "COLUMNS": "200"},
+            timeout=60,
+        )
+
+    run = lint("--route", "support", "--tenant", "acme", "--format", "json")
+    assert run.returncode == 0, run.stderr
+    (result,) = json.loads(run.stdout)  # one distinct prompt, used by both of acme's requests
+    assert result["prompt"] == "prompt 1 (2 requests)"
+    assert {f["kind"] for f in result["findings"]} >= {"filler", "repeat"}
+    assert "Globex" not in run.stdout
+    empty = lint("--route", "private", "--tenant", "acme")
+    assert empty.returncode == 2 and "route 'private' has no `record` setting" in empty.stderr
+    assert "Traceback" not in empty.stderr

@@ -348,9 +348,16 @@ def route_train(
 @prompt_app.command("lint")
 def prompt_lint(
     path: Annotated[
-        Path, typer.Argument(help="a prompt: .json request or messages, .jsonl requests, or text")
-    ],
+        Path | None,
+        typer.Argument(
+            help="a prompt: .json request or messages, .jsonl requests, or text; "
+            "without it, --tenant's recordings of --route"
+        ),
+    ] = None,
     config: ConfigOpt = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="without PROMPT: lint this tenant's recorded prompts of --route")
+    ] = None,
     route: Annotated[str | None, typer.Option(help="price findings at this route's traffic (ledger)")] = None,
     prompt_version: Annotated[str | None, typer.Option(help="only this prompt version's traffic")] = None,
     days: Annotated[float, typer.Option(help="traffic over the last N days")] = 7.0,
@@ -373,6 +380,7 @@ def prompt_lint(
         raise ThriftyError(f"--input-price: {input_price!r} is not a number") from err
     run_prompt_lint(
         path,
+        tenant=tenant,
         console=_console(),
         settings=_settings(config) if route is not None else None,
         route=route,

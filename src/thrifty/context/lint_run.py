@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -30,21 +31,49 @@ def read_prompts(path: Path) -> list[tuple[str, dict[str, Any]]]:
     except (OSError, UnicodeDecodeError) as err:
         raise InvalidData(f"cannot read {path}: {err}") from err
     if path.suffix == ".jsonl":
-        groups: dict[str, tuple[dict[str, Any], int]] = {}
-        for n, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            body = _body(_json(line, f"{path}:{n}"), f"{path}:{n}")
-            prompts = [m.get("content") for m in body["messages"] if m.get("role") in ("system", "developer")]
-            key = orjson.dumps(prompts).decode()
-            first, seen = groups.get(key, (body, 0))
-            groups[key] = (first, seen + 1)
-        if not groups:
-            raise InvalidData(f"{path}: no requests in the file")
-        return [(f"prompt {i + 1} ({seen} requests)", body) for i, (body, seen) in enumerate(groups.values())]
+        bodies = (
+            _body(_json(line, f"{path}:{n}"), f"{path}:{n}")
+            for n, line in enumerate(raw.splitlines(), start=1)
+            if line.strip()
+        )
+        return _distinct(bodies, f"{path}: no requests in the file")
     if path.suffix == ".json":
         return [(path.name, _body(_json(raw, str(path)), str(path)))]
     return [(path.name, {"messages": [{"role": "system", "content": raw}]})]
+
+
+def _distinct(bodies: Iterable[dict[str, Any]], empty: str) -> list[tuple[str, dict[str, Any]]]:
+    """One (label, first body) per distinct system/developer prompt, with how many requests used it."""
+    groups: dict[str, tuple[dict[str, Any], int]] = {}
+    for body in bodies:
+        prompts = [m.get("content") for m in body["messages"] if m.get("role") in ("system", "developer")]
+        key = orjson.dumps(prompts).decode()
+        first, seen = groups.get(key, (body, 0))
+        groups[key] = (first, seen + 1)
+    if not groups:
+        raise InvalidData(empty)
+    return [(f"prompt {i + 1} ({seen} requests)", body) for i, (body, seen) in enumerate(groups.values())]
+
+
+def recorded_prompts(
+    settings: Settings, tenant: str, route: str, prompt_version: str | None, days: float
+) -> list[tuple[str, dict[str, Any]]]:
+    """The distinct prompts a route sent for a tenant over the last `days`, from its recordings (the
+    ledger keeps no prompt text; a route with `record` keeps a sample of its requests, redacted)."""
+    from thrifty.recording import read_recordings
+
+    if route not in settings.routes:
+        raise ThriftyError(f"--route: no route {route!r} in the settings")
+    recordings = read_recordings(settings, tenant, route=route, since=time.time() - days * 86400)
+    bodies = (
+        _body(rec.request, f"recording {rec.request_id}")
+        for rec in recordings
+        if prompt_version is None or rec.prompt_version == prompt_version
+    )
+    hint = "" if settings.routes[route].record else f" (route {route!r} has no `record` setting)"
+    return _distinct(
+        bodies, f"no recordings of tenant {tenant!r} on route {route!r} in the last {days:g} days{hint}"
+    )
 
 
 def _json(text: str, where: str) -> Any:
@@ -85,8 +114,9 @@ def traffic(settings: Settings, route: str, prompt_version: str | None, days: fl
 
 
 def run_prompt_lint(
-    path: Path,
+    path: Path | None,
     *,
+    tenant: str | None = None,
     console: Console,
     settings: Settings | None = None,
     route: str | None = None,
@@ -121,7 +151,15 @@ def run_prompt_lint(
     upstream = settings.models[model].upstream or model if settings and model in settings.models else model
     count = CountCache(TokenCounter(), encoding_for_model(upstream)[0])
     results = []
-    for label, body in read_prompts(path):
+    if path is not None:
+        prompts = read_prompts(path)
+    elif settings is not None and route is not None and tenant is not None:
+        prompts = recorded_prompts(settings, tenant, route, prompt_version, days)
+    else:
+        raise ThriftyError(
+            "give a PROMPT file, or --config, --route and --tenant to lint a route's recordings"
+        )
+    for label, body in prompts:
         report = lint(body, count)
         results.append({"prompt": label, "traffic": traffic_note, **report.to_json(per_token)})
         if not as_json:

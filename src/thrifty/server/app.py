@@ -292,6 +292,10 @@ class ThriftyApp:
             self.gateway, send, tenant, headers, body, len(raw)
         ):
             raise _Responded
+        wrong = headers.get("x-thrifty-cache-wrong")
+        if wrong and wrong.strip():
+            # Feedback on an earlier answer of this tenant's (see Gateway.cache_feedback).
+            self.gateway.cache_feedback(tenant, wrong.strip(), wrong=True)
         ctx = self.gateway.new_context(body, len(raw), _tags(tenant, headers, body))
         try:
             result = await self.gateway.run(ctx)

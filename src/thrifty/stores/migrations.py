@@ -90,6 +90,21 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         # Summaries of conversation prefixes stay in each replica's local SQLite file.
         "ALTER TABLE ledger ADD COLUMN context JSONB",
     ),
+    (
+        8,
+        # The semantic cache's per-partition verification state (SQLite's migration 16), for a
+        # PostgreSQL-backed semantic cache whose replicas share what verification has learned.
+        """
+        CREATE TABLE semantic_partition_state (
+            partition TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL,
+            route TEXT NOT NULL,
+            state JSONB NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX semantic_partition_state_scope ON semantic_partition_state (tenant_id, route)
+        """,
+    ),
 )
 
 __all__ = ["POSTGRES_MIGRATIONS", "SQLITE_MIGRATIONS"]

@@ -164,7 +164,10 @@ class Gateway:
         self.idempotency = self.stores.idempotency
         self.exact_cache = ExactCacheStage(settings.routes, self.catalog)
         self.semantic_cache = SemanticCacheStage(
-            settings.routes, self.catalog, embed_threads=settings.semantic.embed_threads
+            settings.routes,
+            self.catalog,
+            embed_threads=settings.semantic.embed_threads,
+            state_flush_s=settings.semantic.state_flush_s,
         )
         prefix_marks = PromptCacheBreakpoints(
             settings.routes, {n: p.kind for n, p in settings.providers.items()}

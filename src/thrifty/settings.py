@@ -488,6 +488,9 @@ class SemanticSettings(_Strict):
 
     # Worker threads for query embeddings (onnxruntime releases the GIL): each does ~200 queries/s.
     embed_threads: int = Field(default=1, ge=1, le=64)
+    # Routes that verify hits: how often what verification learned per partition is written to the
+    # SQLite file (for `thrifty cache stats` and restarts); it is always written at shutdown.
+    state_flush_s: float = Field(default=2.0, ge=0)
 
 
 class PricingSettings(_Strict):

@@ -54,7 +54,8 @@ def bin_of(score: float) -> int:
     if score <= 0.0:
         return 0
     logit = math.log(score / (1.0 - score))
-    return max(0, min(BINS - 1, int((logit - LOGIT_LOW) // LOGIT_STEP)))
+    # The epsilon keeps a cut (``cut_score``) in the bin it opens despite rounding.
+    return max(0, min(BINS - 1, math.floor((logit - LOGIT_LOW) / LOGIT_STEP + 1e-9)))
 
 
 def cut_score(b: int) -> float:
@@ -196,46 +197,73 @@ class Policy:
 
 
 def estimate(state: PartitionState, b: int) -> tuple[float, float, float]:
-    """Wrong rate of serving bins ``b`` and above: (estimate, variance, lookups weighing it)."""
-    total = 0.0
-    mean = 0.0
-    var = 0.0
-    weights: list[tuple[float, float, float]] = []
+    """What the verified outcomes say of serving bins ``b`` and above: (wrong rate, its variance,
+    the share of the region's lookups that fell in bins without any verified outcome).
+
+    Only bins with outcomes count, each weighted by its lookups: a bin never verified has nothing
+    to say (its prior alone would let many empty bins look like evidence).
+    """
+    total = unseen = 0.0
+    parts: list[tuple[float, float, float]] = []
     for i in range(b, BINS):
-        weight = state.lookups[i] + 1e-3  # a bin never looked up still carries its prior, barely
-        n = state.right[i] + state.wrong[i]
-        m = (PRIOR_STRENGTH * _prior_wrong(i) + state.wrong[i]) / (PRIOR_STRENGTH + n)
-        v = m * (1 - m) / (PRIOR_STRENGTH + n + 1)
-        weights.append((weight, m, v))
+        weight = state.lookups[i] + 1e-3  # a bin never looked up weighs (almost) nothing
         total += weight
-    for weight, m, v in weights:
-        share = weight / total
-        mean += share * m
-        var += share * share * v
-    return mean, var, total
+        n = state.right[i] + state.wrong[i]
+        if not n:
+            unseen += weight
+            continue
+        m = (PRIOR_STRENGTH * _prior_wrong(i) + state.wrong[i]) / (PRIOR_STRENGTH + n)
+        parts.append((weight, m, m * (1 - m) / (PRIOR_STRENGTH + n + 1)))
+    seen = total - unseen
+    if not parts:
+        return 0.0, 0.0, 1.0
+    mean = sum(w * m for w, m, _ in parts) / seen
+    var = sum((w / seen) ** 2 * v for w, _, v in parts)
+    return mean, var, unseen / total
+
+
+# The wrong rate assumed, for the bound, of the lookups in bins no verification has reached.
+UNSEEN_WRONG = 0.5
+
+
+def _bounds(state: PartitionState, b: int, z: float) -> tuple[float, float, float]:
+    """(estimate, lower, upper) of the wrong rate of serving bins ``b`` and above; the upper bound
+    counts the unverified share at ``UNSEEN_WRONG``, the lower bound at nothing."""
+    mean, var, unseen = estimate(state, b)
+    if unseen >= 1.0:
+        return 0.0, 0.0, 1.0
+    n_eff = mean * (1 - mean) / var if var > 0 else 0.0
+    low, high = wilson(mean, n_eff, z)
+    return mean, low * (1 - unseen), high * (1 - unseen) + UNSEEN_WRONG * unseen
 
 
 def bound(state: PartitionState, shipped: float, policy: Policy) -> Bound:
     """Threshold and status of a partition whose shipped (learned, by size) threshold is ``shipped``."""
-    cuts: list[tuple[int, float, float, float]] = []  # bin, estimate, lower, upper
-    for b in range(BINS):
-        mean, var, _ = estimate(state, b)
-        n_eff = mean * (1 - mean) / var if var > 0 else 0.0
-        low, high = wilson(mean, n_eff, policy.z)
-        cuts.append((b, mean, low, high))
-    certified = [c for c in cuts if c[3] <= policy.error_bound]
-    if certified:
-        b, mean, _, high = certified[0]
-        return Bound("certified", cut_score(b), mean, high, _evidence(state, b))
-    refuted = [c for c in cuts if c[2] > policy.error_bound]
-    if refuted and refuted[-1][0] == BINS - 1:
-        b, mean, _, high = cuts[-1]
-        return Bound("off", math.inf, mean, high, _evidence(state, b))
-    floor = cut_score(refuted[-1][0] + 1) if refuted else 0.0
+    top_observed = max((i for i in range(BINS) if state.right[i] + state.wrong[i]), default=-1)
+    certified: int | None = None
+    refuted: int | None = None  # the highest refuted cut
+    for b in range(top_observed + 1):
+        _, low, high = _bounds(state, b, policy.z)
+        if certified is None and high <= policy.error_bound:
+            certified = b
+        if low > policy.error_bound:
+            refuted = b
+    if certified is not None:
+        return _verdict(state, "certified", certified, policy)
+    if refuted is not None and refuted >= top_observed:
+        # Even the best-scored hits verified are wrong too often: no cut can hold the bound.
+        return _verdict(state, "off", refuted, policy, math.inf)
+    floor = cut_score(refuted + 1) if refuted is not None else 0.0
     threshold = max(shipped, floor)
-    b = bin_of(threshold) if not math.isinf(threshold) else BINS - 1
-    _, mean, _, high = cuts[b]
-    return Bound("learning", threshold, mean, high, _evidence(state, b))
+    b = bin_of(threshold) if math.isfinite(threshold) else BINS - 1
+    return _verdict(state, "learning", b, policy, threshold)
+
+
+def _verdict(
+    state: PartitionState, status: Status, b: int, policy: Policy, threshold: float | None = None
+) -> Bound:
+    mean, _, upper = _bounds(state, b, policy.z)
+    return Bound(status, cut_score(b) if threshold is None else threshold, mean, upper, _evidence(state, b))
 
 
 def _evidence(state: PartitionState, b: int) -> float:

@@ -162,6 +162,7 @@ class SemanticCacheStage:
         *,
         embed_threads: int = 1,
         embedder_factory: EmbedderFactory | None = None,
+        state_flush_s: float = 2.0,
     ) -> None:
         self._settings = {
             name: r.semantic_cache
@@ -186,7 +187,8 @@ class SemanticCacheStage:
                 name: s.verify
                 for name, s in self._settings.items()
                 if s.verify is not None and s.verify.enabled
-            }
+            },
+            flush_every_s=state_flush_s,
         )
 
     @property

@@ -81,6 +81,7 @@ class Verifier:
         *,
         rng: random.Random | None = None,
         remember_hits: int = REMEMBER_HITS,
+        flush_every_s: float = FLUSH_EVERY_S,
     ) -> None:
         self._settings = dict(settings)
         self._policies = {route: policy_of(s) for route, s in settings.items()}
@@ -88,6 +89,7 @@ class Verifier:
         self._states: dict[str, PartitionState] = {}
         self._dirty: set[str] = set()
         self._flushed = 0.0
+        self._flush_every = flush_every_s
         self._store: SqlitePartitionStateStore | None = None
         self._hits: OrderedDict[str, _Hit] = OrderedDict()
         self._remember = remember_hits
@@ -217,15 +219,15 @@ class Verifier:
             await self.recorder(ctx, status, http_status, error)
         state = self.state(partition, ctx.tags.tenant_id, ctx.route)
         state.verify_cost_usd += cost
-        self._touch(partition)
-        if fresh is None:
-            return
-        settings = self._settings[ctx.route]
-        correct = same_answer(settings.compare, cached, fresh, settings.json_field)
-        state.verifications += 1
-        state.verified_wrong += not correct
-        state.observe(score, correct)
-        if not correct:
+        correct = True
+        if fresh is not None:
+            settings = self._settings[ctx.route]
+            correct = same_answer(settings.compare, cached, fresh, settings.json_field)
+            state.verifications += 1
+            state.verified_wrong += not correct
+            state.observe(score, correct)
+        self._touch(partition)  # after every change: a flush clears the dirty mark
+        if fresh is not None and not correct:
             on_wrong(ctx, fresh)
 
     async def drain(self) -> None:
@@ -236,7 +238,7 @@ class Verifier:
     def _touch(self, partition: str) -> None:
         self._dirty.add(partition)
         now = time.monotonic()
-        if now - self._flushed >= FLUSH_EVERY_S:
+        if now - self._flushed >= self._flush_every:
             self.flush(now)
 
     def flush(self, now: float | None = None) -> None:

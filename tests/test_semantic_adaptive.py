@@ -148,3 +148,20 @@ def test_answers_compare_by_normalised_text_json_field_or_evidence():
     assert not same_answer("json_field", a, _body("not json"), "intent")  # no field: never the same
     assert same_evidence(["doc-2", "doc-1"], ["doc-1", "doc-2"])
     assert not same_evidence(["doc-1"], ["doc-1", "doc-3"]) and not same_evidence(["doc-1"], [])
+
+
+def test_an_answer_wrong_far_more_often_than_its_scores_promised_needs_a_higher_score():
+    from thrifty.cache.semantic.adaptive import answer_threshold
+
+    state = PartitionState("acme", "support")
+    for _ in range(6):  # questions of an uncached kind land near card_arrival, scored confidently
+        state.observe(0.95, False, "card_arrival")
+    for _ in range(6):  # near misses of another answer, wrong about as often as their scores said
+        state.observe(0.6, True, "reset_pin")
+        state.observe(0.6, False, "reset_pin")
+    raised = answer_threshold(state, "card_arrival", SHIPPED, POLICY)
+    assert raised > SHIPPED and raised > 0.99
+    assert answer_threshold(state, "reset_pin", SHIPPED, POLICY) == SHIPPED
+    assert answer_threshold(state, "never_seen", SHIPPED, POLICY) == SHIPPED
+    assert math.isinf(answer_threshold(state, "card_arrival", math.inf, POLICY))
+    assert PartitionState.from_dict(state.to_dict()).answers == state.answers

@@ -117,7 +117,7 @@ class CacheVerifySettings(_Strict):
     # Share of paraphrase hits verified by a shadow call: max_rate while little is known or right
     # after a wrong hit was found, falling to min_rate as the evidence grows.
     min_rate: float = Field(default=0.02, ge=0, le=1)
-    max_rate: float = Field(default=0.3, gt=0, le=1)
+    max_rate: float = Field(default=0.1, gt=0, le=1)
     # How a fresh answer is compared with the cached one: evidence (the request's
     # x-thrifty-evidence ids against the entry's; no upstream call), text (normalised text equal),
     # json_field (one field of a JSON answer equal). A request without evidence ids falls back to

@@ -44,6 +44,11 @@ PRIOR_STRENGTH = 2.0
 # After a detected wrong hit the sampling rate is back at its maximum, halving every this many hits.
 ERROR_HALF_LIFE_HITS = 25.0
 
+# Answers whose verified outcomes are kept per partition (those with the least evidence go first).
+MAX_ANSWERS = 2000
+# Pseudo-observations of an answer's prior (the partition's bound) in ``answer_threshold``.
+ANSWER_PRIOR = 4.0
+
 Status = Literal["learning", "certified", "off"]
 
 
@@ -113,6 +118,9 @@ class PartitionState:
     verify_cost_usd: Decimal = Decimal(0)
     saved_usd: Decimal = Decimal(0)
     hits_since_error: int = 10_000
+    # Verified outcomes per served answer: [outcomes, wrong, wrong the scores expected] (see
+    # ``answer_threshold``).
+    answers: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -132,6 +140,7 @@ class PartitionState:
             "verify_cost_usd": str(self.verify_cost_usd),
             "saved_usd": str(self.saved_usd),
             "hits_since_error": self.hits_since_error,
+            "answers": self.answers,
         }
 
     @classmethod
@@ -157,6 +166,7 @@ class PartitionState:
             verify_cost_usd=Decimal(str(data.get("verify_cost_usd", "0"))),
             saved_usd=Decimal(str(data.get("saved_usd", "0"))),
             hits_since_error=int(data.get("hits_since_error", 10_000)),
+            answers={str(k): [float(x) for x in v] for k, v in dict(data.get("answers", {})).items()},
         )
 
     # -- what happened ------------------------------------------------------------------
@@ -174,14 +184,25 @@ class PartitionState:
         if saved is not None:
             self.saved_usd += saved
 
-    def observe(self, score: float, correct: bool) -> None:
-        """A verified outcome at ``score``: a shadow call, a near miss's fresh answer or feedback."""
+    def observe(self, score: float, correct: bool, answer_id: str | None = None) -> None:
+        """A verified outcome at ``score``: a shadow call, a near miss's fresh answer or feedback;
+        ``answer_id``: the cached answer that was (or would have been) served."""
         b = bin_of(score)
         if correct:
             self.right[b] += 1
         else:
             self.wrong[b] += 1
             self.hits_since_error = 0
+        if answer_id is not None:
+            counts = self.answers.get(answer_id)
+            if counts is None:
+                if len(self.answers) >= MAX_ANSWERS:
+                    # Bounded: forget the answer with the least evidence.
+                    del self.answers[min(self.answers, key=lambda a: self.answers[a][0])]
+                counts = self.answers[answer_id] = [0.0, 0.0, 0.0]
+            counts[0] += 1
+            counts[1] += not correct
+            counts[2] += 1.0 - score
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +212,7 @@ class Policy:
     error_bound: float = 0.01
     z: float = 1.645
     min_rate: float = 0.02
-    max_rate: float = 0.3
+    max_rate: float = 0.1
     # Verified observations in the served region at which the rate has halved.
     rate_half_at: float = 30.0
 
@@ -266,6 +287,26 @@ def _verdict(
     return Bound(status, cut_score(b) if threshold is None else threshold, mean, upper, _evidence(state, b))
 
 
+def answer_threshold(state: PartitionState, answer_id: str, threshold: float, policy: Policy) -> float:
+    """The partition's threshold, raised for an answer whose verified outcomes are wrong far more
+    often than their scores promised (the vCache idea, per answer rather than per entry).
+
+    The questions near one cached answer can be of a neighbouring type nobody cached: the near
+    misses and verifications attributed to that answer reveal it. The wrong outcomes are compared
+    with the number its scores expected (the rule's own probability); when they exceed it beyond
+    chance (a one-sided Poisson z bound), the odds the answer needs rise by their ratio.
+    """
+    counts = state.answers.get(answer_id)
+    if counts is None or not math.isfinite(threshold) or not 0 < threshold < 1:
+        return threshold
+    _, wrong, expected = counts
+    if wrong < 2 or wrong <= expected + policy.z * math.sqrt(expected) + 1:
+        return threshold
+    shift = math.log((wrong + 1) / (expected + 1))
+    z = math.log(threshold / (1 - threshold)) + shift
+    return 1.0 / (1.0 + math.exp(-z))
+
+
 def _evidence(state: PartitionState, b: int) -> float:
     return float(sum(state.right[b:]) + sum(state.wrong[b:]))
 
@@ -285,6 +326,7 @@ __all__ = [
     "Bound",
     "PartitionState",
     "Policy",
+    "answer_threshold",
     "bin_of",
     "bound",
     "cut_score",

@@ -150,6 +150,7 @@ class _Candidate:
     """The entry a lookup would serve and how sure the rule is (for verification)."""
 
     entry_id: int
+    answer_id: str
     score: float | None  # None: a repeat of a cached question, served without the rule
     verdict: Bound | None  # the partition's adaptive threshold, on routes that verify
 
@@ -313,7 +314,8 @@ class SemanticCacheStage:
         same = [i for i, _ in found if (m := self._parts.meta(i)) is not None and m.normalised == normalised]
         size = self._parts.size(partition)
         if same:
-            candidate = _Candidate(same[0], None, None)
+            meta = self._parts.meta(same[0])
+            candidate = _Candidate(same[0], meta.answer_id if meta is not None else "", None, None)
         elif size < self._settings[route].min_entries:
             log.debug("semantic miss: partition below min_entries, repeats only")
             return None, None
@@ -329,7 +331,8 @@ class SemanticCacheStage:
             if not decision.hit or decision.entry is None:
                 log.debug("semantic miss: %s", decision.reason)
                 return None, None
-            candidate = _Candidate(next(i for i, n in found if n is decision.entry), None, None)
+            entry = decision.entry
+            candidate = _Candidate(next(i for i, n in found if n is entry), entry.answer_id, None, None)
         stored = self._store.answer(candidate.entry_id, now)
         if stored is None:
             self._parts.drop(candidate.entry_id)  # purged by another process, or expired just now
@@ -356,15 +359,16 @@ class SemanticCacheStage:
             return False, None
         self.verifier.looked_up(partition, tenant, route, a.score)
         verdict = self.verifier.verdict(partition, tenant, route, params.threshold_for(size))
-        candidate = _Candidate(next(i for i, n in found if n is a.served), a.score, verdict)
-        if a.score < verdict.threshold:
+        served = a.served
+        candidate = _Candidate(next(i for i, n in found if n is served), served.answer_id, a.score, verdict)
+        if a.score < self.verifier.threshold(partition, route, verdict, served.answer_id):
             log.debug("semantic miss: %.3f below the partition's %s threshold", a.score, verdict.status)
             return False, candidate
         if self.verifier.method(route) == "evidence" and ctx.tags.evidence:
             # The request names its evidence: the candidate's answer is right when it rests on the
             # same, checked now, for free, before anything is served.
-            right = a.served.answer_id == answer_id({}, ctx.tags.evidence)
-            self.verifier.observe(partition, tenant, route, a.score, right, near_miss=False)
+            right = served.answer_id == answer_id({}, ctx.tags.evidence)
+            self.verifier.observe(partition, tenant, route, a.score, right, served.answer_id, near_miss=False)
             if not right:
                 log.debug("semantic miss: the candidate rests on other evidence")
                 return False, None
@@ -382,7 +386,7 @@ class SemanticCacheStage:
         vector: npt.NDArray[np.float32],
     ) -> None:
         """Count the hit, and maybe verify it with a shadow call that the response never waits for."""
-        if not self.verifier.served(ctx, partition, candidate.score, candidate.verdict):
+        if not self.verifier.served(ctx, partition, candidate.score, candidate.verdict, candidate.answer_id):
             return
         assert self._store is not None and candidate.score is not None
         stored = self._store.answer(candidate.entry_id, time.time())
@@ -392,7 +396,9 @@ class SemanticCacheStage:
         def store_fresh(shadow: RequestContext, fresh: dict[str, Any]) -> None:
             _Adder(self, shadow, settings, partition, system_hash, query, normalise(query), vector)(fresh)
 
-        self.verifier.shadow(ctx, call_next, partition, candidate.score, stored[0], store_fresh)
+        self.verifier.shadow(
+            ctx, call_next, partition, candidate.score, candidate.answer_id, stored[0], store_fresh
+        )
 
     def judge_near_miss(
         self, ctx: RequestContext, partition: str, candidate: _Candidate, response: dict[str, Any]
@@ -407,14 +413,19 @@ class SemanticCacheStage:
             return
         method = self.verifier.method(ctx.route)
         if method == "evidence" and ctx.tags.evidence:
-            right = self._parts is not None and (meta := self._parts.meta(candidate.entry_id)) is not None
-            right = right and meta is not None and meta.answer_id == answer_id({}, ctx.tags.evidence)
+            right = candidate.answer_id == answer_id({}, ctx.tags.evidence)
         else:
             verify = self._settings[ctx.route].verify
             assert verify is not None
             right = same_answer(method, stored[0], response, verify.json_field)
         self.verifier.observe(
-            partition, ctx.tags.tenant_id, ctx.route, candidate.score, right, near_miss=True
+            partition,
+            ctx.tags.tenant_id,
+            ctx.route,
+            candidate.score,
+            right,
+            candidate.answer_id,
+            near_miss=True,
         )
 
     def add_entry(self, entry: NewEntry) -> None:

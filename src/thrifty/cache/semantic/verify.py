@@ -37,7 +37,14 @@ from typing import Any
 
 import orjson
 
-from thrifty.cache.semantic.adaptive import Bound, PartitionState, Policy, bound, sample_rate
+from thrifty.cache.semantic.adaptive import (
+    Bound,
+    PartitionState,
+    Policy,
+    answer_threshold,
+    bound,
+    sample_rate,
+)
 from thrifty.cache.semantic.compare import same_answer
 from thrifty.cache.semantic.state_store import SqlitePartitionStateStore
 from thrifty.errors import ThriftyError
@@ -71,6 +78,7 @@ class _Hit:
     tenant_id: str
     partition: str
     score: float | None  # None: a repeat of a cached question (no score)
+    answer_id: str
     feedback: bool = False
 
 
@@ -116,6 +124,11 @@ class Verifier:
     def verdict(self, partition: str, tenant_id: str, route: str, shipped: float) -> Bound:
         return bound(self.state(partition, tenant_id, route), shipped, self._policies[route])
 
+    def threshold(self, partition: str, route: str, verdict: Bound, answer_id: str) -> float:
+        """The score ``answer_id`` needs here: the partition's, raised for an answer often wrong."""
+        state = self._states[partition]
+        return answer_threshold(state, answer_id, verdict.threshold, self._policies[route])
+
     def looked_up(self, partition: str, tenant_id: str, route: str, score: float | None) -> None:
         state = self.state(partition, tenant_id, route)
         state.semantic_lookups += 1
@@ -129,12 +142,13 @@ class Verifier:
         partition: str,
         score: float | None,
         verdict: Bound | None,
+        answer_id: str,
     ) -> bool:
         """A hit was served: remember it for feedback; True when it is to be verified by a shadow call."""
         assert ctx.route is not None
         state = self.state(partition, ctx.tags.tenant_id, ctx.route)
         state.served(repeat=score is None, saved=ctx.saved_usd)
-        self._hits[ctx.request_id] = _Hit(ctx.tags.tenant_id, partition, score)
+        self._hits[ctx.request_id] = _Hit(ctx.tags.tenant_id, partition, score, answer_id)
         while len(self._hits) > self._remember:
             self._hits.popitem(last=False)
         self._touch(partition)
@@ -145,11 +159,19 @@ class Verifier:
         return self._rng.random() < sample_rate(state, verdict, self._policies[ctx.route])
 
     def observe(
-        self, partition: str, tenant_id: str, route: str, score: float, correct: bool, *, near_miss: bool
+        self,
+        partition: str,
+        tenant_id: str,
+        route: str,
+        score: float,
+        correct: bool,
+        answer_id: str,
+        *,
+        near_miss: bool,
     ) -> None:
         """A verdict reached without a shadow call (a near miss's fresh answer, an evidence check)."""
         state = self.state(partition, tenant_id, route)
-        state.observe(score, correct)
+        state.observe(score, correct, answer_id)
         if near_miss:
             state.near_miss_checks += 1
         else:
@@ -170,7 +192,7 @@ class Verifier:
         state.feedback += 1
         state.feedback_wrong += wrong
         if hit.score is not None:
-            state.observe(hit.score, not wrong)
+            state.observe(hit.score, not wrong, hit.answer_id)
         self._touch(hit.partition)
         return True
 
@@ -180,12 +202,13 @@ class Verifier:
         call_next: Handler,
         partition: str,
         score: float,
+        answer_id: str,
         cached: dict[str, Any],
         on_wrong: OnWrong,
     ) -> None:
         """Send the request upstream in the background and judge the cached answer by the fresh one."""
         task = asyncio.get_running_loop().create_task(
-            self._shadow(shadow_context(ctx), call_next, partition, score, cached, on_wrong)
+            self._shadow(shadow_context(ctx), call_next, partition, score, answer_id, cached, on_wrong)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -196,6 +219,7 @@ class Verifier:
         call_next: Handler,
         partition: str,
         score: float,
+        answer_id: str,
         cached: dict[str, Any],
         on_wrong: OnWrong,
     ) -> None:
@@ -225,7 +249,7 @@ class Verifier:
             correct = same_answer(settings.compare, cached, fresh, settings.json_field)
             state.verifications += 1
             state.verified_wrong += not correct
-            state.observe(score, correct)
+            state.observe(score, correct, answer_id)
         self._touch(partition)  # after every change: a flush clears the dirty mark
         if fresh is not None and not correct:
             on_wrong(ctx, fresh)

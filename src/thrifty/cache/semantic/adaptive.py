@@ -247,43 +247,63 @@ def estimate(state: PartitionState, b: int) -> tuple[float, float, float]:
 UNSEEN_WRONG = 0.5
 
 
-def _bounds(state: PartitionState, b: int, z: float) -> tuple[float, float, float]:
-    """(estimate, lower, upper) of the wrong rate of serving bins ``b`` and above; the upper bound
-    counts the unverified share at ``UNSEEN_WRONG``, the lower bound at nothing."""
-    mean, var, unseen = estimate(state, b)
-    if unseen >= 1.0:
-        return 0.0, 0.0, 1.0
-    n_eff = mean * (1 - mean) / var if var > 0 else 0.0
-    low, high = wilson(mean, n_eff, z)
-    return mean, low * (1 - unseen), high * (1 - unseen) + UNSEEN_WRONG * unseen
+def _cuts(state: PartitionState, z: float) -> list[tuple[float, float, float]]:
+    """``(estimate, lower, upper)`` of the wrong rate of serving bins ``b`` and above, for every cut
+    ``b`` at once (one pass from the top, as ``estimate`` per cut would give); the upper bound counts
+    the unverified share at ``UNSEEN_WRONG``, the lower bound at nothing."""
+    out: list[tuple[float, float, float]] = [(0.0, 0.0, 1.0)] * BINS
+    total = unseen = sum_wm = sum_wwv = 0.0
+    for i in range(BINS - 1, -1, -1):
+        weight = state.lookups[i] + 1e-3
+        total += weight
+        n = state.right[i] + state.wrong[i]
+        if n:
+            m = (PRIOR_STRENGTH * _prior_wrong(i) + state.wrong[i]) / (PRIOR_STRENGTH + n)
+            sum_wm += weight * m
+            sum_wwv += weight * weight * m * (1 - m) / (PRIOR_STRENGTH + n + 1)
+        else:
+            unseen += weight
+        seen = total - unseen
+        if seen <= 0:
+            continue
+        mean, var, share = sum_wm / seen, sum_wwv / (seen * seen), unseen / total
+        n_eff = mean * (1 - mean) / var if var > 0 else 0.0
+        low, high = wilson(mean, n_eff, z)
+        out[i] = (mean, low * (1 - share), high * (1 - share) + UNSEEN_WRONG * share)
+    return out
 
 
 def bound(state: PartitionState, shipped: float, policy: Policy) -> Bound:
     """Threshold and status of a partition whose shipped (learned, by size) threshold is ``shipped``."""
     top_observed = max((i for i in range(BINS) if state.right[i] + state.wrong[i]), default=-1)
+    cuts = _cuts(state, policy.z)
     certified: int | None = None
     refuted: int | None = None  # the highest refuted cut
     for b in range(top_observed + 1):
-        _, low, high = _bounds(state, b, policy.z)
+        _, low, high = cuts[b]
         if certified is None and high <= policy.error_bound:
             certified = b
         if low > policy.error_bound:
             refuted = b
     if certified is not None:
-        return _verdict(state, "certified", certified, policy)
+        return _verdict(state, cuts, "certified", certified)
     if refuted is not None and refuted >= top_observed:
         # Even the best-scored hits verified are wrong too often: no cut can hold the bound.
-        return _verdict(state, "off", refuted, policy, math.inf)
+        return _verdict(state, cuts, "off", refuted, math.inf)
     floor = cut_score(refuted + 1) if refuted is not None else 0.0
     threshold = max(shipped, floor)
     b = bin_of(threshold) if math.isfinite(threshold) else BINS - 1
-    return _verdict(state, "learning", b, policy, threshold)
+    return _verdict(state, cuts, "learning", b, threshold)
 
 
 def _verdict(
-    state: PartitionState, status: Status, b: int, policy: Policy, threshold: float | None = None
+    state: PartitionState,
+    cuts: list[tuple[float, float, float]],
+    status: Status,
+    b: int,
+    threshold: float | None = None,
 ) -> Bound:
-    mean, _, upper = _bounds(state, b, policy.z)
+    mean, _, upper = cuts[b]
     return Bound(status, cut_score(b) if threshold is None else threshold, mean, upper, _evidence(state, b))
 
 

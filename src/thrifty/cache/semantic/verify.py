@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 FLUSH_EVERY_S = 2.0
 # Hits remembered for feedback (oldest forgotten first): feedback comes on the next request.
 REMEMBER_HITS = 50_000
+REVERDICT_LOOKUPS = 64
 
 # Writes one ledger entry for a finished shadow call (the gateway's accountant).
 Recorder = Callable[[RequestContext, RequestStatus, int, "str | None"], Awaitable[None]]
@@ -95,6 +96,8 @@ class Verifier:
         self._policies = {route: policy_of(s) for route, s in settings.items()}
         self._rng = rng or random.Random()
         self._states: dict[str, PartitionState] = {}
+        # partition -> (shipped threshold, verified outcomes, lookups, verdict) it was computed at
+        self._verdicts: dict[str, tuple[float, int, int, Bound]] = {}
         self._dirty: set[str] = set()
         self._flushed = 0.0
         self._flush_every = flush_every_s
@@ -122,7 +125,22 @@ class Verifier:
         return state
 
     def verdict(self, partition: str, tenant_id: str, route: str, shipped: float) -> Bound:
-        return bound(self.state(partition, tenant_id, route), shipped, self._policies[route])
+        """The partition's threshold now. Recomputed when a verified outcome arrived, the shipped
+        threshold moved (the partition grew past a size step) or every ``REVERDICT_LOOKUPS`` lookups
+        (their counts only reweigh the bins): the lookup path pays a dict read, not the bound."""
+        state = self.state(partition, tenant_id, route)
+        observed = sum(state.right) + sum(state.wrong)
+        cached = self._verdicts.get(partition)
+        if (
+            cached is not None
+            and cached[0] == shipped
+            and cached[1] == observed
+            and state.semantic_lookups - cached[2] < REVERDICT_LOOKUPS
+        ):
+            return cached[3]
+        verdict = bound(state, shipped, self._policies[route])
+        self._verdicts[partition] = (shipped, observed, state.semantic_lookups, verdict)
+        return verdict
 
     def threshold(self, partition: str, route: str, verdict: Bound, answer_id: str) -> float:
         """The score ``answer_id`` needs here: the partition's, raised for an answer often wrong."""

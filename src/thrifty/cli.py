@@ -392,12 +392,21 @@ def cache_tune(
             "cache size; --no-density: leave-one-out on the whole data only, one threshold"
         ),
     ] = True,
+    scope_share: Annotated[
+        float,
+        typer.Option(
+            help="out-of-scope lookups (texts of held-out categories, every hit wrong) as this share of "
+            "the lookups; 0: none (the built-in rule used 0.1)",
+            min=0.0,
+            max=0.9,
+        ),
+    ] = 0.1,
 ) -> None:
     """Learn the semantic cache's decision parameters from labelled queries."""
     with _semantic_extra("thrifty cache tune"):
         from thrifty.bench.cache import tune_cache
 
-        result = tune_cache(data, target_precision, z=z, density=density)
+        result = tune_cache(data, target_precision, z=z, density=density, scope_share=scope_share)
     params = result.params.to_dict()
     if params["threshold"] == "inf":
         typer.echo(

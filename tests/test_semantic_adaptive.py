@@ -165,3 +165,27 @@ def test_an_answer_wrong_far_more_often_than_its_scores_promised_needs_a_higher_
     assert answer_threshold(state, "never_seen", SHIPPED, POLICY) == SHIPPED
     assert math.isinf(answer_threshold(state, "card_arrival", math.inf, POLICY))
     assert PartitionState.from_dict(state.to_dict()).answers == state.answers
+
+
+def test_partition_states_in_memory_are_bounded_and_read_back_when_asked_again(tmp_path):
+    from thrifty.cache.semantic.state_store import SqlitePartitionStateStore
+    from thrifty.cache.semantic.verify import Verifier
+    from thrifty.settings import CacheVerifySettings
+    from thrifty.stores.sqlite_db import open_database
+
+    conn = open_database(tmp_path / "cache.db")
+    verifier = Verifier({"support": CacheVerifySettings()}, max_states=2, flush_every_s=3600)
+    verifier.start(SqlitePartitionStateStore(conn))
+    for n, partition in enumerate(["p1", "p2", "p3"]):
+        for _ in range(n + 1):
+            verifier.observe(partition, "acme", "support", 0.97, False, "a", near_miss=True)
+    # p1 was the least recently used: written out when p3 came in, and read back now.
+    assert [s.near_miss_checks for _, s, _ in SqlitePartitionStateStore(conn).rows()] == [1]
+    assert verifier.state("p1", "acme", "support").near_miss_checks == 1
+    verifier.flush()
+    assert {p: s.near_miss_checks for p, s, _ in SqlitePartitionStateStore(conn).rows()} == {
+        "p1": 1,
+        "p2": 2,
+        "p3": 3,
+    }
+    conn.close()

@@ -24,9 +24,19 @@ class SqlitePartitionStateStore:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
 
-    def load(self) -> Iterator[tuple[str, PartitionState]]:
-        for partition, state in self._conn.execute("SELECT partition, state FROM semantic_partition_state"):
+    def load(self, limit: int) -> Iterator[tuple[str, PartitionState]]:
+        """The ``limit`` most recently written states, newest first."""
+        rows = self._conn.execute(
+            "SELECT partition, state FROM semantic_partition_state ORDER BY updated_at DESC LIMIT ?", (limit,)
+        )
+        for partition, state in rows:
             yield partition, PartitionState.from_dict(orjson.loads(state))
+
+    def get(self, partition: str) -> PartitionState | None:
+        row = self._conn.execute(
+            "SELECT state FROM semantic_partition_state WHERE partition = ?", (partition,)
+        ).fetchone()
+        return None if row is None else PartitionState.from_dict(orjson.loads(row[0]))
 
     def save(self, states: Iterable[tuple[str, PartitionState]], now: float) -> bool:
         """Write these partitions' states; False when the database is busy (kept for the next try)."""

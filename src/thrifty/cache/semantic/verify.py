@@ -58,6 +58,8 @@ FLUSH_EVERY_S = 2.0
 # Hits remembered for feedback (oldest forgotten first): feedback comes on the next request.
 REMEMBER_HITS = 50_000
 REVERDICT_LOOKUPS = 64
+# Partition states kept in memory at once.
+MAX_STATES = 20_000
 
 # Writes one ledger entry for a finished shadow call (the gateway's accountant).
 Recorder = Callable[[RequestContext, RequestStatus, int, "str | None"], Awaitable[None]]
@@ -77,6 +79,7 @@ def policy_of(settings: CacheVerifySettings) -> Policy:
 @dataclass(slots=True)
 class _Hit:
     tenant_id: str
+    route: str
     partition: str
     score: float | None  # None: a repeat of a cached question (no score)
     answer_id: str
@@ -91,11 +94,15 @@ class Verifier:
         rng: random.Random | None = None,
         remember_hits: int = REMEMBER_HITS,
         flush_every_s: float = FLUSH_EVERY_S,
+        max_states: int = MAX_STATES,
     ) -> None:
         self._settings = dict(settings)
         self._policies = {route: policy_of(s) for route, s in settings.items()}
         self._rng = rng or random.Random()
-        self._states: dict[str, PartitionState] = {}
+        # Most recently used last; bounded (per-user partitions are many): the least recently used
+        # is written and dropped, and read back from the store when its partition is asked again.
+        self._states: OrderedDict[str, PartitionState] = OrderedDict()
+        self._max_states = max_states
         # partition -> (shipped threshold, verified outcomes, lookups, verdict) it was computed at
         self._verdicts: dict[str, tuple[float, int, int, Bound]] = {}
         self._dirty: set[str] = set()
@@ -116,12 +123,27 @@ class Verifier:
     def start(self, store: SqlitePartitionStateStore) -> None:
         self._store = store
         routes = set(self._settings)
-        self._states = {p: s for p, s in store.load() if s.route in routes}
+        rows = [(p, s) for p, s in store.load(limit=self._max_states) if s.route in routes]
+        self._states = OrderedDict(reversed(rows))  # the store gives the newest first
 
     def state(self, partition: str, tenant_id: str, route: str) -> PartitionState:
         state = self._states.get(partition)
-        if state is None:
-            state = self._states[partition] = PartitionState(tenant_id, route)
+        if state is not None:
+            self._states.move_to_end(partition)
+            return state
+        stored = self._store.get(partition) if self._store is not None else None
+        state = (
+            stored
+            if stored is not None and stored.tenant_id == tenant_id
+            else PartitionState(tenant_id, route)
+        )
+        self._states[partition] = state
+        while len(self._states) > self._max_states:
+            oldest, evicted = self._states.popitem(last=False)
+            self._verdicts.pop(oldest, None)
+            if oldest in self._dirty and self._store is not None:
+                self._store.save([(oldest, evicted)], time.time())
+                self._dirty.discard(oldest)
         return state
 
     def verdict(self, partition: str, tenant_id: str, route: str, shipped: float) -> Bound:
@@ -166,7 +188,7 @@ class Verifier:
         assert ctx.route is not None
         state = self.state(partition, ctx.tags.tenant_id, ctx.route)
         state.served(repeat=score is None, saved=ctx.saved_usd)
-        self._hits[ctx.request_id] = _Hit(ctx.tags.tenant_id, partition, score, answer_id)
+        self._hits[ctx.request_id] = _Hit(ctx.tags.tenant_id, ctx.route, partition, score, answer_id)
         while len(self._hits) > self._remember:
             self._hits.popitem(last=False)
         self._touch(partition)
@@ -204,9 +226,7 @@ class Verifier:
         if hit is None or hit.tenant_id != tenant_id or hit.feedback:
             return False
         hit.feedback = True
-        state = self._states.get(hit.partition)
-        if state is None:
-            return False
+        state = self.state(hit.partition, hit.tenant_id, hit.route)
         state.feedback += 1
         state.feedback_wrong += wrong
         if hit.score is not None:

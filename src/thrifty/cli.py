@@ -411,12 +411,21 @@ def cache_tune(
             "cache size; --no-density: leave-one-out on the whole data only, one threshold"
         ),
     ] = True,
+    scope_share: Annotated[
+        float,
+        typer.Option(
+            help="out-of-scope lookups (texts of held-out categories, every hit wrong) as this share of "
+            "the lookups; 0: none (the built-in rule used 0.1)",
+            min=0.0,
+            max=0.9,
+        ),
+    ] = 0.1,
 ) -> None:
     """Learn the semantic cache's decision parameters from labelled queries."""
     with _semantic_extra("thrifty cache tune"):
         from thrifty.bench.cache import tune_cache
 
-        result = tune_cache(data, target_precision, z=z, density=density)
+        result = tune_cache(data, target_precision, z=z, density=density, scope_share=scope_share)
     params = result.params.to_dict()
     if params["threshold"] == "inf":
         typer.echo(
@@ -485,6 +494,52 @@ def cache_purge(
         f"purged {exact + semantic} cache entr{'y' if exact + semantic == 1 else 'ies'} "
         f"({exact} exact, {semantic} semantic)"
     )
+
+
+@cache_app.command("stats")
+def cache_stats(
+    route: Annotated[str | None, typer.Option(help="only this route")] = None,
+    tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None,
+    config: ConfigOpt = None,
+    db: Annotated[Path | None, typer.Option(help="SQLite file (instead of the settings' storage)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Semantic cache by route and partition: hit rate, estimated precision (95% CI), verifications
+    and their cost, savings net of verification, and the current thresholds."""
+    from thrifty.cache.semantic.stage import load_params
+    from thrifty.cache.semantic.state_store import SqlitePartitionStateStore
+    from thrifty.cache.semantic.stats import partition_stats, stats_table
+    from thrifty.stores.sqlite_db import open_database
+
+    settings = _settings(config) if db is None or config is not None else None
+    path = db or (settings.storage.sqlite_path if settings is not None else None)
+    assert path is not None
+    semantic = {
+        name: r.semantic_cache
+        for name, r in (settings.routes.items() if settings is not None else ())
+        if r.semantic_cache is not None and r.semantic_cache.enabled
+    }
+    verify = {name: s.verify for name, s in semantic.items() if s.verify is not None and s.verify.enabled}
+    params = {name: load_params(s) for name, s in semantic.items()}
+    conn = open_database(path)
+    try:
+        states = SqlitePartitionStateStore(conn).rows(tenant=tenant, route=route)
+        counts = dict(
+            conn.execute(
+                "SELECT partition, count(*) FROM semantic_cache WHERE expires_at > ? GROUP BY partition",
+                (time.time(),),
+            ).fetchall()
+        )
+    finally:
+        conn.close()
+    rows = partition_stats([(p, s) for p, s, _ in states], verify, params, counts)
+    if as_json:
+        typer.echo(orjson.dumps([r.to_dict() for r in rows], option=orjson.OPT_INDENT_2).decode())
+        return
+    if not rows:
+        typer.echo("no semantic cache partition has recorded lookups on a route with semantic_cache.verify")
+        return
+    _console().print(stats_table(rows, with_thresholds=settings is not None))
 
 
 @eval_app.command("run")

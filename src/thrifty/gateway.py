@@ -43,7 +43,7 @@ from thrifty.stores.ports import KeyDirectory
 from thrifty.stores.recordings import RecordingWriter, open_sink
 from thrifty.stores.sqlite_db import open_database
 from thrifty.tokens import TokenCounter, encoding_for_model
-from thrifty.types import ModelTarget, Tags
+from thrifty.types import ModelTarget, RequestStatus, Tags
 
 if TYPE_CHECKING:
     from thrifty.tracing import LedgerTracer
@@ -174,6 +174,7 @@ class Gateway:
             self.catalog,
             embed_threads=settings.semantic.embed_threads,
             embedder_factory=embedder_factory,
+            state_flush_s=settings.semantic.state_flush_s,
         )
         prefix_marks = PromptCacheBreakpoints(
             settings.routes, {n: p.kind for n, p in settings.providers.items()}
@@ -192,6 +193,7 @@ class Gateway:
         )
         if self.semantic_cache.active:
             self.context.embed = self.semantic_cache.embed_texts  # ranks evidence sent without scores
+        self.semantic_cache.verifier.recorder = self._record_verification
         self._context_db: sqlite3.Connection | None = None
         self.recorder = RecordingStage(settings.routes)
         # A stage the settings leave nothing to do is not in the chain: it would cost every request.
@@ -299,6 +301,8 @@ class Gateway:
             self.alerts.fire(found)
 
     async def close(self) -> None:
+        # Shadow verifications in flight finish first: they need the providers and write ledger rows.
+        await self.semantic_cache.drain()
         await self.batch_runner.close()
         self.batch.close()
         if self.alerts is not None:
@@ -320,6 +324,23 @@ class Gateway:
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.close)  # exports what is queued; never on the loop
         self._started = False
+
+    async def _record_verification(
+        self, ctx: RequestContext, status: RequestStatus, http_status: int, error: str | None
+    ) -> None:
+        """The ledger entry of a semantic cache verification (its attempts have role ``verify``)."""
+        await self.ledger.submit(self._accountant.entry(ctx, status, http_status, error))
+
+    def cache_feedback(self, tenant: str, request_id: str, wrong: bool) -> bool:
+        """A user's verdict on an earlier answer of ``tenant``'s, for the semantic cache.
+
+        ``wrong`` True: the answer of ``request_id`` was wrong; if it was a semantic hit, its partition
+        counts a failed verification at that hit's score (its threshold tightens, verification is
+        sampled more), else a verified right one. Returns whether it named a semantic hit of this
+        tenant's not yet judged (each hit counts once; another tenant's request ids are ignored).
+        Called for the ``x-thrifty-cache-wrong: REQUEST_ID`` header and by the feedback endpoint.
+        """
+        return self.semantic_cache.feedback(tenant, request_id, wrong)
 
     def health(self) -> dict[str, int]:
         """Counters for /healthz: decisions taken per replica while Redis was away (degrade_local),
@@ -404,11 +425,15 @@ class Gateway:
         evidence: tuple[str, ...] = (),
         cache_control: str | None = None,
         idempotency_key: str | None = None,
+        cache_wrong: str | None = None,
     ) -> tuple[RequestContext, Result]:
         """Library entry point: the same pipeline, attributed to `tenant` without a key; the keyword
-        arguments are what the x-thrifty-* headers carry over HTTP."""
+        arguments are what the x-thrifty-* headers carry over HTTP (``cache_wrong``: the request id of
+        an earlier answer that was wrong, as ``x-thrifty-cache-wrong``)."""
         if tenant not in self.settings.tenants:
             raise ConfigError(f"unknown tenant {tenant!r}")
+        if cache_wrong:
+            self.cache_feedback(tenant, cache_wrong.strip(), wrong=True)
         raw = orjson.dumps(body)
         tags = Tags(
             tenant,

@@ -151,6 +151,35 @@ class RecordSettings(_Strict):
     sample: float = Field(default=1.0, ge=0, le=1)
     redact: list[RedactRule] = Field(default_factory=list)
 
+class CacheVerifySettings(_Strict):
+    """Live verification of semantic hits, and per-partition thresholds that hold a wrong-hit bound
+    (cache/semantic/adaptive.py and verify.py)."""
+
+    enabled: bool = True
+    # The share of paraphrase hits allowed to be wrong, held with `confidence` (one-sided).
+    error_bound: float = Field(default=0.01, gt=0, lt=0.5)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    # Share of paraphrase hits verified by a shadow call: max_rate while little is known or right
+    # after a wrong hit was found, falling to min_rate as the evidence grows.
+    min_rate: float = Field(default=0.02, ge=0, le=1)
+    max_rate: float = Field(default=0.1, gt=0, le=1)
+    # How a fresh answer is compared with the cached one: evidence (the request's
+    # x-thrifty-evidence ids against the entry's; no upstream call), text (normalised text equal),
+    # json_field (one field of a JSON answer equal). A request without evidence ids falls back to
+    # text under `evidence`.
+    compare: Literal["evidence", "text", "json_field"] = "text"
+    json_field: str | None = None  # compare: json_field, a dotted path ("intent", "answer.label")
+    # Shadow calls in flight at once; a hit sampled beyond this is not verified (and not counted).
+    max_in_flight: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _field_named(self) -> CacheVerifySettings:
+        if self.compare == "json_field" and not self.json_field:
+            raise ValueError("verify.compare json_field needs verify.json_field: the field to compare")
+        if self.min_rate > self.max_rate:
+            raise ValueError(f"verify.min_rate {self.min_rate} is above verify.max_rate {self.max_rate}")
+        return self
+
 
 class SemanticCacheSettings(_Strict):
     """Answers a paraphrase of an earlier question from the cache (see cache/semantic/stage.py)."""
@@ -172,6 +201,9 @@ class SemanticCacheSettings(_Strict):
     min_entries: int = Field(default=1000, ge=0)
     # Bump when the safety policy changes: answers given under an older policy are not served.
     safety_policy_version: str = "1"
+    # Sampled shadow calls that check hits, and thresholds that move to hold a wrong-hit bound on
+    # this route's own traffic (off when absent: the shipped rule as it is).
+    verify: CacheVerifySettings | None = None
 
 
 class SectionBudget(_Strict):
@@ -506,6 +538,9 @@ class SemanticSettings(_Strict):
 
     # Worker threads for query embeddings (onnxruntime releases the GIL): each does ~200 queries/s.
     embed_threads: int = Field(default=1, ge=1, le=64)
+    # Routes that verify hits: how often what verification learned per partition is written to the
+    # SQLite file (for `thrifty cache stats` and restarts); it is always written at shutdown.
+    state_flush_s: float = Field(default=2.0, ge=0)
 
 
 class PricingSettings(_Strict):

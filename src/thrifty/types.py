@@ -17,7 +17,8 @@ def decimal_text(value: Decimal) -> str:
 CacheOutcome = Literal["miss", "exact", "semantic", "dedup"]
 # What an upstream call was for: the answer returned, a cascade draft the gate rejected (or that was
 # not chosen), a voter asked by an agreement gate, or a summary of older turns (context compaction).
-AttemptRole = Literal["answer", "draft", "voter", "compaction"]
+# verify: a shadow call that checked a semantic cache hit after it was served (cache/semantic/verify.py).
+AttemptRole = Literal["answer", "draft", "voter", "compaction", "verify"]
 RequestStatus = Literal["ok", "error", "client_disconnected"]
 
 

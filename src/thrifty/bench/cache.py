@@ -77,16 +77,20 @@ def tune_cache(
     embed_threads: int = 1,
     z: float = CONFIDENCE_Z,
     density: bool = True,
+    scope_share: float = 0.1,
 ) -> TuneResult:
     """Learn decision parameters from labelled ``text,category`` data (``thrifty cache tune``).
 
     ``density``: also tune on sparse caches (random subsets of the data; a threshold per size).
+    ``scope_share``: out-of-scope lookups (``scope``) as that share of the dense lookups.
     """
     data = load_labelled(data_csv)
     embedder = OnnxMiniLM(threads=embed_threads)
     vectors = embedder.embed([normalise(t) for t in data.texts])
     sizes = DENSITY_SIZES if density else ()
-    return learn_from_vectors(vectors, data.labels, data.texts, target_precision, z=z, sizes=sizes)
+    return learn_from_vectors(
+        vectors, data.labels, data.texts, target_precision, z=z, sizes=sizes, scope_share=scope_share
+    )
 
 
 def by_size(

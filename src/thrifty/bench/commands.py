@@ -120,9 +120,32 @@ def bench_cache(
     subsamples: Annotated[
         int, typer.Option(help="random subsamples of TRAIN per cache size in the by-size table")
     ] = 5,
+    online: Annotated[
+        bool,
+        typer.Option(
+            help="stream TEST in random order against a cache of TRAIN with live verification (labels as "
+            "the comparison) and adaptive thresholds, beside the static rule (default: the shipped one)"
+        ),
+    ] = False,
+    intent_disjoint: Annotated[
+        bool,
+        typer.Option(
+            help="--online on one data set as a new domain: per split, tune on half the intents, cache "
+            "the other half's TRAIN but a fifth of its intents (out of scope), stream its TEST"
+        ),
+    ] = False,
+    splits: Annotated[int, typer.Option(help="--intent-disjoint: random splits")] = 3,
+    error_bound: Annotated[float, typer.Option(help="--online: wrong-hit share to hold")] = 0.01,
+    max_rate: Annotated[float, typer.Option(help="--online: highest share of hits verified")] = 0.1,
+    min_rate: Annotated[float, typer.Option(help="--online: lowest share of hits verified")] = 0.02,
+    oos_label: Annotated[
+        str, typer.Option(help="--online: the category of out-of-scope queries (never cached)")
+    ] = "oos",
+    svg: Annotated[Path | None, typer.Option(help="--online: write the curve over the stream here")] = None,
 ) -> None:
     """Semantic cache on labelled queries: hit rate, precision, false hits, lookup latency, and
-    hit rate and precision by cache size (test vs random subsamples of train)."""
+    hit rate and precision by cache size (test vs random subsamples of train). With --online: the
+    adaptive cache over a stream, with verification, out-of-scope false hits and net saving."""
     with _semantic_extra("thrifty bench cache"):
         from thrifty.bench.cache import run_cache_bench
     from thrifty.cache.semantic.decision import DecisionParams, default_params
@@ -136,6 +159,29 @@ def bench_cache(
         params = default_params()
     elif params_file is not None:
         params = DecisionParams.from_dict(orjson.loads(Path(params_file).read_bytes()))
+    if online or intent_disjoint:
+        from thrifty.settings import CacheVerifySettings
+
+        try:
+            verify = CacheVerifySettings(error_bound=error_bound, max_rate=max_rate, min_rate=min_rate)
+        except ValueError as err:
+            raise ThriftyError(f"--error-bound/--max-rate/--min-rate: {err}") from err
+        with _semantic_extra("thrifty bench cache --online"):
+            from thrifty.bench.cache_online import run_online_bench
+
+            run_online_bench(
+                train,
+                test,
+                _console(),
+                json_out=json_out,
+                svg_out=svg,
+                params=params,
+                verify=verify,
+                disjoint=intent_disjoint,
+                splits=splits,
+                oos_label=oos_label,
+            )
+        return
     with _semantic_extra("thrifty bench cache"):
         run_cache_bench(
             train,

@@ -288,6 +288,10 @@ class ThriftyApp:
                 send, err.status, err.to_openai(), _error_headers(err, _accounting_headers(refused))
             )
             raise _Responded from err
+        wrong = headers.get("x-thrifty-cache-wrong")
+        if wrong and wrong.strip():
+            # Feedback on an earlier answer of this tenant's (see Gateway.cache_feedback).
+            self.gateway.cache_feedback(tenant, wrong.strip(), wrong=True)
         if (self._defer_routes or "x-thrifty-defer" in headers) and await self._defer_chat(
             self.gateway, send, tenant, headers, body, len(raw)
         ):

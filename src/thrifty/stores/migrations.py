@@ -112,6 +112,21 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX recordings_tenant_route_ts ON recordings (tenant_id, route, ts);
         """,
     ),
+    (
+        8,
+        # The semantic cache's per-partition verification state (SQLite's migration 16), for a
+        # PostgreSQL-backed semantic cache whose replicas share what verification has learned.
+        """
+        CREATE TABLE semantic_partition_state (
+            partition TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL,
+            route TEXT NOT NULL,
+            state JSONB NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX semantic_partition_state_scope ON semantic_partition_state (tenant_id, route)
+        """,
+    ),
 )
 
 __all__ = ["POSTGRES_MIGRATIONS", "SQLITE_MIGRATIONS"]

@@ -391,6 +391,22 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX recordings_tenant_route_ts ON recordings (tenant_id, route, ts);
         """,
     ),
+    (
+        16,
+        # The semantic cache's per-partition verification state (cache/semantic/adaptive.py): score
+        # bins of lookups and verified outcomes, counters for `thrifty cache stats`, as JSON; one row
+        # per partition, rewritten in batches (never per request).
+        """
+        CREATE TABLE semantic_partition_state (
+            partition TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL,
+            route TEXT NOT NULL,
+            state TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX semantic_partition_state_scope ON semantic_partition_state (tenant_id, route)
+        """,
+    ),
 )
 
 

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,12 +35,16 @@ import numpy.typing as npt
 import orjson
 
 from thrifty.cache.common import DELIVERY_FIELDS, answer_scope, cacheable, serve_stored, usage_worth_keeping
-from thrifty.cache.semantic.decision import DecisionParams, decide, default_params
+from thrifty.cache.semantic.adaptive import Bound
+from thrifty.cache.semantic.compare import same_answer
+from thrifty.cache.semantic.decision import DecisionParams, Neighbour, assess, decide, default_params
 from thrifty.cache.semantic.index import HnswIndex
 from thrifty.cache.semantic.normalise import normalise
 from thrifty.cache.semantic.partitions import EntryMeta, Partition, Partitions, build_graph
+from thrifty.cache.semantic.state_store import SqlitePartitionStateStore
 from thrifty.cache.semantic.store import NewEntry, SqliteSemanticStore
 from thrifty.cache.semantic.tune import SEARCH_K
+from thrifty.cache.semantic.verify import Verifier
 from thrifty.errors import ConfigError
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
@@ -141,6 +145,16 @@ def load_params(settings: SemanticCacheSettings) -> DecisionParams:
     return params
 
 
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    """The entry a lookup would serve and how sure the rule is (for verification)."""
+
+    entry_id: int
+    answer_id: str
+    score: float | None  # None: a repeat of a cached question, served without the rule
+    verdict: Bound | None  # the partition's adaptive threshold, on routes that verify
+
+
 class SemanticCacheStage:
     def __init__(
         self,
@@ -149,6 +163,7 @@ class SemanticCacheStage:
         *,
         embed_threads: int = 1,
         embedder_factory: EmbedderFactory | None = None,
+        state_flush_s: float = 2.0,
     ) -> None:
         self._settings = {
             name: r.semantic_cache
@@ -168,6 +183,14 @@ class SemanticCacheStage:
         self._age: dict[str, deque[int]] = {name: deque() for name in self._settings}
         self._adds = 0
         self._background: set[asyncio.Future[HnswIndex]] = set()
+        self.verifier = Verifier(
+            {
+                name: s.verify
+                for name, s in self._settings.items()
+                if s.verify is not None and s.verify.enabled
+            },
+            flush_every_s=state_flush_s,
+        )
 
     @property
     def active(self) -> bool:
@@ -183,6 +206,7 @@ class SemanticCacheStage:
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="thrifty-embed")
         self._embedder = await loop.run_in_executor(self._pool, self._embedder_factory)
         self._store = SqliteSemanticStore(conn)
+        self.verifier.start(SqlitePartitionStateStore(conn))
         now = time.time()
         self._store.drop_expired(now)
         parts = Partitions(self._embedder.dim)
@@ -203,7 +227,17 @@ class SemanticCacheStage:
             )
         log.info("semantic cache: %d entries loaded", len(parts))
 
+    async def drain(self) -> None:
+        """Wait for the verifications in flight, and write what they learned."""
+        await self.verifier.drain()
+        self.verifier.flush()
+
+    def feedback(self, tenant_id: str, request_id: str, wrong: bool) -> bool:
+        """A user's verdict on an earlier answer (see ``Verifier.feedback``)."""
+        return self.verifier.feedback(tenant_id, request_id, wrong)
+
     def close(self) -> None:
+        self.verifier.flush()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -238,14 +272,20 @@ class SemanticCacheStage:
         partition = partition_key(ctx, settings, system_hash)
         normalised = normalise(query)
         vector = await self._embed(normalised)
+        candidate: _Candidate | None = None
         if lookup:
-            served = self._lookup(ctx, ctx.route, partition, query, normalised, vector)
+            served, candidate = self._lookup(ctx, ctx.route, partition, query, normalised, vector)
             if served is not None:
+                if candidate is not None and self.verifier.covers(ctx.route):
+                    self._after_hit(
+                        ctx, call_next, partition, candidate, settings, system_hash, query, vector
+                    )
                 return served
         result = await call_next(ctx)
-        if not keep:
+        near_miss = candidate if candidate is not None and candidate.verdict is not None else None
+        if not keep and near_miss is None:
             return result
-        add = _Adder(self, ctx, settings, partition, system_hash, query, normalised, vector)
+        add = _Adder(self, ctx, settings, partition, system_hash, query, normalised, vector, keep, near_miss)
         if isinstance(result, Completion):
             add(result.body)
             return result
@@ -259,35 +299,134 @@ class SemanticCacheStage:
         query: str,
         normalised: str,
         vector: npt.NDArray[np.float32],
-    ) -> Result | None:
+    ) -> tuple[Result | None, _Candidate | None]:
+        """The cached answer, or None; and the candidate entry the rule judged (hit or near miss)."""
         assert self._parts is not None and self._store is not None
         now = time.time()
         found = self._parts.search(partition, vector, SEARCH_K, now)
+        verifying = self.verifier.covers(route)
         if not found:
-            return None
+            if verifying:
+                self.verifier.looked_up(partition, ctx.tags.tenant_id, route, None)
+            return None, None
         # The same question up to case, spacing and punctuation needs no vote: the learned rule
         # cannot judge a lone entry (no other answer to measure a margin to), this can.
         same = [i for i, _ in found if (m := self._parts.meta(i)) is not None and m.normalised == normalised]
+        size = self._parts.size(partition)
         if same:
-            entry_id = same[0]
-        elif self._parts.size(partition) < self._settings[route].min_entries:
+            meta = self._parts.meta(same[0])
+            candidate = _Candidate(same[0], meta.answer_id if meta is not None else "", None, None)
+        elif size < self._settings[route].min_entries:
             log.debug("semantic miss: partition below min_entries, repeats only")
-            return None
+            return None, None
+        elif verifying:
+            hit, judged = self._judge_adaptive(ctx, route, partition, query, found, size)
+            if not hit or judged is None:
+                return None, judged
+            candidate = judged
         else:
             # The learned thresholds depend on how many entries the partition holds: a sparse
             # cache's nearest entry is often a neighbouring question nobody cached yet.
-            decision = decide(
-                query, [n for _, n in found], self._params[route], cache_size=self._parts.size(partition)
-            )
+            decision = decide(query, [n for _, n in found], self._params[route], cache_size=size)
             if not decision.hit or decision.entry is None:
                 log.debug("semantic miss: %s", decision.reason)
-                return None
-            entry_id = next(i for i, n in found if n is decision.entry)
-        stored = self._store.answer(entry_id, now)
+                return None, None
+            entry = decision.entry
+            candidate = _Candidate(next(i for i, n in found if n is entry), entry.answer_id, None, None)
+        stored = self._store.answer(candidate.entry_id, now)
         if stored is None:
-            self._parts.drop(entry_id)  # purged by another process, or expired just now
-            return None
-        return serve_stored(ctx, "semantic", *stored, self._catalog)
+            self._parts.drop(candidate.entry_id)  # purged by another process, or expired just now
+            return None, None
+        return serve_stored(ctx, "semantic", *stored, self._catalog), candidate
+
+    def _judge_adaptive(
+        self,
+        ctx: RequestContext,
+        route: str,
+        partition: str,
+        query: str,
+        found: Sequence[tuple[int, Neighbour]],
+        size: int,
+    ) -> tuple[bool, _Candidate | None]:
+        """The learned score against the partition's own threshold (``adaptive.bound``), which
+        starts at the shipped one and moves with what verification finds."""
+        params = self._params[route]
+        a = assess(query, [n for _, n in found], params)
+        tenant = ctx.tags.tenant_id
+        if a.served is None:
+            self.verifier.looked_up(partition, tenant, route, None)
+            log.debug("semantic miss: %s", a.reason)
+            return False, None
+        self.verifier.looked_up(partition, tenant, route, a.score)
+        verdict = self.verifier.verdict(partition, tenant, route, params.threshold_for(size))
+        served = a.served
+        candidate = _Candidate(next(i for i, n in found if n is served), served.answer_id, a.score, verdict)
+        if a.score < self.verifier.threshold(partition, route, verdict, served.answer_id):
+            log.debug("semantic miss: %.3f below the partition's %s threshold", a.score, verdict.status)
+            return False, candidate
+        if self.verifier.method(route) == "evidence" and ctx.tags.evidence:
+            # The request names its evidence: the candidate's answer is right when it rests on the
+            # same, checked now, for free, before anything is served.
+            right = served.answer_id == answer_id({}, ctx.tags.evidence)
+            self.verifier.observe(partition, tenant, route, a.score, right, served.answer_id, near_miss=False)
+            if not right:
+                log.debug("semantic miss: the candidate rests on other evidence")
+                return False, None
+        return True, candidate
+
+    def _after_hit(
+        self,
+        ctx: RequestContext,
+        call_next: Handler,
+        partition: str,
+        candidate: _Candidate,
+        settings: SemanticCacheSettings,
+        system_hash: str,
+        query: str,
+        vector: npt.NDArray[np.float32],
+    ) -> None:
+        """Count the hit, and maybe verify it with a shadow call that the response never waits for."""
+        if not self.verifier.served(ctx, partition, candidate.score, candidate.verdict, candidate.answer_id):
+            return
+        assert self._store is not None and candidate.score is not None
+        stored = self._store.answer(candidate.entry_id, time.time())
+        if stored is None:
+            return
+
+        def store_fresh(shadow: RequestContext, fresh: dict[str, Any]) -> None:
+            _Adder(self, shadow, settings, partition, system_hash, query, normalise(query), vector)(fresh)
+
+        self.verifier.shadow(
+            ctx, call_next, partition, candidate.score, candidate.answer_id, stored[0], store_fresh
+        )
+
+    def judge_near_miss(
+        self, ctx: RequestContext, partition: str, candidate: _Candidate, response: dict[str, Any]
+    ) -> None:
+        """A lookup that was not served went upstream anyway: was the candidate it was not given
+        the same answer? A free verdict at that score (how a threshold learns to come down)."""
+        assert self._store is not None and ctx.route is not None
+        if candidate.score is None or ctx.cache != "miss" or ctx.deduplicated:
+            return
+        stored = self._store.answer(candidate.entry_id, time.time())
+        if stored is None:
+            return
+        method = self.verifier.method(ctx.route)
+        if method == "evidence" and ctx.tags.evidence:
+            right = candidate.answer_id == answer_id({}, ctx.tags.evidence)
+        else:
+            verify = self._settings[ctx.route].verify
+            assert verify is not None
+            right = same_answer(method, stored[0], response, verify.json_field)
+        self.verifier.observe(
+            partition,
+            ctx.tags.tenant_id,
+            ctx.route,
+            candidate.score,
+            right,
+            candidate.answer_id,
+            near_miss=True,
+        )
 
     def add_entry(self, entry: NewEntry) -> None:
         assert self._parts is not None and self._store is not None
@@ -348,13 +487,20 @@ class _Adder:
         query: str,
         normalised: str,
         vector: npt.NDArray[np.float32],
+        keep: bool = True,
+        near_miss: _Candidate | None = None,
     ) -> None:
         self._stage, self._ctx, self._settings = stage, ctx, settings
         self._partition, self._system_hash = partition, system_hash
         self._query, self._normalised, self._vector = query, normalised, vector
+        self._keep, self._near_miss = keep, near_miss
 
     def __call__(self, response: dict[str, Any]) -> None:
         ctx = self._ctx
+        if self._near_miss is not None:
+            self._stage.judge_near_miss(ctx, self._partition, self._near_miss, response)
+        if not self._keep:
+            return
         usage = usage_worth_keeping(ctx, response)
         if usage is None or ctx.cache != "miss" or ctx.deduplicated:
             return

@@ -447,6 +447,7 @@ def learn_from_vectors(
     lookups_per_size: int = LOOKUPS_PER_SIZE,
     sparse_lookups: int = SPARSE_LOOKUPS,
     fit_rows_per_size: int = FIT_ROWS_PER_SIZE,
+    scope_share: float = 0.0,
 ) -> TuneResult:
     """Fit the policy on leave-one-out and density-augmented lookups of one labelled set.
 
@@ -455,6 +456,10 @@ def learn_from_vectors(
     (those below the data set's size) are the sparse caches of the density augmentation; each gets
     its own threshold, certified on its own lookups, and no sparser cache gets a lower threshold
     than a denser one. ``sizes=None`` or ``()``: leave-one-out only, one threshold.
+
+    ``scope_share`` > 0 adds out-of-scope lookups (``scope.out_of_scope_lookups``) to the dense
+    group, that share of its lookups: queries whose intent the cache does not hold, every hit on
+    which is wrong. They are fitted on and their threshold must hold with them.
     """
     template = base or DecisionParams(
         weights=(),
@@ -478,6 +483,11 @@ def learn_from_vectors(
         groups.append((size, *subset_lookups(vectors, labels, texts, size, count, rng, template)))
     lists = exact_neighbours(vectors, vectors, labels, texts, leave_one_out=True)
     rows = _assess_rows(texts, labels, lists, template)
+    if scope_share > 0:
+        from thrifty.cache.semantic.scope import out_of_scope_lookups
+
+        count = round(len(rows) * scope_share / (1 - scope_share))
+        rows += out_of_scope_lookups(vectors, labels, texts, count, rng, template)
     groups.append((n - 1, [lk for _, lk in rows], np.asarray([i for i, _ in rows], dtype=np.int64), None))
 
     lookups = [lk for _, group, _, _ in groups for lk in group]

@@ -1,0 +1,337 @@
+"""Live verification of semantic hits: sampled shadow calls, near-miss checks and user feedback.
+
+On a route whose semantic cache has ``verify``, every partition keeps an ``adaptive.PartitionState``
+and its threshold comes from ``adaptive.bound`` instead of the shipped rule alone. What feeds it:
+
+* **shadow calls**: a sampled share of paraphrase hits (``adaptive.sample_rate``) is also sent
+  upstream *after* the cached answer has been returned, as a background task; the fresh answer is
+  compared with the cached one (``compare``) and the call is one ledger entry of its own,
+  ``<request_id>.verify``, whose attempts have ``role: verify`` and its cost. A wrong hit's fresh
+  answer is stored as an entry, so the next paraphrase finds the right answer beside the wrong one;
+* **near misses**: a lookup whose candidate scored below the threshold goes upstream anyway; its
+  fresh answer is compared with the candidate it was not given, at no cost (this is how a threshold
+  learns it may come down);
+* **evidence**: with ``compare: evidence`` a request that names its evidence ids is checked before
+  it is served (the candidate's answer id is the hash of its evidence): a mismatch is a detected
+  wrong hit and a miss;
+* **feedback**: ``feedback(tenant, request_id, wrong)``, from the ``x-thrifty-cache-wrong`` header on
+  a later request or the feedback endpoint; each hit's feedback counts once, and only the tenant
+  whose request it was can give it.
+
+State is in memory and written to ``semantic_partition_state`` (``state_store``) every few seconds
+and at shutdown, so ``thrifty cache stats`` and a restart see it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from statistics import NormalDist
+from typing import Any
+
+import orjson
+
+from thrifty.cache.semantic.adaptive import (
+    Bound,
+    PartitionState,
+    Policy,
+    answer_threshold,
+    bound,
+    sample_rate,
+)
+from thrifty.cache.semantic.compare import same_answer
+from thrifty.cache.semantic.state_store import SqlitePartitionStateStore
+from thrifty.errors import ThriftyError
+from thrifty.pipeline import Completion, Handler, RequestContext
+from thrifty.settings import CacheVerifySettings
+from thrifty.types import RequestStatus
+
+log = logging.getLogger(__name__)
+
+FLUSH_EVERY_S = 2.0
+# Hits remembered for feedback (oldest forgotten first): feedback comes on the next request.
+REMEMBER_HITS = 50_000
+REVERDICT_LOOKUPS = 64
+# Partition states kept in memory at once.
+MAX_STATES = 20_000
+
+# Writes one ledger entry for a finished shadow call (the gateway's accountant).
+Recorder = Callable[[RequestContext, RequestStatus, int, "str | None"], Awaitable[None]]
+# Stores a fresh answer the shadow call found to differ, as an entry for the query.
+OnWrong = Callable[[RequestContext, dict[str, Any]], None]
+
+
+def policy_of(settings: CacheVerifySettings) -> Policy:
+    return Policy(
+        error_bound=settings.error_bound,
+        z=NormalDist().inv_cdf(settings.confidence),
+        min_rate=settings.min_rate,
+        max_rate=settings.max_rate,
+    )
+
+
+@dataclass(slots=True)
+class _Hit:
+    tenant_id: str
+    route: str
+    partition: str
+    score: float | None  # None: a repeat of a cached question (no score)
+    answer_id: str
+    feedback: bool = False
+
+
+class Verifier:
+    def __init__(
+        self,
+        settings: Mapping[str, CacheVerifySettings],
+        *,
+        rng: random.Random | None = None,
+        remember_hits: int = REMEMBER_HITS,
+        flush_every_s: float = FLUSH_EVERY_S,
+        max_states: int = MAX_STATES,
+    ) -> None:
+        self._settings = dict(settings)
+        self._policies = {route: policy_of(s) for route, s in settings.items()}
+        self._rng = rng or random.Random()
+        # Most recently used last; bounded (per-user partitions are many): the least recently used
+        # is written and dropped, and read back from the store when its partition is asked again.
+        self._states: OrderedDict[str, PartitionState] = OrderedDict()
+        self._max_states = max_states
+        # partition -> (shipped threshold, verified outcomes, lookups, verdict) it was computed at
+        self._verdicts: dict[str, tuple[float, int, int, Bound]] = {}
+        self._dirty: set[str] = set()
+        self._flushed = 0.0
+        self._flush_every = flush_every_s
+        self._store: SqlitePartitionStateStore | None = None
+        self._hits: OrderedDict[str, _Hit] = OrderedDict()
+        self._remember = remember_hits
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.recorder: Recorder | None = None
+
+    def covers(self, route: str) -> bool:
+        return route in self._settings
+
+    def method(self, route: str) -> str:
+        return self._settings[route].compare
+
+    def start(self, store: SqlitePartitionStateStore) -> None:
+        self._store = store
+        routes = set(self._settings)
+        rows = [(p, s) for p, s in store.load(limit=self._max_states) if s.route in routes]
+        self._states = OrderedDict(reversed(rows))  # the store gives the newest first
+
+    def state(self, partition: str, tenant_id: str, route: str) -> PartitionState:
+        state = self._states.get(partition)
+        if state is not None:
+            self._states.move_to_end(partition)
+            return state
+        stored = self._store.get(partition) if self._store is not None else None
+        state = (
+            stored
+            if stored is not None and stored.tenant_id == tenant_id
+            else PartitionState(tenant_id, route)
+        )
+        self._states[partition] = state
+        while len(self._states) > self._max_states:
+            oldest, evicted = self._states.popitem(last=False)
+            self._verdicts.pop(oldest, None)
+            if oldest in self._dirty and self._store is not None:
+                self._store.save([(oldest, evicted)], time.time())
+                self._dirty.discard(oldest)
+        return state
+
+    def verdict(self, partition: str, tenant_id: str, route: str, shipped: float) -> Bound:
+        """The partition's threshold now. Recomputed when a verified outcome arrived, the shipped
+        threshold moved (the partition grew past a size step) or every ``REVERDICT_LOOKUPS`` lookups
+        (their counts only reweigh the bins): the lookup path pays a dict read, not the bound."""
+        state = self.state(partition, tenant_id, route)
+        observed = sum(state.right) + sum(state.wrong)
+        cached = self._verdicts.get(partition)
+        if (
+            cached is not None
+            and cached[0] == shipped
+            and cached[1] == observed
+            and state.semantic_lookups - cached[2] < REVERDICT_LOOKUPS
+        ):
+            return cached[3]
+        verdict = bound(state, shipped, self._policies[route])
+        self._verdicts[partition] = (shipped, observed, state.semantic_lookups, verdict)
+        return verdict
+
+    def threshold(self, partition: str, route: str, verdict: Bound, answer_id: str) -> float:
+        """The score ``answer_id`` needs here: the partition's, raised for an answer often wrong."""
+        state = self._states[partition]
+        return answer_threshold(state, answer_id, verdict.threshold, self._policies[route])
+
+    def looked_up(self, partition: str, tenant_id: str, route: str, score: float | None) -> None:
+        state = self.state(partition, tenant_id, route)
+        state.semantic_lookups += 1
+        if score is not None and score > 0:
+            state.looked_up(score)
+        self._touch(partition)
+
+    def served(
+        self,
+        ctx: RequestContext,
+        partition: str,
+        score: float | None,
+        verdict: Bound | None,
+        answer_id: str,
+    ) -> bool:
+        """A hit was served: remember it for feedback; True when it is to be verified by a shadow call."""
+        assert ctx.route is not None
+        state = self.state(partition, ctx.tags.tenant_id, ctx.route)
+        state.served(repeat=score is None, saved=ctx.saved_usd)
+        self._hits[ctx.request_id] = _Hit(ctx.tags.tenant_id, ctx.route, partition, score, answer_id)
+        while len(self._hits) > self._remember:
+            self._hits.popitem(last=False)
+        self._touch(partition)
+        if score is None or verdict is None or (self.method(ctx.route) == "evidence" and ctx.tags.evidence):
+            return False  # repeats are not sampled; evidence was checked before serving
+        if len(self._tasks) >= self._settings[ctx.route].max_in_flight:
+            return False
+        return self._rng.random() < sample_rate(state, verdict, self._policies[ctx.route])
+
+    def observe(
+        self,
+        partition: str,
+        tenant_id: str,
+        route: str,
+        score: float,
+        correct: bool,
+        answer_id: str,
+        *,
+        near_miss: bool,
+    ) -> None:
+        """A verdict reached without a shadow call (a near miss's fresh answer, an evidence check)."""
+        state = self.state(partition, tenant_id, route)
+        state.observe(score, correct, answer_id)
+        if near_miss:
+            state.near_miss_checks += 1
+        else:
+            state.verifications += 1
+            state.verified_wrong += not correct
+        self._touch(partition)
+
+    def feedback(self, tenant_id: str, request_id: str, wrong: bool) -> bool:
+        """Feedback on an earlier answer; True when it named a semantic hit of this tenant's not yet
+        judged (a wrong one tightens that partition's threshold like a failed verification)."""
+        hit = self._hits.get(request_id)
+        if hit is None or hit.tenant_id != tenant_id or hit.feedback:
+            return False
+        hit.feedback = True
+        state = self.state(hit.partition, hit.tenant_id, hit.route)
+        state.feedback += 1
+        state.feedback_wrong += wrong
+        if hit.score is not None:
+            state.observe(hit.score, not wrong, hit.answer_id)
+        self._touch(hit.partition)
+        return True
+
+    def shadow(
+        self,
+        ctx: RequestContext,
+        call_next: Handler,
+        partition: str,
+        score: float,
+        answer_id: str,
+        cached: dict[str, Any],
+        on_wrong: OnWrong,
+    ) -> None:
+        """Send the request upstream in the background and judge the cached answer by the fresh one."""
+        task = asyncio.get_running_loop().create_task(
+            self._shadow(shadow_context(ctx), call_next, partition, score, answer_id, cached, on_wrong)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _shadow(
+        self,
+        ctx: RequestContext,
+        call_next: Handler,
+        partition: str,
+        score: float,
+        answer_id: str,
+        cached: dict[str, Any],
+        on_wrong: OnWrong,
+    ) -> None:
+        assert ctx.route is not None
+        status: RequestStatus = "ok"
+        http_status, error = 200, None
+        fresh: dict[str, Any] | None = None
+        try:
+            result = await call_next(ctx)
+            if isinstance(result, Completion):
+                fresh = result.body
+        except ThriftyError as err:
+            status, http_status, error = "error", err.status, err.message
+            log.info("semantic cache verification of %s failed: %s", ctx.request_id, err.message)
+        except Exception as err:  # a bug must not kill the loop's task silently
+            status, http_status, error = "error", 500, f"internal error: {type(err).__name__}: {err}"
+            log.exception("semantic cache verification of %s failed", ctx.request_id)
+        ctx.attempts = [replace(a, role="verify") for a in ctx.attempts]
+        cost = sum((a.cost_usd for a in ctx.attempts if a.cost_usd is not None), Decimal(0))
+        if ctx.attempts and self.recorder is not None:
+            await self.recorder(ctx, status, http_status, error)
+        state = self.state(partition, ctx.tags.tenant_id, ctx.route)
+        state.verify_cost_usd += cost
+        correct = True
+        if fresh is not None:
+            settings = self._settings[ctx.route]
+            correct = same_answer(settings.compare, cached, fresh, settings.json_field)
+            state.verifications += 1
+            state.verified_wrong += not correct
+            state.observe(score, correct, answer_id)
+        self._touch(partition)  # after every change: a flush clears the dirty mark
+        if fresh is not None and not correct:
+            on_wrong(ctx, fresh)
+
+    async def drain(self) -> None:
+        """Wait for the shadow calls in flight (shutdown, tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _touch(self, partition: str) -> None:
+        self._dirty.add(partition)
+        now = time.monotonic()
+        if now - self._flushed >= self._flush_every:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        if self._store is None or not self._dirty:
+            return
+        dirty = [(p, self._states[p]) for p in self._dirty if p in self._states]
+        if self._store.save(dirty, time.time()):
+            self._dirty.clear()
+        self._flushed = time.monotonic() if now is None else now
+
+
+def shadow_context(ctx: RequestContext) -> RequestContext:
+    """The hit's request again, for the upstream: not streamed, no idempotency key, its own id."""
+    body = orjson.loads(orjson.dumps(ctx.body))  # as the stages above left it (context budgets)
+    body["stream"] = False
+    body.pop("stream_options", None)
+    return RequestContext(
+        request_id=f"{ctx.request_id}.verify",
+        ts=time.time(),
+        started=time.perf_counter(),
+        tags=replace(ctx.tags, idempotency_key=None),
+        body=body,
+        body_bytes=ctx.body_bytes,
+        requested_model=ctx.requested_model,
+        stream=False,
+        client_wants_usage=False,
+        route=ctx.route,
+        target=ctx.target,
+        prompt_tokens=ctx.prompt_tokens,
+        output_ceiling_implied=ctx.output_ceiling_implied,
+    )
+
+
+__all__ = ["Verifier", "policy_of", "shadow_context"]

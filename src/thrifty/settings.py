@@ -151,6 +151,7 @@ class RecordSettings(_Strict):
     sample: float = Field(default=1.0, ge=0, le=1)
     redact: list[RedactRule] = Field(default_factory=list)
 
+
 class CacheVerifySettings(_Strict):
     """Live verification of semantic hits, and per-partition thresholds that hold a wrong-hit bound
     (cache/semantic/adaptive.py and verify.py)."""

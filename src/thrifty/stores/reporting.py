@@ -23,7 +23,16 @@ from typing import Any, Literal, Protocol, TypeVar
 import orjson
 
 from thrifty.report import GROUP_COLUMNS, ReportRow, build_report
-from thrifty.stores.rollups import DAY, HOUR, INT_FIELDS, MONEY_FIELDS, rebuild_rollups
+from thrifty.stores.rollups import (
+    DAY,
+    HOUR,
+    INT_FIELDS,
+    MONEY_FIELDS,
+    fold_pending,
+    measures_sql,
+    rebuild_rollups,
+    tail_sql,
+)
 from thrifty.stores.sqlite_db import connect, join_money
 
 T = TypeVar("T")
@@ -78,14 +87,21 @@ class ReportingStore(Protocol):
         ...
 
     async def requests(
-        self, window: Window, *, limit: int, before: float | None = None
+        self, window: Window, *, limit: int, before: tuple[float, str] | None = None
     ) -> list[dict[str, Any]]:
-        """Newest ledger rows first, with their attempts."""
+        """Newest ledger rows first, with their attempts; `before`: the (ts, request_id) of the
+        last row of the previous page (keyset pagination: no row is skipped or repeated)."""
         ...
 
     async def alerts(self, since: float, *, limit: int) -> list[dict[str, Any]]: ...
 
     async def rebuild_rollups(self) -> int: ...
+
+    async def fold(self) -> int:
+        """Fold the ledger rows past the rollups' watermark; return how many (a timer calls this)."""
+        ...
+
+    async def aclose(self) -> None: ...
 
 
 def _plan(since: float | None, until: float | None, width: int) -> list[tuple[str, int | None, int | None]]:
@@ -197,6 +213,25 @@ def _sorted(rows: list[ReportRow]) -> list[ReportRow]:
     return sorted(rows, key=lambda r: (-r.cost_usd, *_order(r)))
 
 
+def _fetch(conn: sqlite3.Connection, make_sql: Callable[[bool], str], params: list[Any]) -> list[tuple[Any, ...]]:
+    """Run an aggregate; past 2^63 pico-USD SQLite's SUM overflows, thrifty_int_sum does not."""
+    try:
+        return conn.execute(make_sql(False), params).fetchall()
+    except sqlite3.OperationalError as err:
+        if "overflow" not in str(err):
+            raise
+        return conn.execute(make_sql(True), params).fetchall()
+
+
+def _tail_where(window: Window) -> tuple[str, list[Any]]:
+    clauses, params = ["1"], []
+    for clause, value in (("ts >= ?", window.since), ("ts < ?", window.until), ("tenant_id = ?", window.tenant)):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return " AND ".join(clauses), params
+
+
 _REQUEST_COLUMNS = (
     "request_id, ts, tenant_id, user, feature, route, prompt_version, model, provider, attempts, "
     "input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, cost_usd, "
@@ -214,7 +249,20 @@ class SqliteReportingStore:
     def _query(self, query: Callable[[sqlite3.Connection], T]) -> T:
         conn = connect(self._path)
         try:
-            return query(conn)
+            # One read transaction: the rollups, their watermark and the ledger's tail past it are
+            # read in one snapshot, so a fold committing meanwhile is seen whole or not at all.
+            conn.execute("BEGIN")
+            try:
+                return query(conn)
+            finally:
+                conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def _write(self, action: Callable[[sqlite3.Connection], T]) -> T:
+        conn = connect(self._path)
+        try:
+            return action(conn)
         finally:
             conn.close()
 
@@ -242,8 +290,8 @@ class SqliteReportingStore:
     def _rollup(
         self, conn: sqlite3.Connection, by: str, width: int, window: Window, *, top: bool = False
     ) -> list[SeriesPoint]:
-        """Rows per (bucket of `width` seconds, or 0 = the whole window; group); `top`: requests,
-        successes and cost only."""
+        """Rows per (bucket of `width` seconds, or 0 = the whole window; group) from the rollups and
+        the ledger rows not folded yet; `top`: requests, successes and cost only."""
         sums, big_sums, merge = (_TOP_SUMS, _BIG_TOP_SUMS, _merge_top) if top else (_SUMS, _BIG_SUMS, _merge)
         if by not in GROUP_COLUMNS:
             raise ValueError(f"by must be one of {', '.join(GROUP_COLUMNS)}")
@@ -252,6 +300,15 @@ class SqliteReportingStore:
         user = by == "user"
         column = "bucket" if by == "day" else GROUP_COLUMNS[by]
         found: dict[tuple[int, str | None], ReportRow] = {}
+
+        def add(found_rows: list[tuple[Any, ...]]) -> None:
+            for bucket, key, *values in found_rows:
+                group = _day_text(key) if by == "day" else (None if key is None else str(key))
+                row = found.get((bucket, group))
+                if row is None:
+                    row = found[(bucket, group)] = ReportRow(group)
+                merge(row, tuple(values))
+
         for grain, lo, hi in _plan(window.since, window.until, HOUR if width == HOUR else DAY):
             clauses = ["grain = ?"]
             params: list[Any] = [grain + ("u" if user else "")]
@@ -265,18 +322,23 @@ class SqliteReportingStore:
                 f"SELECT {bucket_sql}, {group_sql}, {{}} FROM ledger_rollup "
                 f"WHERE {' AND '.join(clauses)} GROUP BY 1, 2"
             )
-            try:
-                found_rows = conn.execute(sql.format(sums), params).fetchall()
-            except sqlite3.OperationalError as err:
-                if "overflow" not in str(err):
-                    raise
-                found_rows = conn.execute(sql.format(big_sums), params).fetchall()
-            for bucket, key, *values in found_rows:
-                group = _day_text(key) if by == "day" else (None if key is None else str(key))
-                row = found.get((bucket, group))
-                if row is None:
-                    row = found[(bucket, group)] = ReportRow(group)
-                merge(row, tuple(values))
+            add(_fetch(conn, lambda big, sql=sql: sql.format(big_sums if big else sums), params))
+        # The tail: ledger rows past the watermark, summed the same way.
+        where, params = _tail_where(window)
+        bucket_sql = "0" if width == 0 else f"ts_i - ts_i % {width}"
+        group_sql = f"ts_i - ts_i % {DAY}" if by == "day" else GROUP_COLUMNS[by]
+        add(
+            _fetch(
+                conn,
+                lambda big: tail_sql(
+                    f"{bucket_sql}, {group_sql}",
+                    where,
+                    "1, 2",
+                    measures_sql(top=top, int_sum="thrifty_int_sum" if big else "SUM"),
+                ),
+                params,
+            )
+        )
         return [SeriesPoint(bucket, row) for (bucket, _), row in found.items()]
 
     async def budget_use(
@@ -284,10 +346,12 @@ class SqliteReportingStore:
     ) -> BudgetUse:
         def query(conn: sqlite3.Connection) -> BudgetUse:
             clauses = ["grain = 'd'", "bucket >= ?"]
+            tail_clauses = ["ts >= ?"]
             params: list[Any] = [int(since)]
             for column, value in (("tenant_id", tenant), ("feature", feature), ("route", route)):
                 if value is not None:
                     clauses.append(f"{column} = ?")
+                    tail_clauses.append(f"{column} = ?")
                     params.append(value)
             pico, exponent, rest, tokens = conn.execute(
                 "SELECT thrifty_int_sum(cost_usd_pico), MIN(cost_usd_exp), "
@@ -295,28 +359,46 @@ class SqliteReportingStore:
                 f"SUM(input_tokens + output_tokens) FROM ledger_rollup WHERE {' AND '.join(clauses)}",
                 params,
             ).fetchone()
-            return BudgetUse(join_money(pico, exponent, rest), int(tokens or 0))
+            usd, total_tokens = join_money(pico, exponent, rest), int(tokens or 0)
+            tail = conn.execute(
+                tail_sql(
+                    "1",
+                    " AND ".join(tail_clauses),
+                    "1",
+                    "thrifty_int_sum(c_pico), MIN(c_exp), thrifty_dec_sum(c_rest) "
+                    "FILTER (WHERE c_rest IS NOT NULL), SUM(input_tokens + output_tokens)",
+                ),
+                params,
+            ).fetchone()
+            if tail is not None:
+                usd += join_money(*tail[1:4])
+                total_tokens += int(tail[4] or 0)
+            return BudgetUse(usd, total_tokens)
 
         return await self._run(query)
 
     async def requests(
-        self, window: Window, *, limit: int, before: float | None = None
+        self, window: Window, *, limit: int, before: tuple[float, str] | None = None
     ) -> list[dict[str, Any]]:
         def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             clauses: list[str] = []
             params: list[Any] = []
-            until = window.until if before is None else min(before, window.until or before)
             for clause, value in (
                 ("ts >= ?", window.since),
-                ("ts < ?", until),
+                ("ts < ?", window.until),
                 ("tenant_id = ?", window.tenant),
             ):
                 if value is not None:
                     clauses.append(clause)
                     params.append(value)
+            if before is not None:
+                # Keyset: older than the last row shown, ties on ts broken by request_id.
+                clauses.append("ts <= ? AND (ts < ? OR request_id < ?)")
+                params.extend([before[0], before[0], before[1]])
             where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
             cursor = conn.execute(
-                f"SELECT {_REQUEST_COLUMNS} FROM ledger{where} ORDER BY ts DESC LIMIT ?", [*params, limit]
+                f"SELECT {_REQUEST_COLUMNS} FROM ledger{where} ORDER BY ts DESC, request_id DESC LIMIT ?",
+                [*params, limit],
             )
             names = [d[0] for d in cursor.description]
             out = []
@@ -342,7 +424,13 @@ class SqliteReportingStore:
         return await self._run(query)
 
     async def rebuild_rollups(self) -> int:
-        return await self._run(rebuild_rollups)
+        return await asyncio.to_thread(self._write, rebuild_rollups)
+
+    async def fold(self) -> int:
+        return await asyncio.to_thread(self._write, fold_pending)
+
+    async def aclose(self) -> None:
+        pass  # a connection per query: nothing held
 
 
 __all__ = ["BudgetUse", "ReportingStore", "SeriesPoint", "SqliteReportingStore", "Window"]

@@ -1,10 +1,20 @@
-"""Hourly and daily rollups of the ledger, maintained by the ledger writer as it commits a batch.
+"""Hourly and daily rollups of the ledger, folded behind a watermark, off the requests' path.
 
 The dashboard reads these instead of the ledger, so a page over ten million rows reads a few
-thousand. The writer folds its batch in Python first (one dict update per row), then writes one
-UPSERT per distinct (grain, bucket, dimensions) key, inside the batch's own transaction: a row is
-in the rollups exactly when it is in the ledger. Money stays exact decimal text
-(whole pico-USD summed by SQLite, see migration 12).
+thousand. Nothing folds on the commit path: whoever writes ledger rows (the ledger writer, the
+batch store, a bulk import) only INSERTs them. `fold_pending` later aggregates every ledger row past
+the watermark (`ledger_rollup_state.folded_rowid`) in one SQL statement, computed outside the write
+lock, then UPSERTs the few aggregated rows and moves the watermark in one short transaction. The
+gateway runs it on a timer (`dashboard.fold_interval_s`) on a worker thread, and once at start, so a
+killed process loses nothing: the next fold starts from the watermark.
+
+Readers stay exact however far behind the folder is: a rollup read adds the rows past the
+watermark, aggregated from the ledger itself with the same SQL, in the same read transaction
+(`tail_sql`). SQLite's rowids grow with every insert (one writer at a time, the ledger is
+append-only), so "rowid > watermark" is exactly the rows not folded yet.
+
+Money stays exact: whole pico-USD summed by SQLite, the rest (amounts finer than a pico-USD or of a
+million dollars and more) as decimal text summed in Python (see migration 12).
 
 Grains: `h` and `d` (hour, UTC day) by tenant, feature, route, prompt version and model; `hu` and
 `du` by tenant and user, kept apart so that many users do not multiply the main grain's rows.
@@ -12,6 +22,7 @@ Grains: `h` and `d` (hour, UTC day) by tenant, feature, route, prompt version an
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
@@ -20,6 +31,8 @@ from typing import Any
 import orjson
 
 from thrifty.stores.sqlite_db import split_money
+
+log = logging.getLogger(__name__)
 
 HOUR = 3600
 DAY = 86400
@@ -181,31 +194,191 @@ def fold_rows(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
     return out
 
 
-def add_rollups(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None:
-    """Fold committed-to-be ledger rows into the rollups; call inside the batch's transaction."""
-    if rows:
-        conn.executemany(UPSERT_SQL, fold_rows(rows))
+
+# -- SQL aggregation -------------------------------------------------------------------------------
+
+_PICO = 10**12
 
 
-def rebuild_rollups(conn: sqlite3.Connection, *, chunk: int = 50_000) -> int:
-    """Recompute every rollup from the ledger (an existing ledger, or after a repair); returns the
-    number of ledger rows read. One transaction: readers see the old rollups or the new ones."""
+def _parts(column: str, prefix: str) -> str:
+    """A decimal text column as (whole pico-USD, exponent, rest): SQLite string functions only.
+    Amounts below $1M with at most 12 decimals (all real ones) are whole pico-USD; any other goes
+    whole into `rest`, summed exactly in Python."""
+    a = f"ltrim({column}, '-')"
+    point = f"instr({a}, '.')"
+    whole = f"(CASE {point} WHEN 0 THEN {a} ELSE substr({a}, 1, {point} - 1) END)"
+    frac = f"(CASE {point} WHEN 0 THEN '' ELSE substr({a}, {point} + 1) END)"
+    simple = f"(length({whole}) <= 6 AND length({frac}) <= 12)"
+    sign = f"(CASE WHEN {column} LIKE '-%' THEN -1 ELSE 1 END)"
+    return (
+        f"CASE WHEN {column} IS NOT NULL AND {simple} THEN {sign} * (CAST({whole} AS INTEGER) * {_PICO} "
+        f"+ CAST(substr({frac} || '000000000000', 1, 12) AS INTEGER)) ELSE 0 END AS {prefix}_pico, "
+        f"CASE WHEN {column} IS NULL THEN 0 ELSE -length({frac}) END AS {prefix}_exp, "
+        f"CASE WHEN {column} IS NOT NULL AND NOT {simple} THEN {column} END AS {prefix}_rest"
+    )
+
+
+# One ledger row as the measures need it; `{where}` selects the rows.
+ROW_PARTS_SQL = (
+    "SELECT CAST(ts AS INTEGER) AS ts_i, ts, tenant_id, feature, route, prompt_version, model, user, "
+    "status, input_tokens, cached_input_tokens, output_tokens, http_status, cache, escalated, retries, "
+    "cost_usd IS NULL AS unpriced, usage_estimated, "
+    "COALESCE(json_extract(context, '$.saved'), 0) AS ctx_saved, "
+    "json_extract(context, '$.finish_reason') AS ctx_finish, "
+    f"{_parts('cost_usd', 'c')}, {_parts('saved_usd', 's')}, {_parts('retry_cost_usd', 'r')} "
+    "FROM ledger WHERE {where}"
+)
+
+
+def _money_sums(prefix: str, condition: str | None, int_sum: str) -> str:
+    if condition is None:
+        return (
+            f"{int_sum}({prefix}_pico), MIN({prefix}_exp), "
+            f"thrifty_dec_sum({prefix}_rest) FILTER (WHERE {prefix}_rest IS NOT NULL)"
+        )
+    return (
+        f"{int_sum}(CASE WHEN {condition} THEN {prefix}_pico ELSE 0 END), "
+        f"MIN(CASE WHEN {condition} THEN {prefix}_exp ELSE 0 END), "
+        f"thrifty_dec_sum({prefix}_rest) FILTER (WHERE {prefix}_rest IS NOT NULL AND {condition})"
+    )
+
+
+def measures_sql(*, top: bool = False, int_sum: str = "SUM") -> str:
+    """Aggregates over ROW_PARTS_SQL rows, in the rollup's measure order (INT_FIELDS, then each of
+    MONEY_FIELDS as pico, exponent, rest): what a rollup row holds for the same rows. `top`: what
+    rankings need (requests, successes, cost); `int_sum`: thrifty_int_sum past 2^63 pico-USD."""
+    if top:
+        return f"COUNT(*), SUM(status = 'ok'), {_money_sums('c', None, int_sum)}"
+    return ", ".join(
+        [
+            "COUNT(*)",
+            "SUM(status = 'ok')",
+            "SUM(input_tokens)",
+            "SUM(cached_input_tokens)",
+            "SUM(output_tokens)",
+            "SUM(http_status = 429)",
+            "SUM(cache = 'exact')",
+            "SUM(cache = 'semantic')",
+            "SUM(escalated)",
+            "SUM(retries)",
+            "SUM(unpriced)",
+            "SUM(usage_estimated)",
+            "SUM(cache = 'dedup')",
+            "SUM(ctx_saved)",
+            "SUM(ctx_finish IS NOT NULL)",
+            "SUM(COALESCE(ctx_finish = 'length', 0))",
+            _money_sums("c", None, int_sum),
+            _money_sums("c", "status != 'ok'", int_sum),
+            _money_sums("r", None, int_sum),
+            _money_sums("s", None, int_sum),
+            _money_sums("s", "cache = 'exact'", int_sum),
+            _money_sums("s", "cache = 'semantic'", int_sum),
+        ]
+    )
+
+
+_GRAINS_SQL = " UNION ALL ".join(
+    f"SELECT '{grain}' AS grain, {width} AS width, {int(by_user)} AS by_user"
+    for grain, (width, by_user) in GRAINS.items()
+)
+# Ledger rows with folded_rowid < rowid <= ?2 as UPSERT_SQL parameters, one per grain key.
+FOLD_SQL = (
+    "SELECT g.grain, t.ts_i - t.ts_i % g.width, t.tenant_id, "
+    "CASE WHEN g.by_user THEN NULL ELSE t.feature END, CASE WHEN g.by_user THEN NULL ELSE t.route END, "
+    "CASE WHEN g.by_user THEN NULL ELSE t.prompt_version END, "
+    "CASE WHEN g.by_user THEN NULL ELSE t.model END, CASE WHEN g.by_user THEN t.user END, "
+    f"{measures_sql()} FROM ("
+    + ROW_PARTS_SQL.format(where="rowid > ?1 AND rowid <= ?2")
+    + f") AS t CROSS JOIN ({_GRAINS_SQL}) AS g GROUP BY 1, 2, 3, 4, 5, 6, 7, 8"
+)
+WATERMARK_SQL = "SELECT folded_rowid FROM ledger_rollup_state"
+
+
+def tail_sql(select: str, where: str, group_by: str, measures: str) -> str:
+    """An aggregate over the ledger rows not folded yet (past the watermark) that also match
+    `where` (over ROW_PARTS_SQL's names): `select` (its leading columns), then `measures`."""
+    rows = ROW_PARTS_SQL.format(where=f"rowid > ({WATERMARK_SQL}) AND {where}")
+    return f"SELECT {select}, {measures} FROM ({rows}) GROUP BY {group_by}"
+
+
+def _aggregate(conn: sqlite3.Connection, after: int, upto: int) -> list[tuple[Any, ...]]:
+    try:
+        return conn.execute(FOLD_SQL, (after, upto)).fetchall()
+    except sqlite3.OperationalError as err:
+        if "overflow" not in str(err):
+            raise
+    # Over 2^63 pico-USD ($9.2M) in one key of one fold: Python's integers do not overflow.
     from thrifty.stores.ledger import _COLUMNS
 
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM ledger WHERE rowid > ? AND rowid <= ?", (after, upto))
+    return fold_rows(rows.fetchall())
+
+
+def fold_pending(conn: sqlite3.Connection, *, chunk: int = 200_000) -> int:
+    """Fold every ledger row past the watermark into the rollups; return how many rows it read.
+
+    The aggregate is computed in a read transaction (the ledger writer keeps writing); only the
+    UPSERT of its few rows and the watermark's move hold the write lock. Safe to run from several
+    processes at once: a fold whose watermark moved meanwhile is dropped and recomputed."""
+    folded = 0
+    while True:
+        (mark,) = conn.execute(WATERMARK_SQL).fetchone()
+        (top,) = conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM ledger").fetchone()
+        if top < mark:
+            # Rowids renumbered under the watermark (rows deleted, then VACUUM): start again.
+            log.warning("ledger rowids are below the rollup watermark; rebuilding the rollups")
+            _reset(conn)
+            continue
+        if top == mark:
+            return folded
+        upto = min(top, mark + chunk)
+        conn.execute("BEGIN")  # one snapshot for the aggregate
+        try:
+            params = _aggregate(conn, mark, upto)
+        finally:
+            conn.execute("COMMIT")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute(WATERMARK_SQL).fetchone()[0] != mark:
+                conn.execute("ROLLBACK")  # another process folded these rows meanwhile
+                continue
+            conn.executemany(UPSERT_SQL, params)
+            conn.execute("UPDATE ledger_rollup_state SET folded_rowid = ?", (upto,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        folded += sum(p[8] for p in params if p[0] == "h")  # each row is in one hourly key
+
+
+def _reset(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("DELETE FROM ledger_rollup")
-        count = 0
-        cursor = conn.execute(f"SELECT {_COLUMNS} FROM ledger")
-        while batch := cursor.fetchmany(chunk):
-            add_rollups(conn, batch)
-            count += len(batch)
+        conn.execute("UPDATE ledger_rollup_state SET folded_rowid = 0")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return count
 
 
-__all__ = ["DAY", "HOUR", "MEASURES", "MONEY_FIELDS", "add_rollups", "fold_rows", "rebuild_rollups"]
+def rebuild_rollups(conn: sqlite3.Connection) -> int:
+    """Recompute every rollup from the ledger (after a repair); returns the ledger rows read.
+    Readers stay exact meanwhile: the rows not folded again yet are read from the ledger."""
+    _reset(conn)
+    return fold_pending(conn)
+
+
+__all__ = [
+    "DAY",
+    "HOUR",
+    "MEASURES",
+    "MONEY_FIELDS",
+    "fold_pending",
+    "fold_rows",
+    "measures_sql",
+    "rebuild_rollups",
+    "tail_sql",
+]

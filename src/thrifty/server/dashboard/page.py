@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from html import escape
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from thrifty.server.dashboard.data import DIMENSIONS, MAX_STACKS, RANGES, day_or_hour
 from thrifty.server.dashboard.svg import legend, meter, stacked_bars
@@ -229,7 +229,8 @@ def _requests(data: Mapping[str, Any], link: str) -> str:
             f"</thead><tbody>{attempts}</tbody></table></details></td></tr>"
         )
     more = (
-        f'<p><a id="older" href="{escape(link)}&amp;before={data["next_before"]}">older requests</a></p>'
+        f'<p><a id="older" href="{escape(link)}&amp;before={data["next_before"]}'
+        f'&amp;before_id={escape(quote(data["next_before_id"]))}">older requests</a></p>'
         if data["next_before"] is not None
         else ""
     )

@@ -213,7 +213,9 @@ def _sorted(rows: list[ReportRow]) -> list[ReportRow]:
     return sorted(rows, key=lambda r: (-r.cost_usd, *_order(r)))
 
 
-def _fetch(conn: sqlite3.Connection, make_sql: Callable[[bool], str], params: list[Any]) -> list[tuple[Any, ...]]:
+def _fetch(
+    conn: sqlite3.Connection, make_sql: Callable[[bool], str], params: list[Any]
+) -> list[tuple[Any, ...]]:
     """Run an aggregate; past 2^63 pico-USD SQLite's SUM overflows, thrifty_int_sum does not."""
     try:
         return conn.execute(make_sql(False), params).fetchall()
@@ -225,7 +227,11 @@ def _fetch(conn: sqlite3.Connection, make_sql: Callable[[bool], str], params: li
 
 def _tail_where(window: Window) -> tuple[str, list[Any]]:
     clauses, params = ["1"], []
-    for clause, value in (("ts >= ?", window.since), ("ts < ?", window.until), ("tenant_id = ?", window.tenant)):
+    for clause, value in (
+        ("ts >= ?", window.since),
+        ("ts < ?", window.until),
+        ("tenant_id = ?", window.tenant),
+    ):
         if value is not None:
             clauses.append(clause)
             params.append(value)

@@ -194,7 +194,6 @@ def fold_rows(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
     return out
 
 
-
 # -- SQL aggregation -------------------------------------------------------------------------------
 
 _PICO = 10**12

@@ -59,6 +59,7 @@ def varied_entries(n: int = 120, t0: float = T0) -> list[LedgerEntry]:
                 escalated=i % 8 == 0,
                 http_status=429 if i % 13 == 0 else base.http_status,
                 context=None if i % 5 else {"saved": i, "finish_reason": ("length", "stop", None)[i % 3]},
+                batch=i % 7 == 3,
             )
         )
     return out
@@ -221,12 +222,14 @@ async def test_existing_ledgers_are_rolled_up_by_the_migration_and_by_rebuild(tm
     conn.executemany(INSERT_ENTRY_SQL, [entry_row(e) for e in entries])  # written before rollups existed
     assert migrate(conn)[:2] == [12, 17]
     store = SqliteReportingStore(db)
+    for by in GROUP_COLUMNS:  # nothing folded yet: all of it from the ledger
+        assert _json(await store.rollup_by(by, Window())) == _json(await store.spend_by(by, Window())), by
+    assert await store.fold() == len(entries)
     for by in GROUP_COLUMNS:
         assert _json(await store.rollup_by(by, Window())) == _json(await store.spend_by(by, Window())), by
-    migrated = conn.execute("SELECT * FROM ledger_rollup ORDER BY grain, bucket, dims").fetchall()
-    conn.execute("DELETE FROM ledger_rollup")
-    assert await store.rebuild_rollups() == len(entries)  # migration 17 took those rows as folded
-    assert conn.execute("SELECT * FROM ledger_rollup ORDER BY grain, bucket, dims").fetchall() == migrated
+    folded = conn.execute("SELECT * FROM ledger_rollup ORDER BY grain, bucket, dims").fetchall()
+    assert await store.rebuild_rollups() == len(entries)
+    assert conn.execute("SELECT * FROM ledger_rollup ORDER BY grain, bucket, dims").fetchall() == folded
     conn.close()
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -154,54 +154,27 @@ def _merge_top(row: ReportRow, values: tuple[Any, ...]) -> None:
     row.cost_usd += join_money(*money)
 
 
-def _merge(row: ReportRow, values: tuple[Any, ...]) -> None:
-    (
-        requests,
-        ok,
-        inp,
-        cached,
-        out,
-        rejected,
-        exact,
-        semantic,
-        escalated,
-        _retries,
-        unpriced,
-        estimated,
-        dedup,
-        context_saved,
-        output_budgeted,
-        length_cutoffs,
-        *money,
-    ) = values
-    cost, error_cost, retry_cost, saved, exact_saved, semantic_saved = (
-        join_money(*money[i : i + 3]) for i in range(0, len(money), 3)
-    )
-    row.requests += requests
-    row.ok += ok
-    row.input_tokens += inp
-    row.cached_input_tokens += cached
-    row.output_tokens += out
-    row.rejected_budget += rejected
-    row.exact_hits += exact
-    row.semantic_hits += semantic
-    row.cache_hits += exact + semantic
-    row.escalated += escalated
-    row.unpriced += unpriced
-    row.estimated += estimated
-    row.dedup_hits += dedup
-    row.context_tokens_saved += context_saved
-    row.output_budgeted += output_budgeted
-    row.length_cutoffs += length_cutoffs
-    for name, amount in (
-        ("cost_usd", cost),
-        ("error_cost_usd", error_cost),
-        ("retry_cost_usd", retry_cost),
-        ("saved_usd", saved),
-        ("exact_saved_usd", exact_saved),
-        ("semantic_saved_usd", semantic_saved),
-    ):
+# ReportRow attributes of the rollups' integer measures (`retries` has none: the report counts
+# retry cost, not retries); money measures are named as ReportRow's.
+_INT_ATTRIBUTES = tuple(
+    {"budget_rejections": "rejected_budget", "retries": None}.get(f, f) for f in INT_FIELDS
+)
+
+
+def add_measures(row: ReportRow, ints: Sequence[Any], money: Sequence[Decimal]) -> None:
+    """Add one rollup-shaped set of sums (INT_FIELDS, MONEY_FIELDS) to a report row."""
+    for name, value in zip(_INT_ATTRIBUTES, ints, strict=True):
+        if name is not None and value:
+            setattr(row, name, getattr(row, name) + int(value))
+    row.cache_hits = row.exact_hits + row.semantic_hits
+    for name, amount in zip(MONEY_FIELDS, money, strict=True):
         setattr(row, name, getattr(row, name) + amount)
+
+
+def _merge(row: ReportRow, values: tuple[Any, ...]) -> None:
+    n = len(INT_FIELDS)
+    money = values[n:]
+    add_measures(row, values[:n], [join_money(*money[i : i + 3]) for i in range(0, len(money), 3)])
 
 
 def _order(row: ReportRow) -> tuple[bool, str]:

@@ -61,6 +61,7 @@ INT_FIELDS = (
     "context_tokens_saved",
     "output_budgeted",
     "length_cutoffs",
+    "batch_requests",
 )
 MONEY_FIELDS = (
     "cost_usd",
@@ -69,6 +70,8 @@ MONEY_FIELDS = (
     "saved_usd",
     "exact_saved_usd",
     "semantic_saved_usd",
+    "batch_cost_usd",
+    "batch_saved_usd",
 )
 MEASURES = INT_FIELDS + MONEY_FIELDS
 MONEY_COLUMNS = tuple(f"{f}_{part}" for f in MONEY_FIELDS for part in ("pico", "exp", "rest"))
@@ -106,7 +109,11 @@ _IN, _CACHED, _OUT, _ESTIMATED, _COST, _SAVED, _CACHE, _ESCALATED, _RETRIES, _RE
     20,
     21,
 )
-_STATUS, _HTTP, _CONTEXT = 22, 23, 30
+_STATUS, _HTTP, _BATCH, _CONTEXT = 22, 23, 28, 30
+# Positions of the money measures in an accumulator (after INT_FIELDS).
+_M_COST, _M_ERROR, _M_RETRY, _M_SAVED, _M_EXACT, _M_SEMANTIC, _M_BATCH_COST, _M_BATCH_SAVED = (
+    len(INT_FIELDS) + i for i in range(len(MONEY_FIELDS))
+)
 
 
 def _add(a: Decimal | None, b: Decimal | None) -> Decimal | None:
@@ -149,23 +156,29 @@ def fold_rows(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
             if finish is not None:
                 acc[14] += 1
                 acc[15] += finish == "length"
+        batch = bool(row[_BATCH])
+        acc[16] += batch
         cost = row[_COST]
         if cost is None:
             acc[10] += 1
         else:
             amount = Decimal(cost)
-            acc[16] = amount if acc[16] is None else acc[16] + amount
+            acc[_M_COST] = _add(acc[_M_COST], amount)
             if not ok:
-                acc[17] = amount if acc[17] is None else acc[17] + amount
+                acc[_M_ERROR] = _add(acc[_M_ERROR], amount)
+            if batch:
+                acc[_M_BATCH_COST] = _add(acc[_M_BATCH_COST], amount)
         if row[_RETRY_COST] is not None:
-            acc[18] = _add(acc[18], Decimal(row[_RETRY_COST]))
+            acc[_M_RETRY] = _add(acc[_M_RETRY], Decimal(row[_RETRY_COST]))
         if row[_SAVED] is not None:
             saved = Decimal(row[_SAVED])
-            acc[19] = _add(acc[19], saved)
+            acc[_M_SAVED] = _add(acc[_M_SAVED], saved)
             if cache == "exact":
-                acc[20] = _add(acc[20], saved)
+                acc[_M_EXACT] = _add(acc[_M_EXACT], saved)
             elif cache == "semantic":
-                acc[21] = _add(acc[21], saved)
+                acc[_M_SEMANTIC] = _add(acc[_M_SEMANTIC], saved)
+            if batch:
+                acc[_M_BATCH_SAVED] = _add(acc[_M_BATCH_SAVED], saved)
     coarse: dict[tuple[Any, ...], list[Any]] = {}
     for (hour, tenant, feature, route, pv, model, user), acc in fine.items():
         day = hour // DAY * DAY
@@ -221,6 +234,7 @@ def _parts(column: str, prefix: str) -> str:
 ROW_PARTS_SQL = (
     "SELECT CAST(ts AS INTEGER) AS ts_i, ts, tenant_id, feature, route, prompt_version, model, user, "
     "status, input_tokens, cached_input_tokens, output_tokens, http_status, cache, escalated, retries, "
+    "batch, "
     "cost_usd IS NULL AS unpriced, usage_estimated, "
     "COALESCE(json_extract(context, '$.saved'), 0) AS ctx_saved, "
     "json_extract(context, '$.finish_reason') AS ctx_finish, "
@@ -266,12 +280,15 @@ def measures_sql(*, top: bool = False, int_sum: str = "SUM") -> str:
             "SUM(ctx_saved)",
             "SUM(ctx_finish IS NOT NULL)",
             "SUM(COALESCE(ctx_finish = 'length', 0))",
+            "SUM(batch != 0)",
             _money_sums("c", None, int_sum),
             _money_sums("c", "status != 'ok'", int_sum),
             _money_sums("r", None, int_sum),
             _money_sums("s", None, int_sum),
             _money_sums("s", "cache = 'exact'", int_sum),
             _money_sums("s", "cache = 'semantic'", int_sum),
+            _money_sums("c", "batch != 0", int_sum),
+            _money_sums("s", "batch != 0", int_sum),
         ]
     )
 

@@ -372,16 +372,24 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         17,
         # Rollups folded behind a watermark (stores/rollups.py `fold_pending`), no longer in the ledger
         # writer's transaction: every ledger row up to `folded_rowid` is in ledger_rollup, the rest
-        # is read from the ledger itself. Until now every row was folded as it was written (or by
-        # migration 12), so the watermark starts at the newest row.
-        # `ledger_rollup_top`: rankings read four narrow columns of the per-user grains, not the
-        # 44-column rows (a 30-day user ranking reads ~120,000 of them at 1M ledger rows).
+        # is read from the ledger itself. The rollups gain the batch measures (the report's batch
+        # share, cost and real-time price), so they are emptied and the watermark starts at 0: the
+        # first fold computes them again from the ledger (readers stay exact meanwhile).
+        # `ledger_rollup_top`: rankings read a few narrow columns, not the 50-column rows.
         """
+        DELETE FROM ledger_rollup;
+        ALTER TABLE ledger_rollup ADD COLUMN batch_requests INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE ledger_rollup ADD COLUMN batch_cost_usd_pico INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE ledger_rollup ADD COLUMN batch_cost_usd_exp INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE ledger_rollup ADD COLUMN batch_cost_usd_rest TEXT;
+        ALTER TABLE ledger_rollup ADD COLUMN batch_saved_usd_pico INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE ledger_rollup ADD COLUMN batch_saved_usd_exp INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE ledger_rollup ADD COLUMN batch_saved_usd_rest TEXT;
         CREATE TABLE ledger_rollup_state (
             id INTEGER PRIMARY KEY CHECK (id = 1),
             folded_rowid INTEGER NOT NULL
         );
-        INSERT INTO ledger_rollup_state VALUES (1, (SELECT COALESCE(MAX(rowid), 0) FROM ledger));
+        INSERT INTO ledger_rollup_state VALUES (1, 0);
         CREATE INDEX ledger_rollup_top ON ledger_rollup (
             grain, bucket, tenant_id, user, requests, ok, cost_usd_pico, cost_usd_exp, cost_usd_rest
         )

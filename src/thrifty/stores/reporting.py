@@ -200,11 +200,12 @@ def _fetch(
 
 
 def _tail_where(window: Window) -> tuple[str, list[Any]]:
+    # `+ts`: never the ts index for the tail; the rowid range past the watermark is the small set.
     clauses, params = ["1"], []
     for clause, value in (
-        ("ts >= ?", window.since),
-        ("ts < ?", window.until),
-        ("tenant_id = ?", window.tenant),
+        ("+ts >= ?", window.since),
+        ("+ts < ?", window.until),
+        ("+tenant_id = ?", window.tenant),
     ):
         if value is not None:
             clauses.append(clause)
@@ -330,12 +331,12 @@ class SqliteReportingStore:
     ) -> BudgetUse:
         def query(conn: sqlite3.Connection) -> BudgetUse:
             clauses = ["grain = 'd'", "bucket >= ?"]
-            tail_clauses = ["ts >= ?"]
+            tail_clauses = ["+ts >= ?"]  # the rowid range past the watermark, not the ts index
             params: list[Any] = [int(since)]
             for column, value in (("tenant_id", tenant), ("feature", feature), ("route", route)):
                 if value is not None:
                     clauses.append(f"{column} = ?")
-                    tail_clauses.append(f"{column} = ?")
+                    tail_clauses.append(f"+{column} = ?")
                     params.append(value)
             pico, exponent, rest, tokens = conn.execute(
                 "SELECT thrifty_int_sum(cost_usd_pico), MIN(cost_usd_exp), "

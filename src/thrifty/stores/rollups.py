@@ -343,7 +343,8 @@ WATERMARK_SQL = "SELECT folded_rowid FROM ledger_rollup_state"
 
 def tail_sql(select: str, where: str, group_by: str, measures: str) -> str:
     """An aggregate over the ledger rows not folded yet (past the watermark) that also match
-    `where` (over ROW_PARTS_SQL's names): `select` (its leading columns), then `measures`."""
+    `where` (over the ledger's columns, each written `+column` so that SQLite scans the rowid range
+    past the watermark rather than, say, 30 days of the ts index): `select`, then `measures`."""
     rows = ROW_PARTS_SQL.format(where=f"rowid > ({WATERMARK_SQL}) AND {where}")
     return f"SELECT {select}, {measures} FROM ({rows}) GROUP BY {group_by}"
 

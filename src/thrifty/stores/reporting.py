@@ -199,6 +199,19 @@ def _fetch(
         return conn.execute(make_sql(True), params).fetchall()
 
 
+def _most_of_history(conn: sqlite3.Connection, lo: int | None, hi: int | None) -> bool:
+    first, last = conn.execute(
+        "SELECT MIN(bucket), MAX(bucket) FROM ledger_rollup WHERE grain = 'du'"
+    ).fetchone()
+    if first is None:
+        return False
+    span = last - first + DAY
+    covered = min(hi if hi is not None else last + DAY, last + DAY) - max(
+        lo if lo is not None else first, first
+    )
+    return covered * 2 >= span
+
+
 def _tail_where(window: Window) -> tuple[str, list[Any]]:
     # `+ts`: never the ts index for the tail; the rowid range past the watermark is the small set.
     clauses, params = ["1"], []
@@ -303,10 +316,13 @@ class SqliteReportingStore:
                     params.append(value)
             bucket_sql = "0" if width == 0 else f"bucket / {width} * {width}"
             group_sql = f"bucket / {DAY} * {DAY}" if by == "day" else column
-            sql = (
-                f"SELECT {bucket_sql}, {group_sql}, {{}} FROM ledger_rollup "
-                f"WHERE {' AND '.join(clauses)} GROUP BY 1, 2"
-            )
+            source = "ledger_rollup"
+            if top and grain == "d" and user and _most_of_history(conn, lo, hi):
+                # Read in user order: no sort of every (day, user) row; scans the user days of all
+                # time, so only when the window holds most of them.
+                source += " INDEXED BY ledger_rollup_by_user"
+            where = " AND ".join(clauses)
+            sql = f"SELECT {bucket_sql}, {group_sql}, {{}} FROM {source} WHERE {where} GROUP BY 1, 2"
             add(_fetch(conn, lambda big, sql=sql: sql.format(big_sums if big else sums), params))
         # The tail: ledger rows past the watermark, summed the same way.
         where, params = _tail_where(window)

@@ -375,7 +375,8 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         # is read from the ledger itself. The rollups gain the batch measures (the report's batch
         # share, cost and real-time price), so they are emptied and the watermark starts at 0: the
         # first fold computes them again from the ledger (readers stay exact meanwhile).
-        # `ledger_rollup_top`: rankings read a few narrow columns, not the 50-column rows.
+        # `ledger_rollup_by_user`: user rankings read a few narrow columns in user order (no sort of
+        # ~120,000 daily rows for 30 days of 4,000 active users), not the 50-column rows.
         """
         DELETE FROM ledger_rollup;
         ALTER TABLE ledger_rollup ADD COLUMN batch_requests INTEGER NOT NULL DEFAULT 0;
@@ -390,8 +391,8 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             folded_rowid INTEGER NOT NULL
         );
         INSERT INTO ledger_rollup_state VALUES (1, 0);
-        CREATE INDEX ledger_rollup_top ON ledger_rollup (
-            grain, bucket, tenant_id, user, requests, ok, cost_usd_pico, cost_usd_exp, cost_usd_rest
+        CREATE INDEX ledger_rollup_by_user ON ledger_rollup (
+            grain, user, bucket, tenant_id, requests, ok, cost_usd_pico, cost_usd_exp, cost_usd_rest
         )
         """,
     ),

@@ -128,7 +128,7 @@ class _Histogram:
 
 
 def _le(bound: float) -> str:
-    return floatToGoString(bound)  # as prometheus-client's own Histogram writes its `le` labels
+    return str(floatToGoString(bound))  # type: ignore[no-untyped-call]  # as its own Histogram writes `le`
 
 
 def _observe(series: list[Any], bounds: tuple[float, ...], value: float) -> None:

@@ -191,14 +191,15 @@ class PostgresReportingStore:
                     params.append(value)
             branches.append(f"SELECT {_ROLLUP_COLUMNS} FROM ledger_rollup WHERE {' AND '.join(clauses)}")
         clauses = [_TAIL]
-        for clause, value in (
+        tail: tuple[tuple[str, float | str | None], ...] = (
             ("ts >= %s", window.since),
             ("ts < %s", window.until),
             ("tenant_id = %s", window.tenant),
-        ):
-            if value is not None:
+        )
+        for clause, tail_value in tail:
+            if tail_value is not None:
                 clauses.append(clause)
-                params.append(value)
+                params.append(tail_value)
         branches.append(f"SELECT {_ROW_AS_ROLLUP} FROM ledger WHERE {' AND '.join(clauses)}")
         column = '"user"' if user else GROUP_COLUMNS[by]
         bucket_sql = "0" if width == 0 else f"bucket / {width} * {width}"

@@ -199,6 +199,13 @@ def _fetch(
         return conn.execute(make_sql(True), params).fetchall()
 
 
+def _formatter(sql: str, sums: str, big_sums: str) -> Callable[[bool], str]:
+    def make(big: bool) -> str:
+        return sql.format(big_sums if big else sums)
+
+    return make
+
+
 def _most_of_history(conn: sqlite3.Connection, lo: int | None, hi: int | None) -> bool:
     first, last = conn.execute(
         "SELECT MIN(bucket), MAX(bucket) FROM ledger_rollup WHERE grain = 'du'"
@@ -209,7 +216,7 @@ def _most_of_history(conn: sqlite3.Connection, lo: int | None, hi: int | None) -
     covered = min(hi if hi is not None else last + DAY, last + DAY) - max(
         lo if lo is not None else first, first
     )
-    return covered * 2 >= span
+    return bool(covered * 2 >= span)
 
 
 def _tail_where(window: Window) -> tuple[str, list[Any]]:
@@ -323,7 +330,7 @@ class SqliteReportingStore:
                 source += " INDEXED BY ledger_rollup_by_user"
             where = " AND ".join(clauses)
             sql = f"SELECT {bucket_sql}, {group_sql}, {{}} FROM {source} WHERE {where} GROUP BY 1, 2"
-            add(_fetch(conn, lambda big, sql=sql: sql.format(big_sums if big else sums), params))
+            add(_fetch(conn, _formatter(sql, sums, big_sums), params))
         # The tail: ledger rows past the watermark, summed the same way.
         where, params = _tail_where(window)
         bucket_sql = "0" if width == 0 else f"ts_i - ts_i % {width}"

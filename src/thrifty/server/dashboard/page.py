@@ -50,6 +50,8 @@ _REPORT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("saved_usd", "saved USD"),
     ("escalation_rate", "escalation rate"),
     ("budget_rejections", "429s"),
+    ("batch_share", "batch share"),
+    ("context_tokens_saved", "ctx tok saved"),
     ("input_tokens", "input tok"),
     ("cached_input_tokens", "cached tok"),
     ("output_tokens", "output tok"),
@@ -134,12 +136,17 @@ def _cards(total: Mapping[str, Any]) -> str:
         ("saved USD (exact / semantic)", None),
         ("budget 429s", "budget_rejections"),
         ("escalation rate", "escalation_rate"),
+        ("batch share (batch USD / same in real time)", None),
+        ("context tokens saved", "context_tokens_saved"),
     ]
     out = []
     for label, field in items:
         if field is None and label.startswith("cache"):
             value = f"{total['cache_hits']} ({total['exact_cache_hits']} / {total['semantic_cache_hits']})"
             field = "cache_hits"
+        elif field is None and label.startswith("batch"):
+            value = f"{total['batch_share']} ({total['batch_cost_usd']} / {total['batch_realtime_usd']})"
+            field = "batch_share"
         elif field is None:
             value = f"{total['saved_usd']} ({total['exact_saved_usd']} / {total['semantic_saved_usd']})"
             field = "saved_usd"

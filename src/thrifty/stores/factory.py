@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,10 +176,15 @@ class Stores:
 
     async def _fold_periodically(self, interval_s: float) -> None:
         """Fold the ledger rows past the rollups' watermark now (a restart catches up on what a
-        killed process left), then every `interval_s`, on a worker thread."""
+        killed process left), then whenever enough wait or the last fold is old, on a thread."""
+        dashboard = self.settings.dashboard
+        last = float("-inf")
         while True:
+            now = time.monotonic()
+            min_rows = 0 if now - last >= dashboard.fold_max_age_s else dashboard.fold_min_rows
             try:
-                await self.reporting.fold()
+                if await self.reporting.fold(min_rows) or min_rows == 0:
+                    last = now
             except Exception as err:  # noqa: BLE001 - readers stay exact (the tail); try next time
                 log.warning("rollups not folded this time: %s", err)
             await asyncio.sleep(interval_s)

@@ -283,8 +283,9 @@ class PostgresReportingStore:
             names = [d.name for d in cur.description]
             return [dict(zip(names, values, strict=True)) for values in await cur.fetchall()]
 
-    async def fold(self) -> int:
-        """Fold the committed rows past the watermark; 0 when another replica is folding."""
+    async def fold(self, min_rows: int = 0) -> int:
+        """Fold the committed rows past the watermark; 0 when another replica is folding, or
+        fewer than `min_rows` wait."""
         async with await self._connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "SELECT folded_xid FROM ledger_rollup_state WHERE id = 1 FOR UPDATE SKIP LOCKED"
@@ -292,6 +293,13 @@ class PostgresReportingStore:
             locked = await cur.fetchone()
             if locked is None:
                 return 0
+            if min_rows:
+                cur = await conn.execute(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM ledger WHERE txid >= %s LIMIT %s) AS w",
+                    (locked[0], min_rows),
+                )
+                if (await cur.fetchone())[0] < min_rows:
+                    return 0
             cur = await conn.execute(FOLD_SQL, {"mark": locked[0]})
             (folded,) = await cur.fetchone()
             return int(folded)

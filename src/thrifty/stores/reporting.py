@@ -98,8 +98,9 @@ class ReportingStore(Protocol):
 
     async def rebuild_rollups(self) -> int: ...
 
-    async def fold(self) -> int:
-        """Fold the ledger rows past the rollups' watermark; return how many (a timer calls this)."""
+    async def fold(self, min_rows: int = 0) -> int:
+        """Fold the ledger rows past the rollups' watermark; return how many (a timer calls this).
+        While fewer than `min_rows` wait, do nothing: readers add them from the ledger anyway."""
         ...
 
     async def aclose(self) -> None: ...
@@ -434,14 +435,14 @@ class SqliteReportingStore:
     async def rebuild_rollups(self) -> int:
         return await asyncio.to_thread(self._write, rebuild_rollups)
 
-    async def fold(self) -> int:
-        return await asyncio.to_thread(self._fold)
+    async def fold(self, min_rows: int = 0) -> int:
+        return await asyncio.to_thread(self._fold, min_rows)
 
-    def _fold(self) -> int:
+    def _fold(self, min_rows: int) -> int:
         with self._fold_lock:
             if self._fold_conn is None:
                 self._fold_conn = connect(self._path, check_same_thread=False)
-            return fold_pending(self._fold_conn)
+            return fold_pending(self._fold_conn, min_rows=min_rows)
 
     async def aclose(self) -> None:
         def close() -> None:

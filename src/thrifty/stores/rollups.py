@@ -362,8 +362,9 @@ def _aggregate(conn: sqlite3.Connection, after: int, upto: int) -> list[tuple[An
     return fold_rows(rows.fetchall())
 
 
-def fold_pending(conn: sqlite3.Connection, *, chunk: int = 200_000) -> int:
+def fold_pending(conn: sqlite3.Connection, *, chunk: int = 200_000, min_rows: int = 0) -> int:
     """Fold every ledger row past the watermark into the rollups; return how many rows it read.
+    `min_rows`: do nothing while fewer rows than that are waiting (a fold has a fixed cost).
 
     The aggregate is computed in a read transaction (the ledger writer keeps writing); only the
     UPSERT of its few rows and the watermark's move hold the write lock. Safe to run from several
@@ -377,7 +378,7 @@ def fold_pending(conn: sqlite3.Connection, *, chunk: int = 200_000) -> int:
             log.warning("ledger rowids are below the rollup watermark; rebuilding the rollups")
             _reset(conn)
             continue
-        if top == mark:
+        if top == mark or (folded == 0 and top - mark < min_rows):
             return folded
         upto = min(top, mark + chunk)
         conn.execute("BEGIN")  # one snapshot for the aggregate

@@ -173,3 +173,27 @@ async def _check_folded(url: str) -> None:
         assert await store.fold() == 2
     finally:
         await store.aclose()
+
+
+async def test_the_request_explorer_pages_by_keyset_on_postgres(pg_url: str):  # noqa: F811
+    from tests.factories import ledger_entry
+
+    _migrated(pg_url)
+    entries = [ledger_entry(f"r{i:02d}", ts=T0 + (0 if 5 <= i < 12 else i)) for i in range(20)]
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        _insert(conn, entries)
+    store = PostgresReportingStore(pg_url)
+    try:
+        seen: list[str] = []
+        before = None
+        while True:
+            page = await store.requests(Window(), limit=4, before=before)
+            seen += [r["request_id"] for r in page]
+            if len(page) < 4:
+                break
+            before = (page[-1]["ts"], page[-1]["request_id"])
+        assert sorted(seen) == sorted(e.request_id for e in entries) and len(seen) == len(set(seen))
+        (newest,) = await store.requests(Window(), limit=1)
+        assert newest["cost_usd"] == "0.1" and isinstance(newest["attempts"], list)
+    finally:
+        await store.aclose()

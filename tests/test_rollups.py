@@ -292,3 +292,22 @@ async def test_pico_dollars_parsed_in_floating_point_are_exact_for_every_digit_p
     rolled = {r.group: r.cost_usd for r in await store.rollup_by("tenant", Window())}
     for i, a in enumerate(amounts):
         assert str(rolled[f"t{i}"]) == str(Decimal(0) + Decimal(a)), a  # as the report sums it
+
+
+async def test_the_request_explorer_pages_through_rows_at_the_same_instant_without_gaps(tmp_path: Path):
+    """Keyset pagination on (ts, request_id): seven rows share one timestamp across a page edge."""
+    db = tmp_path / "l.db"
+    conn = open_database(db)
+    entries = [ledger_entry(f"r{i:02d}", ts=T0 + (0 if 5 <= i < 12 else i)) for i in range(20)]
+    conn.executemany(INSERT_ENTRY_SQL, [entry_row(e) for e in entries])
+    conn.close()
+    store = SqliteReportingStore(db)
+    seen: list[str] = []
+    before = None
+    while True:
+        page = await store.requests(Window(), limit=4, before=before)
+        seen += [r["request_id"] for r in page]
+        if len(page) < 4:
+            break
+        before = (page[-1]["ts"], page[-1]["request_id"])
+    assert sorted(seen) == sorted(e.request_id for e in entries) and len(seen) == len(set(seen))

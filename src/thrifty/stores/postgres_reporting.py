@@ -62,7 +62,10 @@ _ROLLUP_COLUMNS = (
 )
 _SUMS = ", ".join([f"SUM({f})" for f in INT_FIELDS] + [f"COALESCE(SUM({f}), 0)" for f in MONEY_FIELDS])
 _TOP_SUMS = "SUM(requests), SUM(ok), COALESCE(SUM(cost_usd), 0)"
-_TAIL = "txid >= (SELECT folded_xid FROM ledger_rollup_state)"
+# The watermark is read first and written into the statement as a number, in one REPEATABLE READ
+# transaction (one snapshot): the planner then sees how few rows are past it and takes the txid
+# index, not (say) a day of the ts index.
+_TAIL = "txid >= {mark}"
 _GRAINS_SQL = " UNION ALL ".join(
     f"SELECT '{grain}' AS grain, {width} AS width, {str(by_user).lower()} AS by_user"
     for grain, (width, by_user) in GRAINS.items()
@@ -131,8 +134,12 @@ class PostgresReportingStore:
         return self._pool.connection()
 
     async def _all(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
-        async with await self._connection() as conn:
-            cur = await conn.execute(sql, params)
+        """Run `sql` with `{mark}` replaced by the watermark, both in one snapshot."""
+        async with await self._connection() as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            cur = await conn.execute("SELECT folded_xid FROM ledger_rollup_state")
+            (mark,) = await cur.fetchone()
+            cur = await conn.execute(sql.replace("{mark}", str(int(mark))), params)
             return list(await cur.fetchall())
 
     async def aclose(self) -> None:

@@ -8,7 +8,7 @@ it (`txid`, the column's default). A fold takes, in one statement (one snapshot)
 folded_xid <= txid < xmin, where xmin is the oldest transaction still running: every transaction
 below it has committed or rolled back for good, so no row can still appear below the new
 watermark. Readers add the rows with txid >= folded_xid, aggregated from the ledger itself in the
-same statement, so every number is exact however far behind the folder is (a transaction left open
+same snapshot, so every number is exact however far behind the folder is (a transaction left open
 elsewhere only makes that tail longer). Replicas fold in turn: the watermark row is locked, and a
 replica finding it locked skips its turn.
 
@@ -176,7 +176,7 @@ class PostgresReportingStore:
         )
 
     async def _rollup(self, by: str, width: int, window: Window, *, top: bool = False) -> list[SeriesPoint]:
-        """One statement (one snapshot): the rollup rows of the plan's parts and the ledger rows
+        """One statement in one snapshot (`_all`): the rollup rows of the plan's parts and the ledger rows
         past the watermark, as hourly rollup rows, summed per (bucket, group)."""
         if by not in GROUP_COLUMNS:
             raise ValueError(f"by must be one of {', '.join(GROUP_COLUMNS)}")

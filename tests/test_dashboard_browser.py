@@ -107,10 +107,15 @@ def test_the_dashboard_in_headless_chromium(tmp_path: Path, browser: WebDriver):
         # The numbers shown are the report's for the same window.
         window = get(url + "/dashboard/api/summary", ADMIN_KEY, by="feature", range="7d").json()["window"]
         report = _report(db, "feature", window)
-        for field in ("cost_usd", "requests", "error_cost_usd", "retry_cost_usd", "saved_usd", "cache_hits"):
+        fields = ("cost_usd", "requests", "error_cost_usd", "retry_cost_usd", "saved_usd", "cache_hits")
+        for field in (*fields, "batch_share", "context_tokens_saved"):
             assert _cells(browser, "summary", field) == {g: str(r[field]) for g, r in report.items()}, field
         total = browser.find_element(By.CSS_SELECTOR, '#totals [data-field="cost_usd"] b').text
         assert total == report["TOTAL"]["cost_usd"]
+        batch = browser.find_element(By.CSS_SELECTOR, '#totals [data-field="batch_share"] b').text
+        t = report["TOTAL"]
+        assert batch == f"{t['batch_share']} ({t['batch_cost_usd']} / {t['batch_realtime_usd']})"
+        assert t["batch_requests"] > 0
         # A filter (the form, no script) changes them.
         Select(browser.find_element(By.NAME, "tenant")).select_by_value("acme")
         browser.find_element(By.CSS_SELECTOR, "form.filters button").click()

@@ -10,11 +10,13 @@ from typing import Any
 
 import httpx
 import openai
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import KEYS, UPSTREAM_KEY, base_settings, ledger_rows, openai_models
 from tests.dashboard_helpers import ADMIN_KEY
 from tests.fakes.openai_wire import OpenAIWireServer, Reply
+from thrifty.server.metrics import DURATION_BUCKETS, GatewayMetrics
 from thrifty.server.run import BackgroundServer
 from thrifty.stores.keys import hash_key
 
@@ -105,3 +107,41 @@ def test_metrics_counters_equal_the_ledger_sums(tmp_path: Path, openai_upstream:
     states = {labels["model"]: v for labels, v in samples["thrifty_circuit_breaker_state"]}
     assert states and set(states.values()) == {0.0}
     assert _total(samples["thrifty_queue_depth"], queue="ledger") == 0
+
+
+def test_histograms_read_as_prometheus_clients_own_for_the_same_observations(tmp_path: Path):
+    """The sums are kept outside prometheus-client (a row costs a few list updates); the
+    exposition of a histogram must still be what its own Histogram writes, bucket for bucket."""
+    from tests.test_rollups import varied_entries
+    from thrifty.stores.ledger import entry_row
+
+    settings = base_settings(tmp_path, providers={}, models={})
+    ours = GatewayMetrics(settings)
+    rows = [entry_row(e) for e in varied_entries(60)]
+    # Latencies on and around the bucket bounds: `le` includes the bound itself.
+    rows = [
+        (*r[:25], [b * 1000 for b in DURATION_BUCKETS][i % 14] + (i % 3 - 1) * 1e-6, *r[26:])
+        for i, r in enumerate(rows)
+    ]
+    ours.observe_batch(rows[:7])
+    ours.observe_batch(rows[7:])
+    registry = CollectorRegistry()
+    theirs = Histogram(
+        "gen_ai_client_operation_duration_seconds",
+        "x",
+        ["gen_ai_operation_name", "gen_ai_request_model", "route"],
+        buckets=DURATION_BUCKETS,
+        registry=registry,
+    )
+    for r in rows:
+        theirs.labels("chat", r[7] or "none", r[5] or "none").observe(r[25] / 1000)
+
+    def samples(text: str) -> list:
+        (family,) = [
+            f
+            for f in text_string_to_metric_families(text)
+            if f.name == "gen_ai_client_operation_duration_seconds"
+        ]
+        return sorted((s.name, sorted(s.labels.items()), round(s.value, 9)) for s in family.samples)
+
+    assert samples(ours.exposition()[0].decode()) == samples(generate_latest(registry).decode())

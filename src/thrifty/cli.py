@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -211,16 +211,13 @@ def dashboard(
     """Serve the dashboard (/dashboard) over an existing ledger, without the proxy."""
     import asyncio
 
-    from thrifty.stores.reporting import SqliteReportingStore
-    from thrifty.stores.sqlite_db import open_database
-
     settings = _settings(config)
+    postgres = db is None and settings.storage.backend == "postgresql"
     path = db or settings.storage.sqlite_path
-    if not path.exists():
+    if not postgres and not path.exists():
         raise ThriftyError(f"no ledger at {path}")
     if rebuild_rollups:
-        open_database(path).close()
-        rows = asyncio.run(SqliteReportingStore(path).rebuild_rollups())
+        rows = asyncio.run(_rebuild_rollups(settings, None if postgres else path))
         typer.echo(f"rebuilt the rollups from {rows:,} ledger row{'' if rows == 1 else 's'}")
         return
     import uvicorn
@@ -232,13 +229,35 @@ def dashboard(
     from thrifty.server.run import listening_socket
 
     bind = host or settings.server.host
-    server = uvicorn.Server(dashboard_config(settings, path, host=bind, port=port))
+    server = uvicorn.Server(dashboard_config(settings, None if postgres else path, host=bind, port=port))
     try:
         sock = listening_socket(bind, port)
     except OSError as err:
         raise ThriftyError(f"cannot listen on {bind}:{port}: {err.strerror}") from err
-    typer.echo(f"thrifty dashboard on http://{bind}:{port}/dashboard over {path.resolve()}")
+    where = "PostgreSQL (storage.url)" if postgres else str(path.resolve())
+    typer.echo(f"thrifty dashboard on http://{bind}:{port}/dashboard over {where}")
     server.run(sockets=[sock])
+
+
+async def _rebuild_rollups(settings: Any, path: Path | None) -> int:
+    if path is None:
+        from thrifty.stores import postgres
+        from thrifty.stores.postgres_reporting import PostgresReportingStore
+
+        conn = postgres.connect(settings.storage.url)
+        postgres.migrate(conn)
+        conn.close()
+        store: Any = PostgresReportingStore(settings.storage.url)
+    else:
+        from thrifty.stores.reporting import SqliteReportingStore
+        from thrifty.stores.sqlite_db import open_database
+
+        open_database(path).close()
+        store = SqliteReportingStore(path)
+    try:
+        return int(await store.rebuild_rollups())
+    finally:
+        await store.aclose()
 
 
 @app.command()

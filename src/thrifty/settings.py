@@ -557,6 +557,12 @@ class DashboardSettings(_Strict):
     admin_key_hashes: list[str] = Field(default_factory=list)
     top_n: int = Field(default=10, ge=1, le=1000)  # rows in the top features / tenants / users tables
     explorer_rows: int = Field(default=50, ge=1, le=1000)  # requests per explorer page
+    # How often the gateway looks for new ledger rows to fold into the rollups (off the requests'
+    # path); it folds once `fold_min_rows` wait or the last fold is `fold_max_age_s` old. The page is
+    # exact either way (rows not folded yet are read from the ledger); these bound that tail.
+    fold_interval_s: float = Field(default=1.0, gt=0, le=3600)
+    fold_min_rows: int = Field(default=2000, ge=0)
+    fold_max_age_s: float = Field(default=30.0, ge=0)
 
     @model_validator(mode="after")
     def _hashes(self) -> DashboardSettings:

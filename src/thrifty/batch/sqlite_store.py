@@ -19,7 +19,6 @@ from thrifty.batch.flush import QueueGroup
 from thrifty.batch.states import ITEM_OPEN, STATUS_TIME
 from thrifty.batch.store import FileRecord, Item, ItemResult, JobRecord, NewItem, UpstreamBatch
 from thrifty.stores.ledger import INSERT_ENTRY_SQL, entry_row
-from thrifty.stores.rollups import add_rollups
 from thrifty.stores.sqlite_db import open_database
 from thrifty.types import LedgerEntry, decimal_text
 
@@ -410,11 +409,10 @@ class SqliteBatchStore:
         return recorded
 
     def _insert_ledger(self, rows: Iterable[tuple[Any, ...]]) -> None:
-        """Ledger rows, folded into the dashboard's rollups in the same transaction (as the ledger
-        writer does): a row is in the rollups exactly when it is in the ledger."""
-        inserted = [row for row in rows if self._conn.execute(INSERT_ENTRY_SQL, row).rowcount == 1]
-        if inserted:
-            add_rollups(self._conn, inserted)
+        """Ledger rows: inserted, nothing more (the dashboard's rollups fold every ledger row
+        behind their watermark, however it was written)."""
+        for row in rows:
+            self._conn.execute(INSERT_ENTRY_SQL, row)
 
     # -- webhooks ---------------------------------------------------------------------------
 

@@ -267,6 +267,17 @@ def bench_overhead(
         list[int] | None, typer.Option("--concurrency", help="repeat for each level (default 1 16 64)")
     ] = None,
     warmup: Annotated[float | None, typer.Option(help="seconds of warm-up per target")] = None,
+    base_src: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-src",
+            help="another checkout (e.g. git worktree add /tmp/base main): its thrifty as a 'base' column",
+        ),
+    ] = None,
+    base_set: Annotated[
+        list[str] | None,
+        typer.Option("--base-set", help="a setting of the base column, e.g. metrics.enabled=false (repeat)"),
+    ] = None,
 ) -> None:
     """Latency and throughput: direct to a stub, through thrifty, a bare pass-through, LiteLLM."""
     from typing import cast
@@ -286,6 +297,8 @@ def bench_overhead(
         generator=cast(Generator, generator),  # checked just above
         concurrencies=concurrency or DEFAULT_CONCURRENCIES,
         warmup=warmup,
+        base_src=base_src,
+        base_set=base_set or (),
     )
     # Missed targets are a finding, not a failure; errors or missing ledger rows are a failure.
     if not report["ok"]:

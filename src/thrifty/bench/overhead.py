@@ -7,6 +7,8 @@ between them mean something even on a shared, noisy machine where absolute times
   thrifty      `thrifty serve` in front of the stub: auth, pricing, token accounting, ledger.
   passthrough  a bare ASGI proxy on the same server stack: the ceiling for Python here.
   litellm      LiteLLM's proxy in front of the same stub, when asked for.
+  base         thrifty from another source tree (`--base-src`, e.g. a git worktree of an older
+               commit), same settings: what a change costs, as a ratio measured in the same run.
 
 Each server runs in its own process on an ephemeral 127.0.0.1 port; concurrencies are measured
 one after another with all targets interleaved at each level, so drift hits every column alike.
@@ -21,6 +23,7 @@ import platform
 import secrets
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -46,6 +50,7 @@ from thrifty.bench.loadgen import (
 from thrifty.bench.servers import (
     LITELLM_START_TIMEOUT_S,
     REQUEST,
+    START_TIMEOUT_S,
     Target,
     _chat_url,
     _cpu_seconds,
@@ -53,6 +58,7 @@ from thrifty.bench.servers import (
     _litellm_version,
     _Processes,
     _request,
+    _settings_yaml,
     _sigterm_exits,
     _smoke,
     _start_litellm,
@@ -61,7 +67,7 @@ from thrifty.bench.servers import (
     _wait_until,
 )
 
-TARGETS = ("direct", "thrifty", "passthrough", "litellm")
+TARGETS = ("direct", "thrifty", "base", "passthrough", "litellm")
 DEFAULT_CONCURRENCIES = (1, 16, 64)
 # Targets from the issue, for the pass/fail marks.
 MAX_ADDED_P50_MS = 1.0
@@ -96,8 +102,14 @@ def run_overhead_bench(
     generator: Generator = "auto",
     concurrencies: Sequence[int] = DEFAULT_CONCURRENCIES,
     warmup: float | None = None,
+    base_src: Path | None = None,
+    base_set: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run the bench, print the table and ratios, write JSON; return the report.
+
+    `base_src`: a source tree (its `src/` holds the package) whose thrifty runs as the `base`
+    column, for the CPU and latency a change adds (`thrifty_over_base_*` ratios); `base_set`:
+    settings of the base (`metrics.enabled=false`), on this tree unless `base_src` is given.
 
     `litellm_url` measures a LiteLLM proxy already running (its key from `litellm_key` or
     $LITELLM_MASTER_KEY); `litellm_venv` starts `VENV/bin/litellm` against this run's own stub.
@@ -113,7 +125,18 @@ def run_overhead_bench(
         procs = _Processes(Path(tmp))
         try:
             report = _run(
-                procs, Path(tmp), gen, duration, levels, warm, litellm_url, litellm_venv, litellm_key, console
+                procs,
+                Path(tmp),
+                gen,
+                duration,
+                levels,
+                warm,
+                litellm_url,
+                litellm_venv,
+                litellm_key,
+                console,
+                base_src,
+                base_set,
             )
         finally:
             procs.stop_all()
@@ -167,8 +190,10 @@ def _run(
     litellm_venv: Path | None,
     litellm_key: str | None,
     console: Console,
+    base_src: Path | None = None,
+    base_set: Sequence[str] = (),
 ) -> dict[str, Any]:
-    stub_port, thrifty_port, pass_port, litellm_port = _free_ports(4)
+    stub_port, thrifty_port, pass_port, litellm_port, base_port = _free_ports(5)
     key = "thr-bench-" + secrets.token_urlsafe(24)
     versions: dict[str, str | None] = {"thrifty": _version("thrifty"), "python": platform.python_version()}
 
@@ -191,6 +216,10 @@ def _run(
 
     console.print(f"[dim]starting the stub, the pass-through and thrifty in {workdir}...[/dim]")
     targets, db = _start_local_servers(procs, workdir, stub_port, thrifty_port, pass_port, key)
+    if base_src is not None or base_set:
+        src = None if base_src is None else base_src.absolute()
+        targets.insert(2, _start_base(procs, workdir, src, base_set, stub_port, base_port, key))
+        versions["base"] = " ".join([str(base_src or "this tree"), *base_set])
     if litellm is not None:
         console.print("[dim]waiting for LiteLLM's proxy to start...[/dim]")
         liveliness = f"http://127.0.0.1:{litellm_port}/health/liveliness"
@@ -284,6 +313,41 @@ def _run(
     }
 
 
+def _start_base(
+    procs: _Processes,
+    workdir: Path,
+    src: Path | None,
+    overrides: Sequence[str],
+    stub_port: int,
+    port: int,
+    key: str,
+) -> Target:
+    """thrifty from another source tree and/or with other settings, with its own ledger."""
+    if src is not None and not (src / "src" / "thrifty").is_dir():
+        raise BenchError(f"--base-src {src}: no src/thrifty there (give a checkout, e.g. a git worktree)")
+    data = yaml.safe_load(_settings_yaml(stub_port, port, workdir / "base.db", key))
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        if not sep or not dotted:
+            raise BenchError(f"--base-set {item!r}: give SECTION.KEY=VALUE, e.g. metrics.enabled=false")
+        *path, last = dotted.split(".")
+        node = data
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    settings = workdir / "base.yaml"
+    settings.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    env = {**os.environ} if src is None else {**os.environ, "PYTHONPATH": str(src / "src")}
+    proc = procs.start(
+        "base",
+        [sys.executable, "-c", "from thrifty.cli import main; main()", "serve", "--config", str(settings)],
+        env=env,
+    )
+    health = f"http://127.0.0.1:{port}/healthz"
+    _wait_until(procs, "base", proc, lambda: _request(health)[0] == 200, START_TIMEOUT_S)
+    return Target("base", f"http://127.0.0.1:{port}/v1/chat/completions", key, proc.pid)
+
+
 def _ratios(entries: list[dict[str, Any]], levels: list[int]) -> tuple[dict[str, float], dict[str, bool]]:
     def get(target: str, concurrency: int) -> dict[str, Any] | None:
         for e in entries:
@@ -311,6 +375,16 @@ def _ratios(entries: list[dict[str, Any]], levels: list[int]) -> tuple[dict[str,
         mine, theirs = thrifty_hi["server_cpu_us_per_req"], pass_hi["server_cpu_us_per_req"]
         if mine is not None and theirs:
             ratios[f"thrifty_over_passthrough_cpu_per_req_c{hi}"] = round(mine / theirs, 3)
+    for concurrency in levels:
+        mine, base = get("thrifty", concurrency), get("base", concurrency)
+        if mine is None or base is None:
+            continue
+        if mine["server_cpu_us_per_req"] and base["server_cpu_us_per_req"]:
+            ratios[f"thrifty_over_base_cpu_per_req_c{concurrency}"] = round(
+                mine["server_cpu_us_per_req"] / base["server_cpu_us_per_req"], 3
+            )
+        if base["rps"] > 0:
+            ratios[f"thrifty_over_base_rps_c{concurrency}"] = round(mine["rps"] / base["rps"], 3)
     added = ratios.get(f"thrifty_added_p50_ms_c{lo}")
     if added is not None:
         met[f"thrifty_added_p50_c{lo}_le_{MAX_ADDED_P50_MS:g}ms"] = added <= MAX_ADDED_P50_MS
@@ -387,6 +461,14 @@ def _print_report(report: dict[str, Any], console: Console) -> None:
             + f"  (thrifty / passthrough {cpu_ratio:.2f}x)",
             highlight=False,
         )
+    for concurrency in levels:
+        cpu_vs_base = ratios.get(f"thrifty_over_base_cpu_per_req_c{concurrency}")
+        if cpu_vs_base is not None:
+            console.print(
+                f"thrifty / base at c={concurrency}: CPU per request {cpu_vs_base:.3f}x, "
+                f"req/s {ratios[f'thrifty_over_base_rps_c{concurrency}']:.3f}x",
+                highlight=False,
+            )
     for name in ("thrifty", "passthrough", "litellm"):
         ratio = ratios.get(f"{name}_over_direct_rps_c{hi}")
         if ratio is not None:

@@ -24,7 +24,6 @@ from thrifty.server.dashboard import DashboardApp
 from thrifty.server.metrics import GatewayMetrics
 from thrifty.settings import Settings
 from thrifty.stores.keys import hash_key
-from thrifty.stores.reporting import SqliteReportingStore
 from thrifty.types import Tags
 
 log = logging.getLogger(__name__)
@@ -148,7 +147,7 @@ class ThriftyApp:
         self._dashboard: DashboardApp | None = None
         if gateway.settings.dashboard.enabled:
             self._dashboard = DashboardApp(
-                SqliteReportingStore(gateway.db_path),
+                gateway.stores.reporting,
                 gateway.settings,
                 lambda key: gateway.authenticate("Bearer " + key),
             )

@@ -1,9 +1,11 @@
 """`GET /metrics`: Prometheus text format from prometheus-client, one registry per gateway.
 
 Counters are fed from each committed ledger batch (LedgerWriter.observe), not from the request
-path: a batch is folded by label set first, so a busy second costs one `inc` per distinct label
-set, and only the histograms see every row. Numbers therefore match the ledger: a request is
-counted once it is committed, exactly when it appears in `thrifty report`.
+path, so they match the ledger: a request is counted once it is committed, exactly when it appears
+in `thrifty report`. A row costs a few dict and list updates: the sums live in plain Python
+accumulators (money as exact Decimal) and a custom collector hands them to prometheus-client at
+scrape time, which formats the exposition. (Counter/Histogram children cost ~40 us a row here in
+label lookups, locks and checks; at one row per commit that was most of the metrics' cost.)
 
 Names follow OpenTelemetry's GenAI semantic conventions where one exists
 (`gen_ai.client.token.usage` -> `gen_ai_client_token_usage`, `gen_ai.client.operation.duration`
@@ -15,15 +17,17 @@ tenant, feature, route and model keeps the values the settings name plus the fir
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from decimal import Decimal
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from thrifty.settings import Settings
 
@@ -97,6 +101,144 @@ class _StateCollector(Collector):
         yield depth
 
 
+class _Histogram:
+    """One histogram's label sets: per-bucket counts (not cumulative), sum and count."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.series: dict[tuple[str, ...], list[Any]] = {}
+
+    def of(self, labels: tuple[str, ...]) -> list[Any]:
+        series = self.series.get(labels)
+        if series is None:
+            # [count per bucket (+Inf last)], sum, count
+            series = self.series[labels] = [[0] * (len(self.bounds) + 1), 0.0, 0]
+        return series
+
+    def family(self, name: str, documentation: str, label_names: list[str]) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, documentation, labels=label_names)
+        edges = [*(_le(b) for b in self.bounds), "+Inf"]
+        for labels, (counts, total, _count) in sorted(self.series.items()):
+            cumulative, buckets = 0, []
+            for edge, n in zip(edges, counts, strict=True):
+                cumulative += n
+                buckets.append((edge, cumulative))
+            family.add_metric(list(labels), buckets, total)
+        return family
+
+
+def _le(bound: float) -> str:
+    return str(floatToGoString(bound))  # type: ignore[no-untyped-call]  # as its own Histogram writes `le`
+
+
+def _observe(series: list[Any], bounds: tuple[float, ...], value: float) -> None:
+    series[0][bisect_left(bounds, value)] += 1  # le: a value on a bound falls in that bucket
+    series[1] += value
+    series[2] += 1
+
+
+# Accumulator positions per (tenant, feature, route, model, status).
+_N_REQ, _N_IN, _N_CACHED, _N_OUT, _N_COST, _N_SAVED, _N_EXACT, _N_SEM, _N_ESC, _N_429 = range(10)
+_KEY_CACHE_MAX = 10_000
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        attribution = ["tenant", "feature", "route", "model"]
+        requests = CounterMetricFamily(
+            "thrifty_requests", "Logical requests committed to the ledger", labels=[*attribution, "status"]
+        )
+        tokens = CounterMetricFamily(
+            "thrifty_tokens",
+            "Tokens billed: input (incl. cached), cached_input, output",
+            labels=[*attribution, "type"],
+        )
+        cost = CounterMetricFamily("thrifty_cost_usd", "Spend in USD (priced requests)", labels=attribution)
+        saved = CounterMetricFamily(
+            "thrifty_saved_usd", "USD not spent: cache hits and shared generations", labels=attribution
+        )
+        per_route: dict[tuple[str, str, str], int] = {}
+        escalations: dict[tuple[str, str], int] = {}
+        rejections: dict[tuple[str, str, str], int] = {}
+        totals: dict[tuple[str, str, str, str], list[Any]] = {}
+        for (tenant, feature, route, model, status), acc in sorted(m.sums.items()):
+            requests.add_metric([tenant, feature, route, model, status], acc[_N_REQ])
+            into = totals.get((tenant, feature, route, model))
+            if into is None:
+                into = totals[(tenant, feature, route, model)] = [0, 0, 0, Decimal(0), Decimal(0)]
+            into[0] += acc[_N_IN]
+            into[1] += acc[_N_CACHED]
+            into[2] += acc[_N_OUT]
+            into[3] += acc[_N_COST]
+            into[4] += acc[_N_SAVED]
+            for kind, n in (("exact", acc[_N_EXACT]), ("semantic", acc[_N_SEM])):
+                if n:
+                    per_route[(tenant, route, kind)] = per_route.get((tenant, route, kind), 0) + n
+            if acc[_N_ESC]:
+                escalations[(tenant, route)] = escalations.get((tenant, route), 0) + acc[_N_ESC]
+            if acc[_N_429]:
+                key = (tenant, feature, route)
+                rejections[key] = rejections.get(key, 0) + acc[_N_429]
+        for labels, (inp, cached, out, usd, saved_usd) in totals.items():
+            for kind, n in (("input", inp), ("cached_input", cached), ("output", out)):
+                if n:
+                    tokens.add_metric([*labels, kind], n)
+            if usd:
+                cost.add_metric(list(labels), float(usd))
+            if saved_usd:
+                saved.add_metric(list(labels), float(saved_usd))
+        yield from (requests, tokens, cost, saved)
+        hits = CounterMetricFamily(
+            "thrifty_cache_hits", "Requests answered from a cache", labels=["tenant", "route", "kind"]
+        )
+        for labels3, n in sorted(per_route.items()):
+            hits.add_metric(list(labels3), n)
+        yield hits
+        escalated = CounterMetricFamily(
+            "thrifty_escalations",
+            "Cascade requests that went past their first tier",
+            labels=["tenant", "route"],
+        )
+        for labels2, n in sorted(escalations.items()):
+            escalated.add_metric(list(labels2), n)
+        yield escalated
+        rejected = CounterMetricFamily(
+            "thrifty_budget_rejections",
+            "Requests refused with 429 (budgets, rate limits), as the report counts them",
+            labels=["tenant", "feature", "route"],
+        )
+        for labels3, n in sorted(rejections.items()):
+            rejected.add_metric(list(labels3), n)
+        yield rejected
+        errors = CounterMetricFamily(
+            "thrifty_upstream_errors",
+            "Upstream attempts that failed, by HTTP status (0: no response)",
+            labels=["provider", "model", "status"],
+        )
+        for labels3, n in sorted(m.upstream_errors.items()):
+            errors.add_metric(list(labels3), n)
+        yield errors
+        yield m.token_usage.family(
+            "gen_ai_client_token_usage",
+            "Tokens per request (OpenTelemetry gen_ai.client.token.usage)",
+            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"],
+        )
+        yield m.duration.family(
+            "gen_ai_client_operation_duration_seconds",
+            "Request duration through the gateway (OpenTelemetry gen_ai.client.operation.duration)",
+            ["gen_ai_operation_name", "gen_ai_request_model", "route"],
+        )
+        yield m.ttft.family(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time to the first streamed token (OpenTelemetry gen_ai.server.time_to_first_token)",
+            ["gen_ai_operation_name", "gen_ai_request_model", "route"],
+        )
+
+
 class GatewayMetrics:
     def __init__(
         self,
@@ -112,132 +254,77 @@ class GatewayMetrics:
         self._route = BoundedLabel(cap, settings.routes)
         self._model = BoundedLabel(cap, settings.models)
         self._provider = BoundedLabel(cap, settings.providers)
-        attribution = ("tenant", "feature", "route", "model")
-        r = self.registry
-        self.requests = Counter(
-            "thrifty_requests",
-            "Logical requests committed to the ledger",
-            [*attribution, "status"],
-            registry=r,
+        # Sums per bounded (tenant, feature, route, model, status); see _N_* for the positions.
+        self.sums: dict[tuple[str, str, str, str, str], list[Any]] = {}
+        self.upstream_errors: dict[tuple[str, str, str], int] = {}
+        self.token_usage = _Histogram(TOKEN_BUCKETS)
+        self.duration = _Histogram(DURATION_BUCKETS)
+        self.ttft = _Histogram(TTFT_BUCKETS)
+        # Raw label values -> (bounded key, its sums, its histogram series): one dict read a row.
+        # The bounded values of a raw value never change, so this only ever saves work.
+        self._keys: dict[tuple[Any, ...], tuple[list[Any], list[Any], list[Any], list[Any], list[Any]]] = {}
+        self.registry.register(_Collector(self))
+        self.registry.register(_StateCollector(breakers, depths or {}))
+
+    def _slot(self, raw: tuple[Any, ...]) -> tuple[list[Any], list[Any], list[Any], list[Any], list[Any]]:
+        tenant, feature, route, model, status = raw
+        b_model, b_route = self._model(model), self._route(route)
+        key = (self._tenant(tenant), self._feature(feature), b_route, b_model, status)
+        sums = self.sums.get(key)
+        if sums is None:
+            sums = self.sums[key] = [0, 0, 0, 0, Decimal(0), Decimal(0), 0, 0, 0, 0]
+        slot = (
+            sums,
+            self.token_usage.of(("chat", b_model, "input")),
+            self.token_usage.of(("chat", b_model, "output")),
+            self.duration.of(("chat", b_model, b_route)),
+            self.ttft.of(("chat", b_model, b_route)),
         )
-        self.tokens = Counter(
-            "thrifty_tokens",
-            "Tokens billed: input (incl. cached), cached_input, output",
-            [*attribution, "type"],
-            registry=r,
-        )
-        self.cost = Counter("thrifty_cost_usd", "Spend in USD (priced requests)", attribution, registry=r)
-        self.saved = Counter(
-            "thrifty_saved_usd", "USD not spent: cache hits and shared generations", attribution, registry=r
-        )
-        self.cache_hits = Counter(
-            "thrifty_cache_hits", "Requests answered from a cache", ["tenant", "route", "kind"], registry=r
-        )
-        self.escalations = Counter(
-            "thrifty_escalations",
-            "Cascade requests that went past their first tier",
-            ["tenant", "route"],
-            registry=r,
-        )
-        self.rejections = Counter(
-            "thrifty_budget_rejections",
-            "Requests refused with 429 (budgets, rate limits), as the report counts them",
-            ["tenant", "feature", "route"],
-            registry=r,
-        )
-        self.upstream_errors = Counter(
-            "thrifty_upstream_errors",
-            "Upstream attempts that failed, by HTTP status (0: no response)",
-            ["provider", "model", "status"],
-            registry=r,
-        )
-        self.token_usage = Histogram(
-            "gen_ai_client_token_usage",
-            "Tokens per request (OpenTelemetry gen_ai.client.token.usage)",
-            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"],
-            buckets=TOKEN_BUCKETS,
-            registry=r,
-        )
-        self.duration = Histogram(
-            "gen_ai_client_operation_duration_seconds",
-            "Request duration through the gateway (OpenTelemetry gen_ai.client.operation.duration)",
-            ["gen_ai_operation_name", "gen_ai_request_model", "route"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "gen_ai_server_time_to_first_token_seconds",
-            "Time to the first streamed token (OpenTelemetry gen_ai.server.time_to_first_token)",
-            ["gen_ai_operation_name", "gen_ai_request_model", "route"],
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        )
-        r.register(_StateCollector(breakers, depths or {}))
-        # Histogram children by label values: a batch observes one per row.
-        self._observers: dict[tuple[str, ...], tuple[Any, ...]] = {}
+        if len(self._keys) >= _KEY_CACHE_MAX:
+            self._keys.clear()  # raw values from headers are unbounded; the cache must not be
+        self._keys[raw] = slot
+        return slot
 
     def observe_batch(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Fold a committed ledger batch into the counters (LedgerWriter.observe)."""
-        folded: dict[tuple[str, str, str, str, str], list[Any]] = {}
+        """Add a committed ledger batch to the sums (LedgerWriter.observe)."""
+        keys = self._keys
         for row in rows:
-            model = self._model(row[_MODEL])
-            route = self._route(row[_ROUTE])
-            key = (self._tenant(row[_TENANT]), self._feature(row[_FEATURE]), route, model, row[_STATUS])
-            acc = folded.get(key)
-            if acc is None:
-                # requests, input, cached, output, cost, saved, exact, semantic, escalated, 429s
-                acc = folded[key] = [0, 0, 0, 0, Decimal(0), Decimal(0), 0, 0, 0, 0]
-            acc[0] += 1
-            acc[1] += row[_IN]
-            acc[2] += row[_CACHED]
-            acc[3] += row[_OUT]
+            raw = (row[_TENANT], row[_FEATURE], row[_ROUTE], row[_MODEL], row[_STATUS])
+            slot = keys.get(raw) or self._slot(raw)
+            acc = slot[0]
+            inp, out = row[_IN], row[_OUT]
+            acc[_N_REQ] += 1
+            acc[_N_IN] += inp
+            acc[_N_CACHED] += row[_CACHED]
+            acc[_N_OUT] += out
             if row[_COST] is not None:
-                acc[4] += Decimal(row[_COST])
+                acc[_N_COST] += Decimal(row[_COST])
             if row[_SAVED] is not None:
-                acc[5] += Decimal(row[_SAVED])
-            acc[6] += row[_CACHE] == "exact"
-            acc[7] += row[_CACHE] == "semantic"
-            acc[8] += row[_ESCALATED]
-            acc[9] += row[_HTTP] == 429
-            hist = self._observers.get((model, route))
-            if hist is None:
-                hist = self._observers[(model, route)] = (
-                    self.token_usage.labels("chat", model, "input"),
-                    self.token_usage.labels("chat", model, "output"),
-                    self.duration.labels("chat", model, route),
-                    self.ttft.labels("chat", model, route),
-                )
-            if row[_IN] or row[_OUT]:
-                hist[0].observe(row[_IN])
-                hist[1].observe(row[_OUT])
-            hist[2].observe(row[_LATENCY] / 1000)
+                acc[_N_SAVED] += Decimal(row[_SAVED])
+            cache = row[_CACHE]
+            if cache != "miss":
+                acc[_N_EXACT] += cache == "exact"
+                acc[_N_SEM] += cache == "semantic"
+            acc[_N_ESC] += row[_ESCALATED]
+            acc[_N_429] += row[_HTTP] == 429
+            if inp or out:
+                _observe(slot[1], TOKEN_BUCKETS, inp)
+                _observe(slot[2], TOKEN_BUCKETS, out)
+            _observe(slot[3], DURATION_BUCKETS, row[_LATENCY] / 1000)
             if row[_TTFT] is not None:
-                hist[3].observe(row[_TTFT] / 1000)
+                _observe(slot[4], TTFT_BUCKETS, row[_TTFT] / 1000)
             if row[_RETRIES] or row[_STATUS] != "ok":
                 self._attempt_errors(row[_ATTEMPTS])
-        for (tenant, feature, route, model, status), acc in folded.items():
-            self.requests.labels(tenant, feature, route, model, status).inc(acc[0])
-            for kind, n in (("input", acc[1]), ("cached_input", acc[2]), ("output", acc[3])):
-                if n:
-                    self.tokens.labels(tenant, feature, route, model, kind).inc(n)
-            if acc[4]:
-                self.cost.labels(tenant, feature, route, model).inc(float(acc[4]))
-            if acc[5]:
-                self.saved.labels(tenant, feature, route, model).inc(float(acc[5]))
-            for kind, n in (("exact", acc[6]), ("semantic", acc[7])):
-                if n:
-                    self.cache_hits.labels(tenant, route, kind).inc(n)
-            if acc[8]:
-                self.escalations.labels(tenant, route).inc(acc[8])
-            if acc[9]:
-                self.rejections.labels(tenant, feature, route).inc(acc[9])
 
     def _attempt_errors(self, attempts_json: str) -> None:
         for attempt in orjson.loads(attempts_json):
             if attempt["status"] != 200:
-                self.upstream_errors.labels(
-                    self._provider(attempt["provider"]), self._model(attempt["model"]), str(attempt["status"])
-                ).inc()
+                key = (
+                    self._provider(attempt["provider"]),
+                    self._model(attempt["model"]),
+                    str(attempt["status"]),
+                )
+                self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -10,8 +10,10 @@ the backends; stages see ports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +106,17 @@ class Stores:
         self._pool: Any = None
         self._key_directory: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # What the dashboard reads (rollups, explorer, alerts), and the timer folding the rollups.
+        self.reporting: Any
+        if self.postgres:
+            from thrifty.stores.postgres_reporting import PostgresReportingStore
+
+            self.reporting = PostgresReportingStore(storage.url)
+        else:
+            from thrifty.stores.reporting import SqliteReportingStore
+
+            self.reporting = SqliteReportingStore(storage.sqlite_path)
+        self._folder: asyncio.Task[None] | None = None
 
     @property
     def degraded_decisions(self) -> int:
@@ -159,6 +172,22 @@ class Stores:
             if exact_cache and not self.postgres:
                 self.exact_local = SqliteExactCache(self.cache_db)
         self.ledger.start(asyncio.get_running_loop())
+        self._folder = asyncio.ensure_future(self._fold_periodically(self.settings.dashboard.fold_interval_s))
+
+    async def _fold_periodically(self, interval_s: float) -> None:
+        """Fold the ledger rows past the rollups' watermark now (a restart catches up on what a
+        killed process left), then whenever enough wait or the last fold is old, on a thread."""
+        dashboard = self.settings.dashboard
+        last = float("-inf")
+        while True:
+            now = time.monotonic()
+            min_rows = 0 if now - last >= dashboard.fold_max_age_s else dashboard.fold_min_rows
+            try:
+                if await self.reporting.fold(min_rows) or min_rows == 0:
+                    last = now
+            except Exception as err:  # noqa: BLE001 - readers stay exact (the tail); try next time
+                log.warning("rollups not folded this time: %s", err)
+            await asyncio.sleep(interval_s)
 
     def reader(self) -> LedgerReader:
         """What the ledger holds, for the budget rebuild (sync; start-up only)."""
@@ -212,6 +241,12 @@ class Stores:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self._folder is not None:
+            self._folder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._folder  # a fold in progress finishes its transaction on its thread
+            self._folder = None
+        await self.reporting.aclose()
         if self.postgres:
             await self.ledger.aclose()
         else:

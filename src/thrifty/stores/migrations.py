@@ -91,6 +91,62 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         "ALTER TABLE ledger ADD COLUMN context JSONB",
     ),
     (
+        5,
+        # The dashboard's rollups (stores/postgres_reporting.py), folded behind a watermark as on
+        # SQLite. PostgreSQL has no rowid that grows in commit order, so every ledger row carries the
+        # id of the transaction that wrote it (`txid`, filled in by its default: writers never name
+        # it). A fold takes the rows with folded_xid <= txid < the oldest transaction still running
+        # (all of them committed or gone for good), then moves the watermark to that xmin; readers
+        # add the rows with txid >= folded_xid from the ledger itself, in the same snapshot. Money is
+        # NUMERIC, summed exactly by PostgreSQL. NULLS NOT DISTINCT: an unset dimension is one key.
+        """
+        ALTER TABLE ledger ADD COLUMN txid BIGINT NOT NULL DEFAULT (pg_current_xact_id()::text::bigint);
+        CREATE INDEX ledger_txid ON ledger (txid);
+        CREATE TABLE ledger_rollup (
+            grain TEXT NOT NULL,
+            bucket BIGINT NOT NULL,
+            tenant_id TEXT NOT NULL,
+            feature TEXT,
+            route TEXT,
+            prompt_version TEXT,
+            model TEXT,
+            "user" TEXT,
+            requests BIGINT NOT NULL,
+            ok BIGINT NOT NULL,
+            input_tokens BIGINT NOT NULL,
+            cached_input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            budget_rejections BIGINT NOT NULL,
+            exact_hits BIGINT NOT NULL,
+            semantic_hits BIGINT NOT NULL,
+            escalated BIGINT NOT NULL,
+            retries BIGINT NOT NULL,
+            unpriced BIGINT NOT NULL,
+            estimated BIGINT NOT NULL,
+            dedup_hits BIGINT NOT NULL,
+            context_tokens_saved BIGINT NOT NULL,
+            output_budgeted BIGINT NOT NULL,
+            length_cutoffs BIGINT NOT NULL,
+            batch_requests BIGINT NOT NULL,
+            cost_usd NUMERIC NOT NULL,
+            error_cost_usd NUMERIC NOT NULL,
+            retry_cost_usd NUMERIC NOT NULL,
+            saved_usd NUMERIC NOT NULL,
+            exact_saved_usd NUMERIC NOT NULL,
+            semantic_saved_usd NUMERIC NOT NULL,
+            batch_cost_usd NUMERIC NOT NULL,
+            batch_saved_usd NUMERIC NOT NULL,
+            CONSTRAINT ledger_rollup_key UNIQUE NULLS NOT DISTINCT
+                (grain, bucket, tenant_id, feature, route, prompt_version, model, "user")
+        );
+        CREATE TABLE ledger_rollup_state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            folded_xid BIGINT NOT NULL
+        );
+        INSERT INTO ledger_rollup_state VALUES (1, 0)
+        """,
+    ),
+    (
         6,
         # Recordings of routes with `record` (SQLite's migration 13): shared by the replicas, read per tenant.
         """

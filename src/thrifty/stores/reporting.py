@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -23,7 +24,16 @@ from typing import Any, Literal, Protocol, TypeVar
 import orjson
 
 from thrifty.report import GROUP_COLUMNS, ReportRow, build_report
-from thrifty.stores.rollups import DAY, HOUR, INT_FIELDS, MONEY_FIELDS, rebuild_rollups
+from thrifty.stores.rollups import (
+    DAY,
+    HOUR,
+    INT_FIELDS,
+    MONEY_FIELDS,
+    fold_pending,
+    measures_sql,
+    rebuild_rollups,
+    tail_sql,
+)
 from thrifty.stores.sqlite_db import connect, join_money
 
 T = TypeVar("T")
@@ -78,14 +88,22 @@ class ReportingStore(Protocol):
         ...
 
     async def requests(
-        self, window: Window, *, limit: int, before: float | None = None
+        self, window: Window, *, limit: int, before: tuple[float, str] | None = None
     ) -> list[dict[str, Any]]:
-        """Newest ledger rows first, with their attempts."""
+        """Newest ledger rows first, with their attempts; `before`: the (ts, request_id) of the
+        last row of the previous page (keyset pagination: no row is skipped or repeated)."""
         ...
 
     async def alerts(self, since: float, *, limit: int) -> list[dict[str, Any]]: ...
 
     async def rebuild_rollups(self) -> int: ...
+
+    async def fold(self, min_rows: int = 0) -> int:
+        """Fold the ledger rows past the rollups' watermark; return how many (a timer calls this).
+        While fewer than `min_rows` wait, do nothing: readers add them from the ledger anyway."""
+        ...
+
+    async def aclose(self) -> None: ...
 
 
 def _plan(since: float | None, until: float | None, width: int) -> list[tuple[str, int | None, int | None]]:
@@ -138,54 +156,27 @@ def _merge_top(row: ReportRow, values: tuple[Any, ...]) -> None:
     row.cost_usd += join_money(*money)
 
 
-def _merge(row: ReportRow, values: tuple[Any, ...]) -> None:
-    (
-        requests,
-        ok,
-        inp,
-        cached,
-        out,
-        rejected,
-        exact,
-        semantic,
-        escalated,
-        _retries,
-        unpriced,
-        estimated,
-        dedup,
-        context_saved,
-        output_budgeted,
-        length_cutoffs,
-        *money,
-    ) = values
-    cost, error_cost, retry_cost, saved, exact_saved, semantic_saved = (
-        join_money(*money[i : i + 3]) for i in range(0, len(money), 3)
-    )
-    row.requests += requests
-    row.ok += ok
-    row.input_tokens += inp
-    row.cached_input_tokens += cached
-    row.output_tokens += out
-    row.rejected_budget += rejected
-    row.exact_hits += exact
-    row.semantic_hits += semantic
-    row.cache_hits += exact + semantic
-    row.escalated += escalated
-    row.unpriced += unpriced
-    row.estimated += estimated
-    row.dedup_hits += dedup
-    row.context_tokens_saved += context_saved
-    row.output_budgeted += output_budgeted
-    row.length_cutoffs += length_cutoffs
-    for name, amount in (
-        ("cost_usd", cost),
-        ("error_cost_usd", error_cost),
-        ("retry_cost_usd", retry_cost),
-        ("saved_usd", saved),
-        ("exact_saved_usd", exact_saved),
-        ("semantic_saved_usd", semantic_saved),
-    ):
+# ReportRow attributes of the rollups' integer measures (`retries` has none: the report counts
+# retry cost, not retries); money measures are named as ReportRow's.
+_INT_ATTRIBUTES = tuple(
+    {"budget_rejections": "rejected_budget", "retries": None}.get(f, f) for f in INT_FIELDS
+)
+
+
+def add_measures(row: ReportRow, ints: Sequence[Any], money: Sequence[Decimal]) -> None:
+    """Add one rollup-shaped set of sums (INT_FIELDS, MONEY_FIELDS) to a report row."""
+    for name, value in zip(_INT_ATTRIBUTES, ints, strict=True):
+        if name is not None and value:
+            setattr(row, name, getattr(row, name) + int(value))
+    row.cache_hits = row.exact_hits + row.semantic_hits
+    for name, amount in zip(MONEY_FIELDS, money, strict=True):
         setattr(row, name, getattr(row, name) + amount)
+
+
+def _merge(row: ReportRow, values: tuple[Any, ...]) -> None:
+    n = len(INT_FIELDS)
+    money = values[n:]
+    add_measures(row, values[:n], [join_money(*money[i : i + 3]) for i in range(0, len(money), 3)])
 
 
 def _order(row: ReportRow) -> tuple[bool, str]:
@@ -195,6 +186,52 @@ def _order(row: ReportRow) -> tuple[bool, str]:
 def _sorted(rows: list[ReportRow]) -> list[ReportRow]:
     # The report's order: most expensive first, then by name, unset last.
     return sorted(rows, key=lambda r: (-r.cost_usd, *_order(r)))
+
+
+def _fetch(
+    conn: sqlite3.Connection, make_sql: Callable[[bool], str], params: list[Any]
+) -> list[tuple[Any, ...]]:
+    """Run an aggregate; past 2^63 pico-USD SQLite's SUM overflows, thrifty_int_sum does not."""
+    try:
+        return conn.execute(make_sql(False), params).fetchall()
+    except sqlite3.OperationalError as err:
+        if "overflow" not in str(err):
+            raise
+        return conn.execute(make_sql(True), params).fetchall()
+
+
+def _formatter(sql: str, sums: str, big_sums: str) -> Callable[[bool], str]:
+    def make(big: bool) -> str:
+        return sql.format(big_sums if big else sums)
+
+    return make
+
+
+def _most_of_history(conn: sqlite3.Connection, lo: int | None, hi: int | None) -> bool:
+    first, last = conn.execute(
+        "SELECT MIN(bucket), MAX(bucket) FROM ledger_rollup WHERE grain = 'du'"
+    ).fetchone()
+    if first is None:
+        return False
+    span = last - first + DAY
+    covered = min(hi if hi is not None else last + DAY, last + DAY) - max(
+        lo if lo is not None else first, first
+    )
+    return bool(covered * 2 >= span)
+
+
+def _tail_where(window: Window) -> tuple[str, list[Any]]:
+    # `+ts`: never the ts index for the tail; the rowid range past the watermark is the small set.
+    clauses, params = ["1"], []
+    for clause, value in (
+        ("+ts >= ?", window.since),
+        ("+ts < ?", window.until),
+        ("+tenant_id = ?", window.tenant),
+    ):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return " AND ".join(clauses), params
 
 
 _REQUEST_COLUMNS = (
@@ -207,6 +244,10 @@ _REQUEST_COLUMNS = (
 class SqliteReportingStore:
     def __init__(self, path: Path) -> None:
         self._path = path
+        # The folder's own connection, kept: its statements stay compiled from one fold to the next
+        # (a fold of nothing new is two indexed reads). Used by one fold at a time, on any thread.
+        self._fold_conn: sqlite3.Connection | None = None
+        self._fold_lock = threading.Lock()
 
     async def _run(self, query: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(self._query, query)
@@ -214,7 +255,20 @@ class SqliteReportingStore:
     def _query(self, query: Callable[[sqlite3.Connection], T]) -> T:
         conn = connect(self._path)
         try:
-            return query(conn)
+            # One read transaction: the rollups, their watermark and the ledger's tail past it are
+            # read in one snapshot, so a fold committing meanwhile is seen whole or not at all.
+            conn.execute("BEGIN")
+            try:
+                return query(conn)
+            finally:
+                conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def _write(self, action: Callable[[sqlite3.Connection], T]) -> T:
+        conn = connect(self._path)
+        try:
+            return action(conn)
         finally:
             conn.close()
 
@@ -242,8 +296,8 @@ class SqliteReportingStore:
     def _rollup(
         self, conn: sqlite3.Connection, by: str, width: int, window: Window, *, top: bool = False
     ) -> list[SeriesPoint]:
-        """Rows per (bucket of `width` seconds, or 0 = the whole window; group); `top`: requests,
-        successes and cost only."""
+        """Rows per (bucket of `width` seconds, or 0 = the whole window; group) from the rollups and
+        the ledger rows not folded yet; `top`: requests, successes and cost only."""
         sums, big_sums, merge = (_TOP_SUMS, _BIG_TOP_SUMS, _merge_top) if top else (_SUMS, _BIG_SUMS, _merge)
         if by not in GROUP_COLUMNS:
             raise ValueError(f"by must be one of {', '.join(GROUP_COLUMNS)}")
@@ -252,6 +306,15 @@ class SqliteReportingStore:
         user = by == "user"
         column = "bucket" if by == "day" else GROUP_COLUMNS[by]
         found: dict[tuple[int, str | None], ReportRow] = {}
+
+        def add(found_rows: list[tuple[Any, ...]]) -> None:
+            for bucket, key, *values in found_rows:
+                group = _day_text(key) if by == "day" else (None if key is None else str(key))
+                row = found.get((bucket, group))
+                if row is None:
+                    row = found[(bucket, group)] = ReportRow(group)
+                merge(row, tuple(values))
+
         for grain, lo, hi in _plan(window.since, window.until, HOUR if width == HOUR else DAY):
             clauses = ["grain = ?"]
             params: list[Any] = [grain + ("u" if user else "")]
@@ -261,22 +324,30 @@ class SqliteReportingStore:
                     params.append(value)
             bucket_sql = "0" if width == 0 else f"bucket / {width} * {width}"
             group_sql = f"bucket / {DAY} * {DAY}" if by == "day" else column
-            sql = (
-                f"SELECT {bucket_sql}, {group_sql}, {{}} FROM ledger_rollup "
-                f"WHERE {' AND '.join(clauses)} GROUP BY 1, 2"
+            source = "ledger_rollup"
+            if top and grain == "d" and user and _most_of_history(conn, lo, hi):
+                # Read in user order: no sort of every (day, user) row; scans the user days of all
+                # time, so only when the window holds most of them.
+                source += " INDEXED BY ledger_rollup_by_user"
+            where = " AND ".join(clauses)
+            sql = f"SELECT {bucket_sql}, {group_sql}, {{}} FROM {source} WHERE {where} GROUP BY 1, 2"
+            add(_fetch(conn, _formatter(sql, sums, big_sums), params))
+        # The tail: ledger rows past the watermark, summed the same way.
+        where, params = _tail_where(window)
+        bucket_sql = "0" if width == 0 else f"ts_i - ts_i % {width}"
+        group_sql = f"ts_i - ts_i % {DAY}" if by == "day" else GROUP_COLUMNS[by]
+        add(
+            _fetch(
+                conn,
+                lambda big: tail_sql(
+                    f"{bucket_sql}, {group_sql}",
+                    where,
+                    "1, 2",
+                    measures_sql(top=top, int_sum="thrifty_int_sum" if big else "SUM"),
+                ),
+                params,
             )
-            try:
-                found_rows = conn.execute(sql.format(sums), params).fetchall()
-            except sqlite3.OperationalError as err:
-                if "overflow" not in str(err):
-                    raise
-                found_rows = conn.execute(sql.format(big_sums), params).fetchall()
-            for bucket, key, *values in found_rows:
-                group = _day_text(key) if by == "day" else (None if key is None else str(key))
-                row = found.get((bucket, group))
-                if row is None:
-                    row = found[(bucket, group)] = ReportRow(group)
-                merge(row, tuple(values))
+        )
         return [SeriesPoint(bucket, row) for (bucket, _), row in found.items()]
 
     async def budget_use(
@@ -284,10 +355,12 @@ class SqliteReportingStore:
     ) -> BudgetUse:
         def query(conn: sqlite3.Connection) -> BudgetUse:
             clauses = ["grain = 'd'", "bucket >= ?"]
+            tail_clauses = ["+ts >= ?"]  # the rowid range past the watermark, not the ts index
             params: list[Any] = [int(since)]
             for column, value in (("tenant_id", tenant), ("feature", feature), ("route", route)):
                 if value is not None:
                     clauses.append(f"{column} = ?")
+                    tail_clauses.append(f"+{column} = ?")
                     params.append(value)
             pico, exponent, rest, tokens = conn.execute(
                 "SELECT thrifty_int_sum(cost_usd_pico), MIN(cost_usd_exp), "
@@ -295,28 +368,46 @@ class SqliteReportingStore:
                 f"SUM(input_tokens + output_tokens) FROM ledger_rollup WHERE {' AND '.join(clauses)}",
                 params,
             ).fetchone()
-            return BudgetUse(join_money(pico, exponent, rest), int(tokens or 0))
+            usd, total_tokens = join_money(pico, exponent, rest), int(tokens or 0)
+            tail = conn.execute(
+                tail_sql(
+                    "1",
+                    " AND ".join(tail_clauses),
+                    "1",
+                    "thrifty_int_sum(c_pico), MIN(c_exp), thrifty_dec_sum(c_rest) "
+                    "FILTER (WHERE c_rest IS NOT NULL), SUM(input_tokens + output_tokens)",
+                ),
+                params,
+            ).fetchone()
+            if tail is not None:
+                usd += join_money(*tail[1:4])
+                total_tokens += int(tail[4] or 0)
+            return BudgetUse(usd, total_tokens)
 
         return await self._run(query)
 
     async def requests(
-        self, window: Window, *, limit: int, before: float | None = None
+        self, window: Window, *, limit: int, before: tuple[float, str] | None = None
     ) -> list[dict[str, Any]]:
         def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             clauses: list[str] = []
             params: list[Any] = []
-            until = window.until if before is None else min(before, window.until or before)
             for clause, value in (
                 ("ts >= ?", window.since),
-                ("ts < ?", until),
+                ("ts < ?", window.until),
                 ("tenant_id = ?", window.tenant),
             ):
                 if value is not None:
                     clauses.append(clause)
                     params.append(value)
+            if before is not None:
+                # Keyset: older than the last row shown, ties on ts broken by request_id.
+                clauses.append("ts <= ? AND (ts < ? OR request_id < ?)")
+                params.extend([before[0], before[0], before[1]])
             where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
             cursor = conn.execute(
-                f"SELECT {_REQUEST_COLUMNS} FROM ledger{where} ORDER BY ts DESC LIMIT ?", [*params, limit]
+                f"SELECT {_REQUEST_COLUMNS} FROM ledger{where} ORDER BY ts DESC, request_id DESC LIMIT ?",
+                [*params, limit],
             )
             names = [d[0] for d in cursor.description]
             out = []
@@ -342,7 +433,25 @@ class SqliteReportingStore:
         return await self._run(query)
 
     async def rebuild_rollups(self) -> int:
-        return await self._run(rebuild_rollups)
+        return await asyncio.to_thread(self._write, rebuild_rollups)
+
+    async def fold(self, min_rows: int = 0) -> int:
+        return await asyncio.to_thread(self._fold, min_rows)
+
+    def _fold(self, min_rows: int) -> int:
+        with self._fold_lock:
+            if self._fold_conn is None:
+                self._fold_conn = connect(self._path, check_same_thread=False)
+            return fold_pending(self._fold_conn, min_rows=min_rows)
+
+    async def aclose(self) -> None:
+        def close() -> None:
+            with self._fold_lock:
+                if self._fold_conn is not None:
+                    self._fold_conn.close()
+                    self._fold_conn = None
+
+        await asyncio.to_thread(close)
 
 
 __all__ = ["BudgetUse", "ReportingStore", "SeriesPoint", "SqliteReportingStore", "Window"]

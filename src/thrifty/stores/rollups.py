@@ -1,10 +1,20 @@
-"""Hourly and daily rollups of the ledger, maintained by the ledger writer as it commits a batch.
+"""Hourly and daily rollups of the ledger, folded behind a watermark, off the requests' path.
 
 The dashboard reads these instead of the ledger, so a page over ten million rows reads a few
-thousand. The writer folds its batch in Python first (one dict update per row), then writes one
-UPSERT per distinct (grain, bucket, dimensions) key, inside the batch's own transaction: a row is
-in the rollups exactly when it is in the ledger. Money stays exact decimal text
-(whole pico-USD summed by SQLite, see migration 12).
+thousand. Nothing folds on the commit path: whoever writes ledger rows (the ledger writer, the
+batch store, a bulk import) only INSERTs them. `fold_pending` later aggregates every ledger row past
+the watermark (`ledger_rollup_state.folded_rowid`) in one SQL statement, computed outside the write
+lock, then UPSERTs the few aggregated rows and moves the watermark in one short transaction. The
+gateway runs it on a timer (`dashboard.fold_interval_s`) on a worker thread, and once at start, so a
+killed process loses nothing: the next fold starts from the watermark.
+
+Readers stay exact however far behind the folder is: a rollup read adds the rows past the
+watermark, aggregated from the ledger itself with the same SQL, in the same read transaction
+(`tail_sql`). SQLite's rowids grow with every insert (one writer at a time, the ledger is
+append-only), so "rowid > watermark" is exactly the rows not folded yet.
+
+Money stays exact: whole pico-USD summed by SQLite, the rest (amounts finer than a pico-USD or of a
+million dollars and more) as decimal text summed in Python (see migration 12).
 
 Grains: `h` and `d` (hour, UTC day) by tenant, feature, route, prompt version and model; `hu` and
 `du` by tenant and user, kept apart so that many users do not multiply the main grain's rows.
@@ -12,6 +22,7 @@ Grains: `h` and `d` (hour, UTC day) by tenant, feature, route, prompt version an
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
@@ -20,6 +31,8 @@ from typing import Any
 import orjson
 
 from thrifty.stores.sqlite_db import split_money
+
+log = logging.getLogger(__name__)
 
 HOUR = 3600
 DAY = 86400
@@ -48,6 +61,7 @@ INT_FIELDS = (
     "context_tokens_saved",
     "output_budgeted",
     "length_cutoffs",
+    "batch_requests",
 )
 MONEY_FIELDS = (
     "cost_usd",
@@ -56,6 +70,8 @@ MONEY_FIELDS = (
     "saved_usd",
     "exact_saved_usd",
     "semantic_saved_usd",
+    "batch_cost_usd",
+    "batch_saved_usd",
 )
 MEASURES = INT_FIELDS + MONEY_FIELDS
 MONEY_COLUMNS = tuple(f"{f}_{part}" for f in MONEY_FIELDS for part in ("pico", "exp", "rest"))
@@ -93,7 +109,11 @@ _IN, _CACHED, _OUT, _ESTIMATED, _COST, _SAVED, _CACHE, _ESCALATED, _RETRIES, _RE
     20,
     21,
 )
-_STATUS, _HTTP, _CONTEXT = 22, 23, 30
+_STATUS, _HTTP, _BATCH, _CONTEXT = 22, 23, 28, 30
+# Positions of the money measures in an accumulator (after INT_FIELDS).
+_M_COST, _M_ERROR, _M_RETRY, _M_SAVED, _M_EXACT, _M_SEMANTIC, _M_BATCH_COST, _M_BATCH_SAVED = (
+    len(INT_FIELDS) + i for i in range(len(MONEY_FIELDS))
+)
 
 
 def _add(a: Decimal | None, b: Decimal | None) -> Decimal | None:
@@ -136,23 +156,29 @@ def fold_rows(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
             if finish is not None:
                 acc[14] += 1
                 acc[15] += finish == "length"
+        batch = bool(row[_BATCH])
+        acc[16] += batch
         cost = row[_COST]
         if cost is None:
             acc[10] += 1
         else:
             amount = Decimal(cost)
-            acc[16] = amount if acc[16] is None else acc[16] + amount
+            acc[_M_COST] = _add(acc[_M_COST], amount)
             if not ok:
-                acc[17] = amount if acc[17] is None else acc[17] + amount
+                acc[_M_ERROR] = _add(acc[_M_ERROR], amount)
+            if batch:
+                acc[_M_BATCH_COST] = _add(acc[_M_BATCH_COST], amount)
         if row[_RETRY_COST] is not None:
-            acc[18] = _add(acc[18], Decimal(row[_RETRY_COST]))
+            acc[_M_RETRY] = _add(acc[_M_RETRY], Decimal(row[_RETRY_COST]))
         if row[_SAVED] is not None:
             saved = Decimal(row[_SAVED])
-            acc[19] = _add(acc[19], saved)
+            acc[_M_SAVED] = _add(acc[_M_SAVED], saved)
             if cache == "exact":
-                acc[20] = _add(acc[20], saved)
+                acc[_M_EXACT] = _add(acc[_M_EXACT], saved)
             elif cache == "semantic":
-                acc[21] = _add(acc[21], saved)
+                acc[_M_SEMANTIC] = _add(acc[_M_SEMANTIC], saved)
+            if batch:
+                acc[_M_BATCH_SAVED] = _add(acc[_M_BATCH_SAVED], saved)
     coarse: dict[tuple[Any, ...], list[Any]] = {}
     for (hour, tenant, feature, route, pv, model, user), acc in fine.items():
         day = hour // DAY * DAY
@@ -181,31 +207,227 @@ def fold_rows(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
     return out
 
 
-def add_rollups(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None:
-    """Fold committed-to-be ledger rows into the rollups; call inside the batch's transaction."""
-    if rows:
-        conn.executemany(UPSERT_SQL, fold_rows(rows))
+# -- SQL aggregation -------------------------------------------------------------------------------
 
 
-def rebuild_rollups(conn: sqlite3.Connection, *, chunk: int = 50_000) -> int:
-    """Recompute every rollup from the ledger (an existing ledger, or after a repair); returns the
-    number of ledger rows read. One transaction: readers see the old rollups or the new ones."""
+def _parts(column: str, prefix: str) -> str:
+    """A decimal text column as (whole pico-USD, exponent, rest), cheaply. Below $1,000 with at most
+    12 decimals (every real amount) the pico-USD are round(value * 1e12) in binary floating point,
+    and that is exact: the value P * 1e-12 is parsed to within one ulp and the product rounded to
+    within another, so the result is within P * 3.4e-16 < 0.35 of the integer P < 1e15. Any other
+    amount goes whole into `rest`, summed exactly in Python. The exponent is minus the decimals."""
+    point = f"instr({column}, '.')"
+    exponent = f"(CASE WHEN {point} THEN {point} - length({column}) ELSE 0 END)"
+    simple = f"(abs({column}) < 1000 AND {exponent} >= -12)"
+    return (
+        f"CASE WHEN {column} IS NOT NULL AND {simple} THEN CAST(round({column} * 1e12) AS INTEGER) "
+        f"ELSE 0 END AS {prefix}_pico, "
+        f"CASE WHEN {column} IS NULL THEN 0 ELSE {exponent} END AS {prefix}_exp, "
+        f"CASE WHEN {column} IS NOT NULL AND NOT {simple} THEN {column} END AS {prefix}_rest"
+    )
+
+
+_PICO = 10**12  # (the Python fallback's unit, see sqlite_db.split_money)
+
+
+# One ledger row as the measures need it; `{where}` selects the rows.
+ROW_PARTS_SQL = (
+    "SELECT CAST(ts AS INTEGER) AS ts_i, ts, tenant_id, feature, route, prompt_version, model, user, "
+    "status, input_tokens, cached_input_tokens, output_tokens, http_status, cache, escalated, retries, "
+    "batch, "
+    "cost_usd IS NULL AS unpriced, usage_estimated, "
+    "COALESCE(json_extract(context, '$.saved'), 0) AS ctx_saved, "
+    "json_extract(context, '$.finish_reason') AS ctx_finish, "
+    f"{_parts('cost_usd', 'c')}, {_parts('saved_usd', 's')}, {_parts('retry_cost_usd', 'r')} "
+    "FROM ledger WHERE {where}"
+)
+
+
+def _money_sums(prefix: str, condition: str | None, int_sum: str) -> str:
+    if condition is None:
+        return (
+            f"{int_sum}({prefix}_pico), MIN({prefix}_exp), "
+            f"thrifty_dec_sum({prefix}_rest) FILTER (WHERE {prefix}_rest IS NOT NULL)"
+        )
+    return (
+        f"{int_sum}(CASE WHEN {condition} THEN {prefix}_pico ELSE 0 END), "
+        f"MIN(CASE WHEN {condition} THEN {prefix}_exp ELSE 0 END), "
+        f"thrifty_dec_sum({prefix}_rest) FILTER (WHERE {prefix}_rest IS NOT NULL AND {condition})"
+    )
+
+
+def measures_sql(*, top: bool = False, int_sum: str = "SUM") -> str:
+    """Aggregates over ROW_PARTS_SQL rows, in the rollup's measure order (INT_FIELDS, then each of
+    MONEY_FIELDS as pico, exponent, rest): what a rollup row holds for the same rows. `top`: what
+    rankings need (requests, successes, cost); `int_sum`: thrifty_int_sum past 2^63 pico-USD."""
+    if top:
+        return f"COUNT(*), SUM(status = 'ok'), {_money_sums('c', None, int_sum)}"
+    return ", ".join(
+        [
+            "COUNT(*)",
+            "SUM(status = 'ok')",
+            "SUM(input_tokens)",
+            "SUM(cached_input_tokens)",
+            "SUM(output_tokens)",
+            "SUM(http_status = 429)",
+            "SUM(cache = 'exact')",
+            "SUM(cache = 'semantic')",
+            "SUM(escalated)",
+            "SUM(retries)",
+            "SUM(unpriced)",
+            "SUM(usage_estimated)",
+            "SUM(cache = 'dedup')",
+            "SUM(ctx_saved)",
+            "SUM(ctx_finish IS NOT NULL)",
+            "SUM(COALESCE(ctx_finish = 'length', 0))",
+            "SUM(batch != 0)",
+            _money_sums("c", None, int_sum),
+            _money_sums("c", "status != 'ok'", int_sum),
+            _money_sums("r", None, int_sum),
+            _money_sums("s", None, int_sum),
+            _money_sums("s", "cache = 'exact'", int_sum),
+            _money_sums("s", "cache = 'semantic'", int_sum),
+            _money_sums("c", "batch != 0", int_sum),
+            _money_sums("s", "batch != 0", int_sum),
+        ]
+    )
+
+
+_GRAINS_SQL = " UNION ALL ".join(
+    f"SELECT '{grain}' AS grain, {width} AS width, {int(by_user)} AS by_user"
+    for grain, (width, by_user) in GRAINS.items()
+)
+_N_SUMS = len(INT_FIELDS) + 3 * len(MONEY_FIELDS)
+
+
+def _resum(i: int) -> str:
+    """Summing measure column m{i} of already-summed rows again (ints, then pico/exp/rest triples)."""
+    if i < len(INT_FIELDS) or (i - len(INT_FIELDS)) % 3 == 0:
+        return f"SUM(m{i})"
+    if (i - len(INT_FIELDS)) % 3 == 1:
+        return f"MIN(m{i})"
+    return f"thrifty_dec_sum(m{i}) FILTER (WHERE m{i} IS NOT NULL)"
+
+
+def _named(measures: str) -> str:
+    # The measures as columns m0, m1, ... (split on the top-level commas of measures_sql()).
+    parts, depth, start = [], 0, 0
+    for k, ch in enumerate(measures):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(measures[start:k].strip())
+            start = k + 1
+    parts.append(measures[start:].strip())
+    assert len(parts) == _N_SUMS
+    return ", ".join(f"{p} AS m{i}" for i, p in enumerate(parts))
+
+
+# Ledger rows with ?1 < rowid <= ?2 as UPSERT_SQL parameters, one per grain key. Each row's money
+# is parsed once (`t`), summed per hour and every dimension (`fine`), and only those sums are
+# rolled into the four grains: a row costs one pass, not one per grain.
+FOLD_SQL = (
+    "WITH t AS MATERIALIZED ("
+    + ROW_PARTS_SQL.format(where="rowid > ?1 AND rowid <= ?2")
+    + "), fine AS MATERIALIZED (SELECT ts_i - ts_i % 3600 AS hour, tenant_id, feature, route, "
+    f"prompt_version, model, user, {_named(measures_sql())} FROM t GROUP BY 1, 2, 3, 4, 5, 6, 7) "
+    "SELECT g.grain, f.hour - f.hour % g.width, f.tenant_id, "
+    "CASE WHEN g.by_user THEN NULL ELSE f.feature END, CASE WHEN g.by_user THEN NULL ELSE f.route END, "
+    "CASE WHEN g.by_user THEN NULL ELSE f.prompt_version END, "
+    "CASE WHEN g.by_user THEN NULL ELSE f.model END, CASE WHEN g.by_user THEN f.user END, "
+    + ", ".join(_resum(i) for i in range(_N_SUMS))
+    + f" FROM fine AS f CROSS JOIN ({_GRAINS_SQL}) AS g GROUP BY 1, 2, 3, 4, 5, 6, 7, 8"
+)
+WATERMARK_SQL = "SELECT folded_rowid FROM ledger_rollup_state"
+
+
+def tail_sql(select: str, where: str, group_by: str, measures: str) -> str:
+    """An aggregate over the ledger rows not folded yet (past the watermark) that also match
+    `where` (over the ledger's columns, each written `+column` so that SQLite scans the rowid range
+    past the watermark rather than, say, 30 days of the ts index): `select`, then `measures`."""
+    rows = ROW_PARTS_SQL.format(where=f"rowid > ({WATERMARK_SQL}) AND {where}")
+    return f"SELECT {select}, {measures} FROM ({rows}) GROUP BY {group_by}"
+
+
+def _aggregate(conn: sqlite3.Connection, after: int, upto: int) -> list[tuple[Any, ...]]:
+    try:
+        return conn.execute(FOLD_SQL, (after, upto)).fetchall()
+    except sqlite3.OperationalError as err:
+        if "overflow" not in str(err):
+            raise
+    # Over 2^63 pico-USD ($9.2M) in one key of one fold: Python's integers do not overflow.
     from thrifty.stores.ledger import _COLUMNS
 
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM ledger WHERE rowid > ? AND rowid <= ?", (after, upto))
+    return fold_rows(rows.fetchall())
+
+
+def fold_pending(conn: sqlite3.Connection, *, chunk: int = 200_000, min_rows: int = 0) -> int:
+    """Fold every ledger row past the watermark into the rollups; return how many rows it read.
+    `min_rows`: do nothing while fewer rows than that are waiting (a fold has a fixed cost).
+
+    The aggregate is computed in a read transaction (the ledger writer keeps writing); only the
+    UPSERT of its few rows and the watermark's move hold the write lock. Safe to run from several
+    processes at once: a fold whose watermark moved meanwhile is dropped and recomputed."""
+    folded = 0
+    while True:
+        (mark,) = conn.execute(WATERMARK_SQL).fetchone()
+        (top,) = conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM ledger").fetchone()
+        if top < mark:
+            # Rowids renumbered under the watermark (rows deleted, then VACUUM): start again.
+            log.warning("ledger rowids are below the rollup watermark; rebuilding the rollups")
+            _reset(conn)
+            continue
+        if top == mark or (folded == 0 and top - mark < min_rows):
+            return folded
+        upto = min(top, mark + chunk)
+        conn.execute("BEGIN")  # one snapshot for the aggregate
+        try:
+            params = _aggregate(conn, mark, upto)
+        finally:
+            conn.execute("COMMIT")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute(WATERMARK_SQL).fetchone()[0] != mark:
+                conn.execute("ROLLBACK")  # another process folded these rows meanwhile
+                continue
+            conn.executemany(UPSERT_SQL, params)
+            conn.execute("UPDATE ledger_rollup_state SET folded_rowid = ?", (upto,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        folded += sum(p[8] for p in params if p[0] == "h")  # each row is in one hourly key
+
+
+def _reset(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("DELETE FROM ledger_rollup")
-        count = 0
-        cursor = conn.execute(f"SELECT {_COLUMNS} FROM ledger")
-        while batch := cursor.fetchmany(chunk):
-            add_rollups(conn, batch)
-            count += len(batch)
+        conn.execute("UPDATE ledger_rollup_state SET folded_rowid = 0")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return count
 
 
-__all__ = ["DAY", "HOUR", "MEASURES", "MONEY_FIELDS", "add_rollups", "fold_rows", "rebuild_rollups"]
+def rebuild_rollups(conn: sqlite3.Connection) -> int:
+    """Recompute every rollup from the ledger (after a repair); returns the ledger rows read.
+    Readers stay exact meanwhile: the rows not folded again yet are read from the ledger."""
+    _reset(conn)
+    return fold_pending(conn)
+
+
+__all__ = [
+    "DAY",
+    "HOUR",
+    "MEASURES",
+    "MONEY_FIELDS",
+    "fold_pending",
+    "fold_rows",
+    "measures_sql",
+    "rebuild_rollups",
+    "tail_sql",
+]

@@ -407,6 +407,34 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX semantic_partition_state_scope ON semantic_partition_state (tenant_id, route)
         """,
     ),
+    (
+        17,
+        # Rollups folded behind a watermark (stores/rollups.py `fold_pending`), no longer in the ledger
+        # writer's transaction: every ledger row up to `folded_rowid` is in ledger_rollup, the rest
+        # is read from the ledger itself. The rollups gain the batch measures (the report's batch
+        # share, cost and real-time price), so they are emptied and the watermark starts at 0: the
+        # first fold computes them again from the ledger (readers stay exact meanwhile).
+        # `ledger_rollup_by_user`: user rankings read a few narrow columns in user order (no sort of
+        # ~120,000 daily rows for 30 days of 4,000 active users), not the 50-column rows.
+        """
+        DELETE FROM ledger_rollup;
+        ALTER TABLE ledger_rollup ADD COLUMN batch_requests INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE ledger_rollup ADD COLUMN batch_cost_usd_pico INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE ledger_rollup ADD COLUMN batch_cost_usd_exp INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE ledger_rollup ADD COLUMN batch_cost_usd_rest TEXT;
+        ALTER TABLE ledger_rollup ADD COLUMN batch_saved_usd_pico INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE ledger_rollup ADD COLUMN batch_saved_usd_exp INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE ledger_rollup ADD COLUMN batch_saved_usd_rest TEXT;
+        CREATE TABLE ledger_rollup_state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            folded_rowid INTEGER NOT NULL
+        );
+        INSERT INTO ledger_rollup_state VALUES (1, 0);
+        CREATE INDEX ledger_rollup_by_user ON ledger_rollup (
+            grain, user, bucket, tenant_id, requests, ok, cost_usd_pico, cost_usd_exp, cost_usd_rest
+        )
+        """,
+    ),
 )
 
 

@@ -46,7 +46,7 @@ class Query:
     window: Window
     top_n: int
     limit: int
-    before: float | None
+    before: tuple[float, str] | None  # the explorer's keyset cursor: (ts, request_id) of the last row
 
 
 def _iso(ts: float | None) -> str | None:
@@ -108,7 +108,7 @@ def parse_query(params: Mapping[str, str], viewer: Viewer, settings: Settings, n
         window=Window(since, until, tenant),
         top_n=_int_param(params, "n", settings.dashboard.top_n),
         limit=_int_param(params, "limit", settings.dashboard.explorer_rows),
-        before=_float_param(params, "before"),
+        before=_cursor(params),
     )
 
 
@@ -119,6 +119,14 @@ def _int_param(params: Mapping[str, str], name: str, default: int) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 1000:
         raise InvalidRequest(f"{name} must be a whole number from 1 to 1000", param=name)
     return int(text)
+
+
+def _cursor(params: Mapping[str, str]) -> tuple[float, str] | None:
+    ts = _float_param(params, "before")
+    if ts is None:
+        return None
+    # Without before_id (an older link): every row at that very time counts as shown.
+    return ts, params.get("before_id") or ""
 
 
 def _float_param(params: Mapping[str, str], name: str) -> float | None:
@@ -319,6 +327,7 @@ async def requests(store: ReportingStore, query: Query) -> dict[str, Any]:
         "window": window_json(query),
         "requests": rows,
         "next_before": rows[-1]["ts"] if len(rows) == query.limit else None,
+        "next_before_id": rows[-1]["request_id"] if len(rows) == query.limit else None,
     }
 
 

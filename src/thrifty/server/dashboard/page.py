@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from html import escape
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from thrifty.server.dashboard.data import DIMENSIONS, MAX_STACKS, RANGES, day_or_hour
 from thrifty.server.dashboard.svg import legend, meter, stacked_bars
@@ -50,6 +50,8 @@ _REPORT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("saved_usd", "saved USD"),
     ("escalation_rate", "escalation rate"),
     ("budget_rejections", "429s"),
+    ("batch_share", "batch share"),
+    ("context_tokens_saved", "ctx tok saved"),
     ("input_tokens", "input tok"),
     ("cached_input_tokens", "cached tok"),
     ("output_tokens", "output tok"),
@@ -134,12 +136,17 @@ def _cards(total: Mapping[str, Any]) -> str:
         ("saved USD (exact / semantic)", None),
         ("budget 429s", "budget_rejections"),
         ("escalation rate", "escalation_rate"),
+        ("batch share (batch USD / same in real time)", None),
+        ("context tokens saved", "context_tokens_saved"),
     ]
     out = []
     for label, field in items:
         if field is None and label.startswith("cache"):
             value = f"{total['cache_hits']} ({total['exact_cache_hits']} / {total['semantic_cache_hits']})"
             field = "cache_hits"
+        elif field is None and label.startswith("batch"):
+            value = f"{total['batch_share']} ({total['batch_cost_usd']} / {total['batch_realtime_usd']})"
+            field = "batch_share"
         elif field is None:
             value = f"{total['saved_usd']} ({total['exact_saved_usd']} / {total['semantic_saved_usd']})"
             field = "saved_usd"
@@ -229,7 +236,8 @@ def _requests(data: Mapping[str, Any], link: str) -> str:
             f"</thead><tbody>{attempts}</tbody></table></details></td></tr>"
         )
     more = (
-        f'<p><a id="older" href="{escape(link)}&amp;before={data["next_before"]}">older requests</a></p>'
+        f'<p><a id="older" href="{escape(link)}&amp;before={data["next_before"]}'
+        f'&amp;before_id={escape(quote(data["next_before_id"]))}">older requests</a></p>'
         if data["next_before"] is not None
         else ""
     )

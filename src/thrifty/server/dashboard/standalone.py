@@ -1,8 +1,14 @@
-"""`thrifty dashboard`: the dashboard over an existing ledger, without the proxy."""
+"""`thrifty dashboard`: the dashboard over an existing ledger, without the proxy.
+
+It folds the rollups itself as the gateway does (at start, then every `dashboard.fold_interval_s`),
+so a ledger whose gateway is stopped, or was killed mid-way, is caught up from the watermark.
+"""
 
 from __future__ import annotations
 
-import sqlite3
+import asyncio
+import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +21,16 @@ from thrifty.stores.keys import SqliteKeyStore, hash_key
 from thrifty.stores.reporting import SqliteReportingStore
 from thrifty.stores.sqlite_db import connect, open_database
 
+log = logging.getLogger(__name__)
+
 
 class KeyDirectory:
     """Virtual key -> tenant from the settings' key_hashes and the key store, as the gateway does."""
 
-    def __init__(self, settings: Settings, conn: sqlite3.Connection) -> None:
+    def __init__(self, settings: Settings, keys: Any) -> None:
         self._settings = settings
         self._hashes = {h: tenant for tenant, t in settings.tenants.items() for h in t.key_hashes}
-        self._keys = SqliteKeyStore(conn)
+        self._keys = keys  # SqliteKeyStore or PostgresKeys: tenant_for_hash(digest)
 
     def __call__(self, key: str) -> str:
         digest = hash_key(key)
@@ -35,21 +43,48 @@ class KeyDirectory:
 class DashboardServer:
     """An ASGI app serving only /dashboard, /dashboard/api/* and /healthz."""
 
-    def __init__(self, settings: Settings, db_path: Path) -> None:
-        open_database(db_path).close()  # brings an older ledger's schema (and rollups) up to date
-        # Created here, used on the server's loop thread: key lookups are one indexed read.
-        self._conn = connect(db_path, check_same_thread=False)
-        self.dashboard = DashboardApp(
-            SqliteReportingStore(db_path), settings, KeyDirectory(settings, self._conn)
-        )
+    def __init__(self, settings: Settings, db_path: Path | None = None) -> None:
+        self._settings = settings
+        self._store: Any
+        if db_path is None and settings.storage.backend == "postgresql":
+            from thrifty.stores import postgres
+            from thrifty.stores.postgres_reporting import PostgresReportingStore
+
+            self._conn: Any = postgres.connect(settings.storage.url)
+            postgres.migrate(self._conn)
+            keys: Any = postgres.PostgresKeys(self._conn)
+            self._store = PostgresReportingStore(settings.storage.url)
+        else:
+            path = db_path or settings.storage.sqlite_path
+            open_database(path).close()  # brings an older ledger's schema (and rollups) up to date
+            # Created here, used on the server's loop thread: key lookups are one indexed read.
+            self._conn = connect(path, check_same_thread=False)
+            keys = SqliteKeyStore(self._conn)
+            self._store = SqliteReportingStore(path)
+        self.dashboard = DashboardApp(self._store, settings, KeyDirectory(settings, keys))
+        self._folder: asyncio.Task[None] | None = None
+
+    async def _fold_periodically(self) -> None:
+        while True:
+            try:
+                await self._store.fold()
+            except Exception as err:  # noqa: BLE001 - the page stays exact (the tail); next time
+                log.warning("rollups not folded this time: %s", err)
+            await asyncio.sleep(self._settings.dashboard.fold_interval_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
+                    self._folder = asyncio.ensure_future(self._fold_periodically())
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
+                    if self._folder is not None:
+                        self._folder.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await self._folder
+                    await self._store.aclose()
                     self._conn.close()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
@@ -74,7 +109,7 @@ class DashboardServer:
         await send({"type": "http.response.body", "body": body})
 
 
-def dashboard_config(settings: Settings, db_path: Path, *, host: str, port: int) -> Any:
+def dashboard_config(settings: Settings, db_path: Path | None, *, host: str, port: int) -> Any:
     import uvicorn
 
     from thrifty.server.run import server_options

@@ -30,7 +30,7 @@ def _config(tmp_path: Path, upstream_url: str) -> Path:
         "models": {"gpt-4o-mini": {"provider": "up", "upstream": "gpt-4o-mini"}},
         "routes": {"later": {"model": "gpt-4o-mini", "defer": {"max_batch": 2, "max_age_s": 3600}}},
         "tenants": {"acme": {"key_hashes": [hash_key(KEYS["acme"])]}},
-        "batch": {"poll_interval_s": 0.1},
+        "batch": {"poll_interval_s": 0.1, "lease_s": 1},
     }
     path = tmp_path / "thrifty.yaml"
     path.write_text(yaml.safe_dump(config))

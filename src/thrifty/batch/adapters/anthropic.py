@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator, Iterable, Set
 from datetime import datetime
 from typing import Any
@@ -48,15 +49,20 @@ class AnthropicBatchAdapter:
         await self._http.close()
 
     async def submit(self, items: Iterable[Outbound], label: str) -> str:
-        # Anthropic takes the requests inline in one JSON body (up to 256 MB), so they are in memory.
-        requests = [
-            {
-                "custom_id": item.request_id,
-                "params": to_anthropic_request(item.body, item.target.upstream_model),
-            }
-            for item in items
-        ]
-        batch = await self._http.post_json(self._url, {"requests": requests})
+        self._http._check_key()  # an unset key variable is named before anything is written
+        # Anthropic takes the requests inline in one JSON body (up to 256 MB): it is written to a
+        # temporary file a request at a time and streamed up, so memory does not grow with it.
+        with tempfile.TemporaryFile() as fh:
+            fh.write(b'{"requests":[')
+            for n, item in enumerate(items):
+                request = {
+                    "custom_id": item.request_id,
+                    "params": to_anthropic_request(item.body, item.target.upstream_model),
+                }
+                fh.write((b"," if n else b"") + orjson.dumps(request))
+            fh.write(b"]}")
+            fh.seek(0)
+            batch = await self._http.post_json(self._url, fh)
         return str(batch["id"])
 
     async def find(self, label: str, request_ids: Set[str], since: float, known: Set[str]) -> str | None:

@@ -21,10 +21,11 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import KEYS, LoopThread, base_settings, ledger_rows
-from tests.fakes.anthropic_batch_wire import AnthropicBatchWireServer
+from tests.fakes.anthropic_batch_wire import AnthropicBatchWireServer, FakeMessageBatch
 from tests.fakes.anthropic_wire import Reply as AReply
-from tests.fakes.openai_batch_wire import OpenAIBatchWireServer
+from tests.fakes.openai_batch_wire import FakeBatch, OpenAIBatchWireServer
 from tests.fakes.openai_wire import Reply
+from thrifty.batch.adapters.anthropic import AnthropicBatchAdapter
 from thrifty.batch.adapters.base import Outbound
 from thrifty.batch.adapters.openai import OpenAIBatchAdapter
 from thrifty.batch.sqlite_store import SqliteBatchStore
@@ -523,13 +524,14 @@ def test_a_deferred_request_over_the_budget_is_refused_at_once(make_gateway, oa,
     assert row["http_status"] == 429 and row["request_id"] == resp.headers["x-thrifty-request-id"]
 
 
-def test_a_provider_batch_sent_just_before_a_crash_is_adopted_not_sent_again(tmp_path, oa, an, loop_thread):
-    settings = settings_for(tmp_path, oa, an)
-    # What a crash between sending a provider batch and storing its id leaves behind: the items
-    # claimed into a provider batch that is still "preparing" here, while the provider has it.
+def _crashed_while_sending(
+    tmp_path: Path, settings: Any, provider: str, model: str, loop_thread: LoopThread
+) -> str:
+    """What a crash between sending a provider batch and storing its id leaves behind: the items
+    claimed into a provider batch still "preparing" here, while the provider has it."""
     store = SqliteBatchStore(tmp_path / "ledger.db")
     now = time.time()
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
     job = JobRecord(
         "batch_crash",
         "file",
@@ -554,9 +556,9 @@ def test_a_provider_batch_sent_just_before_a_crash_is_adopted_not_sent_again(tmp
             now,
             now,
             1,
-            "gpt-4o-mini",
+            model,
             None,
-            "oa",
+            provider,
             body,
         )
         for i in range(3)
@@ -564,25 +566,83 @@ def test_a_provider_batch_sent_just_before_a_crash_is_adopted_not_sent_again(tmp
     store.create_job(job, items)
     (group,) = store.queue_groups()
     assert store.claim(group, 10, "ub_crash", now) == 3
-    target = ModelTarget("gpt-4o-mini", "oa", "gpt-4o-mini", None)
-    adapter = OpenAIBatchAdapter("oa", settings.providers["oa"], OPENAI_KEY)
+    upstream = settings.models[model].upstream
+    target = ModelTarget(model, provider, upstream, None)
+    adapter: Any = (
+        OpenAIBatchAdapter(provider, settings.providers[provider], OPENAI_KEY)
+        if provider == "oa"
+        else AnthropicBatchAdapter(provider, settings.providers[provider], ANTHROPIC_KEY)
+    )
     outbound = [Outbound(i.request_id, target, body) for i in store.items_of_upstream("ub_crash")]
 
     async def send() -> str:
         await adapter.start()
         try:
-            return await adapter.submit(outbound, "ub_crash")
+            return str(await adapter.submit(outbound, "ub_crash"))
         finally:
             await adapter.close()
 
-    loop_thread.run(send())
+    remote_id = loop_thread.run(send())
     store.close()
+    return remote_id
+
+
+def test_an_openai_batch_sent_just_before_a_crash_is_found_by_its_label_not_sent_again(
+    tmp_path, oa, an, loop_thread
+):
+    settings = settings_for(tmp_path, oa, an)
+    ours = _crashed_while_sending(tmp_path, settings, "oa", "gpt-4o-mini", loop_thread)
+    # 120 newer batches of someone else's: ours is on the second page of the provider's list.
+    for i in range(120):
+        other = FakeBatch(
+            f"batch_other{i}", "file-x", "/v1/chat/completions", "24h", {"thrifty_batch": f"x{i}"}, []
+        )
+        oa.batches[other.id] = other
     assert oa.batch_creations == 1
     with BackgroundServer(settings, secrets={"oa": OPENAI_KEY, "an": ANTHROPIC_KEY}) as server:
-        done = _wait(_client(server), job.job_id)
+        done = _wait(_client(server), "batch_crash")
     assert done.status == "completed" and done.request_counts.completed == 3
-    assert oa.batch_creations == 1  # found by its label and adopted, not sent again
+    assert oa.batch_creations == 1 and oa.batches[ours].status == "completed"  # adopted, not sent again
     assert len(ledger_rows(tmp_path / "ledger.db")) == 3
+
+
+def test_an_anthropic_batch_sent_just_before_a_crash_is_told_apart_from_others_of_its_size(
+    tmp_path, oa, an, loop_thread
+):
+    settings = settings_for(tmp_path, oa, an)
+    an.reply(*[AReply(input_tokens=40, output_tokens=5)] * 3)
+    ours = _crashed_while_sending(tmp_path, settings, "an", "claude-new", loop_thread)
+    params = {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+
+    def foreign(name: str) -> FakeMessageBatch:
+        batch = FakeMessageBatch(name, [{"custom_id": f"{name}-{i}", "params": params} for i in range(3)])
+        an.batches[batch.id] = batch
+        return batch
+
+    ended = foreign("msgbatch_foreign_ended")  # same size, but its custom_ids are not ours
+    ended.status = "ended"
+    ended.results = [{"custom_id": r["custom_id"], "result": {"type": "expired"}} for r in ended.requests]
+    running = foreign("msgbatch_foreign_running")  # same size and still running: cannot be told apart yet
+    foreign("msgbatch_foreign_bigger").requests.append({"custom_id": "x", "params": params})
+    assert an.batch_creations == 1
+    with BackgroundServer(settings, secrets={"oa": OPENAI_KEY, "an": ANTHROPIC_KEY}) as server:
+        client = _client(server)
+        deadline = time.monotonic() + 1.5
+        while an.list_calls < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert an.list_calls >= 3  # looked for again and again, never sent while it could not tell
+        assert client.batches.retrieve("batch_crash").status == "in_progress" and an.batch_creations == 1
+        assert an.batches[ours].polls == 0
+        running.status, running.results = "ended", ended.results  # it ends: its custom_ids tell
+        done = _wait(client, "batch_crash")
+    assert done.status == "completed" and done.request_counts.completed == 3
+    assert an.batch_creations == 1 and an.batches[ours].polls >= 2  # ours adopted, not sent again
+    rows = ledger_rows(tmp_path / "ledger.db")
+    # claude-haiku-4-5 at batch prices: $0.50 input, $2.50 output per 1M tokens.
+    assert (
+        len(rows) == 3
+        and sum(Decimal(r["cost_usd"]) for r in rows) == 3 * (40 * Decimal("0.5") + 5 * Decimal("2.5")) / M
+    )
 
 
 def test_a_deferred_request_not_sent_within_its_window_expires(make_gateway, oa, an, tmp_path):

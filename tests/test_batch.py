@@ -666,3 +666,41 @@ def test_a_deferred_request_not_sent_within_its_window_expires(make_gateway, oa,
     assert oa.batch_creations == 0
     (row,) = ledger_rows(tmp_path / "ledger.db")
     assert row["batch"] == 1 and row["status"] == "error" and Decimal(row["cost_usd"]) == 0
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_with_shared_budgets_batch_spend_counts_on_every_replica(
+    make_gateway, oa, an, backend, services, redis_prefix
+):
+    """Two replicas on PostgreSQL and Redis: a job's worst case is held in Redis while it runs and
+    its spend lands there item by item, whichever replica collects, with no hold left behind."""
+    shared = {"url": services.redis_url, "prefix": redis_prefix}
+    tenants = {"acme": {"budget": {"usd_per_day": "1"}}}
+    replicas = [make_gateway(tenants=tenants, shared_state=shared) for _ in range(2)]
+    oa.by_model["gpt-4o-mini"] = [Reply(prompt_tokens=1000, completion_tokens=400) for _ in range(3)]
+    oa.hold = True
+    client = _client(replicas[0])
+    batch = _submit(client, [_line(f"b{i}", "gpt-4o-mini", max_tokens=400) for i in range(3)])
+    auth = {"authorization": f"Bearer {KEYS['acme']}"}
+    probe = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+
+    def remaining(server: BackgroundServer) -> Decimal:
+        resp = httpx.post(server.base_url + "/chat/completions", headers=auth, json=probe)
+        assert resp.status_code == 200, resp.text
+        return Decimal(resp.headers["x-thrifty-budget-remaining"].split(";")[0])
+
+    deadline = time.monotonic() + 15
+    while not oa.batches and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # While the job runs, the other replica sees its worst case held: 3 x (prompt + 400 output).
+    held = Decimal(1) - remaining(replicas[1])
+    assert held > 3 * 400 * Decimal("0.3") / M
+    oa.release()
+    done = _wait(_client(replicas[1]), batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 3
+    spent = sum(Decimal(r["cost_usd"]) for r in backend.rows())
+    # gpt-4o-mini batch: 3 x (1000 x $0.075 + 400 x $0.30) per 1M, plus the probe's real-time cost.
+    assert spent > 3 * (1000 * Decimal("0.075") + 400 * Decimal("0.3")) / M
+    for server in replicas:  # spent counted, every hold released: only this probe's worst case is left
+        assert Decimal(0) < Decimal(1) - spent - remaining(server) < Decimal("0.00001")
+        spent = sum(Decimal(r["cost_usd"]) for r in backend.rows())

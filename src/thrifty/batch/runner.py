@@ -63,7 +63,7 @@ class BatchRunner:
             for item in open_items:
                 job = self._job(item.job_id)
                 owners[item.job_id] = (job.tenant_id, job.tags)
-            self.service.rereserve(owners, open_items)
+            self.service.reservations.rereserve(owners, open_items)
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.service.settings.webhook_timeout_s)
         )
@@ -197,7 +197,7 @@ class BatchRunner:
                 if len(items) >= _CHUNK:
                     if not db.lease(job.job_id, self._owner, time.time(), self._lease_s):
                         return  # the lease ran out and another process took the job over
-                    if not self._store_chunk(job, items, refused):
+                    if not await self._store_chunk(job, items, refused):
                         return
                     items, refused = [], []
                     await asyncio.sleep(0)  # let requests in between chunks
@@ -206,19 +206,19 @@ class BatchRunner:
                 job.job_id, "failed", time.time(), [_error("file_gone", "the input file is gone")]
             )
             return
-        if self._store_chunk(job, items, refused):
+        if await self._store_chunk(job, items, refused):
             db.set_job_status(job.job_id, "in_progress", time.time())
             self._advance(job.job_id)
 
-    def _store_chunk(self, job: JobRecord, items: list[NewItem], refused: list[LedgerEntry]) -> bool:
+    async def _store_chunk(self, job: JobRecord, items: list[NewItem], refused: list[LedgerEntry]) -> bool:
         """Reserve the chunk's worst case and store it; a job over its budget fails whole (its
         earlier chunks' reservations released), before any line is sent."""
         queued = [i for i in items if i.state == "queued"]
         try:
-            self.service.reserve(job.tenant_id, job.tags, queued)
+            await self.service.reservations.reserve(job.tenant_id, job.tags, queued)
         except BudgetExceeded as err:
             self.service.db.add_items(items, refused)
-            self._drop_queued(job, "budget_exceeded", err.message)
+            await self._drop_queued(job, "budget_exceeded", err.message)
             self.service.db.set_job_status(
                 job.job_id, "failed", time.time(), [_error("budget_exceeded", err.message)]
             )
@@ -226,7 +226,7 @@ class BatchRunner:
         self.service.db.add_items(items, refused)
         return True
 
-    def _drop_queued(self, job: JobRecord, code: str, message: str, state: str = "failed") -> None:
+    async def _drop_queued(self, job: JobRecord, code: str, message: str, state: str = "failed") -> None:
         ts = time.time()
         results = []
         for item in self.service.db.queued_items(job.job_id):
@@ -242,16 +242,27 @@ class BatchRunner:
                 error=message,
                 ts=ts,
             )
-            results.append(ItemResult(item.request_id, state, None, None, _error(code, message), entry))
+            results.append(
+                ItemResult(
+                    item.request_id,
+                    state,
+                    None,
+                    None,
+                    _error(code, message),
+                    entry,
+                    (job.tenant_id, job.tags, item.route, item.created_at),
+                )
+            )
+        owners = {r.request_id: r.owner for r in results}
         for request_id in self.service.db.record_results(results, ts):
-            self.service.settle(request_id, Decimal(0), 0)
+            await self.service.reservations.settle(request_id, Decimal(0), 0, owners[request_id])
 
     # -- cancel -----------------------------------------------------------------------------
 
     async def _cancel_requested(self) -> None:
         db = self.service.db
         for job in db.jobs_with_status(["cancelling"]):
-            self._drop_queued(job, "batch_cancelled", "cancelled before it was sent", "cancelled")
+            await self._drop_queued(job, "batch_cancelled", "cancelled before it was sent", "cancelled")
             for upstream in db.upstream_batches(["submitted"]):
                 if upstream.upstream_id in self._cancel_sent or upstream.remote_id is None:
                     continue
@@ -269,18 +280,20 @@ class BatchRunner:
 
     # -- flush ------------------------------------------------------------------------------
 
-    def _expire_queued(self, now: float) -> None:
+    async def _expire_queued(self, now: float) -> None:
         """Items still queued when their window ends (every submission failed) end expired."""
         while stale := self.service.db.queued_past_window(now):
             jobs = {item.job_id for item in stale}
             outcome = Outcome("", "expired", error=_error("batch_expired", "not sent within its window"))
-            self._record([self._result(item, replace(outcome, request_id=item.request_id)) for item in stale])
+            await self._record(
+                [self._result(item, replace(outcome, request_id=item.request_id)) for item in stale]
+            )
             for job_id in jobs:
                 self._advance(job_id)
 
     async def _flush(self, now: float) -> None:
         db = self.service.db
-        self._expire_queued(now)
+        await self._expire_queued(now)
         for group in due(db.queue_groups(), now):
             adapter = self.service.adapters.get(group.provider)
             key = (group.provider, group.model, group.queue)
@@ -363,10 +376,10 @@ class BatchRunner:
         async for outcome in adapter.results(upstream.remote_id, items):
             page.append(outcome)
             if len(page) >= _CHUNK:
-                jobs |= self._record_page(page)
+                jobs |= await self._record_page(page)
                 page = []
                 db.lease_upstream(upstream.upstream_id, self._owner, time.time(), self._lease_s)
-        jobs |= self._record_page(page)
+        jobs |= await self._record_page(page)
         if (
             upstream.adopted
             and _count(db.items_of_upstream(upstream.upstream_id, "submitted")) == upstream.items
@@ -391,27 +404,31 @@ class BatchRunner:
             replace(missing, request_id=i.request_id)
             for i in db.items_of_upstream(upstream.upstream_id, "submitted")
         ]
-        jobs |= self._record_page(page)
+        jobs |= await self._record_page(page)
         db.finish_upstream(upstream.upstream_id, remote_status, time.time())
         for job_id in jobs:
             self._advance(job_id)
 
-    def _record_page(self, outcomes: list[Outcome]) -> set[str]:
+    async def _record_page(self, outcomes: list[Outcome]) -> set[str]:
         items = self.service.db.get_items(o.request_id for o in outcomes)
         results = [
             self._result(item, o)
             for o in outcomes
             if (item := items.get(o.request_id)) is not None and item.state == "submitted"
         ]  # not ours, or recorded before a restart: left alone
-        self._record(results)
+        await self._record(results)
         return {item.job_id for item in items.values()}
 
-    def _record(self, results: list[ItemResult]) -> None:
+    async def _record(self, results: list[ItemResult]) -> None:
         recorded = set(self.service.db.record_results(results, time.time()))
         for r in results:
             if r.request_id in recorded:
-                self.service.settle(
-                    r.request_id, r.entry.cost_usd, r.entry.usage.input_tokens + r.entry.usage.output_tokens
+                e = r.entry
+                await self.service.reservations.settle(
+                    r.request_id,
+                    e.cost_usd,
+                    e.usage.input_tokens + e.usage.output_tokens,
+                    r.owner,
                 )
 
     def _result(self, item: Item, outcome: Outcome) -> ItemResult:
@@ -440,7 +457,10 @@ class BatchRunner:
         body = outcome.body
         if ok and body is not None and cost is not None:
             body = {**body, "thrifty": {"cost_usd": format(cost, "f"), "batch": True}}
-        return ItemResult(item.request_id, outcome.kind, outcome.status_code, body, outcome.error, entry)
+        owner = (job.tenant_id, job.tags, item.route, item.created_at)
+        return ItemResult(
+            item.request_id, outcome.kind, outcome.status_code, body, outcome.error, entry, owner
+        )
 
     def _advance(self, job_id: str) -> None:
         db = self.service.db

@@ -22,10 +22,10 @@ import orjson
 from thrifty.batch.adapters.base import BatchAdapter
 from thrifty.batch.lines import CHAT_ENDPOINT, ENDPOINTS, InputLine, LineError
 from thrifty.batch.pricing import BatchPricer
+from thrifty.batch.reservations import BatchReservations
 from thrifty.batch.states import JOB_FINAL, request_counts
 from thrifty.batch.store import BatchStore, FileRecord, Item, JobRecord, NewItem
-from thrifty.errors import BudgetExceeded, IdempotencyConflict, InvalidRequest, NotFound, ThriftyError
-from thrifty.guard.budgets import Reservation
+from thrifty.errors import IdempotencyConflict, InvalidRequest, NotFound, ThriftyError
 from thrifty.guard.limits import InputLimits
 from thrifty.guard.output import OutputCeiling, choices, requested_output
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, build_chain
@@ -125,7 +125,9 @@ class BatchService:
             Path(self.settings.files_dir) if self.settings.files_dir else db.parent / (db.name + ".files")
         )
         self.store: BatchStore | None = None
-        self.reservations: dict[str, Reservation] = {}
+        self.reservations = BatchReservations(
+            gateway.budget_plan, gateway.budget_book, gateway.stores.shared_budgets
+        )
         self.wake: Any = None  # set by the runner: called when there is new work
 
     def start(self) -> None:
@@ -411,48 +413,6 @@ class BatchService:
         usd = self.pricer.cost(ctx.target.alias, Usage(input_tokens=prompt.tokens, output_tokens=output))
         return usd, prompt.tokens + output
 
-    def reserve(self, tenant: str, tags: dict[str, Any], items: list[NewItem]) -> None:
-        """Reserve every item's worst case, all or nothing (no await inside: atomic on the loop)."""
-        if self.gateway.budget_plan.empty:
-            return
-        book = self.gateway.budget_book
-        taken: list[tuple[str, Reservation]] = []
-        now = time.time()
-        try:
-            for item in items:
-                limits = self.gateway.budget_plan.limits_for(tenant, tags.get("feature"), item.route)
-                taken.append(
-                    (
-                        item.request_id,
-                        book.reserve(limits, now, item.reserve_usd or _ZERO, item.reserve_tokens),
-                    )
-                )
-        except BudgetExceeded:
-            for _, reservation in taken:
-                book.settle(reservation, _ZERO, 0)
-            raise
-        self.reservations.update(taken)
-
-    def rereserve(self, tenant_of: dict[str, tuple[str, dict[str, Any]]], items: list[Item]) -> None:
-        """After a restart: hold the open items' worst case again (the ledger holds the spent part)."""
-        if self.gateway.budget_plan.empty:
-            return
-        now = time.time()
-        for item in items:
-            tenant, tags = tenant_of[item.job_id]
-            limits = self.gateway.budget_plan.limits_for(tenant, tags.get("feature"), item.route)
-            try:
-                self.reservations[item.request_id] = self.gateway.budget_book.reserve(
-                    limits, now, item.reserve_usd or _ZERO, item.reserve_tokens
-                )
-            except BudgetExceeded:
-                log.warning("batch item %s: its reservation no longer fits the budget", item.request_id)
-
-    def settle(self, request_id: str, usd: Decimal | None, tokens: int) -> None:
-        reservation = self.reservations.pop(request_id, None)
-        if reservation is not None:
-            self.gateway.budget_book.settle(reservation, usd or _ZERO, tokens)
-
     # -- deferred requests ------------------------------------------------------------------
 
     def defer_settings(self, headers: dict[str, str], body: dict[str, Any]) -> DeferSettings | None:
@@ -519,10 +479,11 @@ class BatchService:
             idempotency_key=tags.idempotency_key,
             times={"in_progress_at": now},
         )
-        self.reserve(tags.tenant_id, job.tags, [item])
+        await self.reservations.reserve(tags.tenant_id, job.tags, [item])
         stored = self.db.create_job(job, [item])
         if stored.job_id != job.job_id:
-            self.settle(item.request_id, _ZERO, 0)  # a repeat: the first one holds the reservation
+            # A repeat: the first one holds the reservation.
+            await self.reservations.settle(item.request_id, _ZERO, 0)
             first = next(self.db.items_of_job(stored.job_id), None)
             if first is None or first.body != item.body or first.model != item.model:
                 raise IdempotencyConflict(

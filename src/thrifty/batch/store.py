@@ -92,6 +92,8 @@ class ItemResult:
     response: dict[str, Any] | None  # the chat.completion (or the provider's error body)
     error: dict[str, Any] | None  # {code, message} when there is no response
     entry: LedgerEntry
+    # Whose budget holds it: (tenant, tags, route, when it was reserved), to settle its hold.
+    owner: tuple[str, dict[str, Any], str | None, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -550,7 +550,8 @@ class PostgresBatchStore:
     @staticmethod
     def _insert_ledger(conn: Any, rows: list[tuple[Any, ...]]) -> None:
         """Ledger rows in the caller's transaction (`ON CONFLICT DO NOTHING`: a replay inserts
-        nothing twice). PostgreSQL keeps no rollups yet: its reports read the ledger itself."""
+        nothing twice), written as the ledger writer writes them: whatever is derived from the
+        ledger on PostgreSQL (reports, rollups) sees them as any other row."""
         for start in range(0, len(rows), _PAGE):
             chunk = rows[start : start + _PAGE]
             conn.execute(postgres.insert_ledger_sql(len(chunk)), [v for row in chunk for v in row])

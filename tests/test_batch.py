@@ -28,12 +28,13 @@ from tests.fakes.openai_wire import Reply
 from thrifty.batch.adapters.anthropic import AnthropicBatchAdapter
 from thrifty.batch.adapters.base import Outbound
 from thrifty.batch.adapters.openai import OpenAIBatchAdapter
+from thrifty.batch.entries import result_entry
 from thrifty.batch.sqlite_store import SqliteBatchStore
-from thrifty.batch.store import JobRecord, NewItem
+from thrifty.batch.store import ItemResult, JobRecord, NewItem
 from thrifty.report import batch_line, build_report
 from thrifty.server.run import BackgroundServer
 from thrifty.stores.reporting import SqliteReportingStore, Window
-from thrifty.types import ModelTarget
+from thrifty.types import ModelTarget, Usage
 
 OPENAI_KEY = "sk-fake-upstream"
 ANTHROPIC_KEY = "sk-ant-fake"
@@ -334,7 +335,8 @@ def test_no_batch_price_and_no_discount_is_a_start_warning(tmp_path, oa, an, cap
     assert "claude-new" not in warned[0] and "gpt-4o" not in warned[0]  # genai-prices has theirs
 
 
-def test_expiry_and_cancel_release_reservations_and_keep_answered_lines(make_gateway, oa, an, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_expiry_and_cancel_release_reservations_and_keep_answered_lines(make_gateway, oa, an, backend):
     server = make_gateway(tenants={"acme": {"budget": {"usd_per_day": "1"}}})
     client = _client(server)
     oa.expire, oa.answer_before_expiry = True, 1
@@ -355,7 +357,7 @@ def test_expiry_and_cancel_release_reservations_and_keep_answered_lines(make_gat
     assert done.status == "cancelled" and done.request_counts.failed == 2
     with pytest.raises(openai.BadRequestError, match="cancelled already"):
         client.batches.cancel(batch.id)
-    rows = ledger_rows(tmp_path / "ledger.db")
+    rows = backend.rows()
     assert len(rows) == 5 and all(r["batch"] for r in rows)
     # Every reservation is released: left is the limit less what was spent and this request's own
     # worst case (a few millionths of a dollar; one leaked item's would be over $0.001).
@@ -377,7 +379,8 @@ def test_a_job_over_the_budget_fails_whole_before_any_call(make_gateway, oa, an)
     assert oa.batch_creations == 0
 
 
-def test_bad_requests_name_the_problem(make_gateway, oa, an):
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_bad_requests_name_the_problem(make_gateway, oa, an, backend):
     server = make_gateway(batch={"max_lines": 2, "max_file_bytes": 2048})
     client = _client(server)
     with pytest.raises(openai.NotFoundError, match="batch_nope"):
@@ -704,3 +707,58 @@ def test_with_shared_budgets_batch_spend_counts_on_every_replica(
     for server in replicas:  # spent counted, every hold released: only this probe's worst case is left
         assert Decimal(0) < Decimal(1) - spent - remaining(server) < Decimal("0.00001")
         spent = sum(Decimal(r["cost_usd"]) for r in backend.rows())
+
+
+def test_holds_of_items_another_process_recorded_are_let_go(make_gateway, oa, an, tmp_path):
+    """Two processes share the SQLite file (or PostgreSQL): the one that validated a job holds its
+    worst case; when the other records the results, the first lets its holds go (by the next lease)."""
+    server = make_gateway(tenants={"acme": {"budget": {"usd_per_day": "1"}}}, batch={"lease_s": 0.3})
+    oa.hold = True  # this gateway sends the batch and never collects it
+    client = _client(server)
+    batch = _submit(client, [_line(f"h{i}", "gpt-4o", max_tokens=4000) for i in range(3)])
+    deadline = time.monotonic() + 15
+    while not oa.batches and time.monotonic() < deadline:
+        time.sleep(0.05)
+    probe = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+
+    def remaining() -> Decimal:
+        resp = httpx.post(
+            server.base_url + "/chat/completions",
+            headers={"authorization": f"Bearer {KEYS['acme']}"},
+            json=probe,
+        )
+        return Decimal(resp.headers["x-thrifty-budget-remaining"].split(";")[0])
+
+    # 3 x 4,000 output tokens of gpt-4o at $5 per 1M (batch): at least $0.06 held.
+    assert Decimal(1) - remaining() > Decimal("0.06")
+    # Another process records every item (as a replica collecting the provider's batch would).
+    other = SqliteBatchStore(tmp_path / "ledger.db")
+    items = list(other.items_of_job(batch.id))
+    results = [
+        ItemResult(
+            i.request_id,
+            "done",
+            200,
+            {"choices": []},
+            None,
+            result_entry(
+                i,
+                "acme",
+                {},
+                ok=True,
+                status_code=200,
+                usage=Usage(),
+                cost=Decimal(0),
+                realtime=Decimal(0),
+                error=None,
+                ts=time.time(),
+            ),
+        )
+        for i in items
+    ]
+    assert len(other.record_results(results, time.time())) == 3
+    other.close()
+    deadline = time.monotonic() + 10
+    while Decimal(1) - remaining() > Decimal("0.001") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert Decimal(1) - remaining() < Decimal("0.001")  # only the probes' own worst cases and spend

@@ -105,6 +105,14 @@ class BatchReservations:
             except BudgetExceeded:
                 log.warning("batch item %s: its reservation no longer fits the budget", item.request_id)
 
+    def drop_ended(self, request_ids: Iterable[str]) -> None:
+        """Items another process recorded: their spend was counted there (with shared budgets it
+        also released the hold), so this process's hold (or its memory of one) goes."""
+        for request_id in request_ids:
+            reservation = self.held.pop(request_id, None)
+            if reservation is not None and self._shared is None:
+                self._book.settle(reservation, _ZERO, 0)
+
     async def settle(
         self,
         request_id: str,

@@ -26,7 +26,7 @@ from thrifty.batch.entries import refused_entry, result_entry
 from thrifty.batch.flush import due, next_wake
 from thrifty.batch.lines import LineError, parse_line, split_lines
 from thrifty.batch.service import BatchService, new_request_id
-from thrifty.batch.states import STATUS_TIME, next_status
+from thrifty.batch.states import ITEM_FINAL, STATUS_TIME, next_status
 from thrifty.batch.store import Item, ItemResult, JobRecord, NewItem, UpstreamBatch
 from thrifty.errors import BudgetExceeded, ThriftyError
 from thrifty.types import LedgerEntry, Tags, Usage
@@ -47,6 +47,7 @@ class BatchRunner:
         self._lease_s = service.settings.lease_s
         self._sending: set[str] = set()  # provider batches this runner is sending right now
         self._recover_retry_at: dict[str, float] = {}  # recoveries that could not tell: not before
+        self._sweep_at = 0.0  # when holds of items recorded by other processes are next looked at
         self._http: aiohttp.ClientSession | None = None
         self._retry_at: dict[str, float] = {}  # webhook deliveries that failed: not before then
         # Queues whose submission failed: not retried before then.
@@ -139,11 +140,26 @@ class BatchRunner:
         await self._flush(now)
         await self._poll(time.time())
         await self._deliver()
+        self._sweep_holds(time.time())
         poll = self.service.settings.poll_interval_s
         now = time.time()
         waits = [next_wake(self.service.db.queue_groups(), now, poll)]
         waits += [max(0.0, u.next_poll_at - now) for u in self.service.db.upstream_batches(["submitted"])]
         return max(0.01, min(waits))
+
+    def _sweep_holds(self, now: float) -> None:
+        """Holds this process took for items another process (sharing the store) recorded: let
+        them go, so neither a budget nor this process's memory keeps them. Only items stored in a
+        final state count: one not stored yet is a deferral in flight."""
+        if now < self._sweep_at:
+            return
+        self._sweep_at = now + self._lease_s
+        held = list(self.service.reservations.held)
+        for start in range(0, len(held), _CHUNK):
+            items = self.service.db.get_items(held[start : start + _CHUNK])
+            self.service.reservations.drop_ended(
+                request_id for request_id, item in items.items() if item.state in ITEM_FINAL
+            )
 
     def _job(self, job_id: str) -> JobRecord:
         job = self._jobs.get(job_id)

@@ -209,7 +209,7 @@ class PostgresBatchStore:
         while True:
             rows = self._all(
                 "SELECT seq, data FROM batch_file_chunks WHERE file_id = %s AND seq > %s "
-                "ORDER BY seq LIMIT 8",
+                "ORDER BY seq LIMIT 2",  # 2 MB a round trip
                 (record.file_id, seq),
             )
             if not rows:

@@ -71,7 +71,7 @@ def test_submit_wait_results_and_a_second_submit_resumes(make_gateway, oa, tmp_p
 def test_bench_batch_runs_each_provider_through_its_wire_fake_at_exactly_half(tmp_path: Path):
     out = tmp_path / "bench.json"
     run = subprocess.run(
-        [sys.executable, "-m", "thrifty", "bench", "batch", "--lines", "200", "--json", str(out)],
+        [sys.executable, "-m", "thrifty", "bench", "batch", "--lines", "100", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=180,
@@ -81,15 +81,15 @@ def test_bench_batch_runs_each_provider_through_its_wire_fake_at_exactly_half(tm
     openai_run, anthropic_run = json.loads(out.read_text())["results"]
     assert openai_run["provider"] == "openai" and anthropic_run["provider"] == "anthropic"
     for result in (openai_run, anthropic_run):
-        assert result["lines"] == 200 and Decimal(result["cost_ratio"]) == Decimal("0.5")
+        assert result["lines"] == 100 and Decimal(result["cost_ratio"]) == Decimal("0.5")
         assert result["ratio_exact"] and result["gateway_cpu_us_per_item"] > 0
         assert result["submit_s"] > 0 and result["collect_s"] >= 0
     M = Decimal(1_000_000)
-    # 200 x (60 input x $0.075 + 20 output x $0.30 per 1M tokens) at gpt-4o-mini's batch price.
-    assert Decimal(openai_run["batch_cost_usd"]) == 200 * (60 * Decimal("0.075") + 20 * Decimal("0.3")) / M
-    assert Decimal(openai_run["realtime_cost_usd"]) == 200 * (60 * Decimal("0.15") + 20 * Decimal("0.6")) / M
+    # 100 x (60 input x $0.075 + 20 output x $0.30 per 1M tokens) at gpt-4o-mini's batch price.
+    assert Decimal(openai_run["batch_cost_usd"]) == 100 * (60 * Decimal("0.075") + 20 * Decimal("0.3")) / M
+    assert Decimal(openai_run["realtime_cost_usd"]) == 100 * (60 * Decimal("0.15") + 20 * Decimal("0.6")) / M
     # claude-3-5-haiku: $0.80 / $4 per 1M tokens in real time, batch_discount 0.5.
-    realtime = 200 * (60 * Decimal("0.8") + 20 * Decimal(4)) / M
+    realtime = 100 * (60 * Decimal("0.8") + 20 * Decimal(4)) / M
     assert Decimal(anthropic_run["realtime_cost_usd"]) == realtime
     assert Decimal(anthropic_run["batch_cost_usd"]) == realtime / 2
     assert "CPU per item" in run.stdout and "exactly 0.5" in run.stdout

@@ -77,8 +77,11 @@ def test_bench_batch_runs_each_provider_through_its_wire_fake_at_exactly_half(tm
         timeout=180,
         env={**os.environ, "COLUMNS": "160"},
     )
-    assert run.returncode == 0, run.stdout + run.stderr
-    openai_run, anthropic_run = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    # Speed is the bench's to measure, not this test's to assert: exit 1 only for the CPU target.
+    assert run.returncode == 0 or (run.returncode == 1 and not report["cpu_ok"]), run.stdout + run.stderr
+    assert report["cost_ratio_exact"]
+    openai_run, anthropic_run = report["results"]
     assert openai_run["provider"] == "openai" and anthropic_run["provider"] == "anthropic"
     for result in (openai_run, anthropic_run):
         assert result["lines"] == 100 and Decimal(result["cost_ratio"]) == Decimal("0.5")

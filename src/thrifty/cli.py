@@ -26,6 +26,7 @@ from thrifty.cli_common import console as _console
 from thrifty.cli_common import semantic_extra as _semantic_extra
 from thrifty.cli_common import settings_path as _settings_path
 from thrifty.errors import ThriftyError
+from thrifty.planning.commands import estimate, reconcile
 from thrifty.settings import load_settings, resolve_secrets
 from thrifty.stores.ports import LedgerReader
 
@@ -46,6 +47,8 @@ eval_app = typer.Typer(
 )
 app.add_typer(eval_app, name="eval")
 app.add_typer(batch_app, name="batch")
+app.command()(estimate)
+app.command()(reconcile)
 
 
 def _ledger_reader(config: Path | None, db: Path | None) -> LedgerReader:

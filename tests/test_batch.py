@@ -10,6 +10,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,22 +21,72 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import KEYS, LoopThread, base_settings, ledger_rows
-from tests.fakes.anthropic_batch_wire import AnthropicBatchWireServer
+from tests.fakes.anthropic_batch_wire import AnthropicBatchWireServer, FakeMessageBatch
 from tests.fakes.anthropic_wire import Reply as AReply
-from tests.fakes.openai_batch_wire import OpenAIBatchWireServer
+from tests.fakes.openai_batch_wire import FakeBatch, OpenAIBatchWireServer
 from tests.fakes.openai_wire import Reply
+from thrifty.batch.adapters.anthropic import AnthropicBatchAdapter
 from thrifty.batch.adapters.base import Outbound
 from thrifty.batch.adapters.openai import OpenAIBatchAdapter
+from thrifty.batch.entries import result_entry
 from thrifty.batch.sqlite_store import SqliteBatchStore
-from thrifty.batch.store import JobRecord, NewItem
+from thrifty.batch.store import ItemResult, JobRecord, NewItem
 from thrifty.report import batch_line, build_report
 from thrifty.server.run import BackgroundServer
+from thrifty.stores.postgres_reporting import PostgresReportingStore
 from thrifty.stores.reporting import SqliteReportingStore, Window
-from thrifty.types import ModelTarget
+from thrifty.types import ModelTarget, Usage
 
 OPENAI_KEY = "sk-fake-upstream"
 ANTHROPIC_KEY = "sk-ant-fake"
 M = Decimal(1_000_000)
+
+
+@dataclass
+class Backend:
+    """Where the gateway under test keeps its state: the SQLite file, or a PostgreSQL database."""
+
+    kind: str
+    url: str
+    storage: dict[str, Any]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The ledger, oldest first."""
+        if self.kind == "sqlite":
+            return ledger_rows(Path(self.url.removeprefix("sqlite:///")))
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(self.url, row_factory=dict_row) as conn:
+            return list(conn.execute("SELECT * FROM ledger ORDER BY ts"))
+
+    def reader(self) -> Any:
+        from thrifty.stores.postgres import PostgresLedgerReader
+
+        return (
+            sqlite3.connect(self.url.removeprefix("sqlite:///"))
+            if self.kind == "sqlite"
+            else (PostgresLedgerReader(self.url))
+        )
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """SQLite, or each backend for a test marked `parametrize("backend", BACKENDS, indirect=True)`."""
+    kind = getattr(request, "param", "sqlite")
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.db'}"
+        return Backend(kind, url, {"url": url})
+    url = request.getfixturevalue("pg_url")
+    storage = {
+        "url": url,
+        "local_path": str(tmp_path / "local.db"),
+        "spool_path": str(tmp_path / "spool.jsonl"),
+    }
+    return Backend(kind, url, storage)
+
+
+BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture
@@ -91,13 +142,14 @@ def settings_for(
 
 @pytest.fixture
 def make_gateway(
-    tmp_path: Path, oa: OpenAIBatchWireServer, an: AnthropicBatchWireServer
+    tmp_path: Path, oa: OpenAIBatchWireServer, an: AnthropicBatchWireServer, backend: Backend
 ) -> Iterator[Callable[..., BackgroundServer]]:
     servers: list[BackgroundServer] = []
 
     def make(**extra: Any) -> BackgroundServer:
         server = BackgroundServer(
-            settings_for(tmp_path, oa, an, **extra), secrets={"oa": OPENAI_KEY, "an": ANTHROPIC_KEY}
+            settings_for(tmp_path, oa, an, storage=backend.storage, **extra),
+            secrets={"oa": OPENAI_KEY, "an": ANTHROPIC_KEY},
         )
         server.__enter__()
         servers.append(server)
@@ -148,9 +200,8 @@ def _submit(client: openai.OpenAI, rows: list[Any], **kwargs: Any) -> Any:
     )
 
 
-def test_sdk_batch_to_openai_and_anthropic_with_bad_lines_and_partial_failures(
-    make_gateway, oa, an, tmp_path
-):
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_sdk_batch_to_openai_and_anthropic_with_bad_lines_and_partial_failures(make_gateway, oa, an, backend):
     server = make_gateway(
         tenants={"acme": {"allowed_models": ["gpt-4o-mini", "claude-haiku", "route:short"]}},
         routes={"short": {"model": "gpt-4o-mini", "max_input_tokens": 20}},
@@ -205,7 +256,7 @@ def test_sdk_batch_to_openai_and_anthropic_with_bad_lines_and_partial_failures(
     assert len(sent.lines) == 3 and all(line["custom_id"].startswith("req_") for line in sent.lines)
     assert sent.lines[2]["body"]["max_tokens"] == 50
 
-    rows_ = ledger_rows(tmp_path / "ledger.db")
+    rows_ = backend.rows()
     assert len(rows_) == 12 and all(r["batch"] == 1 for r in rows_)
     assert {r["feature"] for r in rows_} == {"nightly-eval"} and {r["prompt_version"] for r in rows_} == {
         "v7"
@@ -217,7 +268,8 @@ def test_sdk_batch_to_openai_and_anthropic_with_bad_lines_and_partial_failures(
     }
 
 
-def test_batch_items_cost_exactly_the_batch_rate(make_gateway, oa, an, tmp_path, caplog):
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_batch_items_cost_exactly_the_batch_rate(make_gateway, oa, an, backend, caplog):
     caplog.set_level(logging.WARNING)
     server = make_gateway()
     oa.by_model["gpt-4o-mini"] = [Reply(prompt_tokens=1234, cached_tokens=200, completion_tokens=321)]
@@ -234,7 +286,7 @@ def test_batch_items_cost_exactly_the_batch_rate(make_gateway, oa, an, tmp_path,
     done = _wait(client, _submit(client, rows).id)
     assert done.status == "completed", done
     by_custom = {o["custom_id"]: o["response"]["request_id"] for o in _lines(client, done.output_file_id)}
-    costs = {r["request_id"]: r for r in ledger_rows(tmp_path / "ledger.db")}
+    costs = {r["request_id"]: r for r in backend.rows()}
     # gpt-4o-mini batch: $0.075 input, $0.075 cached input, $0.30 output per 1M tokens.
     expect_o = (Decimal(1034) * Decimal("0.075") + 200 * Decimal("0.075") + 321 * Decimal("0.3")) / M
     # claude-3-5-haiku real time: $0.80 input, $0.08 cache read, $4 output; half of it.
@@ -250,19 +302,30 @@ def test_batch_items_cost_exactly_the_batch_rate(make_gateway, oa, an, tmp_path,
     # Both Anthropic models have a batch price (one from genai-prices, one from the discount).
     assert not any("no batch price" in r.message for r in caplog.records)
     # The report: batch share, batch cost, and the same items at real-time prices.
-    conn = sqlite3.connect(tmp_path / "ledger.db")
-    (acme,) = build_report(conn, "tenant")
-    conn.close()
+    source = backend.reader()
+    (acme,) = build_report(source, "tenant")
+    source.close()
     report = acme.to_json()
     assert report["batch_requests"] == 3 and report["batch_share"] == 1.0
     assert Decimal(report["batch_cost_usd"]) == expect_o + expect_h + expect_n
     realtime = realtime_o + expect_h * 2 + (50 * Decimal(1) + 10 * Decimal(5)) / M
     assert Decimal(report["batch_realtime_usd"]) == realtime
-    # The dashboard's rollups hold the batch rows too, to the same Decimal.
-    (rolled,) = asyncio.run(
-        SqliteReportingStore(tmp_path / "ledger.db").rollup_by("tenant", Window(None, None))
-    )
-    assert rolled.requests == 3 and rolled.cost_usd == acme.cost_usd == expect_o + expect_h + expect_n
+    # The dashboard's rollups hold the batch rows too, to the same Decimal, folded and not.
+    if backend.kind == "sqlite":
+        reporting: Any = SqliteReportingStore(Path(backend.url.removeprefix("sqlite:///")))
+    else:
+        reporting = PostgresReportingStore(backend.url)
+
+    async def rolled_up() -> list[Any]:
+        try:
+            before = await reporting.rollup_by("tenant", Window(None, None))
+            await reporting.fold()
+            return [before, await reporting.rollup_by("tenant", Window(None, None))]
+        finally:
+            await reporting.aclose()
+
+    for (rolled,) in asyncio.run(rolled_up()):
+        assert rolled.requests == 3 and rolled.cost_usd == acme.cost_usd == expect_o + expect_h + expect_n
     line = batch_line([acme])
     assert line is not None and "3 of 3 requests (100.0%)" in line and f"${realtime}" in line
 
@@ -281,7 +344,8 @@ def test_no_batch_price_and_no_discount_is_a_start_warning(tmp_path, oa, an, cap
     assert "claude-new" not in warned[0] and "gpt-4o" not in warned[0]  # genai-prices has theirs
 
 
-def test_expiry_and_cancel_release_reservations_and_keep_answered_lines(make_gateway, oa, an, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_expiry_and_cancel_release_reservations_and_keep_answered_lines(make_gateway, oa, an, backend):
     server = make_gateway(tenants={"acme": {"budget": {"usd_per_day": "1"}}})
     client = _client(server)
     oa.expire, oa.answer_before_expiry = True, 1
@@ -302,7 +366,7 @@ def test_expiry_and_cancel_release_reservations_and_keep_answered_lines(make_gat
     assert done.status == "cancelled" and done.request_counts.failed == 2
     with pytest.raises(openai.BadRequestError, match="cancelled already"):
         client.batches.cancel(batch.id)
-    rows = ledger_rows(tmp_path / "ledger.db")
+    rows = backend.rows()
     assert len(rows) == 5 and all(r["batch"] for r in rows)
     # Every reservation is released: left is the limit less what was spent and this request's own
     # worst case (a few millionths of a dollar; one leaked item's would be over $0.001).
@@ -324,7 +388,8 @@ def test_a_job_over_the_budget_fails_whole_before_any_call(make_gateway, oa, an)
     assert oa.batch_creations == 0
 
 
-def test_bad_requests_name_the_problem(make_gateway, oa, an):
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_bad_requests_name_the_problem(make_gateway, oa, an, backend):
     server = make_gateway(batch={"max_lines": 2, "max_file_bytes": 2048})
     client = _client(server)
     with pytest.raises(openai.NotFoundError, match="batch_nope"):
@@ -380,8 +445,9 @@ def webhook(loop_thread: LoopThread) -> Iterator[tuple[str, list[dict[str, Any]]
     loop_thread.run(runner.cleanup())
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_deferred_requests_go_in_one_provider_batch_answered_by_poll_and_webhook(
-    make_gateway, oa, an, tmp_path, webhook
+    make_gateway, oa, an, backend, webhook
 ):
     hook_url, received = webhook
     server = make_gateway(
@@ -450,7 +516,7 @@ def test_deferred_requests_go_in_one_provider_batch_answered_by_poll_and_webhook
     while not received and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [r["id"] for r in received] == [jobs[0]["id"]] and received[0]["status"] == "completed"
-    rows = [r for r in ledger_rows(tmp_path / "ledger.db") if r["batch"]]
+    rows = [r for r in backend.rows() if r["batch"]]
     assert (
         len(rows) == 3
         and {r["route"] for r in rows} == {"nightly"}
@@ -470,13 +536,14 @@ def test_a_deferred_request_over_the_budget_is_refused_at_once(make_gateway, oa,
     assert row["http_status"] == 429 and row["request_id"] == resp.headers["x-thrifty-request-id"]
 
 
-def test_a_provider_batch_sent_just_before_a_crash_is_adopted_not_sent_again(tmp_path, oa, an, loop_thread):
-    settings = settings_for(tmp_path, oa, an)
-    # What a crash between sending a provider batch and storing its id leaves behind: the items
-    # claimed into a provider batch that is still "preparing" here, while the provider has it.
+def _crashed_while_sending(
+    tmp_path: Path, settings: Any, provider: str, model: str, loop_thread: LoopThread
+) -> str:
+    """What a crash between sending a provider batch and storing its id leaves behind: the items
+    claimed into a provider batch still "preparing" here, while the provider has it."""
     store = SqliteBatchStore(tmp_path / "ledger.db")
     now = time.time()
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
     job = JobRecord(
         "batch_crash",
         "file",
@@ -501,9 +568,9 @@ def test_a_provider_batch_sent_just_before_a_crash_is_adopted_not_sent_again(tmp
             now,
             now,
             1,
-            "gpt-4o-mini",
+            model,
             None,
-            "oa",
+            provider,
             body,
         )
         for i in range(3)
@@ -511,25 +578,83 @@ def test_a_provider_batch_sent_just_before_a_crash_is_adopted_not_sent_again(tmp
     store.create_job(job, items)
     (group,) = store.queue_groups()
     assert store.claim(group, 10, "ub_crash", now) == 3
-    target = ModelTarget("gpt-4o-mini", "oa", "gpt-4o-mini", None)
-    adapter = OpenAIBatchAdapter("oa", settings.providers["oa"], OPENAI_KEY)
+    upstream = settings.models[model].upstream
+    target = ModelTarget(model, provider, upstream, None)
+    adapter: Any = (
+        OpenAIBatchAdapter(provider, settings.providers[provider], OPENAI_KEY)
+        if provider == "oa"
+        else AnthropicBatchAdapter(provider, settings.providers[provider], ANTHROPIC_KEY)
+    )
     outbound = [Outbound(i.request_id, target, body) for i in store.items_of_upstream("ub_crash")]
 
     async def send() -> str:
         await adapter.start()
         try:
-            return await adapter.submit(outbound, "ub_crash")
+            return str(await adapter.submit(outbound, "ub_crash"))
         finally:
             await adapter.close()
 
-    loop_thread.run(send())
+    remote_id = loop_thread.run(send())
     store.close()
+    return remote_id
+
+
+def test_an_openai_batch_sent_just_before_a_crash_is_found_by_its_label_not_sent_again(
+    tmp_path, oa, an, loop_thread
+):
+    settings = settings_for(tmp_path, oa, an)
+    ours = _crashed_while_sending(tmp_path, settings, "oa", "gpt-4o-mini", loop_thread)
+    # 120 newer batches of someone else's: ours is on the second page of the provider's list.
+    for i in range(120):
+        other = FakeBatch(
+            f"batch_other{i}", "file-x", "/v1/chat/completions", "24h", {"thrifty_batch": f"x{i}"}, []
+        )
+        oa.batches[other.id] = other
     assert oa.batch_creations == 1
     with BackgroundServer(settings, secrets={"oa": OPENAI_KEY, "an": ANTHROPIC_KEY}) as server:
-        done = _wait(_client(server), job.job_id)
+        done = _wait(_client(server), "batch_crash")
     assert done.status == "completed" and done.request_counts.completed == 3
-    assert oa.batch_creations == 1  # found by its label and adopted, not sent again
+    assert oa.batch_creations == 1 and oa.batches[ours].status == "completed"  # adopted, not sent again
     assert len(ledger_rows(tmp_path / "ledger.db")) == 3
+
+
+def test_an_anthropic_batch_sent_just_before_a_crash_is_told_apart_from_others_of_its_size(
+    tmp_path, oa, an, loop_thread
+):
+    settings = settings_for(tmp_path, oa, an)
+    an.reply(*[AReply(input_tokens=40, output_tokens=5)] * 3)
+    ours = _crashed_while_sending(tmp_path, settings, "an", "claude-new", loop_thread)
+    params = {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+
+    def foreign(name: str) -> FakeMessageBatch:
+        batch = FakeMessageBatch(name, [{"custom_id": f"{name}-{i}", "params": params} for i in range(3)])
+        an.batches[batch.id] = batch
+        return batch
+
+    ended = foreign("msgbatch_foreign_ended")  # same size, but its custom_ids are not ours
+    ended.status = "ended"
+    ended.results = [{"custom_id": r["custom_id"], "result": {"type": "expired"}} for r in ended.requests]
+    running = foreign("msgbatch_foreign_running")  # same size and still running: cannot be told apart yet
+    foreign("msgbatch_foreign_bigger").requests.append({"custom_id": "x", "params": params})
+    assert an.batch_creations == 1
+    with BackgroundServer(settings, secrets={"oa": OPENAI_KEY, "an": ANTHROPIC_KEY}) as server:
+        client = _client(server)
+        deadline = time.monotonic() + 1.5
+        while an.list_calls < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert an.list_calls >= 3  # looked for again and again, never sent while it could not tell
+        assert client.batches.retrieve("batch_crash").status == "in_progress" and an.batch_creations == 1
+        assert an.batches[ours].polls == 0
+        running.status, running.results = "ended", ended.results  # it ends: its custom_ids tell
+        done = _wait(client, "batch_crash")
+    assert done.status == "completed" and done.request_counts.completed == 3
+    assert an.batch_creations == 1 and an.batches[ours].polls >= 2  # ours adopted, not sent again
+    rows = ledger_rows(tmp_path / "ledger.db")
+    # claude-haiku-4-5 at batch prices: $0.50 input, $2.50 output per 1M tokens.
+    assert (
+        len(rows) == 3
+        and sum(Decimal(r["cost_usd"]) for r in rows) == 3 * (40 * Decimal("0.5") + 5 * Decimal("2.5")) / M
+    )
 
 
 def test_a_deferred_request_not_sent_within_its_window_expires(make_gateway, oa, an, tmp_path):
@@ -553,3 +678,96 @@ def test_a_deferred_request_not_sent_within_its_window_expires(make_gateway, oa,
     assert oa.batch_creations == 0
     (row,) = ledger_rows(tmp_path / "ledger.db")
     assert row["batch"] == 1 and row["status"] == "error" and Decimal(row["cost_usd"]) == 0
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_with_shared_budgets_batch_spend_counts_on_every_replica(
+    make_gateway, oa, an, backend, services, redis_prefix
+):
+    """Two replicas on PostgreSQL and Redis: a job's worst case is held in Redis while it runs and
+    its spend lands there item by item, whichever replica collects, with no hold left behind."""
+    shared = {"url": services.redis_url, "prefix": redis_prefix}
+    tenants = {"acme": {"budget": {"usd_per_day": "1"}}}
+    replicas = [make_gateway(tenants=tenants, shared_state=shared) for _ in range(2)]
+    oa.by_model["gpt-4o-mini"] = [Reply(prompt_tokens=1000, completion_tokens=400) for _ in range(3)]
+    oa.hold = True
+    client = _client(replicas[0])
+    batch = _submit(client, [_line(f"b{i}", "gpt-4o-mini", max_tokens=400) for i in range(3)])
+    auth = {"authorization": f"Bearer {KEYS['acme']}"}
+    probe = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+
+    def remaining(server: BackgroundServer) -> Decimal:
+        resp = httpx.post(server.base_url + "/chat/completions", headers=auth, json=probe)
+        assert resp.status_code == 200, resp.text
+        return Decimal(resp.headers["x-thrifty-budget-remaining"].split(";")[0])
+
+    deadline = time.monotonic() + 15
+    while not oa.batches and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # While the job runs, the other replica sees its worst case held: 3 x (prompt + 400 output).
+    held = Decimal(1) - remaining(replicas[1])
+    assert held > 3 * 400 * Decimal("0.3") / M
+    oa.release()
+    done = _wait(_client(replicas[1]), batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 3
+    spent = sum(Decimal(r["cost_usd"]) for r in backend.rows())
+    # gpt-4o-mini batch: 3 x (1000 x $0.075 + 400 x $0.30) per 1M, plus the probe's real-time cost.
+    assert spent > 3 * (1000 * Decimal("0.075") + 400 * Decimal("0.3")) / M
+    for server in replicas:  # spent counted, every hold released: only this probe's worst case is left
+        assert Decimal(0) < Decimal(1) - spent - remaining(server) < Decimal("0.00001")
+        spent = sum(Decimal(r["cost_usd"]) for r in backend.rows())
+
+
+def test_holds_of_items_another_process_recorded_are_let_go(make_gateway, oa, an, tmp_path):
+    """Two processes share the SQLite file (or PostgreSQL): the one that validated a job holds its
+    worst case; when the other records the results, the first lets its holds go (by the next lease)."""
+    server = make_gateway(tenants={"acme": {"budget": {"usd_per_day": "1"}}}, batch={"lease_s": 0.3})
+    oa.hold = True  # this gateway sends the batch and never collects it
+    client = _client(server)
+    batch = _submit(client, [_line(f"h{i}", "gpt-4o", max_tokens=4000) for i in range(3)])
+    deadline = time.monotonic() + 15
+    while not oa.batches and time.monotonic() < deadline:
+        time.sleep(0.05)
+    probe = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+
+    def remaining() -> Decimal:
+        resp = httpx.post(
+            server.base_url + "/chat/completions",
+            headers={"authorization": f"Bearer {KEYS['acme']}"},
+            json=probe,
+        )
+        return Decimal(resp.headers["x-thrifty-budget-remaining"].split(";")[0])
+
+    # 3 x 4,000 output tokens of gpt-4o at $5 per 1M (batch): at least $0.06 held.
+    assert Decimal(1) - remaining() > Decimal("0.06")
+    # Another process records every item (as a replica collecting the provider's batch would).
+    other = SqliteBatchStore(tmp_path / "ledger.db")
+    items = list(other.items_of_job(batch.id))
+    results = [
+        ItemResult(
+            i.request_id,
+            "done",
+            200,
+            {"choices": []},
+            None,
+            result_entry(
+                i,
+                "acme",
+                {},
+                ok=True,
+                status_code=200,
+                usage=Usage(),
+                cost=Decimal(0),
+                realtime=Decimal(0),
+                error=None,
+                ts=time.time(),
+            ),
+        )
+        for i in items
+    ]
+    assert len(other.record_results(results, time.time())) == 3
+    other.close()
+    deadline = time.monotonic() + 10
+    while Decimal(1) - remaining() > Decimal("0.001") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert Decimal(1) - remaining() < Decimal("0.001")  # only the probes' own worst cases and spend

@@ -148,6 +148,15 @@ class ProviderProtocolError(ThriftyError):
     code = "provider_bad_response"
 
 
+class BatchUnresolved(ThriftyError):
+    """After a crash, the provider cannot tell yet which of its batches is the one sent (several
+    of the same size were created then): nothing is sent again until it can."""
+
+    status = 503
+    error_type = "api_error"
+    code = "batch_unresolved"
+
+
 class BudgetExceeded(ThriftyError):
     """A hard budget would be overrun by this request's worst-case cost.
 

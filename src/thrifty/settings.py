@@ -376,6 +376,9 @@ class BatchSettings(_Strict):
     files_dir: str | None = None
     defer: DeferSettings = Field(default_factory=DeferSettings)  # for requests with x-thrifty-defer
     webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # How long a runner's claim on a piece of work (validating a job, a provider batch, a webhook)
+    # lasts without renewal: after a crash, another process (or the restarted one) takes it over then.
+    lease_s: float = Field(default=30.0, gt=0)
 
 
 class RouteSettings(_Strict):

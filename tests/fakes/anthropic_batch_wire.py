@@ -1,7 +1,9 @@
 """Anthropic's Message Batches API at the wire, beside the Messages fake it extends.
 
 `POST /v1/messages/batches` with `requests: [{custom_id, params}]`, `GET /v1/messages/batches/{id}`
-(processing_status in_progress | canceling | ended, request_counts), `POST .../{id}/cancel`, and the
+(processing_status in_progress | canceling | ended, request_counts), `GET /v1/messages/batches`
+(newest first; `limit` 1-1000, default 20; `after_id` / `before_id` cursors; `{data, has_more,
+first_id, last_id}` as Anthropic's API reference gives it), `POST .../{id}/cancel`, and the
 `results_url` JSONL of `{custom_id, result: {type: succeeded | errored | canceled | expired}}`.
 Each request's params are validated as the Messages API does; an invalid one is an `errored`
 result, not a failed batch (as Anthropic does). A batch ends on the second poll (`hold` keeps it
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,6 +51,10 @@ class AnthropicBatchWireServer(AnthropicWireServer):
         self.hold = False
         self.expire = False
         self.answer_before_expiry = 0
+        # Called with each batch once it is stored, before the answer goes out (a test kills the
+        # gateway there: Anthropic has the batch, the gateway never learns its id).
+        self.on_create: Callable[[FakeMessageBatch], None] | None = None
+        self.list_calls = 0
 
     def release(self) -> None:
         self.hold = False
@@ -56,6 +63,7 @@ class AnthropicBatchWireServer(AnthropicWireServer):
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/batches", self._create)
+        app.router.add_get("/v1/messages/batches", self._list)
         app.router.add_get("/v1/messages/batches/{id}", self._retrieve)
         app.router.add_post("/v1/messages/batches/{id}/cancel", self._cancel)
         app.router.add_get("/v1/messages/batches/{id}/results", self._results)
@@ -90,7 +98,39 @@ class AnthropicBatchWireServer(AnthropicWireServer):
         self.batch_creations += 1
         batch = FakeMessageBatch(id="msgbatch_" + secrets.token_hex(12), requests=requests)
         self.batches[batch.id] = batch
+        if self.on_create is not None:
+            self.on_create(batch)
         return web.json_response(self._object(batch))
+
+    async def _list(self, request: web.Request) -> web.Response:
+        rejection = self._check_headers(request)
+        if rejection is not None:
+            return rejection
+        self.list_calls += 1
+        raw = request.query.get("limit", "20")
+        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+            return self._error(400, "invalid_request_error", "limit: Input should be between 1 and 1000")
+        limit = int(raw)
+        newest = list(self.batches.values())[::-1]  # most recently created first
+        ids = [b.id for b in newest]
+        after, before = request.query.get("after_id"), request.query.get("before_id")
+        if after is not None:
+            newest = newest[ids.index(after) + 1 :] if after in ids else []
+            page, more = newest[:limit], len(newest) > limit
+        elif before is not None:
+            newest = newest[: ids.index(before)] if before in ids else []
+            page, more = newest[-limit:], len(newest) > limit
+        else:
+            page, more = newest[:limit], len(newest) > limit
+        data = [self._object(b) for b in page]
+        return web.json_response(
+            {
+                "data": data,
+                "has_more": more,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            }
+        )
 
     def _lookup(self, request: web.Request) -> FakeMessageBatch | web.Response:
         rejection = self._check_headers(request)

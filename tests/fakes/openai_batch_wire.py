@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,9 @@ class OpenAIBatchWireServer(OpenAIWireServer):
         self.hold = False  # batches stay in_progress until release()
         self.expire = False  # batches expire instead of completing (answered lines are kept)
         self.answer_before_expiry = 0  # how many lines an expiring batch still answers
+        # Called with each batch once it is stored, before the answer goes out (a test kills the
+        # gateway there: the provider has the batch, the gateway never learns its id).
+        self.on_create: Callable[[FakeBatch], None] | None = None
 
     def release(self) -> None:
         self.hold = False
@@ -148,6 +152,8 @@ class OpenAIBatchWireServer(OpenAIWireServer):
             lines=lines,
         )
         self.batches[batch.id] = batch
+        if self.on_create is not None:
+            self.on_create(batch)
         return web.json_response(self._batch_object(batch))
 
     def _validate(self, batch: FakeBatch) -> None:
@@ -273,12 +279,28 @@ class OpenAIBatchWireServer(OpenAIWireServer):
         }
 
     async def _list(self, request: web.Request) -> web.Response:
+        """GET /v1/batches?limit=&after=: newest first, `after` the last id of the previous page."""
         if not self._authorized(request):
             return web.json_response(_UNAUTHORIZED, status=401)
         limit = int(request.query.get("limit", "20"))
-        newest = sorted(self.batches.values(), key=lambda b: b.created_at, reverse=True)[:limit]
-        data = [self._batch_object(b) for b in newest]
-        return web.json_response({"object": "list", "data": data, "has_more": len(self.batches) > limit})
+        if not 1 <= limit <= 100:
+            return self._error(400, "limit must be between 1 and 100")
+        newest = list(self.batches.values())[::-1]
+        after = request.query.get("after")
+        if after is not None:
+            ids = [b.id for b in newest]
+            newest = newest[ids.index(after) + 1 :] if after in ids else []
+        page = newest[:limit]
+        data = [self._batch_object(b) for b in page]
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+                "has_more": len(newest) > limit,
+            }
+        )
 
     async def _retrieve(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

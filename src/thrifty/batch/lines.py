@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,18 @@ from thrifty.gateway import parse_chat_body
 CHAT_ENDPOINT = "/v1/chat/completions"
 ENDPOINTS = frozenset({CHAT_ENDPOINT})
 MAX_CUSTOM_ID = 512
+
+
+def split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Lines (with their newline) from chunks of a file, holding at most one line and one chunk."""
+    rest = b""
+    for chunk in chunks:
+        parts = (rest + chunk).split(b"\n")
+        rest = parts.pop()
+        for part in parts:
+            yield part + b"\n"
+    if rest:
+        yield rest
 
 
 @dataclass(frozen=True, slots=True)

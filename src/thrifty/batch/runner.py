@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,9 +24,9 @@ import orjson
 from thrifty.batch.adapters.base import Outbound, Outcome
 from thrifty.batch.entries import refused_entry, result_entry
 from thrifty.batch.flush import due, next_wake
-from thrifty.batch.lines import LineError, parse_line
+from thrifty.batch.lines import LineError, parse_line, split_lines
 from thrifty.batch.service import BatchService, new_request_id
-from thrifty.batch.states import STATUS_TIME, next_status
+from thrifty.batch.states import ITEM_FINAL, STATUS_TIME, next_status
 from thrifty.batch.store import Item, ItemResult, JobRecord, NewItem, UpstreamBatch
 from thrifty.errors import BudgetExceeded, ThriftyError
 from thrifty.types import LedgerEntry, Tags, Usage
@@ -35,7 +34,6 @@ from thrifty.types import LedgerEntry, Tags, Usage
 log = logging.getLogger(__name__)
 
 _CHUNK = 500  # lines validated (and results recorded) per transaction
-_LEASE_S = 60.0  # a validation lease; renewed every chunk
 
 
 class BatchRunner:
@@ -46,6 +44,10 @@ class BatchRunner:
         self._cancel_sent: set[str] = set()
         self._jobs: dict[str, JobRecord] = {}
         self._owner = f"{os.getpid()}-{os.urandom(4).hex()}"  # this process, for leases
+        self._lease_s = service.settings.lease_s
+        self._sending: set[str] = set()  # provider batches this runner is sending right now
+        self._recover_retry_at: dict[str, float] = {}  # recoveries that could not tell: not before
+        self._sweep_at = 0.0  # when holds of items recorded by other processes are next looked at
         self._http: aiohttp.ClientSession | None = None
         self._retry_at: dict[str, float] = {}  # webhook deliveries that failed: not before then
         # Queues whose submission failed: not retried before then.
@@ -53,8 +55,6 @@ class BatchRunner:
         service.wake = self._event.set
 
     async def start(self) -> None:
-        if not self.service.enabled:
-            return
         db = self.service.db
         for adapter in self.service.adapters.values():
             await adapter.start()
@@ -64,29 +64,45 @@ class BatchRunner:
             for item in open_items:
                 job = self._job(item.job_id)
                 owners[item.job_id] = (job.tenant_id, job.tags)
-            self.service.rereserve(owners, open_items)
+            self.service.reservations.rereserve(owners, open_items)
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.service.settings.webhook_timeout_s)
         )
         self._task = asyncio.ensure_future(self._loop())
 
     async def _recover_unsent(self) -> None:
-        """Provider batches a crash interrupted between sending and storing their id: the one the
-        provider has (found by its label) is adopted; the others' items go back to the queue."""
+        """Provider batches a crash interrupted between sending and storing their id (their
+        sender's lease ran out): the one the provider has is adopted (OpenAI: by its label;
+        Anthropic: by its size, its creation time and, once it ended, its custom_ids); when the
+        provider has none, the items go back to the queue. Never sent twice on a guess: when the
+        provider cannot tell yet, the batch stays preparing and is looked for again later."""
         db = self.service.db
         for upstream in db.upstream_batches(["preparing"]):
+            uid = upstream.upstream_id
+            now = time.time()
+            if uid in self._sending or self._recover_retry_at.get(uid, 0.0) > now:
+                continue
             adapter = self.service.adapters.get(upstream.provider)
-            remote_id = None
-            if adapter is not None:
-                try:
-                    remote_id = await adapter.find(upstream.upstream_id)
-                except ThriftyError as err:
-                    log.warning("looking for provider batch %s: %s", upstream.upstream_id, err.message)
-                    continue  # unknown yet: left preparing, looked for again at the next start
+            if adapter is None or not db.lease_upstream(uid, self._owner, now, self._lease_s):
+                continue  # its sender is alive (it holds the lease), or the provider is gone from settings
+            request_ids = {item.request_id for item in db.items_of_upstream(uid)}
+            try:
+                remote_id = await adapter.find(
+                    uid, request_ids, upstream.created_at, db.remote_ids(adapter.name)
+                )
+            except ThriftyError as err:
+                log.warning("looking for provider batch %s at %s: %s", uid, upstream.provider, err.message)
+                self._recover_retry_at[uid] = time.time() + self.service.settings.poll_interval_s
+                continue
+            self._recover_retry_at.pop(uid, None)
             if remote_id is None:
-                db.requeue_unsent(upstream.upstream_id)
+                log.warning(
+                    "provider batch %s never reached %s: its items are queued again", uid, adapter.name
+                )
+                db.requeue_unsent(uid)
             else:
-                db.mark_submitted(upstream.upstream_id, remote_id, time.time())
+                log.warning("provider batch %s found at %s as %s: adopted", uid, adapter.name, remote_id)
+                db.mark_submitted(uid, remote_id, time.time(), adopted=True)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -105,10 +121,6 @@ class BatchRunner:
             self._http = None
 
     async def _loop(self) -> None:
-        try:  # here, not in start(): a provider that is down must not hold up the gateway's start
-            await self._recover_unsent()
-        except Exception:
-            log.exception("recovering provider batches sent before a crash")
         while True:
             try:
                 wait = await self.tick()
@@ -127,9 +139,12 @@ class BatchRunner:
         for job in self.service.db.jobs_with_status(["validating"]):
             await self._validate(job)
         await self._cancel_requested()
+        # Here, not in start(): a provider that is down must not hold up the gateway's start.
+        await self._recover_unsent()
         await self._flush(now)
         await self._poll(time.time())
         await self._deliver()
+        self._sweep_holds(time.time())
         poll = self.service.settings.poll_interval_s
         now = time.time()
         waits = [next_wake(self.service.db.queue_groups(), now, poll)]
@@ -148,6 +163,20 @@ class BatchRunner:
                 return 0
         return left
 
+    def _sweep_holds(self, now: float) -> None:
+        """Holds this process took for items another process (sharing the store) recorded: let
+        them go, so neither a budget nor this process's memory keeps them. Only items stored in a
+        final state count: one not stored yet is a deferral in flight."""
+        if now < self._sweep_at:
+            return
+        self._sweep_at = now + self._lease_s
+        held = list(self.service.reservations.held)
+        for start in range(0, len(held), _CHUNK):
+            items = self.service.db.get_items(held[start : start + _CHUNK])
+            self.service.reservations.drop_ended(
+                request_id for request_id, item in items.items() if item.state in ITEM_FINAL
+            )
+
     def _job(self, job_id: str) -> JobRecord:
         job = self._jobs.get(job_id)
         if job is None:
@@ -161,7 +190,7 @@ class BatchRunner:
     async def _validate(self, job: JobRecord) -> None:
         service, db = self.service, self.service.db
         assert job.input_file_id is not None
-        if not db.lease(job.job_id, self._owner, time.time(), _LEASE_S):
+        if not db.lease(job.job_id, self._owner, time.time(), self._lease_s):
             return  # another process sharing the store is validating it
         record = db.get_file(job.tenant_id, job.input_file_id)
         if record is None:
@@ -178,9 +207,10 @@ class BatchRunner:
         done_line, seen = db.validated_so_far(job.job_id)
         items: list[NewItem] = []
         refused: list[LedgerEntry] = []
-        with Path(record.path).open("rb") as fh:
+        try:
+            chunks = db.read_file(record)
             line_no = 0
-            for raw in fh:
+            for raw in split_lines(chunks):
                 line_no += 1
                 if line_no <= done_line or not raw.strip():
                     continue
@@ -197,25 +227,30 @@ class BatchRunner:
                     )
                 items.append(item)
                 if len(items) >= _CHUNK:
-                    if not db.lease(job.job_id, self._owner, time.time(), _LEASE_S):
+                    if not db.lease(job.job_id, self._owner, time.time(), self._lease_s):
                         return  # the lease ran out and another process took the job over
-                    if not self._store_chunk(job, items, refused):
+                    if not await self._store_chunk(job, items, refused):
                         return
                     items, refused = [], []
                     await asyncio.sleep(0)  # let requests in between chunks
-        if self._store_chunk(job, items, refused):
+        except FileNotFoundError:
+            db.set_job_status(
+                job.job_id, "failed", time.time(), [_error("file_gone", "the input file is gone")]
+            )
+            return
+        if await self._store_chunk(job, items, refused):
             db.set_job_status(job.job_id, "in_progress", time.time())
             self._advance(job.job_id)
 
-    def _store_chunk(self, job: JobRecord, items: list[NewItem], refused: list[LedgerEntry]) -> bool:
+    async def _store_chunk(self, job: JobRecord, items: list[NewItem], refused: list[LedgerEntry]) -> bool:
         """Reserve the chunk's worst case and store it; a job over its budget fails whole (its
         earlier chunks' reservations released), before any line is sent."""
         queued = [i for i in items if i.state == "queued"]
         try:
-            self.service.reserve(job.tenant_id, job.tags, queued)
+            await self.service.reservations.reserve(job.tenant_id, job.tags, queued)
         except BudgetExceeded as err:
             self.service.db.add_items(items, refused)
-            self._drop_queued(job, "budget_exceeded", err.message)
+            await self._drop_queued(job, "budget_exceeded", err.message)
             self.service.db.set_job_status(
                 job.job_id, "failed", time.time(), [_error("budget_exceeded", err.message)]
             )
@@ -223,7 +258,7 @@ class BatchRunner:
         self.service.db.add_items(items, refused)
         return True
 
-    def _drop_queued(self, job: JobRecord, code: str, message: str, state: str = "failed") -> None:
+    async def _drop_queued(self, job: JobRecord, code: str, message: str, state: str = "failed") -> None:
         ts = time.time()
         results = []
         for item in self.service.db.queued_items(job.job_id):
@@ -239,22 +274,35 @@ class BatchRunner:
                 error=message,
                 ts=ts,
             )
-            results.append(ItemResult(item.request_id, state, None, None, _error(code, message), entry))
+            results.append(
+                ItemResult(
+                    item.request_id,
+                    state,
+                    None,
+                    None,
+                    _error(code, message),
+                    entry,
+                    (job.tenant_id, job.tags, item.route, item.created_at),
+                )
+            )
+        owners = {r.request_id: r.owner for r in results}
         for request_id in self.service.db.record_results(results, ts):
-            self.service.settle(request_id, Decimal(0), 0)
+            await self.service.reservations.settle(request_id, Decimal(0), 0, owners[request_id])
 
     # -- cancel -----------------------------------------------------------------------------
 
     async def _cancel_requested(self) -> None:
         db = self.service.db
         for job in db.jobs_with_status(["cancelling"]):
-            self._drop_queued(job, "batch_cancelled", "cancelled before it was sent", "cancelled")
+            await self._drop_queued(job, "batch_cancelled", "cancelled before it was sent", "cancelled")
             for upstream in db.upstream_batches(["submitted"]):
                 if upstream.upstream_id in self._cancel_sent or upstream.remote_id is None:
                     continue
                 first = next(db.items_of_upstream(upstream.upstream_id), None)
                 if first is None or first.job_id != job.job_id:
                     continue  # a deferred queue's batch carries other jobs' requests too
+                if not db.lease_upstream(upstream.upstream_id, self._owner, time.time(), self._lease_s):
+                    continue  # another process drives it; it sends the cancel
                 self._cancel_sent.add(upstream.upstream_id)
                 try:
                     await self.service.adapters[upstream.provider].cancel(upstream.remote_id)
@@ -264,18 +312,20 @@ class BatchRunner:
 
     # -- flush ------------------------------------------------------------------------------
 
-    def _expire_queued(self, now: float) -> None:
+    async def _expire_queued(self, now: float) -> None:
         """Items still queued when their window ends (every submission failed) end expired."""
         while stale := self.service.db.queued_past_window(now):
             jobs = {item.job_id for item in stale}
             outcome = Outcome("", "expired", error=_error("batch_expired", "not sent within its window"))
-            self._record([self._result(item, replace(outcome, request_id=item.request_id)) for item in stale])
+            await self._record(
+                [self._result(item, replace(outcome, request_id=item.request_id)) for item in stale]
+            )
             for job_id in jobs:
                 self._advance(job_id)
 
     async def _flush(self, now: float) -> None:
         db = self.service.db
-        self._expire_queued(now)
+        await self._expire_queued(now)
         for group in due(db.queue_groups(), now):
             adapter = self.service.adapters.get(group.provider)
             key = (group.provider, group.model, group.queue)
@@ -283,9 +333,13 @@ class BatchRunner:
                 continue
             while True:
                 upstream_id = "ub_" + os.urandom(10).hex()
-                claimed = db.claim(group, adapter.max_items, upstream_id, time.time())
+                claimed = db.claim(
+                    group, adapter.max_items, upstream_id, time.time(), self._owner, self._lease_s
+                )
                 if not claimed:
                     break
+                self._sending.add(upstream_id)
+                renewal = asyncio.ensure_future(self._hold(upstream_id))
                 try:
                     outbound = self._outbound(db.items_of_upstream(upstream_id))
                     remote_id = await adapter.submit(outbound, upstream_id)
@@ -296,9 +350,19 @@ class BatchRunner:
                     db.requeue_unsent(upstream_id)
                     self._submit_retry_at[key] = time.time() + self.service.settings.poll_interval_s
                     break
+                finally:
+                    renewal.cancel()
+                    self._sending.discard(upstream_id)
                 db.mark_submitted(upstream_id, remote_id, time.time() + self.service.settings.poll_interval_s)
                 if claimed < adapter.max_items:
                     break
+
+    async def _hold(self, upstream_id: str) -> None:
+        """Renew the lease of a provider batch while it is being sent (a large upload takes a while):
+        another process must not take it for abandoned and look for it meanwhile."""
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            self.service.db.lease_upstream(upstream_id, self._owner, time.time(), self._lease_s)
 
     def _outbound(self, items: Iterable[Item]) -> Iterator[Outbound]:
         targets = self.service.gateway.targets
@@ -312,8 +376,10 @@ class BatchRunner:
             if upstream.next_poll_at > now or upstream.remote_id is None:
                 continue
             adapter = self.service.adapters.get(upstream.provider)
-            if adapter is None:
-                continue
+            if adapter is None or not db.lease_upstream(
+                upstream.upstream_id, self._owner, now, self._lease_s
+            ):
+                continue  # another process polls it (its lease); a dead one's runs out
             try:
                 state = await adapter.poll(upstream.remote_id)
                 if not state.ended:
@@ -342,9 +408,23 @@ class BatchRunner:
         async for outcome in adapter.results(upstream.remote_id, items):
             page.append(outcome)
             if len(page) >= _CHUNK:
-                jobs |= self._record_page(page)
+                jobs |= await self._record_page(page)
                 page = []
-        jobs |= self._record_page(page)
+                db.lease_upstream(upstream.upstream_id, self._owner, time.time(), self._lease_s)
+        jobs |= await self._record_page(page)
+        if (
+            upstream.adopted
+            and _count(db.items_of_upstream(upstream.upstream_id, "submitted")) == upstream.items
+        ):
+            # Adopted after a crash, and not one of its items came back: the provider's batch was
+            # another one of the same size after all, so these were never sent. Queued again.
+            log.warning(
+                "provider batch %s held none of %s's items: queued again",
+                upstream.remote_id,
+                upstream.upstream_id,
+            )
+            db.requeue_unsent(upstream.upstream_id)
+            return
         missing = Outcome(
             "",
             "expired" if remote_status == "expired" else "failed",
@@ -356,27 +436,31 @@ class BatchRunner:
             replace(missing, request_id=i.request_id)
             for i in db.items_of_upstream(upstream.upstream_id, "submitted")
         ]
-        jobs |= self._record_page(page)
+        jobs |= await self._record_page(page)
         db.finish_upstream(upstream.upstream_id, remote_status, time.time())
         for job_id in jobs:
             self._advance(job_id)
 
-    def _record_page(self, outcomes: list[Outcome]) -> set[str]:
+    async def _record_page(self, outcomes: list[Outcome]) -> set[str]:
         items = self.service.db.get_items(o.request_id for o in outcomes)
         results = [
             self._result(item, o)
             for o in outcomes
             if (item := items.get(o.request_id)) is not None and item.state == "submitted"
         ]  # not ours, or recorded before a restart: left alone
-        self._record(results)
+        await self._record(results)
         return {item.job_id for item in items.values()}
 
-    def _record(self, results: list[ItemResult]) -> None:
+    async def _record(self, results: list[ItemResult]) -> None:
         recorded = set(self.service.db.record_results(results, time.time()))
         for r in results:
             if r.request_id in recorded:
-                self.service.settle(
-                    r.request_id, r.entry.cost_usd, r.entry.usage.input_tokens + r.entry.usage.output_tokens
+                e = r.entry
+                await self.service.reservations.settle(
+                    r.request_id,
+                    e.cost_usd,
+                    e.usage.input_tokens + e.usage.output_tokens,
+                    r.owner,
                 )
 
     def _result(self, item: Item, outcome: Outcome) -> ItemResult:
@@ -405,7 +489,10 @@ class BatchRunner:
         body = outcome.body
         if ok and body is not None and cost is not None:
             body = {**body, "thrifty": {"cost_usd": format(cost, "f"), "batch": True}}
-        return ItemResult(item.request_id, outcome.kind, outcome.status_code, body, outcome.error, entry)
+        owner = (job.tenant_id, job.tags, item.route, item.created_at)
+        return ItemResult(
+            item.request_id, outcome.kind, outcome.status_code, body, outcome.error, entry, owner
+        )
 
     def _advance(self, job_id: str) -> None:
         db = self.service.db
@@ -431,6 +518,8 @@ class BatchRunner:
             assert job.webhook_url is not None
             if self._retry_at.get(job.job_id, 0.0) > time.time():
                 continue
+            if not self.service.db.lease_delivery(job.job_id, self._owner, time.time(), self._lease_s):
+                continue  # another process is delivering it
             payload = self.service.job_view(job) if job.kind == "deferred" else self.service.batch_object(job)
             try:
                 async with self._http.post(
@@ -447,6 +536,10 @@ class BatchRunner:
                 continue
             self._retry_at.pop(job.job_id, None)
             self.service.db.mark_delivered(job.job_id, time.time(), None)
+
+
+def _count(items: Iterable[Item]) -> int:
+    return sum(1 for _ in items)
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

@@ -22,11 +22,10 @@ import orjson
 from thrifty.batch.adapters.base import BatchAdapter
 from thrifty.batch.lines import CHAT_ENDPOINT, ENDPOINTS, InputLine, LineError
 from thrifty.batch.pricing import BatchPricer
-from thrifty.batch.sqlite_store import SqliteBatchStore
+from thrifty.batch.reservations import BatchReservations
 from thrifty.batch.states import JOB_FINAL, request_counts
-from thrifty.batch.store import FileRecord, Item, JobRecord, NewItem
-from thrifty.errors import BudgetExceeded, IdempotencyConflict, InvalidRequest, NotFound, ThriftyError
-from thrifty.guard.budgets import Reservation
+from thrifty.batch.store import BatchStore, FileRecord, Item, JobRecord, NewItem
+from thrifty.errors import IdempotencyConflict, InvalidRequest, NotFound, ThriftyError
 from thrifty.guard.limits import InputLimits
 from thrifty.guard.output import OutputCeiling, choices, requested_output
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, build_chain
@@ -43,12 +42,6 @@ _ZERO = Decimal(0)
 _DEFER_QUEUE = "defer"
 _OUTPUT_SUFFIX = "-output"
 _ERRORS_SUFFIX = "-errors"
-
-
-class BatchUnavailable(ThriftyError):
-    status = 501
-    error_type = "invalid_request_error"
-    code = "batch_unavailable"
 
 
 class FileTooLarge(ThriftyError):
@@ -131,36 +124,18 @@ class BatchService:
         self.files_dir = (
             Path(self.settings.files_dir) if self.settings.files_dir else db.parent / (db.name + ".files")
         )
-        self.store: SqliteBatchStore | None = None
-        self.reservations: dict[str, Reservation] = {}
+        self.store: BatchStore | None = None
+        self.reservations = BatchReservations(
+            gateway.budget_plan, gateway.budget_book, gateway.stores.shared_budgets
+        )
         self.wake: Any = None  # set by the runner: called when there is new work
 
-    @property
-    def enabled(self) -> bool:
-        # The batch store is SQLite only so far: with PostgreSQL each replica would keep its own
-        # jobs, and their ledger rows would miss the shared ledger. Refused clearly instead.
-        return self.gateway.settings.storage.backend == "sqlite"
-
-    def check_enabled(self) -> None:
-        if not self.enabled:
-            raise BatchUnavailable(
-                "batch offload needs storage on SQLite for now (storage.url is PostgreSQL: its batch "
-                "store is not built yet); send these requests in real time"
-            )
-
     def start(self) -> None:
-        if not self.enabled:
-            if self.defer_routes:
-                log.warning(
-                    "routes %s defer requests, but batch offload needs storage on SQLite for now: "
-                    "their requests are refused with 501",
-                    ", ".join(sorted(self.defer_routes)),
-                )
-            return
+        from thrifty.stores.factory import open_batch_store
+
+        # Uploads arrive here (with PostgreSQL they move into the database once complete).
         self.files_dir.mkdir(parents=True, exist_ok=True)
-        self.store = SqliteBatchStore(
-            self.gateway.db_path, synchronous=self.gateway.settings.storage.synchronous
-        )
+        self.store = open_batch_store(self.gateway.settings)
         for warning in self.pricer.gaps(self.gateway.settings.models):
             log.warning("%s", warning)
 
@@ -170,7 +145,7 @@ class BatchService:
             self.store = None
 
     @property
-    def db(self) -> SqliteBatchStore:
+    def db(self) -> BatchStore:
         if self.store is None:
             raise RuntimeError("batch service used before start()")
         return self.store
@@ -198,8 +173,7 @@ class BatchService:
         record = FileRecord(
             file_id, tenant, purpose, filename, upload.size, upload.lines, sha, str(path), time.time()
         )
-        self.db.add_file(record)
-        return record
+        return self.db.add_file(record)
 
     @staticmethod
     def file_object(record: FileRecord) -> dict[str, Any]:
@@ -250,7 +224,7 @@ class BatchService:
         record = self.db.get_file(tenant, file_id)
         if record is None:
             raise NotFound(f"no file {file_id!r} for this key's tenant", param="file_id")
-        return _read_chunks(Path(record.path))
+        return self.db.read_file(record)
 
     def _output_lines(self, job: JobRecord, errors: bool) -> Iterator[bytes]:
         chunk: list[bytes] = []
@@ -439,48 +413,6 @@ class BatchService:
         usd = self.pricer.cost(ctx.target.alias, Usage(input_tokens=prompt.tokens, output_tokens=output))
         return usd, prompt.tokens + output
 
-    def reserve(self, tenant: str, tags: dict[str, Any], items: list[NewItem]) -> None:
-        """Reserve every item's worst case, all or nothing (no await inside: atomic on the loop)."""
-        if self.gateway.budget_plan.empty:
-            return
-        book = self.gateway.budget_book
-        taken: list[tuple[str, Reservation]] = []
-        now = time.time()
-        try:
-            for item in items:
-                limits = self.gateway.budget_plan.limits_for(tenant, tags.get("feature"), item.route)
-                taken.append(
-                    (
-                        item.request_id,
-                        book.reserve(limits, now, item.reserve_usd or _ZERO, item.reserve_tokens),
-                    )
-                )
-        except BudgetExceeded:
-            for _, reservation in taken:
-                book.settle(reservation, _ZERO, 0)
-            raise
-        self.reservations.update(taken)
-
-    def rereserve(self, tenant_of: dict[str, tuple[str, dict[str, Any]]], items: list[Item]) -> None:
-        """After a restart: hold the open items' worst case again (the ledger holds the spent part)."""
-        if self.gateway.budget_plan.empty:
-            return
-        now = time.time()
-        for item in items:
-            tenant, tags = tenant_of[item.job_id]
-            limits = self.gateway.budget_plan.limits_for(tenant, tags.get("feature"), item.route)
-            try:
-                self.reservations[item.request_id] = self.gateway.budget_book.reserve(
-                    limits, now, item.reserve_usd or _ZERO, item.reserve_tokens
-                )
-            except BudgetExceeded:
-                log.warning("batch item %s: its reservation no longer fits the budget", item.request_id)
-
-    def settle(self, request_id: str, usd: Decimal | None, tokens: int) -> None:
-        reservation = self.reservations.pop(request_id, None)
-        if reservation is not None:
-            self.gateway.budget_book.settle(reservation, usd or _ZERO, tokens)
-
     # -- deferred requests ------------------------------------------------------------------
 
     def defer_settings(self, headers: dict[str, str], body: dict[str, Any]) -> DeferSettings | None:
@@ -547,10 +479,11 @@ class BatchService:
             idempotency_key=tags.idempotency_key,
             times={"in_progress_at": now},
         )
-        self.reserve(tags.tenant_id, job.tags, [item])
+        await self.reservations.reserve(tags.tenant_id, job.tags, [item])
         stored = self.db.create_job(job, [item])
         if stored.job_id != job.job_id:
-            self.settle(item.request_id, _ZERO, 0)  # a repeat: the first one holds the reservation
+            # A repeat: the first one holds the reservation.
+            await self.reservations.settle(item.request_id, _ZERO, 0)
             first = next(self.db.items_of_job(stored.job_id), None)
             if first is None or first.body != item.body or first.model != item.model:
                 raise IdempotencyConflict(
@@ -605,9 +538,3 @@ def output_line(item: Item) -> dict[str, Any]:
 
 def _int(value: float | None) -> int | None:
     return None if value is None else int(value)
-
-
-def _read_chunks(path: Path, size: int = 1 << 16) -> Iterator[bytes]:
-    with path.open("rb") as fh:
-        while chunk := fh.read(size):
-            yield chunk

@@ -72,6 +72,10 @@ def _job(row: tuple[Any, ...]) -> JobRecord:
     )
 
 
+def _upstream(r: tuple[Any, ...]) -> UpstreamBatch:
+    return UpstreamBatch(r[0], r[1], r[2], r[3], r[4], r[5], r[6], created_at=r[7], adopted=bool(r[8]))
+
+
 def _item(row: tuple[Any, ...]) -> Item:
     return Item(
         request_id=row[0],
@@ -100,7 +104,7 @@ class SqliteBatchStore:
 
     # -- files ------------------------------------------------------------------------------
 
-    def add_file(self, record: FileRecord) -> None:
+    def add_file(self, record: FileRecord) -> FileRecord:
         self._conn.execute(
             "INSERT INTO batch_files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -115,6 +119,12 @@ class SqliteBatchStore:
                 record.created_at,
             ),
         )
+        return record
+
+    def read_file(self, record: FileRecord) -> Iterator[bytes]:
+        with Path(record.path).open("rb") as fh:
+            while chunk := fh.read(1 << 16):
+                yield chunk
 
     def get_file(self, tenant_id: str, file_id: str) -> FileRecord | None:
         row = self._conn.execute(
@@ -308,8 +318,11 @@ class SqliteBatchStore:
         )
         return [QueueGroup(*r) for r in rows]
 
-    def claim(self, group: QueueGroup, limit: int, upstream_id: str, now: float) -> int:
-        """Move up to `limit` queued items into a new provider batch (not yet sent); how many."""
+    def claim(
+        self, group: QueueGroup, limit: int, upstream_id: str, now: float, owner: str = "", lease_s: float = 0
+    ) -> int:
+        """Move up to `limit` queued items into a new provider batch (not yet sent); how many.
+        The write lock (BEGIN IMMEDIATE) keeps another process from claiming the same items."""
         with self._transaction():
             ids = self._conn.execute(
                 "SELECT request_id FROM batch_items WHERE state = 'queued' AND provider = ? "
@@ -320,8 +333,8 @@ class SqliteBatchStore:
                 return 0
             self._conn.execute(
                 "INSERT INTO batch_upstream (upstream_id, provider, model, state, items, created_at, "
-                "next_poll_at) VALUES (?, ?, ?, 'preparing', ?, ?, ?)",
-                (upstream_id, group.provider, group.model, len(ids), now, now),
+                "next_poll_at, lease_owner, lease_until) VALUES (?, ?, ?, 'preparing', ?, ?, ?, ?, ?)",
+                (upstream_id, group.provider, group.model, len(ids), now, now, owner or None, now + lease_s),
             )
             self._conn.executemany(
                 "UPDATE batch_items SET state = 'submitted', upstream_id = ? WHERE request_id = ?",
@@ -329,12 +342,36 @@ class SqliteBatchStore:
             )
         return len(ids)
 
-    def mark_submitted(self, upstream_id: str, remote_id: str, next_poll_at: float) -> None:
+    def lease_upstream(self, upstream_id: str, owner: str, now: float, seconds: float) -> bool:
+        cursor = self._conn.execute(
+            "UPDATE batch_upstream SET lease_owner = ?, lease_until = ? WHERE upstream_id = ? "
+            "AND (lease_owner IS NULL OR lease_owner = ? OR lease_until < ?)",
+            (owner, now + seconds, upstream_id, owner, now),
+        )
+        return cursor.rowcount == 1
+
+    def lease_delivery(self, job_id: str, owner: str, now: float, seconds: float) -> bool:
+        cursor = self._conn.execute(
+            "UPDATE batch_jobs SET lease_owner = ?, lease_until = ? WHERE job_id = ? "
+            "AND delivered_at IS NULL AND (lease_owner IS NULL OR lease_owner = ? OR lease_until < ?)",
+            (owner, now + seconds, job_id, owner, now),
+        )
+        return cursor.rowcount == 1
+
+    def mark_submitted(
+        self, upstream_id: str, remote_id: str, next_poll_at: float, adopted: bool = False
+    ) -> None:
         self._conn.execute(
             "UPDATE batch_upstream SET remote_id = ?, state = 'submitted', submitted_at = ?, "
-            "next_poll_at = ? WHERE upstream_id = ?",
-            (remote_id, time.time(), next_poll_at, upstream_id),
+            "next_poll_at = ?, adopted = ? WHERE upstream_id = ?",
+            (remote_id, time.time(), next_poll_at, int(adopted), upstream_id),
         )
+
+    def remote_ids(self, provider: str) -> set[str]:
+        rows = self._conn.execute(
+            "SELECT remote_id FROM batch_upstream WHERE provider = ? AND remote_id IS NOT NULL", (provider,)
+        )
+        return {r[0] for r in rows}
 
     def requeue_unsent(self, upstream_id: str) -> None:
         with self._transaction():
@@ -348,11 +385,11 @@ class SqliteBatchStore:
     def upstream_batches(self, states: Iterable[str]) -> list[UpstreamBatch]:
         wanted = tuple(states)
         rows = self._conn.execute(
-            "SELECT upstream_id, provider, model, remote_id, state, items, next_poll_at FROM batch_upstream "
-            f"WHERE state IN ({', '.join('?' * len(wanted))}) ORDER BY created_at",
+            "SELECT upstream_id, provider, model, remote_id, state, items, next_poll_at, created_at, adopted "
+            f"FROM batch_upstream WHERE state IN ({', '.join('?' * len(wanted))}) ORDER BY created_at",
             wanted,
         )
-        return [UpstreamBatch(*r) for r in rows]
+        return [_upstream(r) for r in rows]
 
     def items_of_upstream(self, upstream_id: str, state: str | None = None) -> Iterator[Item]:
         """The batch's items a page at a time (keyset paging: safe while results are recorded)."""

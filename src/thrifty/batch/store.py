@@ -92,6 +92,8 @@ class ItemResult:
     response: dict[str, Any] | None  # the chat.completion (or the provider's error body)
     error: dict[str, Any] | None  # {code, message} when there is no response
     entry: LedgerEntry
+    # Whose budget holds it: (tenant, tags, route, when it was reserved), to settle its hold.
+    owner: tuple[str, dict[str, Any], str | None, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +105,27 @@ class UpstreamBatch:
     state: str  # preparing | submitted | collected
     items: int
     next_poll_at: float
+    created_at: float = 0.0  # when its items were claimed, just before it was sent
+    # Found at the provider after a crash rather than sent by the process that stores its id:
+    # if none of its items comes back, it was another batch after all and they are queued again.
+    adopted: bool = False
 
 
 class BatchStore(Protocol):
-    def add_file(self, record: FileRecord) -> None: ...
+    """Calls are short indexed statements, made on the event loop (SQLite: the embedded file;
+    PostgreSQL: one dedicated connection). Leases (`lease`, `lease_upstream`, `lease_delivery`)
+    make one runner at a time drive a job's validation, a provider batch, or a webhook, across
+    every process sharing the store; a lease a dead process held runs out and another takes over."""
+
+    def add_file(self, record: FileRecord) -> FileRecord:
+        """Keep an uploaded file (at `record.path`, complete); returns the record as stored."""
+        ...
+
     def get_file(self, tenant_id: str, file_id: str) -> FileRecord | None: ...
+    def read_file(self, record: FileRecord) -> Iterator[bytes]:
+        """The file's bytes in chunks (never whole)."""
+        ...
+
     def create_job(self, job: JobRecord, items: Iterable[NewItem] = ()) -> JobRecord:
         """Insert with its items, or return the job already there with the same (tenant,
         idempotency_key) and insert nothing."""
@@ -126,8 +144,22 @@ class BatchStore(Protocol):
     def item_counts(self, job_id: str) -> dict[str, int]: ...
     def items_of_job(self, job_id: str) -> Iterator[Item]: ...
     def queue_groups(self) -> list[QueueGroup]: ...
-    def claim(self, group: QueueGroup, limit: int, upstream_id: str, now: float) -> int: ...
-    def mark_submitted(self, upstream_id: str, remote_id: str, next_poll_at: float) -> None: ...
+    def claim(
+        self, group: QueueGroup, limit: int, upstream_id: str, now: float, owner: str = "", lease_s: float = 0
+    ) -> int:
+        """Move up to `limit` queued items into a new provider batch leased to `owner`; how many.
+        Items another process is claiming at the same moment are skipped, never shared."""
+        ...
+
+    def lease_upstream(self, upstream_id: str, owner: str, now: float, seconds: float) -> bool: ...
+    def lease_delivery(self, job_id: str, owner: str, now: float, seconds: float) -> bool: ...
+    def mark_submitted(
+        self, upstream_id: str, remote_id: str, next_poll_at: float, adopted: bool = False
+    ) -> None: ...
+    def remote_ids(self, provider: str) -> set[str]:
+        """The provider's ids of every batch stored (so a recovery never adopts one twice)."""
+        ...
+
     def upstream_batches(self, states: Iterable[str]) -> list[UpstreamBatch]: ...
     def items_of_upstream(self, upstream_id: str, state: str | None = None) -> Iterator[Item]: ...
     def get_items(self, request_ids: Iterable[str]) -> dict[str, Item]: ...

@@ -311,13 +311,21 @@ def bench_batch(
         list[int] | None, typer.Option("--lines", help="job sizes, repeat for each (default 1000 10000)")
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    provider: Annotated[
+        list[str] | None,
+        typer.Option("--provider", help="openai and/or anthropic, repeat for each (default both)"),
+    ] = None,
 ) -> None:
-    """A batch job through thrifty serve to a batch stub: CPU and memory per item, times, cost."""
-    from thrifty.bench.batch import run_batch_bench
+    """A batch job through thrifty serve to each provider's wire fake: CPU and memory per item,
+    times, and cost against real time."""
+    from thrifty.bench.batch import SIDES, run_batch_bench
 
     sizes = lines or [1000, 10000]
     if any(n < 1 or n > 50_000 for n in sizes):
         raise ThriftyError("--lines must be between 1 and 50000 (OpenAI's limit per batch)")
-    report = run_batch_bench(sizes, json_out, _console())
-    if not report["cpu_ok"]:
+    unknown = sorted(set(provider or []) - set(SIDES))
+    if unknown:
+        raise ThriftyError(f"--provider must be openai or anthropic, not {', '.join(unknown)}")
+    report = run_batch_bench(sizes, json_out, _console(), provider)
+    if not report["cpu_ok"] or not report["cost_ratio_exact"]:
         raise typer.Exit(1)

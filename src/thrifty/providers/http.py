@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 import orjson
@@ -76,12 +76,13 @@ class HttpClient:
                 f"started (providers.{self.name}.api_key_env); set it and restart the gateway"
             )
 
-    async def post_json(self, url: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async def post_json(self, url: str, payload: dict[str, Any] | BinaryIO) -> dict[str, Any]:
+        """POST a JSON body (a dict, or a file holding the JSON text, streamed) and read a JSON object."""
         self._check_key()
         try:
             async with self.session.post(
                 url,
-                data=orjson.dumps(payload),
+                data=orjson.dumps(payload) if isinstance(payload, dict) else payload,
                 timeout=self._timeout,
             ) as resp:
                 raw = await resp.read()

@@ -42,7 +42,6 @@ class BatchRoutes:
         method: str = scope["method"]
         headers = _headers(scope)
         tenant = self.gateway.authenticate(headers.get("authorization"))
-        self.service.check_enabled()
         parts = path.split("/")[2:]  # after "/v1"
         service = self.service
         if parts == ["files"]:
@@ -244,7 +243,6 @@ async def defer_chat(
         defer = service.defer_settings(headers, body)
         if defer is None:
             return False
-        service.check_enabled()
         job, _ = await service.defer(body, tags, defer, headers.get("x-thrifty-webhook"))
     except ThriftyError as err:
         refused = await gateway.refuse(tags, err, body_bytes=raw_len, model=body.get("model"))

@@ -39,6 +39,7 @@ from thrifty.stores.readers import SqliteAlertStore, SqliteLedgerReader
 from thrifty.stores.sqlite_db import open_database
 
 if TYPE_CHECKING:
+    from thrifty.batch.store import BatchStore
     from thrifty.stores.redis_state import RedisState
 
 log = logging.getLogger(__name__)
@@ -301,6 +302,18 @@ def open_reader(settings: Settings) -> LedgerReader:
     return SqliteLedgerReader(open_database(settings.storage.sqlite_path))
 
 
+def open_batch_store(settings: Settings) -> BatchStore:
+    """The batch jobs and queue: in the SQLite file, or shared by the replicas in PostgreSQL."""
+    storage = settings.storage
+    if storage.backend == "postgresql":
+        from thrifty.batch.postgres_store import PostgresBatchStore
+
+        return PostgresBatchStore(storage.url)
+    from thrifty.batch.sqlite_store import SqliteBatchStore
+
+    return SqliteBatchStore(storage.sqlite_path, synchronous=storage.synchronous)
+
+
 def open_key_store(settings: Settings) -> tuple[Any, Any]:
     """(key store, connection to close) for `thrifty keys`."""
     if settings.storage.backend == "postgresql":
@@ -313,4 +326,4 @@ def open_key_store(settings: Settings) -> tuple[Any, Any]:
     return SqliteKeyStore(conn), conn
 
 
-__all__ = ["Stores", "open_key_store", "open_reader"]
+__all__ = ["Stores", "open_batch_store", "open_key_store", "open_reader"]

@@ -91,6 +91,106 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         "ALTER TABLE ledger ADD COLUMN context JSONB",
     ),
     (
+        4,
+        # Batch offload (SQLite's migrations 11 and 18): uploaded files (their bytes in chunks, so
+        # any replica can validate a job), jobs, their items (the queue is the items in state
+        # 'queued') and the provider batches they went in, each driven under a lease.
+        """
+        CREATE TABLE batch_files (
+            file_id TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL,
+            purpose TEXT NOT NULL,
+            filename TEXT NOT NULL,
+            bytes BIGINT NOT NULL,
+            lines INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            path TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX batch_files_sha ON batch_files (tenant_id, sha256);
+        CREATE TABLE batch_file_chunks (
+            file_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            data BYTEA NOT NULL,
+            PRIMARY KEY (file_id, seq)
+        );
+        CREATE TABLE batch_jobs (
+            job_id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            tenant_id TEXT NOT NULL,
+            input_file_id TEXT,
+            endpoint TEXT NOT NULL,
+            completion_window TEXT NOT NULL,
+            status TEXT NOT NULL,
+            metadata TEXT,
+            tags TEXT NOT NULL,
+            errors TEXT,
+            webhook_url TEXT,
+            idempotency_key TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            in_progress_at DOUBLE PRECISION,
+            finalizing_at DOUBLE PRECISION,
+            completed_at DOUBLE PRECISION,
+            failed_at DOUBLE PRECISION,
+            expired_at DOUBLE PRECISION,
+            cancelling_at DOUBLE PRECISION,
+            cancelled_at DOUBLE PRECISION,
+            delivered_at DOUBLE PRECISION,
+            delivery_error TEXT,
+            lease_owner TEXT,
+            lease_until DOUBLE PRECISION
+        );
+        CREATE INDEX batch_jobs_status ON batch_jobs (status);
+        CREATE UNIQUE INDEX batch_jobs_idempotency ON batch_jobs (tenant_id, idempotency_key)
+            WHERE idempotency_key IS NOT NULL;
+        CREATE TABLE batch_items (
+            request_id TEXT PRIMARY KEY,
+            job_id TEXT NOT NULL,
+            line_no INTEGER NOT NULL,
+            custom_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            queue TEXT NOT NULL,
+            model TEXT,
+            route TEXT,
+            provider TEXT,
+            body TEXT,
+            reserve_usd TEXT,
+            reserve_tokens INTEGER NOT NULL DEFAULT 0,
+            flush_at DOUBLE PRECISION NOT NULL,
+            flush_size INTEGER NOT NULL,
+            upstream_id TEXT,
+            status_code INTEGER,
+            response TEXT,
+            error TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            finished_at DOUBLE PRECISION
+        );
+        CREATE INDEX batch_items_job ON batch_items (job_id, line_no, request_id);
+        CREATE INDEX batch_items_queued ON batch_items (provider, model, queue, created_at, line_no)
+            WHERE state = 'queued';
+        CREATE INDEX batch_items_open ON batch_items (state) WHERE state IN ('queued', 'submitted');
+        CREATE INDEX batch_items_upstream ON batch_items (upstream_id, request_id);
+        CREATE TABLE batch_upstream (
+            upstream_id TEXT PRIMARY KEY,
+            provider TEXT NOT NULL,
+            model TEXT NOT NULL,
+            remote_id TEXT,
+            state TEXT NOT NULL,
+            items INTEGER NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            submitted_at DOUBLE PRECISION,
+            next_poll_at DOUBLE PRECISION NOT NULL,
+            collected_at DOUBLE PRECISION,
+            remote_status TEXT,
+            lease_owner TEXT,
+            lease_until DOUBLE PRECISION,
+            adopted INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX batch_upstream_state ON batch_upstream (state)
+        """,
+    ),
+    (
         5,
         # The dashboard's rollups (stores/postgres_reporting.py), folded behind a watermark as on
         # SQLite. PostgreSQL has no rowid that grows in commit order, so every ledger row carries the

@@ -150,9 +150,17 @@ class SharedBudgetStore(Protocol):
     store's lease (its replica died) is released by the store itself."""
 
     async def reserve(
-        self, limits: Sequence[Limit], ts: float, usd: Decimal, tokens: int, admit: AdmitRequest | None = None
+        self,
+        limits: Sequence[Limit],
+        ts: float,
+        usd: Decimal,
+        tokens: int,
+        admit: AdmitRequest | None = None,
+        reservation_id: str | None = None,
     ) -> ReserveOutcome:
-        """Reserve on every limit or none, after `admit` (when given) in the same round trip."""
+        """Reserve on every limit or none, after `admit` (when given) in the same round trip.
+        `reservation_id` (default: a new one) is also the settle id: a batch item's, so that any
+        replica recording its result releases its hold."""
         ...
 
     async def settle(self, reservation: Reservation, usd: Decimal, tokens: int) -> list[Decimal]:

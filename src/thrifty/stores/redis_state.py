@@ -277,10 +277,16 @@ class RedisBudgets:
         return out
 
     async def reserve(
-        self, limits: Sequence[Limit], ts: float, usd: Decimal, tokens: int, admit: AdmitRequest | None = None
+        self,
+        limits: Sequence[Limit],
+        ts: float,
+        usd: Decimal,
+        tokens: int,
+        admit: AdmitRequest | None = None,
+        reservation_id: str | None = None,
     ) -> ReserveOutcome:
         counters: list[CounterKey] = []
-        args: list[Any] = [self._lease_ms, _new_id(), 0]
+        args: list[Any] = [self._lease_ms, reservation_id or _new_id(), 0]
         ttl = 0
         for limit in limits:
             start, end = window_bounds(ts, limit.window)

@@ -435,6 +435,18 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         )
         """,
     ),
+    (
+        18,
+        # Batch offload across processes sharing the store: a provider batch is driven (sent,
+        # polled, collected, cancelled) by the one runner holding its lease; `adopted` marks one
+        # found at the provider after a crash rather than sent by the process that stored it.
+        # Webhook deliveries lease the job (its lease columns, free once validation is done).
+        """
+        ALTER TABLE batch_upstream ADD COLUMN lease_owner TEXT;
+        ALTER TABLE batch_upstream ADD COLUMN lease_until REAL;
+        ALTER TABLE batch_upstream ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0
+        """,
+    ),
 )
 
 

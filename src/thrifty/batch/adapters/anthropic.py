@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Set
+from datetime import datetime
 from typing import Any
 
 import aiohttp
 import orjson
 
-from thrifty.batch.adapters.base import Outbound, Outcome, RemoteState
-from thrifty.errors import ProviderProtocolError, ThriftyError
+from thrifty.batch.adapters.base import CLOCK_SKEW_S, Outbound, Outcome, RemoteState
+from thrifty.errors import BatchUnresolved, ProviderProtocolError, ThriftyError
 from thrifty.providers.anthropic import auth_headers, from_anthropic_message, usage_from_anthropic
 from thrifty.providers.anthropic_request import to_anthropic_request
 from thrifty.providers.http import HttpClient
@@ -47,19 +49,74 @@ class AnthropicBatchAdapter:
         await self._http.close()
 
     async def submit(self, items: Iterable[Outbound], label: str) -> str:
-        # Anthropic takes the requests inline in one JSON body (up to 256 MB), so they are in memory.
-        requests = [
-            {
-                "custom_id": item.request_id,
-                "params": to_anthropic_request(item.body, item.target.upstream_model),
-            }
-            for item in items
-        ]
-        batch = await self._http.post_json(self._url, {"requests": requests})
+        self._http._check_key()  # an unset key variable is named before anything is written
+        # Anthropic takes the requests inline in one JSON body (up to 256 MB): it is written to a
+        # temporary file a request at a time and streamed up, so memory does not grow with it.
+        with tempfile.TemporaryFile() as fh:
+            fh.write(b'{"requests":[')
+            for n, item in enumerate(items):
+                request = {
+                    "custom_id": item.request_id,
+                    "params": to_anthropic_request(item.body, item.target.upstream_model),
+                }
+                fh.write((b"," if n else b"") + orjson.dumps(request))
+            fh.write(b"]}")
+            fh.seek(0)
+            batch = await self._http.post_json(self._url, fh)
         return str(batch["id"])
 
-    async def find(self, label: str) -> str | None:
-        return None  # its batches carry no label to find them by
+    async def find(self, label: str, request_ids: Set[str], since: float, known: Set[str]) -> str | None:
+        """Message batches carry no label, so the one sent is told by what they do carry: made
+        since `since` (less the clock skew), not adopted already, with exactly our number of
+        requests; one that has ended shows its custom_ids (our request ids) in its results. An
+        ended batch with other custom_ids is not ours; of the rest, a single one is adopted (if
+        none of our items comes back from it, the runner queues them again); several cannot be
+        told apart until they end."""
+        open_candidates: list[str] = []
+        async for batch in self._batches_since(since - CLOCK_SKEW_S):
+            batch_id = str(batch.get("id"))
+            counts = batch.get("request_counts") or {}
+            if batch_id in known or sum(int(n) for n in counts.values()) != len(request_ids):
+                continue
+            if batch.get("processing_status") == "ended" and batch.get("results_url"):
+                if await self._first_custom_id(str(batch["results_url"])) in request_ids:
+                    return batch_id
+                continue
+            open_candidates.append(batch_id)
+        if len(open_candidates) > 1:
+            raise BatchUnresolved(
+                f"{self.name}: {len(open_candidates)} message batches of {len(request_ids)} requests were "
+                f"created since {label} was sent and none has ended; looked for again once they do"
+            )
+        return open_candidates[0] if open_candidates else None
+
+    async def _batches_since(self, since: float) -> AsyncIterator[dict[str, Any]]:
+        """The workspace's batches, newest first, page by page, back to `since`."""
+        after: str | None = None
+        while True:
+            listing = await self._get(self._url + "?limit=100" + (f"&after_id={after}" if after else ""))
+            data = listing.get("data") or []
+            for batch in data:
+                if _timestamp(batch.get("created_at")) < since:
+                    return
+                yield batch
+            if not data or not listing.get("has_more") or not listing.get("last_id"):
+                return
+            after = str(listing["last_id"])
+
+    async def _first_custom_id(self, url: str) -> str | None:
+        try:
+            async with self._http.session.get(url) as resp:
+                if resp.status >= 400:
+                    raise self._http.error_from(resp.status, await resp.read())
+                async for raw in resp.content:
+                    if raw.strip():
+                        return str(orjson.loads(raw).get("custom_id"))
+        except ThriftyError:
+            raise
+        except aiohttp.ClientError as err:
+            raise self._http.unreachable(err) from err
+        return None
 
     async def poll(self, remote_id: str) -> RemoteState:
         batch = await self._get(f"{self._url}/{remote_id}")
@@ -100,6 +157,14 @@ class AnthropicBatchAdapter:
         if not isinstance(body, dict):
             raise ProviderProtocolError(f"{self.name} answered with JSON that is not an object")
         return body
+
+
+def _timestamp(value: Any) -> float:
+    """Anthropic's RFC 3339 times ("2024-08-20T18:37:24.100435Z") as Unix seconds."""
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError as err:
+        raise ProviderProtocolError(f"a message batch's created_at {value!r} is not a time") from err
 
 
 def _outcome(line: dict[str, Any]) -> Outcome:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Set
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from thrifty.types import ModelTarget, Usage
 
 OutcomeKind = Literal["done", "failed", "expired", "cancelled"]
+# A provider's clock against ours, when a recovery looks for batches created since a moment.
+CLOCK_SKEW_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +50,12 @@ class BatchAdapter(Protocol):
         """Send one provider batch; return the provider's id for it."""
         ...
 
-    async def find(self, label: str) -> str | None:
-        """The provider's id of a batch sent with this label, if the provider can tell (after a
-        crash between sending a batch and storing its id); None when it cannot or has none."""
+    async def find(self, label: str, request_ids: Set[str], since: float, known: Set[str]) -> str | None:
+        """After a crash between sending a batch and storing its id: the provider's id of the
+        batch sent with this label and these requests (their custom_ids) at or after `since`,
+        never one of `known` (adopted already); None when the provider has no such batch. Raises
+        a ThriftyError when it cannot tell yet (the provider is unreachable, or several of its
+        batches could be this one): then nothing is sent again until it can."""
         ...
 
     async def poll(self, remote_id: str) -> RemoteState: ...

@@ -6,13 +6,13 @@ OpenAI takes one model per input file; the runner groups items by model before t
 from __future__ import annotations
 
 import tempfile
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Set
 from typing import Any
 
 import aiohttp
 import orjson
 
-from thrifty.batch.adapters.base import Outbound, Outcome, RemoteState
+from thrifty.batch.adapters.base import CLOCK_SKEW_S, Outbound, Outcome, RemoteState
 from thrifty.errors import ProviderProtocolError, ThriftyError
 from thrifty.providers.http import HttpClient
 from thrifty.providers.openai import usage_from_openai
@@ -68,13 +68,22 @@ class OpenAIBatchAdapter:
         )
         return str(batch["id"])
 
-    async def find(self, label: str) -> str | None:
-        """Batches are created with metadata {thrifty_batch: label}; look among the newest."""
-        listing = await self._request("GET", "/batches?limit=100")
-        for batch in listing.get("data") or []:
-            if (batch.get("metadata") or {}).get("thrifty_batch") == label:
-                return str(batch["id"])
-        return None
+    async def find(self, label: str, request_ids: Set[str], since: float, known: Set[str]) -> str | None:
+        """Batches are created with metadata {thrifty_batch: label}: page through the list
+        (newest first) back to `since`, less the clock skew allowed between us and the provider."""
+        after: str | None = None
+        while True:
+            query = "/batches?limit=100" + (f"&after={after}" if after else "")
+            listing = await self._request("GET", query)
+            data = listing.get("data") or []
+            for batch in data:
+                if (batch.get("metadata") or {}).get("thrifty_batch") == label:
+                    return str(batch["id"])
+            if not data or not listing.get("has_more"):
+                return None
+            if float(data[-1].get("created_at") or 0) < since - CLOCK_SKEW_S:
+                return None
+            after = str(data[-1]["id"])
 
     async def poll(self, remote_id: str) -> RemoteState:
         batch = await self._request("GET", f"/batches/{remote_id}")

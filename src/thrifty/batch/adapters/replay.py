@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Set
 
 from thrifty.batch.adapters.base import Outbound, Outcome, RemoteState
 from thrifty.errors import ThriftyError
@@ -26,8 +26,8 @@ class ReplayBatchAdapter:
     async def submit(self, items: Iterable[Outbound], label: str) -> str:
         return f"replay_{os.urandom(8).hex()}"
 
-    async def find(self, label: str) -> str | None:
-        return None  # its batches carry no label to find them by
+    async def find(self, label: str, request_ids: Set[str], since: float, known: Set[str]) -> str | None:
+        return None  # nothing is sent anywhere: a batch not stored was never answered
 
     async def poll(self, remote_id: str) -> RemoteState:
         return RemoteState(ended=True, status="ended")

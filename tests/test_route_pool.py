@@ -11,7 +11,14 @@ import pytest
 
 from thrifty.errors import InvalidData
 from thrifty.routing.answers import canonical, equivalent
-from thrifty.routing.train.certify import certify_path
+from thrifty.routing.train.certify import (
+    PathPoint,
+    certify_path,
+    lower_bounds,
+    projected_costs,
+    prompts_needed,
+    z_score,
+)
 from thrifty.routing.train.cost import CostModel, load_prices
 from thrifty.routing.train.data import Call, Row, load_rows
 from thrifty.routing.train.fit import candidate_ladders, train
@@ -125,6 +132,37 @@ def test_certification_holds_at_its_stated_rate_over_repeated_draws() -> None:
     assert held >= 93
     # Without the bound the promise is a coin toss: the test can tell the two apart.
     assert point_held <= 80
+
+
+def test_prompts_needed_is_where_the_bound_reaches_zero_and_never_below_the_target() -> None:
+    z = z_score(0.95)
+    # 1,000 prompts, the reference right on 900; the rule right on 900, 890 of them shared.
+    rule = PathPoint(1, 0.5, quality=900.0, both=890.0, cost=1.0, lower=-1.0)
+    need = prompts_needed(rule, 900.0, 1000, 0.99, z)
+    assert 600 < need < 700  # (z sd / mean)^2 = (1.645 x 0.1407 / 0.009)^2 = 662
+    f = need / 1000  # the same rows, `need` of them: the bound sits exactly at zero
+    low = lower_bounds([900.0 * f], [890.0 * f], 900.0 * f, round(need), 0.99, z)[0]
+    assert abs(low) < 0.05
+    g = f * 1.1  # and more prompts like these clear it
+    assert float(lower_bounds([900.0 * g], [890.0 * g], 900.0 * g, round(need * 1.1), 0.99, z)[0]) > 0
+    below = PathPoint(2, 0.4, quality=890.0, both=885.0, cost=0.5, lower=-5.0)  # 98.9% < 99%
+    assert prompts_needed(below, 900.0, 1000, 0.99, z) == float("inf")
+
+
+def test_projection_at_the_same_prompts_is_the_certified_rule_and_more_labels_certify_cheaper() -> None:
+    rng = np.random.default_rng(7)
+    n = 400
+    s = rng.random(n)
+    ok1, ref = rng.random(n) < s, rng.random(n) < 0.9
+    never = np.full(n, -np.inf)
+    points, chosen = certify_path(
+        s, never, ok1, ref, ref, ref, ref, np.ones(n), np.ones(n), np.full(n, 11.0), np.full(n, 10.0),
+        target=0.99, confidence=0.95,
+    )  # fmt: skip
+    proj = projected_costs(points, float(ref.sum()), n, 0.99, z_score(0.95), (1.0, 4.0, 100.0))
+    assert proj[0][1] == points[max(chosen, 0)].cost
+    assert proj[0][1] >= proj[1][1] >= proj[2][1]
+    assert proj[2][1] < proj[0][1]
 
 
 EQUIVALENT = [

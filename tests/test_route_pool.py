@@ -26,7 +26,8 @@ from thrifty.routing.train.router import Router
 
 # A hand-made pool of four models nobody ships prices for.
 TINY, SMALL, JUNK, BIG = "tiny-1b", "small-8b", "junk-3b", "big-400b"
-COST = {TINY: "1", SMALL: "2", JUNK: "0.5", BIG: "20"}
+MID = "mid-30b"  # a third opinion, for the pool where tiny and small are wrong together
+COST = {TINY: "1", SMALL: "2", JUNK: "0.5", BIG: "20", MID: "3"}
 
 
 def _reply(answer: str, sure: bool) -> str:
@@ -65,7 +66,8 @@ def test_training_on_a_four_model_pool_learns_the_expected_ladder(tmp_path: Path
     router = train(rows, reference=BIG, folds=3, bootstrap=5)
     # tiny drafts (cheaper, and its confident drafts are trusted alone), small votes, big answers last.
     assert (router.ladder, router.strong) == ((TINY, SMALL), BIG)
-    assert router.models() == {TINY, SMALL, BIG}
+    # junk never agrees with the pair, so asking it would only add its cost: no third opinion.
+    assert router.third is None and router.models() == {TINY, SMALL, BIG}
     cert = router.meta["certificate"]
     assert cert["certified"] and cert["bound"] >= 0.99 and cert["confidence"] == 0.95
     # Lone confident tiny drafts (70%) cost 1; the rest pay tiny + small + big = 23.
@@ -77,6 +79,50 @@ def test_training_on_a_four_model_pool_learns_the_expected_ladder(tmp_path: Path
     obj = json.loads(path.read_text())
     assert (obj["ladder"], obj["strong"]) == ([TINY, SMALL], BIG)
     assert Router.load(path) == router
+    # An artifact from before the third opinion (no such keys) loads and never asks one.
+    for key in ("third", "third_gate"):
+        del obj[key]
+    for gate in (*obj["gates"].values(), obj["fallback"]):
+        del gate["third"]
+    old = Router.from_json(obj)
+    assert old.third is None and old.gates["sums"].third == float("inf") and old == router
+
+
+def third_row(i: int) -> Row:
+    """tiny and small, equally sure of themselves, agree on a wrong answer on 20% of prompts (and
+    disagree, hedging, on 10%); mid, a third cheap model, is always right; big is always right."""
+    truth = str(i % 7)  # wrong answers are digits too (8, 9), so nothing in a reply tells them apart
+    both_wrong, split = i % 10 < 2, i % 10 == 2
+    answers = {
+        TINY: ("8" if both_wrong or split else truth, not split),
+        SMALL: ("8" if both_wrong else "9" if split else truth, not split),
+        MID: (truth, True),
+        BIG: (truth, True),
+    }
+    calls = {
+        m: Call(answer=a, correct=a == truth, cost=Decimal(COST[m]), output_tokens=10, output=_reply(a, sure))
+        for m, (a, sure) in answers.items()
+    }
+    return Row(f"t{i}", "sums", "What is the sum?", calls)
+
+
+def test_a_third_opinion_is_learned_where_two_cheap_models_are_wrong_together() -> None:
+    rows = [third_row(i) for i in range(150)]
+    router = train(rows, reference=BIG, ladder=(TINY, SMALL), folds=3, bootstrap=5)
+    assert router.third == MID and router.models() == {TINY, SMALL, MID, BIG}
+    cert = router.meta["certificate"]
+    assert cert["certified"] and cert["quality"] == pytest.approx(1.0)
+    # Three-way agreements (70%) cost 1 + 2 + 3; mid's dissent (20%) adds big: 26; splits (10%) 23.
+    assert cert["rel_cost"] == pytest.approx((0.7 * 6 + 0.2 * 26 + 0.1 * 23) / 20, abs=0.01)
+    assert router.meta["escalation_rate"]["sums"] == pytest.approx(0.3, abs=0.01)
+    # Without it no cheap answer can be trusted (a sure wrong pair looks like a sure right one).
+    alone = train(rows, reference=BIG, ladder=(TINY, SMALL), folds=3, bootstrap=5, ask_third=False)
+    assert alone.third is None and alone.meta["certificate"]["rel_cost"] >= 1.0
+    # A task it never saw, with one training task: only a three-way agreement is trusted.
+    assert "three-way agreement with p>=0.000" in router.describe("other")
+    assert "agreement, or" not in router.describe("other") and "→ +small-8b: never" in router.describe(
+        "other"
+    )
 
 
 def test_a_pool_without_two_cheap_models_is_a_clear_error() -> None:

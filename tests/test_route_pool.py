@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -256,3 +258,36 @@ def test_different_answers_disagree_both_ways(a: str, b: str) -> None:
 
 def test_no_answer_agrees_with_nothing() -> None:
     assert canonical(None) is None and not equivalent(None, None) and not equivalent("1", None)
+
+
+def test_bench_route_splits_reports_every_split_and_the_spread(tmp_path: Path) -> None:
+    # Two tasks of the hand-made pool, written as labelled data with a price file.
+    data, prices = tmp_path / "pool.jsonl", tmp_path / "prices.json"
+    lines = []
+    for i in range(160):
+        row = _pool_row(i)
+        responses = {m: {"output": c.output, "correct": int(c.correct)} for m, c in row.calls.items()}
+        task = "sums" if i % 2 else "more-sums"
+        lines.append(json.dumps({"id": row.id, "task": task, "prompt": row.prompt, "responses": responses}))
+    data.write_text("\n".join(lines) + "\n")
+    prices.write_text(json.dumps({m: {"input_per_mtok": c, "output_per_mtok": c} for m, c in COST.items()}))
+    out = tmp_path / "splits.json"
+    args = ["route-splits", "--data", str(data), "--prices", str(prices), "--splits", "s1,s2"]
+    args += ["--json", str(out), "--reference", BIG]
+    done = subprocess.run(
+        [sys.executable, "-m", "thrifty", "bench", *args], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(out.read_text())
+    methods = [(r["method"], r["split"]) for r in payload["results"]]
+    for split in ("s1", "s2"):
+        assert ("certified cascade", split) in methods and ("plain agreement", split) in methods
+        assert ("unseen: trained on sums only", split) in methods
+    ours = [r for r in payload["results"] if r["method"] == "certified cascade"]
+    # Different halves each time, each about half of the 160 prompts; big is always right and a
+    # sure tiny draft is always right, so the promise holds on both.
+    assert ours[0]["prompts"] != ours[1]["prompts"] and all(55 < r["prompts"] < 105 for r in ours)
+    assert all(r["met"] and r["rel_quality"] == 1.0 and r["rel_cost"] < 0.5 for r in ours)
+    (summary,) = [s for s in payload["summary"] if s["method"] == "certified cascade"]
+    assert summary["met"] == 2 and summary["splits"] == 2
+    assert "certified cascade: quality 100.0% ± 0.0%" in done.stdout

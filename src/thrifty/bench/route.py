@@ -73,7 +73,8 @@ def certificate_line(router: Router) -> str:
         return "no certificate (an artifact from before certified thresholds)"
     conf, target = float(cert["confidence"]), float(cert["target"])
     bound, cost = float(cert["bound"]), float(cert["rel_cost"])
-    ladder = " → ".join(short_name(m) for m in (*router.ladder, router.strong))
+    third = [f"{short_name(router.third)} if they agree"] if router.third else []
+    ladder = " → ".join([*(short_name(m) for m in router.ladder), *third, short_name(router.strong)])
     head = f"ladder {ladder}; "
     if not cert["certified"]:
         return head + (

@@ -75,6 +75,10 @@ def test_training_on_a_four_model_pool_learns_the_expected_ladder(tmp_path: Path
     # Lone confident tiny drafts (70%) cost 1; the rest pay tiny + small + big = 23.
     assert cert["rel_cost"] == pytest.approx((0.7 * 1 + 0.3 * 23) / 20, abs=0.01)
     assert router.meta["escalation_rate"]["sums"] == pytest.approx(0.3, abs=0.01)
+    # The plain rule was a candidate too: every agreement (70%, cost 3) taken, the rest 23; dearer.
+    (plain,) = [s for s in router.meta["ladders_searched"] if s["rule"] != "learned"]
+    assert plain["rule"] == "plain agreement"
+    assert plain["rel_cost"] == pytest.approx((0.7 * 3 + 0.3 * 23) / 20, abs=0.01)
     # The artifact names its models and loads back.
     path = tmp_path / "router.json"
     router.save(path)

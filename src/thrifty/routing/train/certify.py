@@ -7,9 +7,10 @@ certified when a one-sided lower confidence bound on the mean of d is >= 0 (norm
 of the paired difference: mean - z x sd / sqrt(n); n is hundreds here). Rules are tested along a
 path fixed before looking at correctness, most cautious first (everything to the strong model,
 then lone drafts and agreements accepted by decreasing gate score), and testing stops at the first rule
-that fails: fixed-sequence testing, so the chance that the chosen rule misses the target is at
-most 1 - confidence however many rules the path holds (each test is at the full level; no
-multiple-comparison penalty, which is why the order must not depend on the labels).
+that fails: fixed-sequence testing (as in Learn then Test, Angelopoulos et al. 2021), so the chance
+that any rule before it misses the target is at most 1 - confidence however many rules the path
+holds (each test is at the full level; no multiple-comparison penalty, which is why the order must
+not depend on the labels), and the cheapest of them is chosen.
 
 Everything here is pure numpy over arrays, so the repeated-draw test of the coverage is fast.
 """
@@ -17,7 +18,7 @@ Everything here is pure numpy over arrays, so the repeated-draw test of the cove
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 from typing import Any
 
@@ -135,12 +136,19 @@ def certify_path(
         PathPoint(i, thresholds[i], float(q[i]), float(qr[i]), float(c[i]), float(lows[i]))
         for i in range(len(q))
     ]
-    chosen = -1
+    return points, cheapest_certified(points)
+
+
+def cheapest_certified(points: list[PathPoint]) -> int:
+    """Fixed-sequence testing: every rule before the first that fails is certified (the chance
+    that any of them misses the target is at most 1 - confidence), so the cheapest of them may be
+    chosen. -1 when the first rule already fails."""
+    passed: list[int] = []
     for i, p in enumerate(points):
         if p.lower < 0:
-            break  # fixed-sequence testing: stop at the first rule that is not certified
-        chosen = i
-    return points, chosen
+            break
+        passed.append(i)
+    return min(passed, key=lambda i: (points[i].cost, -i)) if passed else -1
 
 
 def prompts_needed(point: PathPoint, r: float, n: int, target: float, z: float) -> float:
@@ -166,11 +174,9 @@ def projected_costs(
     from these rows' variance, not a promise."""
     out: list[tuple[float, float, float]] = []
     for f in factors:
-        chosen = -1
-        for i, p in enumerate(points):
-            if prompts_needed(p, r, n, target, z) > f * n:
-                break
-            chosen = i
-        p = points[max(chosen, 0)]
+        passing = [
+            replace(p, lower=0.0 if prompts_needed(p, r, n, target, z) <= f * n else -1.0) for p in points
+        ]
+        p = points[max(cheapest_certified(passing), 0)]
         out.append((f * n, p.cost, p.quality))
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from thrifty.errors import InvalidData
 from thrifty.routing.train.certify import (
@@ -501,7 +502,8 @@ def train(
         options = candidate_ladders(rows, reference, target_quality, candidates)
     if ask_third:
         options = [replace(o, third=third or pick_third(o, rows, reference, target_quality)) for o in options]
-    level = 1.0 - (1.0 - confidence) / len(options)
+    # One more candidate: the plain agreement rules (no learned score) on the first ladder.
+    level = 1.0 - (1.0 - confidence) / (len(options) + 1)
     fits = [
         _train_ladder(
             rows,
@@ -522,9 +524,11 @@ def train(
         )
         for o in options
     ]
+    fits.append(_plain(rows, fits[0].router, target_quality, level, folds))
     best = min(fits, key=lambda f: (not f.certified, f.rel_cost if f.certified else -f.bound))
     searched = [
         {
+            "rule": f.router.meta["certificate"].get("rule", "learned"),
             "ladder": list(f.router.ladder),
             "third": f.router.third,
             "strong": f.router.strong,
@@ -708,6 +712,74 @@ def _train_ladder(
         },
     )
     return Calibrated(router, point.cost / ref_c, bound, chosen >= 0 and bound >= target_quality - 1e-9)
+
+
+def _plain(rows: Sequence[Row], learned: Router, target: float, confidence: float, folds: int) -> Calibrated:
+    """The plain agreement rules on a learned ladder, certified by fixed-sequence testing in the
+    order everything to the strong model, then (with a third opinion) any three-way agreement,
+    then any agreement of the two drafts. No learned score: a sure pair that is wrong together
+    looks like a right one, but where agreements are right the rule is cheap and its variance low."""
+    import numpy as np
+
+    from thrifty.routing.train.certify import PathPoint, cheapest_certified, lower_bounds
+
+    prep = [prepare(r, learned.ladder, learned.strong, learned.reference, folds, learned.third) for r in rows]
+
+    def col(name: str) -> Any:
+        return np.array([getattr(p, name) for p in prep], dtype=float)
+
+    agree, agree3, ref = col("agree") > 0, col("agree3") > 0, col("ok_ref")
+    ok2, oks, c2, cs = col("ok2"), col("ok_strong"), col("cost2"), col("cost_strong")
+    alone = ("everything to the strong model", col("ok_alone"), col("cost_alone"))
+    rules: list[tuple[str, Any, Any]] = [alone]
+    if learned.third is not None:
+        ok3 = np.where(agree3, ok2, oks)
+        c3 = np.where(agree3, col("cost3"), np.where(agree, col("cost_esc3"), cs))
+        rules.append(("plain three-way agreement", ok3, c3))
+    rules.append(("plain agreement", np.where(agree, ok2, oks), np.where(agree, c2, cs)))
+    z, n, r = z_score(confidence), len(prep), float(ref.sum())
+    points = []
+    for i, (_, ok, cost) in enumerate(rules):
+        q, qr = float(ok.sum()), float((ok * ref).sum())
+        low = float(lower_bounds([q], [qr], r, n, target, z)[0])
+        points.append(PathPoint(i, math.inf, q, qr, float(cost.sum()), low))
+    chosen = cheapest_certified(points)
+    name = rules[max(chosen, 0)][0]
+    point = points[max(chosen, 0)]
+    ref_c = float(col("cost_ref").sum()) or 1.0
+    accepted = {
+        "everything to the strong model": np.zeros(n, dtype=bool),
+        "plain three-way agreement": agree3,
+        "plain agreement": agree,
+    }[name]
+    tasks = {t: [i for i, p in enumerate(prep) if p.task == t] for t in learned.gates}
+    bound = certified_ratio(point.quality, point.both, r, n, z)
+    cert = {
+        **learned.meta["certificate"],
+        "rule": name,
+        "confidence": confidence,
+        "certified": chosen >= 0,
+        "bound": bound,
+        "quality": point.quality / r if r else 0.0,
+        "rel_cost": point.cost / ref_c,
+        "projection": [],
+    }
+    meta = {
+        **learned.meta,
+        "certificate": cert,
+        "escalation_rate": {t: float(1.0 - accepted[idx].mean()) if idx else 0.0 for t, idx in tasks.items()},
+    }
+    router = replace(learned, gates={t: _plain_gate(name, g) for t, g in learned.gates.items()}, meta=meta)
+    return Calibrated(router, point.cost / ref_c, bound, chosen >= 0 and bound >= target - 1e-9)
+
+
+def _plain_gate(rule: str, gate: Gate) -> Gate:
+    """A seen task's gate under a plain rule: no lone draft, and any (three-way) agreement."""
+    if rule == "plain three-way agreement":  # scores are positive: a bar of 0 takes any
+        return replace(gate, first=NEVER, second=NEVER, third=0.0)
+    if rule == "plain agreement":
+        return replace(gate, first=NEVER, second=AGREE_BONUS, third=NEVER)
+    return replace(gate, first=NEVER, second=NEVER, third=NEVER)
 
 
 def _finite(v: float) -> float | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from tests.conftest import KEYS, UPSTREAM_KEY, base_settings, ledger_rows
 from tests.factories import ledger_entry
 from tests.fakes.openai_wire import Reply
-from tests.test_route_pool import BIG, SMALL, TINY, _pool_row, _reply
+from tests.test_route_pool import BIG, MID, SMALL, TINY, _pool_row, _reply, third_row
 from thrifty.alerts.service import AlertService
 from thrifty.errors import ConfigError
 from thrifty.routing.train.fit import train
@@ -26,7 +27,12 @@ from thrifty.stores.sqlite_db import open_database
 
 # This gateway's aliases for the pool's models, served by one OpenAI-compatible endpoint.
 ALIASES = {TINY: "local-tiny", SMALL: "groq-small", BIG: "big"}
-UPSTREAMS = {"local-tiny": "tiny-upstream", "groq-small": "small-upstream", "big": "big-upstream"}
+UPSTREAMS = {
+    "local-tiny": "tiny-upstream",
+    "groq-small": "small-upstream",
+    "big": "big-upstream",
+    "mid": "mid-upstream",
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +92,43 @@ def test_a_router_for_other_models_is_loaded_and_run_by_the_gateway(tmp_path, op
     rows = ledger_rows(tmp_path / "ledger.db")
     assert [r["escalated"] for r in rows] == [0, 1]
     assert [a["model"] for a in json.loads(rows[1]["attempts"])] == ["local-tiny", "groq-small", "big"]
+
+
+def test_a_third_opinion_is_asked_through_the_gateway_and_every_call_is_priced(tmp_path, openai_upstream):
+    artifact = tmp_path / "third.json"
+    rows = [third_row(i) for i in range(150)]
+    train(rows, reference=BIG, ladder=(TINY, SMALL), folds=3, bootstrap=5).save(artifact)
+    aliases = {**ALIASES, MID: "mid"}
+    with BackgroundServer(
+        _settings(tmp_path, openai_upstream, artifact, aliases), secrets={"up": UPSTREAM_KEY}
+    ) as s:
+        # tiny and small agree, sure of themselves; mid agrees too: tiny's draft is returned.
+        openai_upstream.by_model["tiny-upstream"] = [Reply(text=_reply("3", True))] * 2
+        openai_upstream.by_model["small-upstream"] = [Reply(text=_reply("3", True))] * 2
+        openai_upstream.by_model["mid-upstream"] = [
+            Reply(text=_reply("3", True)),
+            Reply(text=_reply("4", True)),
+        ]
+        openai_upstream.by_model["big-upstream"] = [Reply(text=_reply("4", True))]
+        assert _ask(s).headers["x-thrifty-model"] == "local-tiny"
+        # The same pair again, but mid dissents: big answers.
+        assert _ask(s).headers["x-thrifty-model"] == "big"
+    assert [r["model"] for r in openai_upstream.requests] == [
+        *("tiny-upstream", "small-upstream", "mid-upstream"),
+        *("tiny-upstream", "small-upstream", "mid-upstream", "big-upstream"),
+    ]
+    first, second = ledger_rows(tmp_path / "ledger.db")
+    assert (first["escalated"], second["escalated"]) == (0, 1)
+    for row, models in (
+        (first, ["local-tiny", "groq-small", "mid"]),
+        (second, ["local-tiny", "groq-small", "mid", "big"]),
+    ):
+        attempts = json.loads(row["attempts"])
+        assert [a["model"] for a in attempts] == models
+        # Every call is paid: the entry's cost is the sum of its attempts', each priced.
+        assert all(Decimal(a["cost_usd"]) > 0 for a in attempts)
+        assert Decimal(row["cost_usd"]) == sum(Decimal(a["cost_usd"]) for a in attempts)
+    assert "tiny-1b, small-8b and mid-30b agree" in json.loads(first["attempts"])[0]["gate"]
 
 
 def test_the_gateway_refuses_to_start_when_a_router_model_has_no_alias(tmp_path, openai_upstream, artifact):

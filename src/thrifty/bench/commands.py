@@ -47,6 +47,38 @@ def bench_route(
     )
 
 
+@bench_app.command("route-splits")
+def bench_route_splits(
+    data: Annotated[list[Path], typer.Option(help="labelled JSONL file(s) or dir(s); repeatable")],
+    splits: Annotated[
+        str, typer.Option(help="comma-separated salts, one random 50/50 split of the prompt ids each")
+    ] = "own1,own2,own3",
+    reference: Annotated[str, typer.Option(help="reference model")] = "gpt-4o-2024-08-06",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    target_quality: TargetQualityOpt = 0.99,
+    confidence: ConfidenceOpt = 0.95,
+    prices: PricesOpt = None,
+    unseen: Annotated[bool, typer.Option(help="also train on each task alone, test on the others")] = True,
+) -> None:
+    """The route benchmark over repeated random splits of DATA: per split, train on one half and
+    replay the other (certified cascade, median thresholds, plain agreement, unseen tasks), then
+    the mean and spread over splits and how often the certified target held."""
+    from thrifty.bench.route_splits import run_route_splits
+
+    salts = [s.strip() for s in splits.split(",") if s.strip()]
+    run_route_splits(
+        data,
+        salts,
+        reference,
+        json_out,
+        _console(),
+        target_quality=target_quality,
+        confidence=confidence,
+        prices=prices,
+        unseen=unseen,
+    )
+
+
 @bench_app.command("route-bound")
 def bench_route_bound(
     data: Annotated[list[Path], typer.Option(help="labelled JSONL file(s) or dir(s); repeatable")],

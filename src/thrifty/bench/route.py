@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -72,7 +73,8 @@ def certificate_line(router: Router) -> str:
         return "no certificate (an artifact from before certified thresholds)"
     conf, target = float(cert["confidence"]), float(cert["target"])
     bound, cost = float(cert["bound"]), float(cert["rel_cost"])
-    ladder = " → ".join(short_name(m) for m in (*router.ladder, router.strong))
+    third = [f"{short_name(router.third)} if they agree"] if router.third else []
+    ladder = " → ".join([*(short_name(m) for m in router.ladder), *third, short_name(router.strong)])
     head = f"ladder {ladder}; "
     if not cert["certified"]:
         return head + (
@@ -80,9 +82,29 @@ def certificate_line(router: Router) -> str:
             f"{short_name(router.reference)} at {conf:.1%} confidence; "
             f"everything goes to {short_name(router.strong)}"
         )
-    return head + (
-        f"certified: quality ≥ {bound:.2%} of {short_name(router.reference)} on new prompts of the seen "
-        f"tasks at {conf:.1%} confidence (target {target:.1%}); out-of-fold cost {cost:.1%}"
+    return (
+        head
+        + (
+            f"certified: quality ≥ {bound:.2%} of {short_name(router.reference)} on new prompts of the seen "
+            f"tasks at {conf:.1%} confidence (target {target:.1%}); out-of-fold cost {cost:.1%}"
+        )
+        + _labels_line(cert)
+    )
+
+
+def _labels_line(cert: dict[str, Any]) -> str:
+    """What the certainty costs in labels: the same path's cheapest rule that merely measures the
+    target out of fold, and the cost more labelled prompts would certify (projected)."""
+    rule, projection = cert.get("uncertified_path_rule"), cert.get("projection")
+    if not rule or not projection:
+        return ""
+    need = rule["prompts_needed"]
+    needs = "no amount of data certifies it" if need is None else f"certifying it needs ~{need:,} prompts"
+    more = ", ".join(f"{p['prompts']:,} → {p['rel_cost']:.1%}" for p in projection)
+    return (
+        f"\nuncertified, the same path reaches {rule['quality']:.2%} at {rule['rel_cost']:.1%} on "
+        f"{cert['prompts']:,} prompts ({needs}); certified cost with more labelled prompts "
+        f"like these (projected from their variance): {more}"
     )
 
 

@@ -7,9 +7,10 @@ certified when a one-sided lower confidence bound on the mean of d is >= 0 (norm
 of the paired difference: mean - z x sd / sqrt(n); n is hundreds here). Rules are tested along a
 path fixed before looking at correctness, most cautious first (everything to the strong model,
 then lone drafts and agreements accepted by decreasing gate score), and testing stops at the first rule
-that fails: fixed-sequence testing, so the chance that the chosen rule misses the target is at
-most 1 - confidence however many rules the path holds (each test is at the full level; no
-multiple-comparison penalty, which is why the order must not depend on the labels).
+that fails: fixed-sequence testing (as in Learn then Test, Angelopoulos et al. 2021), so the chance
+that any rule before it misses the target is at most 1 - confidence however many rules the path
+holds (each test is at the full level; no multiple-comparison penalty, which is why the order must
+not depend on the labels), and the cheapest of them is chosen.
 
 Everything here is pure numpy over arrays, so the repeated-draw test of the coverage is fast.
 """
@@ -17,7 +18,7 @@ Everything here is pure numpy over arrays, so the repeated-draw test of the cove
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 from typing import Any
 
@@ -82,6 +83,7 @@ def certify_path(
     *,
     target: float,
     confidence: float,
+    third: tuple[Any, Any, Any, Any, Any] | None = None,
 ) -> tuple[list[PathPoint], int]:
     """The path's rules and the index of the certified one (-1: not even the first is).
 
@@ -90,7 +92,13 @@ def certify_path(
     `score2` >= lambda (`ok2`/`cost2`; -inf where the drafts disagree), else escalates after the
     cheap calls (`ok_esc`/`cost_esc`); lambda runs down over every score, so each rule accepts a
     superset of the one before. `ok_ref` is the reference's correctness. Scores are label-free
-    (out-of-fold gate outputs), so the order of the path does not look at the answers."""
+    (out-of-fold gate outputs), so the order of the path does not look at the answers.
+
+    `third` = (asks3, score3, ok3, cost3, cost_esc3) adds a third cheap opinion under the same
+    lambda: a row neither stage took where `asks3` (the two drafts agreed, so the third model is
+    asked) is taken when `score3` >= lambda (-inf where the third disagrees), at `cost3` (all three
+    cheap calls), else escalated at `cost_esc3` (the third call paid too). Only rules with a finite
+    lambda ask the third model."""
     import numpy as np
 
     z = z_score(confidence)
@@ -100,16 +108,23 @@ def certify_path(
         for a in (ok1, ok2, ok_esc, ok_base, ok_ref, cost1, cost2, cost_esc, cost_base)
     )
     n, r = len(s1), float(ref.sum())
-    grid = np.unique(np.concatenate([s1, s2]))
+    grid = np.unique(np.concatenate([s1, s2, *([np.asarray(third[1], dtype=float)] if third else [])]))
     grid = grid[np.isfinite(grid)][::-1]
     lam = np.concatenate([[np.inf], grid])[:, None]  # inf: every prompt escalates after the cheap calls
     take1 = s1[None, :] >= lam
     take2 = ~take1 & (s2[None, :] >= lam)
     esc = ~take1 & ~take2
     ok = take1 * o1 + take2 * o2 + esc * oe
+    spent = take1 * c1 + take2 * c2 + esc * ce
+    if third is not None:
+        a3, s3, o3, c3, ce3 = (np.asarray(a, dtype=float) for a in third)
+        asked = esc & (a3 > 0)[None, :] & np.isfinite(lam)  # rows that reach the third model
+        take3 = asked & (s3[None, :] >= lam)
+        ok = ok + take3 * (o3 - oe)
+        spent = spent + take3 * (c3 - ce) + (asked & ~take3) * (ce3 - ce)
     q = np.concatenate([[ob.sum()], ok.sum(axis=1)])
     qr = np.concatenate([[(ob * ref).sum()], (ok * ref).sum(axis=1)])
-    c = np.concatenate([[cb.sum()], (take1 * c1 + take2 * c2 + esc * ce).sum(axis=1)])
+    c = np.concatenate([[cb.sum()], spent.sum(axis=1)])
     lows = lower_bounds(q, qr, r, n, target, z)
     # Each rule's threshold is cut halfway to the next lower score: the gates the artifact ships
     # are refitted on every row, and their scores move a little from the out-of-fold ones.
@@ -121,9 +136,47 @@ def certify_path(
         PathPoint(i, thresholds[i], float(q[i]), float(qr[i]), float(c[i]), float(lows[i]))
         for i in range(len(q))
     ]
-    chosen = -1
+    return points, cheapest_certified(points)
+
+
+def cheapest_certified(points: list[PathPoint]) -> int:
+    """Fixed-sequence testing: every rule before the first that fails is certified (the chance
+    that any of them misses the target is at most 1 - confidence), so the cheapest of them may be
+    chosen. -1 when the first rule already fails."""
+    passed: list[int] = []
     for i, p in enumerate(points):
         if p.lower < 0:
-            break  # fixed-sequence testing: stop at the first rule that is not certified
-        chosen = i
-    return points, chosen
+            break
+        passed.append(i)
+    return min(passed, key=lambda i: (points[i].cost, -i)) if passed else -1
+
+
+def prompts_needed(point: PathPoint, r: float, n: int, target: float, z: float) -> float:
+    """How many prompts like these a certificate of `point` would need: the n at which its
+    one-sided bound clears 0 if each row's paired difference kept the mean and variance measured
+    here (n >= (z sd / mean)^2; inf when the rule measures at or below the target, which no
+    amount of data can certify)."""
+    s = point.quality - target * r
+    if n <= 0 or s <= 0:
+        return math.inf
+    s2 = point.quality + target * target * r - 2.0 * target * point.both
+    mean = s / n
+    var = max(s2 / n - mean * mean, 0.0)
+    return (z * math.sqrt(var) / mean) ** 2
+
+
+def projected_costs(
+    points: list[PathPoint], r: float, n: int, target: float, z: float, factors: tuple[float, ...]
+) -> list[tuple[float, float, float]]:
+    """What more labels would buy: for each factor f, (f x n prompts, cost, quality) of the rule the
+    path would certify with that many prompts, if every rule's paired mean and variance stayed as
+    measured (fixed-sequence: the last rule before the first that would still fail). A projection
+    from these rows' variance, not a promise."""
+    out: list[tuple[float, float, float]] = []
+    for f in factors:
+        passing = [
+            replace(p, lower=0.0 if prompts_needed(p, r, n, target, z) <= f * n else -1.0) for p in points
+        ]
+        p = points[max(cheapest_certified(passing), 0)]
+        out.append((f * n, p.cost, p.quality))
+    return out

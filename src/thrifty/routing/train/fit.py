@@ -14,9 +14,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from thrifty.errors import InvalidData
-from thrifty.routing.train.certify import certified_ratio, certify_path, z_score
+from thrifty.routing.train.certify import (
+    certified_ratio,
+    certify_path,
+    projected_costs,
+    prompts_needed,
+    z_score,
+)
 from thrifty.routing.train.data import Row, id_bucket
 from thrifty.routing.train.gate import Logistic, fit_logistic, parse, prompt_features, stage_features
 from thrifty.routing.train.router import AGREE_BONUS, NEVER, Gate, Router, accept_score
@@ -46,12 +53,27 @@ class Prepared:
     fold: int
     ok_alone: bool = False  # the strong model's answer when it is called first and alone
     cost_alone: float = 0.0
+    # The third cheap opinion (asked when the two drafts agree), if the ladder has one.
+    x3: tuple[float, ...] = ()
+    agree3: bool = False  # all three cheap drafts give one answer
+    cost3: float = 0.0  # all three cheap calls
+    cost_esc3: float = 0.0  # all three cheap calls and the strong one
 
 
-def prepare(row: Row, ladder: tuple[str, str], strong: str, reference: str, folds: int) -> Prepared:
+def prepare(
+    row: Row, ladder: tuple[str, str], strong: str, reference: str, folds: int, third: str | None = None
+) -> Prepared:
     """A row as the gates see it: parsed drafts, features, what each outcome would be and cost."""
     c0, c1, cs = row.calls[ladder[0]], row.calls[ladder[1]], row.calls[strong]
     d0, d1, ds = parse(c0.output, row.task), parse(c1.output, row.task), parse(cs.output, row.task)
+    x3: tuple[float, ...] = ()
+    agree3, cost3 = False, 0.0
+    if third is not None:
+        c2 = row.calls[third]
+        d2 = parse(c2.output, row.task)
+        x3 = tuple(stage_features([d0, d1, d2], row.prompt))
+        agree3 = d0.key is not None and d0.key == d1.key == d2.key
+        cost3 = float(c0.cost + c1.cost + c2.cost)
     ok2 = c0.correct if d0.key is not None or d1.key is None else c1.correct
     ok_strong = cs.correct
     if ds.key is None and (d0.key is not None or d1.key is not None):
@@ -77,6 +99,10 @@ def prepare(row: Row, ladder: tuple[str, str], strong: str, reference: str, fold
         fold=min(folds - 1, int(id_bucket(row.id, "gate-fold") * folds)),
         ok_alone=cs.correct,
         cost_alone=float(cs.cost),
+        x3=x3,
+        agree3=agree3,
+        cost3=cost3,
+        cost_esc3=cost3 + float(cs.cost),
     )
 
 
@@ -271,25 +297,50 @@ def calibrate_bagged(
 UNSEEN_GRID = (0.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995)
 
 
-def calibrate_unseen(
-    held_out: Sequence[tuple[Sequence[Prepared], Sequence[float]]], need: float, tolerance: float
-) -> float:
-    """The fallback's agreement threshold on P(right), from tasks each scored as if unseen.
+@dataclass(frozen=True, slots=True)
+class HeldOut:
+    """A training task scored as if unseen: by gates fitted on the other tasks only."""
 
-    Worst case over those tasks: the cheapest threshold whose worst relative quality reaches
-    `need`; if none does, the cheapest within `tolerance` of the best worst-case quality (chasing
-    the last tenth of a point on one task can multiply the cost on another). NEVER if even
+    rows: Sequence[Prepared]
+    p2: Sequence[float]  # stage-2 P(right)
+    p3: Sequence[float] | None  # three-way P(right), if the ladder has a third opinion
+
+
+def _unseen_outcome(r: Prepared, p2: float, p3: float, pair_t: float, third_t: float) -> tuple[bool, float]:
+    """(right, cost) of one row under the fallback rule (pair bar, three-way bar)."""
+    if r.agree and p2 >= pair_t:
+        return r.ok2, r.cost2
+    if r.agree and not math.isinf(third_t):  # the third model is asked
+        return (r.ok2, r.cost3) if r.agree3 and p3 >= third_t else (r.ok_strong, r.cost_esc3)
+    return r.ok_strong, r.cost_strong
+
+
+def calibrate_unseen(held_out: Sequence[HeldOut], need: float, tolerance: float) -> tuple[float, float]:
+    """The fallback's (agreement, three-way agreement) thresholds on P(right), from tasks each
+    scored as if unseen: either two drafts that agree above a bar, or, with a third opinion, all
+    three agreeing above a bar (two alone never accepted).
+
+    Worst case over those tasks: the cheapest rule whose worst relative quality reaches `need`;
+    if none does, the cheapest within `tolerance` of the best worst-case quality (chasing the last
+    tenth of a point on one task can multiply the cost on another). NEVER for both if even
     escalating every prompt is not within reach."""
-    options: list[tuple[float, float, float]] = []  # (threshold, worst quality, worst cost)
-    for t in (*UNSEEN_GRID, NEVER):
+    rules = [(t, NEVER) for t in (*UNSEEN_GRID, NEVER)]
+    if all(h.p3 is not None for h in held_out):
+        rules += [(NEVER, t) for t in UNSEEN_GRID]
+    options: list[tuple[tuple[float, float], float, float]] = []  # (rule, worst quality, worst cost)
+    for pair_t, third_t in rules:
         worst_q, worst_c = math.inf, 0.0
-        for rows, ps in held_out:
-            q = sum(r.ok2 if r.agree and p >= t else r.ok_strong for r, p in zip(rows, ps, strict=True))
-            c = sum(r.cost2 if r.agree and p >= t else r.cost_strong for r, p in zip(rows, ps, strict=True))
-            ref_q = sum(r.ok_ref for r in rows) or 1
-            ref_c = sum(r.cost_ref for r in rows) or 1.0
+        for h in held_out:
+            p3s = h.p3 if h.p3 is not None else [0.0] * len(h.rows)
+            outs = [
+                _unseen_outcome(r, p2, p3, pair_t, third_t)
+                for r, p2, p3 in zip(h.rows, h.p2, p3s, strict=True)
+            ]
+            ref_q = sum(r.ok_ref for r in h.rows) or 1
+            ref_c = sum(r.cost_ref for r in h.rows) or 1.0
+            q, c = sum(o[0] for o in outs), sum(o[1] for o in outs)
             worst_q, worst_c = min(worst_q, q / ref_q), max(worst_c, c / ref_c)
-        options.append((t, worst_q, worst_c))
+        options.append(((pair_t, third_t), worst_q, worst_c))
     best = max(q for _, q, _ in options)
     floor = min(need, best - tolerance)
     return min((o for o in options if o[1] >= floor - 1e-12), key=lambda o: (o[2], -o[1]))[0]
@@ -322,6 +373,44 @@ class LadderOption:
     strong: str
     cost: float  # the agreement cascade's cost on the training rows (no learned gate yet)
     quality: float
+    third: str | None = None  # the third opinion asked when the two drafts agree
+
+
+def pick_third(option: LadderOption, rows: Sequence[Row], reference: str, target: float) -> str | None:
+    """The third cheap model for a ladder: the one whose plain three-way cascade (ask it when the
+    two drafts agree, accept when all three agree, else the strong model) is cheapest at the
+    target on the training rows, else the best such cascade; None if no model is cheap enough or
+    agrees often enough to save anything."""
+    import numpy as np
+
+    a, b = option.ladder
+    strong = option.strong
+    every = pool_models(rows)
+    if any(m not in every for m in (a, b, strong, reference)):
+        return None  # training names what is missing
+    pool = [m for m in every if m not in (a, b, strong, reference)]
+    cost = {m: np.array([float(r.calls[m].cost) for r in rows]) for m in [*pool, a, b, strong]}
+    ref_q = sum(r.calls[reference].correct for r in rows)
+    ka, kb = [r.calls[a].answer for r in rows], [r.calls[b].answer for r in rows]
+    pair = np.array([x is not None and x == y for x, y in zip(ka, kb, strict=True)])
+    right_a = np.array([r.calls[a].correct for r in rows], dtype=float)
+    right_s = np.array([r.calls[strong].correct for r in rows], dtype=float)
+    scored: list[tuple[float, float, str]] = []
+    for m in pool:
+        if cost[m].sum() >= 0.25 * cost[strong].sum():
+            continue  # a third opinion that costs a quarter of the strong call saves little
+        all3 = pair & np.array([r.calls[m].answer == x for r, x in zip(rows, ka, strict=True)])
+        q = float(np.where(all3, right_a, right_s).sum())
+        c = float((cost[a] + cost[b] + cost[m] * pair + cost[strong] * ~all3).sum())
+        scored.append((q, c, m))
+    # A third opinion is worth asking only if it saves on what it replaces: escalating every
+    # agreement the gate is unsure of (a model that never agrees with the pair only adds its cost).
+    escalate_all = float((cost[a] + cost[b] + cost[strong]).sum())
+    scored = [t for t in scored if t[1] < escalate_all]
+    if not scored:
+        return None
+    feasible = [t for t in scored if t[0] >= target * ref_q]
+    return min(feasible, key=lambda t: t[1])[2] if feasible else max(scored, key=lambda t: (t[0], -t[1]))[2]
 
 
 def candidate_ladders(rows: Sequence[Row], reference: str, target: float, limit: int) -> list[LadderOption]:
@@ -395,12 +484,15 @@ def train(
     cost_aware: bool = True,
     grid: int = 60,
     bootstrap: int = 30,
+    third: str | None = None,
+    ask_third: bool = True,
 ) -> Router:
     """Learn the ladder and fit its gates on all rows; certify thresholds on out-of-fold scores.
 
     Without `ladder`, the `candidates` cheapest plain agreement cascades over the pool are each
     trained and certified, and the one whose certified rule is cheapest wins; each is certified at
-    1 - (1 - confidence) / candidates, so that picking the best of them keeps the stated confidence."""
+    1 - (1 - confidence) / candidates, so that picking the best of them keeps the stated confidence.
+    With `ask_third`, each ladder gets a third opinion (`third`, or ``pick_third``'s choice)."""
     if not rows:
         raise InvalidData("no training rows")
     z_score(confidence)  # a bad confidence is refused before any work
@@ -408,12 +500,16 @@ def train(
         options = [LadderOption(ladder, strong or reference, 0.0, 0.0)]
     else:
         options = candidate_ladders(rows, reference, target_quality, candidates)
-    level = 1.0 - (1.0 - confidence) / len(options)
+    if ask_third:
+        options = [replace(o, third=third or pick_third(o, rows, reference, target_quality)) for o in options]
+    # One more candidate: the plain agreement rules (no learned score) on the first ladder.
+    level = 1.0 - (1.0 - confidence) / (len(options) + 1)
     fits = [
         _train_ladder(
             rows,
             o.ladder,
             o.strong,
+            o.third,
             reference=reference,
             target_quality=target_quality,
             confidence=level,
@@ -428,9 +524,17 @@ def train(
         )
         for o in options
     ]
+    fits.append(_plain(rows, fits[0].router, target_quality, level, folds))
     best = min(fits, key=lambda f: (not f.certified, f.rel_cost if f.certified else -f.bound))
     searched = [
-        {"ladder": list(f.router.ladder), "strong": f.router.strong, "rel_cost": f.rel_cost, "bound": f.bound}
+        {
+            "rule": f.router.meta["certificate"].get("rule", "learned"),
+            "ladder": list(f.router.ladder),
+            "third": f.router.third,
+            "strong": f.router.strong,
+            "rel_cost": f.rel_cost,
+            "bound": f.bound,
+        }
         for f in fits
     ]
     meta = dict(best.router.meta)
@@ -445,6 +549,7 @@ def _train_ladder(
     rows: Sequence[Row],
     ladder: tuple[str, str],
     strong: str,
+    third: str | None,
     *,
     reference: str,
     target_quality: float,
@@ -458,7 +563,7 @@ def _train_ladder(
     grid: int,
     bootstrap: int,
 ) -> Calibrated:
-    needed = (*ladder, strong, reference)
+    needed = (*ladder, strong, reference, *([third] if third else []))
     for row in rows:
         lacking = [m for m in needed if m not in row.calls]
         if lacking:
@@ -466,7 +571,7 @@ def _train_ladder(
                 f"training row {row.id!r} has no reply from {', '.join(lacking)}; every row needs "
                 f"the cascade's models ({', '.join(dict.fromkeys(needed))})"
             )
-    prep = [prepare(r, ladder, strong, reference, folds) for r in rows]
+    prep = [prepare(r, ladder, strong, reference, folds, third) for r in rows]
     tasks = sorted({p.task for p in prep})
     by_task = {t: [i for i, p in enumerate(prep) if p.task == t] for t in tasks}
 
@@ -485,6 +590,25 @@ def _train_ladder(
     o2_agree = [
         s if prep[i].agree else -math.inf for i, s in zip(every, first_scores(every, o2p), strict=True)
     ]
+    # The third opinion: P(right) of an answer all three cheap drafts give, fitted on the rows where
+    # the two drafts agree (the only ones that ask the third model), out of fold.
+    agreeing = [i for i in every if prep[i].agree]
+    o3 = [-math.inf] * len(prep)
+    if third is not None:
+        o3p = _oof_subset(prep, agreeing, "x3", "y2", folds, l2)
+        for i, s in zip(agreeing, first_scores(agreeing, [o3p[i] for i in agreeing]), strict=True):
+            o3[i] = s if prep[i].agree3 else -math.inf
+    third_stage = (
+        (
+            [p.agree for p in prep],
+            o3,
+            [p.ok2 for p in prep],
+            [p.cost3 for p in prep],
+            [p.cost_esc3 for p in prep],
+        )
+        if third is not None
+        else None
+    )
     points, chosen = certify_path(
         o1,
         o2_agree,
@@ -499,6 +623,7 @@ def _train_ladder(
         [p.cost_alone for p in prep],
         target=target_quality,
         confidence=confidence,
+        third=third_stage,
     )
     point = points[max(chosen, 0)]
     first = point.threshold if point.step >= 1 else NEVER
@@ -507,6 +632,16 @@ def _train_ladder(
     n, ref_q = len(prep), float(sum(p.ok_ref for p in prep))
     ref_c = float(sum(p.cost_ref for p in prep)) or 1.0
     bound = certified_ratio(point.quality, point.both, ref_q, n, z_score(confidence))
+    # What the promise costs in labels: the cheapest rule on the same path that measures the target
+    # out of fold, how many prompts its certificate would need, and what 2x, 4x, 10x the labels
+    # would let the path certify (projected from these rows' variance).
+    z = z_score(confidence)
+    reaching = [p for p in points if p.quality >= target_quality * ref_q - 1e-9]
+    cheapest_point = min(reaching, key=lambda p: p.cost) if reaching else points[0]
+    projection = [
+        {"prompts": round(m), "rel_cost": c / ref_c, "quality": q / ref_q if ref_q else 0.0}
+        for m, c, q in projected_costs(points, ref_q, n, target_quality, z, (2.0, 4.0, 10.0))
+    ]
     # The median choice, for comparison: per-task thresholds, each the median over bootstrap
     # resamples of the cheapest pair reaching the target on the point estimate (no certainty).
     o2 = [
@@ -528,11 +663,13 @@ def _train_ladder(
     for t, idx in by_task.items():
         sub = [prep[i] for i in idx]
         tc = calibrate_classifier(sub, [op[i] for i in idx], target_quality)
-        gates[t] = Gate(first, second, tc, cost_aware)
+        gates[t] = Gate(first, second, tc, cost_aware, third=first if third is not None else NEVER)
         escalation[t] = _escalation_rate(
-            [o1[i] for i in idx], [o2_agree[i] for i in idx], point.threshold if point.step >= 1 else None
+            [max(o1[i], o2_agree[i], o3[i]) for i in idx], point.threshold if point.step >= 1 else None
         )
-    fallback, held_out_tasks = _fallback(prep, by_task, unseen_target + unseen_margin, unseen_tolerance, l2)
+    fallback, held_out_tasks = _fallback(
+        prep, by_task, unseen_target + unseen_margin, unseen_tolerance, l2, third is not None
+    )
     all_i = list(range(len(prep)))
     router = Router(
         reference=reference,
@@ -545,6 +682,8 @@ def _train_ladder(
         prompt_gate=_fit(prep, all_i, "xp", "y1", l2 * 30),
         gates=gates,
         fallback=fallback,
+        third=third,
+        third_gate=_fit(prep, agreeing, "x3", "y2", l2) if third is not None and agreeing else None,
         meta={
             "rows": {t: len(i) for t, i in by_task.items()},
             "folds": folds,
@@ -555,6 +694,13 @@ def _train_ladder(
                 "bound": bound,
                 "quality": point.quality / ref_q if ref_q else 0.0,
                 "rel_cost": point.cost / ref_c,
+                "prompts": n,
+                "uncertified_path_rule": {
+                    "rel_cost": cheapest_point.cost / ref_c,
+                    "quality": cheapest_point.quality / ref_q if ref_q else 0.0,
+                    "prompts_needed": _finite(prompts_needed(cheapest_point, ref_q, n, target_quality, z)),
+                },
+                "projection": projection,
             },
             # What each seen task escalated out of fold under the certified rule: the drift watch's
             # baseline (a live rate far from it means the traffic no longer looks like the labels).
@@ -568,21 +714,116 @@ def _train_ladder(
     return Calibrated(router, point.cost / ref_c, bound, chosen >= 0 and bound >= target_quality - 1e-9)
 
 
-def _escalation_rate(s1: Sequence[float], s2: Sequence[float], threshold: float | None) -> float:
-    """The share of rows the certified rule sends to the strong model (all, when threshold is None)."""
-    if not s1:
+def _plain(rows: Sequence[Row], learned: Router, target: float, confidence: float, folds: int) -> Calibrated:
+    """The plain agreement rules on a learned ladder, certified by fixed-sequence testing in the
+    order everything to the strong model, then (with a third opinion) any three-way agreement,
+    then any agreement of the two drafts. No learned score: a sure pair that is wrong together
+    looks like a right one, but where agreements are right the rule is cheap and its variance low."""
+    import numpy as np
+
+    from thrifty.routing.train.certify import PathPoint, cheapest_certified, lower_bounds
+
+    prep = [prepare(r, learned.ladder, learned.strong, learned.reference, folds, learned.third) for r in rows]
+
+    def col(name: str) -> Any:
+        return np.array([getattr(p, name) for p in prep], dtype=float)
+
+    agree, agree3, ref = col("agree") > 0, col("agree3") > 0, col("ok_ref")
+    ok2, oks, c2, cs = col("ok2"), col("ok_strong"), col("cost2"), col("cost_strong")
+    alone = ("everything to the strong model", col("ok_alone"), col("cost_alone"))
+    rules: list[tuple[str, Any, Any]] = [alone]
+    if learned.third is not None:
+        ok3 = np.where(agree3, ok2, oks)
+        c3 = np.where(agree3, col("cost3"), np.where(agree, col("cost_esc3"), cs))
+        rules.append(("plain three-way agreement", ok3, c3))
+    rules.append(("plain agreement", np.where(agree, ok2, oks), np.where(agree, c2, cs)))
+    z, n, r = z_score(confidence), len(prep), float(ref.sum())
+    points = []
+    for i, (_, ok, cost) in enumerate(rules):
+        q, qr = float(ok.sum()), float((ok * ref).sum())
+        low = float(lower_bounds([q], [qr], r, n, target, z)[0])
+        points.append(PathPoint(i, math.inf, q, qr, float(cost.sum()), low))
+    chosen = cheapest_certified(points)
+    name = rules[max(chosen, 0)][0]
+    point = points[max(chosen, 0)]
+    ref_c = float(col("cost_ref").sum()) or 1.0
+    accepted = {
+        "everything to the strong model": np.zeros(n, dtype=bool),
+        "plain three-way agreement": agree3,
+        "plain agreement": agree,
+    }[name]
+    tasks = {t: [i for i, p in enumerate(prep) if p.task == t] for t in learned.gates}
+    bound = certified_ratio(point.quality, point.both, r, n, z)
+    cert = {
+        **learned.meta["certificate"],
+        "rule": name,
+        "confidence": confidence,
+        "certified": chosen >= 0,
+        "bound": bound,
+        "quality": point.quality / r if r else 0.0,
+        "rel_cost": point.cost / ref_c,
+        "projection": [],
+    }
+    meta = {
+        **learned.meta,
+        "certificate": cert,
+        "escalation_rate": {t: float(1.0 - accepted[idx].mean()) if idx else 0.0 for t, idx in tasks.items()},
+    }
+    router = replace(learned, gates={t: _plain_gate(name, g) for t, g in learned.gates.items()}, meta=meta)
+    return Calibrated(router, point.cost / ref_c, bound, chosen >= 0 and bound >= target - 1e-9)
+
+
+def _plain_gate(rule: str, gate: Gate) -> Gate:
+    """A seen task's gate under a plain rule: no lone draft, and any (three-way) agreement."""
+    if rule == "plain three-way agreement":  # scores are positive: a bar of 0 takes any
+        return replace(gate, first=NEVER, second=NEVER, third=0.0)
+    if rule == "plain agreement":
+        return replace(gate, first=NEVER, second=AGREE_BONUS, third=NEVER)
+    return replace(gate, first=NEVER, second=NEVER, third=NEVER)
+
+
+def _finite(v: float) -> float | None:
+    """JSON has no infinity: None stands for "no amount of data"."""
+    return round(v) if math.isfinite(v) else None
+
+
+def _escalation_rate(best: Sequence[float], threshold: float | None) -> float:
+    """The share of rows the certified rule sends to the strong model (all, when threshold is None):
+    those whose best score over the stages they reach is below the threshold."""
+    if not best:
         return 0.0
     if threshold is None:
         return 1.0
-    return sum(1 for a, b in zip(s1, s2, strict=True) if a < threshold and b < threshold) / len(s1)
+    return sum(1 for b in best if b < threshold) / len(best)
+
+
+def _oof_subset(
+    rows: Sequence[Prepared], idx: Sequence[int], xs: str, ys: str, folds: int, l2: float
+) -> dict[int, float]:
+    """Out-of-fold P(right) of the rows `idx`, each scored by a gate fitted on the others of `idx`
+    outside its fold."""
+    out: dict[int, float] = {}
+    for f in range(folds):
+        train_i = [i for i in idx if rows[i].fold != f]
+        test_i = [i for i in idx if rows[i].fold == f]
+        if not test_i or not train_i:
+            continue
+        model = _fit(rows, train_i, xs, ys, l2)
+        out.update({i: model.prob(getattr(rows[i], xs)) for i in test_i})
+    return out
 
 
 def _fallback(
-    prep: Sequence[Prepared], by_task: dict[str, list[int]], need: float, tolerance: float, l2: float
+    prep: Sequence[Prepared],
+    by_task: dict[str, list[int]],
+    need: float,
+    tolerance: float,
+    l2: float,
+    has_third: bool,
 ) -> tuple[Gate, list[str]]:
     """The gate for a task the router was not trained on: each training task scored by gates
     that never saw it (if there are other tasks)."""
-    held_out: list[tuple[Sequence[Prepared], Sequence[float]]] = []
+    held_out: list[HeldOut] = []
     strictest_cls = 0.0
     names: list[str] = []
     for t, idx in by_task.items():
@@ -593,11 +834,22 @@ def _fallback(
             continue
         names.append(t)
         gp = _fit(prep, others, "xp", "y1", l2 * 30)
-        held_out.append((sub, _second(prep, others, idx, l2)))
+        p3: list[float] | None = None
+        if has_third:
+            g3 = _fit(prep, [i for i in others if prep[i].agree], "x3", "y2", l2)
+            p3 = [g3.prob(p.x3) for p in sub]
+        held_out.append(HeldOut(sub, _second(prep, others, idx, l2), p3))
         strictest_cls = max(strictest_cls, calibrate_classifier(sub, [gp.prob(p.xp) for p in sub], need))
     # An unknown task never takes a lone draft, nor one the other cheap model contradicts; its
     # scores are plain P(right), as a new task's cost scale is unknown. With a single training
-    # task there is no evidence of how a gate transfers, so any agreement is accepted: the one
-    # rule that needs no calibration.
-    agree_p = calibrate_unseen(held_out, need, tolerance) if held_out else 0.0
-    return Gate(NEVER, AGREE_BONUS + agree_p, strictest_cls, cost_aware=False), names
+    # task there is no evidence of how a gate transfers, so the rule is one that needs no
+    # calibration: any three-way agreement of the cheap models if there is a third opinion (cheap
+    # models that agree in pairs are often wrong together on a task unlike the training one), else
+    # any agreement.
+    if not held_out:
+        if has_third:
+            return Gate(NEVER, NEVER, strictest_cls, cost_aware=False, third=0.0), names
+        return Gate(NEVER, AGREE_BONUS, strictest_cls, cost_aware=False), names
+    pair_p, third_p = calibrate_unseen(held_out, need, tolerance)
+    second = NEVER if math.isinf(pair_p) else AGREE_BONUS + pair_p
+    return Gate(NEVER, second, strictest_cls, cost_aware=False, third=third_p), names

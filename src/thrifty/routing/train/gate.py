@@ -90,7 +90,7 @@ def draft_features(d: Parsed, prompt: str) -> list[float]:
 
 
 def stage_features(drafts: Sequence[Parsed], prompt: str) -> list[float]:
-    """Features for a gate that has seen `drafts` (one or two cheap ones, in ladder order)."""
+    """Features for a gate that has seen `drafts` (one, two or three cheap ones, in ladder order)."""
     out = draft_features(drafts[0], prompt)
     if len(drafts) >= 2:
         a, b = drafts[0], drafts[1]
@@ -106,6 +106,10 @@ def stage_features(drafts: Sequence[Parsed], prompt: str) -> list[float]:
             float(bool(b_ans) and b_ans in a.reasoning),
             float(bool(a_ans) and a_ans in b.reasoning),
         ]
+    if len(drafts) >= 3:  # a third opinion, asked when the first two agree
+        c = drafts[2]
+        out += draft_features(c, prompt)
+        out += [float(c.key is not None and c.key == drafts[0].key)]
     return out
 
 

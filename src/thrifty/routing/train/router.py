@@ -55,6 +55,7 @@ class Gate:
     second: float
     classifier: float
     cost_aware: bool = True  # thresholds apply to `accept_score`, cost-aware or plain P(right)
+    third: float = NEVER  # a three-way agreement's score (the third cheap model asked when two agree)
 
     def to_json(self) -> dict[str, float | bool | None]:
         out: dict[str, float | bool | None] = {k: (None if math.isinf(v) else v) for k, v in _items(self)}
@@ -67,11 +68,18 @@ class Gate:
             v = obj[k]
             return NEVER if v is None else float(v)
 
-        return cls(val("first"), val("second"), val("classifier"), bool(obj.get("cost_aware", True)))
+        third = obj.get("third")  # absent in artifacts from before the third opinion
+        return cls(
+            val("first"),
+            val("second"),
+            val("classifier"),
+            bool(obj.get("cost_aware", True)),
+            NEVER if third is None else float(third),
+        )
 
 
 def _items(g: Gate) -> list[tuple[str, float]]:
-    return [("first", g.first), ("second", g.second), ("classifier", g.classifier)]
+    return [("first", g.first), ("second", g.second), ("classifier", g.classifier), ("third", g.third)]
 
 
 CAUTIOUS = Gate(NEVER, NEVER, NEVER)
@@ -124,11 +132,15 @@ class Router:
     fallback: Gate
     strategy: str = "cascade"
     meta: dict[str, Any] = field(default_factory=dict)
+    # A third cheap model, asked when the two drafts agree but their score is short of the bar:
+    # its agreement is a third opinion far cheaper than the strong model (None: no third).
+    third: str | None = None
+    third_gate: Logistic | None = None  # P(right) of an answer all three cheap drafts give
 
     # ---- online API -------------------------------------------------------------------------
     def models(self) -> set[str]:
         """Every model id this router may ask the gateway to call."""
-        return {*self.ladder, self.strong}
+        return {*self.ladder, self.strong, *([self.third] if self.third else [])}
 
     def gate_for(self, task: str | None) -> Gate:
         return self.gates.get(task, self.fallback) if task is not None else self.fallback
@@ -158,7 +170,7 @@ class Router:
             n += 1
         a, b = short_name(self.ladder[0]), short_name(self.ladder[1])
         if n == 0:
-            if math.isinf(gate.first) and math.isinf(gate.second):
+            if math.isinf(gate.first) and math.isinf(gate.second) and not self._asks_third(gate):
                 # No cheap draft could ever be accepted here: asking for one would only add cost.
                 return CallModel(self.strong, f"no cheap draft is trusted ({where})")
             return CallModel(self.ladder[0], f"first tier ({where})")
@@ -180,9 +192,28 @@ class Router:
         if score + (AGREE_BONUS if agree else 0.0) >= gate.second:
             pick = i0 if d0.key is not None or d1.key is None else i1
             return Accept(pick, f"{verdict} (p={p:.3f}, {_rule(gate, score, agree, True)}, {where})")
+        why = f"{verdict} (p={p:.3f}, {_rule(gate, score, agree, False)}, {where})"
+        if not (agree and self._asks_third(gate)):
+            return CallModel(self.strong, f"{why}, escalate")
+        assert self.third is not None and self.third_gate is not None
+        i2 = next((i for i, d in enumerate(drafts) if d.model == self.third), None)
+        c = short_name(self.third)
+        if i2 is None:
+            return CallModel(self.third, f"{why}, ask {c}")
+        d2 = parsed[i2]
+        p3 = self.third_gate.prob(stage_features([d0, d1, d2], prompt))
+        score3 = self._score(gate, p3, prompt, d0)
+        shown = f"p={p3:.3f}" + (f", score {score3:.3f}" if gate.cost_aware else "")
+        if d2.key is None or d2.key != d0.key:
+            return CallModel(self.strong, f"{c} disagrees with {a} and {b} ({where}), escalate")
+        if score3 >= gate.third:
+            return Accept(i0, f"{a}, {b} and {c} agree ({shown} >= {_fmt(gate.third)}, {where})")
         return CallModel(
-            self.strong, f"{verdict} (p={p:.3f}, {_rule(gate, score, agree, False)}, {where}), escalate"
+            self.strong, f"{a}, {b} and {c} agree ({shown} < {_fmt(gate.third)}, {where}), escalate"
         )
+
+    def _asks_third(self, gate: Gate) -> bool:
+        return self.third is not None and self.third_gate is not None and not math.isinf(gate.third)
 
     def second_p(self, d0: Parsed, d1: Parsed, prompt: str) -> tuple[bool, float]:
         """(do the two cheap drafts agree, P(the answer we would return is right))."""
@@ -236,8 +267,13 @@ class Router:
             second = f"agreement with {name}>={_fmt(g.second - AGREE_BONUS)}"
         else:
             second = f"agreement, or a split with {name}>={_fmt(g.second)}"
+        third = ""
+        if self._asks_third(g):
+            assert self.third is not None
+            c = short_name(self.third)
+            third = f"+{c} if they agree: three-way agreement with {name}>={_fmt(g.third)} → "
         return (
-            f"{a} alone if {name}>={_fmt(g.first)} → +{b}: {second} → {s}; "
+            f"{a} alone if {name}>={_fmt(g.first)} → +{b}: {second} → {third}{s}; "
             f"classifier: {a} if p>={_fmt(g.classifier)} else {s}"
         )
 
@@ -257,6 +293,8 @@ class Router:
             "agree_gate": self.agree_gate.to_json(),
             "split_gate": self.split_gate.to_json(),
             "prompt_gate": self.prompt_gate.to_json(),
+            "third": self.third,
+            "third_gate": self.third_gate.to_json() if self.third_gate is not None else None,
             "meta": self.meta,
         }
 
@@ -283,6 +321,8 @@ class Router:
             fallback=Gate.from_json(obj["fallback"]),
             strategy=strategy,
             meta=dict(obj.get("meta", {})),
+            third=str(obj["third"]) if obj.get("third") else None,
+            third_gate=Logistic.from_json(obj["third_gate"]) if obj.get("third_gate") else None,
         )
 
     def save(self, path: str | Path) -> None:

@@ -1,4 +1,5 @@
-"""PostgreSQL for several replicas: the ledger, virtual keys, alerts and exact-cache entries.
+"""PostgreSQL for several replicas: the ledger, virtual keys, alerts and exact-cache entries
+(semantic-cache entries: `postgres_semantic`).
 
 The ledger keeps SQLite's promise: a response is released only after its row is committed. Rows
 are written by group commit: every row submitted while the previous batch was in flight goes in
@@ -405,6 +406,20 @@ class PostgresExactCache:
             )
 
 
+def purge_cache(conn: Any, table: str, scope: dict[str, str | None], expired_before: float | None) -> int:
+    """Delete a cache table's entries by scope (`thrifty cache purge`); how many went."""
+    assert table in ("exact_cache", "semantic_cache")
+    columns = {"tenant": "tenant_id", "route": "route", "prompt_version": "prompt_version"}
+    columns["corpus_version"] = "corpus_version"
+    clauses = [f"{columns[name]} = %s" for name, value in scope.items() if value is not None]
+    params: list[object] = [value for value in scope.values() if value is not None]
+    if expired_before is not None:
+        clauses.append("expires_at <= %s")
+        params.append(expired_before)
+    where = " WHERE " + " AND ".join(clauses) if clauses else ""
+    return int(conn.execute(f"DELETE FROM {table}{where}", params).rowcount)
+
+
 class PostgresAlertStore:
     """Alerts once per key across replicas (the primary key decides), async."""
 
@@ -490,4 +505,5 @@ __all__ = [
     "PostgresLedgerWriter",
     "connect",
     "migrate",
+    "purge_cache",
 ]

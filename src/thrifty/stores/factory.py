@@ -84,19 +84,27 @@ class Stores:
                 self.rate_fallback = LocalFallback("rate limits")
         # Idempotency-Key records: Redis with shared state (one owner per key across replicas),
         # otherwise the SQLite file (with PostgreSQL storage: this replica's local file).
+        # degrade_local: while Redis is away, this replica's file (at most once per replica).
+        from thrifty.stores.idempotency import SqliteIdempotencyStore
+
         self.idempotency: Any
+        self.idempotency_fallback: LocalFallback | None = None
+        local_idempotency = SqliteIdempotencyStore(
+            storage.sqlite_path, max_entries=settings.idempotency.max_entries, synchronous=storage.synchronous
+        )
         if self.redis is not None:
             from thrifty.stores.redis_idempotency import RedisIdempotencyStore
 
             self.idempotency = RedisIdempotencyStore(self.redis)
-        else:
-            from thrifty.stores.idempotency import SqliteIdempotencyStore
+            if shared.fault_mode == "degrade_local":
+                from thrifty.stores.idempotency_degraded import DegradingIdempotencyStore
 
-            self.idempotency = SqliteIdempotencyStore(
-                storage.sqlite_path,
-                max_entries=settings.idempotency.max_entries,
-                synchronous=storage.synchronous,
-            )
+                self.idempotency_fallback = LocalFallback("idempotency keys")
+                self.idempotency = DegradingIdempotencyStore(
+                    self.idempotency, local_idempotency, self.idempotency_fallback
+                )
+        else:
+            self.idempotency = local_idempotency
         self.keys: KeyDirectory | None = None
         self.alert_store: Any = None
         self.exact_local: SqliteExactCache | None = None
@@ -110,7 +118,8 @@ class Stores:
 
     @property
     def degraded_decisions(self) -> int:
-        return sum(f.decisions for f in (self.budget_fallback, self.rate_fallback) if f is not None)
+        fallbacks = (self.budget_fallback, self.rate_fallback, self.idempotency_fallback)
+        return sum(f.decisions for f in fallbacks if f is not None)
 
     def health(self) -> dict[str, int]:
         out = {}

@@ -145,6 +145,7 @@ class PostgresLedgerWriter:
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._conn: Any = None
+        self._cur: Any = None
         self._task: asyncio.Task[None] | None = None
         self._replayer: asyncio.Task[None] | None = None
         self._closing = False
@@ -201,10 +202,11 @@ class PostgresLedgerWriter:
         psycopg = _psycopg()
         rows = [row for row, _ in batch]
         try:
-            conn = await self._connection()
+            cursor = await self._cursor()
             # One multi-row INSERT on an autocommit connection: one statement is one transaction,
-            # and one round trip (BEGIN and COMMIT would add two).
-            await conn.execute(insert_ledger_sql(len(rows)), [v for row in rows for v in row])
+            # and one round trip (BEGIN and COMMIT would add two). One cursor for the connection's
+            # life: a new one per batch costs as much CPU as a fifth of the round trip.
+            await cursor.execute(insert_ledger_sql(len(rows)), [v for row in rows for v in row])
         except (psycopg.Error, OSError) as err:
             await self._drop_connection()
             self._spool_rows(rows, err)
@@ -218,14 +220,17 @@ class PostgresLedgerWriter:
             if not future.done():
                 future.set_result(None)
 
-    async def _connection(self) -> Any:
-        if self._conn is None or self._conn.closed:
+    async def _cursor(self) -> Any:
+        if self._conn is None or self._conn.closed or self._cur is None:
+            await self._drop_connection()
             self._conn = await _psycopg().AsyncConnection.connect(
                 conninfo(self._url), connect_timeout=2, autocommit=True
             )
-        return self._conn
+            self._cur = self._conn.cursor()
+        return self._cur
 
     async def _drop_connection(self) -> None:
+        self._cur = None
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close()

@@ -450,6 +450,48 @@ def test_redis_down_degrade_local_keeps_per_replica_limits_and_warns(
         assert health["status"] == "ok" and health["shared_state_degraded_decisions"] == 4 + 25
 
 
+@pytest.mark.parametrize("mode", ["fail_closed", "degrade_local"])
+def test_redis_stopped_mid_load_answers_as_the_fault_mode_says_and_loses_no_row(
+    tmp_path, openai_upstream, private_redis, mode
+):
+    openai_upstream.default = Reply(prompt_tokens=20, completion_tokens=5, delay_s=0.02)
+    statuses: list[tuple[int, str | None, str | None]] = []
+    lock = threading.Lock()
+    with _one_replica(tmp_path, openai_upstream, private_redis.redis_url, mode) as server:
+
+        def call(i: int) -> None:
+            resp = httpx.post(
+                f"{server.base_url}/chat/completions",
+                json={
+                    "model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 5,
+                },
+                headers={"authorization": f"Bearer {KEYS['acme']}"},
+                timeout=30,
+            )
+            code = resp.json()["error"]["code"] if resp.status_code != 200 else None
+            with lock:
+                statuses.append((resp.status_code, code, resp.headers.get("x-thrifty-request-id")))
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(call, i) for i in range(160)]
+            wait(futures, return_when=FIRST_COMPLETED)
+            private_redis.stop("redis")
+            time.sleep(0.3)
+            private_redis.run("start", "redis")
+            for future in futures:
+                future.result()
+    codes = {(status, code) for status, code, _ in statuses}
+    if mode == "fail_closed":
+        assert codes == {(200, None), (503, "dependency_unavailable")}, codes
+    else:
+        assert codes == {(200, None)}, codes
+    answered = {rid for status, _, rid in statuses if status == 200}
+    recorded = {r["request_id"] for r in ledger_rows(tmp_path / "ledger.db") if r["http_status"] == 200}
+    assert answered <= recorded
+
+
 def test_redis_down_degrade_local_keeps_an_idempotency_key_at_most_once_per_replica(
     tmp_path, openai_upstream, private_redis
 ):

@@ -186,6 +186,37 @@ async def test_admission_and_reservation_in_one_script_reserve_nothing_for_a_ref
         await state.close()
 
 
+async def test_redis_rate_admission_is_all_or_nothing_and_holds_under_concurrency(
+    services: ServiceDir, redis_prefix: str
+):
+    # The in-process windows live in the rate stage itself (test_rate_limits.py); this is the shared
+    # store's contract: the same answers, atomically across callers.
+    from thrifty.stores.ports import AdmitRequest
+    from thrifty.stores.redis_state import RedisRates
+
+    state = RedisState(SharedStateSettings(url=services.redis_url, prefix=redis_prefix))
+    rates = RedisRates(state)
+    try:
+        racing = await asyncio.gather(
+            *(rates.admit(AdmitRequest("acme", 5, None, 0, None)) for _ in range(20))
+        )
+        refused = [a for a in racing if a.refused is not None]
+        assert len(refused) == 15 and {a.refused for a in refused} == {"requests"}
+        assert all(a.used == 5 and 0 < a.wait_s <= 60 for a in refused)
+        # Tokens: a request that does not fit is refused whole (its request is not counted either).
+        first = await rates.admit(AdmitRequest("globex", 3, 100, 60, None))
+        too_many = await rates.admit(AdmitRequest("globex", 3, 100, 60, None))
+        fits = await rates.admit(AdmitRequest("globex", 3, 100, 40, None))
+        assert (first.refused, too_many.refused, too_many.used, fits.refused) == (None, "tokens", 60, None)
+        assert (await rates.admit(AdmitRequest("globex", 3, None, 0, None))).refused is None  # 3rd request
+        assert (await rates.admit(AdmitRequest("globex", 3, None, 0, None))).refused == "requests"
+        # Session steps: the step limit counts admitted steps only.
+        steps = [await rates.admit(AdmitRequest("initech", None, None, 0, ("run-1", 2))) for _ in range(3)]
+        assert [a.refused for a in steps] == [None, None, "steps"] and steps[2].used == 2
+    finally:
+        await state.close()
+
+
 async def test_counters_are_rebuilt_once_per_window_across_replicas(services: ServiceDir, redis_prefix: str):
     settings = SharedStateSettings(url=services.redis_url, prefix=redis_prefix)
     replicas = [RedisState(settings) for _ in range(3)]

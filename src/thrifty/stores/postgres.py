@@ -364,13 +364,17 @@ class PostgresKeyDirectory:
 
 
 class PostgresExactCache:
-    """Exact-cache entries shared by every replica (the SharedExactCache port)."""
+    """Exact-cache entries shared by every replica (the SharedExactCache port).
 
-    def __init__(self, pool: Any) -> None:
+    A lookup waits at most `timeout_s` for a pooled connection: with the database away, a lookup
+    is a quick miss, not a request held for the pool's default 30 s."""
+
+    def __init__(self, pool: Any, *, timeout_s: float = 1.0) -> None:
         self._pool = pool
+        self._timeout_s = timeout_s
 
     async def get(self, key: str, now: float) -> tuple[dict[str, Any], Usage] | None:
-        async with self._pool.connection() as conn:
+        async with self._pool.connection(timeout=self._timeout_s) as conn:
             cur = await conn.execute(
                 "SELECT response, input_tokens, cached_input_tokens, output_tokens FROM exact_cache "
                 "WHERE cache_key = %s AND expires_at > %s",
@@ -387,7 +391,7 @@ class PostgresExactCache:
         self, key: str, scope: dict[str, Any], response: dict[str, Any], usage: Usage, ttl_s: float
     ) -> None:
         now = time.time()
-        async with self._pool.connection() as conn:
+        async with self._pool.connection(timeout=self._timeout_s) as conn:
             await conn.execute(
                 "INSERT INTO exact_cache VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
                 "ON CONFLICT (cache_key) DO UPDATE SET response = EXCLUDED.response, "

@@ -156,6 +156,7 @@ class PostgresSemanticStore:
         self._wake.set()  # whatever was heard since listen()
 
     async def _deliver_forever(self) -> None:
+        failing = False
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -166,9 +167,12 @@ class PostgresSemanticStore:
                     entries = await self._read(ids)
                 except Exception as err:  # noqa: BLE001 - the database is away: keep the ids, retry
                     self._heard.update(ids)
-                    log.warning("semantic cache: entries of other replicas not read yet: %s", err)
+                    if not failing:
+                        log.warning("semantic cache: entries of other replicas not read yet: %s", err)
+                    failing = True
                     await asyncio.sleep(_RECONNECT_S)
                     continue
+                failing = False
                 if entries and self._on_entries is not None:
                     self.followed += len(entries)
                     self._on_entries(entries)

@@ -499,7 +499,21 @@ def test_redis_down_degrade_local_keeps_an_idempotency_key_at_most_once_per_repl
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     with _one_replica(tmp_path / "a", openai_upstream, private_redis.redis_url, "degrade_local") as a:
-        private_redis.stop("redis")
+        # A leader claimed in Redis, which goes away mid-generation: its result is kept locally.
+        openai_upstream.queue(Reply(prompt_tokens=PROMPT_TOKENS, completion_tokens=500, delay_s=1.0))
+        with ThreadPoolExecutor(1) as pool:
+            leading = pool.submit(_chat, a, "globex", "order-8")
+            deadline = time.monotonic() + 10
+            while not openai_upstream.requests:
+                assert time.monotonic() < deadline, "the leader never called upstream"
+                time.sleep(0.02)
+            private_redis.stop("redis")
+            led = leading.result()
+        assert led.status_code == 200
+        repeat = _chat(a, "globex", "order-8")
+        assert repeat.json() == led.json() and repeat.headers["x-thrifty-cache"] == "dedup"
+        assert len(openai_upstream.requests) == 1
+        openai_upstream.requests.clear()
         first = _chat(a, "globex", "order-7")
         assert first.status_code == 200 and len(openai_upstream.requests) == 1
         again = _chat(a, "globex", "order-7")  # this replica's own record answers the repeat

@@ -76,11 +76,14 @@ class DegradingIdempotencyStore:
             # Redis is back and this replica finished keys without it: this may be one of them.
             found = await self._local.finished(key, now)
             if found is not None and found.result is not None:
-                if found.fingerprint == fingerprint:
-                    ttl_s = found.expires_at - now
-                    await self._shared.complete(key, found.result, owner=owner, now=now, ttl_s=ttl_s)
-                else:
-                    await self._shared.release(key, owner=owner)
+                try:
+                    if found.fingerprint == fingerprint:
+                        ttl_s = found.expires_at - now
+                        await self._shared.complete(key, found.result, owner=owner, now=now, ttl_s=ttl_s)
+                    else:
+                        await self._shared.release(key, owner=owner)
+                except SharedStateUnavailable as err:  # gone again: answered here all the same
+                    self._fallback.note(err)
                 return found
         self._remember(key, False, fingerprint)
         return None

@@ -256,7 +256,7 @@ def test_the_demo_serves_its_dashboard_with_serve():
         seen["anonymous"] = get(url)
 
     code = run_demo(None, 12, None, lambda x: lines.append(str(x)), cascade_prompts=0, support_lookups=0,
-                    serve=True, wait=look)  # fmt: skip
+                    serve=True, wait=look, stack_requests=0)  # fmt: skip
     assert code == 0
     assert seen["page"].status_code == 200 and "acme" in seen["page"].text and "<svg" in seen["page"].text
     assert seen["anonymous"].status_code == 401

@@ -168,6 +168,8 @@ def test_demo_on_the_shared_data_or_synthetic(tmp_path: Path):
         "60",
         "--support-lookups",
         "20",
+        "--stack-requests",
+        "120",
     ]
     banking = REPO.parent / "shared" / "data" / "cache" / "banking77"
     if data.exists():
@@ -188,14 +190,28 @@ def test_demo_on_the_shared_data_or_synthetic(tmp_path: Path):
     assert "spend by tenant" in out.stdout and "of its cost" in out.stdout
     assert "gpt-4o-mini → gpt-4o when gemini-1.5-flash disagrees" in out.stdout
     assert "later askers in other words" in out.stdout
+    # The savings stack, layer by layer, on the demo workload.
+    assert "savings stack on the demo workload: 12" in out.stdout
+    for layer in (
+        "dedup of retries",
+        "exact cache",
+        "semantic cache",
+        "context budgets",
+        "routing / cascades",
+    ):
+        assert layer in out.stdout
+    assert "batch offload" in out.stdout and "candidate" in out.stdout
 
 
 def test_demo_without_data_says_synthetic(tmp_path: Path):
-    out = _thrifty("demo", "--requests", "30", "--cascade-prompts", "12", cwd=tmp_path)  # no ../shared/data
+    out = _thrifty(
+        "demo", "--requests", "30", "--cascade-prompts", "12", "--stack-requests", "80", cwd=tmp_path
+    )  # no ../shared/data
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SYNTHETIC" in out.stdout and "SYNTHETIC FAQ" in out.stdout
     # The data line says once what the data is and why.
     assert "data: SYNTHETIC built-in workload (../shared/data/routing/zeroeval not found)" in out.stdout
+    assert "SYNTHETIC stand-ins for support" in out.stdout and "savings stack:" in out.stdout
     # globex runs into its daily budget on the built-in workload too: refused before any spend.
     refused = int(out.stdout.split("budgets: ")[1].split(" requests refused")[0])
     assert refused > 0 and f"'429 RateLimitError': {refused}" in out.stdout

@@ -39,3 +39,14 @@ def test_other_families_are_flagged_estimated():
         }
     ]
     assert not counter.count_messages(with_image, "gpt-4o").exact
+
+
+def test_text_that_spells_a_special_token_is_counted_as_text():
+    # A pasted chat log may contain "<|endoftext|>"; the provider reads it as text, so must we
+    # (it raised ValueError, a 500, before). Found replaying ShareGPT chats through simulate.
+    counter = TokenCounter()
+    assert counter.count_text("say <|endoftext|> now") > counter.count_text("say now")
+    count = counter.count_messages(
+        [{"role": "user", "content": "<|endoftext|><|fim_prefix|>"}], "gpt-4o-mini"
+    )
+    assert count.tokens > 7 and count.exact

@@ -26,7 +26,10 @@ from thrifty.cli_common import console as _console
 from thrifty.cli_common import semantic_extra as _semantic_extra
 from thrifty.cli_common import settings_path as _settings_path
 from thrifty.errors import ThriftyError
+from thrifty.planning.commands import estimate, reconcile
+from thrifty.recording.command import recordings_app
 from thrifty.settings import load_settings, resolve_secrets
+from thrifty.simulate.command import simulate_command
 from thrifty.stores.ports import LedgerReader
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="thrifty: the LLM cost-control gateway")
@@ -46,6 +49,10 @@ eval_app = typer.Typer(
 )
 app.add_typer(eval_app, name="eval")
 app.add_typer(batch_app, name="batch")
+app.command()(estimate)
+app.command()(reconcile)
+app.command("simulate")(simulate_command)
+app.add_typer(recordings_app, name="recordings")
 
 
 def _ledger_reader(config: Path | None, db: Path | None) -> LedgerReader:
@@ -283,6 +290,9 @@ def demo(
     serve: Annotated[
         bool, typer.Option("--serve", help="then keep the gateway up and print the dashboard's URL")
     ] = False,
+    stack_requests: Annotated[
+        int, typer.Option(help="requests of the demo workload replayed for the savings stack (0 skips)")
+    ] = 1000,
 ) -> None:
     """Start the gateway on loopback, send real SDK traffic, print the report. No keys, no services."""
     from thrifty.demo import DEFAULT_DATA, run_demo
@@ -300,6 +310,7 @@ def demo(
         support_lookups=support_lookups,
         width=console.width,
         serve=serve,
+        stack_requests=stack_requests,
     )
     raise typer.Exit(code)
 

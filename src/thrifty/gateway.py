@@ -17,7 +17,7 @@ from thrifty.alerts.rules import budget_alerts
 from thrifty.alerts.service import AlertService
 from thrifty.cache.exact import ExactCacheStage
 from thrifty.cache.prefix import PromptCacheBreakpoints
-from thrifty.cache.semantic.stage import SemanticCacheStage
+from thrifty.cache.semantic.stage import EmbedderFactory, SemanticCacheStage
 from thrifty.context.stage import ContextStage
 from thrifty.context.summaries import SqliteSummaryStore, Summariser
 from thrifty.dedup.stage import Deduplicate
@@ -33,12 +33,14 @@ from thrifty.providers.base import Provider
 from thrifty.providers.call import CallProvider
 from thrifty.providers.registry import build_providers
 from thrifty.providers.resilience import Resilience
+from thrifty.recording.stage import RecordingStage
 from thrifty.routing.resolve import ROUTE_PREFIX, ResolveModel
 from thrifty.routing.stage import RouteStage
 from thrifty.settings import Settings
 from thrifty.stores.factory import Stores
 from thrifty.stores.keys import hash_key
 from thrifty.stores.ports import KeyDirectory
+from thrifty.stores.recordings import RecordingWriter, open_sink
 from thrifty.stores.sqlite_db import open_database
 from thrifty.tokens import TokenCounter, encoding_for_model
 from thrifty.types import ModelTarget, Tags
@@ -115,7 +117,11 @@ class Gateway:
         secrets: Mapping[str, str | None] | None = None,
         providers: Mapping[str, Provider] | None = None,
         stores: Stores | None = None,
+        embedder_factory: EmbedderFactory | None = None,
     ) -> None:
+        """`providers` replaces the providers the settings name (tests, `thrifty simulate`);
+        `embedder_factory` the semantic cache's embedding model (simulate hands it one that has
+        embedded the whole traffic in batches beforehand)."""
         self.settings = settings
         # Every store comes from the factory, chosen by the settings' URLs; nothing below knows
         # whether it is SQLite, PostgreSQL or Redis.
@@ -164,7 +170,10 @@ class Gateway:
         self.idempotency = self.stores.idempotency
         self.exact_cache = ExactCacheStage(settings.routes, self.catalog)
         self.semantic_cache = SemanticCacheStage(
-            settings.routes, self.catalog, embed_threads=settings.semantic.embed_threads
+            settings.routes,
+            self.catalog,
+            embed_threads=settings.semantic.embed_threads,
+            embedder_factory=embedder_factory,
         )
         prefix_marks = PromptCacheBreakpoints(
             settings.routes, {n: p.kind for n, p in settings.providers.items()}
@@ -184,8 +193,11 @@ class Gateway:
         if self.semantic_cache.active:
             self.context.embed = self.semantic_cache.embed_texts  # ranks evidence sent without scores
         self._context_db: sqlite3.Connection | None = None
+        self.recorder = RecordingStage(settings.routes)
         # A stage the settings leave nothing to do is not in the chain: it would cost every request.
         stages: list[Stage | None] = [
+            # Outermost: it keeps the body as the client sent it and the answer as the client got it.
+            self.recorder if self.recorder.active else None,
             Account(accountant),
             self.resolver,
             OutputCeiling(settings.models, settings.routes, _anthropic_models(settings)),
@@ -250,6 +262,9 @@ class Gateway:
             self._context_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
             self._context_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
             self.context.store = SqliteSummaryStore(self._context_db)
+        if self.recorder.active:
+            self.recorder.writer = RecordingWriter(open_sink(self.settings))
+            self.recorder.writer.start()
         self.alerts = AlertService(
             self.settings.alerts, self.stores.alert_store, self.router.expected_escalation()
         )
@@ -297,6 +312,9 @@ class Gateway:
         if self._context_db is not None:
             self._context_db.close()
             self._context_db = None
+        if self.recorder.writer is not None:
+            await asyncio.to_thread(self.recorder.writer.close)  # writes what is queued
+            self.recorder.writer = None
         await self.stores.close()  # the ledger flushes its last batch here
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.close)  # exports what is queued; never on the loop

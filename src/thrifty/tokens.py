@@ -7,7 +7,7 @@ public offline tokenizer here; their counts are estimated with o200k and flagged
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,7 +26,7 @@ _IMAGE_TOKENS = 85
 
 
 class _Encoding(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, *, disallowed_special: Collection[str] = ...) -> list[int]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,9 @@ class TokenCounter:
     def count_text(self, text: str, encoding: str = "o200k_base") -> int:
         if not text:
             return 0
-        return len(self._encoding(encoding).encode(text))
+        # Text that spells a special token ("<|endoftext|>" in a pasted chat log) is text to the
+        # provider too: counted as plain text, never an error (it was a 500 before).
+        return len(self._encoding(encoding).encode(text, disallowed_special=()))
 
     def count_messages(
         self,

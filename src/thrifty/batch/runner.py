@@ -90,7 +90,11 @@ class BatchRunner:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            # Python 3.11's wait_for swallows a cancel that lands as the awaited event fires, and the
+            # loop then runs on: cancel until the task has ended.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait([self._task], timeout=0.5)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
@@ -131,6 +135,18 @@ class BatchRunner:
         waits = [next_wake(self.service.db.queue_groups(), now, poll)]
         waits += [max(0.0, u.next_poll_at - now) for u in self.service.db.upstream_batches(["submitted"])]
         return max(0.01, min(waits))
+
+    async def drain(self, now: float, rounds: int = 100) -> int:
+        """Send every queued item and collect every ended provider batch as if the clock read
+        `now`; the items still open after `rounds` rounds (0 when all ended). For `thrifty
+        simulate`, which replays a day in minutes and reads the ledger when the replay is done."""
+        for _ in range(rounds):
+            await self._flush(now)
+            await self._poll(now)
+            left = len(self.service.db.open_items())
+            if not left:
+                return 0
+        return left
 
     def _job(self, job_id: str) -> JobRecord:
         job = self._jobs.get(job_id)

@@ -16,8 +16,17 @@ def build_adapters(
 
     adapters: dict[str, BatchAdapter] = {}
     unset = missing_keys(settings, secrets)  # said at start by build_providers; refused before the wire
+    from thrifty.providers.replay import ReplayProvider
+
     for name, p in settings.providers.items():
-        if p.kind == "openai":
+        replay = providers.get(name)
+        if isinstance(replay, ReplayProvider):
+            # Whatever the settings' kind: a replay provider put in its place (`thrifty simulate`)
+            # answers its batches too, offline.
+            from thrifty.batch.adapters.replay import ReplayBatchAdapter
+
+            adapters[name] = ReplayBatchAdapter(name, replay)
+        elif p.kind == "openai":
             from thrifty.batch.adapters.openai import OpenAIBatchAdapter
 
             adapters[name] = OpenAIBatchAdapter(name, p, secrets.get(name), unset.get(name))
@@ -25,11 +34,4 @@ def build_adapters(
             from thrifty.batch.adapters.anthropic import AnthropicBatchAdapter
 
             adapters[name] = AnthropicBatchAdapter(name, p, secrets.get(name), unset.get(name))
-        else:
-            from thrifty.batch.adapters.replay import ReplayBatchAdapter
-            from thrifty.providers.replay import ReplayProvider
-
-            provider = providers.get(name)
-            if isinstance(provider, ReplayProvider):
-                adapters[name] = ReplayBatchAdapter(name, provider)
     return adapters

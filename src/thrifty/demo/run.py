@@ -1,9 +1,10 @@
 """`thrifty demo`: the gateway on loopback, real SDK traffic, and what it did to the bill.
 
-Three phases against one gateway and one embedded SQLite ledger, all answered offline by the
-replay provider: mixed traffic from two tenants (exact cache, idempotent retries, budgets, streams),
-a cascade route on real recorded model outputs scored against reference answers, and support
-traffic on the semantic cache with real Banking77 queries. Then the report.
+Phases against one gateway and one embedded SQLite ledger, all answered offline by the replay
+provider: mixed traffic from two tenants (exact cache, idempotent retries, budgets, streams), a
+cascade route on real recorded model outputs scored against reference answers, support traffic on
+the semantic cache with real Banking77 queries, a nightly batch. Then the report, and the savings
+stack of a candidate's settings on the demo workload (`thrifty simulate`'s engine, offline).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def run_demo(
     width: int = 160,
     serve: bool = False,
     wait: Callable[[], None] | None = None,
+    stack_requests: int = 1000,
+    shared: Path = Path("../shared/data"),
 ) -> int:
     from rich.progress import Progress
 
@@ -213,10 +216,27 @@ def run_demo(
             f"ledger rows: {ledger_rows} for {sent} requests sent "
             "(one per request that passed authentication)"
         )
-        print_fn(f"demo took {elapsed:.1f}s")
+        if stack_requests:
+            _show_stack(workdir / "stack", stack_requests, shared, print_fn)
+        print_fn(f"demo took {time.perf_counter() - started:.1f}s (gateway phases {elapsed:.1f}s)")
         code = 0 if stats.ok > 0 and ledger_rows == sent else 1
         _show_dashboard(settings, print_fn, serve, wait)
         return code
+
+
+def _show_stack(workdir: Path, requests: int, shared: Path, print_fn: Callable[[Any], None]) -> None:
+    from rich.progress import Progress
+
+    from thrifty.demo.stack import run_stack
+
+    workdir.mkdir()
+    with Progress(transient=True) as progress:
+
+        def task(name: str, total: int) -> Callable[[int], None]:
+            task_id = progress.add_task(name, total=total)
+            return lambda n: progress.advance(task_id, n)
+
+        run_stack(workdir, requests, shared, print_fn, semantic=_semantic_available(), progress=task)
 
 
 def _show_dashboard(

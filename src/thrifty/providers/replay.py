@@ -6,7 +6,12 @@ Two recording formats are read:
   recorded output of the requested upstream model.
 - thrifty recordings: `{"thrifty_recording": 1, "model", "messages", "response"}` where
   `response` is a whole OpenAI chat completion; a request matches on model and messages.
-Usage comes from the local tokenizer (exact for OpenAI encodings, otherwise flagged estimated).
+- traffic lines (`thrifty.simulate.traffic`: `{"ts", "tenant", "request", "response", "model"}`), the
+  format `thrifty simulate` replays and `thrifty recordings export` writes: a request matches on model
+  and messages, and a request a stage rewrote (context budgets trimmed its history) on model and its
+  last message; its input is then counted from what was sent and its output is the recorded one.
+Usage comes from the recording when it has one, otherwise from the local tokenizer (exact for
+OpenAI encodings, otherwise flagged estimated).
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ from thrifty.types import ModelTarget, UpstreamResult, Usage
 
 def _messages_key(model: str, messages: Any) -> str:
     return hashlib.sha256(orjson.dumps([model, messages], option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _last_turn_key(model: str, messages: Any) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return None
+    return _messages_key(model, messages[-1:])
 
 
 BUILTIN_PREFIX = "builtin:"
@@ -76,6 +87,8 @@ class RecordingIndex:
     def __init__(self) -> None:
         self.by_prompt: dict[str, dict[str, str]] = {}
         self.recordings: dict[str, dict[str, Any]] = {}
+        # Traffic lines by (model, last message): answers a request whose earlier turns a stage rewrote.
+        self.by_last_turn: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def load(cls, paths: Iterable[str], setting: str = "providers.replay.data") -> RecordingIndex:
@@ -97,6 +110,11 @@ class RecordingIndex:
             raise ConfigError(f"{where}: a recording must be a JSON object")
         if row.get("thrifty_recording"):
             self.recordings[_messages_key(str(row["model"]), row["messages"])] = row["response"]
+        elif isinstance(row.get("request"), dict) and "tenant" in row:
+            request, response = row["request"], row.get("response")
+            model = row.get("model") or request.get("model")
+            if isinstance(response, dict) and isinstance(model, str):
+                self.add_traffic(model, request.get("messages"), response)
         elif "prompt" in row and "responses" in row:
             outputs = self.by_prompt.setdefault(str(row["prompt"]), {})
             for model, rec in row["responses"].items():
@@ -104,6 +122,13 @@ class RecordingIndex:
                     outputs[model] = rec["output"]
         else:
             raise ConfigError(f"{where}: neither a ZeroEval row nor a thrifty recording")
+
+    def add_traffic(self, model: str, messages: Any, response: dict[str, Any]) -> None:
+        """A recorded request and its answer (the first recording of a prompt wins both keys)."""
+        self.recordings.setdefault(_messages_key(model, messages), response)
+        last = _last_turn_key(model, messages)
+        if last is not None:
+            self.by_last_turn.setdefault(last, response)
 
     def models(self) -> set[str]:
         found: set[str] = set()
@@ -113,11 +138,20 @@ class RecordingIndex:
 
 
 class ReplayProvider:
-    def __init__(self, name: str, settings: ProviderSettings, counter: TokenCounter) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: ProviderSettings,
+        counter: TokenCounter,
+        index: RecordingIndex | None = None,
+    ) -> None:
         self.name = name
         self._settings = settings
         self._counter = counter
-        self._index = RecordingIndex.load(settings.data, f"providers.{name}.data")
+        # `thrifty simulate` hands every provider one index built from the traffic it replays.
+        self._index = (
+            index if index is not None else RecordingIndex.load(settings.data, f"providers.{name}.data")
+        )
 
     @property
     def index(self) -> RecordingIndex:
@@ -134,6 +168,10 @@ class ReplayProvider:
         recorded = self._index.recordings.get(_messages_key(target.upstream_model, messages))
         if recorded is not None:
             return dict(recorded)
+        last = _last_turn_key(target.upstream_model, messages)
+        rewritten = self._index.by_last_turn.get(last) if last is not None else None
+        if rewritten is not None:
+            return self._rewritten(target, body, rewritten)
         prompt = last_user_message_text(messages)
         outputs = self._index.by_prompt.get(prompt) if prompt is not None else None
         if outputs is None:
@@ -163,6 +201,17 @@ class ReplayProvider:
                 }
             ],
         }
+
+    def _rewritten(
+        self, target: ModelTarget, body: dict[str, Any], recorded: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The recorded answer to a prompt a stage rewrote: input counted from what is sent now,
+        output as recorded (nobody recorded an answer to the rewritten prompt)."""
+        usage = self._usage(target, body, recorded)
+        output = (recorded.get("usage") or {}).get("completion_tokens")
+        if isinstance(output, int) and not isinstance(output, bool):
+            usage = Usage(input_tokens=usage.input_tokens, output_tokens=output, estimated=usage.estimated)
+        return {**recorded, "usage": self._usage_json(usage)}
 
     def _usage(self, target: ModelTarget, body: dict[str, Any], completion: dict[str, Any]) -> Usage:
         encoding, exact = encoding_for_model(target.upstream_model)

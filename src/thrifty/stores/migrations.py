@@ -126,6 +126,28 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX semantic_cache_created ON semantic_cache (created_at);
         """,
     ),
+    (
+        6,
+        # Recordings of routes with `record` (SQLite's migration 13): shared by the replicas, read per tenant.
+        """
+        CREATE TABLE recordings (
+            request_id TEXT PRIMARY KEY,
+            ts DOUBLE PRECISION NOT NULL,
+            tenant_id TEXT NOT NULL,
+            route TEXT NOT NULL,
+            feature TEXT,
+            prompt_version TEXT,
+            "user" TEXT,
+            idempotency_key TEXT,
+            task TEXT,
+            model TEXT,
+            cache TEXT NOT NULL,
+            request TEXT NOT NULL,
+            response TEXT NOT NULL
+        );
+        CREATE INDEX recordings_tenant_route_ts ON recordings (tenant_id, route, ts);
+        """,
+    ),
 )
 
 __all__ = ["POSTGRES_MIGRATIONS", "SQLITE_MIGRATIONS"]

@@ -368,6 +368,29 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         )
         """,
     ),
+    (
+        13,
+        # Recorded requests and answers of routes with `record` (redacted before they get here), for
+        # `thrifty simulate`; read per tenant, never across tenants.
+        """
+        CREATE TABLE recordings (
+            request_id TEXT PRIMARY KEY,
+            ts REAL NOT NULL,
+            tenant_id TEXT NOT NULL,
+            route TEXT NOT NULL,
+            feature TEXT,
+            prompt_version TEXT,
+            user TEXT,
+            idempotency_key TEXT,
+            task TEXT,
+            model TEXT,
+            cache TEXT NOT NULL,
+            request TEXT NOT NULL,
+            response TEXT NOT NULL
+        );
+        CREATE INDEX recordings_tenant_route_ts ON recordings (tenant_id, route, ts);
+        """,
+    ),
 )
 
 

@@ -1,0 +1,86 @@
+"""The recording stage: on routes with `record`, a sample of requests and their answers, redacted
+before anything is written, stored with their attribution for `thrifty simulate`.
+
+Outermost in the chain, so it keeps the body as the client sent it (later stages rewrite it:
+output caps, context budgets) and sees the answer as the client got it (cache hits and
+idempotent repeats included: a replay has to see the repeats the caches would answer).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
+from thrifty.providers.base import StreamChunk, relay_and_keep
+from thrifty.recording.redact import Redactor
+from thrifty.routing.resolve import ROUTE_PREFIX
+from thrifty.settings import RecordSettings, RouteSettings
+from thrifty.shapes import as_completion
+from thrifty.stores.recordings import Recording, RecordingWriter
+
+
+class RecordingStage:
+    def __init__(self, routes: Mapping[str, RouteSettings], rng: random.Random | None = None) -> None:
+        self._settings: dict[str, RecordSettings] = {
+            name: r.record for name, r in routes.items() if r.record is not None and r.record.sample > 0
+        }
+        self._redactors = {name: Redactor(s.redact) for name, s in self._settings.items()}
+        self._rng = rng or random.Random()
+        self.writer: RecordingWriter | None = None  # set at start
+
+    @property
+    def active(self) -> bool:
+        return bool(self._settings)
+
+    def _route(self, ctx: RequestContext) -> str | None:
+        model = ctx.requested_model
+        return model.removeprefix(ROUTE_PREFIX) if model.startswith(ROUTE_PREFIX) else None
+
+    async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+        route = self._route(ctx)
+        settings = self._settings.get(route) if route is not None else None
+        if settings is None or self.writer is None or self._rng.random() >= settings.sample:
+            return await call_next(ctx)
+        assert route is not None
+        sent = orjson.dumps(ctx.body)  # before any stage rewrites it
+        result = await call_next(ctx)
+        if isinstance(result, Completion):
+            self._record(ctx, route, sent, result.body)
+            return result
+
+        def on_end(kept: list[StreamChunk] | None) -> None:
+            if kept is not None:
+                self._record(ctx, route, sent, as_completion(kept))
+
+        return Streamed(relay_and_keep(result.chunks, on_end))
+
+    def _record(self, ctx: RequestContext, route: str, sent: bytes, response: dict[str, Any]) -> None:
+        assert self.writer is not None
+        redactor = self._redactors[route]
+        tags = ctx.tags
+        user = None if redactor.drops_user else redactor.text(tags.user)
+        self.writer.submit(
+            Recording(
+                request_id=ctx.request_id,
+                ts=ctx.ts or time.time(),
+                tenant_id=tags.tenant_id,
+                route=route,
+                feature=redactor.text(tags.feature),
+                prompt_version=tags.prompt_version,
+                user=user,
+                idempotency_key=tags.idempotency_key,
+                task=tags.task,
+                model=ctx.target.upstream_model if ctx.target is not None else None,
+                cache="dedup" if ctx.deduplicated else ctx.cache,
+                request=redactor.request(orjson.loads(sent)),
+                response=redactor.response(response),
+            )
+        )
+
+
+__all__ = ["RecordingStage"]

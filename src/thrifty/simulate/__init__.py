@@ -1,0 +1,1 @@
+"""`thrifty simulate`: replay recorded traffic through candidate settings (see engine.py)."""

@@ -29,7 +29,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import KEYS, UPSTREAM_KEY, LoopThread, base_settings, openai_models
+from tests.conftest import KEYS, UPSTREAM_KEY, LoopThread, base_settings, ledger_rows, openai_models
 from tests.fakes.openai_wire import OpenAIWireServer, Reply
 from tests.services import ServiceDir
 from thrifty.server.run import BackgroundServer
@@ -401,11 +401,16 @@ def _one_replica(tmp_path: Path, upstream: OpenAIWireServer, redis_url: str, mod
     return BackgroundServer(settings, secrets={"up": UPSTREAM_KEY})
 
 
-def _chat(server: BackgroundServer, tenant: str) -> httpx.Response:
+def _chat(
+    server: BackgroundServer, tenant: str, idempotency_key: str | None = None, max_tokens: int = 500
+) -> httpx.Response:
+    headers = {"authorization": f"Bearer {KEYS[tenant]}"}
+    if idempotency_key is not None:
+        headers["idempotency-key"] = idempotency_key
     return httpx.post(
         f"{server.base_url}/chat/completions",
-        json={"model": "gpt-4o-mini", "messages": PROMPT, "max_tokens": 500},
-        headers={"authorization": f"Bearer {KEYS[tenant]}"},
+        json={"model": "gpt-4o-mini", "messages": PROMPT, "max_tokens": max_tokens},
+        headers=headers,
         timeout=30,
     )
 
@@ -415,8 +420,8 @@ def test_redis_down_fail_closed_refuses_with_a_503_naming_redis(tmp_path, openai
     with _one_replica(tmp_path, openai_upstream, private_redis.redis_url, "fail_closed") as server:
         assert _chat(server, "acme").status_code == 200
         private_redis.stop("redis")
-        for tenant in ("acme", "globex"):
-            refused = _chat(server, tenant)
+        for tenant, key in (("acme", None), ("globex", None), ("globex", "order-9")):
+            refused = _chat(server, tenant, key)
             assert refused.status_code == 503
             error = refused.json()["error"]
             assert (
@@ -443,6 +448,94 @@ def test_redis_down_degrade_local_keeps_per_replica_limits_and_warns(
         assert any("decided per replica" in r.getMessage() for r in caplog.records)
         health = httpx.get(f"{server.base_url.removesuffix('/v1')}/healthz").json()
         assert health["status"] == "ok" and health["shared_state_degraded_decisions"] == 4 + 25
+
+
+@pytest.mark.parametrize("mode", ["fail_closed", "degrade_local"])
+def test_redis_stopped_mid_load_answers_as_the_fault_mode_says_and_loses_no_row(
+    tmp_path, openai_upstream, private_redis, mode
+):
+    openai_upstream.default = Reply(prompt_tokens=20, completion_tokens=5, delay_s=0.02)
+    statuses: list[tuple[int, str | None, str | None]] = []
+    lock = threading.Lock()
+    with _one_replica(tmp_path, openai_upstream, private_redis.redis_url, mode) as server:
+
+        def call(i: int) -> None:
+            resp = httpx.post(
+                f"{server.base_url}/chat/completions",
+                json={
+                    "model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 5,
+                },
+                headers={"authorization": f"Bearer {KEYS['acme']}"},
+                timeout=30,
+            )
+            code = resp.json()["error"]["code"] if resp.status_code != 200 else None
+            with lock:
+                statuses.append((resp.status_code, code, resp.headers.get("x-thrifty-request-id")))
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(call, i) for i in range(160)]
+            wait(futures, return_when=FIRST_COMPLETED)
+            private_redis.stop("redis")
+            time.sleep(0.3)
+            private_redis.run("start", "redis")
+            for future in futures:
+                future.result()
+    codes = {(status, code) for status, code, _ in statuses}
+    if mode == "fail_closed":
+        assert codes == {(200, None), (503, "dependency_unavailable")}, codes
+    else:
+        assert codes == {(200, None)}, codes
+    answered = {rid for status, _, rid in statuses if status == 200}
+    recorded = {r["request_id"] for r in ledger_rows(tmp_path / "ledger.db") if r["http_status"] == 200}
+    assert answered <= recorded
+
+
+def test_redis_down_degrade_local_keeps_an_idempotency_key_at_most_once_per_replica(
+    tmp_path, openai_upstream, private_redis
+):
+    openai_upstream.default = Reply(prompt_tokens=PROMPT_TOKENS, completion_tokens=500)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with _one_replica(tmp_path / "a", openai_upstream, private_redis.redis_url, "degrade_local") as a:
+        # A leader claimed in Redis, which goes away mid-generation: its result is kept locally.
+        openai_upstream.queue(Reply(prompt_tokens=PROMPT_TOKENS, completion_tokens=500, delay_s=1.0))
+        with ThreadPoolExecutor(1) as pool:
+            leading = pool.submit(_chat, a, "globex", "order-8")
+            deadline = time.monotonic() + 10
+            while not openai_upstream.requests:
+                assert time.monotonic() < deadline, "the leader never called upstream"
+                time.sleep(0.02)
+            private_redis.stop("redis")
+            led = leading.result()
+        assert led.status_code == 200
+        repeat = _chat(a, "globex", "order-8")
+        assert repeat.json() == led.json() and repeat.headers["x-thrifty-cache"] == "dedup"
+        assert len(openai_upstream.requests) == 1
+        openai_upstream.requests.clear()
+        first = _chat(a, "globex", "order-7")
+        assert first.status_code == 200 and len(openai_upstream.requests) == 1
+        again = _chat(a, "globex", "order-7")  # this replica's own record answers the repeat
+        assert again.status_code == 200 and again.json() == first.json()
+        assert again.headers["x-thrifty-cache"] == "dedup" and again.headers["x-thrifty-cost-usd"] == "0"
+        other = _chat(a, "globex", "order-7", max_tokens=499)
+        assert other.status_code == 422 and other.json()["error"]["param"] == "Idempotency-Key"
+        assert len(openai_upstream.requests) == 1
+        health = httpx.get(f"{a.base_url.removesuffix('/v1')}/healthz").json()
+        assert health["shared_state_degraded_decisions"] >= 3
+        private_redis.run("start", "redis")
+        # Redis is back (empty): the result made during the outage answers here and is published,
+        with _one_replica(tmp_path / "b", openai_upstream, private_redis.redis_url, "degrade_local") as b:
+            back = _chat(a, "globex", "order-7")
+            assert back.status_code == 200 and back.json() == first.json()
+            # so another replica answers the key from Redis: still one generation, one charge.
+            elsewhere = _chat(b, "globex", "order-7")
+            assert elsewhere.status_code == 200 and elsewhere.json() == first.json()
+    assert len(openai_upstream.requests) == 1
+    rows = [r for db in ("a", "b") for r in ledger_rows(tmp_path / db / "ledger.db")]
+    keyed = [r for r in rows if r["idempotency_key"] == "order-7" and r["http_status"] == 200]
+    assert len(keyed) == 4 and sum(Decimal(r["cost_usd"]) for r in keyed) == COST
 
 
 async def test_a_plain_request_makes_one_redis_round_trip_before_its_call_and_one_after(

@@ -186,6 +186,37 @@ async def test_admission_and_reservation_in_one_script_reserve_nothing_for_a_ref
         await state.close()
 
 
+async def test_redis_rate_admission_is_all_or_nothing_and_holds_under_concurrency(
+    services: ServiceDir, redis_prefix: str
+):
+    # The in-process windows live in the rate stage itself (test_rate_limits.py); this is the shared
+    # store's contract: the same answers, atomically across callers.
+    from thrifty.stores.ports import AdmitRequest
+    from thrifty.stores.redis_state import RedisRates
+
+    state = RedisState(SharedStateSettings(url=services.redis_url, prefix=redis_prefix))
+    rates = RedisRates(state)
+    try:
+        racing = await asyncio.gather(
+            *(rates.admit(AdmitRequest("acme", 5, None, 0, None)) for _ in range(20))
+        )
+        refused = [a for a in racing if a.refused is not None]
+        assert len(refused) == 15 and {a.refused for a in refused} == {"requests"}
+        assert all(a.used == 5 and 0 < a.wait_s <= 60 for a in refused)
+        # Tokens: a request that does not fit is refused whole (its request is not counted either).
+        first = await rates.admit(AdmitRequest("globex", 3, 100, 60, None))
+        too_many = await rates.admit(AdmitRequest("globex", 3, 100, 60, None))
+        fits = await rates.admit(AdmitRequest("globex", 3, 100, 40, None))
+        assert (first.refused, too_many.refused, too_many.used, fits.refused) == (None, "tokens", 60, None)
+        assert (await rates.admit(AdmitRequest("globex", 3, None, 0, None))).refused is None  # 3rd request
+        assert (await rates.admit(AdmitRequest("globex", 3, None, 0, None))).refused == "requests"
+        # Session steps: the step limit counts admitted steps only.
+        steps = [await rates.admit(AdmitRequest("initech", None, None, 0, ("run-1", 2))) for _ in range(3)]
+        assert [a.refused for a in steps] == [None, None, "steps"] and steps[2].used == 2
+    finally:
+        await state.close()
+
+
 async def test_counters_are_rebuilt_once_per_window_across_replicas(services: ServiceDir, redis_prefix: str):
     settings = SharedStateSettings(url=services.redis_url, prefix=redis_prefix)
     replicas = [RedisState(settings) for _ in range(3)]
@@ -407,3 +438,191 @@ async def test_usage_rows_read_the_same_requests_and_attempts(backend: str, tmp_
     assert (usage.requests, usage.unpriced, usage.cost_usd, usage.retries) == (2, 1, Decimal("0.375"), 1)
     attempts = attempts_of(rows[0][-1])
     assert [(a["status"], a["cost_usd"]) for a in attempts] == [(500, "0.125"), (200, "0.25")]
+
+
+# -- semantic-cache entries: SQLite and PostgreSQL ------------------------------------------------
+
+
+class SqliteSemantic:
+    """The SQLite semantic store seen through the shared port's async shape, so one suite runs on both."""
+
+    def __init__(self, path: Path) -> None:
+        from thrifty.cache.semantic.store import SqliteSemanticStore
+
+        self.conn = open_database(path)
+        self.store = SqliteSemanticStore(self.conn)
+
+    async def add(self, entry: Any) -> int | None:
+        return self.store.add(entry)
+
+    async def answer(self, entry_id: int, now: float) -> Any:
+        return self.store.answer(entry_id, now)
+
+    async def live(self, now: float, embedding_model: str) -> AsyncIterator[Any]:
+        for entry in self.store.live(now, embedding_model):
+            yield entry
+
+    async def delete(self, entry_ids: list[int]) -> None:
+        self.store.delete(entry_ids)
+
+    async def drop_expired(self, now: float) -> None:
+        self.store.drop_expired(now)
+
+    async def close(self) -> None:
+        self.conn.close()
+
+
+def semantic_entry(query: str, *, tenant: str = "acme", seed: int = 0, ttl_s: float = 600, **kw: Any) -> Any:
+    import numpy as np
+
+    from thrifty.cache.semantic.store import NewEntry
+
+    vector = np.random.default_rng(seed).standard_normal(384).astype(np.float32)
+    now = time.time()
+    values: dict[str, Any] = {
+        "partition": f"p-{tenant}",
+        "tenant_id": tenant,
+        "route": "support",
+        "user": None,
+        "prompt_version": "v1",
+        "corpus_version": None,
+        "model": "gpt-4o-mini",
+        "system_hash": "s",
+        "query": query,
+        "normalised_query": query.lower(),
+        "embedding_model": "minilm",
+        "embedding": vector / np.linalg.norm(vector),
+        "answer_id": f"text:{query}",
+        "response": {"id": "c1", "choices": [{"message": {"role": "assistant", "content": f"re: {query}"}}]},
+        "evidence": (),
+        "safety_policy_version": "1",
+        "usage": Usage(input_tokens=42, cached_input_tokens=2, output_tokens=9),
+        "created_at": now,
+        "expires_at": now + ttl_s,
+    }
+    values.update(kw)
+    return NewEntry(**values)
+
+
+def _pg_semantic(pool: Any, url: str) -> Any:
+    from thrifty.stores.postgres_semantic import PostgresSemanticStore
+
+    return PostgresSemanticStore(pool, url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def semantic(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    if request.param == "sqlite":
+        store = SqliteSemantic(tmp_path / "cache.db")
+        yield store
+        await store.close()
+        return
+    from psycopg_pool import AsyncConnectionPool
+
+    url: str = request.getfixturevalue("pg_url")
+    conn = postgres.connect(url)
+    postgres.migrate(conn)
+    conn.close()
+    async with AsyncConnectionPool(url, kwargs={"autocommit": True}) as pool:
+        store = _pg_semantic(pool, url)
+        yield store
+        await store.close()
+
+
+async def test_a_semantic_entry_is_stored_with_its_vector_and_answered_until_it_expires(semantic: Any):
+    import numpy as np
+
+    entry = semantic_entry("When are you open?")
+    entry_id = await semantic.add(entry)
+    short = await semantic.add(semantic_entry("Where are you?", seed=1, ttl_s=0.2))
+    other_model = await semantic.add(semantic_entry("Old model", seed=2, embedding_model="old"))
+    assert entry_id is not None and short is not None and other_model is not None
+    assert len({entry_id, short, other_model}) == 3
+    now = time.time()
+    assert await semantic.answer(entry_id, now) == (entry.response, entry.usage)
+    live = [e async for e in semantic.live(now, "minilm")]
+    assert [e.entry_id for e in live] == [entry_id, short]  # oldest first, this embedding model only
+    first = live[0]
+    assert (first.partition, first.route, first.query, first.normalised_query, first.answer_id) == (
+        "p-acme",
+        "support",
+        "When are you open?",
+        "when are you open?",
+        "text:When are you open?",
+    )
+    assert first.expires_at == entry.expires_at and np.array_equal(first.embedding, entry.embedding)
+    later = now + 1
+    assert await semantic.answer(short, later) is None
+    assert [e.entry_id for e in [e async for e in semantic.live(later, "minilm")]] == [entry_id]
+    await semantic.drop_expired(later)
+    await semantic.delete([entry_id])
+    assert await semantic.answer(entry_id, now) is None
+    assert [e.entry_id async for e in semantic.live(0, "minilm")] == []
+
+
+async def test_a_semantic_purge_by_tenant_leaves_the_other_tenants_entries(backend: str, tmp_path: Path):
+    from thrifty.settings import StorageSettings
+    from thrifty.stores.factory import purge_caches
+
+    storage = StorageSettings(url=backend, local_path=str(tmp_path / "local.db"))
+    if backend.startswith("sqlite"):
+        store: Any = SqliteSemantic(storage.sqlite_path)
+        pool = None
+    else:
+        from psycopg_pool import AsyncConnectionPool
+
+        pool = AsyncConnectionPool(backend, kwargs={"autocommit": True}, open=False)
+        await pool.open()
+        store = _pg_semantic(pool, backend)
+    try:
+        kept = await store.add(semantic_entry("q", tenant="globex"))
+        gone = await store.add(semantic_entry("q", tenant="acme", seed=1))
+        scope = {"tenant": "acme", "route": None, "prompt_version": None, "corpus_version": None}
+        assert await asyncio.to_thread(purge_caches, storage, scope, None) == (0, 1)
+        assert await store.answer(gone, time.time()) is None
+        assert await store.answer(kept, time.time()) is not None
+    finally:
+        await store.close()
+        if pool is not None:
+            await pool.close()
+
+
+async def test_postgres_replicas_hear_each_others_semantic_entries_also_after_a_lost_connection(pg_url: str):
+    from psycopg_pool import AsyncConnectionPool
+
+    conn = postgres.connect(pg_url)
+    postgres.migrate(conn)
+    conn.close()
+    async with AsyncConnectionPool(pg_url, kwargs={"autocommit": True}) as pool:
+        a, b = _pg_semantic(pool, pg_url), _pg_semantic(pool, pg_url)
+        heard: dict[str, list[int]] = {"a": [], "b": []}
+        arrived = asyncio.Event()
+
+        def on(name: str) -> Any:
+            def record(entries: list[Any]) -> None:
+                heard[name] += [e.entry_id for e in entries]
+                arrived.set()
+
+            return record
+
+        before = await a.add(semantic_entry("before anyone listened"))
+        for store, name in ((a, "a"), (b, "b")):
+            await store.listen()
+            assert [e.entry_id async for e in store.live(time.time(), "minilm")] == [before]
+            store.follow(on(name))
+        try:
+            one = await a.add(semantic_entry("one", seed=1))
+            await asyncio.wait_for(arrived.wait(), 5)
+            assert heard == {"a": [], "b": [one]}  # a replica is not told of its own entries
+            # b's listening connection dies; what a adds meanwhile still reaches b, once it is back.
+            with postgres.connect(pg_url) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (b._listener.info.backend_pid,))
+            two = await a.add(semantic_entry("two", seed=2))
+            deadline = time.monotonic() + 10
+            while two not in heard["b"]:
+                assert time.monotonic() < deadline, "b never caught up with what it missed"
+                await asyncio.sleep(0.05)
+            assert heard["a"] == []
+        finally:
+            await a.close()
+            await b.close()

@@ -489,26 +489,24 @@ def cache_purge(
     db: Annotated[Path | None, typer.Option(help="SQLite file (instead of --config)")] = None,
 ) -> None:
     """Remove exact- and semantic-cache entries by scope (a running gateway stops serving them at once)."""
-    from thrifty.cache.exact import SqliteExactCache
-    from thrifty.cache.semantic.store import SqliteSemanticStore
-    from thrifty.stores.sqlite_db import open_database
+    from thrifty.settings import StorageSettings
+    from thrifty.stores.factory import purge_caches
 
     filters = (tenant, route, prompt_version, corpus_version)
     if all(f is None for f in filters) and not expired and not all_entries:
         raise ThriftyError(
             "give a scope (--tenant, --route, --prompt-version, --corpus-version, --expired) or --all"
         )
-    path = db or _settings(config).storage.sqlite_path
-    conn = open_database(path)
+    settings = _settings(config) if db is None else None
+    storage = settings.storage if settings is not None else StorageSettings(url=f"sqlite:///{db}")
     scope = {
         "tenant": tenant,
         "route": route,
         "prompt_version": prompt_version,
         "corpus_version": corpus_version,
     }
-    exact = SqliteExactCache(conn).purge(**scope, expired_only=expired)
-    semantic = SqliteSemanticStore(conn).purge(**scope, expired_before=time.time() if expired else None)
-    conn.close()
+    # PostgreSQL storage: the entries every replica shares; SQLite: the one file.
+    exact, semantic = purge_caches(storage, scope, time.time() if expired else None)
     typer.echo(
         f"purged {exact + semantic} cache entr{'y' if exact + semantic == 1 else 'ies'} "
         f"({exact} exact, {semantic} semantic)"

@@ -258,8 +258,7 @@ class Gateway:
         self.exact_cache.store = self.stores.exact_local
         self.exact_cache.remote = self.stores.exact_remote
         if self.semantic_cache.active:
-            assert self.stores.cache_db is not None
-            await self.semantic_cache.start(self.stores.cache_db)
+            await self.semantic_cache.start(self.stores.cache_db, remote=self.stores.semantic_remote)
         if self.context.active:
             # Summaries of conversation prefixes: the SQLite file (with PostgreSQL, this replica's own).
             self._context_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
@@ -313,7 +312,7 @@ class Gateway:
         await self._spend_guard.drain()
         await self.exact_cache.drain()
         await self.idempotency.close()
-        self.semantic_cache.close()
+        await self.semantic_cache.aclose()
         if self._context_db is not None:
             self._context_db.close()
             self._context_db = None

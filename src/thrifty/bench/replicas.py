@@ -4,7 +4,8 @@ One replica on SQLite (the embedded default) against one and three replicas on R
 PostgreSQL, each with the same settings (a tenant budget and a rate limit, so both guards do their
 work on every request): p50/p99 and req/s at each concurrency, CPU per request, Redis round trips
 per request (EVAL/EVALSHA calls seen by Redis), ledger rows against 200s, and how long until an
-exact-cache entry written on one replica answers on another. On a 2-core machine three replicas
+exact-cache entry, and a semantic-cache entry (when the semantic extra is installed), written on
+one replica answers on another. On a 2-core machine three replicas
 cannot show throughput scaling (they share the cores with the load generator and the servers);
 the report says so and gives CPU per request instead.
 """
@@ -55,13 +56,28 @@ class _Setup:
 SETUPS = (_Setup("sqlite x1", 1, False), _Setup("shared x1", 1, True), _Setup("shared x3", 3, True))
 
 
-def _settings(stub_port: int, port: int, storage: dict[str, Any], shared: dict[str, Any] | None) -> str:
+def _semantic_installed() -> bool:
+    """The semantic cache's model is here: the bench adds a semantic route to measure its delay."""
+    try:
+        from thrifty.cache.semantic.embedder import default_model_path, default_tokenizer_path
+
+        return default_model_path().is_file() and default_tokenizer_path().is_file()
+    except Exception:  # noqa: BLE001 - ImportError, ModelNotInstalledError: not installed
+        return False
+
+
+def _settings(
+    stub_port: int, port: int, storage: dict[str, Any], shared: dict[str, Any] | None, semantic: bool
+) -> str:
+    routes: dict[str, Any] = {"faq": {"model": MODEL, "cache": {"ttl_s": 600}}}
+    if semantic:
+        routes["support"] = {"model": MODEL, "semantic_cache": {"ttl_s": 600}}
     data: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port},
         "storage": storage,
         "providers": {"stub": {"kind": "openai", "base_url": f"http://127.0.0.1:{stub_port}/v1"}},
         "models": {MODEL: {"provider": "stub", "upstream": MODEL}},
-        "routes": {"faq": {"model": MODEL, "cache": {"ttl_s": 600}}},
+        "routes": routes,
         "tenants": {
             "bench": {
                 "key_hashes": [hash_key(KEY)],
@@ -170,22 +186,42 @@ def _load(urls: list[str], concurrency: int, duration: float, generator: Any) ->
     )
 
 
-def _cache_delay_ms(urls: list[str]) -> tuple[float | None, int]:
-    """Write an exact-cache entry through replica A; the time until replica B answers from it.
-    Also returns how many 200s the probe got (they are in the ledger too)."""
+def _cache_delay_ms(urls: list[str], kind: str = "exact") -> tuple[float | None, int]:
+    """Write a cache entry through replica A; the time from A's answer until replica B answers
+    from the entry. Also returns how many 200s the probe got (they are in the ledger too).
+
+    exact: the same request again. semantic: the same question up to case and punctuation (served
+    without a vote, so the delay measured is the entry's way to B, not the decision rule's mood);
+    B's probes say `Cache-Control: no-store`, so its own misses do not become entries."""
     if len(urls) < 2:
         return None, 0
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
-    question = [{"role": "user", "content": f"cache probe {time.time_ns()}"}]
-    body = orjson.dumps({**REQUEST, "model": "route:faq", "messages": question})
+    route = "route:faq" if kind == "exact" else "route:support"
+    answered = 0
+    for url in urls[:2]:  # warm both replicas' path (the embedder's first run is slow), storing nothing
+        warm = [{"role": "user", "content": f"warm-up {time.time_ns()}"}]
+        answered += (
+            _post(
+                f"{url}/v1/chat/completions",
+                orjson.dumps({**REQUEST, "model": route, "messages": warm}),
+                {**headers, "Cache-Control": "no-store"},
+            )
+            is not None
+        )
+    asked = f"cache probe {time.time_ns()}"
+    body = orjson.dumps({**REQUEST, "model": route, "messages": [{"role": "user", "content": asked}]})
     if _post(f"{urls[0]}/v1/chat/completions", body, headers) is None:
         raise BenchError("the cache probe was refused")
-    answered = 1
+    if kind == "semantic":
+        again = [{"role": "user", "content": asked.upper() + "?"}]
+        body = orjson.dumps({**REQUEST, "model": route, "messages": again})
+        headers = {**headers, "Cache-Control": "no-store"}
+    answered += 1
     start = time.perf_counter()
     while time.perf_counter() - start < 5:
         cache = _post(f"{urls[1]}/v1/chat/completions", body, headers)
         answered += cache is not None
-        if cache == "exact":
+        if cache == kind:
             return (time.perf_counter() - start) * 1000, answered
     return None, answered
 
@@ -228,6 +264,7 @@ def run_replicas_bench(
     procs = _Processes(workdir)
     stop_services: Callable[[], None] = _nothing
     entries: list[dict[str, Any]] = []
+    semantic = _semantic_installed()
     try:
         if redis_url is None or postgres_url is None:
             redis_url, postgres_url, stop_services = _services(workdir)
@@ -255,7 +292,7 @@ def run_replicas_bench(
             for i in range(setup.replicas):
                 port = ports.pop()
                 config = workdir / f"{setup.name.replace(' ', '-')}-{i}.yaml"
-                config.write_text(_settings(stub_port, port, storage, shared))
+                config.write_text(_settings(stub_port, port, storage, shared, semantic))
                 name = f"{setup.name}-{i}"
                 proc = procs.start(
                     name,
@@ -268,6 +305,10 @@ def run_replicas_bench(
             answered = _load(urls, 4, min(duration, 1.0), gen).ok  # warm-up
             delay, probes = _cache_delay_ms(urls)
             answered += probes
+            semantic_delay = None
+            if semantic:
+                semantic_delay, probes = _cache_delay_ms(urls, "semantic")
+                answered += probes
             for concurrency in concurrencies:
                 evals = _redis_evals(redis_url) if setup.shared else 0
                 cpu = sum(_cpu_seconds(pid) or 0.0 for pid in pids)
@@ -286,6 +327,9 @@ def run_replicas_bench(
                         if result.requests
                         else None,
                         "cache_delay_ms": None if delay is None else round(delay, 2),
+                        "semantic_cache_delay_ms": None
+                        if semantic_delay is None
+                        else round(semantic_delay, 2),
                     }
                 )
                 answered += result.ok
@@ -300,14 +344,14 @@ def run_replicas_bench(
     finally:
         procs.stop_all()
         stop_services()
-    report = _report(entries, concurrencies)
+    report = _report(entries, concurrencies, semantic)
     _print(report, console)
     if json_out is not None:
         json_out.write_text(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     return report
 
 
-def _report(entries: list[dict[str, Any]], concurrencies: list[int]) -> dict[str, Any]:
+def _report(entries: list[dict[str, Any]], concurrencies: list[int], semantic: bool) -> dict[str, Any]:
     base = {e["concurrency"]: e for e in entries if e["setup"] == "sqlite x1"}
     added: dict[str, float] = {}
     for e in entries:
@@ -330,7 +374,9 @@ def _report(entries: list[dict[str, Any]], concurrencies: list[int]) -> dict[str
             "share them, "
             "so throughput scaling across replicas cannot be shown here; compare CPU per request instead. "
             "Round trips per request include the settle, which runs after the response is sent "
-            "(two before the call, one after)."
+            "(two before the call, one after). Cache delay: from replica A's answer to the first answer "
+            "replica B serves from A's entry (B's probes are back to back, each a few ms)."
+            + ("" if semantic else " The semantic extra is not installed: no semantic-cache delay.")
         ),
     }
 
@@ -346,7 +392,8 @@ def _print(report: dict[str, Any], console: Console) -> None:
         "errors",
         "CPU ms/req",
         "Redis RT/req",
-        "cache delay ms",
+        "exact delay ms",
+        "semantic delay ms",
     ):
         table.add_column(column, justify="left" if column == "setup" else "right")
     for e in report["entries"]:
@@ -360,6 +407,7 @@ def _print(report: dict[str, Any], console: Console) -> None:
             "-" if e["cpu_ms_per_request"] is None else f"{e['cpu_ms_per_request']:.2f}",
             "-" if not e["redis_round_trips_per_request"] else f"{e['redis_round_trips_per_request']:.2f}",
             "-" if e["cache_delay_ms"] is None else f"{e['cache_delay_ms']:.1f}",
+            "-" if e["semantic_cache_delay_ms"] is None else f"{e['semantic_cache_delay_ms']:.1f}",
         )
     console.print(table)
     console.print(f"added p50 (shared x1 - sqlite x1), ms: {report['added_p50_ms_shared_vs_sqlite']}")

@@ -1,6 +1,7 @@
 """The composition root for state: every store the gateway uses, chosen by the settings' URLs.
 
-`storage.url` picks where durable things live (the ledger, keys, alerts, exact-cache entries):
+`storage.url` picks where durable things live (the ledger, keys, alerts, exact- and semantic-cache
+entries):
 `sqlite:///PATH` (embedded default, zero services) or `postgresql://...` (several replicas).
 `shared_state.url` picks where what must be shared and atomic lives (budget reservations, rate
 windows, session steps): unset (in-process, one replica) or `redis://...`. Only this module knows
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from thrifty.cache.exact import SqliteExactCache
 from thrifty.errors import SharedStateUnavailable
 from thrifty.guard.budgets import BudgetBook, BudgetPlan, spend_totals
-from thrifty.settings import Settings
+from thrifty.settings import Settings, StorageSettings
 from thrifty.stores.faults import LocalFallback
 from thrifty.stores.keys import SqliteKeyStore
 from thrifty.stores.ledger import LedgerWriter
@@ -40,6 +41,7 @@ from thrifty.stores.sqlite_db import open_database
 
 if TYPE_CHECKING:
     from thrifty.batch.store import BatchStore
+    from thrifty.cache.semantic.store import SharedSemanticStore
     from thrifty.stores.redis_state import RedisState
 
 log = logging.getLogger(__name__)
@@ -85,24 +87,33 @@ class Stores:
                 self.rate_fallback = LocalFallback("rate limits")
         # Idempotency-Key records: Redis with shared state (one owner per key across replicas),
         # otherwise the SQLite file (with PostgreSQL storage: this replica's local file).
+        # degrade_local: while Redis is away, this replica's file (at most once per replica).
+        from thrifty.stores.idempotency import SqliteIdempotencyStore
+
         self.idempotency: Any
+        self.idempotency_fallback: LocalFallback | None = None
+        local_idempotency = SqliteIdempotencyStore(
+            storage.sqlite_path, max_entries=settings.idempotency.max_entries, synchronous=storage.synchronous
+        )
         if self.redis is not None:
             from thrifty.stores.redis_idempotency import RedisIdempotencyStore
 
             self.idempotency = RedisIdempotencyStore(self.redis)
-        else:
-            from thrifty.stores.idempotency import SqliteIdempotencyStore
+            if shared.fault_mode == "degrade_local":
+                from thrifty.stores.idempotency_degraded import DegradingIdempotencyStore
 
-            self.idempotency = SqliteIdempotencyStore(
-                storage.sqlite_path,
-                max_entries=settings.idempotency.max_entries,
-                synchronous=storage.synchronous,
-            )
+                self.idempotency_fallback = LocalFallback("idempotency keys")
+                self.idempotency = DegradingIdempotencyStore(
+                    self.idempotency, local_idempotency, self.idempotency_fallback
+                )
+        else:
+            self.idempotency = local_idempotency
         self.keys: KeyDirectory | None = None
         self.alert_store: Any = None
         self.exact_local: SqliteExactCache | None = None
         self.exact_remote: SharedExactCache | None = None
-        self.cache_db: sqlite3.Connection | None = None  # the semantic cache's entries (per replica)
+        self.cache_db: sqlite3.Connection | None = None  # SQLite: the exact and semantic caches' entries
+        self.semantic_remote: SharedSemanticStore | None = None  # PostgreSQL: the semantic entries
         self._db: sqlite3.Connection | None = None
         self._pool: Any = None
         self._key_directory: Any = None
@@ -121,7 +132,8 @@ class Stores:
 
     @property
     def degraded_decisions(self) -> int:
-        return sum(f.decisions for f in (self.budget_fallback, self.rate_fallback) if f is not None)
+        fallbacks = (self.budget_fallback, self.rate_fallback, self.idempotency_fallback)
+        return sum(f.decisions for f in fallbacks if f is not None)
 
     def health(self) -> dict[str, int]:
         out = {}
@@ -163,14 +175,18 @@ class Stores:
             self.alert_store = postgres.PostgresAlertStore(self._pool)
             if exact_cache:
                 self.exact_remote = postgres.PostgresExactCache(self._pool)
+            if semantic_cache:
+                from thrifty.stores.postgres_semantic import PostgresSemanticStore
+
+                self.semantic_remote = PostgresSemanticStore(self._pool, storage.url)
         else:
             self._db = open_database(storage.sqlite_path, synchronous=storage.synchronous)
             self.keys = SqliteKeyStore(self._db)
             self.alert_store = SqliteAlertStore(self._db)
-        if (exact_cache and not self.postgres) or semantic_cache:
+        if (exact_cache or semantic_cache) and not self.postgres:
             self.cache_db = open_database(storage.sqlite_path, synchronous=storage.synchronous)
             self.cache_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
-            if exact_cache and not self.postgres:
+            if exact_cache:
                 self.exact_local = SqliteExactCache(self.cache_db)
         self.ledger.start(asyncio.get_running_loop())
         self._folder = asyncio.ensure_future(self._fold_periodically(self.settings.dashboard.fold_interval_s))
@@ -314,6 +330,36 @@ def open_batch_store(settings: Settings) -> BatchStore:
     return SqliteBatchStore(storage.sqlite_path, synchronous=storage.synchronous)
 
 
+def purge_caches(
+    storage: StorageSettings, scope: dict[str, str | None], expired_before: float | None
+) -> tuple[int, int]:
+    """`thrifty cache purge`: (exact, semantic) entries removed by scope from wherever they live.
+    A running gateway stops serving them at once: a hit is read back from the store first."""
+    if storage.backend == "postgresql":
+        from thrifty.stores import postgres
+
+        conn = postgres.connect(storage.url)
+        try:
+            postgres.migrate(conn)
+            return (
+                postgres.purge_cache(conn, "exact_cache", scope, expired_before),
+                postgres.purge_cache(conn, "semantic_cache", scope, expired_before),
+            )
+        finally:
+            conn.close()
+    from thrifty.cache.semantic.store import SqliteSemanticStore
+
+    conn = open_database(storage.sqlite_path)
+    try:
+        expired_only = expired_before is not None
+        return (
+            SqliteExactCache(conn).purge(**scope, expired_only=expired_only),
+            SqliteSemanticStore(conn).purge(**scope, expired_before=expired_before),
+        )
+    finally:
+        conn.close()
+
+
 def open_key_store(settings: Settings) -> tuple[Any, Any]:
     """(key store, connection to close) for `thrifty keys`."""
     if settings.storage.backend == "postgresql":
@@ -326,4 +372,4 @@ def open_key_store(settings: Settings) -> tuple[Any, Any]:
     return SqliteKeyStore(conn), conn
 
 
-__all__ = ["Stores", "open_batch_store", "open_key_store", "open_reader"]
+__all__ = ["Stores", "open_batch_store", "open_key_store", "open_reader", "purge_caches"]

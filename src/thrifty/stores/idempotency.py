@@ -112,6 +112,32 @@ class SqliteIdempotencyStore:
             raise
         return None
 
+    async def finished(self, key: IdempotencyKey, now: float) -> IdempotencyRecord | None:
+        """The key's finished, unexpired record, if any (read only)."""
+        return await self._run(lambda: self._finished(key, now))
+
+    def _finished(self, key: IdempotencyKey, now: float) -> IdempotencyRecord | None:
+        row = self._db.execute(
+            "SELECT fingerprint, response, cost_usd, expires_at FROM idempotency "
+            "WHERE tenant_id = ? AND idem_key = ? AND state = 'done' AND expires_at > ?",
+            (key.tenant_id, key.key, now),
+        ).fetchone()
+        if row is None:
+            return None
+        found_fingerprint, response, cost, expires_at = row
+        result = StoredResult(orjson.loads(response), None if cost is None else Decimal(cost))
+        return IdempotencyRecord(found_fingerprint, result, expires_at)
+
+    async def last_expiry(self) -> float:
+        """When the last finished record expires (0 with none)."""
+        return await self._run(
+            lambda: float(
+                self._db.execute(
+                    "SELECT coalesce(max(expires_at), 0) FROM idempotency WHERE state = 'done'"
+                ).fetchone()[0]
+            )
+        )
+
     async def complete(
         self, key: IdempotencyKey, result: StoredResult, *, owner: str, now: float, ttl_s: float
     ) -> None:

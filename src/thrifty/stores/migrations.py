@@ -247,6 +247,42 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
+        3,
+        # The semantic cache's entries, shared by every replica (SQLite's migration 6). Debian's
+        # PostgreSQL has no pgvector, and lookups stay in each replica's in-process index anyway:
+        # the vector is float32 bytes, and a replica's index follows inserts by LISTEN/NOTIFY
+        # (created_at is the catch-up mark after a lost connection).
+        """
+        CREATE TABLE semantic_cache (
+            entry_id BIGSERIAL PRIMARY KEY,
+            partition TEXT NOT NULL,
+            tenant_id TEXT NOT NULL,
+            route TEXT NOT NULL,
+            "user" TEXT,
+            prompt_version TEXT,
+            corpus_version TEXT,
+            model TEXT NOT NULL,
+            system_hash TEXT NOT NULL,
+            query TEXT NOT NULL,
+            normalised_query TEXT NOT NULL,
+            embedding_model TEXT NOT NULL,
+            embedding BYTEA NOT NULL,
+            answer_id TEXT NOT NULL,
+            response TEXT NOT NULL,
+            evidence TEXT,
+            safety_policy_version TEXT NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            cached_input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX semantic_cache_scope ON semantic_cache (tenant_id, route);
+        CREATE INDEX semantic_cache_expiry ON semantic_cache (expires_at);
+        CREATE INDEX semantic_cache_created ON semantic_cache (created_at);
+        """,
+    ),
+    (
         6,
         # Recordings of routes with `record` (SQLite's migration 13): shared by the replicas, read per tenant.
         """

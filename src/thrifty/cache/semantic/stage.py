@@ -24,7 +24,7 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,15 +42,16 @@ from thrifty.cache.semantic.index import HnswIndex
 from thrifty.cache.semantic.normalise import normalise
 from thrifty.cache.semantic.partitions import EntryMeta, Partition, Partitions, build_graph
 from thrifty.cache.semantic.state_store import SqlitePartitionStateStore
-from thrifty.cache.semantic.store import NewEntry, SqliteSemanticStore
+from thrifty.cache.semantic.store import LiveEntry, NewEntry, SharedSemanticStore, SqliteSemanticStore
 from thrifty.cache.semantic.tune import SEARCH_K
 from thrifty.cache.semantic.verify import Verifier
-from thrifty.errors import ConfigError
+from thrifty.errors import ConfigError, SharedStateUnavailable
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import StreamChunk, relay_and_keep
 from thrifty.settings import RouteSettings, SemanticCacheSettings
 from thrifty.shapes import as_completion
+from thrifty.types import Usage
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class _Candidate:
     answer_id: str
     score: float | None  # None: a repeat of a cached question, served without the rule
     verdict: Bound | None  # the partition's adaptive threshold, on routes that verify
+    cached: dict[str, Any] | None = None  # the answer served (on a hit)
 
 
 class SemanticCacheStage:
@@ -179,6 +181,11 @@ class SemanticCacheStage:
         self._threads = embed_threads
         self._pool: ThreadPoolExecutor | None = None
         self._store: SqliteSemanticStore | None = None
+        # Several replicas: the entries live in a shared store (PostgreSQL); the index stays here
+        # and follows what the other replicas add. Reads of it are awaited, writes run off the
+        # response path.
+        self._remote: SharedSemanticStore | None = None
+        self._writes: set[asyncio.Future[None]] = set()
         self._parts: Partitions | None = None
         self._age: dict[str, deque[int]] = {name: deque() for name in self._settings}
         self._adds = 0
@@ -200,23 +207,29 @@ class SemanticCacheStage:
     def entries(self) -> int:
         return len(self._parts) if self._parts is not None else 0
 
-    async def start(self, conn: sqlite3.Connection) -> None:
-        """Load the model and rebuild the index from the stored, unexpired entries."""
+    async def start(self, conn: sqlite3.Connection | None, remote: SharedSemanticStore | None = None) -> None:
+        """Load the model and rebuild the index from the stored, unexpired entries (of the SQLite
+        file `conn`, or of the shared store `remote`, which it then follows)."""
         loop = asyncio.get_running_loop()
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="thrifty-embed")
         self._embedder = await loop.run_in_executor(self._pool, self._embedder_factory)
-        self._store = SqliteSemanticStore(conn)
-        self.verifier.start(SqlitePartitionStateStore(conn))
         now = time.time()
-        self._store.drop_expired(now)
         parts = Partitions(self._embedder.dim)
-        for entry in self._store.live(now, EMBEDDING_MODEL_ID):
-            settings = self._settings.get(entry.route)
-            if settings is None:
-                continue  # the route no longer caches; its rows expire by TTL or purge
-            meta = EntryMeta(entry.query, entry.normalised_query, entry.answer_id, entry.expires_at)
-            parts.add(entry.partition, entry.entry_id, entry.embedding, meta)
-            self._age[entry.route].append(entry.entry_id)
+        if remote is not None:
+            # What verification learned stays in this replica's memory: the PostgreSQL table for
+            # it exists (migration 8) but is not written yet.
+            self._remote = remote
+            await remote.drop_expired(now)
+            await remote.listen()  # before the load: an entry added meanwhile is heard, not lost
+            async for entry in remote.live(now, EMBEDDING_MODEL_ID):
+                self._load(parts, entry)
+        else:
+            assert conn is not None
+            self._store = SqliteSemanticStore(conn)
+            self.verifier.start(SqlitePartitionStateStore(conn))
+            self._store.drop_expired(now)
+            for entry in self._store.live(now, EMBEDDING_MODEL_ID):
+                self._load(parts, entry)
         self._parts = parts
         for route in self._settings:
             self._evict(route)
@@ -226,6 +239,34 @@ class SemanticCacheStage:
                 await loop.run_in_executor(self._pool, build_graph, parts.dim, part.start_graph())
             )
         log.info("semantic cache: %d entries loaded", len(parts))
+        if remote is not None:
+            remote.follow(self._followed)
+
+    def _load(self, parts: Partitions, entry: LiveEntry) -> bool:
+        settings = self._settings.get(entry.route)
+        if settings is None or parts.meta(entry.entry_id) is not None:
+            return False  # the route no longer caches (its rows expire by TTL or purge), or known
+        meta = EntryMeta(entry.query, entry.normalised_query, entry.answer_id, entry.expires_at)
+        part = parts.add(entry.partition, entry.entry_id, entry.embedding, meta)
+        self._age[entry.route].append(entry.entry_id)
+        if part.wants_graph and self._parts is not None:
+            self._grow(part)
+        return True
+
+    def _followed(self, entries: list[LiveEntry]) -> None:
+        """Entries another replica added: into this replica's index, within the routes' bounds."""
+        assert self._parts is not None
+        routes = {entry.route for entry in entries if self._load(self._parts, entry)}
+        for route in routes:
+            self._evict(route)
+
+    async def aclose(self) -> None:
+        """Finish the shared store's pending writes and stop following it, then `close`."""
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._remote is not None:
+            await self._remote.close()
+        self.close()
 
     async def drain(self) -> None:
         """Wait for the verifications in flight, and write what they learned."""
@@ -274,7 +315,7 @@ class SemanticCacheStage:
         vector = await self._embed(normalised)
         candidate: _Candidate | None = None
         if lookup:
-            served, candidate = self._lookup(ctx, ctx.route, partition, query, normalised, vector)
+            served, candidate = await self._lookup(ctx, ctx.route, partition, query, normalised, vector)
             if served is not None:
                 if candidate is not None and self.verifier.covers(ctx.route):
                     self._after_hit(
@@ -291,7 +332,7 @@ class SemanticCacheStage:
             return result
         return Streamed(relay_and_keep(result.chunks, add.on_stream_end))
 
-    def _lookup(
+    async def _lookup(
         self,
         ctx: RequestContext,
         route: str,
@@ -301,7 +342,7 @@ class SemanticCacheStage:
         vector: npt.NDArray[np.float32],
     ) -> tuple[Result | None, _Candidate | None]:
         """The cached answer, or None; and the candidate entry the rule judged (hit or near miss)."""
-        assert self._parts is not None and self._store is not None
+        assert self._parts is not None
         now = time.time()
         found = self._parts.search(partition, vector, SEARCH_K, now)
         verifying = self.verifier.covers(route)
@@ -333,11 +374,27 @@ class SemanticCacheStage:
                 return None, None
             entry = decision.entry
             candidate = _Candidate(next(i for i, n in found if n is entry), entry.answer_id, None, None)
-        stored = self._store.answer(candidate.entry_id, now)
+        stored = await self._stored(candidate.entry_id, now)
         if stored is None:
-            self._parts.drop(candidate.entry_id)  # purged by another process, or expired just now
             return None, None
-        return serve_stored(ctx, "semantic", *stored, self._catalog), candidate
+        return serve_stored(ctx, "semantic", *stored, self._catalog), replace(candidate, cached=stored[0])
+
+    async def _stored(self, entry_id: int, now: float) -> tuple[dict[str, Any], Usage] | None:
+        """The entry's stored answer; None (and the entry leaves the index) when another process
+        purged it or it expired just now. A shared store that does not answer is a miss."""
+        assert self._parts is not None
+        if self._remote is None:
+            assert self._store is not None
+            stored = self._store.answer(entry_id, now)
+        else:
+            try:
+                stored = await self._remote.answer(entry_id, now)
+            except SharedStateUnavailable as err:
+                log.warning("semantic cache lookup missed: %s", err.message)
+                return None
+        if stored is None:
+            self._parts.drop(entry_id)
+        return stored
 
     def _judge_adaptive(
         self,
@@ -388,16 +445,13 @@ class SemanticCacheStage:
         """Count the hit, and maybe verify it with a shadow call that the response never waits for."""
         if not self.verifier.served(ctx, partition, candidate.score, candidate.verdict, candidate.answer_id):
             return
-        assert self._store is not None and candidate.score is not None
-        stored = self._store.answer(candidate.entry_id, time.time())
-        if stored is None:
-            return
+        assert candidate.score is not None and candidate.cached is not None
 
         def store_fresh(shadow: RequestContext, fresh: dict[str, Any]) -> None:
             _Adder(self, shadow, settings, partition, system_hash, query, normalise(query), vector)(fresh)
 
         self.verifier.shadow(
-            ctx, call_next, partition, candidate.score, candidate.answer_id, stored[0], store_fresh
+            ctx, call_next, partition, candidate.score, candidate.answer_id, candidate.cached, store_fresh
         )
 
     def judge_near_miss(
@@ -405,19 +459,44 @@ class SemanticCacheStage:
     ) -> None:
         """A lookup that was not served went upstream anyway: was the candidate it was not given
         the same answer? A free verdict at that score (how a threshold learns to come down)."""
-        assert self._store is not None and ctx.route is not None
+        assert ctx.route is not None
         if candidate.score is None or ctx.cache != "miss" or ctx.deduplicated:
             return
-        stored = self._store.answer(candidate.entry_id, time.time())
-        if stored is None:
+        if self._remote is not None:  # its answer is a round trip away: judged off the response path
+            self._spawn(self._judge_remote(ctx, partition, candidate, response))
             return
+        assert self._store is not None
+        stored = self._store.answer(candidate.entry_id, time.time())
+        if stored is not None:
+            self._judge(ctx, partition, candidate, stored[0], response)
+
+    async def _judge_remote(
+        self, ctx: RequestContext, partition: str, candidate: _Candidate, response: dict[str, Any]
+    ) -> None:
+        assert self._remote is not None
+        try:
+            stored = await self._remote.answer(candidate.entry_id, time.time())
+        except SharedStateUnavailable:
+            return  # no verdict this time
+        if stored is not None:
+            self._judge(ctx, partition, candidate, stored[0], response)
+
+    def _judge(
+        self,
+        ctx: RequestContext,
+        partition: str,
+        candidate: _Candidate,
+        cached: dict[str, Any],
+        response: dict[str, Any],
+    ) -> None:
+        assert ctx.route is not None and candidate.score is not None
         method = self.verifier.method(ctx.route)
         if method == "evidence" and ctx.tags.evidence:
             right = candidate.answer_id == answer_id({}, ctx.tags.evidence)
         else:
             verify = self._settings[ctx.route].verify
             assert verify is not None
-            right = same_answer(method, stored[0], response, verify.json_field)
+            right = same_answer(method, cached, response, verify.json_field)
         self.verifier.observe(
             partition,
             ctx.tags.tenant_id,
@@ -429,10 +508,27 @@ class SemanticCacheStage:
         )
 
     def add_entry(self, entry: NewEntry) -> None:
-        assert self._parts is not None and self._store is not None
-        entry_id = self._store.add(entry)
-        if entry_id is None:
+        assert self._parts is not None
+        if self._remote is not None:
+            self._spawn(self._add_remote(self._remote, entry))
             return
+        assert self._store is not None
+        entry_id = self._store.add(entry)
+        if entry_id is not None:
+            self._index(entry_id, entry)
+
+    async def _add_remote(self, remote: SharedSemanticStore, entry: NewEntry) -> None:
+        entry_id = await remote.add(entry)
+        if entry_id is not None and self._parts is not None and self._parts.meta(entry_id) is None:
+            self._index(entry_id, entry)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    def _index(self, entry_id: int, entry: NewEntry) -> None:
+        assert self._parts is not None
         meta = EntryMeta(entry.query, entry.normalised_query, entry.answer_id, entry.expires_at)
         part = self._parts.add(entry.partition, entry_id, entry.embedding, meta)
         if part.wants_graph:
@@ -441,7 +537,11 @@ class SemanticCacheStage:
         self._evict(entry.route)
         self._adds += 1
         if self._adds % _PURGE_EXPIRED_EVERY == 0:
-            self._store.drop_expired(time.time())
+            if self._remote is not None:
+                self._spawn(self._remote.drop_expired(time.time()))
+            else:
+                assert self._store is not None
+                self._store.drop_expired(time.time())
 
     def _grow(self, part: Partition) -> None:
         """Exact search stops paying past EXACT_LIMIT entries: build an HNSW graph off the loop."""
@@ -463,14 +563,17 @@ class SemanticCacheStage:
 
     def _evict(self, route: str) -> None:
         """Drop the route's oldest entries beyond its bound (expired ones leave the queue first)."""
-        assert self._parts is not None and self._store is not None
+        assert self._parts is not None
         age, limit = self._age[route], self._settings[route].max_entries
         evicted: list[int] = []
         while len(age) > limit:
             entry_id = age.popleft()
             self._parts.drop(entry_id)
             evicted.append(entry_id)
-        if evicted:
+        if evicted and self._remote is not None:
+            self._spawn(self._remote.delete(evicted))
+        elif evicted:
+            assert self._store is not None
             self._store.delete(evicted)
 
 

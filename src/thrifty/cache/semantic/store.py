@@ -1,17 +1,21 @@
-"""SQLite rows of the semantic cache: each entry with its embedding, so a restart rebuilds the index.
+"""Where the semantic cache's entries are kept: each with its embedding, so a restart rebuilds the index.
 
-The in-process index (``partitions``) is a view of these rows; SQLite is the truth. An entry is
+The in-process index (``partitions``) is a view of these rows; the store is the truth. An entry is
 served only after its row is read back unexpired, so a purge from another process (``thrifty cache
 purge``) takes effect at once even though that process cannot reach this one's index.
+
+Two implementations: ``SqliteSemanticStore`` (the embedded default; plain calls, no await) and,
+with several replicas, a ``SharedSemanticStore`` (PostgreSQL, ``thrifty.stores.postgres_semantic``):
+async, and it tells each replica about the entries the others add, so their indexes follow.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -58,6 +62,39 @@ class LiveEntry:
     answer_id: str
     expires_at: float
     embedding: npt.NDArray[np.float32]
+
+
+class SharedSemanticStore(Protocol):
+    """Entries shared by several replicas. Reads and writes cross the network (async); lookups
+    stay in each replica's in-process index, which `follow` keeps in step with the others' adds."""
+
+    async def listen(self) -> None:
+        """Start hearing of other replicas' entries (before `live`, so none falls in between)."""
+        ...
+
+    def live(self, now: float, embedding_model: str) -> AsyncIterator[LiveEntry]:
+        """Every unexpired entry made with `embedding_model`, oldest first (to build the index)."""
+        ...
+
+    def follow(self, on_entries: Callable[[list[LiveEntry]], None]) -> None:
+        """Call `on_entries` (on the loop) with the entries other replicas add from now on, and
+        with those added since `listen`; an entry may come twice (callers skip ids they hold)."""
+        ...
+
+    async def add(self, entry: NewEntry) -> int | None:
+        """Store an entry; its id, or None when the store could not take it (a write is optional)."""
+        ...
+
+    async def answer(self, entry_id: int, now: float) -> tuple[dict[str, Any], Usage] | None:
+        """The stored response of an unexpired entry, None when it expired or was purged; raises
+        SharedStateUnavailable when the store does not answer (a miss, not a purge)."""
+        ...
+
+    async def delete(self, entry_ids: list[int]) -> None: ...
+
+    async def drop_expired(self, now: float) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class SqliteSemanticStore:
@@ -159,4 +196,4 @@ class SqliteSemanticStore:
         return self._conn.execute(f"DELETE FROM semantic_cache{where}", params).rowcount
 
 
-__all__ = ["LiveEntry", "NewEntry", "SqliteSemanticStore"]
+__all__ = ["LiveEntry", "NewEntry", "SharedSemanticStore", "SqliteSemanticStore"]

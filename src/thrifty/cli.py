@@ -26,6 +26,7 @@ from thrifty.cli_common import console as _console
 from thrifty.cli_common import semantic_extra as _semantic_extra
 from thrifty.cli_common import settings_path as _settings_path
 from thrifty.errors import ThriftyError
+from thrifty.experiments.cli import experiment_app
 from thrifty.settings import load_settings, resolve_secrets
 from thrifty.stores.ports import LedgerReader
 
@@ -46,6 +47,7 @@ eval_app = typer.Typer(
 )
 app.add_typer(eval_app, name="eval")
 app.add_typer(batch_app, name="batch")
+app.add_typer(experiment_app, name="experiment")
 
 
 def _ledger_reader(config: Path | None, db: Path | None) -> LedgerReader:
@@ -136,7 +138,9 @@ def keys_revoke(hash_prefix: str, config: ConfigOpt = None) -> None:
 
 @app.command()
 def report(
-    by: Annotated[str, typer.Option(help="tenant|feature|route|prompt_version|model|user|day")] = "tenant",
+    by: Annotated[
+        str, typer.Option(help="tenant|feature|route|prompt_version|model|user|day|variant")
+    ] = "tenant",
     since: Annotated[str | None, typer.Option(help="YYYY-MM-DD, ISO time, or 7d/24h/30m")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table|json|csv")] = "table",
     config: ConfigOpt = None,

@@ -15,7 +15,7 @@ from thrifty.stores.ports import LedgerReader
 from thrifty.stores.readers import SqliteLedgerReader
 from thrifty.types import decimal_text
 
-GroupBy = Literal["tenant", "feature", "route", "prompt_version", "model", "day", "user"]
+GroupBy = Literal["tenant", "feature", "route", "prompt_version", "model", "day", "user", "variant"]
 GROUP_COLUMNS: dict[str, str] = {
     "tenant": "tenant_id",
     "feature": "feature",
@@ -24,6 +24,8 @@ GROUP_COLUMNS: dict[str, str] = {
     "model": "model",
     "user": "user",
     "day": "ts",
+    # An arm is named within its route: "support/cheap".
+    "variant": "route || '/' || variant",
 }
 
 

@@ -90,6 +90,12 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         # Summaries of conversation prefixes stay in each replica's local SQLite file.
         "ALTER TABLE ledger ADD COLUMN context JSONB",
     ),
+    (
+        7,
+        # Experiments: the variant a request was assigned (SQLite's migration 14). Feedback and
+        # experiment state are SQLite-only so far (the gateway says so at start).
+        "ALTER TABLE ledger ADD COLUMN variant TEXT",
+    ),
 )
 
 __all__ = ["POSTGRES_MIGRATIONS", "SQLITE_MIGRATIONS"]

@@ -63,6 +63,7 @@ LEDGER_COLUMNS = (
     "batch",
     "stream",
     "context",
+    "variant",
 )
 _CASTS = {
     "attempts": "::jsonb",

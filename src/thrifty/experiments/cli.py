@@ -25,11 +25,13 @@ FormatOpt = Annotated[str, typer.Option("--format", help="table|json")]
 ReasonOpt = Annotated[str, typer.Option(help="why (recorded with the action)")]
 
 
-def open_store(settings: Settings) -> SqliteExperimentStore:
+def open_store(settings: Settings, *, create: bool = False) -> SqliteExperimentStore:
+    """The experiments' tables in the ledger's SQLite file; `create`: a first release may start
+    before the gateway ever ran."""
     if settings.storage.backend == "postgresql":
         raise ThriftyError("experiments keep their state in SQLite so far; this storage is PostgreSQL")
     path: Path = settings.storage.sqlite_path
-    if not path.exists():
+    if not path.exists() and not create:
         raise ThriftyError(f"no ledger at {path}")
     return SqliteExperimentStore(path)
 
@@ -102,7 +104,9 @@ def check(route: RouteArg, config: ConfigOpt = None) -> None:
 
 
 @experiment_app.command("promote")
-def promote(route: RouteArg, variant: VariantArg, config: ConfigOpt = None, reason: ReasonOpt = "manual") -> None:
+def promote(
+    route: RouteArg, variant: VariantArg, config: ConfigOpt = None, reason: ReasonOpt = "manual"
+) -> None:
     """Send all of the route's traffic to VARIANT, which becomes the baseline (recorded)."""
     settings = cli_settings(config)
     store = open_store(settings)
@@ -114,7 +118,9 @@ def promote(route: RouteArg, variant: VariantArg, config: ConfigOpt = None, reas
 
 
 @experiment_app.command("stop")
-def stop(route: RouteArg, variant: VariantArg, config: ConfigOpt = None, reason: ReasonOpt = "manual") -> None:
+def stop(
+    route: RouteArg, variant: VariantArg, config: ConfigOpt = None, reason: ReasonOpt = "manual"
+) -> None:
     """Send no more traffic to VARIANT (recorded); its users go to the other variants."""
     settings = cli_settings(config)
     store = open_store(settings)
@@ -135,7 +141,9 @@ def log(route: RouteArg, config: ConfigOpt = None) -> None:
     finally:
         store.close()
     for a in found:
-        typer.echo(orjson.dumps({"ts": a.ts, "action": a.action, "variant": a.variant, "reason": a.reason}).decode())
+        typer.echo(
+            orjson.dumps({"ts": a.ts, "action": a.action, "variant": a.variant, "reason": a.reason}).decode()
+        )
 
 
 __all__ = ["experiment_app", "open_store"]

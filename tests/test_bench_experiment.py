@@ -25,7 +25,10 @@ def test_vectorised_rule_is_the_gateways_rule() -> None:
     f_v = (n_v * rng.uniform(0, 0.2, 2000)).astype(int)
     f_b = (n_b * rng.uniform(0, 0.1, 2000)).astype(int)
     fast = stops_along(f_v, n_v, f_b, n_b, **RULE)
-    slow = [decide(int(a), int(b), int(c), int(d), **RULE).stop for a, b, c, d in zip(f_v, n_v, f_b, n_b, strict=True)]
+    slow = [
+        decide(int(a), int(b), int(c), int(d), **RULE).stop
+        for a, b, c, d in zip(f_v, n_v, f_b, n_b, strict=True)
+    ]
     assert fast.tolist() == slow and 100 < sum(slow) < 1900
 
 

@@ -96,7 +96,9 @@ def test_a_release_walked_through_every_step_to_a_self_hosted_model(
     config = str(write_settings(settings, tmp_path / "thrifty.yaml"))
     golden, safety = sets(tmp_path)
     db = tmp_path / "ledger.db"
-    with BackgroundServer(settings, secrets={"hosted": UPSTREAM_KEY, "local": LOCAL_KEY, "broken": LOCAL_KEY}) as server:
+    with BackgroundServer(
+        settings, secrets={"hosted": UPSTREAM_KEY, "local": LOCAL_KEY, "broken": LOCAL_KEY}
+    ) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key=KEYS["acme"], max_retries=0)
 
         def traffic(n: int, start: int = 0) -> list[tuple[str | None, str]]:

@@ -493,6 +493,9 @@ def eval_run(
         str | None, typer.Option(help="alert when a model's pass rate is this many points below --baseline")
     ] = None,
     config: ConfigOpt = None,
+    via: Annotated[
+        str, typer.Option(help="realtime, or batch: the calls as batch jobs at batch prices")
+    ] = "realtime",
 ) -> None:
     """Call each model on a golden set through the gateway (priced, in the ledger as feature
     `eval`), score, and report accuracy with a confidence interval, cost, cost per success,
@@ -512,6 +515,7 @@ def eval_run(
         console=_console(),
         baseline=baseline,
         alert_drop=alert_drop,
+        via=via,
     )
     if results["pending"]:
         raise typer.Exit(1)

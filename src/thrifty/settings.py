@@ -84,7 +84,11 @@ class PriceOverride(_Strict):
         """USD per million tokens implied by GPU time at the assumed utilisation."""
         if self.gpu_usd_per_hour is None or self.gpu_tokens_per_hour is None:
             return None
-        return self.gpu_usd_per_hour * Decimal(1_000_000) / (Decimal(self.gpu_tokens_per_hour) * self.gpu_utilisation)
+        return (
+            self.gpu_usd_per_hour
+            * Decimal(1_000_000)
+            / (Decimal(self.gpu_tokens_per_hour) * self.gpu_utilisation)
+        )
 
 
 class BudgetSettings(_Strict):

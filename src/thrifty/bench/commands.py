@@ -266,9 +266,9 @@ def bench_batch(
 
 @bench_app.command("experiment")
 def bench_experiment(
-    data: Annotated[
-        list[Path], typer.Option(help="ZeroEval JSONL file(s) or dir(s); repeatable")
-    ] = [Path("../shared/data/routing/zeroeval")],  # noqa: B006 - typer reads the default, never mutates it
+    data: Annotated[list[Path], typer.Option(help="ZeroEval JSONL file(s) or dir(s); repeatable")] = [
+        Path("../shared/data/routing/zeroeval")
+    ],  # noqa: B006 - typer reads the default, never mutates it
     baseline: Annotated[str, typer.Option(help="the baseline model")] = "gpt-4o-2024-08-06",
     variant: Annotated[str, typer.Option(help="the recorded variant model")] = "gpt-4o-mini-2024-07-18",
     share: Annotated[float, typer.Option(help="the canary's share of users")] = 0.1,

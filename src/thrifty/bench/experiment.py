@@ -136,7 +136,12 @@ def run_experiment_bench(
     accuracy = 1 - float(base_fail.mean())
     scenarios = [
         ("no difference (A/A)", None, 0.0, 1 - float(base_fail.mean())),
-        (f"planted {drop * 100:g}-point drop", None, drop, accuracy - round(drop * len(base_fail)) / len(base_fail)),
+        (
+            f"planted {drop * 100:g}-point drop",
+            None,
+            drop,
+            accuracy - round(drop * len(base_fail)) / len(base_fail),
+        ),
         (f"recorded {variant}", var_fail, 0.0, 1 - float(var_fail.mean())),
     ]
     results = []
@@ -144,7 +149,9 @@ def run_experiment_bench(
         found = simulate(
             base_fail, fails, drop=planted, share=share, runs=runs, horizon=horizon, seed=seed + i, rule=rule
         )
-        results.append({"scenario": name, "baseline_accuracy": accuracy, "variant_accuracy": var_accuracy, **found})
+        results.append(
+            {"scenario": name, "baseline_accuracy": accuracy, "variant_accuracy": var_accuracy, **found}
+        )
     out = {
         "data": [str(p) for p in data],
         "prompts": len(base_fail),

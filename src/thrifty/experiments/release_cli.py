@@ -29,7 +29,9 @@ RouteArg = Annotated[str, typer.Argument(help="the route")]
 def plan(
     route: RouteArg,
     candidate: Annotated[str, typer.Option(help="the model alias to release (hosted or self-hosted)")],
-    golden: Annotated[Path, typer.Option(help="golden set (JSONL) for the quality gate and the bench prompts")],
+    golden: Annotated[
+        Path, typer.Option(help="golden set (JSONL) for the quality gate and the bench prompts")
+    ],
     safety: Annotated[Path, typer.Option(help="safety eval set (JSONL)")],
     config: ConfigOpt = None,
     tenant: Annotated[str | None, typer.Option(help="tenant billed for the evals and the bench")] = None,

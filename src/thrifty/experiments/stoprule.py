@@ -75,10 +75,16 @@ def decide(
     return StopDecision(stop, d, d - half, d + half, log_lr, reason)
 
 
-
-
 def stops_along(
-    failures_v: Any, n_v: Any, failures_b: Any, n_b: Any, *, margin: float, alpha: float, tau: float, min_requests: int
+    failures_v: Any,
+    n_v: Any,
+    failures_b: Any,
+    n_b: Any,
+    *,
+    margin: float,
+    alpha: float,
+    tau: float,
+    min_requests: int,
 ) -> Any:
     """`decide(...).stop` over numpy arrays of running counts (the simulation's fast path; the same
     arithmetic, tested against `decide`)."""

@@ -143,7 +143,7 @@ class RouteStage:
         # Experiment arms with their own cascade, keyed ROUTE/ARM (ctx.plan_key()).
         self.variant_routes: dict[str, RouteSettings] = {}
         for name, r in routes.items():
-            for arm_name, v in (r.experiment.variants.items() if r.experiment else ()):
+            for arm_name, v in r.experiment.variants.items() if r.experiment else ():
                 if v.tiers:
                     key = f"{name}/{arm_name}"
                     self.variant_routes[key] = variant_route(r, Arm.of(arm_name, v))

@@ -41,19 +41,11 @@ def test_eval_via_batch_is_priced_at_batch_prices_and_resumes(
         batch={"poll_interval_s": 0.05},
     )
     golden = tmp_path / "golden.jsonl"
-    golden.write_text(
-        "\n".join(
-            orjson.dumps(
-                {
-                    "id": f"q{i}",
-                    "prompt": f"hi {i}",
-                    "expected": "Hello from the fake OpenAI server." if i < 3 else "no",
-                    "scorer": "exact",
-                }
-            ).decode()
-            for i in range(4)
-        )  # fmt: skip
-    )
+    expected = ["Hello from the fake OpenAI server."] * 3 + ["no"]
+    lines = [
+        {"id": f"q{i}", "prompt": f"hi {i}", "expected": e, "scorer": "exact"} for i, e in enumerate(expected)
+    ]
+    golden.write_text("\n".join(orjson.dumps(line).decode() for line in lines))
     quiet = Console(file=open(os.devnull, "w"), width=160)  # noqa: SIM115
 
     def run(out: Path, via: str) -> dict[str, Any]:

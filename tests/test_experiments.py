@@ -3,7 +3,6 @@ openai SDK (headers, ledger, report), and the stop rule's recorded actions."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,6 @@ from tests.conftest import KEYS, UPSTREAM_KEY, base_settings, ledger_rows, opena
 from tests.fakes.openai_wire import OpenAIWireServer
 from thrifty.cli import app
 from thrifty.errors import ThriftyError
-from thrifty.experiments import actions
 from thrifty.experiments.assign import RouteArms, bucket, settings_arms
 from thrifty.experiments.stoprule import decide
 from thrifty.experiments.store import SqliteExperimentStore

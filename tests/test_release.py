@@ -113,8 +113,9 @@ def test_a_release_walked_through_every_step_to_a_self_hosted_model(
             return out
 
         code, output = cli(
-            "release", "plan", "support", "--candidate", "local-q4", "--golden", str(golden), "--safety",
-            str(safety), "--canary", "20", "--min-canary-requests", "20", "--bench-requests", "12", "--tenant", "acme", "-c", config,
+            "release", "plan", "support", "--candidate", "local-q4", "--golden", str(golden),
+            "--safety", str(safety), "--canary", "20", "--min-canary-requests", "20",
+            "--bench-requests", "12", "--tenant", "acme", "-c", config,
         )  # fmt: skip
         assert code == 0, output
         assert "1. [pending] golden eval" in output and "6. [pending] promote" in output
@@ -158,7 +159,8 @@ def test_a_release_walked_through_every_step_to_a_self_hosted_model(
     log = [a.action for a in store.actions("support")]
     assert log == [
         "release_plan", "release_golden_eval", "release_safety_eval", "release_bench", "canary",
-        "release_canary", "release_canary", "release_canary", "release_compare_cost", "promote", "release_promote",
+        "release_canary", "release_canary", "release_canary", "release_compare_cost", "promote",
+        "release_promote",
     ]  # fmt: skip
     plan = store.release("support")
     store.close()
@@ -170,7 +172,8 @@ def test_a_release_walked_through_every_step_to_a_self_hosted_model(
 
     conn = sqlite3.connect(db)
     rows = conn.execute(
-        "SELECT input_tokens + output_tokens, cost_usd FROM ledger WHERE model = 'local-q4' AND variant = 'candidate'"
+        "SELECT input_tokens + output_tokens, cost_usd FROM ledger "
+        "WHERE model = 'local-q4' AND variant = 'candidate'"
     ).fetchall()
     conn.close()
     assert rows and all(Decimal(c) == Decimal(t) * Decimal("0.10") / 1_000_000 for t, c in rows)

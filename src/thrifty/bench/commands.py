@@ -266,9 +266,12 @@ def bench_batch(
 
 @bench_app.command("experiment")
 def bench_experiment(
-    data: Annotated[list[Path], typer.Option(help="ZeroEval JSONL file(s) or dir(s); repeatable")] = [
-        Path("../shared/data/routing/zeroeval")
-    ],  # noqa: B006 - typer reads the default, never mutates it
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="ZeroEval JSONL file(s) or dir(s); repeatable (default ../shared/data/routing/zeroeval)"
+        ),
+    ] = None,
     baseline: Annotated[str, typer.Option(help="the baseline model")] = "gpt-4o-2024-08-06",
     variant: Annotated[str, typer.Option(help="the recorded variant model")] = "gpt-4o-mini-2024-07-18",
     share: Annotated[float, typer.Option(help="the canary's share of users")] = 0.1,
@@ -287,7 +290,8 @@ def bench_experiment(
     from thrifty.bench.experiment import run_experiment_bench
 
     run_experiment_bench(
-        data, baseline=baseline, variant=variant, share=share, drop=drop, runs=runs, horizon=horizon,
+        data or [Path("../shared/data/routing/zeroeval")], baseline=baseline, variant=variant,
+        share=share, drop=drop, runs=runs, horizon=horizon,
         margin=margin, alpha=alpha, tau=tau, min_requests=min_requests, seed=seed, json_out=json_out,
         console=_console(),
     )  # fmt: skip

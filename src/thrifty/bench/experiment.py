@@ -167,8 +167,8 @@ def run_experiment_bench(
     table = Table(
         "scenario", "baseline acc", "variant acc", "stopped", "requests to stop (median / p90)",
         "canary requests (median / p90)",
-        title=f"stop rule on {len(base_fail):,} recorded prompts, {share:.0%} canary, {runs} runs of {horizon:,} "
-        f"requests (margin {margin * 100:g} pp, alpha {alpha:g})",
+        title=f"stop rule on {len(base_fail):,} recorded prompts, {share:.0%} canary, {runs} runs of "
+        f"{horizon:,} requests (margin {margin * 100:g} pp, alpha {alpha:g})",
     )  # fmt: skip
     for r in results:
         table.add_row(

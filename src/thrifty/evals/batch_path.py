@@ -106,11 +106,11 @@ async def run_eval_batch(
             else:
                 upload = service.open_upload()
                 upload.write(data)
-                record = service.finish_upload(tenant, upload, f"eval-{journal.run_id[:12]}.jsonl", "batch")
+                uploaded = service.finish_upload(tenant, upload, f"eval-{journal.run_id[:12]}.jsonl", "batch")
                 job = service.create_batch(
                     tenant,
                     {
-                        "input_file_id": record.file_id,
+                        "input_file_id": uploaded.file_id,
                         "endpoint": "/v1/chat/completions",
                         "completion_window": "24h",
                         "metadata": {"thrifty_eval_run": journal.run_id, "model": system},

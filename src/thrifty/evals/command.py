@@ -170,7 +170,8 @@ def run_command(
 
                         await run_eval_batch(
                             gateway, golden, systems, journal, batches_path(out), tenant=who,
-                            poll_s=min(settings.batch.poll_interval_s, 5.0), on_done=lambda: progress.advance(task),
+                            poll_s=min(settings.batch.poll_interval_s, 5.0),
+                            on_done=lambda: progress.advance(task),
                         )  # fmt: skip
                         left: list[tuple[str, str]] = []
                     else:

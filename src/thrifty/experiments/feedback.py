@@ -45,7 +45,8 @@ def parse_feedback(body: Any) -> tuple[str, float | None, str | None, bool | Non
     unknown = sorted(set(body) - _FIELDS)
     if unknown:
         raise InvalidRequest(
-            f"unknown feedback field(s) {', '.join(unknown)}; send request_id with score, label and/or correct",
+            f"unknown feedback field(s) {', '.join(unknown)}; "
+            "send request_id with score, label and/or correct",
             param=unknown[0],
         )
     request_id = body.get("request_id")

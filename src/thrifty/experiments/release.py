@@ -70,8 +70,9 @@ def plan_release(
         )
     if candidate not in settings.models:
         raise InvalidData(
-            f"the candidate {candidate!r} is not a model in the settings (models: {', '.join(settings.models)}); "
-            "add it (a self-hosted server is a provider of kind openai with its base_url)"
+            f"the candidate {candidate!r} is not a model in the settings "
+            f"(models: {', '.join(settings.models)}); add it (a self-hosted server is a provider of "
+            "kind openai with its base_url)"
         )
     if candidate == r.model:
         raise InvalidData(f"{candidate!r} is already route {route!r}'s model")
@@ -268,15 +269,16 @@ def gpu_cost_lines(
     out: dict[str, Any] = {"gpu_usd_per_hour": str(price.gpu_usd_per_hour), "utilisation": str(util)}
     out["configured_usd_per_mtok"] = str(configured.quantize(Decimal("1e-6")))
     lines = [
-        f"GPU time: ${price.gpu_usd_per_hour}/h at {price.gpu_tokens_per_hour:,} tokens/h and {util:.0%} utilisation "
-        f"-> ${configured.quantize(Decimal('1e-6'))} per million tokens (the price the ledger uses)"
+        f"GPU time: ${price.gpu_usd_per_hour}/h at {price.gpu_tokens_per_hour:,} tokens/h and "
+        f"{util:.0%} utilisation -> ${configured.quantize(Decimal('1e-6'))} per million tokens "
+        "(the price the ledger uses)"
     ]
     if tokens_per_hour:
         measured = price.gpu_usd_per_hour * Decimal(1_000_000) / (Decimal(tokens_per_hour) * util)
         out["measured_usd_per_mtok"] = str(measured.quantize(Decimal("1e-6")))
         lines.append(
-            f"measured {tokens_per_hour:,} tokens/h at this bench's concurrency -> ${measured.quantize(Decimal('1e-6'))} "
-            f"per million tokens at {util:.0%} utilisation"
+            f"measured {tokens_per_hour:,} tokens/h at this bench's concurrency -> "
+            f"${measured.quantize(Decimal('1e-6'))} per million tokens at {util:.0%} utilisation"
         )
     return out, lines
 
@@ -297,8 +299,9 @@ def _bench(settings: Settings, plan: dict[str, Any]) -> tuple[bool, dict[str, An
         )
     )
     why = [
-        f"{measured['requests']} requests, {measured['errors']} errors, p50 {measured['p50_ms'] or 0:.1f} ms, "
-        f"p95 {measured['p95_ms'] or 0:.1f} ms, {measured['tokens_per_hour'] or 0:,} tokens/h"
+        f"{measured['requests']} requests, {measured['errors']} errors, "
+        f"p50 {measured['p50_ms'] or 0:.1f} ms, p95 {measured['p95_ms'] or 0:.1f} ms, "
+        f"{measured['tokens_per_hour'] or 0:,} tokens/h"
     ]
     why += [f"error: {e}" for e in measured["first_errors"]]
     gpu, lines = gpu_cost_lines(settings, plan["candidate"], measured["tokens_per_hour"])
@@ -381,7 +384,8 @@ def _compare_cost(
     measured["ratio"] = str(ratio)
     limit = Decimal(str(plan["config"]["max_cost_ratio"]))
     why = [
-        f"cost per success ${b_cps:.8f} (baseline) -> ${c_cps:.8f} (candidate): x{ratio:.3f}, allowed x{limit}"
+        f"cost per success ${b_cps:.8f} (baseline) -> ${c_cps:.8f} (candidate): "
+        f"x{ratio:.3f}, allowed x{limit}"
     ]
     _, gpu_lines = gpu_cost_lines(settings, plan["candidate"], None)
     return ratio <= limit, measured, why + gpu_lines

@@ -12,11 +12,11 @@ import orjson
 import typer
 
 from thrifty.cli_common import ConfigOpt, cli_settings, console
+from thrifty.errors import InvalidData
 from thrifty.evals.command import tenant_of
 from thrifty.evals.gate import parse_points
 from thrifty.experiments import release
 from thrifty.experiments.cli import open_store
-from thrifty.errors import InvalidData
 
 release_app = typer.Typer(
     no_args_is_help=True,

@@ -115,7 +115,8 @@ class SqliteExperimentStore:
     @_locked
     def ledger_facts(self, request_id: str) -> LedgerFacts | None:
         row = self._conn.execute(
-            "SELECT request_id, tenant_id, route, variant, model, cache, status FROM ledger WHERE request_id = ?",
+            "SELECT request_id, tenant_id, route, variant, model, cache, status FROM ledger "
+            "WHERE request_id = ?",
             (request_id,),
         ).fetchone()
         return None if row is None else LedgerFacts(*row)
@@ -137,7 +138,8 @@ class SqliteExperimentStore:
             conn.execute(
                 "INSERT INTO feedback (request_id, tenant_id, ts, route, variant, score, label, correct) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO UPDATE SET "
-                "ts = excluded.ts, score = excluded.score, label = excluded.label, correct = excluded.correct",
+                "ts = excluded.ts, score = excluded.score, label = excluded.label, "
+                "correct = excluded.correct",
                 (fb.request_id, fb.tenant_id, fb.ts, fb.route, fb.variant, *new),
             )
             conn.execute("COMMIT")
@@ -209,7 +211,8 @@ class SqliteExperimentStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute(
-                "INSERT INTO experiment_actions (ts, route, action, variant, reason, details) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO experiment_actions (ts, route, action, variant, reason, details) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     now,
                     route,
@@ -222,13 +225,15 @@ class SqliteExperimentStore:
             if state is not None:
                 conn.execute(
                     "INSERT INTO experiment_state (route, arms, updated_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT (route) DO UPDATE SET arms = excluded.arms, updated_at = excluded.updated_at",
+                    "ON CONFLICT (route) DO UPDATE SET arms = excluded.arms, "
+                    "updated_at = excluded.updated_at",
                     (route, orjson.dumps(state).decode(), now),
                 )
             if release is not None:
                 conn.execute(
                     "INSERT INTO releases (route, plan, updated_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT (route) DO UPDATE SET plan = excluded.plan, updated_at = excluded.updated_at",
+                    "ON CONFLICT (route) DO UPDATE SET plan = excluded.plan, "
+                    "updated_at = excluded.updated_at",
                     (route, orjson.dumps(release).decode(), now),
                 )
             if clear_release:

@@ -3,8 +3,10 @@ openai SDK (headers, ledger, report), and the stop rule's recorded actions."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +247,58 @@ def arms_of(settings: Settings) -> RouteArms:
     experiment = settings.routes["support"].experiment
     assert experiment is not None
     return settings_arms("support", experiment)
+
+
+@pytest.mark.parametrize(
+    ("experiment", "message"),
+    [
+        (
+            {"variants": {"a": {"weight": 1, "model": "gpt-4o", "tiers": ["gpt-4o-mini", "gpt-4o"]}}},
+            "not both",
+        ),
+        ({"variants": {"a": {"weight": 1, "model": "nope"}}}, "experiment.variants: unknown model 'nope'"),
+        ({"variants": {"a": {"weight": 1}}, "baseline": "b"}, "baseline 'b' is not one of the variants"),
+        ({"variants": {"a": {"weight": 0}, "b": {"weight": 0}}}, "weights must add up to more than 0"),
+        ({"variants": {"a/b": {"weight": 1}}}, "no '/'"),
+        ({"variants": {"a": {"weight": -1}}}, "greater than or equal to 0"),
+        ({"variants": {}}, "at least one variant"),
+        ({"variants": {"a": {"weight": 1, "gates": [{"kind": "logprob", "threshold": 0.5}]}}}, "give tiers"),
+    ],
+)
+def test_bad_experiment_settings_name_what_is_wrong(
+    tmp_path: Path, experiment: dict[str, Any], message: str
+) -> None:
+    from thrifty.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        base_settings(
+            tmp_path,
+            providers={"up": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+            models=openai_models(),
+            routes={"support": {"model": "gpt-4o-mini", "experiment": experiment}},
+        )
+
+
+def test_gpu_time_price_needs_both_numbers_and_is_exact(tmp_path: Path) -> None:
+    from thrifty.errors import ConfigError
+    from thrifty.pricing import PriceCatalog
+    from thrifty.types import Usage
+
+    def settings(price: dict[str, Any]) -> Settings:
+        return base_settings(
+            tmp_path,
+            providers={"up": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+            models={"local": {"provider": "up", "price": price}},
+        )
+
+    with pytest.raises(ConfigError, match="needs both gpu_usd_per_hour and gpu_tokens_per_hour"):
+        settings({"gpu_usd_per_hour": "2"})
+    with pytest.raises(ConfigError, match="not both"):
+        settings({"gpu_usd_per_hour": "2", "gpu_tokens_per_hour": 1000, "flat_per_mtok": "1"})
+    with pytest.raises(ConfigError, match="less than or equal to 1"):
+        settings({"gpu_usd_per_hour": "2", "gpu_tokens_per_hour": 1000, "gpu_utilisation": "1.5"})
+    s = settings({"gpu_usd_per_hour": "1.20", "gpu_tokens_per_hour": 9_000_000, "gpu_utilisation": "0.6"})
+    catalog = PriceCatalog.from_settings(s.models, s.providers)
+    # $1.20 / (9M tokens x 0.6) per token: 1,000 tokens cost $1.20 * 1000 / 5.4M.
+    cost = catalog.cost("local", Usage(input_tokens=700, output_tokens=300))
+    assert cost == Decimal("1.20") * 1000 / (Decimal(9_000_000) * Decimal("0.6"))

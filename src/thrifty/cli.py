@@ -155,12 +155,12 @@ def report(
     """Spend, tokens and success by one attribution dimension."""
     import asyncio
 
-    from thrifty.report import GROUP_COLUMNS, batch_line, build_report, parse_since, render_table, to_csv
+    from thrifty.report import REPORT_COLUMNS, batch_line, build_report, parse_since, render_table, to_csv
     from thrifty.stores.reporting import SqliteReportingStore, Window
     from thrifty.stores.sqlite_db import open_database
 
-    if by not in GROUP_COLUMNS:
-        raise ThriftyError(f"--by must be one of: {', '.join(GROUP_COLUMNS)}")
+    if by not in REPORT_COLUMNS:
+        raise ThriftyError(f"--by must be one of: {', '.join(REPORT_COLUMNS)}")
     if fmt not in ("table", "json", "csv"):
         raise ThriftyError("--format must be table, json or csv")
     try:

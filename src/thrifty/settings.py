@@ -75,8 +75,8 @@ class PriceOverride(_Strict):
             return self
         if self.flat_per_mtok is None and (self.input_per_mtok is None or self.output_per_mtok is None):
             raise ValueError(
-                "give flat_per_mtok, both input_per_mtok and output_per_mtok, "
-                "or gpu_usd_per_hour with gpu_tokens_per_hour"
+                "give flat_per_mtok, or both input_per_mtok and output_per_mtok "
+                "(or, self-hosted by GPU time, gpu_usd_per_hour with gpu_tokens_per_hour)"
             )
         return self
 

@@ -53,7 +53,13 @@ def words(n: int, word: str) -> str:
 
 def settings_for(tmp_path: Path, upstream: OpenAIWireServer, **route: Any) -> Any:
     context = {
-        "history": {"budget": 300, "over": "compact", "summary_route": "cheap", "summary_tokens": 40},
+        "history": {
+            "budget": 300,
+            "over": "compact",
+            "summary_route": "cheap",
+            "summary_tokens": 40,
+            "turns_per_summary": 1,
+        },
         "retrieved": {"budget": 60},
     }
     return base_settings(

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from thrifty.context.evidence import Candidate, cut_to, pack
+from thrifty.context.history import Unit, plan_compaction
 from thrifty.context.markup import parse
 from thrifty.context.sections import CountCache, split
 from thrifty.context.stage import ContextStage
@@ -328,3 +329,16 @@ def test_settings_that_cannot_work_are_refused_at_start(context: dict[str, Any],
                 "routes": {"chat": {"model": "m", "context": context}},
             }
         )
+
+
+def test_a_new_summary_leaves_headroom_for_the_turns_to_come() -> None:
+    units = [Unit((), 100, 0) for _ in range(10)]
+    # budget 1,000, summary 200, tail 100: room 700; half of it (350) may stay verbatim: 3 units.
+    assert plan_compaction(units, 100, 1000, 200, {}, 0.5, headroom=0).boundary == 7
+    # Four turns of 150 tokens must fit before the next summary: only 100 tokens stay verbatim.
+    assert plan_compaction(units, 100, 1000, 200, {}, 0.5, headroom=600).boundary == 9
+    # Turns too long for the headroom: nothing stays verbatim but the newest turn (the tail).
+    assert plan_compaction(units, 100, 1000, 200, {}, 0.5, headroom=5000).boundary == 10
+    # A stored summary that still fits is reused whatever the headroom.
+    step = plan_compaction(units, 100, 1000, 200, {8: 150}, 0.5, headroom=5000)
+    assert (step.covered, step.boundary) == (8, 8)

@@ -111,7 +111,9 @@ def test_a_failed_first_attempt_is_not_stored(server, openai_upstream):
 
 
 def test_single_flight_coalesces_identical_in_flight_requests_on_a_coalescing_route(server, openai_upstream):
-    openai_upstream.default = Reply(text="shared", delay_s=0.3)
+    openai_upstream.default = Reply(
+        text="shared", delay_s=1.0
+    )  # long enough for 10 threads to arrive on a loaded machine
     body = {"model": "route:faq", "messages": MSG, "temperature": 0}
 
     def call(_: int) -> str:

@@ -169,6 +169,9 @@ class HistoryBudget(SectionBudget):
     # compact: the share of the room beside the summary a new summary leaves to verbatim turns; the
     # rest is headroom for the turns to come. Lower: fewer summary calls, fewer turns kept verbatim.
     verbatim_share: float = Field(default=0.5, gt=0, le=1)
+    # compact: a new summary also leaves headroom for this many turns of the chat's average size, so
+    # a chat is summarised at most about once every so many turns (fewer verbatim turns if needed).
+    turns_per_summary: int = Field(default=4, ge=1, le=100)
 
 
 class OutputBudget(SectionBudget):

@@ -8,8 +8,9 @@ Trim keeps the newest units that fit. Compact replaces the oldest units by a sum
 keyed by the conversation's prefix (a hash chained unit by unit), so a summary is made once; as the
 chat grows, the stored summary of the longest known prefix is reused while it still fits, and
 extended with the turns aged out since when it does not. A new summary ages out enough turns that
-the next few turns fit too (`verbatim_share` of the room stays verbatim), so a long chat is
-summarised every few turns, not every turn.
+the next few turns fit too: at most `verbatim_share` of the room stays verbatim, and less when the
+chat's turns are long, so that `turns_per_summary` turns of its average size fit before the next
+summary is due. A long chat is summarised every few turns, not every turn.
 """
 
 from __future__ import annotations
@@ -133,13 +134,22 @@ def plan_compaction(
     summary_budget: int,
     known: dict[int, int],
     verbatim_share: float = 0.5,
+    headroom: int = 0,
 ) -> CompactionStep:
-    """`known`: units covered -> tokens of a stored summary of that prefix."""
+    """`known`: units covered -> tokens of a stored summary of that prefix; `headroom`: tokens a new
+    summary leaves free for the turns to come."""
     for covered in sorted(known, reverse=True):
         if known[covered] + history_tokens(units[covered:]) + tail_tokens <= budget:
             return CompactionStep(covered, covered)
         break  # an older summary covers less and would leave more verbatim
     covered = max(known, default=0)
     room = budget - summary_budget - tail_tokens
-    boundary = keep_newest(units, int(room * verbatim_share))
+    boundary = keep_newest(units, min(int(room * verbatim_share), max(room - headroom, 0)))
     return CompactionStep(covered, max(boundary, min(covered + 1, len(units))))
+
+
+def turn_growth(conv: Conversation) -> int:
+    """Average history tokens a chat grows by per user turn (a question and its answer)."""
+    views = [v for u in conv.units for v in u.views] + list(conv.tail)
+    turns = sum(1 for v in views if v.message.get("role") == "user")
+    return (history_tokens(conv.units) + conv.tail_tokens) // max(turns, 1)

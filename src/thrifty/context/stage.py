@@ -29,6 +29,7 @@ from thrifty.context.history import (
     keep_newest,
     plan_compaction,
     prefix_keys,
+    turn_growth,
 )
 from thrifty.context.sections import CountCache, DigestCache, split
 from thrifty.context.summaries import Summariser, Summary, SummaryStore, summary_request, transcript
@@ -236,6 +237,7 @@ class ContextStage:
             history.summary_tokens,
             known,
             history.verbatim_share,
+            history.turns_per_summary * turn_growth(conv),
         )
         previous = found[keys[step.covered - 1]] if step.covered else None
         summary = previous

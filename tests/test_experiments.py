@@ -62,6 +62,15 @@ def test_assignment_is_sticky_and_a_growing_canary_keeps_its_users() -> None:
     # Another route (or salt) shuffles independently; without a user the tenant decides.
     assert bucket("", "r", "u1") != bucket("", "other", "u1") != bucket("s", "r", "u1")
     assert len({small.pick("acme", None).name for _ in range(20)}) == 1
+    # sticky_by tenant: every user of a tenant on one arm, tenants spread over the arms.
+    by_tenant = settings_arms(
+        "r",
+        ExperimentSettings.model_validate(
+            {"variants": {"a": {"weight": 50}, "b": {"weight": 50}}, "sticky_by": "tenant"}
+        ),
+    )
+    assert len({by_tenant.pick("acme", u).name for u in users}) == 1
+    assert {by_tenant.pick(f"tenant-{i}", "u1").name for i in range(50)} == {"a", "b"}
 
 
 def test_stop_rule_stops_a_clearly_worse_arm_and_not_an_equal_one() -> None:

@@ -379,3 +379,31 @@ async def test_ledger_rows_are_spooled_while_postgres_is_away_and_replayed_once(
         assert len(ids) == len(set(ids)) == 55
     finally:
         service.remove()
+
+
+async def test_usage_rows_read_the_same_requests_and_attempts(backend: str, tmp_path: Path):
+    """What `thrifty estimate --from-ledger` and `thrifty reconcile` read, on every backend."""
+    from thrifty.planning.ledger_usage import attempts_of, summarise
+
+    writer = _writer(backend, tmp_path)
+    writer.start(asyncio.get_running_loop())
+    try:
+        base = 1_790_000_000.0
+        entries = [
+            ledger_entry("u1", ts=base, feature="f", cost="0.25", failed_attempt_costs=("0.125",)),
+            ledger_entry("u2", ts=base + 10, feature="f", cost=None),
+            ledger_entry("u3", ts=base + 20, feature="g", cost="1"),
+            ledger_entry("u4", ts=base + 30, feature="f", cost="9"),  # at `until`: not read
+        ]
+        await asyncio.gather(*(writer.submit(e) for e in entries))
+        reader = _reader(backend)
+        rows = list(reader.usage_rows(base, base + 30, "f"))
+        every = list(reader.usage_rows(base, base + 30))
+        reader.close()
+    finally:
+        await _close(writer)
+    assert [r[0] for r in rows] == [base, base + 10] and len(every) == 3
+    usage = summarise(rows)
+    assert (usage.requests, usage.unpriced, usage.cost_usd, usage.retries) == (2, 1, Decimal("0.375"), 1)
+    attempts = attempts_of(rows[0][-1])
+    assert [(a["status"], a["cost_usd"]) for a in attempts] == [(500, "0.125"), (200, "0.25")]

@@ -28,6 +28,7 @@ from thrifty.cli_common import settings_path as _settings_path
 from thrifty.errors import ThriftyError
 from thrifty.experiments.cli import experiment_app
 from thrifty.experiments.release_cli import release_app
+from thrifty.planning.commands import estimate, reconcile
 from thrifty.settings import load_settings, resolve_secrets
 from thrifty.stores.ports import LedgerReader
 
@@ -50,6 +51,8 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(batch_app, name="batch")
 app.add_typer(experiment_app, name="experiment")
 app.add_typer(release_app, name="release")
+app.command()(estimate)
+app.command()(reconcile)
 
 
 def _ledger_reader(config: Path | None, db: Path | None) -> LedgerReader:

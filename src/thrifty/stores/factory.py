@@ -247,6 +247,9 @@ class _Borrowed:
     def spend_rows(self, since: float) -> Any:
         return self._reader.spend_rows(since)
 
+    def usage_rows(self, since: float, until: float, feature: str | None = None) -> Any:
+        return self._reader.usage_rows(since, until, feature)
+
     def alerts_since(self, since: float) -> Any:
         return self._reader.alerts_since(since)
 

@@ -26,7 +26,13 @@ from thrifty.errors import ConfigError, SharedStateUnavailable
 from thrifty.stores.keys import hash_key, new_key
 from thrifty.stores.ledger import entry_row
 from thrifty.stores.migrations import POSTGRES_MIGRATIONS
-from thrifty.stores.readers import ESCALATIONS_SQL, POSTGRES_CONTEXT, REPORT_SELECT, report_query
+from thrifty.stores.readers import (
+    ESCALATIONS_SQL,
+    POSTGRES_CONTEXT,
+    REPORT_SELECT,
+    report_query,
+    usage_query,
+)
 from thrifty.types import LedgerEntry, Usage
 
 log = logging.getLogger(__name__)
@@ -474,6 +480,10 @@ class PostgresLedgerReader:
                 (since,),
             )
         )
+
+    def usage_rows(self, since: float, until: float, feature: str | None = None) -> Iterable[tuple[Any, ...]]:
+        sql, params = usage_query("%s", since, until, feature)
+        return list(self._conn.execute(sql, params))
 
     def alerts_since(self, since: float) -> list[tuple[float, str, str, str, float | None, str | None]]:
         return list(

@@ -18,6 +18,20 @@ ESCALATIONS_SQL = (
 )
 SQLITE_CONTEXT = "COALESCE(json_extract(context, '$.saved'), 0), json_extract(context, '$.finish_reason')"
 POSTGRES_CONTEXT = "COALESCE((context->>'saved')::bigint, 0), context->>'finish_reason'"
+# What the estimator and the reconciliation read: each request with its upstream attempts.
+USAGE_SELECT = (
+    "SELECT ts, tenant_id, feature, model, cache, batch, status, cost_usd, input_tokens, "
+    "cached_input_tokens, output_tokens, retries, attempts FROM ledger WHERE ts >= {mark} AND ts < {mark}"
+)
+
+
+def usage_query(mark: str, since: float, until: float, feature: str | None) -> tuple[str, list[Any]]:
+    sql = USAGE_SELECT.format(mark=mark)
+    params: list[Any] = [since, until]
+    if feature is not None:
+        sql += f" AND feature = {mark}"
+        params.append(feature)
+    return sql + " ORDER BY ts", params
 
 
 def report_query(
@@ -51,6 +65,10 @@ class SqliteLedgerReader:
             "WHERE ts >= ?",
             (since,),
         )
+
+    def usage_rows(self, since: float, until: float, feature: str | None = None) -> Iterable[tuple[Any, ...]]:
+        sql, params = usage_query("?", since, until, feature)
+        return self._conn.execute(sql, params)
 
     def alerts_since(self, since: float) -> list[tuple[float, str, str, str, float | None, str | None]]:
         return self._conn.execute(

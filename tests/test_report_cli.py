@@ -176,17 +176,18 @@ def test_demo_on_the_shared_data_or_synthetic(tmp_path: Path):
         out = _thrifty(*args, "--data", str(data), "--support-data", str(banking))
         assert out.returncode == 0, out.stdout + out.stderr
         assert "real recorded outputs" in out.stdout and "real Banking77 queries" in out.stdout
-        # 60 mixed, 20 prompts three times (two cascades and gpt-4o), 60 seeds and 20 lookups, and
-        # the 20 prompts as a nightly batch and in real time.
-        assert "ledger rows: 240 for 240 requests sent" in out.stdout
+        # 60 mixed, 20 prompts three times (two cascades and gpt-4o), 20 on the canary route, 60
+        # seeds and 20 lookups, and the 20 prompts as a nightly batch and in real time.
+        assert "ledger rows: 260 for 260 requests sent" in out.stdout
         assert "trained router (" in out.stdout
     else:
         out = _thrifty(*args, cwd=tmp_path)
         assert out.returncode == 0, out.stdout + out.stderr
-        # 60 mixed, 20 prompts twice (no recorded data to train a router on), and the built-in
-        # FAQ's 6 seeds and 18 lookups, and the 20 prompts as a nightly batch and in real time.
+        # 60 mixed, 20 prompts twice (no recorded data to train a router on), 20 on the canary
+        # route, the built-in FAQ's 6 seeds and 18 lookups, and the 20 prompts as a nightly batch
+        # and in real time.
         assert "SYNTHETIC" in out.stdout and "trained router (" not in out.stdout
-        assert "ledger rows: 164 for 164 requests sent" in out.stdout
+        assert "ledger rows: 184 for 184 requests sent" in out.stdout
     assert "spend by tenant" in out.stdout and "of its cost" in out.stdout
     assert "gpt-4o-mini → gpt-4o when gemini-1.5-flash disagrees" in out.stdout
     assert "later askers in other words" in out.stdout
@@ -201,6 +202,9 @@ def test_demo_on_the_shared_data_or_synthetic(tmp_path: Path):
     ):
         assert layer in out.stdout
     assert "batch offload" in out.stdout and "candidate" in out.stdout
+    # The canary: both arms with their feedback-joined success rate, and the stop rule's verdict.
+    assert "canary on route:answers" in out.stdout and "stop rule: " in out.stdout
+    assert "control (gpt-4o): " in out.stdout
 
 
 def test_demo_without_data_says_synthetic(tmp_path: Path):
@@ -215,9 +219,9 @@ def test_demo_without_data_says_synthetic(tmp_path: Path):
     # globex runs into its daily budget on the built-in workload too: refused before any spend.
     refused = int(out.stdout.split("budgets: ")[1].split(" requests refused")[0])
     assert refused > 0 and f"'429 RateLimitError': {refused}" in out.stdout
-    # 30 mixed, 12 prompts twice (24), 6 synthetic first askers and 18 later askers (6 of them
-    # repeats), and the 12 prompts as a nightly batch job and in real time (24).
-    assert "ledger rows: 102 for 102 requests sent" in out.stdout
+    # 30 mixed, 12 prompts twice (24), 12 on the canary route, 6 synthetic first askers and 18
+    # later askers (6 of them repeats), and the 12 prompts as a nightly batch job and in real time (24).
+    assert "ledger rows: 114 for 114 requests sent" in out.stdout
     # gpt-4o-mini's batch price is half its real-time price, to the digit.
     assert "as one batch job (completed, 12 answered)" in out.stdout and "saving 50.0%" in out.stdout
     # Six entries are below the floor: only the six repeats are answered, none wrongly.

@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -286,3 +287,28 @@ def _cli() -> Any:
     from thrifty.cli import app
 
     return app
+
+
+def test_cache_wrong_feedback_through_the_feedback_endpoint_counts_as_a_failed_verification(
+    tmp_path, openai_upstream
+):
+    config = _config(tmp_path, openai_upstream, min_rate=0.0, max_rate=0.0000001)  # no shadow calls
+    with _server(config) as server:
+        _seed(server, openai_upstream)
+        hit = _ask(server, PARAPHRASE)
+        assert hit.headers["x-thrifty-cache"] == "semantic"
+        rid = hit.headers["x-thrifty-request-id"]
+
+        def feedback(tenant: str) -> httpx.Response:
+            return httpx.post(
+                server.base_url + "/thrifty/feedback",
+                json={"request_id": rid, "label": "cache_wrong"},
+                headers={"authorization": f"Bearer {KEYS[tenant]}"},
+                timeout=10,
+            )
+
+        assert feedback("globex").status_code == 404  # not globex's request: nothing counted
+        assert feedback("acme").status_code == 200
+        states = _settle(tmp_path, lambda s: any(x.feedback for x in s))
+    (state,) = states
+    assert (state.feedback, state.feedback_wrong, sum(state.wrong)) == (1, 1, 1)

@@ -115,6 +115,7 @@ class Accountant:
             idempotency_key=ctx.tags.idempotency_key,
             stream=ctx.stream,
             context=ctx.context_report,
+            variant=ctx.variant,
         )
 
 
@@ -127,6 +128,7 @@ def trailer_of(entry: LedgerEntry) -> dict[str, Any]:
         "model": entry.model,
         "provider": entry.provider,
         "route": entry.route,
+        "variant": entry.variant,
         "cache": entry.cache,
         "usage": {
             "input_tokens": u.input_tokens,

@@ -26,6 +26,8 @@ from thrifty.cli_common import console as _console
 from thrifty.cli_common import semantic_extra as _semantic_extra
 from thrifty.cli_common import settings_path as _settings_path
 from thrifty.errors import ThriftyError
+from thrifty.experiments.cli import experiment_app
+from thrifty.experiments.release_cli import release_app
 from thrifty.planning.commands import estimate, reconcile
 from thrifty.recording.command import recordings_app
 from thrifty.settings import load_settings, resolve_secrets
@@ -49,6 +51,8 @@ eval_app = typer.Typer(
 )
 app.add_typer(eval_app, name="eval")
 app.add_typer(batch_app, name="batch")
+app.add_typer(experiment_app, name="experiment")
+app.add_typer(release_app, name="release")
 app.command()(estimate)
 app.command()(reconcile)
 app.command("simulate")(simulate_command)
@@ -143,7 +147,9 @@ def keys_revoke(hash_prefix: str, config: ConfigOpt = None) -> None:
 
 @app.command()
 def report(
-    by: Annotated[str, typer.Option(help="tenant|feature|route|prompt_version|model|user|day")] = "tenant",
+    by: Annotated[
+        str, typer.Option(help="tenant|feature|route|prompt_version|model|user|day|variant")
+    ] = "tenant",
     since: Annotated[str | None, typer.Option(help="YYYY-MM-DD, ISO time, or 7d/24h/30m")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table|json|csv")] = "table",
     config: ConfigOpt = None,
@@ -156,12 +162,12 @@ def report(
     """Spend, tokens and success by one attribution dimension."""
     import asyncio
 
-    from thrifty.report import GROUP_COLUMNS, batch_line, build_report, parse_since, render_table, to_csv
+    from thrifty.report import REPORT_COLUMNS, batch_line, build_report, parse_since, render_table, to_csv
     from thrifty.stores.reporting import SqliteReportingStore, Window
     from thrifty.stores.sqlite_db import open_database
 
-    if by not in GROUP_COLUMNS:
-        raise ThriftyError(f"--by must be one of: {', '.join(GROUP_COLUMNS)}")
+    if by not in REPORT_COLUMNS:
+        raise ThriftyError(f"--by must be one of: {', '.join(REPORT_COLUMNS)}")
     if fmt not in ("table", "json", "csv"):
         raise ThriftyError("--format must be table, json or csv")
     try:
@@ -578,6 +584,9 @@ def eval_run(
         str | None, typer.Option(help="alert when a model's pass rate is this many points below --baseline")
     ] = None,
     config: ConfigOpt = None,
+    via: Annotated[
+        str, typer.Option(help="realtime, or batch: the calls as batch jobs at batch prices")
+    ] = "realtime",
 ) -> None:
     """Call each model on a golden set through the gateway (priced, in the ledger as feature
     `eval`), score, and report accuracy with a confidence interval, cost, cost per success,
@@ -597,6 +606,7 @@ def eval_run(
         console=_console(),
         baseline=baseline,
         alert_drop=alert_drop,
+        via=via,
     )
     if results["pending"]:
         raise typer.Exit(1)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import sqlite3
 import time
@@ -22,6 +24,9 @@ from thrifty.context.stage import ContextStage
 from thrifty.context.summaries import SqliteSummaryStore, Summariser
 from thrifty.dedup.stage import Deduplicate
 from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
+from thrifty.experiments.feedback import FeedbackService
+from thrifty.experiments.stage import Experiments
+from thrifty.experiments.store import Feedback, SqliteExperimentStore
 from thrifty.guard.budgets import BudgetPlan, Limit
 from thrifty.guard.limits import InputLimits
 from thrifty.guard.output import OutputCeiling
@@ -35,7 +40,7 @@ from thrifty.providers.registry import build_providers
 from thrifty.providers.resilience import Resilience
 from thrifty.recording.stage import RecordingStage
 from thrifty.routing.resolve import ROUTE_PREFIX, ResolveModel
-from thrifty.routing.stage import RouteStage
+from thrifty.routing.stage import RouteStage, possible_calls
 from thrifty.settings import Settings
 from thrifty.stores.factory import Stores
 from thrifty.stores.keys import hash_key
@@ -47,6 +52,8 @@ from thrifty.types import ModelTarget, RequestStatus, Tags
 
 if TYPE_CHECKING:
     from thrifty.tracing import LedgerTracer
+
+log = logging.getLogger(__name__)
 
 
 def _targets(settings: Settings) -> dict[str, ModelTarget]:
@@ -144,13 +151,22 @@ class Gateway:
         self._keys: KeyDirectory | None = None
         accountant = self._accountant = Accountant(self.catalog, self.counter, self.ledger)
         unpriced = frozenset(a for a in self.targets if not self.catalog.is_priced(a))
+        # Route experiments: arms from the settings, then as promote/stop/release left them.
+        self.experiments = Experiments(settings.routes, self.targets)
+        self.experiment_store: SqliteExperimentStore | None = None
+        self.feedback = FeedbackService(None)  # observers subscribe here (see experiments/feedback.py)
+        self.feedback.subscribe(self._feedback_to_cache)
+        self._experiment_refresh: asyncio.Task[None] | None = None
         self.resolver = ResolveModel(
             self.targets,
             settings.routes,
             settings.tenants,
             refuse_unpriced=unpriced if settings.pricing.reject_unpriced else frozenset(),
+            experiments=self.experiments,
         )
         self.router = RouteStage(settings.routes, self.targets, _anthropic_models(settings))
+        route_calls = {name: self.router.possible_calls(name, r) for name, r in settings.routes.items()}
+        route_calls |= {key: possible_calls(r) for key, r in self.router.variant_routes.items()}
         self.budget_plan = BudgetPlan(settings)
         self.budget_book = self.stores.budget_book
         spend_guard = self._spend_guard = SpendGuard(
@@ -161,7 +177,7 @@ class Gateway:
             plan=self.budget_plan,
             book=self.budget_book,
             on_spend=self._budget_alerts,
-            route_calls={name: self.router.possible_calls(name, r) for name, r in settings.routes.items()},
+            route_calls=route_calls,
             anthropic=_anthropic_models(settings),
             shared=self.stores.shared_budgets,
             fallback=self.stores.budget_fallback,
@@ -281,7 +297,21 @@ class Gateway:
             await provider.start()
         self.batch.start()
         await self.batch_runner.start()
+        if not self.stores.postgres:
+            self.experiment_store = store = SqliteExperimentStore(self.db_path)
+            self.feedback.attach(store)
+            self.experiments.apply_state(await asyncio.to_thread(store.states))
+            self._experiment_refresh = asyncio.ensure_future(self._refresh_experiments(store))
         self._started = True
+
+    async def _refresh_experiments(self, store: SqliteExperimentStore) -> None:
+        """Arms changed by the CLI (promote, stop, a release step) reach this gateway soon."""
+        while True:
+            await asyncio.sleep(self.settings.experiments.refresh_s)
+            try:
+                self.experiments.apply_state(await asyncio.to_thread(store.states))
+            except sqlite3.Error as err:
+                log.warning("could not read the experiments' state: %s", err)
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -302,6 +332,15 @@ class Gateway:
     async def close(self) -> None:
         # Shadow verifications in flight finish first: they need the providers and write ledger rows.
         await self.semantic_cache.drain()
+        if self._experiment_refresh is not None:
+            self._experiment_refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._experiment_refresh
+            self._experiment_refresh = None
+        if self.experiment_store is not None:
+            self.feedback.attach(None)
+            self.experiment_store.close()
+            self.experiment_store = None
         await self.batch_runner.close()
         self.batch.close()
         if self.alerts is not None:
@@ -329,6 +368,12 @@ class Gateway:
     ) -> None:
         """The ledger entry of a semantic cache verification (its attempts have role ``verify``)."""
         await self.ledger.submit(self._accountant.entry(ctx, status, http_status, error))
+
+    def _feedback_to_cache(self, feedback: Feedback) -> None:
+        """`POST /v1/thrifty/feedback` with label `cache_wrong` on a semantic hit counts as a failed
+        verification of that hit (the same as the `x-thrifty-cache-wrong` header)."""
+        if feedback.cache == "semantic" and feedback.label == "cache_wrong":
+            self.cache_feedback(feedback.tenant_id, feedback.request_id, wrong=True)
 
     def cache_feedback(self, tenant: str, request_id: str, wrong: bool) -> bool:
         """A user's verdict on an earlier answer of ``tenant``'s, for the semantic cache.

@@ -56,6 +56,14 @@ class RequestContext:
     context_report: dict[str, Any] | None = None
     # Filled by accounting once the ledger entry is committed; a stream's last event carries it.
     trailer: dict[str, Any] | None = None
+    # Route experiments: the arm this request was assigned, and the routing plan that arm uses
+    # (None: the route's own; "": a fixed model; "ROUTE/ARM": the arm's cascade).
+    variant: str | None = None
+    route_plan: str | None = None
+
+    def plan_key(self) -> str | None:
+        """Which routing plan (cascade, worst-case calls) applies: the route's or its arm's."""
+        return self.route if self.route_plan is None else (self.route_plan or None)
 
 
 @dataclass(slots=True)

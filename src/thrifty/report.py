@@ -15,7 +15,7 @@ from thrifty.stores.ports import LedgerReader
 from thrifty.stores.readers import SqliteLedgerReader
 from thrifty.types import decimal_text
 
-GroupBy = Literal["tenant", "feature", "route", "prompt_version", "model", "day", "user"]
+GroupBy = Literal["tenant", "feature", "route", "prompt_version", "model", "day", "user", "variant"]
 GROUP_COLUMNS: dict[str, str] = {
     "tenant": "tenant_id",
     "feature": "feature",
@@ -25,6 +25,9 @@ GROUP_COLUMNS: dict[str, str] = {
     "user": "user",
     "day": "ts",
 }
+# What `thrifty report --by` groups by: the rollups' dimensions, and those only a ledger scan
+# answers (an experiment's arm, named within its route: "support/cheap").
+REPORT_COLUMNS: dict[str, str] = {**GROUP_COLUMNS, "variant": "route || '/' || variant"}
 
 
 @dataclass(slots=True)
@@ -141,11 +144,11 @@ def build_report(
 ) -> list[ReportRow]:
     """Scan the ledger (SQLite or PostgreSQL, through the LedgerReader port): rows with
     since <= ts < until (each optional), of one tenant if given."""
-    if by not in GROUP_COLUMNS:
-        raise ValueError(f"--by must be one of {', '.join(GROUP_COLUMNS)}")
+    if by not in REPORT_COLUMNS:
+        raise ValueError(f"--by must be one of {', '.join(REPORT_COLUMNS)}")
     reader = SqliteLedgerReader(source) if isinstance(source, sqlite3.Connection) else source
     rows: dict[str | None, ReportRow] = {}
-    for row_values in reader.report_rows(GROUP_COLUMNS[by], since, until, tenant):
+    for row_values in reader.report_rows(REPORT_COLUMNS[by], since, until, tenant):
         (
             key,
             status,

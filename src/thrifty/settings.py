@@ -58,12 +58,37 @@ class PriceOverride(_Strict):
     cache_write_per_mtok: Decimal | None = Field(default=None, ge=0)
     cache_write_1h_per_mtok: Decimal | None = Field(default=None, ge=0)  # default: cache_write_per_mtok
     flat_per_mtok: Decimal | None = Field(default=None, ge=0)
+    # Self-hosted by GPU time: what the GPU costs an hour and the tokens (input + output) it serves an
+    # hour at full load (`thrifty release advance` measures it in its bench step); each token costs
+    # gpu_usd_per_hour / (gpu_tokens_per_hour x gpu_utilisation), the share of hours the GPU is busy.
+    gpu_usd_per_hour: Decimal | None = Field(default=None, gt=0)
+    gpu_tokens_per_hour: int | None = Field(default=None, gt=0)
+    gpu_utilisation: Decimal = Field(default=Decimal(1), gt=0, le=1)
 
     @model_validator(mode="after")
     def _complete(self) -> PriceOverride:
+        if (self.gpu_usd_per_hour is None) != (self.gpu_tokens_per_hour is None):
+            raise ValueError("GPU-time pricing needs both gpu_usd_per_hour and gpu_tokens_per_hour")
+        if self.gpu_usd_per_hour is not None:
+            if self.flat_per_mtok is not None or self.input_per_mtok is not None:
+                raise ValueError("price a model by GPU time or per token, not both")
+            return self
         if self.flat_per_mtok is None and (self.input_per_mtok is None or self.output_per_mtok is None):
-            raise ValueError("give flat_per_mtok, or both input_per_mtok and output_per_mtok")
+            raise ValueError(
+                "give flat_per_mtok, or both input_per_mtok and output_per_mtok "
+                "(or, self-hosted by GPU time, gpu_usd_per_hour with gpu_tokens_per_hour)"
+            )
         return self
+
+    def gpu_flat_per_mtok(self) -> Decimal | None:
+        """USD per million tokens implied by GPU time at the assumed utilisation."""
+        if self.gpu_usd_per_hour is None or self.gpu_tokens_per_hour is None:
+            return None
+        return (
+            self.gpu_usd_per_hour
+            * Decimal(1_000_000)
+            / (Decimal(self.gpu_tokens_per_hour) * self.gpu_utilisation)
+        )
 
 
 class BudgetSettings(_Strict):
@@ -381,6 +406,70 @@ class BatchSettings(_Strict):
     lease_s: float = Field(default=30.0, gt=0)
 
 
+class StopRuleSettings(_Strict):
+    """The sequential test that stops a variant whose failure rate is worse than the baseline's by
+    more than `margin` (absolute: 0.005 is half a point), with a false-stop rate of at most `alpha`
+    however often it is checked (a mixture SPRT; see docs/experiments.md)."""
+
+    margin: float = Field(default=0.0, ge=0, lt=1)
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    # The mixture's scale: the size of difference the test is tuned to find fastest.
+    tau: float = Field(default=0.02, gt=0, lt=1)
+    min_requests: int = Field(default=100, ge=1)  # per arm, before the test may stop anything
+
+
+class VariantSettings(_Strict):
+    """One arm of an experiment: the route as configured, or with its model, prompt version, system
+    prompt or cascade tiers replaced."""
+
+    weight: float = Field(ge=0)
+    model: str | None = None  # a fixed model for this arm
+    tiers: list[str] = Field(default_factory=list)  # a cascade for this arm, cheapest first
+    gates: list[GateSettings] = Field(default_factory=list)  # the cascade's quality gates
+    prompt_version: str | None = None  # recorded as the request's prompt version
+    system_prompt: str | None = None  # replaces (or adds) the request's system message
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> VariantSettings:
+        if self.model is not None and self.tiers:
+            raise ValueError("a variant sets model or tiers (a cascade), not both")
+        if self.tiers and len(self.tiers) < 2:
+            raise ValueError("a cascade variant needs two or more tiers")
+        if self.gates and not self.tiers:
+            raise ValueError("gates apply to a cascade variant (give tiers)")
+        return self
+
+
+class ExperimentSettings(_Strict):
+    """Variants of a route with weights (A/B or canary), assigned sticky by a hash of the user."""
+
+    variants: dict[str, VariantSettings]
+    baseline: str | None = None  # the arm the others are compared with; default the first
+    sticky_by: Literal["user", "tenant"] = "user"  # requests without a user fall back to the tenant
+    salt: str = ""  # change it to reshuffle who gets which arm
+    stop: StopRuleSettings = Field(default_factory=StopRuleSettings)
+    # Feedback labels that count a request as failed (besides correct: false and errors).
+    failure_labels: list[str] = Field(default_factory=lambda: ["wrong", "bad", "cache_wrong"])
+    # Feedback scores below this count as failed (unset: scores are reported, not judged).
+    min_score: float | None = None
+
+    @model_validator(mode="after")
+    def _arms(self) -> ExperimentSettings:
+        if not self.variants:
+            raise ValueError("an experiment needs at least one variant")
+        if self.baseline is not None and self.baseline not in self.variants:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the variants")
+        if sum(v.weight for v in self.variants.values()) <= 0:
+            raise ValueError("the variants' weights must add up to more than 0")
+        for name in self.variants:
+            if not name or "/" in name or not name.isprintable() or len(name) > 64:
+                raise ValueError(f"variant name {name!r}: 1-64 printable characters, no '/'")
+        return self
+
+    def baseline_name(self) -> str:
+        return self.baseline or next(iter(self.variants))
+
+
 class RouteSettings(_Strict):
     model: str
     max_input_tokens: int | None = Field(default=None, gt=0)
@@ -420,6 +509,8 @@ class RouteSettings(_Strict):
     defer: DeferSettings | None = None
     # Store (a sample of) the route's requests and answers, redacted, for `thrifty simulate`.
     record: RecordSettings | None = None
+    # A/B or canary variants of this route (see docs/experiments.md).
+    experiment: ExperimentSettings | None = None
 
     def cascade_tiers(self) -> list[str]:
         """The tiers a cascade may call, in order, within max_escalations."""
@@ -497,6 +588,11 @@ class SharedStateSettings(_Strict):
         if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"url must be redis://HOST:PORT/DB, got {self.url!r}")
         return self
+
+
+class ExperimentsSettings(_Strict):
+    # How soon a promote, stop or release step recorded by the CLI reaches a running gateway.
+    refresh_s: float = Field(default=5.0, gt=0)
 
 
 class ServerSettings(_Strict):
@@ -607,6 +703,7 @@ class Settings(_Strict):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
+    experiments: ExperimentsSettings = Field(default_factory=ExperimentsSettings)
     providers: dict[str, ProviderSettings]
     models: dict[str, ModelSettings]
     routes: dict[str, RouteSettings] = Field(default_factory=dict)
@@ -631,6 +728,16 @@ class Settings(_Strict):
                 ("pin", list(route.pin.values())),
                 ("gates.voters", [v for g in route.gates for v in g.voters]),
                 ("router.models", list(route.router.models.values()) if route.router else []),
+                (
+                    "experiment.variants",
+                    [
+                        a
+                        for v in (route.experiment.variants.values() if route.experiment else ())
+                        for a in ([v.model] if v.model else [])
+                        + v.tiers
+                        + [voter for g in v.gates for voter in g.voters]
+                    ],
+                ),
             ]
             for where, aliases in named:
                 for alias in aliases:

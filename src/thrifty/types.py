@@ -133,6 +133,7 @@ class LedgerEntry:
     stream: bool = False
     # Context budgets: tokens per section before and after, what was done (see context/report.py).
     context: dict[str, Any] | None = None
+    variant: str | None = None  # the experiment arm the request was assigned (route experiments)
 
 
 @dataclass(frozen=True, slots=True)

@@ -361,3 +361,36 @@ def bench_batch(
     report = run_batch_bench(sizes, json_out, _console(), provider)
     if not report["cpu_ok"] or not report["cost_ratio_exact"]:
         raise typer.Exit(1)
+
+
+@bench_app.command("experiment")
+def bench_experiment(
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="ZeroEval JSONL file(s) or dir(s); repeatable (default ../shared/data/routing/zeroeval)"
+        ),
+    ] = None,
+    baseline: Annotated[str, typer.Option(help="the baseline model")] = "gpt-4o-2024-08-06",
+    variant: Annotated[str, typer.Option(help="the recorded variant model")] = "gpt-4o-mini-2024-07-18",
+    share: Annotated[float, typer.Option(help="the canary's share of users")] = 0.1,
+    drop: Annotated[float, typer.Option(help="the planted drop in accuracy (0.02: 2 points)")] = 0.02,
+    runs: Annotated[int, typer.Option(help="simulated canaries per scenario")] = 200,
+    horizon: Annotated[int, typer.Option(help="requests per simulated canary")] = 100_000,
+    margin: Annotated[float, typer.Option(help="the stop rule's margin (absolute failure rate)")] = 0.0,
+    alpha: Annotated[float, typer.Option(help="the stop rule's false-stop rate")] = 0.05,
+    tau: Annotated[float, typer.Option(help="the stop rule's mixture scale")] = 0.02,
+    min_requests: Annotated[int, typer.Option(help="requests per arm before the rule may stop")] = 100,
+    seed: Annotated[int, typer.Option(help="random seed")] = 7,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+) -> None:
+    """Simulate canaries from recorded labelled outputs: the stop rule's false-stop rate with no
+    true difference, and the requests it needs to stop a planted drop and the recorded variant."""
+    from thrifty.bench.experiment import run_experiment_bench
+
+    run_experiment_bench(
+        data or [Path("../shared/data/routing/zeroeval")], baseline=baseline, variant=variant,
+        share=share, drop=drop, runs=runs, horizon=horizon,
+        margin=margin, alpha=alpha, tau=tau, min_requests=min_requests, seed=seed, json_out=json_out,
+        console=_console(),
+    )  # fmt: skip

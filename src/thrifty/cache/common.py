@@ -19,7 +19,7 @@ def answer_scope(ctx: RequestContext, per_user: bool) -> list[Any]:
     """Who may share an answer: the same tenant (never across tenants), user when answers are
     personal, route, prompt version, corpus version and requested model. Both caches key on it."""
     tags = ctx.tags
-    return [
+    scope = [
         tags.tenant_id,
         tags.user if per_user else None,
         ctx.route,
@@ -27,6 +27,9 @@ def answer_scope(ctx: RequestContext, per_user: bool) -> list[Any]:
         tags.corpus_version,
         ctx.requested_model,
     ]
+    if ctx.variant is not None:
+        scope.append(ctx.variant)  # an experiment's arms never answer from each other's entries
+    return scope
 
 
 class CachePolicy(Protocol):

@@ -135,7 +135,8 @@ class Deduplicate:
         if idem is not None:
             key: tuple[str, ...] = (ctx.tags.tenant_id, "key", idem)
         elif ctx.route is not None and ctx.route in self._coalesce:
-            key = (ctx.tags.tenant_id, "flight", fingerprint(ctx))
+            # An experiment's arms answer the same question differently: never one arm for another.
+            key = (ctx.tags.tenant_id, "flight", fingerprint(ctx), ctx.variant or "")
         else:
             return await call_next(ctx)
         request_fingerprint = fingerprint(ctx)

@@ -2,9 +2,10 @@
 
 Phases against one gateway and one embedded SQLite ledger, all answered offline by the replay
 provider: mixed traffic from two tenants (exact cache, idempotent retries, budgets, streams), a
-cascade route on real recorded model outputs scored against reference answers, support traffic on
-the semantic cache with real Banking77 queries, a nightly batch. Then the report, and the savings
-stack of a candidate's settings on the demo workload (`thrifty simulate`'s engine, offline).
+cascade route on real recorded model outputs scored against reference answers, a canary on a route
+with feedback from those scores, support traffic on the semantic cache with real Banking77 queries,
+a nightly batch. Then the report, and the savings stack of a candidate's settings on the demo
+workload (`thrifty simulate`'s engine, offline).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from thrifty.demo import cascade, nightly, support
+from thrifty.demo import canary, cascade, nightly, support
 from thrifty.demo.traffic import MODELS, TENANTS, DemoWorkload, drive, load_workload
 from thrifty.settings import Settings, settings_from_mapping
 
@@ -44,6 +45,7 @@ def demo_settings(
         # The tutor route caches exact repeats: popular questions are asked again and again.
         "tutor": {"model": "gpt-4o-mini", "max_input_tokens": 4000, "cache": {"ttl_s": 3600}},
         cascade.ROUTE: cascade.ROUTE_SETTINGS,
+        canary.ROUTE: canary.ROUTE_SETTINGS,
     }
     if router is not None:
         routes[cascade.LEARNED_ROUTE] = cascade.learned_route_settings(router)
@@ -159,6 +161,14 @@ def run_demo(
                         learned=router_path is not None,
                     )
                 )
+                canary_sent = 0
+                if prompts:
+                    canary_task = progress.add_task("canary with feedback", total=len(prompts))
+                    canary_sent = asyncio.run(
+                        canary.drive_canary(
+                            server.base_url, keys["acme"], prompts, lambda: progress.advance(canary_task)
+                        )
+                    )
                 support_stats = None
                 if support_work is not None:
                     support_task = progress.add_task(
@@ -195,6 +205,8 @@ def run_demo(
         )
         for line in cascade.summary(cascade_stats, trained_on) if prompts else []:
             print_fn(line)
+        for line in canary.summary(settings, db_path) if canary_sent else []:
+            print_fn(line)
         if support_work is not None and support_stats is not None:
             saved = sum((Decimal(v) for (v,) in conn.execute(_SAVED_BY_FEATURE, ("support",))), Decimal(0))
             floor = settings.routes[support.ROUTE].semantic_cache
@@ -209,6 +221,7 @@ def run_demo(
         sent = (
             stats.sent
             + (3 if router_path is not None else 2) * cascade_stats.prompts
+            + canary_sent
             + (len(support_work.seeds) + support_stats.lookups if support_work and support_stats else 0)
             + (nightly_stats.sent if nightly_stats is not None else 0)
         )

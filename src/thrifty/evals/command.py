@@ -100,6 +100,11 @@ def journal_path(out: Path) -> Path:
     return out.with_name(out.name + ".journal")
 
 
+def batches_path(out: Path) -> Path:
+    """`--via batch`: each model's batch id, so a rerun waits for it instead of sending again."""
+    return out.with_name(out.name + ".batches")
+
+
 def labelled_path(out: Path) -> Path:
     return out.with_name(out.stem + ".zeroeval.jsonl")
 
@@ -118,6 +123,7 @@ def run_command(
     console: Console,
     baseline: Path | None = None,
     alert_drop: str | None = None,
+    via: str = "realtime",
 ) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
@@ -129,6 +135,10 @@ def run_command(
 
     if concurrency < 1:
         raise InvalidData("--concurrency must be at least 1")
+    if via not in ("realtime", "batch"):
+        raise InvalidData("--via must be realtime or batch")
+    if via == "batch" and settings.storage.backend != "sqlite":
+        raise InvalidData("--via batch needs storage on SQLite for now (the batch store is SQLite only)")
     if not 0.5 <= confidence < 1:
         raise InvalidData("--confidence must be in [0.5, 1)")
     if (baseline is None) != (alert_drop is None):
@@ -155,10 +165,20 @@ def run_command(
             ) as progress:  # fmt: skip
                 task = progress.add_task("eval", total=todo)
                 async with Gateway(settings, secrets=resolve_secrets(settings, os.environ)) as gateway:
-                    left = await run_eval(
-                        gateway, golden, systems, journal, tenant=who, concurrency=concurrency,
-                        on_done=lambda: progress.advance(task),
-                    )  # fmt: skip
+                    if via == "batch":
+                        from thrifty.evals.batch_path import run_eval_batch
+
+                        await run_eval_batch(
+                            gateway, golden, systems, journal, batches_path(out), tenant=who,
+                            poll_s=min(settings.batch.poll_interval_s, 5.0),
+                            on_done=lambda: progress.advance(task),
+                        )  # fmt: skip
+                        left: list[tuple[str, str]] = []
+                    else:
+                        left = await run_eval(
+                            gateway, golden, systems, journal, tenant=who, concurrency=concurrency,
+                            on_done=lambda: progress.advance(task),
+                        )  # fmt: skip
                     drifts: list[Drift] = []
                     if base is not None and drop is not None:
                         now = summarise(golden, systems, journal.records, confidence)

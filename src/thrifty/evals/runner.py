@@ -76,6 +76,19 @@ async def _one(
         judge_cost_usd=None,
         error=None,
     )
+    return await score_record(gateway, journal, system, item, tenant, record, output)
+
+
+async def score_record(
+    gateway: Gateway,
+    journal: Journal,
+    system: str,
+    item: GoldenItem,
+    tenant: str,
+    record: dict[str, Any],
+    output: str,
+) -> dict[str, Any] | None:
+    """Score an answered item (asking the judge through the gateway where the scorer is one)."""
     if item.scorer == "judge":
         try:
             reply, judge_cost, _, _ = await _ask(

@@ -231,7 +231,7 @@ class SpendGuard:
         def cost(calls: list[tuple[str, Usage]]) -> list[Decimal]:
             return [c for c in (self._call_cost(a, u) for a, u in calls) if c is not None]
 
-        calls = self._route_calls.get(ctx.route or "")
+        calls = self._route_calls.get(ctx.plan_key() or "")
         spare = [(a, usage(a)) for a in (route.fallbacks if route else ())]
         spare_tokens = max((tokens(u) for _, u in spare), default=0)
         if calls:
@@ -256,7 +256,7 @@ class SpendGuard:
 
     def _worst_case_of(self, ctx: RequestContext) -> str:
         assert ctx.target is not None
-        calls = self._route_calls.get(ctx.route or "")
+        calls = self._route_calls.get(ctx.plan_key() or "")
         if calls:
             return f"on every call cascade route {ctx.route!r} may make ({', '.join(calls)})"
         return f"on {ctx.target.alias!r}"

@@ -46,8 +46,10 @@ class Rates:
 
     @classmethod
     def from_override(cls, price: PriceOverride) -> Rates:
-        if price.flat_per_mtok is not None:
-            flat = price.flat_per_mtok
+        gpu = price.gpu_flat_per_mtok()
+        if price.flat_per_mtok is not None or gpu is not None:
+            flat = price.flat_per_mtok if price.flat_per_mtok is not None else gpu
+            assert flat is not None
             return cls(flat, flat, flat, flat, flat)
         assert price.input_per_mtok is not None and price.output_per_mtok is not None
         inp = price.input_per_mtok

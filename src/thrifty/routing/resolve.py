@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from thrifty.errors import NotFound, PermissionDenied, UnpricedModel
+from thrifty.experiments.stage import Experiments
 from thrifty.pipeline import Handler, RequestContext, Result
 from thrifty.settings import RouteSettings, TenantSettings
 from thrifty.types import ModelTarget
@@ -20,7 +21,9 @@ class ResolveModel:
         tenants: Mapping[str, TenantSettings],
         *,
         refuse_unpriced: frozenset[str] = frozenset(),
+        experiments: Experiments | None = None,
     ) -> None:
+        self.experiments = experiments
         self._targets = dict(targets)
         # Aliases without a known price, refused only when settings say pricing.reject_unpriced.
         self._refuse_unpriced = refuse_unpriced
@@ -54,6 +57,8 @@ class ResolveModel:
                 param="model",
             )
         ctx.route, ctx.target = self.resolve(ctx.requested_model)
+        if ctx.route is not None and self.experiments is not None and self.experiments.arms:
+            self.experiments.apply(ctx)
         if ctx.target.alias in self._refuse_unpriced:
             raise UnpricedModel(
                 f"model {ctx.target.alias!r} has no known price and pricing.reject_unpriced is set; "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from thrifty.errors import ConfigError, ThriftyError
+from thrifty.experiments.assign import Arm, variant_route
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.providers.resilience import RETRYABLE
@@ -139,6 +140,14 @@ class RouteStage:
             for name, r in routes.items()
             if r.router is not None and r.strategy != "fixed" and not r.tiers
         }
+        # Experiment arms with their own cascade, keyed ROUTE/ARM (ctx.plan_key()).
+        self.variant_routes: dict[str, RouteSettings] = {}
+        for name, r in routes.items():
+            for arm_name, v in r.experiment.variants.items() if r.experiment else ():
+                if v.tiers:
+                    key = f"{name}/{arm_name}"
+                    self.variant_routes[key] = variant_route(r, Arm.of(arm_name, v))
+                    self._cascades[key] = cascade_plan(name, self.variant_routes[key])
 
     @property
     def active(self) -> bool:
@@ -166,6 +175,9 @@ class RouteStage:
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
         if ctx.route is None:
             return await call_next(ctx)
+        if ctx.route_plan is not None:  # an experiment arm: its fixed model, or its own cascade
+            arm_plan = self._cascades.get(ctx.route_plan) if ctx.route_plan else None
+            return await (call_next(ctx) if arm_plan is None else self._cascade(ctx, call_next, arm_plan))
         pinned = self._pins.get(ctx.route, {}).get(ctx.tags.task or "")
         if pinned is not None:
             ctx.target = self._targets[pinned]

@@ -109,6 +109,8 @@ def _accounting_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
         out.append((b"x-thrifty-cache", ctx.cache.encode()))
     if ctx.route:
         out.append((b"x-thrifty-route", ctx.route.encode()))
+    if ctx.variant is not None:
+        out.append((b"x-thrifty-variant", ctx.variant.encode()))
     if ctx.budget_remaining is not None:
         out.append((b"x-thrifty-budget-remaining", ctx.budget_remaining.encode()))
     return out
@@ -210,6 +212,10 @@ class ThriftyApp:
                 await self._send_metrics(self._metrics, _headers(scope), send)
             elif self._dashboard is not None and (path == "/dashboard" or path.startswith("/dashboard/")):
                 await self._dashboard(scope, receive, send)
+            elif path == "/v1/thrifty/feedback":
+                if method != "POST":
+                    raise _MethodNotAllowed(f"{path} accepts POST only")
+                await self._feedback(scope, receive, send)
             elif path.startswith(("/v1/files", "/v1/batches", "/v1/thrifty/")):
                 await self._batch(scope, receive, send)
             else:
@@ -270,6 +276,16 @@ class ThriftyApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _feedback(self, scope: Scope, receive: Receive, send: Send) -> None:
+        tenant = self.gateway.authenticate(_headers(scope).get("authorization"))
+        raw = await self._read_body(receive)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as err:
+            raise InvalidRequest(f"the feedback body is not valid JSON: {err}") from err
+        feedback, stored = await self.gateway.feedback.record(tenant, body)
+        await _send_json(send, 200, {"object": "thrifty.feedback", **feedback.to_json(), "stored": stored})
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = _headers(scope)

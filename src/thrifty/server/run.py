@@ -11,7 +11,8 @@ from pathlib import Path
 
 import uvicorn
 
-from thrifty.server.app import create_app
+from thrifty.gateway import Gateway
+from thrifty.server.app import ThriftyApp, create_app
 from thrifty.settings import Settings
 
 
@@ -31,10 +32,15 @@ def server_options() -> dict[str, object]:
 
 
 def uvicorn_config(
-    settings: Settings, secrets: Mapping[str, str | None], *, host: str, port: int
+    settings: Settings,
+    secrets: Mapping[str, str | None],
+    *,
+    host: str,
+    port: int,
+    app: ThriftyApp | None = None,
 ) -> uvicorn.Config:
     return uvicorn.Config(
-        create_app(settings, secrets=secrets),
+        app or create_app(settings, secrets=secrets),
         host=host,
         port=port,
         **server_options(),  # type: ignore[arg-type]
@@ -92,7 +98,11 @@ class BackgroundServer:
         self._sock.bind((host, 0))
         self.host = host
         self.port = self._sock.getsockname()[1]
-        config = uvicorn_config(settings, secrets or {}, host=host, port=self.port)
+        self.app = create_app(settings, secrets=secrets or {})
+        # The composition root of this server: where a test (or an embedding app) subscribes
+        # feedback observers before the first request.
+        self.gateway: Gateway = self.app.gateway
+        config = uvicorn_config(settings, secrets or {}, host=host, port=self.port, app=self.app)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="thrifty-server", daemon=True)
 

@@ -39,7 +39,7 @@ _COLUMNS = (
     "request_id, ts, tenant_id, user, feature, route, prompt_version, model, provider, attempts, "
     "input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, "
     "usage_estimated, cost_usd, saved_usd, cache, escalated, retries, retry_cost_usd, status, "
-    "http_status, error, latency_ms, ttft_ms, idempotency_key, batch, stream, context"
+    "http_status, error, latency_ms, ttft_ms, idempotency_key, batch, stream, context, variant"
 )
 _N_COLUMNS = len(_COLUMNS.split(","))
 INSERT_ENTRY_SQL = f"INSERT OR IGNORE INTO ledger ({_COLUMNS}) VALUES ({', '.join('?' * _N_COLUMNS)})"
@@ -88,6 +88,7 @@ def entry_row(entry: LedgerEntry) -> tuple[Any, ...]:
         int(entry.batch),
         int(entry.stream),
         None if entry.context is None else orjson.dumps(entry.context).decode(),
+        entry.variant,
     )
 
 

@@ -319,6 +319,12 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX semantic_partition_state_scope ON semantic_partition_state (tenant_id, route)
         """,
     ),
+    (
+        7,
+        # Experiments: the variant a request was assigned (SQLite's migration 14). Feedback and
+        # experiment state are SQLite-only so far (the gateway says so at start).
+        "ALTER TABLE ledger ADD COLUMN variant TEXT",
+    ),
 )
 
 __all__ = ["POSTGRES_MIGRATIONS", "SQLITE_MIGRATIONS"]

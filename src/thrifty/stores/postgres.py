@@ -70,6 +70,7 @@ LEDGER_COLUMNS = (
     "batch",
     "stream",
     "context",
+    "variant",
 )
 _CASTS = {
     "attempts": "::jsonb",
@@ -282,7 +283,13 @@ class PostgresLedgerWriter:
                 return 0
             os.replace(self._spool, self._replaying_path)  # new spills go to a fresh file
         lines = self._replaying_path.read_bytes().splitlines()
-        rows = [tuple(orjson.loads(line)) for line in lines if line.strip()]
+        # A spool written before a column was added (e.g. `variant`) has shorter rows: the new
+        # columns are NULL for them, as they are for old rows in the table.
+        width = len(LEDGER_COLUMNS)
+        rows = [
+            (values + [None] * (width - len(values)))
+            for values in (list(orjson.loads(line)) for line in lines if line.strip())
+        ]
         conn = await _psycopg().AsyncConnection.connect(conninfo(self._url), connect_timeout=2)
         try:
             for start in range(0, len(rows), self._batch_max):

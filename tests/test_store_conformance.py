@@ -160,6 +160,31 @@ async def test_a_reservation_whose_replica_died_is_released_after_its_lease(
         await state.close()
 
 
+async def test_a_hold_with_its_own_lease_outlives_the_stores_lease(services: ServiceDir, redis_prefix: str):
+    # A batch item's hold lasts its provider's window, not the real-time lease: a day-long batch
+    # keeps its worst case held on every replica until its result is settled.
+    state = RedisState(
+        SharedStateSettings(url=services.redis_url, prefix=redis_prefix, reservation_lease_s=0.3)
+    )
+    store = RedisBudgets(state)
+    try:
+        now = time.time()
+        limits = [usd("2")]
+        held = await store.reserve(limits, now, Decimal("1"), 1, reservation_id="batch-item", lease_s=3600)
+        assert held.reservation is not None
+        assert (await store.reserve(limits, now, Decimal("1"), 1)).reservation is not None  # lease 0.3 s
+        await asyncio.sleep(0.4)
+        # The short hold is let go (at the next reserve), the batch hold stays: 1 of 2 left.
+        assert (await store.reserve(limits, now, Decimal("1.5"), 1)).refused == 0
+        again = await store.reserve(limits, now, Decimal("1"), 1)
+        assert again.reservation is not None and again.left == [Decimal(0)]
+        await store.settle(again.reservation, Decimal(0), 0)
+        assert await store.settle(held.reservation, Decimal("0.5"), 1) == [Decimal("0.5")]
+        assert await store.remaining(limits, now) == [Decimal("1.5")]
+    finally:
+        await state.close()
+
+
 async def test_admission_and_reservation_in_one_script_reserve_nothing_for_a_refused_request(
     services: ServiceDir, redis_prefix: str
 ):

@@ -4,9 +4,10 @@ is sent (a job all or nothing), settled item by item as results arrive.
 In-process (one replica, or PostgreSQL without shared state) the holds are in the gateway's budget
 book, with no await inside a job's reservation, so it is atomic on the event loop. With shared
 budgets (Redis) they are in the shared store, like real-time requests': a batch item's spend
-counts on every replica. A shared hold lasts the store's lease (`reservation_lease_s`) while a batch
-may take a day; its spend is added when the item is settled, on whichever replica records the
-result: the hold's id is the item's, so that replica (or a restarted one) releases it too.
+counts on every replica. A shared hold lasts as long as a provider batch may take (BATCH_HOLD_S), not
+the real-time lease, so an item's worst case stays held until its result lands; its spend is added
+when the item is settled, on whichever replica records the result: the hold's id is the item's, so
+that replica (or a restarted one) releases it too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from thrifty.stores.ports import Limit, SharedBudgetStore, window_bounds
 log = logging.getLogger(__name__)
 
 _ZERO = Decimal(0)
+# The providers' completion window (24 h) plus an hour to collect the results: a hold that outlives
+# it belongs to a batch that expired, whose items are settled when the expiry is recorded.
+BATCH_HOLD_S = 25 * 3600.0
 
 
 class BatchReservations:
@@ -55,7 +59,12 @@ class BatchReservations:
                 limits = self._limits(tenant, tags, item.route)
                 usd = item.reserve_usd or _ZERO
                 outcome = await self._shared.reserve(
-                    limits, now, usd, item.reserve_tokens, reservation_id=_hold_id(item.request_id)
+                    limits,
+                    now,
+                    usd,
+                    item.reserve_tokens,
+                    reservation_id=_hold_id(item.request_id),
+                    lease_s=BATCH_HOLD_S,
                 )
                 if outcome.reservation is None:
                     assert outcome.refused is not None

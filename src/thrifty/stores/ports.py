@@ -157,10 +157,12 @@ class SharedBudgetStore(Protocol):
         tokens: int,
         admit: AdmitRequest | None = None,
         reservation_id: str | None = None,
+        lease_s: float | None = None,
     ) -> ReserveOutcome:
         """Reserve on every limit or none, after `admit` (when given) in the same round trip.
         `reservation_id` (default: a new one) is also the settle id: a batch item's, so that any
-        replica recording its result releases its hold."""
+        replica recording its result releases its hold. `lease_s` (default: the store's lease) is
+        how long the hold lasts unsettled: a batch item's lasts its provider's window."""
         ...
 
     async def settle(self, reservation: Reservation, usd: Decimal, tokens: int) -> list[Decimal]:

@@ -284,9 +284,11 @@ class RedisBudgets:
         tokens: int,
         admit: AdmitRequest | None = None,
         reservation_id: str | None = None,
+        lease_s: float | None = None,
     ) -> ReserveOutcome:
         counters: list[CounterKey] = []
-        args: list[Any] = [self._lease_ms, reservation_id or _new_id(), 0]
+        lease_ms = self._lease_ms if lease_s is None else int(lease_s * 1000)
+        args: list[Any] = [lease_ms, reservation_id or _new_id(), 0]
         ttl = 0
         for limit in limits:
             start, end = window_bounds(ts, limit.window)

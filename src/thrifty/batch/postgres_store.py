@@ -21,93 +21,30 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable, Iterator
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from thrifty.batch.flush import QueueGroup
-from thrifty.batch.states import ITEM_OPEN, STATUS_TIME
+from thrifty.batch.rows import (
+    ITEM_COLUMNS,
+    JOB_COLUMNS,
+    OPEN_STATES,
+    TIME_COLUMNS,
+    dump_json,
+    item_record,
+    job_record,
+    upstream_record,
+)
+from thrifty.batch.states import STATUS_TIME
 from thrifty.batch.store import FileRecord, Item, ItemResult, JobRecord, NewItem, UpstreamBatch
 from thrifty.errors import SharedStateUnavailable
 from thrifty.stores import postgres
 from thrifty.stores.ledger import entry_row
 from thrifty.types import LedgerEntry, decimal_text
 
-_JOB_COLUMNS = (
-    "job_id, kind, tenant_id, input_file_id, endpoint, completion_window, status, metadata, tags, errors, "
-    "webhook_url, idempotency_key, created_at, expires_at, in_progress_at, finalizing_at, completed_at, "
-    "failed_at, expired_at, cancelling_at, cancelled_at, delivered_at"
-)
-_TIME_COLUMNS = (
-    "in_progress_at",
-    "finalizing_at",
-    "completed_at",
-    "failed_at",
-    "expired_at",
-    "cancelling_at",
-    "cancelled_at",
-)
-_ITEM_COLUMNS = (
-    "request_id, job_id, custom_id, state, model, route, provider, body, reserve_usd, reserve_tokens, "
-    "created_at, status_code, response, error"
-)
-_OPEN = list(sorted(ITEM_OPEN))
 _CHUNK_BYTES = 1 << 20  # an uploaded file's bytes per row
 _PAGE = 500
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
-
-
-def _load(value: str | None) -> Any:
-    return None if value is None else orjson.loads(value)
-
-
-def _job(row: tuple[Any, ...]) -> JobRecord:
-    return JobRecord(
-        job_id=row[0],
-        kind=row[1],
-        tenant_id=row[2],
-        input_file_id=row[3],
-        endpoint=row[4],
-        completion_window=row[5],
-        status=row[6],
-        metadata=_load(row[7]),
-        tags=_load(row[8]) or {},
-        errors=_load(row[9]),
-        webhook_url=row[10],
-        idempotency_key=row[11],
-        created_at=row[12],
-        expires_at=row[13],
-        times=dict(zip(_TIME_COLUMNS, row[14:21], strict=True)),
-        delivered_at=row[21],
-    )
-
-
-def _upstream(r: tuple[Any, ...]) -> UpstreamBatch:
-    return UpstreamBatch(r[0], r[1], r[2], r[3], r[4], r[5], r[6], created_at=r[7], adopted=bool(r[8]))
-
-
-def _item(row: tuple[Any, ...]) -> Item:
-    return Item(
-        request_id=row[0],
-        job_id=row[1],
-        custom_id=row[2],
-        state=row[3],
-        model=row[4],
-        route=row[5],
-        provider=row[6],
-        body=_load(row[7]),
-        reserve_usd=None if row[8] is None else Decimal(row[8]),
-        reserve_tokens=row[9],
-        created_at=row[10],
-        status_code=row[11],
-        response=_load(row[12]),
-        error=_load(row[13]),
-    )
+_OPEN = list(OPEN_STATES)
 
 
 class PostgresBatchStore:
@@ -229,20 +166,20 @@ class PostgresBatchStore:
             job.endpoint,
             job.completion_window,
             job.status,
-            _json(job.metadata),
-            _json(job.tags),
-            _json(job.errors),
+            dump_json(job.metadata),
+            dump_json(job.tags),
+            dump_json(job.errors),
             job.webhook_url,
             job.idempotency_key,
             job.created_at,
             job.expires_at,
-            *(job.times.get(c) for c in _TIME_COLUMNS),
+            *(job.times.get(c) for c in TIME_COLUMNS),
             job.delivered_at,
         )
         with self._connection() as conn, conn.transaction():
             # A repeated idempotency key inserts nothing (and no items): the first job stands.
             inserted = conn.execute(
-                f"INSERT INTO batch_jobs ({_JOB_COLUMNS}) VALUES ({', '.join(['%s'] * 22)}) "
+                f"INSERT INTO batch_jobs ({JOB_COLUMNS}) VALUES ({', '.join(['%s'] * 22)}) "
                 "ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
                 values,
             ).rowcount
@@ -250,21 +187,21 @@ class PostgresBatchStore:
                 self._insert_items(conn, items)
                 return job
             row = conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE tenant_id = %s AND idempotency_key = %s",
+                f"SELECT {JOB_COLUMNS} FROM batch_jobs WHERE tenant_id = %s AND idempotency_key = %s",
                 (job.tenant_id, job.idempotency_key),
             ).fetchone()
-        return _job(row)
+        return job_record(row)
 
     def get_job(self, job_id: str) -> JobRecord | None:
-        row = self._one(f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE job_id = %s", (job_id,))
-        return None if row is None else _job(row)
+        row = self._one(f"SELECT {JOB_COLUMNS} FROM batch_jobs WHERE job_id = %s", (job_id,))
+        return None if row is None else job_record(row)
 
     def jobs_with_status(self, statuses: Iterable[str]) -> list[JobRecord]:
         rows = self._all(
-            f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE status = ANY(%s) ORDER BY created_at",
+            f"SELECT {JOB_COLUMNS} FROM batch_jobs WHERE status = ANY(%s) ORDER BY created_at",
             (list(statuses),),
         )
-        return [_job(r) for r in rows]
+        return [job_record(r) for r in rows]
 
     def jobs_of_tenant(self, tenant_id: str, limit: int, after: str | None) -> list[JobRecord]:
         before = float("inf")
@@ -272,20 +209,20 @@ class PostgresBatchStore:
             found = self.get_job(after)
             before = found.created_at if found is not None else before
         rows = self._all(
-            f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE tenant_id = %s AND kind = 'file' "
+            f"SELECT {JOB_COLUMNS} FROM batch_jobs WHERE tenant_id = %s AND kind = 'file' "
             "AND created_at < %s ORDER BY created_at DESC LIMIT %s",
             (tenant_id, before, limit),
         )
-        return [_job(r) for r in rows]
+        return [job_record(r) for r in rows]
 
     def jobs_for_sha256(self, tenant_id: str, sha256: str) -> list[JobRecord]:
         rows = self._all(
-            f"SELECT {', '.join('j.' + c.strip() for c in _JOB_COLUMNS.split(','))} FROM batch_jobs j "
+            f"SELECT {', '.join('j.' + c.strip() for c in JOB_COLUMNS.split(','))} FROM batch_jobs j "
             "JOIN batch_files f ON f.file_id = j.input_file_id "
             "WHERE f.tenant_id = %s AND f.sha256 = %s ORDER BY j.created_at",
             (tenant_id, sha256),
         )
-        return [_job(r) for r in rows]
+        return [job_record(r) for r in rows]
 
     def lease(self, job_id: str, owner: str, now: float, seconds: float) -> bool:
         return (
@@ -315,7 +252,7 @@ class PostgresBatchStore:
         params: list[Any] = [status] + ([ts] if column else [])
         if errors is not None:
             sets += ", errors = %s"
-            params.append(_json(errors))
+            params.append(dump_json(errors))
         with self._connection() as conn:
             conn.execute(f"UPDATE batch_jobs SET {sets} WHERE job_id = %s", (*params, job_id))
 
@@ -339,12 +276,12 @@ class PostgresBatchStore:
                 i.model,
                 i.route,
                 i.provider,
-                _json(i.body),
+                dump_json(i.body),
                 None if i.reserve_usd is None else decimal_text(i.reserve_usd),
                 i.reserve_tokens,
                 i.flush_at,
                 i.flush_size,
-                _json(i.error),
+                dump_json(i.error),
                 i.created_at,
                 None if i.state == "queued" else i.created_at,
             )
@@ -377,34 +314,34 @@ class PostgresBatchStore:
         line, rid = -1, ""
         while True:
             rows = self._all(
-                f"SELECT {_ITEM_COLUMNS}, line_no FROM batch_items WHERE job_id = %s "
+                f"SELECT {ITEM_COLUMNS}, line_no FROM batch_items WHERE job_id = %s "
                 "AND (line_no, request_id) > (%s, %s) ORDER BY line_no, request_id LIMIT %s",
                 (job_id, line, rid, _PAGE),
             )
             if not rows:
                 return
             for row in rows:
-                yield _item(row[:-1])
+                yield item_record(row[:-1])
             line, rid = rows[-1][-1], rows[-1][0]
 
     def queued_items(self, job_id: str) -> list[Item]:
         rows = self._all(
-            f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE job_id = %s AND state = 'queued'", (job_id,)
+            f"SELECT {ITEM_COLUMNS} FROM batch_items WHERE job_id = %s AND state = 'queued'", (job_id,)
         )
-        return [_item(r) for r in rows]
+        return [item_record(r) for r in rows]
 
     def queued_past_window(self, now: float, limit: int = 500) -> list[Item]:
-        columns = ", ".join("i." + c.strip() for c in _ITEM_COLUMNS.split(","))
+        columns = ", ".join("i." + c.strip() for c in ITEM_COLUMNS.split(","))
         rows = self._all(
             f"SELECT {columns} FROM batch_items i JOIN batch_jobs j ON j.job_id = i.job_id "
             "WHERE i.state = 'queued' AND j.expires_at < %s LIMIT %s",
             (now, limit),
         )
-        return [_item(r) for r in rows]
+        return [item_record(r) for r in rows]
 
     def open_items(self) -> list[Item]:
-        rows = self._all(f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE state = ANY(%s)", (_OPEN,))
-        return [_item(r) for r in rows]
+        rows = self._all(f"SELECT {ITEM_COLUMNS} FROM batch_items WHERE state = ANY(%s)", (_OPEN,))
+        return [item_record(r) for r in rows]
 
     def queue_groups(self) -> list[QueueGroup]:
         rows = self._all(
@@ -482,7 +419,7 @@ class PostgresBatchStore:
             "FROM batch_upstream WHERE state = ANY(%s) ORDER BY created_at",
             (list(states),),
         )
-        return [_upstream(r) for r in rows]
+        return [upstream_record(r) for r in rows]
 
     def items_of_upstream(self, upstream_id: str, state: str | None = None) -> Iterator[Item]:
         after = ""
@@ -490,21 +427,21 @@ class PostgresBatchStore:
         while True:
             params: tuple[Any, ...] = (upstream_id, after, state) if state else (upstream_id, after)
             rows = self._all(
-                f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE {where} ORDER BY request_id LIMIT {_PAGE}",
+                f"SELECT {ITEM_COLUMNS} FROM batch_items WHERE {where} ORDER BY request_id LIMIT {_PAGE}",
                 params,
             )
             if not rows:
                 return
             for row in rows:
-                yield _item(row)
+                yield item_record(row)
             after = rows[-1][0]
 
     def get_items(self, request_ids: Iterable[str]) -> dict[str, Item]:
         wanted = list(request_ids)
         if not wanted:
             return {}
-        rows = self._all(f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE request_id = ANY(%s)", (wanted,))
-        return {row[0]: _item(row) for row in rows}
+        rows = self._all(f"SELECT {ITEM_COLUMNS} FROM batch_items WHERE request_id = ANY(%s)", (wanted,))
+        return {row[0]: item_record(row) for row in rows}
 
     def poll_later(self, upstream_id: str, next_poll_at: float, remote_status: str) -> None:
         with self._connection() as conn:
@@ -530,7 +467,7 @@ class PostgresBatchStore:
         values = [
             v
             for r in by_id.values()
-            for v in (r.request_id, r.state, r.status_code, _json(r.response), _json(r.error))
+            for v in (r.request_id, r.state, r.status_code, dump_json(r.response), dump_json(r.error))
         ]
         rows = ", ".join(["(%s, %s, %s::integer, %s, %s)"] * len(by_id))
         with self._connection() as conn, conn.transaction():
@@ -560,10 +497,10 @@ class PostgresBatchStore:
 
     def undelivered(self) -> list[JobRecord]:
         rows = self._all(
-            f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE webhook_url IS NOT NULL AND delivered_at IS NULL "
+            f"SELECT {JOB_COLUMNS} FROM batch_jobs WHERE webhook_url IS NOT NULL AND delivered_at IS NULL "
             "AND status IN ('completed', 'failed', 'expired', 'cancelled')"
         )
-        return [_job(r) for r in rows]
+        return [job_record(r) for r in rows]
 
     def mark_delivered(self, job_id: str, ts: float | None, error: str | None) -> None:
         with self._connection() as conn:

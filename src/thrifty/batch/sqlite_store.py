@@ -9,90 +9,27 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from thrifty.batch.flush import QueueGroup
-from thrifty.batch.states import ITEM_OPEN, STATUS_TIME
+from thrifty.batch.rows import (
+    ITEM_COLUMNS,
+    JOB_COLUMNS,
+    OPEN_STATES,
+    TIME_COLUMNS,
+    dump_json,
+    item_record,
+    job_record,
+    upstream_record,
+)
+from thrifty.batch.states import STATUS_TIME
 from thrifty.batch.store import FileRecord, Item, ItemResult, JobRecord, NewItem, UpstreamBatch
 from thrifty.stores.ledger import INSERT_ENTRY_SQL, entry_row
 from thrifty.stores.sqlite_db import open_database
 from thrifty.types import LedgerEntry, decimal_text
 
-_JOB_COLUMNS = (
-    "job_id, kind, tenant_id, input_file_id, endpoint, completion_window, status, metadata, tags, errors, "
-    "webhook_url, idempotency_key, created_at, expires_at, in_progress_at, finalizing_at, completed_at, "
-    "failed_at, expired_at, cancelling_at, cancelled_at, delivered_at"
-)
-_TIME_COLUMNS = (
-    "in_progress_at",
-    "finalizing_at",
-    "completed_at",
-    "failed_at",
-    "expired_at",
-    "cancelling_at",
-    "cancelled_at",
-)
-_ITEM_COLUMNS = (
-    "request_id, job_id, custom_id, state, model, route, provider, body, reserve_usd, reserve_tokens, "
-    "created_at, status_code, response, error"
-)
-_OPEN = tuple(sorted(ITEM_OPEN))
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
-
-
-def _load(value: str | None) -> Any:
-    return None if value is None else orjson.loads(value)
-
-
-def _job(row: tuple[Any, ...]) -> JobRecord:
-    return JobRecord(
-        job_id=row[0],
-        kind=row[1],
-        tenant_id=row[2],
-        input_file_id=row[3],
-        endpoint=row[4],
-        completion_window=row[5],
-        status=row[6],
-        metadata=_load(row[7]),
-        tags=_load(row[8]) or {},
-        errors=_load(row[9]),
-        webhook_url=row[10],
-        idempotency_key=row[11],
-        created_at=row[12],
-        expires_at=row[13],
-        times=dict(zip(_TIME_COLUMNS, row[14:21], strict=True)),
-        delivered_at=row[21],
-    )
-
-
-def _upstream(r: tuple[Any, ...]) -> UpstreamBatch:
-    return UpstreamBatch(r[0], r[1], r[2], r[3], r[4], r[5], r[6], created_at=r[7], adopted=bool(r[8]))
-
-
-def _item(row: tuple[Any, ...]) -> Item:
-    return Item(
-        request_id=row[0],
-        job_id=row[1],
-        custom_id=row[2],
-        state=row[3],
-        model=row[4],
-        route=row[5],
-        provider=row[6],
-        body=_load(row[7]),
-        reserve_usd=None if row[8] is None else Decimal(row[8]),
-        reserve_tokens=row[9],
-        created_at=row[10],
-        status_code=row[11],
-        response=_load(row[12]),
-        error=_load(row[13]),
-    )
+_OPEN = OPEN_STATES
 
 
 class SqliteBatchStore:
@@ -143,46 +80,46 @@ class SqliteBatchStore:
             job.endpoint,
             job.completion_window,
             job.status,
-            _json(job.metadata),
-            _json(job.tags),
-            _json(job.errors),
+            dump_json(job.metadata),
+            dump_json(job.tags),
+            dump_json(job.errors),
             job.webhook_url,
             job.idempotency_key,
             job.created_at,
             job.expires_at,
-            *(job.times.get(c) for c in _TIME_COLUMNS),
+            *(job.times.get(c) for c in TIME_COLUMNS),
             job.delivered_at,
         )
         try:
             with self._transaction():
                 self._conn.execute(
-                    f"INSERT INTO batch_jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 22)})", values
+                    f"INSERT INTO batch_jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 22)})", values
                 )
                 self._insert_items(items)
         except sqlite3.IntegrityError:
             if job.idempotency_key is None:
                 raise
             row = self._conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE tenant_id = ? AND idempotency_key = ?",
+                f"SELECT {JOB_COLUMNS} FROM batch_jobs WHERE tenant_id = ? AND idempotency_key = ?",
                 (job.tenant_id, job.idempotency_key),
             ).fetchone()
-            return _job(row)
+            return job_record(row)
         return job
 
     def get_job(self, job_id: str) -> JobRecord | None:
         row = self._conn.execute(
-            f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE job_id = ?", (job_id,)
+            f"SELECT {JOB_COLUMNS} FROM batch_jobs WHERE job_id = ?", (job_id,)
         ).fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else job_record(row)
 
     def jobs_with_status(self, statuses: Iterable[str]) -> list[JobRecord]:
         wanted = tuple(statuses)
         rows = self._conn.execute(
-            f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE status IN ({', '.join('?' * len(wanted))}) "
+            f"SELECT {JOB_COLUMNS} FROM batch_jobs WHERE status IN ({', '.join('?' * len(wanted))}) "
             "ORDER BY created_at",
             wanted,
         )
-        return [_job(r) for r in rows]
+        return [job_record(r) for r in rows]
 
     def jobs_of_tenant(self, tenant_id: str, limit: int, after: str | None) -> list[JobRecord]:
         """A tenant's file jobs, newest first; `after` is the last id of the previous page."""
@@ -191,20 +128,20 @@ class SqliteBatchStore:
             found = self.get_job(after)
             before = found.created_at if found is not None else before
         rows = self._conn.execute(
-            f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE tenant_id = ? AND kind = 'file' AND created_at < ? "
+            f"SELECT {JOB_COLUMNS} FROM batch_jobs WHERE tenant_id = ? AND kind = 'file' AND created_at < ? "
             "ORDER BY created_at DESC LIMIT ?",
             (tenant_id, before, limit),
         )
-        return [_job(r) for r in rows]
+        return [job_record(r) for r in rows]
 
     def jobs_for_sha256(self, tenant_id: str, sha256: str) -> list[JobRecord]:
         rows = self._conn.execute(
-            f"SELECT {', '.join('j.' + c.strip() for c in _JOB_COLUMNS.split(','))} FROM batch_jobs j "
+            f"SELECT {', '.join('j.' + c.strip() for c in JOB_COLUMNS.split(','))} FROM batch_jobs j "
             "JOIN batch_files f ON f.file_id = j.input_file_id "
             "WHERE f.tenant_id = ? AND f.sha256 = ? ORDER BY j.created_at",
             (tenant_id, sha256),
         )
-        return [_job(r) for r in rows]
+        return [job_record(r) for r in rows]
 
     def lease(self, job_id: str, owner: str, now: float, seconds: float) -> bool:
         """Take (or extend) the job's validation lease: one process validates a job at a time;
@@ -224,7 +161,7 @@ class SqliteBatchStore:
         params: list[Any] = [status] + ([ts] if column else [])
         if errors is not None:
             sets += ", errors = ?"
-            params.append(_json(errors))
+            params.append(dump_json(errors))
         self._conn.execute(f"UPDATE batch_jobs SET {sets} WHERE job_id = ?", (*params, job_id))
 
     # -- items ------------------------------------------------------------------------------
@@ -247,12 +184,12 @@ class SqliteBatchStore:
                 i.model,
                 i.route,
                 i.provider,
-                _json(i.body),
+                dump_json(i.body),
                 None if i.reserve_usd is None else decimal_text(i.reserve_usd),
                 i.reserve_tokens,
                 i.flush_at,
                 i.flush_size,
-                _json(i.error),
+                dump_json(i.error),
                 i.created_at,
                 None if i.state == "queued" else i.created_at,
             )
@@ -283,33 +220,33 @@ class SqliteBatchStore:
 
     def items_of_job(self, job_id: str) -> Iterator[Item]:
         cursor = self._conn.execute(
-            f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE job_id = ? ORDER BY line_no", (job_id,)
+            f"SELECT {ITEM_COLUMNS} FROM batch_items WHERE job_id = ? ORDER BY line_no", (job_id,)
         )
         while rows := cursor.fetchmany(500):
             for row in rows:
-                yield _item(row)
+                yield item_record(row)
 
     def queued_items(self, job_id: str) -> list[Item]:
         rows = self._conn.execute(
-            f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE job_id = ? AND state = 'queued'", (job_id,)
+            f"SELECT {ITEM_COLUMNS} FROM batch_items WHERE job_id = ? AND state = 'queued'", (job_id,)
         )
-        return [_item(r) for r in rows]
+        return [item_record(r) for r in rows]
 
     def queued_past_window(self, now: float, limit: int = 500) -> list[Item]:
         """Queued items whose job's window has passed (the provider was unreachable that long)."""
-        columns = ", ".join("i." + c.strip() for c in _ITEM_COLUMNS.split(","))
+        columns = ", ".join("i." + c.strip() for c in ITEM_COLUMNS.split(","))
         rows = self._conn.execute(
             f"SELECT {columns} FROM batch_items i JOIN batch_jobs j ON j.job_id = i.job_id "
             "WHERE i.state = 'queued' AND j.expires_at < ? LIMIT ?",
             (now, limit),
         )
-        return [_item(r) for r in rows]
+        return [item_record(r) for r in rows]
 
     def open_items(self) -> list[Item]:
         rows = self._conn.execute(
-            f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE state IN ({', '.join('?' * len(_OPEN))})", _OPEN
+            f"SELECT {ITEM_COLUMNS} FROM batch_items WHERE state IN ({', '.join('?' * len(_OPEN))})", _OPEN
         )
-        return [_item(r) for r in rows]
+        return [item_record(r) for r in rows]
 
     def queue_groups(self) -> list[QueueGroup]:
         rows = self._conn.execute(
@@ -389,7 +326,7 @@ class SqliteBatchStore:
             f"FROM batch_upstream WHERE state IN ({', '.join('?' * len(wanted))}) ORDER BY created_at",
             wanted,
         )
-        return [_upstream(r) for r in rows]
+        return [upstream_record(r) for r in rows]
 
     def items_of_upstream(self, upstream_id: str, state: str | None = None) -> Iterator[Item]:
         """The batch's items a page at a time (keyset paging: safe while results are recorded)."""
@@ -398,12 +335,12 @@ class SqliteBatchStore:
         while True:
             params: tuple[Any, ...] = (upstream_id, after, state) if state else (upstream_id, after)
             rows = self._conn.execute(
-                f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE {where} ORDER BY request_id LIMIT 500", params
+                f"SELECT {ITEM_COLUMNS} FROM batch_items WHERE {where} ORDER BY request_id LIMIT 500", params
             ).fetchall()
             if not rows:
                 return
             for row in rows:
-                yield _item(row)
+                yield item_record(row)
             after = rows[-1][0]
 
     def get_items(self, request_ids: Iterable[str]) -> dict[str, Item]:
@@ -411,10 +348,10 @@ class SqliteBatchStore:
         if not wanted:
             return {}
         rows = self._conn.execute(
-            f"SELECT {_ITEM_COLUMNS} FROM batch_items WHERE request_id IN ({', '.join('?' * len(wanted))})",
+            f"SELECT {ITEM_COLUMNS} FROM batch_items WHERE request_id IN ({', '.join('?' * len(wanted))})",
             wanted,
         )
-        return {row[0]: _item(row) for row in rows}
+        return {row[0]: item_record(row) for row in rows}
 
     def poll_later(self, upstream_id: str, next_poll_at: float, remote_status: str) -> None:
         self._conn.execute(
@@ -437,7 +374,15 @@ class SqliteBatchStore:
                 cursor = self._conn.execute(
                     "UPDATE batch_items SET state = ?, status_code = ?, response = ?, error = ?, "
                     f"finished_at = ? WHERE request_id = ? AND state IN ({', '.join('?' * len(_OPEN))})",
-                    (r.state, r.status_code, _json(r.response), _json(r.error), ts, r.request_id, *_OPEN),
+                    (
+                        r.state,
+                        r.status_code,
+                        dump_json(r.response),
+                        dump_json(r.error),
+                        ts,
+                        r.request_id,
+                        *_OPEN,
+                    ),
                 )
                 if cursor.rowcount == 1:
                     rows.append(entry_row(r.entry))
@@ -455,10 +400,10 @@ class SqliteBatchStore:
 
     def undelivered(self) -> list[JobRecord]:
         rows = self._conn.execute(
-            f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE webhook_url IS NOT NULL AND delivered_at IS NULL "
+            f"SELECT {JOB_COLUMNS} FROM batch_jobs WHERE webhook_url IS NOT NULL AND delivered_at IS NULL "
             "AND status IN ('completed', 'failed', 'expired', 'cancelled')"
         )
-        return [_job(r) for r in rows]
+        return [job_record(r) for r in rows]
 
     def mark_delivered(self, job_id: str, ts: float | None, error: str | None) -> None:
         self._conn.execute(

@@ -91,6 +91,42 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         "ALTER TABLE ledger ADD COLUMN context JSONB",
     ),
     (
+        3,
+        # The semantic cache's entries, shared by every replica (SQLite's migration 6). Debian's
+        # PostgreSQL has no pgvector, and lookups stay in each replica's in-process index anyway:
+        # the vector is float32 bytes, and a replica's index follows inserts by LISTEN/NOTIFY
+        # (created_at is the catch-up mark after a lost connection).
+        """
+        CREATE TABLE semantic_cache (
+            entry_id BIGSERIAL PRIMARY KEY,
+            partition TEXT NOT NULL,
+            tenant_id TEXT NOT NULL,
+            route TEXT NOT NULL,
+            "user" TEXT,
+            prompt_version TEXT,
+            corpus_version TEXT,
+            model TEXT NOT NULL,
+            system_hash TEXT NOT NULL,
+            query TEXT NOT NULL,
+            normalised_query TEXT NOT NULL,
+            embedding_model TEXT NOT NULL,
+            embedding BYTEA NOT NULL,
+            answer_id TEXT NOT NULL,
+            response TEXT NOT NULL,
+            evidence TEXT,
+            safety_policy_version TEXT NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            cached_input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX semantic_cache_scope ON semantic_cache (tenant_id, route);
+        CREATE INDEX semantic_cache_expiry ON semantic_cache (expires_at);
+        CREATE INDEX semantic_cache_created ON semantic_cache (created_at);
+        """,
+    ),
+    (
         4,
         # Batch offload (SQLite's migrations 11 and 18): uploaded files (their bytes in chunks, so
         # any replica can validate a job), jobs, their items (the queue is the items in state
@@ -247,42 +283,6 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
-        3,
-        # The semantic cache's entries, shared by every replica (SQLite's migration 6). Debian's
-        # PostgreSQL has no pgvector, and lookups stay in each replica's in-process index anyway:
-        # the vector is float32 bytes, and a replica's index follows inserts by LISTEN/NOTIFY
-        # (created_at is the catch-up mark after a lost connection).
-        """
-        CREATE TABLE semantic_cache (
-            entry_id BIGSERIAL PRIMARY KEY,
-            partition TEXT NOT NULL,
-            tenant_id TEXT NOT NULL,
-            route TEXT NOT NULL,
-            "user" TEXT,
-            prompt_version TEXT,
-            corpus_version TEXT,
-            model TEXT NOT NULL,
-            system_hash TEXT NOT NULL,
-            query TEXT NOT NULL,
-            normalised_query TEXT NOT NULL,
-            embedding_model TEXT NOT NULL,
-            embedding BYTEA NOT NULL,
-            answer_id TEXT NOT NULL,
-            response TEXT NOT NULL,
-            evidence TEXT,
-            safety_policy_version TEXT NOT NULL,
-            input_tokens INTEGER NOT NULL,
-            cached_input_tokens INTEGER NOT NULL,
-            output_tokens INTEGER NOT NULL,
-            created_at DOUBLE PRECISION NOT NULL,
-            expires_at DOUBLE PRECISION NOT NULL
-        );
-        CREATE INDEX semantic_cache_scope ON semantic_cache (tenant_id, route);
-        CREATE INDEX semantic_cache_expiry ON semantic_cache (expires_at);
-        CREATE INDEX semantic_cache_created ON semantic_cache (created_at);
-        """,
-    ),
-    (
         6,
         # Recordings of routes with `record` (SQLite's migration 13): shared by the replicas, read per tenant.
         """
@@ -305,6 +305,12 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
+        7,
+        # Experiments: the variant a request was assigned (SQLite's migration 14). Feedback and
+        # experiment state are SQLite-only so far (the gateway says so at start).
+        "ALTER TABLE ledger ADD COLUMN variant TEXT",
+    ),
+    (
         8,
         # The semantic cache's per-partition verification state (SQLite's migration 16), for a
         # PostgreSQL-backed semantic cache whose replicas share what verification has learned.
@@ -318,12 +324,6 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         CREATE INDEX semantic_partition_state_scope ON semantic_partition_state (tenant_id, route)
         """,
-    ),
-    (
-        7,
-        # Experiments: the variant a request was assigned (SQLite's migration 14). Feedback and
-        # experiment state are SQLite-only so far (the gateway says so at start).
-        "ALTER TABLE ledger ADD COLUMN variant TEXT",
     ),
 )
 

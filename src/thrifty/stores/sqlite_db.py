@@ -392,6 +392,45 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
+        14,
+        # Experiments: the variant (arm) a request was assigned, feedback on requests (one row per
+        # request: a repeat replaces, never adds), each route's current arms and weights as the
+        # last promote/stop/release set them, the log of those actions, and release plans.
+        """
+        ALTER TABLE ledger ADD COLUMN variant TEXT;
+        CREATE INDEX ledger_route_variant ON ledger (route, ts) WHERE variant IS NOT NULL;
+        CREATE TABLE feedback (
+            request_id TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL,
+            ts REAL NOT NULL,
+            route TEXT,
+            variant TEXT,
+            score REAL,
+            label TEXT,
+            correct INTEGER
+        );
+        CREATE TABLE experiment_state (
+            route TEXT PRIMARY KEY,
+            arms TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE TABLE experiment_actions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts REAL NOT NULL,
+            route TEXT NOT NULL,
+            action TEXT NOT NULL,
+            variant TEXT,
+            reason TEXT NOT NULL,
+            details TEXT
+        );
+        CREATE TABLE releases (
+            route TEXT PRIMARY KEY,
+            plan TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        """,
+    ),
+    (
         16,
         # The semantic cache's per-partition verification state (cache/semantic/adaptive.py): score
         # bins of lookups and verified outcomes, counters for `thrifty cache stats`, as JSON; one row
@@ -445,45 +484,6 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ALTER TABLE batch_upstream ADD COLUMN lease_owner TEXT;
         ALTER TABLE batch_upstream ADD COLUMN lease_until REAL;
         ALTER TABLE batch_upstream ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0
-        """,
-    ),
-    (
-        14,
-        # Experiments: the variant (arm) a request was assigned, feedback on requests (one row per
-        # request: a repeat replaces, never adds), each route's current arms and weights as the
-        # last promote/stop/release set them, the log of those actions, and release plans.
-        """
-        ALTER TABLE ledger ADD COLUMN variant TEXT;
-        CREATE INDEX ledger_route_variant ON ledger (route, ts) WHERE variant IS NOT NULL;
-        CREATE TABLE feedback (
-            request_id TEXT PRIMARY KEY,
-            tenant_id TEXT NOT NULL,
-            ts REAL NOT NULL,
-            route TEXT,
-            variant TEXT,
-            score REAL,
-            label TEXT,
-            correct INTEGER
-        );
-        CREATE TABLE experiment_state (
-            route TEXT PRIMARY KEY,
-            arms TEXT NOT NULL,
-            updated_at REAL NOT NULL
-        );
-        CREATE TABLE experiment_actions (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            ts REAL NOT NULL,
-            route TEXT NOT NULL,
-            action TEXT NOT NULL,
-            variant TEXT,
-            reason TEXT NOT NULL,
-            details TEXT
-        );
-        CREATE TABLE releases (
-            route TEXT PRIMARY KEY,
-            plan TEXT NOT NULL,
-            updated_at REAL NOT NULL
-        );
         """,
     ),
 )

@@ -29,10 +29,11 @@ from thrifty.batch.rows import (
     ITEM_COLUMNS,
     JOB_COLUMNS,
     OPEN_STATES,
-    TIME_COLUMNS,
     dump_json,
     item_record,
     job_record,
+    job_row,
+    new_item_row,
     upstream_record,
 )
 from thrifty.batch.states import STATUS_TIME
@@ -40,7 +41,7 @@ from thrifty.batch.store import FileRecord, Item, ItemResult, JobRecord, NewItem
 from thrifty.errors import SharedStateUnavailable
 from thrifty.stores import postgres
 from thrifty.stores.ledger import entry_row
-from thrifty.types import LedgerEntry, decimal_text
+from thrifty.types import LedgerEntry
 
 _CHUNK_BYTES = 1 << 20  # an uploaded file's bytes per row
 _PAGE = 500
@@ -158,24 +159,7 @@ class PostgresBatchStore:
     # -- jobs -------------------------------------------------------------------------------
 
     def create_job(self, job: JobRecord, items: Iterable[NewItem] = ()) -> JobRecord:
-        values = (
-            job.job_id,
-            job.kind,
-            job.tenant_id,
-            job.input_file_id,
-            job.endpoint,
-            job.completion_window,
-            job.status,
-            dump_json(job.metadata),
-            dump_json(job.tags),
-            dump_json(job.errors),
-            job.webhook_url,
-            job.idempotency_key,
-            job.created_at,
-            job.expires_at,
-            *(job.times.get(c) for c in TIME_COLUMNS),
-            job.delivered_at,
-        )
+        values = job_row(job)
         with self._connection() as conn, conn.transaction():
             # A repeated idempotency key inserts nothing (and no items): the first job stands.
             inserted = conn.execute(
@@ -265,28 +249,7 @@ class PostgresBatchStore:
 
     @staticmethod
     def _insert_items(conn: Any, items: Iterable[NewItem]) -> None:
-        rows = [
-            (
-                i.request_id,
-                i.job_id,
-                i.line_no,
-                i.custom_id,
-                i.state,
-                i.queue,
-                i.model,
-                i.route,
-                i.provider,
-                dump_json(i.body),
-                None if i.reserve_usd is None else decimal_text(i.reserve_usd),
-                i.reserve_tokens,
-                i.flush_at,
-                i.flush_size,
-                dump_json(i.error),
-                i.created_at,
-                None if i.state == "queued" else i.created_at,
-            )
-            for i in items
-        ]
+        rows = [new_item_row(i) for i in items]
         if rows:
             with conn.cursor() as cur:
                 cur.executemany(

@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 
 from thrifty.batch.states import ITEM_OPEN
-from thrifty.batch.store import Item, JobRecord, UpstreamBatch
+from thrifty.batch.store import Item, JobRecord, NewItem, UpstreamBatch
+from thrifty.types import decimal_text
 
 JOB_COLUMNS = (
     "job_id, kind, tenant_id, input_file_id, endpoint, completion_window, status, metadata, tags, errors, "
@@ -81,4 +82,50 @@ def item_record(row: tuple[Any, ...]) -> Item:
         status_code=row[11],
         response=load_json(row[12]),
         error=load_json(row[13]),
+    )
+
+
+def job_row(job: JobRecord) -> tuple[Any, ...]:
+    """A job's values in JOB_COLUMNS order."""
+    return (
+        job.job_id,
+        job.kind,
+        job.tenant_id,
+        job.input_file_id,
+        job.endpoint,
+        job.completion_window,
+        job.status,
+        dump_json(job.metadata),
+        dump_json(job.tags),
+        dump_json(job.errors),
+        job.webhook_url,
+        job.idempotency_key,
+        job.created_at,
+        job.expires_at,
+        *(job.times.get(c) for c in TIME_COLUMNS),
+        job.delivered_at,
+    )
+
+
+def new_item_row(i: NewItem) -> tuple[Any, ...]:
+    """A new item's values in the batch_items insert's column order, ending with finished_at: an
+    item refused at validation is finished when it is created, a queued one is not."""
+    return (
+        i.request_id,
+        i.job_id,
+        i.line_no,
+        i.custom_id,
+        i.state,
+        i.queue,
+        i.model,
+        i.route,
+        i.provider,
+        dump_json(i.body),
+        None if i.reserve_usd is None else decimal_text(i.reserve_usd),
+        i.reserve_tokens,
+        i.flush_at,
+        i.flush_size,
+        dump_json(i.error),
+        i.created_at,
+        None if i.state == "queued" else i.created_at,
     )

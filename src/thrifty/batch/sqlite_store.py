@@ -17,17 +17,18 @@ from thrifty.batch.rows import (
     ITEM_COLUMNS,
     JOB_COLUMNS,
     OPEN_STATES,
-    TIME_COLUMNS,
     dump_json,
     item_record,
     job_record,
+    job_row,
+    new_item_row,
     upstream_record,
 )
 from thrifty.batch.states import STATUS_TIME
 from thrifty.batch.store import FileRecord, Item, ItemResult, JobRecord, NewItem, UpstreamBatch
 from thrifty.stores.ledger import INSERT_ENTRY_SQL, entry_row
 from thrifty.stores.sqlite_db import open_database
-from thrifty.types import LedgerEntry, decimal_text
+from thrifty.types import LedgerEntry
 
 _OPEN = OPEN_STATES
 
@@ -72,24 +73,7 @@ class SqliteBatchStore:
     # -- jobs -------------------------------------------------------------------------------
 
     def create_job(self, job: JobRecord, items: Iterable[NewItem] = ()) -> JobRecord:
-        values = (
-            job.job_id,
-            job.kind,
-            job.tenant_id,
-            job.input_file_id,
-            job.endpoint,
-            job.completion_window,
-            job.status,
-            dump_json(job.metadata),
-            dump_json(job.tags),
-            dump_json(job.errors),
-            job.webhook_url,
-            job.idempotency_key,
-            job.created_at,
-            job.expires_at,
-            *(job.times.get(c) for c in TIME_COLUMNS),
-            job.delivered_at,
-        )
+        values = job_row(job)
         try:
             with self._transaction():
                 self._conn.execute(
@@ -173,28 +157,7 @@ class SqliteBatchStore:
             self._insert_ledger(entry_row(e) for e in entries)
 
     def _insert_items(self, items: Iterable[NewItem]) -> None:
-        rows = (
-            (
-                i.request_id,
-                i.job_id,
-                i.line_no,
-                i.custom_id,
-                i.state,
-                i.queue,
-                i.model,
-                i.route,
-                i.provider,
-                dump_json(i.body),
-                None if i.reserve_usd is None else decimal_text(i.reserve_usd),
-                i.reserve_tokens,
-                i.flush_at,
-                i.flush_size,
-                dump_json(i.error),
-                i.created_at,
-                None if i.state == "queued" else i.created_at,
-            )
-            for i in items
-        )
+        rows = (new_item_row(i) for i in items)
         self._conn.executemany(
             "INSERT INTO batch_items (request_id, job_id, line_no, custom_id, state, queue, model, route, "
             "provider, body, reserve_usd, reserve_tokens, flush_at, flush_size, error, created_at, "

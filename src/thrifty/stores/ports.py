@@ -242,6 +242,14 @@ class LedgerReader(Protocol):
 
     def alerts_since(self, since: float) -> list[tuple[float, str, str, str, float | None, str | None]]: ...
 
+    def route_requests(self, route: str, since: float, prompt_version: str | None = None) -> int:
+        """How many requests the route (and prompt version) had since `since` (prompt lint's traffic)."""
+        ...
+
+    def costs(self, request_ids: Sequence[str]) -> dict[str, str | None]:
+        """Each found request's cost as decimal text (None: unpriced), by request id."""
+        ...
+
     def close(self) -> None: ...
 
 

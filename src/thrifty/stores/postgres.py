@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,9 @@ from thrifty.stores.readers import (
     ESCALATIONS_SQL,
     POSTGRES_CONTEXT,
     REPORT_SELECT,
+    chunks,
     report_query,
+    route_requests_query,
     usage_query,
 )
 from thrifty.types import LedgerEntry, Usage
@@ -517,6 +519,19 @@ class PostgresLedgerReader:
                 (since,),
             )
         )
+
+    def route_requests(self, route: str, since: float, prompt_version: str | None = None) -> int:
+        sql, params = route_requests_query("%s", route, since, prompt_version)
+        return int(self._conn.execute(sql, params).fetchone()[0])
+
+    def costs(self, request_ids: Sequence[str]) -> dict[str, str | None]:
+        found: dict[str, str | None] = {}
+        for part in chunks(request_ids):
+            rows = self._conn.execute(
+                "SELECT request_id, cost_usd FROM ledger WHERE request_id = ANY(%s)", (part,)
+            ).fetchall()
+            found.update((rid, None if cost is None else format(cost, "f")) for rid, cost in rows)
+        return found
 
     def close(self) -> None:
         self._conn.close()

@@ -486,6 +486,12 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ALTER TABLE batch_upstream ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0
         """,
     ),
+    (
+        24,
+        # An experiment's action log read by route (`thrifty experiment log`, each release step),
+        # as PostgreSQL's migration 15 has it.
+        "CREATE INDEX experiment_actions_route ON experiment_actions (route, id)",
+    ),
 )
 
 

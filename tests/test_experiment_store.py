@@ -224,3 +224,28 @@ def test_a_missing_sqlite_ledger_is_an_error_for_a_read(tmp_path: Path) -> None:
     with pytest.raises(ThriftyError, match="no ledger at"):
         open_reader(settings, existing=True)
     assert not (tmp_path / "absent.db").exists()
+
+
+def test_a_dropped_connection_is_one_clear_error_then_the_store_reconnects(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    """A PostgreSQL restart (here: the server ending the store's session) is a 503-style error
+    for the call that meets it, never a traceback, and the next call works on a new connection."""
+    import psycopg
+
+    settings = settings_for(tmp_path, {"url": pg_url})
+    store = open_experiment_store(settings)
+    try:
+        store.record("support", "stop", "manual", state={"baseline": "a", "weights": {"a": 1.0}})
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+        assert ended == (1,)
+        with pytest.raises(SharedStateUnavailable, match="is unreachable"):
+            store.states()
+        assert store.states() == {"support": {"baseline": "a", "weights": {"a": 1.0}}}
+    finally:
+        store.close()

@@ -29,8 +29,10 @@ MAX_LABEL = 64
 
 
 class FeedbackUnavailable(ThriftyError):
+    """The gateway has no experiment store yet (before `start()`, after `close()`)."""
+
     status = 503
-    error_type = "invalid_request_error"
+    error_type = "server_error"
     code = "feedback_unavailable"
 
 

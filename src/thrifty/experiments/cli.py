@@ -16,7 +16,9 @@ from thrifty.settings import Settings
 from thrifty.stores.factory import open_experiment_store
 
 experiment_app = typer.Typer(
-    no_args_is_help=True, help="Experiments on a route: variants, feedback, the stop rule, promote and stop"
+    rich_markup_mode="markdown",
+    no_args_is_help=True,
+    help="Experiments on a route: variants, feedback, the stop rule, promote and stop",
 )
 RouteArg = Annotated[str, typer.Argument(help="the route")]
 VariantArg = Annotated[str, typer.Argument(help="the variant (arm)")]

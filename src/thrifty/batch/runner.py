@@ -104,7 +104,9 @@ class BatchRunner:
                 log.warning("provider batch %s found at %s as %s: adopted", uid, adapter.name, remote_id)
                 db.mark_submitted(uid, remote_id, time.time(), adopted=True)
 
-    async def close(self) -> None:
+    async def pause(self) -> None:
+        """Stop the background loop (the adapters stay open; `drain` still works): for `thrifty
+        simulate`, which drains each step's queue at the end instead of ticking through it."""
         if self._task is not None:
             # Python 3.11's wait_for swallows a cancel that lands as the awaited event fires, and the
             # loop then runs on: cancel until the task has ended.
@@ -114,6 +116,9 @@ class BatchRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    async def close(self) -> None:
+        await self.pause()
         for adapter in self.service.adapters.values():
             await adapter.close()
         if self._http is not None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -15,17 +13,10 @@ import orjson
 from thrifty.providers.replay import _jsonl_files
 from thrifty.settings import Settings
 from thrifty.simulate.layers import Step, stack_steps
-from thrifty.simulate.run import (
-    BatchedEmbedder,
-    PreparedStep,
-    StepRun,
-    build_index,
-    prepare_step,
-    run_prepared,
-)
-from thrifty.simulate.stack import StackReport, build_stack
+from thrifty.simulate.parallel import ReplayJob, replay_steps
+from thrifty.simulate.run import BatchedEmbedder, StepRun, build_index
+from thrifty.simulate.stack import StackReport, answer_labels, build_stack
 from thrifty.simulate.traffic import TrafficLine
-from thrifty.tokens import TokenCounter
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (task name, total) -> advance(n)
 
@@ -97,7 +88,10 @@ def simulate(
     outputs: Sequence[str] = (),
     progress: Progress | None = None,
     workdir: Path | None = None,
+    workers: int | None = None,
 ) -> Simulation:
+    """`workers`: how many steps replay at once, each in a process of its own (default: one per
+    CPU; 1 replays them one after another in this process)."""
     steps = stack_steps(candidate, baseline)
     data = [*outputs, *_replay_data(candidate)]
     index = build_index(lines, data)
@@ -106,33 +100,14 @@ def simulate(
     if queries is not None:
         from thrifty.cache.semantic.stage import _default_embedder
 
-        embedder = BatchedEmbedder(_default_embedder())
+        embedder = BatchedEmbedder(_default_embedder(), _default_embedder)
         advance = progress("embedding queries (batched)", len(set(queries))) if progress else None
         embedder.prepare(queries, advance)
-    counter = TokenCounter()
+    todo = [k for k, step in enumerate(steps) if step.changed or k == 0]
     with tempfile.TemporaryDirectory(prefix="thrifty-simulate-", dir=workdir or _scratch()) as tmp:
-        prepared: dict[int, PreparedStep] = {}
-        for k, step in enumerate(steps):
-            if not step.changed and k > 0:
-                continue
-            folder = Path(tmp) / f"step-{k}"
-            folder.mkdir()
-            if prepared:  # every step builds a gateway: its start-up warnings were said by the first
-                logging.disable(logging.WARNING)
-            try:
-                prepared[k] = prepare_step(
-                    step.settings,
-                    lines,
-                    index=index,
-                    workdir=folder,
-                    send_keys=step.send_idempotency_keys,
-                    counter=counter,
-                    embedder=embedder,
-                )
-            finally:
-                logging.disable(logging.NOTSET)
-        ticks = {k: progress(steps[k].title, len(lines)) if progress else None for k in prepared}
-        done = asyncio.run(_run_all(prepared, lines, ticks))
+        job = ReplayJob(steps, lines, index, embedder, answer_labels(lines), Path(tmp), todo[0])
+        ticks = {k: progress(steps[k].title, len(lines)) if progress else None for k in todo}
+        done = replay_steps(job, todo, ticks, workers)
     runs: list[StepRun] = []
     for k in range(len(steps)):
         runs.append(done[k] if k in done else runs[-1])
@@ -143,25 +118,8 @@ def simulate(
     return Simulation(steps, runs, report)
 
 
-async def _run_all(
-    prepared: dict[int, PreparedStep],
-    lines: Sequence[TrafficLine],
-    ticks: dict[int, Callable[[int], None] | None],
-) -> dict[int, StepRun]:
-    """The steps side by side on one event loop: each is sequential in itself (requests in recorded
-    order), and while one waits on its store's threads the others go on."""
-
-    def advance(k: int) -> Callable[[], None] | None:
-        tick = ticks[k]
-        return (lambda: tick(1)) if tick is not None else None
-
-    results = await asyncio.gather(*(run_prepared(step, lines, advance(k)) for k, step in prepared.items()))
-    return dict(zip(prepared, results, strict=True))
-
-
 def _scratch() -> Path | None:
-    """Memory-backed scratch space where there is one: each step's store is thrown away after it,
-    and a replay makes several SQLite commits per request."""
+    """Memory-backed scratch space where there is one: each step's batch store is thrown away."""
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 

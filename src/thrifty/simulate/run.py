@@ -1,16 +1,16 @@
 """Replay traffic through a real `Gateway` built from one step's settings, and read what its ledger
 says each request cost. The pipeline is the gateway's own; only the providers are replays (answers
-from the traffic's recorded responses and from labelled per-model outputs) and the store is a
-throw-away SQLite file.
+from the traffic's recorded responses and from labelled per-model outputs) and the stores are the
+gateway's own in memory (`simulate/stores.py`), with a throw-away SQLite file for the batch store.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
+import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
@@ -26,47 +26,23 @@ from thrifty.gateway import Gateway, parse_chat_body
 from thrifty.pipeline import Completion
 from thrifty.providers.replay import RecordingIndex, ReplayProvider
 from thrifty.settings import ProviderSettings, Settings, TenantSettings
+from thrifty.simulate.outcome import Outcome, context_saved
+from thrifty.simulate.stores import ReplayStores
 from thrifty.simulate.traffic import TrafficLine
 from thrifty.tokens import TokenCounter
 from thrifty.types import Tags
-
-_MISSING_OUTPUT = re.compile(r"no output of model '([^']+)'")
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the ledger says about one traffic line in one step."""
-
-    cost: Decimal | None
-    ok: bool
-    cache: str
-    model: str | None
-    escalated: bool
-    batch: bool
-    error: str | None
-    context_saved: int  # prompt tokens the context stage took out
-    answer: str | None  # the text served (None for errors and deferred items)
-
-    @property
-    def unrecorded(self) -> bool:
-        """Failed because no recording answers it: the replay cannot say what this would cost."""
-        return not self.ok and self.error is not None and "replay provider" in self.error
-
-    @property
-    def missing_model(self) -> str | None:
-        if not self.unrecorded or self.error is None:
-            return None
-        found = _MISSING_OUTPUT.search(self.error)
-        return found.group(1) if found else (self.model or "any model")
 
 
 class BatchedEmbedder:
     """The semantic cache's model with the traffic's queries embedded beforehand, 256 at a time:
     one query at a time is what the live gateway does and what would make a 100,000-request
-    replay slow. A text not seen beforehand is embedded on the spot."""
+    replay slow. A text not seen beforehand is embedded on the spot (in a replay process forked
+    from the one that embedded, by a model of its own: a forked runtime's threads are gone)."""
 
-    def __init__(self, inner: Embedder) -> None:
+    def __init__(self, inner: Embedder, make: Callable[[], Embedder] | None = None) -> None:
         self._inner = inner
+        self._make = make
+        self._pid = os.getpid()
         self.dim = inner.dim
         self._rows: dict[str, npt.NDArray[np.float32]] = {}
 
@@ -83,6 +59,8 @@ class BatchedEmbedder:
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> npt.NDArray[np.float32]:
         missing = [t for t in texts if t not in self._rows]
         if missing:
+            if self._pid != os.getpid() and self._make is not None:
+                self._inner, self._pid = self._make(), os.getpid()
             for text, row in zip(missing, self._inner.embed(missing, batch_size), strict=True):
                 self._rows[text] = row
         return np.stack([self._rows[t] for t in texts])
@@ -111,11 +89,14 @@ def replay_settings(settings: Settings, db_path: Path, tenants: set[str]) -> Set
             "routes": routes,
             "alerts": settings.alerts.model_copy(update={"webhook_url": None}),
             "tracing": settings.tracing.model_copy(update={"enabled": False}),
+            # Nothing reads a replay's rollups: folded once at start (an empty ledger), not again.
+            "dashboard": settings.dashboard.model_copy(update={"fold_interval_s": 3600.0}),
             "batch": settings.batch.model_copy(
                 update={"poll_interval_s": 0.05, "files_dir": str(db_path.parent / "batch-files")}
             ),
         }
     )
+
 
 
 def _tags(line: TrafficLine, body: dict[str, Any], send_keys: bool) -> Tags:
@@ -176,7 +157,9 @@ async def _send(gateway: Gateway, line: TrafficLine, send_keys: bool) -> tuple[s
     return ctx.request_id, "".join(parts)
 
 
-def _read_ledger(db_path: Path) -> dict[str, Outcome]:
+def _read_file_ledger(db_path: Path) -> dict[str, Outcome]:
+    """The rows written to the step's file rather than through the ledger port: batch results,
+    which the batch store records in the same transaction as the items' state."""
     conn = sqlite3.connect(db_path)
     try:
         rows = conn.execute(
@@ -184,19 +167,8 @@ def _read_ledger(db_path: Path) -> dict[str, Outcome]:
         ).fetchall()
     finally:
         conn.close()
-    found: dict[str, Outcome] = {}
-    for rid, cost, status, cache, model, escalated, batch, error, context in rows:
-        saved = 0
-        if context:
-            report = orjson.loads(context)
-            before, after = report.get("before") or {}, report.get("after") or {}
-            if after:
-                saved = max(
-                    0,
-                    sum(v for v in before.values() if isinstance(v, int))
-                    - sum(v for v in after.values() if isinstance(v, int)),
-                )
-        found[rid] = Outcome(
+    return {
+        rid: Outcome(
             cost=None if cost is None else Decimal(cost),
             ok=status == "ok",
             cache=cache,
@@ -204,16 +176,17 @@ def _read_ledger(db_path: Path) -> dict[str, Outcome]:
             escalated=bool(escalated),
             batch=bool(batch),
             error=error,
-            context_saved=saved,
-            answer=None,
+            context_saved=context_saved(orjson.loads(context) if context else None),
+            answer_label=None,
         )
-    return found
+        for rid, cost, status, cache, model, escalated, batch, error, context in rows
+    }
 
 
 @dataclass(frozen=True)
 class StepRun:
     outcomes: list[Outcome | None]  # per traffic line; None: no ledger row (never expected)
-    ledger_total: Decimal  # every priced ledger row of the step's file, summed
+    ledger_total: Decimal  # every priced ledger row of the step, summed
     ledger_rows: int
     seconds: float
     open_batch_items: int
@@ -237,6 +210,7 @@ class PreparedStep:
     """A step's gateway, built (synchronously: its start-up warnings are said here) but not started."""
 
     gateway: Gateway
+    stores: ReplayStores
     db_path: Path
     send_keys: bool
     started: float
@@ -258,25 +232,37 @@ def prepare_step(
         name: ReplayProvider(name, ProviderSettings(kind="replay", data=["(simulate)"]), counter, index)
         for name in prepared.providers
     }
+    stores = ReplayStores(prepared)
     gateway = Gateway(
         prepared,
         providers=providers,
+        stores=stores,
         embedder_factory=embedder.factory() if embedder is not None else None,
     )
-    return PreparedStep(gateway, db_path, send_keys, time.perf_counter())
+    return PreparedStep(gateway, stores, db_path, send_keys, time.perf_counter())
 
 
 async def run_prepared(
-    step: PreparedStep, lines: Sequence[TrafficLine], advance: Callable[[], None] | None = None
+    step: PreparedStep,
+    lines: Sequence[TrafficLine],
+    advance: Callable[[], None] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> StepRun:
-    """Every line through the step's gateway in recorded order, one at a time, then its ledger."""
+    """Every line through the step's gateway in recorded order, one at a time, then its outcomes.
+    `labels` (recorded answer text -> label) turns each served text into the label it carries."""
     gateway = step.gateway
     ids: list[tuple[str, str | None]] = []
     left = 0
+    labels = labels or {}
     await gateway.start()
+    # The batch runner does not tick through the replay (a tick per deferral, and on a timer):
+    # every queue is drained at the end, with the clock past its age limit.
+    await gateway.batch_runner.pause()
+    gateway.batch.wake = None
     try:
         for line in lines:
-            ids.append(await _send(gateway, line, step.send_keys))
+            rid, text = await _send(gateway, line, step.send_keys)
+            ids.append((rid, labels.get(text) if text is not None else None))
             if advance is not None:
                 advance()
         service = gateway.batch
@@ -286,15 +272,21 @@ async def run_prepared(
             left = await gateway.batch_runner.drain(time.time() + max(ages) + 1.0)
     finally:
         await gateway.close()
-    ledger = await asyncio.to_thread(_read_ledger, step.db_path)
+    ledger = step.stores.ledger
+    found = ledger.outcomes
+    total, rows = ledger.total, ledger.rows
+    for rid, outcome in (await asyncio.to_thread(_read_file_ledger, step.db_path)).items():
+        if rid not in found:
+            found[rid] = outcome
+            rows += 1
+            total += outcome.cost if outcome.cost is not None else Decimal(0)
     outcomes: list[Outcome | None] = []
-    for rid, text in ids:
-        row = ledger.get(rid)
-        if row is not None and text is not None:
-            row = replace(row, answer=text)
+    for rid, label in ids:
+        row = found.get(rid)
+        if row is not None and label is not None:
+            row = replace(row, answer_label=label)
         outcomes.append(row)
-    total = sum((o.cost for o in ledger.values() if o.cost is not None), Decimal(0))
-    return StepRun(outcomes, total, len(ledger), time.perf_counter() - step.started, left)
+    return StepRun(outcomes, total, rows, time.perf_counter() - step.started, left)
 
 
 async def run_step(
@@ -307,11 +299,12 @@ async def run_step(
     counter: TokenCounter,
     embedder: BatchedEmbedder | None = None,
     advance: Callable[[], None] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> StepRun:
     step = prepare_step(
         settings, lines, index=index, workdir=workdir, send_keys=send_keys, counter=counter, embedder=embedder
     )
-    return await run_prepared(step, lines, advance)
+    return await run_prepared(step, lines, advance, labels)
 
 
 __all__ = [

@@ -15,7 +15,8 @@ from typing import Any
 
 from thrifty.shapes import last_user_message_text
 from thrifty.simulate.layers import Step
-from thrifty.simulate.run import Outcome, StepRun
+from thrifty.simulate.outcome import Outcome
+from thrifty.simulate.run import StepRun
 from thrifty.simulate.traffic import TrafficLine
 
 _ZERO = Decimal(0)
@@ -102,13 +103,11 @@ def answer_labels(lines: Sequence[TrafficLine]) -> dict[str, str]:
     return found
 
 
-def _hit_quality(
-    lines: Sequence[TrafficLine], now: Sequence[Outcome], hits: list[int], labels: Mapping[str, str]
-) -> Quality:
+def _hit_quality(lines: Sequence[TrafficLine], now: Sequence[Outcome], hits: list[int]) -> Quality:
     scored = correct = 0
     for i in hits:
         mine = lines[i].label
-        source = labels.get(now[i].answer or "") if now[i].answer is not None else None
+        source = now[i].answer_label
         if mine is None or source is None:
             continue
         scored += 1
@@ -156,7 +155,6 @@ def build_stack(
     correct_by_prompt: Mapping[str, Mapping[str, bool]] | None = None,
 ) -> StackReport:
     """`runs[k]` is the replay of `steps[k]` (an unchanged step may repeat the run before it)."""
-    labels = answer_labels(lines)
     base = [o if o is not None else _NO_ROW for o in runs[0].outcomes]
     unrecorded = sum(o.unrecorded for o in base)
     report = StackReport(
@@ -194,7 +192,7 @@ def build_stack(
         layer.affected = sum(_cost(a) != _cost(b) for a, b in zip(now, before, strict=True))
         layer.uninformed = sum(missing.values())
         layer.uninformed_models = dict(missing.most_common())
-        _describe(layer, lines, before, now, labels, correct_by_prompt or {}, step)
+        _describe(layer, lines, before, now, correct_by_prompt or {}, step)
         report.layers.append(layer)
         before = now
     report.unpriced = sum(o.cost is None and o.ok for o in before)
@@ -206,7 +204,6 @@ def _describe(
     lines: Sequence[TrafficLine],
     before: Sequence[Outcome],
     now: Sequence[Outcome],
-    labels: Mapping[str, str],
     correct_by_prompt: Mapping[str, Mapping[str, bool]],
     step: Step,
 ) -> None:
@@ -219,7 +216,7 @@ def _describe(
         kind = "exact" if key == "exact_cache" else "semantic"
         hits = [i for i in newly if now[i].cache == kind]
         layer.detail["hits"] = len(hits)
-        layer.quality = _hit_quality(lines, now, hits, labels)
+        layer.quality = _hit_quality(lines, now, hits)
         if kind == "semantic" and not hits:
             floors = {r.semantic_cache.min_entries for r in step.settings.routes.values() if r.semantic_cache}
             layer.notes.append(

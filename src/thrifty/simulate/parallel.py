@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 from thrifty.errors import ThriftyError
 from thrifty.providers.replay import RecordingIndex
 from thrifty.simulate.layers import Step
-from thrifty.simulate.run import BatchedEmbedder, StepRun, prepare_step, run_prepared
+from thrifty.simulate.run import BatchedEmbedder, MemoTokenCounter, StepRun, prepare_step, run_prepared
 from thrifty.simulate.traffic import TrafficLine
 from thrifty.tokens import TokenCounter
 
@@ -48,6 +48,7 @@ class ReplayJob:
     labels: Mapping[str, str]  # recorded answer text -> label
     workdir: Path
     first: int  # the step whose start-up warnings are said (the others would repeat them)
+    counter: TokenCounter = field(default_factory=MemoTokenCounter)  # the replay providers' counts
 
 
 def replay_one(job: ReplayJob, k: int, tick: Tick | None) -> StepRun:
@@ -55,7 +56,7 @@ def replay_one(job: ReplayJob, k: int, tick: Tick | None) -> StepRun:
     folder = job.workdir / f"step-{k}"
     folder.mkdir(exist_ok=True)
     step = job.steps[k]
-    if k != job.first:
+    if k != job.first:  # every step builds and starts a gateway: the first says its warnings
         logging.disable(logging.WARNING)
     try:
         prepared = prepare_step(
@@ -64,13 +65,13 @@ def replay_one(job: ReplayJob, k: int, tick: Tick | None) -> StepRun:
             index=job.index,
             workdir=folder,
             send_keys=step.send_idempotency_keys,
-            counter=TokenCounter(),
+            counter=job.counter,
             embedder=job.embedder,
         )
+        advance = (lambda: tick(1)) if tick is not None else None
+        return asyncio.run(run_prepared(prepared, job.lines, advance, job.labels))
     finally:
         logging.disable(logging.NOTSET)
-    advance = (lambda: tick(1)) if tick is not None else None
-    return asyncio.run(run_prepared(prepared, job.lines, advance, job.labels))
 
 
 def _child(job: ReplayJob, k: int, conn: Connection) -> None:

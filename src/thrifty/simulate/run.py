@@ -27,7 +27,7 @@ from thrifty.pipeline import Completion
 from thrifty.providers.replay import RecordingIndex, ReplayProvider
 from thrifty.settings import ProviderSettings, Settings, TenantSettings
 from thrifty.simulate.outcome import Outcome, context_saved
-from thrifty.simulate.stores import ReplayStores
+from thrifty.simulate.stores import ReplayStores, run_semantic_work_inline
 from thrifty.simulate.traffic import TrafficLine
 from thrifty.tokens import TokenCounter
 from thrifty.types import Tags
@@ -69,6 +69,26 @@ class BatchedEmbedder:
         return lambda: self
 
 
+class MemoTokenCounter(TokenCounter):
+    """Token counts remembered per text: a replay counts the same messages in every step (a
+    chat's history in each of its turns), and counting was the largest CPU cost left in it.
+    Bounded: forgotten all at once when full (counts are cheap to redo, never wrong)."""
+
+    def __init__(self, max_texts: int = 200_000) -> None:
+        super().__init__()
+        self._max = max_texts
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def count_text(self, text: str, encoding: str = "o200k_base") -> int:
+        key = (text, encoding)
+        found = self._counts.get(key)
+        if found is None:
+            if len(self._counts) >= self._max:
+                self._counts.clear()
+            found = self._counts[key] = super().count_text(text, encoding)
+        return found
+
+
 def replay_settings(settings: Settings, db_path: Path, tenants: set[str]) -> Settings:
     """The step's settings as a replay runs them: its own SQLite file, no shared state, and what
     measures limits rather than cost left out (budgets, rate limits, alert webhooks, traces):
@@ -96,7 +116,6 @@ def replay_settings(settings: Settings, db_path: Path, tenants: set[str]) -> Set
             ),
         }
     )
-
 
 
 def _tags(line: TrafficLine, body: dict[str, Any], send_keys: bool) -> Tags:
@@ -259,6 +278,7 @@ async def run_prepared(
     # every queue is drained at the end, with the clock past its age limit.
     await gateway.batch_runner.pause()
     gateway.batch.wake = None
+    run_semantic_work_inline(gateway)
     try:
         for line in lines:
             rid, text = await _send(gateway, line, step.send_keys)
@@ -309,6 +329,7 @@ async def run_step(
 
 __all__ = [
     "BatchedEmbedder",
+    "MemoTokenCounter",
     "Outcome",
     "PreparedStep",
     "StepRun",

@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from thrifty.cache.exact import SqliteExactCache
 from thrifty.settings import Settings
@@ -29,6 +30,9 @@ from thrifty.stores.factory import Stores
 from thrifty.stores.idempotency import SqliteIdempotencyStore
 from thrifty.stores.sqlite_db import open_database
 from thrifty.types import LedgerEntry
+
+if TYPE_CHECKING:
+    from thrifty.gateway import Gateway
 
 T = TypeVar("T")
 _MEMORY = Path(":memory:")
@@ -124,4 +128,37 @@ class ReplayStores(Stores):
                 self.exact_local = SqliteExactCache(self.cache_db)
 
 
-__all__ = ["InlineIdempotencyStore", "OutcomeLedger", "ReplayStores", "memory_database"]
+class InlineExecutor(Executor):
+    """Runs what is submitted at once, on the caller's thread."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        done: Future[T] = Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except BaseException as err:  # noqa: BLE001 - handed to whoever awaits the future
+            done.set_exception(err)
+        return done
+
+
+def run_semantic_work_inline(gateway: Gateway) -> None:
+    """The semantic cache's worker threads (query embeddings, index graph builds) replaced by
+    inline calls, after `gateway.start()`. A replay's embeddings are computed beforehand (a dict
+    lookup then), so the thread hop per request was all that was left of them; and a graph build
+    finishing at a point in the replay set by the scheduler made results vary from run to run.
+    (The stage has no public seam for its executor yet; this is the one place that reaches in.)"""
+    stage = gateway.semantic_cache
+    pool = getattr(stage, "_pool", None)
+    if pool is None:
+        return
+    pool.shutdown(wait=True)
+    stage._pool = InlineExecutor()  # type: ignore[assignment]
+
+
+__all__ = [
+    "InlineExecutor",
+    "InlineIdempotencyStore",
+    "OutcomeLedger",
+    "ReplayStores",
+    "memory_database",
+    "run_semantic_work_inline",
+]

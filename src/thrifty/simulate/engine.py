@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -78,6 +79,7 @@ class Simulation:
     steps: list[Step]
     runs: list[StepRun]
     report: StackReport
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds of each phase
 
 
 def simulate(
@@ -92,22 +94,29 @@ def simulate(
 ) -> Simulation:
     """`workers`: how many steps replay at once, each in a process of its own (default: one per
     CPU; 1 replays them one after another in this process)."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
     steps = stack_steps(candidate, baseline)
     data = [*outputs, *_replay_data(candidate)]
     index = build_index(lines, data)
+    timings["recorded answers indexed"] = time.perf_counter() - clock
     embedder = None
     queries = _semantic_queries(steps, lines)
     if queries is not None:
+        clock = time.perf_counter()
         from thrifty.cache.semantic.stage import _default_embedder
 
         embedder = BatchedEmbedder(_default_embedder(), _default_embedder)
         advance = progress("embedding queries (batched)", len(set(queries))) if progress else None
         embedder.prepare(queries, advance)
+        timings["queries embedded (batched)"] = time.perf_counter() - clock
     todo = [k for k, step in enumerate(steps) if step.changed or k == 0]
+    clock = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="thrifty-simulate-", dir=workdir or _scratch()) as tmp:
         job = ReplayJob(steps, lines, index, embedder, answer_labels(lines), Path(tmp), todo[0])
         ticks = {k: progress(steps[k].title, len(lines)) if progress else None for k in todo}
         done = replay_steps(job, todo, ticks, workers)
+    timings["steps replayed"] = time.perf_counter() - clock
     runs: list[StepRun] = []
     for k in range(len(steps)):
         runs.append(done[k] if k in done else runs[-1])
@@ -115,7 +124,7 @@ def simulate(
     report.seconds = {s.title: r.seconds for s, r in zip(steps, runs, strict=True) if s.changed}
     report.ledger_totals = {s.title: str(r.ledger_total) for s, r in zip(steps, runs, strict=True)}
     report.notes.extend(_caveats(candidate, lines, runs))
-    return Simulation(steps, runs, report)
+    return Simulation(steps, runs, report, timings)
 
 
 def _scratch() -> Path | None:

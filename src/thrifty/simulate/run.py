@@ -10,7 +10,8 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
@@ -24,13 +25,14 @@ from thrifty.cache.semantic.stage import Embedder, EmbedderFactory
 from thrifty.errors import InvalidRequest, ThriftyError
 from thrifty.gateway import Gateway, parse_chat_body
 from thrifty.pipeline import Completion
+from thrifty.providers.base import StreamChunk
 from thrifty.providers.replay import RecordingIndex, ReplayProvider
 from thrifty.settings import ProviderSettings, Settings, TenantSettings
 from thrifty.simulate.outcome import Outcome, context_saved
 from thrifty.simulate.stores import ReplayStores, run_semantic_work_inline
 from thrifty.simulate.traffic import TrafficLine
 from thrifty.tokens import TokenCounter
-from thrifty.types import Tags
+from thrifty.types import ModelTarget, Tags, UpstreamResult
 
 
 class BatchedEmbedder:
@@ -89,6 +91,42 @@ class MemoTokenCounter(TokenCounter):
         return found
 
 
+class RecordedFailure(ThriftyError):
+    """A request that failed when it was recorded fails the same way when replayed. Not retried
+    (the live gateway's retries were spent before the failure was recorded) and no circuit
+    breaker counts it, so it changes nothing for the requests after it."""
+
+    status = 424
+    error_type = "recorded_failure"
+    code = "recorded_failure"
+
+
+class TrafficReplayProvider(ReplayProvider):
+    """The replay provider of a simulation: answers from the recordings, and fails the call of a
+    request whose traffic line failed (`failing` is set around that request's run)."""
+
+    def __init__(
+        self, name: str, settings: ProviderSettings, counter: TokenCounter, index: RecordingIndex
+    ) -> None:
+        super().__init__(name, settings, counter, index)
+        self.failing: ContextVar[dict[str, Any] | None] = ContextVar(f"replay-failing-{name}", default=None)
+
+    def _fail(self) -> None:
+        error = self.failing.get()
+        if error is not None:
+            how = f"{error.get('type')}, HTTP {error.get('status')}"
+            raise RecordedFailure(f"failed when recorded ({how}): {error.get('message')}")
+
+    async def complete(self, target: ModelTarget, body: dict[str, Any]) -> UpstreamResult:
+        self._fail()
+        return await super().complete(target, body)
+
+    async def stream(self, target: ModelTarget, body: dict[str, Any]) -> AsyncIterator[StreamChunk]:
+        self._fail()
+        async for chunk in super().stream(target, body):
+            yield chunk
+
+
 def replay_settings(settings: Settings, db_path: Path, tenants: set[str]) -> Settings:
     """The step's settings as a replay runs them: its own SQLite file, no shared state, and what
     measures limits rather than cost left out (budgets, rate limits, alert webhooks, traces):
@@ -139,7 +177,23 @@ def _answer_text(body: dict[str, Any]) -> str | None:
 
 
 async def _send(gateway: Gateway, line: TrafficLine, send_keys: bool) -> tuple[str, str | None]:
-    """One traffic line through the gateway, as `thrifty serve` handles it; (request id, text served)."""
+    """One traffic line through the gateway, as `thrifty serve` handles it; (request id, text served).
+    A line that failed when recorded fails at its provider calls (a layer may still answer it first)."""
+    if line.outcome == "error":
+        tokens = [
+            (p, p.failing.set(line.error or {}))
+            for p in gateway.providers.values()
+            if isinstance(p, TrafficReplayProvider)
+        ]
+        try:
+            return await _send_one(gateway, line, send_keys)
+        finally:
+            for provider, token in tokens:
+                provider.failing.reset(token)
+    return await _send_one(gateway, line, send_keys)
+
+
+async def _send_one(gateway: Gateway, line: TrafficLine, send_keys: bool) -> tuple[str, str | None]:
     try:
         body = parse_chat_body(line.request, line.route)
     except InvalidRequest as err:
@@ -209,6 +263,7 @@ class StepRun:
     ledger_rows: int
     seconds: float
     open_batch_items: int
+    cpu_seconds: float = 0.0  # of the process that replayed it, while it did
 
 
 def build_index(lines: Sequence[TrafficLine], outputs: Sequence[str]) -> RecordingIndex:
@@ -233,6 +288,7 @@ class PreparedStep:
     db_path: Path
     send_keys: bool
     started: float
+    cpu_started: float
 
 
 def prepare_step(
@@ -248,7 +304,9 @@ def prepare_step(
     db_path = workdir / "ledger.db"
     prepared = replay_settings(settings, db_path, {line.tenant for line in lines})
     providers = {
-        name: ReplayProvider(name, ProviderSettings(kind="replay", data=["(simulate)"]), counter, index)
+        name: TrafficReplayProvider(
+            name, ProviderSettings(kind="replay", data=["(simulate)"]), counter, index
+        )
         for name in prepared.providers
     }
     stores = ReplayStores(prepared)
@@ -258,7 +316,7 @@ def prepare_step(
         stores=stores,
         embedder_factory=embedder.factory() if embedder is not None else None,
     )
-    return PreparedStep(gateway, stores, db_path, send_keys, time.perf_counter())
+    return PreparedStep(gateway, stores, db_path, send_keys, time.perf_counter(), time.process_time())
 
 
 async def run_prepared(
@@ -306,7 +364,8 @@ async def run_prepared(
         if row is not None and label is not None:
             row = replace(row, answer_label=label)
         outcomes.append(row)
-    return StepRun(outcomes, total, rows, time.perf_counter() - step.started, left)
+    seconds, cpu = time.perf_counter() - step.started, time.process_time() - step.cpu_started
+    return StepRun(outcomes, total, rows, seconds, left, cpu)
 
 
 async def run_step(
@@ -332,7 +391,9 @@ __all__ = [
     "MemoTokenCounter",
     "Outcome",
     "PreparedStep",
+    "RecordedFailure",
     "StepRun",
+    "TrafficReplayProvider",
     "build_index",
     "prepare_step",
     "replay_settings",

@@ -72,6 +72,14 @@ class StackReport:
     unpriced: int  # ledger rows without a price in the last step
     failed: int = 0  # requests refused in the baseline for another reason (unknown route, bad body)
     failed_example: str | None = None
+    # Requests that failed when recorded (outcome error): replayed as failures, at what the
+    # ledger charges for them in each step; `answered_later` of them a layer answered instead.
+    recorded_failures: int = 0
+    recorded_failures_answered: int = 0
+    # Requests that went to a batch when recorded (outcome deferred): answered now in the steps
+    # whose route does not defer, deferred again where the candidate's route does.
+    recorded_deferred: int = 0
+    recorded_deferred_unanswered: int = 0  # of those, no batch answer was recorded (not guessed)
     notes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -164,9 +172,17 @@ def build_stack(
         unrecorded=unrecorded,
         unpriced=0,
     )
-    refused = [o for o in base if not o.ok and not o.unrecorded]
+    refused = [
+        o
+        for o, line in zip(base, lines, strict=True)
+        if not o.ok and not o.unrecorded and line.outcome != "error"
+    ]
     report.failed = len(refused)
     report.failed_example = refused[0].error if refused else None
+    report.recorded_failures = sum(line.outcome == "error" for line in lines)
+    deferred = [i for i, line in enumerate(lines) if line.outcome == "deferred"]
+    report.recorded_deferred = len(deferred)
+    report.recorded_deferred_unanswered = sum(lines[i].response is None for i in deferred)
     before = base
     for step, run in zip(steps[1:], runs[1:], strict=True):
         assert step.layer is not None
@@ -196,6 +212,9 @@ def build_stack(
         report.layers.append(layer)
         before = now
     report.unpriced = sum(o.cost is None and o.ok for o in before)
+    report.recorded_failures_answered = sum(
+        o.ok for o, line in zip(before, lines, strict=True) if line.outcome == "error"
+    )
     return report
 
 

@@ -325,6 +325,14 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX semantic_partition_state_scope ON semantic_partition_state (tenant_id, route)
         """,
     ),
+    (
+        12,
+        # Recordings' outcome (ok | deferred | error) and a failure's error (SQLite's migration 21).
+        """
+        ALTER TABLE recordings ADD COLUMN outcome TEXT NOT NULL DEFAULT 'ok';
+        ALTER TABLE recordings ADD COLUMN error TEXT
+        """,
+    ),
 )
 
 __all__ = ["POSTGRES_MIGRATIONS", "SQLITE_MIGRATIONS"]

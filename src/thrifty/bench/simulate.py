@@ -48,6 +48,7 @@ def run_simulate_bench(
 ) -> dict[str, Any]:
     from thrifty.simulate.command import progress_bars
     from thrifty.simulate.engine import simulate
+    from thrifty.simulate.render import stack_json
     from thrifty.simulate.traffic import read_traffic
     from thrifty.simulate.workload import build_workload, demo_settings
 
@@ -110,6 +111,7 @@ def run_simulate_bench(
         "steps": steps,
         "baseline_usd": str(sim.report.baseline_cost),
         "candidate_usd": str(sim.report.final_cost),
+        "stack": stack_json(sim.report),  # what `thrifty simulate --json` writes
     }
     if json_out is not None:
         json_out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))

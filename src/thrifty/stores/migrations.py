@@ -326,6 +326,14 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
+        12,
+        # Recordings' outcome (ok | deferred | error) and a failure's error (SQLite's migration 21).
+        """
+        ALTER TABLE recordings ADD COLUMN outcome TEXT NOT NULL DEFAULT 'ok';
+        ALTER TABLE recordings ADD COLUMN error TEXT
+        """,
+    ),
+    (
         15,
         # Experiments shared by the replicas (SQLite's migration 14, experiments/postgres_store.py):
         # feedback on requests (one row per request: a repeat replaces, never adds), each route's

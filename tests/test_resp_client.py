@@ -84,3 +84,10 @@ async def test_the_database_number_and_a_stopped_server(private_redis: ServiceDi
     finally:
         await client.aclose()
         admin.close()
+
+
+def test_one_client_serves_a_second_event_loop(services: ServiceDir, redis_prefix: str):
+    client = RespClient(services.redis_url, timeout_s=2)
+    assert asyncio.run(client.execute("INCR", f"{redis_prefix}loops")) == 1
+    # The library used again under a new asyncio.run: a new connection on the new loop.
+    assert asyncio.run(client.execute("INCR", f"{redis_prefix}loops")) == 2

@@ -99,14 +99,17 @@ class RespClient:
         self._timeout_s = timeout_s
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one its connection belongs to
 
     async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a new event loop (a library user's second asyncio.run)
+            self._loop, self._protocol, self._connecting = loop, None, None
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._protocol is not None and self._protocol.lost is None:
                 return self._protocol
-            loop = asyncio.get_running_loop()
             if self._unix is not None:
                 connect = loop.create_unix_connection(_Protocol, self._unix)
             else:
@@ -125,7 +128,7 @@ class RespClient:
 
     async def execute(self, *args: Arg) -> Any:
         protocol = self._protocol
-        if protocol is None or protocol.lost is not None:
+        if protocol is None or protocol.lost is not None or self._loop is not asyncio.get_running_loop():
             protocol = await self._connect()
         return await self._send(protocol, args)
 

@@ -233,6 +233,7 @@ class Gateway:
                 settings.routes,
                 self.idempotency,
                 wait_elsewhere=self.stores.redis is not None,
+                shared_flights=self.stores.shared_flights,
             ),
             RateLimits(
                 rate_limits,
@@ -276,10 +277,13 @@ class Gateway:
         if self.semantic_cache.active:
             await self.semantic_cache.start(self.stores.cache_db, remote=self.stores.semantic_remote)
         if self.context.active:
-            # Summaries of conversation prefixes: the SQLite file (with PostgreSQL, this replica's own).
-            self._context_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
-            self._context_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
-            self.context.store = SqliteSummaryStore(self._context_db)
+            # Summaries of conversation prefixes: PostgreSQL when it is the storage (shared by the
+            # replicas: a chat's summary made on one is reused on the others), else the SQLite file.
+            self.context.store = self.stores.summary_store()
+            if self.context.store is None:
+                self._context_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
+                self._context_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
+                self.context.store = SqliteSummaryStore(self._context_db)
         if self.recorder.active:
             self.recorder.writer = RecordingWriter(open_sink(self.settings))
             self.recorder.writer.start()

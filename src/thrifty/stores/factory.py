@@ -34,6 +34,7 @@ from thrifty.stores.ports import (
     LedgerReader,
     SharedBudgetStore,
     SharedExactCache,
+    SharedFlights,
     SharedRateStore,
     window_bounds,
 )
@@ -98,10 +99,13 @@ class Stores:
         local_idempotency = SqliteIdempotencyStore(
             storage.sqlite_path, max_entries=settings.idempotency.max_entries, synchronous=storage.synchronous
         )
+        self.shared_flights: SharedFlights | None = None  # key-less coalescing across replicas
         if self.redis is not None:
-            from thrifty.stores.redis_idempotency import RedisIdempotencyStore
+            from thrifty.stores.redis_idempotency import RedisFlights, RedisIdempotencyStore
 
             self.idempotency = RedisIdempotencyStore(self.redis)
+            if any(route.coalesce for route in settings.routes.values()):
+                self.shared_flights = RedisFlights(self.redis)
             if shared.fault_mode == "degrade_local":
                 from thrifty.stores.idempotency_degraded import DegradingIdempotencyStore
 
@@ -146,6 +150,15 @@ class Stores:
         if self.postgres:
             out["ledger_rows_spooled"] = self.ledger.spooled
         return out
+
+    def summary_store(self) -> Any:
+        """Context summaries shared by the replicas (PostgreSQL), or None: the caller keeps them in
+        the SQLite file. After start()."""
+        if self._pool is None:
+            return None
+        from thrifty.stores.postgres_context import PostgresSummaryStore
+
+        return PostgresSummaryStore(self._pool)
 
     async def start(self, *, exact_cache: bool, semantic_cache: bool) -> None:
         storage = self.settings.storage

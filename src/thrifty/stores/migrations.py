@@ -326,6 +326,23 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
+        9,
+        # Context summaries of conversation prefixes (SQLite's migration 10), shared by the
+        # replicas: a chat's summary made on one is reused on the others.
+        """
+        CREATE TABLE context_summaries (
+            tenant_id TEXT NOT NULL,
+            prefix_key TEXT NOT NULL,
+            covered_messages INTEGER NOT NULL,
+            summary TEXT NOT NULL,
+            summary_tokens INTEGER NOT NULL,
+            model TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (tenant_id, prefix_key)
+        )
+        """,
+    ),
+    (
         12,
         # Recordings' outcome (ok | deferred | error) and a failure's error (SQLite's migration 21).
         """

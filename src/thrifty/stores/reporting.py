@@ -271,7 +271,8 @@ def _rollup_exponent(conn: sqlite3.Connection, user: str | None, window: Window)
     """The smallest decimal exponent of a user's amounts in the window's folded rows (at most 0)."""
     exponent = 0
     for grain, lo, hi in _plan(window.since, window.until, DAY):
-        clauses, params = ["grain = ?", "user IS ?"], [grain + "u", user]
+        clauses = ["grain = ?", "user IS ?"]
+        params: list[Any] = [grain + "u", user]
         for clause, value in (("bucket >= ?", lo), ("bucket < ?", hi), ("tenant_id = ?", window.tenant)):
             if value is not None:
                 clauses.append(clause)

@@ -14,7 +14,7 @@ import pytest
 from tests.factories import ledger_entry
 from tests.test_rollups import T0, _write, varied_entries
 from thrifty.stores.ledger import INSERT_ENTRY_SQL, entry_row
-from thrifty.stores.reporting import SqliteReportingStore, Window
+from thrifty.stores.reporting import ReportingStore, SqliteReportingStore, Window
 from thrifty.stores.rollups import DAY, HOUR, fold_pending
 from thrifty.stores.sqlite_db import connect, migrate, open_database
 from thrifty.types import LedgerEntry
@@ -23,10 +23,17 @@ TOP_FIELDS = ("group", "requests", "ok", "cost_usd", "cost_per_success_usd")
 DAY0 = T0 - T0 % DAY  # the UTC day T0 falls in (T0 is 22:00)
 
 
-def spread_entries(n: int = 150) -> list[LedgerEntry]:
+def spread_entries(n: int = 147) -> list[LedgerEntry]:
     """varied_entries over ~3.5 days (users u0-u3 and unset, two tenants), so windows have whole
     days in the middle and partial days at both ends."""
-    return [dataclasses.replace(e, ts=T0 + i * 2011.7) for i, e in enumerate(varied_entries(n))]
+    spread = [dataclasses.replace(e, ts=T0 + i * 2011.7) for i, e in enumerate(varied_entries(n))]
+    # A user whose first amount has 17 decimals and later ones 2 and 0: a window over the later
+    # ones is written with 2 decimals, though the user's running total has 17.
+    finer = [(T0 + 600, "0.00000000000000001"), (DAY0 + DAY + 5 * HOUR, "0.10"), (DAY0 + 2 * DAY, "7")]
+    return spread + [
+        dataclasses.replace(ledger_entry(f"s{i}", ts=ts, tenant="acme", cost=c), user="u9", saved_usd=None)
+        for i, (ts, c) in enumerate(finer)
+    ]
 
 
 def windows() -> list[Window]:
@@ -48,7 +55,7 @@ def _top(rows: list) -> list[dict]:
     return [{k: r.to_json()[k] for k in TOP_FIELDS} for r in rows]
 
 
-async def _assert_rankings_exact(store: SqliteReportingStore) -> None:
+async def assert_rankings_exact(store: ReportingStore) -> None:
     for window in windows():
         scanned = await store.spend_by("user", window)
         for limit in (1, 3, 100):
@@ -73,7 +80,7 @@ async def test_user_rankings_equal_the_ledger_scan_for_any_window(tmp_path: Path
     db = tmp_path / "l.db"
     open_database(db).close()
     await _write(db, spread_entries(), fold_after=fold_after)
-    await _assert_rankings_exact(SqliteReportingStore(db))
+    await assert_rankings_exact(SqliteReportingStore(db))
 
 
 async def test_rows_for_hours_before_a_users_last_total_rewrite_its_later_totals(tmp_path: Path):
@@ -84,7 +91,7 @@ async def test_rows_for_hours_before_a_users_last_total_rewrite_its_later_totals
     # The newer half first and folded; then the older half (an import, batch results), folded.
     await _write(late, entries[75:], fold_after=3)
     await _write(late, entries[:75], fold_after=3)
-    await _assert_rankings_exact(SqliteReportingStore(late))
+    await assert_rankings_exact(SqliteReportingStore(late))
     await _write(db, entries, fold_after=3)
     assert _totals(late) == _totals(db)
     assert await SqliteReportingStore(late).rebuild_rollups() == len(entries)
@@ -106,7 +113,7 @@ async def test_the_migration_builds_the_totals_from_the_hourly_user_rollups(tmp_
     assert migrate(conn) == [20]
     conn.close()
     assert _totals(db) == folded
-    await _assert_rankings_exact(SqliteReportingStore(db))
+    await assert_rankings_exact(SqliteReportingStore(db))
 
 
 async def test_rankings_stay_exact_past_2_63_pico_dollars_and_below_a_pico_dollar(tmp_path: Path):
@@ -119,8 +126,8 @@ async def test_rankings_stay_exact_past_2_63_pico_dollars_and_below_a_pico_dolla
     ]
     await _write(db, entries, fold_after=1)
     store = SqliteReportingStore(db)
-    await _assert_rankings_exact(store)
+    await assert_rankings_exact(store)
     await store.fold()
-    await _assert_rankings_exact(store)
+    await assert_rankings_exact(store)
     (top,) = await store.rollup_top("user", Window(), 1)
     assert top.cost_usd == sum((Decimal(c) for c in costs[::2]), Decimal(0))

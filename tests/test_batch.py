@@ -771,3 +771,45 @@ def test_holds_of_items_another_process_recorded_are_let_go(make_gateway, oa, an
     while Decimal(1) - remaining() > Decimal("0.001") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert Decimal(1) - remaining() < Decimal("0.001")  # only the probes' own worst cases and spend
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_metrics_show_the_batch_queue_depths(make_gateway, oa, an, backend):
+    """thrifty_queue_depth{queue=batch_queued|batch_submitted}: items waiting for a provider batch,
+    then in one until it ends; parsed by prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    oa.hold = True  # the provider keeps its batch in progress until released
+    server = make_gateway(
+        routes={"nightly": {"model": "gpt-4o-mini", "defer": {"max_batch": 3, "max_age_s": 600}}},
+        metrics={"require_admin_key": False},
+    )
+    root = server.base_url.removesuffix("/v1")
+
+    def depths() -> dict[str, float]:
+        text = httpx.get(root + "/metrics", timeout=10).text
+        (family,) = [f for f in text_string_to_metric_families(text) if f.name == "thrifty_queue_depth"]
+        return {s.labels["queue"]: s.value for s in family.samples}
+
+    def wait_for(want: dict[str, float]) -> dict[str, float]:
+        deadline = time.monotonic() + 15
+        while (found := depths()) and any(found[k] != v for k, v in want.items()):
+            assert time.monotonic() < deadline, found
+            time.sleep(0.05)
+        return found
+
+    def defer(text: str) -> None:
+        body = {"model": "route:nightly", "messages": [{"role": "user", "content": text}]}
+        auth = {"authorization": f"Bearer {KEYS['acme']}"}
+        resp = httpx.post(server.base_url + "/chat/completions", json=body, headers=auth)
+        assert resp.status_code == 202, resp.text
+
+    assert wait_for({"batch_queued": 0, "batch_submitted": 0})["ledger"] == 0
+    defer("q0")
+    defer("q1")
+    found = wait_for({"batch_queued": 2, "batch_submitted": 0})
+    assert ("ledger_spool" in found) == (backend.kind == "postgresql")
+    defer("q2")  # max_batch: the three go to the provider, which holds them
+    wait_for({"batch_queued": 0, "batch_submitted": 3})
+    oa.release()
+    wait_for({"batch_queued": 0, "batch_submitted": 0})

@@ -26,13 +26,25 @@ def test_bench_overhead_runs_all_targets_and_keeps_the_ledger(tmp_path: Path) ->
         generator="python",
         concurrencies=(1, 4),
         warmup=0.2,
+        base_set=["metrics.enabled=false"],
+        ab_rounds=2,
+        ab_duration=0.3,
     )
     written = orjson.loads(out.read_bytes())
     assert written == orjson.loads(orjson.dumps(report))
     assert written["generator"].startswith("python")
     assert written["machine"]["cpus"] >= 1
     cells = {(r["target"], r["concurrency"]): r for r in written["results"]}
-    assert set(cells) == {(t, c) for t in ("direct", "thrifty", "passthrough") for c in (1, 4)}
+    assert set(cells) == {(t, c) for t in ("direct", "thrifty", "base", "passthrough") for c in (1, 4)}
+    # Interleaved A/B rounds against the base: each round's ratio, then their median and spread.
+    rounds = written["ab_rounds"]
+    assert [(r["concurrency"], r["round"]) for r in rounds] == [(1, 0), (1, 1), (4, 0), (4, 1)]
+    for r in rounds:
+        assert r["cpu_ratio"] == round(r["thrifty_cpu_us_per_req"] / r["base_cpu_us_per_req"], 4) or (
+            abs(r["cpu_ratio"] - r["thrifty_cpu_us_per_req"] / r["base_cpu_us_per_req"]) < 0.01
+        )
+    c1 = written["ab_summary"]["c1"]
+    assert c1["rounds"] == 2 and c1["min"] <= c1["median_cpu_ratio"] <= c1["max"]
     for cell in cells.values():
         assert cell["rps"] > 0
         assert cell["errors"] == 0
@@ -45,6 +57,7 @@ def test_bench_overhead_runs_all_targets_and_keeps_the_ledger(tmp_path: Path) ->
     assert {"thrifty_added_p50_ms_c1", "thrifty_over_passthrough_rps_c4"} <= set(written["ratios"])
     text = printed.getvalue()
     assert "thrifty ledger" in text and "passthrough" in text
+    assert "median of 2 interleaved rounds" in text
 
 
 def test_stub_answers_like_openai() -> None:

@@ -18,6 +18,7 @@ from tests.conftest import KEYS, UPSTREAM_KEY, base_settings, openai_models
 from tests.dashboard_helpers import ADMIN_KEY, get
 from tests.services import pg_url, services  # noqa: F401 - fixtures
 from tests.test_rollups import T0, varied_entries
+from tests.test_user_totals import assert_rankings_exact, spread_entries
 from thrifty.report import GROUP_COLUMNS
 from thrifty.stores import postgres
 from thrifty.stores.ledger import entry_row
@@ -195,5 +196,43 @@ async def test_the_request_explorer_pages_by_keyset_on_postgres(pg_url: str):  #
         assert sorted(seen) == sorted(e.request_id for e in entries) and len(seen) == len(set(seen))
         (newest,) = await store.requests(Window(), limit=1)
         assert newest["cost_usd"] == "0.1" and isinstance(newest["attempts"], list)
+    finally:
+        await store.aclose()
+
+
+def _user_totals(conn: psycopg.Connection) -> list[tuple]:
+    rows = conn.execute(
+        'SELECT k.tenant_id, k."user", c.bucket, c.requests, c.ok, c.cost_usd FROM ledger_user_cum AS c '
+        "JOIN ledger_user_key AS k ON k.id = c.key"
+    ).fetchall()
+    return sorted((t or "", u or "", b, r, o, c) for t, u, b, r, o, c in rows)
+
+
+async def test_user_rankings_on_postgres_are_exact_folded_late_and_after_the_migration(pg_url: str):  # noqa: F811
+    """The running user totals: rankings equal the scan with the newer rows folded and older ones
+    in the tail, after those are folded late (a key's later totals rewritten), after the migration
+    builds them from the hourly user rollups, and after a rebuild."""
+    _migrated(pg_url)
+    entries = spread_entries()
+    store = PostgresReportingStore(pg_url)
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            _insert(conn, entries[75:])
+            await assert_rankings_exact(store)
+            assert await store.fold() == 75
+            _insert(conn, entries[:75])  # rows for hours before the users' last totals
+            await assert_rankings_exact(store)
+            assert await store.fold() == 75
+            await assert_rankings_exact(store)
+            folded = _user_totals(conn)
+            with conn.transaction():
+                conn.execute("DROP TABLE ledger_user_cum, ledger_user_key")
+                conn.execute("DROP INDEX ledger_rollup_by_user")
+                conn.execute("DELETE FROM schema_migrations WHERE version = 11")
+            assert postgres.migrate(conn) == [11]
+            assert _user_totals(conn) == folded
+            await assert_rankings_exact(store)
+            assert await store.rebuild_rollups() == len(entries)
+            assert _user_totals(conn) == folded
     finally:
         await store.aclose()

@@ -16,7 +16,7 @@ from tests.factories import ledger_entry
 from thrifty.report import GROUP_COLUMNS
 from thrifty.stores.ledger import INSERT_ENTRY_SQL, LedgerWriter, entry_row
 from thrifty.stores.reporting import SqliteReportingStore, Window
-from thrifty.stores.rollups import HOUR, fold_pending
+from thrifty.stores.rollups import HOUR, fold_pending, rebuild_rollups
 from thrifty.stores.sqlite_db import MIGRATIONS, connect, migrate, open_database
 from thrifty.types import LedgerEntry, Usage
 
@@ -152,9 +152,7 @@ async def test_folding_in_any_chunks_gives_the_same_rollups_and_folds_each_row_o
     conn = connect(one)
     assert fold_pending(conn, min_rows=len(entries) + 1) == 0  # too few waiting: left for later
     assert fold_pending(conn, min_rows=len(entries)) == len(entries)
-    conn.execute("DELETE FROM ledger_rollup")
-    conn.execute("UPDATE ledger_rollup_state SET folded_rowid = 0")
-    assert fold_pending(conn) == len(entries)
+    assert rebuild_rollups(conn) == len(entries)  # everything folded again from the ledger
     assert fold_pending(conn) == 0  # nothing past the watermark: a second fold adds nothing
     conn.close()
     conn = connect(many)

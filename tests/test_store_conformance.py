@@ -464,12 +464,18 @@ async def test_ledger_rows_are_spooled_while_postgres_is_away_and_replayed_once(
         service.stop("postgres")
         # Released (the rows are fsynced in the spool), although the database is down.
         await asyncio.wait_for(asyncio.gather(*(writer.submit(ledger_entry(f"b{i}")) for i in range(30))), 10)
-        assert writer.spooled == 30
+        assert writer.spooled == 30 and writer.spool_depth == 30  # the depth /metrics shows
+        # A process started on the same spool counts what waits in it.
+        other = postgres.PostgresLedgerWriter(url, tmp_path / "spool.jsonl")
+        other.start(asyncio.get_running_loop())
+        assert other.spool_depth == 30
+        await other.aclose()
         service.run("start", "postgres")
         deadline = time.monotonic() + 15
         while (tmp_path / "spool.jsonl").exists() or (tmp_path / "spool.jsonl.replaying").exists():
             assert time.monotonic() < deadline, "the spool was not replayed"
             await asyncio.sleep(0.1)
+        assert writer.spool_depth == 0
         await writer.replay()  # nothing left; a second replay writes nothing twice
         await asyncio.gather(*(writer.submit(ledger_entry(f"c{i}")) for i in range(5)))
         await writer.aclose()

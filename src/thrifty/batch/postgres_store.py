@@ -306,6 +306,14 @@ class PostgresBatchStore:
         rows = self._all(f"SELECT {ITEM_COLUMNS} FROM batch_items WHERE state = ANY(%s)", (_OPEN,))
         return [item_record(r) for r in rows]
 
+    def open_item_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(_OPEN, 0)
+        for state, count in self._all(
+            "SELECT state, COUNT(*) FROM batch_items WHERE state = ANY(%s) GROUP BY state", (_OPEN,)
+        ):
+            counts[state] = int(count)
+        return counts
+
     def queue_groups(self) -> list[QueueGroup]:
         rows = self._all(
             "SELECT provider, model, queue, COUNT(*), MIN(flush_at), MIN(flush_size) FROM batch_items "

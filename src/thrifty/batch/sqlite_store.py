@@ -211,6 +211,14 @@ class SqliteBatchStore:
         )
         return [item_record(r) for r in rows]
 
+    def open_item_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(_OPEN, 0)
+        for state in _OPEN:  # one count of the state index each
+            (counts[state],) = self._conn.execute(
+                "SELECT COUNT(*) FROM batch_items WHERE state = ?", (state,)
+            ).fetchone()
+        return counts
+
     def queue_groups(self) -> list[QueueGroup]:
         rows = self._conn.execute(
             "SELECT provider, model, queue, COUNT(*), MIN(flush_at), MIN(flush_size) FROM batch_items "

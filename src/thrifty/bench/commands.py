@@ -312,6 +312,16 @@ def bench_overhead(
         list[str] | None,
         typer.Option("--base-set", help="a setting of the base column, e.g. metrics.enabled=false (repeat)"),
     ] = None,
+    ab_rounds: Annotated[
+        int,
+        typer.Option(
+            "--ab-rounds",
+            help="with a base: this many interleaved thrifty/base rounds per concurrency (median of ratios)",
+        ),
+    ] = 0,
+    ab_duration: Annotated[
+        float | None, typer.Option("--ab-duration", help="seconds per A/B measurement (default --duration)")
+    ] = None,
 ) -> None:
     """Latency and throughput: direct to a stub, through thrifty, a bare pass-through, LiteLLM."""
     from typing import cast
@@ -333,6 +343,8 @@ def bench_overhead(
         warmup=warmup,
         base_src=base_src,
         base_set=base_set or (),
+        ab_rounds=ab_rounds,
+        ab_duration=ab_duration,
     )
     # Missed targets are a finding, not a failure; errors or missing ledger rows are a failure.
     if not report["ok"]:

@@ -82,7 +82,7 @@ def generate(
                 f"req_{int(ts * 1e9):016x}{i:08x}", ts, f"tenant-{tenant}", f"user-{rng.randrange(users)}",
                 f"feature-{feature}", f"route-{route}", pv, model, "openai", attempts_ok, inp, inp // 4, 0,
                 out, 0, 0, cost, saved, cache, int(escalated), 0, None, status, http, None,
-                rng.uniform(100, 3000), None, None, 0, 0, None,
+                rng.uniform(100, 3000), None, None, 0, 0, None, None,
             )
         )  # fmt: skip
         if len(chunk) == 100_000:

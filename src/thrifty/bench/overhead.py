@@ -22,6 +22,7 @@ import os
 import platform
 import secrets
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,8 +105,15 @@ def run_overhead_bench(
     warmup: float | None = None,
     base_src: Path | None = None,
     base_set: Sequence[str] = (),
+    ab_rounds: int = 0,
+    ab_duration: float | None = None,
 ) -> dict[str, Any]:
     """Run the bench, print the table and ratios, write JSON; return the report.
+
+    `ab_rounds` (with a base): after the table, that many rounds per concurrency of thrifty and
+    the base measured back to back (`ab_duration` seconds each, default `duration`), in ABBA order;
+    the CPU-per-request ratio of each round, and their median and spread, are reported: a change
+    smaller than the drift between two single runs is measured that way, not guessed.
 
     `base_src`: a source tree (its `src/` holds the package) whose thrifty runs as the `base`
     column, for the CPU and latency a change adds (`thrifty_over_base_*` ratios); `base_set`:
@@ -118,6 +126,8 @@ def run_overhead_bench(
         raise BenchError("give either a running LiteLLM (litellm_url) or a venv to start it, not both")
     if duration <= 0:
         raise BenchError("duration must be positive")
+    if ab_rounds and base_src is None and not base_set:
+        raise BenchError("A/B rounds compare thrifty with a base: give --base-set or --base-src")
     gen = resolve_generator(generator)
     levels = sorted(set(concurrencies))
     warm = min(2.0, duration) if warmup is None else warmup
@@ -137,6 +147,8 @@ def run_overhead_bench(
                 console,
                 base_src,
                 base_set,
+                ab_rounds,
+                duration if ab_duration is None else ab_duration,
             )
         finally:
             procs.stop_all()
@@ -192,6 +204,8 @@ def _run(
     console: Console,
     base_src: Path | None = None,
     base_set: Sequence[str] = (),
+    ab_rounds: int = 0,
+    ab_duration: float = 0.0,
 ) -> dict[str, Any]:
     stub_port, thrifty_port, pass_port, litellm_port, base_port = _free_ports(5)
     key = "thr-bench-" + secrets.token_urlsafe(24)
@@ -256,6 +270,7 @@ def _run(
             )
             # Let the closed connections drain before the next column starts.
             time.sleep(0.3)
+    ab = _ab_rounds(targets, levels, ab_rounds, ab_duration, gen, tally, console) if ab_rounds else []
     loadavg_end = os.getloadavg()
 
     # Stop thrifty before counting: its shutdown flushes whatever the writer still holds.
@@ -300,6 +315,8 @@ def _run(
         "request": REQUEST,
         "results": entries,
         "ratios": ratios,
+        "ab_rounds": ab,
+        "ab_summary": _ab_summary(ab, levels),
         "targets_met": targets_met,
         "ledger": {
             "rows": rows,
@@ -311,6 +328,69 @@ def _run(
         "worst_error_rate": round(worst_error_rate, 6),
         "ok": ledger_ok and worst_error_rate <= MAX_ERROR_RATE,
     }
+
+
+def _ab_rounds(
+    targets: list[Target],
+    levels: list[int],
+    rounds: int,
+    seconds: float,
+    gen: Literal["wrk", "python"],
+    tally: _Tally,
+    console: Console,
+) -> list[dict[str, Any]]:
+    """Rounds of thrifty and base back to back at each level, ABBA (a drift within a round then
+    favours neither); each round's ratio of server CPU per request."""
+    mine = next(t for t in targets if t.name == "thrifty")
+    base = next(t for t in targets if t.name == "base")
+    out = []
+    for concurrency in levels:
+        for n in range(rounds):
+            order = (mine, base) if n % 2 == 0 else (base, mine)
+            cells = {}
+            for target in order:
+                cells[target.name] = _measure(target, concurrency, seconds, gen, tally)
+                time.sleep(0.3)
+            a, b = cells["thrifty"], cells["base"]
+            if a.cpu_us_per_req is None or not b.cpu_us_per_req:
+                raise BenchError("A/B rounds need each server's CPU time (/proc), which is not readable here")
+            ratio = a.cpu_us_per_req / b.cpu_us_per_req
+            out.append(
+                {
+                    "concurrency": concurrency,
+                    "round": n,
+                    "thrifty_cpu_us_per_req": round(a.cpu_us_per_req, 1),
+                    "base_cpu_us_per_req": round(b.cpu_us_per_req, 1),
+                    "thrifty_rps": round(a.result.rps, 1),
+                    "base_rps": round(b.result.rps, 1),
+                    "cpu_ratio": round(ratio, 4),
+                }
+            )
+            console.print(
+                f"  A/B c={concurrency:<3} round {n + 1}/{rounds}: CPU per request thrifty "
+                f"{a.cpu_us_per_req:,.0f} µs, base {b.cpu_us_per_req:,.0f} µs, {ratio:.3f}x",
+                highlight=False,
+            )
+    return out
+
+
+def _ab_summary(rounds: list[dict[str, Any]], levels: list[int]) -> dict[str, dict[str, float]]:
+    """Per level: the median of the rounds' CPU ratios, their quartiles and range."""
+    out = {}
+    for concurrency in levels:
+        ratios = sorted(r["cpu_ratio"] for r in rounds if r["concurrency"] == concurrency)
+        if not ratios:
+            continue
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+        out[f"c{concurrency}"] = {
+            "rounds": len(ratios),
+            "median_cpu_ratio": round(statistics.median(ratios), 4),
+            "q1": round(q1, 4),
+            "q3": round(q3, 4),
+            "min": ratios[0],
+            "max": ratios[-1],
+        }
+    return out
 
 
 def _start_base(
@@ -469,6 +549,14 @@ def _print_report(report: dict[str, Any], console: Console) -> None:
                 f"req/s {ratios[f'thrifty_over_base_rps_c{concurrency}']:.3f}x",
                 highlight=False,
             )
+    for level, summary in report.get("ab_summary", {}).items():
+        median = summary["median_cpu_ratio"]
+        console.print(
+            f"thrifty / base CPU per request at c={level[1:]}, median of {summary['rounds']} interleaved "
+            f"rounds: {median:.3f}x ({median - 1:+.1%}; quartiles {summary['q1']:.3f}-{summary['q3']:.3f}, "
+            f"range {summary['min']:.3f}-{summary['max']:.3f})",
+            highlight=False,
+        )
     for name in ("thrifty", "passthrough", "litellm"):
         ratio = ratios.get(f"{name}_over_direct_rps_c{hi}")
         if ratio is not None:

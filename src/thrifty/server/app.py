@@ -142,6 +142,29 @@ def _sse(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
+def queue_depths(gateway: Gateway) -> dict[str, Callable[[], int]]:
+    """/metrics' `thrifty_queue_depth{queue}`, read at scrape time: ledger rows submitted and not
+    yet written; batch items queued (not yet in a provider batch) and submitted (in one, not yet
+    ended), of every process sharing the batch store; on PostgreSQL, ledger rows spooled while it
+    was unreachable and not yet replayed."""
+    ledger, batch = gateway.ledger, gateway.batch
+
+    def batch_depth(state: str) -> Callable[[], int]:
+        def read() -> int:
+            return 0 if batch.store is None else batch.store.open_item_counts()[state]
+
+        return read
+
+    depths: dict[str, Callable[[], int]] = {
+        "ledger": lambda: ledger.pending,
+        "batch_queued": batch_depth("queued"),
+        "batch_submitted": batch_depth("submitted"),
+    }
+    if gateway.stores.postgres:
+        depths["ledger_spool"] = lambda: ledger.spool_depth
+    return depths
+
+
 class ThriftyApp:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -157,9 +180,7 @@ class ThriftyApp:
         if gateway.settings.metrics.enabled:
             ledger = gateway.ledger
             self._metrics = GatewayMetrics(
-                gateway.settings,
-                breakers=gateway.resilience.breaker_states,
-                depths={"ledger": lambda: ledger.pending},
+                gateway.settings, breakers=gateway.resilience.breaker_states, depths=queue_depths(gateway)
             )
             ledger.observe(self._metrics.observe_batch)
         from thrifty.server.batch_routes import BatchRoutes, defer_chat

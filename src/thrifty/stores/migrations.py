@@ -343,6 +343,49 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
+        11,
+        # Running totals per user (SQLite's migration 20, stores/postgres_reporting.py): a ranking of
+        # users over any window reads two rows per user. A key is (tenant, user) or (NULL, user) for
+        # every tenant, `scope` its JSON text (an equality join, unlike IS NOT DISTINCT FROM);
+        # `ledger_user_cum` holds each key's requests, successes and cost up to the end of each hour
+        # it had requests. Folded with the rollups in the fold's statement; built here once from the
+        # hourly user rollups. `ledger_rollup_by_user`: the ranking's winners read their amounts'
+        # scale from their own user rows.
+        """
+        CREATE TABLE ledger_user_key (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            scope TEXT NOT NULL UNIQUE,
+            tenant_id TEXT,
+            "user" TEXT
+        );
+        CREATE INDEX ledger_user_key_tenant ON ledger_user_key (tenant_id);
+        CREATE TABLE ledger_user_cum (
+            key BIGINT NOT NULL,
+            bucket BIGINT NOT NULL,
+            requests BIGINT NOT NULL,
+            ok BIGINT NOT NULL,
+            cost_usd NUMERIC NOT NULL,
+            PRIMARY KEY (key, bucket)
+        );
+        CREATE INDEX ledger_rollup_by_user ON ledger_rollup (grain, "user", bucket);
+        INSERT INTO ledger_user_key (scope, tenant_id, "user")
+        SELECT json_build_array(tenant_id, "user")::text, tenant_id, "user" FROM (
+            SELECT tenant_id, "user" FROM ledger_rollup WHERE grain = 'hu'
+            UNION SELECT NULL, "user" FROM ledger_rollup WHERE grain = 'hu'
+        ) AS k;
+        INSERT INTO ledger_user_cum
+        SELECT k.id, r.bucket, SUM(r.requests) OVER w, SUM(r.ok) OVER w, SUM(r.cost_usd) OVER w
+        FROM (
+            SELECT tenant_id, "user", bucket, requests, ok, cost_usd FROM ledger_rollup WHERE grain = 'hu'
+            UNION ALL
+            SELECT NULL, "user", bucket, SUM(requests), SUM(ok), SUM(cost_usd)
+            FROM ledger_rollup WHERE grain = 'hu' GROUP BY "user", bucket
+        ) AS r
+        JOIN ledger_user_key AS k ON k.scope = json_build_array(r.tenant_id, r."user")::text
+        WINDOW w AS (PARTITION BY k.id ORDER BY r.bucket)
+        """,
+    ),
+    (
         12,
         # Recordings' outcome (ok | deferred | error) and a failure's error (SQLite's migration 21).
         """

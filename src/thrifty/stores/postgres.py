@@ -176,6 +176,7 @@ class PostgresLedgerWriter:
         self._replayer: asyncio.Task[None] | None = None
         self._closing = False
         self.spooled = 0  # rows written to the spool (a metric)
+        self.spool_depth = 0  # rows in the spool not yet replayed into PostgreSQL (a queue depth)
         self._observers: list[Callable[[list[tuple[Any, ...]]], None]] = []
 
     def observe(self, observer: Callable[[list[tuple[Any, ...]]], None]) -> None:
@@ -191,6 +192,8 @@ class PostgresLedgerWriter:
         self._loop = loop
         self._task = loop.create_task(self._run())
         if self._has_spool():
+            # Left by an earlier process: counted once, then kept up to date as rows come and go.
+            self.spool_depth = sum(_count_lines(p) for p in (self._spool, self._replaying_path))
             self._start_replayer()
 
     def submit(self, entry: LedgerEntry) -> asyncio.Future[None]:
@@ -274,6 +277,7 @@ class PostgresLedgerWriter:
             fh.flush()
             os.fsync(fh.fileno())
         self.spooled += len(rows)
+        self.spool_depth += len(rows)
 
     @property
     def _replaying_path(self) -> Path:
@@ -318,8 +322,16 @@ class PostgresLedgerWriter:
         finally:
             await conn.close()
         self._replaying_path.unlink()
+        self.spool_depth = max(self.spool_depth - len(rows), 0)
         log.warning("replayed %d spooled ledger rows into PostgreSQL", len(rows))
         return len(rows)
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with path.open("rb") as fh:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
 
 
 class PostgresKeys:

@@ -18,6 +18,8 @@ Writers of ledger rows only INSERT them without naming `txid`; nothing else is n
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -71,6 +73,40 @@ _GRAINS_SQL = " UNION ALL ".join(
     for grain, (width, by_user) in GRAINS.items()
 )
 _KEY = 'grain, bucket, tenant_id, feature, route, prompt_version, model, "user"'
+# The running user totals (SQLite: stores/user_totals.py), in the fold's statement: the fold's sums
+# per key ((tenant, user) and (NULL, user)) and hour; a key's totals from its first such hour on
+# rebuilt from the total before it (`base`), the increments of the totals already there (normally
+# none: a fold appends the current hour) and the new sums, then upserted.
+_USER_TOTALS_CTES = (
+    'sums AS (SELECT tenant_id, "user", bucket, SUM(requests) AS requests, SUM(ok) AS ok, '
+    "COALESCE(SUM(cost_usd), 0) AS cost_usd FROM rows GROUP BY 1, 2, 3), "
+    'deltas AS (SELECT tenant_id, "user", bucket, requests, ok, cost_usd FROM sums UNION ALL '
+    'SELECT NULL, "user", bucket, SUM(requests), SUM(ok), SUM(cost_usd) FROM sums GROUP BY 2, 3), '
+    'scoped AS (SELECT json_build_array(tenant_id, "user")::text AS scope, * FROM deltas), '
+    'new_keys AS (INSERT INTO ledger_user_key (scope, tenant_id, "user") '
+    'SELECT DISTINCT scope, tenant_id, "user" FROM scoped ON CONFLICT (scope) DO NOTHING '
+    "RETURNING id, scope), "
+    "dk AS (SELECT COALESCE(k.id, n.id) AS key, d.bucket, d.requests, d.ok, d.cost_usd FROM scoped AS d "
+    "LEFT JOIN ledger_user_key AS k ON k.scope = d.scope LEFT JOIN new_keys AS n ON n.scope = d.scope), "
+    "base AS (SELECT m.key, m.first, COALESCE(b.requests, 0) AS requests, COALESCE(b.ok, 0) AS ok, "
+    "COALESCE(b.cost_usd, 0) AS cost_usd FROM (SELECT key, MIN(bucket) AS first FROM dk GROUP BY key) AS m "
+    "LEFT JOIN LATERAL (SELECT requests, ok, cost_usd FROM ledger_user_cum AS c WHERE c.key = m.key "
+    "AND c.bucket < m.first ORDER BY c.bucket DESC LIMIT 1) AS b ON true), "
+    "later AS (SELECT c.key, c.bucket, "
+    "c.requests - COALESCE(LAG(c.requests) OVER w, b.requests) AS requests, "
+    "c.ok - COALESCE(LAG(c.ok) OVER w, b.ok) AS ok, "
+    "c.cost_usd - COALESCE(LAG(c.cost_usd) OVER w, b.cost_usd) AS cost_usd "
+    "FROM ledger_user_cum AS c JOIN base AS b ON c.key = b.key AND c.bucket >= b.first "
+    "WINDOW w AS (PARTITION BY c.key ORDER BY c.bucket)), "
+    "increments AS (SELECT key, bucket, SUM(requests) AS requests, SUM(ok) AS ok, SUM(cost_usd) AS cost_usd "
+    "FROM (SELECT * FROM later UNION ALL SELECT * FROM dk) AS u GROUP BY key, bucket), "
+    "totals AS (INSERT INTO ledger_user_cum (key, bucket, requests, ok, cost_usd) "
+    "SELECT i.key, i.bucket, b.requests + SUM(i.requests) OVER w, b.ok + SUM(i.ok) OVER w, "
+    "b.cost_usd + SUM(i.cost_usd) OVER w FROM increments AS i JOIN base AS b ON b.key = i.key "
+    "WINDOW w AS (PARTITION BY i.key ORDER BY i.bucket) "
+    "ON CONFLICT (key, bucket) DO UPDATE SET requests = EXCLUDED.requests, ok = EXCLUDED.ok, "
+    "cost_usd = EXCLUDED.cost_usd) "
+)
 FOLD_SQL = (
     "WITH hi AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin), "
     "rows AS (SELECT " + _ROW_AS_ROLLUP + " FROM ledger "
@@ -89,8 +125,9 @@ FOLD_SQL = (
     + f" FROM rows AS r CROSS JOIN ({_GRAINS_SQL}) AS g GROUP BY 1, 2, 3, 4, 5, 6, 7, 8 "
     "ON CONFLICT ON CONSTRAINT ledger_rollup_key DO UPDATE SET "
     + ", ".join(f"{f} = ledger_rollup.{f} + EXCLUDED.{f}" for f in (*INT_FIELDS, *MONEY_FIELDS))
-    + ") "
-    "UPDATE ledger_rollup_state SET folded_xid = GREATEST(folded_xid, (SELECT xmin FROM hi)) "
+    + "), "
+    + _USER_TOTALS_CTES
+    + "UPDATE ledger_rollup_state SET folded_xid = GREATEST(folded_xid, (SELECT xmin FROM hi)) "
     "WHERE id = 1 RETURNING (SELECT COUNT(*) FROM rows)"
 )
 _REQUEST_COLUMNS = (
@@ -98,6 +135,45 @@ _REQUEST_COLUMNS = (
     "input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, cost_usd, "
     "saved_usd, cache, escalated, retries, retry_cost_usd, status, http_status, error, latency_ms, ttft_ms"
 )
+
+
+# A key's running totals before a bound: one seek of the (key, bucket) primary key.
+_LAST_TOTAL = (
+    "(SELECT requests, ok, cost_usd FROM ledger_user_cum AS c WHERE c.key = k.id {bound} "
+    "ORDER BY c.bucket DESC LIMIT 1)"
+)
+
+
+def _tail_clauses(window: Window) -> tuple[list[str], list[Any]]:
+    clauses, params = [_TAIL], []
+    bounds: tuple[tuple[str, float | str | None], ...] = (
+        ("ts >= %s", window.since),
+        ("ts < %s", window.until),
+        ("tenant_id = %s", window.tenant),
+    )
+    for clause, value in bounds:
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return clauses, params
+
+
+async def _rollup_scale(conn: Any, user: str | None, window: Window) -> int:
+    """The largest scale of a user's amounts in the window's folded rows (its user rollup rows)."""
+    scale = 0
+    for grain, lo, hi in _plan(window.since, window.until, DAY):
+        clauses = ["grain = %s", '"user" = %s' if user is not None else '"user" IS NULL']
+        params: list[Any] = [grain + "u"] + ([user] if user is not None else [])
+        for clause, value in (("bucket >= %s", lo), ("bucket < %s", hi), ("tenant_id = %s", window.tenant)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        cur = await conn.execute(
+            f"SELECT MAX(scale(cost_usd)) FROM ledger_rollup WHERE {' AND '.join(clauses)}", params
+        )
+        (found,) = await cur.fetchone()
+        scale = max(scale, int(found or 0))
+    return scale
 
 
 def _psycopg_pool() -> Any:
@@ -133,13 +209,19 @@ class PostgresReportingStore:
                     self._pool = pool
         return self._pool.connection()
 
-    async def _all(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
-        """Run `sql` with `{mark}` replaced by the watermark, both in one snapshot."""
+    @asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[tuple[Any, int]]:
+        """A connection in one REPEATABLE READ transaction (one snapshot), and the watermark in it."""
         async with await self._connection() as conn, conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             cur = await conn.execute("SELECT folded_xid FROM ledger_rollup_state")
             (mark,) = await cur.fetchone()
-            cur = await conn.execute(sql.replace("{mark}", str(int(mark))), params)
+            yield conn, int(mark)
+
+    async def _all(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
+        """Run `sql` with `{mark}` replaced by the watermark, both in one snapshot."""
+        async with self._snapshot() as (conn, mark):
+            cur = await conn.execute(sql.replace("{mark}", str(mark)), params)
             return list(await cur.fetchall())
 
     async def aclose(self) -> None:
@@ -166,6 +248,8 @@ class PostgresReportingStore:
         return _sorted([p.row for p in points])
 
     async def rollup_top(self, by: str, window: Window, limit: int) -> list[ReportRow]:
+        if by == "user":
+            return await self._top_users(window, limit)
         points = await self._rollup(by, 0, window, top=True)
         return _sorted([p.row for p in points])[:limit]
 
@@ -225,6 +309,59 @@ class PostgresReportingStore:
                 add_measures(row, values[:_N_INT], [Decimal(0) + v for v in values[_N_INT:]])
             points.append(SeriesPoint(int(bucket), row))
         return points
+
+    async def _top_users(self, window: Window, limit: int) -> list[ReportRow]:
+        """The `limit` most expensive users from the running totals (two rows per user) and the ledger
+        rows past the watermark; each winner's cost at the scale of its window's amounts (the totals
+        keep the largest scale of all time), read from its own rollup rows, all in one snapshot."""
+        if not window.aligned:
+            raise ValueError("rollups answer whole hours: since and until must be on the hour")
+        params: list[Any] = []
+        upper = _LAST_TOTAL.format(bound="" if window.until is None else "AND c.bucket < %s")
+        if window.until is not None:
+            params.append(int(window.until))
+        lower = ""
+        if window.since is not None:
+            lower = f"LEFT JOIN LATERAL {_LAST_TOTAL.format(bound='AND c.bucket < %s')} AS l ON true "
+            params.append(int(window.since))
+        scope = "k.tenant_id IS NULL"
+        if window.tenant is not None:
+            scope = "k.tenant_id = %s"
+            params.append(window.tenant)
+        if lower:
+            measures = "h.requests - COALESCE(l.requests, 0), h.ok - COALESCE(l.ok, 0), "
+            measures += "h.cost_usd - COALESCE(l.cost_usd, 0)"
+        else:
+            measures = "h.requests, h.ok, h.cost_usd"
+        totals_sql = (
+            f'SELECT k."user", {measures} FROM ledger_user_key AS k '
+            f"CROSS JOIN LATERAL {upper} AS h {lower}WHERE {scope}"
+        )
+        tail_clauses, tail_params = _tail_clauses(window)
+        tail_sql = (
+            "SELECT \"user\", COUNT(*), SUM((status = 'ok')::int), COALESCE(SUM(cost_usd), 0), "
+            f"MAX(scale(cost_usd)) FROM ledger WHERE {' AND '.join(tail_clauses)} GROUP BY 1"
+        )
+        async with self._snapshot() as (conn, mark):
+            cur = await conn.execute(totals_sql, params)
+            rows: dict[str | None, ReportRow] = {}
+            for user, requests, ok, cost in await cur.fetchall():
+                if requests:
+                    row = rows[user] = ReportRow(user)
+                    row.requests, row.ok, row.cost_usd = int(requests), int(ok), Decimal(0) + cost
+            cur = await conn.execute(tail_sql.replace("{mark}", str(int(mark))), tail_params)
+            scales: dict[str | None, int] = {}
+            for user, requests, ok, cost, scale in await cur.fetchall():
+                row = rows.get(user) or rows.setdefault(user, ReportRow(user))
+                row.requests += int(requests)
+                row.ok += int(ok)
+                row.cost_usd += cost
+                scales[user] = int(scale or 0)
+            winners = _sorted(list(rows.values()))[:limit]
+            for row in winners:
+                scale = max(scales.get(row.group, 0), await _rollup_scale(conn, row.group, window))
+                row.cost_usd = row.cost_usd.quantize(Decimal(1).scaleb(-scale))
+        return winners
 
     async def budget_use(
         self, since: float, *, tenant: str | None, feature: str | None, route: str | None
@@ -315,6 +452,8 @@ class PostgresReportingStore:
         async with await self._connection() as conn, conn.transaction():
             await conn.execute("SELECT folded_xid FROM ledger_rollup_state WHERE id = 1 FOR UPDATE")
             await conn.execute("DELETE FROM ledger_rollup")
+            await conn.execute("DELETE FROM ledger_user_cum")
+            await conn.execute("DELETE FROM ledger_user_key")
             await conn.execute("UPDATE ledger_rollup_state SET folded_xid = 0 WHERE id = 1")
         return await self.fold()
 

@@ -34,7 +34,8 @@ from thrifty.stores.rollups import (
     rebuild_rollups,
     tail_sql,
 )
-from thrifty.stores.sqlite_db import connect, join_money
+from thrifty.stores.sqlite_db import EXACT, connect, join_money
+from thrifty.stores.user_totals import window_totals
 
 T = TypeVar("T")
 Bucket = Literal["hour", "day"]
@@ -234,6 +235,57 @@ def _tail_where(window: Window) -> tuple[str, list[Any]]:
     return " AND ".join(clauses), params
 
 
+def _top_users(conn: sqlite3.Connection, window: Window, limit: int) -> list[ReportRow]:
+    """The `limit` most expensive users: the running user totals (stores/user_totals.py, two rows
+    per user) plus the ledger rows past the watermark; each winner's cost written with the decimal
+    exponent of its window's amounts, from the rollups (the totals do not keep it)."""
+    if not window.aligned:
+        raise ValueError("rollups answer whole hours: since and until must be on the hour")
+    rows: dict[str | None, ReportRow] = {}
+    exponents: dict[str | None, int] = {}
+    for user, (requests, ok, cost) in window_totals(conn, window.since, window.until, window.tenant).items():
+        row = rows[user] = ReportRow(user)
+        row.requests, row.ok, row.cost_usd = requests, ok, cost
+    where, params = _tail_where(window)
+    tail = _fetch(
+        conn,
+        lambda big: tail_sql(
+            "user", where, "1", measures_sql(top=True, int_sum="thrifty_int_sum" if big else "SUM")
+        ),
+        params,
+    )
+    for user, requests, ok, pico, exponent, rest in tail:
+        row = rows.get(user) or rows.setdefault(user, ReportRow(user))
+        row.requests += requests
+        row.ok += ok
+        row.cost_usd = EXACT.add(row.cost_usd, join_money(pico, exponent, rest))
+        exponents[user] = min(exponent or 0, 0)
+    winners = _sorted(list(rows.values()))[:limit]
+    for row in winners:
+        exponent = min(exponents.get(row.group, 0), _rollup_exponent(conn, row.group, window))
+        row.cost_usd = row.cost_usd.quantize(Decimal(1).scaleb(exponent), context=EXACT)
+    return winners
+
+
+def _rollup_exponent(conn: sqlite3.Connection, user: str | None, window: Window) -> int:
+    """The smallest decimal exponent of a user's amounts in the window's folded rows (at most 0)."""
+    exponent = 0
+    for grain, lo, hi in _plan(window.since, window.until, DAY):
+        clauses = ["grain = ?", "user IS ?"]
+        params: list[Any] = [grain + "u", user]
+        for clause, value in (("bucket >= ?", lo), ("bucket < ?", hi), ("tenant_id = ?", window.tenant)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        (found,) = conn.execute(
+            f"SELECT MIN(cost_usd_exp) FROM ledger_rollup INDEXED BY ledger_rollup_by_user "
+            f"WHERE {' AND '.join(clauses)}",
+            params,
+        ).fetchone()
+        exponent = min(exponent, found or 0)
+    return exponent
+
+
 _REQUEST_COLUMNS = (
     "request_id, ts, tenant_id, user, feature, route, prompt_version, model, provider, attempts, "
     "input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, cost_usd, "
@@ -244,6 +296,9 @@ _REQUEST_COLUMNS = (
 class SqliteReportingStore:
     def __init__(self, path: Path) -> None:
         self._path = path
+        # Read connections kept between queries (one per worker thread in use at a time): a new
+        # connection reads the schema and prepares every statement again, ~1 ms of CPU a query.
+        self._idle: list[sqlite3.Connection] = []
         # The folder's own connection, kept: its statements stay compiled from one fold to the next
         # (a fold of nothing new is two indexed reads). Used by one fold at a time, on any thread.
         self._fold_conn: sqlite3.Connection | None = None
@@ -253,7 +308,10 @@ class SqliteReportingStore:
         return await asyncio.to_thread(self._query, query)
 
     def _query(self, query: Callable[[sqlite3.Connection], T]) -> T:
-        conn = connect(self._path)
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = connect(self._path, check_same_thread=False)
         try:
             # One read transaction: the rollups, their watermark and the ledger's tail past it are
             # read in one snapshot, so a fold committing meanwhile is seen whole or not at all.
@@ -262,8 +320,11 @@ class SqliteReportingStore:
                 return query(conn)
             finally:
                 conn.execute("COMMIT")
-        finally:
-            conn.close()
+        except BaseException:
+            conn.close()  # (not handed out again in an unknown state)
+            raise
+        else:
+            self._idle.append(conn)
 
     def _write(self, action: Callable[[sqlite3.Connection], T]) -> T:
         conn = connect(self._path)
@@ -283,6 +344,8 @@ class SqliteReportingStore:
         return _sorted([p.row for p in points])
 
     async def rollup_top(self, by: str, window: Window, limit: int) -> list[ReportRow]:
+        if by == "user":
+            return await self._run(lambda conn: _top_users(conn, window, limit))
         points = await self._run(lambda conn: self._rollup(conn, by, 0, window, top=True))
         return _sorted([p.row for p in points])[:limit]
 
@@ -450,6 +513,8 @@ class SqliteReportingStore:
                 if self._fold_conn is not None:
                     self._fold_conn.close()
                     self._fold_conn = None
+            while self._idle:
+                self._idle.pop().close()
 
         await asyncio.to_thread(close)
 

@@ -17,7 +17,8 @@ Money stays exact: whole pico-USD summed by SQLite, the rest (amounts finer than
 million dollars and more) as decimal text summed in Python (see migration 12).
 
 Grains: `h` and `d` (hour, UTC day) by tenant, feature, route, prompt version and model; `hu` and
-`du` by tenant and user, kept apart so that many users do not multiply the main grain's rows.
+`du` by tenant and user, kept apart so that many users do not multiply the main grain's rows. The
+same fold keeps running totals per user (stores/user_totals.py), which rank users over any window.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from typing import Any
 
 import orjson
 
-from thrifty.stores.sqlite_db import split_money
+from thrifty.stores.sqlite_db import join_money, split_money
+from thrifty.stores.user_totals import HourlySums, fold_user_totals, reset_user_totals
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +364,18 @@ def _aggregate(conn: sqlite3.Connection, after: int, upto: int) -> list[tuple[An
     return fold_rows(rows.fetchall())
 
 
+_COST = 8 + len(INT_FIELDS)  # cost_usd's (pico, exponent, rest) in an UPSERT's parameters
+
+
+def hourly_user_sums(params: Iterable[Sequence[Any]]) -> list[HourlySums]:
+    """The (hour, tenant, user) keys of a fold's UPSERT parameters, for the running user totals."""
+    return [
+        (p[2], p[7], p[1], int(p[8]), int(p[9]), join_money(p[_COST], p[_COST + 1], p[_COST + 2]))
+        for p in params
+        if p[0] == "hu"
+    ]
+
+
 def fold_pending(conn: sqlite3.Connection, *, chunk: int = 200_000, min_rows: int = 0) -> int:
     """Fold every ledger row past the watermark into the rollups; return how many rows it read.
     `min_rows`: do nothing while fewer rows than that are waiting (a fold has a fixed cost).
@@ -392,6 +406,7 @@ def fold_pending(conn: sqlite3.Connection, *, chunk: int = 200_000, min_rows: in
                 conn.execute("ROLLBACK")  # another process folded these rows meanwhile
                 continue
             conn.executemany(UPSERT_SQL, params)
+            fold_user_totals(conn, hourly_user_sums(params))
             conn.execute("UPDATE ledger_rollup_state SET folded_rowid = ?", (upto,))
             conn.execute("COMMIT")
         except BaseException:
@@ -405,6 +420,7 @@ def _reset(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("DELETE FROM ledger_rollup")
+        reset_user_totals(conn)
         conn.execute("UPDATE ledger_rollup_state SET folded_rowid = 0")
         conn.execute("COMMIT")
     except BaseException:

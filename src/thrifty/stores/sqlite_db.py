@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from decimal import Decimal
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from pathlib import Path
 from typing import Any
+
+# Additions and subtractions of money that never round (the default context keeps 28 digits).
+EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
 
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -487,6 +490,48 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
+        20,
+        # Running totals per user (stores/user_totals.py), so a ranking of users over any window of
+        # whole hours reads two rows per user (the totals before its end and before its start)
+        # instead of every (day or hour, user) row in it. A key is (tenant, user), or (NULL, user)
+        # for every tenant at once; `ledger_user_cum` holds, for each hour a key had requests, its
+        # requests, successes and exact cost (decimal text) up to the end of that hour. Folded with
+        # the rollups, in their transaction; built here once from the hourly user rollups.
+        """
+        CREATE TABLE ledger_user_key (
+            id INTEGER PRIMARY KEY,
+            tenant_id TEXT,
+            user TEXT
+        );
+        CREATE INDEX ledger_user_key_scope ON ledger_user_key (tenant_id, user);
+        CREATE TABLE ledger_user_cum (
+            key INTEGER NOT NULL,
+            bucket INTEGER NOT NULL,
+            requests INTEGER NOT NULL,
+            ok INTEGER NOT NULL,
+            cost_usd TEXT NOT NULL,
+            PRIMARY KEY (key, bucket)
+        ) WITHOUT ROWID;
+        INSERT INTO ledger_user_key (tenant_id, user)
+        SELECT DISTINCT tenant_id, user FROM ledger_rollup WHERE grain = 'hu'
+        UNION SELECT DISTINCT NULL, user FROM ledger_rollup WHERE grain = 'hu'
+        ORDER BY 1, 2;
+        INSERT INTO ledger_user_cum
+        SELECT k.id, r.bucket, SUM(r.requests) OVER w, SUM(r.ok) OVER w,
+            thrifty_money_run(r.pico, r.rest) OVER w
+        FROM (
+            SELECT tenant_id, user, bucket, requests, ok, cost_usd_pico AS pico, cost_usd_rest AS rest
+            FROM ledger_rollup WHERE grain = 'hu'
+            UNION ALL
+            SELECT NULL, user, bucket, SUM(requests), SUM(ok), thrifty_int_sum(cost_usd_pico),
+                thrifty_dec_sum(cost_usd_rest)
+            FROM ledger_rollup WHERE grain = 'hu' GROUP BY user, bucket
+        ) AS r
+        JOIN ledger_user_key AS k ON k.tenant_id IS r.tenant_id AND k.user IS r.user
+        WINDOW w AS (PARTITION BY k.id ORDER BY r.bucket)
+        """,
+    ),
+    (
         21,
         # Recordings of requests that did not end in an answer now, for `thrifty simulate`: how
         # each ended (ok | deferred | error) and a failure's error; `response` holds 'null' then.
@@ -566,6 +611,30 @@ class _IntSum:
         return str(self.total)
 
 
+class _MoneyRun:
+    """Running exact sum of (whole pico-USD, decimal rest) as decimal text (a window function)."""
+
+    def __init__(self) -> None:
+        self.pico = 0
+        self.rest = Decimal(0)
+
+    def step(self, pico: Any, rest: Any, /) -> None:
+        self.pico += int(pico or 0)
+        if rest is not None:
+            self.rest += Decimal(rest)
+
+    def inverse(self, pico: Any, rest: Any, /) -> None:
+        self.pico -= int(pico or 0)
+        if rest is not None:
+            self.rest -= Decimal(rest)
+
+    def value(self) -> str:
+        return format(EXACT.add(Decimal(self.pico).scaleb(-12), self.rest), "f")
+
+    def finalize(self) -> str:
+        return self.value()
+
+
 def _split_text(index: int) -> Any:
     def part(text: str | None) -> Any:
         return split_money(None if text is None else Decimal(text))[index]
@@ -578,6 +647,7 @@ def register_functions(conn: sqlite3.Connection) -> None:
     conn.create_function("thrifty_dec_add", 2, _dec_add, deterministic=True)
     conn.create_aggregate("thrifty_dec_sum", 1, _DecSum)  # type: ignore[arg-type]  # typeshed: int only
     conn.create_aggregate("thrifty_int_sum", 1, _IntSum)  # type: ignore[arg-type]
+    conn.create_window_function("thrifty_money_run", 2, _MoneyRun)  # type: ignore[arg-type]
     for index, name in enumerate(("thrifty_pico", "thrifty_exp", "thrifty_rest")):
         conn.create_function(name, 1, _split_text(index), deterministic=True)
 

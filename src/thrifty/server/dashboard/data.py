@@ -16,7 +16,7 @@ from thrifty.errors import InvalidRequest, PermissionDenied
 from thrifty.guard.budgets import Limit, Scope, limits_of, window_bounds
 from thrifty.report import ReportRow, totals
 from thrifty.settings import Settings
-from thrifty.stores.reporting import Bucket, ReportingStore, SeriesPoint, Window
+from thrifty.stores.reporting import Bucket, BudgetUse, ReportingStore, SeriesPoint, Window
 from thrifty.stores.rollups import DAY, HOUR
 from thrifty.types import decimal_text
 
@@ -255,21 +255,11 @@ def visible_limits(settings: Settings, viewer: Viewer) -> list[Limit]:
 
 
 async def budgets(store: ReportingStore, settings: Settings, viewer: Viewer, now: float) -> dict[str, Any]:
+    limits = visible_limits(settings, viewer)
+    uses = await asyncio.gather(*(_budget_use(store, settings, limit, now) for limit in limits))
     out = []
-    for limit in visible_limits(settings, viewer):
+    for limit, use in zip(limits, uses, strict=True):
         start, end = window_bounds(now, limit.window)
-        tenant = feature = route = None
-        if limit.scope.kind == "tenant":
-            tenant = limit.scope.name
-        elif limit.scope.kind == "feature":
-            tenant, _, feature = limit.scope.name.partition("/")
-            # A tenant id may itself hold a "/": the settings know which split is real.
-            for t, ts in settings.tenants.items():
-                if limit.scope.name.startswith(t + "/") and limit.scope.name[len(t) + 1 :] in ts.features:
-                    tenant, feature = t, limit.scope.name[len(t) + 1 :]
-        elif limit.scope.kind == "route":
-            route = limit.scope.name
-        use = await store.budget_use(start, tenant=tenant, feature=feature, route=route)
         used = use.usd if limit.unit == "usd" else Decimal(use.tokens)
         out.append(
             {
@@ -285,6 +275,23 @@ async def budgets(store: ReportingStore, settings: Settings, viewer: Viewer, now
             }
         )
     return {"budgets": out}
+
+
+async def _budget_use(store: ReportingStore, settings: Settings, limit: Limit, now: float) -> BudgetUse:
+    """One budget's use in its current window (all budgets of a page are read at once)."""
+    start, _ = window_bounds(now, limit.window)
+    tenant = feature = route = None
+    if limit.scope.kind == "tenant":
+        tenant = limit.scope.name
+    elif limit.scope.kind == "feature":
+        tenant, _, feature = limit.scope.name.partition("/")
+        # A tenant id may itself hold a "/": the settings know which split is real.
+        for t, ts in settings.tenants.items():
+            if limit.scope.name.startswith(t + "/") and limit.scope.name[len(t) + 1 :] in ts.features:
+                tenant, feature = t, limit.scope.name[len(t) + 1 :]
+    elif limit.scope.kind == "route":
+        route = limit.scope.name
+    return await store.budget_use(start, tenant=tenant, feature=feature, route=route)
 
 
 def alert_tenant(scope: str, tenants: Mapping[str, Any]) -> str | None:

@@ -38,6 +38,7 @@ from thrifty.cache.common import DELIVERY_FIELDS, answer_scope, cacheable, serve
 from thrifty.cache.semantic.adaptive import Bound
 from thrifty.cache.semantic.compare import same_answer
 from thrifty.cache.semantic.decision import DecisionParams, Neighbour, assess, decide, default_params
+from thrifty.cache.semantic.density import cluster_gap, member_rows, outside_cluster
 from thrifty.cache.semantic.index import HnswIndex
 from thrifty.cache.semantic.normalise import normalise
 from thrifty.cache.semantic.partitions import EntryMeta, Partition, Partitions, build_graph
@@ -361,7 +362,7 @@ class SemanticCacheStage:
             log.debug("semantic miss: partition below min_entries, repeats only")
             return None, None
         elif verifying:
-            hit, judged = self._judge_adaptive(ctx, route, partition, query, found, size)
+            hit, judged = self._judge_adaptive(ctx, route, partition, query, vector, found, size)
             if not hit or judged is None:
                 return None, judged
             candidate = judged
@@ -371,6 +372,8 @@ class SemanticCacheStage:
             decision = decide(query, [n for _, n in found], self._params[route], cache_size=size)
             if not decision.hit or decision.entry is None:
                 log.debug("semantic miss: %s", decision.reason)
+                return None, None
+            if self._outside_cluster(route, vector, found, decision.entry.answer_id):
                 return None, None
             entry = decision.entry
             candidate = _Candidate(next(i for i, n in found if n is entry), entry.answer_id, None, None)
@@ -402,6 +405,7 @@ class SemanticCacheStage:
         route: str,
         partition: str,
         query: str,
+        vector: npt.NDArray[np.float32],
         found: Sequence[tuple[int, Neighbour]],
         size: int,
     ) -> tuple[bool, _Candidate | None]:
@@ -421,6 +425,8 @@ class SemanticCacheStage:
         if a.score < self.verifier.threshold(partition, route, verdict, served.answer_id):
             log.debug("semantic miss: %.3f below the partition's %s threshold", a.score, verdict.status)
             return False, candidate
+        if self._outside_cluster(route, vector, found, served.answer_id):
+            return False, candidate  # a near miss: the fresh answer says whether the guard was right
         if self.verifier.method(route) == "evidence" and ctx.tags.evidence:
             # The request names its evidence: the candidate's answer is right when it rests on the
             # same, checked now, for free, before anything is served.
@@ -430,6 +436,24 @@ class SemanticCacheStage:
                 log.debug("semantic miss: the candidate rests on other evidence")
                 return False, None
         return True, candidate
+
+    def _outside_cluster(
+        self, route: str, vector: npt.NDArray[np.float32], found: Sequence[tuple[int, Neighbour]], answer: str
+    ) -> bool:
+        """The out-of-scope guard (``density``): the query is much further from its answer's nearest
+        entries than they are from each other."""
+        params = self._params[route]
+        if params.cluster_margin is None:
+            return False
+        assert self._parts is not None
+        rows = member_rows([n for _, n in found], answer)
+        if len(rows) < 2:
+            return False  # no cluster to measure
+        gap = cluster_gap(vector, self._parts.vectors([found[i][0] for i in rows]))
+        if outside_cluster(gap, params):
+            log.debug("semantic miss: outside the answer's cluster (gap %.3f)", gap or 0.0)
+            return True
+        return False
 
     def _after_hit(
         self,

@@ -312,3 +312,61 @@ def test_cache_wrong_feedback_through_the_feedback_endpoint_counts_as_a_failed_v
         states = _settle(tmp_path, lambda s: any(x.feedback for x in s))
     (state,) = states
     assert (state.feedback, state.feedback_wrong, sum(state.wrong)) == (1, 1, 1)
+
+
+def test_a_judge_route_compares_worded_anew_answers_and_its_cost_is_the_tenants(tmp_path, openai_upstream):
+    from thrifty.cache.semantic.judge import parse_verdict
+
+    config = _config(tmp_path, openai_upstream, compare="judge", judge_route="judge")
+    data = yaml.safe_load(config.read_text())
+    data["routes"]["judge"] = {"model": "gpt-4o-mini"}
+    config.write_text(yaml.safe_dump(data))
+    with _server(config) as server:
+        _seed(server, openai_upstream)
+        # Worded anew (text compare would call it wrong); the judge says it is the same answer.
+        openai_upstream.queue(Reply(text="Weekdays, nine to five."), Reply(text="Yes."))
+        first = _ask(server, PARAPHRASE).headers["x-thrifty-request-id"]
+        judged = _wait_for(tmp_path, first + ".judge")
+        asked = openai_upstream.requests[-1]
+        assert asked["max_tokens"] == 5 and asked["temperature"] == 0
+        prompt = asked["messages"][-1]["content"]
+        assert PARAPHRASE in prompt and HOURS in prompt and "Weekdays, nine to five." in prompt
+        # A reply that is neither yes nor no is no verdict.
+        openai_upstream.queue(Reply(text=HOURS), Reply(text="Maybe, it depends."))
+        second = _ask(server, "When do you open?")
+        assert second.headers["x-thrifty-cache"] == "semantic"
+        _wait_for(tmp_path, second.headers["x-thrifty-request-id"] + ".judge")
+        # Worded the same but the judge says no: a wrong hit.
+        openai_upstream.queue(Reply(text=HOURS), Reply(text="no"))
+        third = _ask(server, "What time do you open?")
+        assert third.headers["x-thrifty-cache"] == "semantic"
+        _wait_for(tmp_path, third.headers["x-thrifty-request-id"] + ".judge")
+        (state,) = _settle(tmp_path, lambda s: s and s[0].verify_cost_usd == 6 * COST)
+    attempts, cost, cache, route = judged
+    (attempt,) = json.loads(attempts)
+    assert (attempt["role"], route, cache, Decimal(cost)) == ("judge", "judge", "miss", COST)
+    tenants = _rows(tmp_path, "SELECT tenant_id FROM ledger WHERE request_id LIKE '%.judge'")
+    assert tenants == [("acme",)] * 3
+    assert (state.verifications, state.verified_wrong) == (2, 1)
+    assert state.verify_cost_usd == 6 * COST  # three shadow calls and three judge calls
+    assert [parse_verdict({"choices": [{"message": {"content": t}}]}) for t in ("YES!", "No.", "")] == [
+        True,
+        False,
+        None,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("verify", "says"),
+    [
+        ({"compare": "judge"}, "needs verify.judge_route"),
+        ({"compare": "judge", "judge_route": "nope"}, "unknown route 'nope'"),
+        ({"compare": "judge", "judge_route": "support"}, "cannot judge its own cache"),
+    ],
+)
+def test_a_judge_route_must_be_named_and_exist(tmp_path, openai_upstream, verify, says):
+    from thrifty.errors import ConfigError
+
+    config = _config(tmp_path, openai_upstream, **verify)
+    with pytest.raises(ConfigError, match=says):
+        load_settings(config)

@@ -210,6 +210,7 @@ class Gateway:
         if self.semantic_cache.active:
             self.context.embed = self.semantic_cache.embed_texts  # ranks evidence sent without scores
         self.semantic_cache.verifier.recorder = self._record_verification
+        self.semantic_cache.verifier.route_target = lambda route: self.resolver.resolve(f"route:{route}")[1]
         self._context_db: sqlite3.Connection | None = None
         self.recorder = RecordingStage(settings.routes)
         # A stage the settings leave nothing to do is not in the chain: it would cost every request.

@@ -486,6 +486,8 @@ class SemanticCacheStage:
         assert ctx.route is not None
         if candidate.score is None or ctx.cache != "miss" or ctx.deduplicated:
             return
+        if self.verifier.method(ctx.route) == "judge":
+            return  # a judge call per lookup below the threshold would cost what the cache saves
         if self._remote is not None:  # its answer is a round trip away: judged off the response path
             self._spawn(self._judge_remote(ctx, partition, candidate, response))
             return

@@ -46,11 +46,13 @@ from thrifty.cache.semantic.adaptive import (
     sample_rate,
 )
 from thrifty.cache.semantic.compare import same_answer
+from thrifty.cache.semantic.judge import judge_body, judge_context, parse_verdict
 from thrifty.cache.semantic.state_store import SqlitePartitionStateStore
 from thrifty.errors import ThriftyError
 from thrifty.pipeline import Completion, Handler, RequestContext
 from thrifty.settings import CacheVerifySettings
-from thrifty.types import RequestStatus
+from thrifty.shapes import last_user_message_text
+from thrifty.types import ModelTarget, RequestStatus
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ MAX_STATES = 20_000
 Recorder = Callable[[RequestContext, RequestStatus, int, "str | None"], Awaitable[None]]
 # Stores a fresh answer the shadow call found to differ, as an entry for the query.
 OnWrong = Callable[[RequestContext, dict[str, Any]], None]
+# The model target of a route (the gateway's resolver), for the judge route's calls.
+RouteTarget = Callable[[str], ModelTarget]
 
 
 def policy_of(settings: CacheVerifySettings) -> Policy:
@@ -113,6 +117,7 @@ class Verifier:
         self._remember = remember_hits
         self._tasks: set[asyncio.Task[None]] = set()
         self.recorder: Recorder | None = None
+        self.route_target: RouteTarget | None = None
 
     def covers(self, route: str) -> bool:
         return route in self._settings
@@ -281,16 +286,58 @@ class Verifier:
             await self.recorder(ctx, status, http_status, error)
         state = self.state(partition, ctx.tags.tenant_id, ctx.route)
         state.verify_cost_usd += cost
-        correct = True
+        correct: bool | None = True
         if fresh is not None:
             settings = self._settings[ctx.route]
-            correct = same_answer(settings.compare, cached, fresh, settings.json_field)
+            if settings.compare == "judge":
+                assert settings.judge_route is not None
+                correct = await self._judge(ctx, call_next, settings.judge_route, cached, fresh, state)
+            else:
+                correct = same_answer(settings.compare, cached, fresh, settings.json_field)
+        if fresh is not None and correct is not None:
             state.verifications += 1
             state.verified_wrong += not correct
             state.observe(score, correct, answer_id)
         self._touch(partition)  # after every change: a flush clears the dirty mark
-        if fresh is not None and not correct:
+        if fresh is not None and correct is False:
             on_wrong(ctx, fresh)
+
+    async def _judge(
+        self,
+        shadow: RequestContext,
+        call_next: Handler,
+        route: str,
+        cached: dict[str, Any],
+        fresh: dict[str, Any],
+        state: PartitionState,
+    ) -> bool | None:
+        """Ask the judge route whether the cached and the fresh answer are the same; None: no
+        verdict (the call failed or the reply was neither yes nor no). Its cost is the partition's."""
+        assert self.route_target is not None
+        question = last_user_message_text(shadow.body.get("messages")) or ""
+        ctx = judge_context(
+            shadow, route, self.route_target(route), question, judge_body(route, question, cached, fresh)
+        )
+        status: RequestStatus = "ok"
+        http_status, error = 200, None
+        verdict: bool | None = None
+        try:
+            result = await call_next(ctx)
+            if isinstance(result, Completion):
+                verdict = parse_verdict(result.body)
+                if verdict is None:
+                    log.info("semantic cache judge %s replied neither yes nor no: no verdict", ctx.request_id)
+        except ThriftyError as err:
+            status, http_status, error = "error", err.status, err.message
+            log.info("semantic cache judge %s failed: %s", ctx.request_id, err.message)
+        except Exception as err:  # a bug must not kill the loop's task silently
+            status, http_status, error = "error", 500, f"internal error: {type(err).__name__}: {err}"
+            log.exception("semantic cache judge %s failed", ctx.request_id)
+        ctx.attempts = [replace(a, role="judge") for a in ctx.attempts]
+        state.verify_cost_usd += sum((a.cost_usd for a in ctx.attempts if a.cost_usd is not None), Decimal(0))
+        if ctx.attempts and self.recorder is not None:
+            await self.recorder(ctx, status, http_status, error)
+        return verdict
 
     async def drain(self) -> None:
         """Wait for the shadow calls in flight (shutdown, tests)."""

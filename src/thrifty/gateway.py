@@ -275,7 +275,9 @@ class Gateway:
         self.exact_cache.store = self.stores.exact_local
         self.exact_cache.remote = self.stores.exact_remote
         if self.semantic_cache.active:
-            await self.semantic_cache.start(self.stores.cache_db, remote=self.stores.semantic_remote)
+            await self.semantic_cache.start(
+                self.stores.cache_db, remote=self.stores.semantic_remote, states=self.stores.semantic_states
+            )
         if self.context.active:
             # Summaries of conversation prefixes: the SQLite file (with PostgreSQL, this replica's own).
             self._context_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)

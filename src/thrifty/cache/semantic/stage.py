@@ -28,7 +28,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -53,6 +53,9 @@ from thrifty.providers.base import StreamChunk, relay_and_keep
 from thrifty.settings import RouteSettings, SemanticCacheSettings
 from thrifty.shapes import as_completion
 from thrifty.types import Usage
+
+if TYPE_CHECKING:
+    from thrifty.stores.postgres_semantic_state import PostgresPartitionStateStore
 
 log = logging.getLogger(__name__)
 
@@ -208,18 +211,24 @@ class SemanticCacheStage:
     def entries(self) -> int:
         return len(self._parts) if self._parts is not None else 0
 
-    async def start(self, conn: sqlite3.Connection | None, remote: SharedSemanticStore | None = None) -> None:
+    async def start(
+        self,
+        conn: sqlite3.Connection | None,
+        remote: SharedSemanticStore | None = None,
+        states: PostgresPartitionStateStore | None = None,
+    ) -> None:
         """Load the model and rebuild the index from the stored, unexpired entries (of the SQLite
-        file `conn`, or of the shared store `remote`, which it then follows)."""
+        file `conn`, or of the shared store `remote`, which it then follows; `states`: where the
+        replicas share what verification learned)."""
         loop = asyncio.get_running_loop()
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="thrifty-embed")
         self._embedder = await loop.run_in_executor(self._pool, self._embedder_factory)
         now = time.time()
         parts = Partitions(self._embedder.dim)
         if remote is not None:
-            # What verification learned stays in this replica's memory: the PostgreSQL table for
-            # it exists (migration 8) but is not written yet.
             self._remote = remote
+            if states is not None:
+                await self.verifier.start_shared(states)
             await remote.drop_expired(now)
             await remote.listen()  # before the load: an entry added meanwhile is heard, not lost
             async for entry in remote.live(now, EMBEDDING_MODEL_ID):
@@ -265,6 +274,7 @@ class SemanticCacheStage:
         """Finish the shared store's pending writes and stop following it, then `close`."""
         while self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+        await self.verifier.stop_shared()
         if self._remote is not None:
             await self._remote.close()
         self.close()

@@ -284,6 +284,16 @@ class SemanticCacheStage:
         await self.verifier.drain()
         self.verifier.flush()
 
+    def stats(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """What `thrifty cache stats` shows, from this gateway's memory (``tenant``: only its
+        partitions), for the dashboard."""
+        from thrifty.cache.semantic.stats import partition_stats
+
+        states = [(p, s) for p, s in self.verifier.states() if tenant is None or s.tenant_id == tenant]
+        verify = {r: s.verify for r, s in self._settings.items() if s.verify is not None and s.verify.enabled}
+        sizes = {p: self._parts.size(p) for p, _ in states} if self._parts is not None else {}
+        return [row.to_dict() for row in partition_stats(states, verify, self._params, sizes)]
+
     def feedback(self, tenant_id: str, request_id: str, wrong: bool) -> bool:
         """A user's verdict on an earlier answer (see ``Verifier.feedback``)."""
         return self.verifier.feedback(tenant_id, request_id, wrong)

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from thrifty.cache.semantic.decision import DecisionParams, Neighbour, assess, decide
+from thrifty.cache.semantic.density import cluster_gap, member_rows, outside_cluster
 from thrifty.cache.semantic.embedder import OnnxMiniLM
 from thrifty.cache.semantic.index import ExactIndex, HnswIndex
 from thrifty.cache.semantic.normalise import normalise
@@ -207,7 +208,10 @@ def _lookup_all(
     train_texts: Sequence[str],
     train_labels: Sequence[str],
     params: DecisionParams,
+    train_vectors: npt.NDArray[np.float32] | None = None,
 ) -> Lookups:
+    """Every test query looked up, timed as the gateway does it: search, the rule and (with
+    ``train_vectors`` and a ``cluster_margin``) the out-of-scope guard, which then also decides."""
     n_train = len(train_labels)
     scores: list[float] = []
     served: list[bool] = []
@@ -229,6 +233,9 @@ def _lookup_all(
         feats = a.features
         p = a.score
         ok = a.served is not None
+        if ok and a.served is not None and train_vectors is not None and params.cluster_margin is not None:
+            rows = [keys[i] for i in member_rows(neighbours, a.served.answer_id) if keys[i] < n_train]
+            ok = len(rows) < 2 or not outside_cluster(cluster_gap(vector, train_vectors[rows]), params)
         latency.append((time.perf_counter() - started) * 1e3)
         scores.append(p)
         served.append(ok)
@@ -331,7 +338,9 @@ def run_cache_bench(
         started = time.perf_counter()
         index = _build_index(train_vectors, size, rng)
         build_s = time.perf_counter() - started
-        look = _lookup_all(index, test_vectors, test.texts, test.labels, train.texts, train.labels, params)
+        look = _lookup_all(
+            index, test_vectors, test.texts, test.labels, train.texts, train.labels, params, train_vectors
+        )
         label = f"{look.size:,} entries ({type(index).__name__})"
         learned = curve(look.scores, look.served, look.correct, SCORE_SWEEP)
         # The rule is told the real entries (the padding stands for no cached question).

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from thrifty.cache.semantic.decision import DecisionParams, Neighbour, assess, decide
-from thrifty.cache.semantic.density import cluster_gap, member_rows, outside_cluster
+from thrifty.cache.semantic.density import cluster_gap, member_rows, outside_cluster, tune_margin
 from thrifty.cache.semantic.embedder import OnnxMiniLM
 from thrifty.cache.semantic.index import ExactIndex, HnswIndex
 from thrifty.cache.semantic.normalise import normalise
@@ -89,9 +89,12 @@ def tune_cache(
     embedder = OnnxMiniLM(threads=embed_threads)
     vectors = embedder.embed([normalise(t) for t in data.texts])
     sizes = DENSITY_SIZES if density else ()
-    return learn_from_vectors(
+    tuned = learn_from_vectors(
         vectors, data.labels, data.texts, target_precision, z=z, sizes=sizes, scope_share=scope_share
     )
+    # The out-of-scope guard's margin, learned on the same data for the rule just fitted.
+    margin = tune_margin(vectors, data.labels, data.texts, tuned.params)
+    return dataclasses.replace(tuned, params=dataclasses.replace(tuned.params, cluster_margin=margin))
 
 
 def by_size(

@@ -189,3 +189,26 @@ def test_partition_states_in_memory_are_bounded_and_read_back_when_asked_again(t
         "p3": 3,
     }
     conn.close()
+
+
+def test_two_replicas_deltas_add_up_in_the_shared_state_and_an_error_anywhere_counts():
+    from decimal import Decimal
+
+    from thrifty.cache.semantic.adaptive import PartitionState, merged
+
+    base = PartitionState("acme", "support")
+    base.observe(0.99, True, "a")
+    base.served(repeat=False, saved=Decimal("0.001"))
+    shared = PartitionState.from_dict(base.to_dict())
+    shared.observe(0.95, False, "a")  # another replica found a wrong hit meanwhile
+    ours = PartitionState.from_dict(base.to_dict())
+    ours.observe(0.99, True, "b")
+    ours.served(repeat=False, saved=Decimal("0.002"))
+    out = merged(shared, ours, base)
+    assert (sum(out.right), sum(out.wrong)) == (2, 1)
+    assert out.saved_usd == Decimal("0.003") and out.paraphrase_hits == 2
+    assert out.answers["a"][:2] == [2.0, 1.0] and out.answers["b"][:2] == [1.0, 0.0]
+    assert out.hits_since_error == 1  # the other replica's error, then our one hit
+    # Merging the same delta onto the row it produced changes nothing.
+    again = merged(out, ours, ours)
+    assert again.to_dict() == out.to_dict()

@@ -241,8 +241,13 @@ def test_feedback_on_a_hit_counts_once_and_only_from_its_own_tenant(tmp_path, op
     assert not _rows(tmp_path, "SELECT 1 FROM ledger WHERE request_id LIKE '%.verify'")
 
 
-def test_verification_data_stays_with_its_tenant(tmp_path, openai_upstream):
+def test_verification_data_stays_with_its_tenant_in_the_stats_and_on_the_dashboard(tmp_path, openai_upstream):
+    from tests.dashboard_helpers import ADMIN_KEY, get
+
     config = _config(tmp_path, openai_upstream)
+    data = yaml.safe_load(config.read_text())
+    data["dashboard"] = {"admin_key_hashes": [hash_key(ADMIN_KEY)]}
+    config.write_text(yaml.safe_dump(data))
     with _server(config) as server:
         _seed(server, openai_upstream)
         _seed(server, openai_upstream, tenant="globex")
@@ -253,6 +258,12 @@ def test_verification_data_stays_with_its_tenant(tmp_path, openai_upstream):
         resp = _ask(server, PARAPHRASE, tenant="globex")  # globex's hit, found right
         _wait_for(tmp_path, resp.headers["x-thrifty-request-id"] + ".verify")
         states = _settle(tmp_path, lambda s: sum(x.verifications for x in s) == 2)
+        # The dashboard shows the same rows as `thrifty cache stats`; a tenant's key its own only.
+        url = server.base_url.removesuffix("/v1")
+        mine = get(url + "/dashboard/api/cache", KEYS["globex"]).json()["partitions"]
+        every = get(url + "/dashboard/api/cache", ADMIN_KEY).json()["partitions"]
+        page = get(url + "/dashboard", KEYS["globex"]).text
+        assert get(url + "/dashboard/api/page", KEYS["globex"]).json()["cache"]["partitions"] == mine
     by_tenant = {s.tenant_id: s for s in states}
     assert (by_tenant["acme"].verified_wrong, by_tenant["globex"].verified_wrong) == (1, 0)
     assert by_tenant["globex"].verifications == 1
@@ -260,7 +271,12 @@ def test_verification_data_stays_with_its_tenant(tmp_path, openai_upstream):
     out = CliRunner().invoke(
         _cli(), ["cache", "stats", "--config", str(config), "--tenant", "globex", "--json"]
     )
-    assert {r["tenant_id"] for r in json.loads(out.output)} == {"globex"}
+    cli = json.loads(out.output)
+    assert {r["tenant_id"] for r in cli} == {"globex"}
+    assert mine == cli and len(mine) == 2  # the partition and the route's summary
+    assert {r["tenant_id"] for r in every} == {"acme", "globex"}
+    assert [r["verified_wrong"] for r in every if r["tenant_id"] == "acme"] == [1, 1]
+    assert 'id="semantic-cache"' in page and "globex" in page and "acme" not in page
     # The verify entries are attributed to the tenant whose hit they checked.
     tenants = _rows(tmp_path, "SELECT tenant_id FROM ledger WHERE request_id LIKE '%.verify' ORDER BY ts")
     assert [t for (t,) in tenants] == ["acme", "globex"]
@@ -312,3 +328,61 @@ def test_cache_wrong_feedback_through_the_feedback_endpoint_counts_as_a_failed_v
         states = _settle(tmp_path, lambda s: any(x.feedback for x in s))
     (state,) = states
     assert (state.feedback, state.feedback_wrong, sum(state.wrong)) == (1, 1, 1)
+
+
+def test_a_judge_route_compares_worded_anew_answers_and_its_cost_is_the_tenants(tmp_path, openai_upstream):
+    from thrifty.cache.semantic.judge import parse_verdict
+
+    config = _config(tmp_path, openai_upstream, compare="judge", judge_route="judge")
+    data = yaml.safe_load(config.read_text())
+    data["routes"]["judge"] = {"model": "gpt-4o-mini"}
+    config.write_text(yaml.safe_dump(data))
+    with _server(config) as server:
+        _seed(server, openai_upstream)
+        # Worded anew (text compare would call it wrong); the judge says it is the same answer.
+        openai_upstream.queue(Reply(text="Weekdays, nine to five."), Reply(text="Yes."))
+        first = _ask(server, PARAPHRASE).headers["x-thrifty-request-id"]
+        judged = _wait_for(tmp_path, first + ".judge")
+        asked = openai_upstream.requests[-1]
+        assert asked["max_tokens"] == 5 and asked["temperature"] == 0
+        prompt = asked["messages"][-1]["content"]
+        assert PARAPHRASE in prompt and HOURS in prompt and "Weekdays, nine to five." in prompt
+        # A reply that is neither yes nor no is no verdict.
+        openai_upstream.queue(Reply(text=HOURS), Reply(text="Maybe, it depends."))
+        second = _ask(server, "When do you open?")
+        assert second.headers["x-thrifty-cache"] == "semantic"
+        _wait_for(tmp_path, second.headers["x-thrifty-request-id"] + ".judge")
+        # Worded the same but the judge says no: a wrong hit.
+        openai_upstream.queue(Reply(text=HOURS), Reply(text="no"))
+        third = _ask(server, "What time do you open?")
+        assert third.headers["x-thrifty-cache"] == "semantic"
+        _wait_for(tmp_path, third.headers["x-thrifty-request-id"] + ".judge")
+        (state,) = _settle(tmp_path, lambda s: s and s[0].verify_cost_usd == 6 * COST)
+    attempts, cost, cache, route = judged
+    (attempt,) = json.loads(attempts)
+    assert (attempt["role"], route, cache, Decimal(cost)) == ("judge", "judge", "miss", COST)
+    tenants = _rows(tmp_path, "SELECT tenant_id FROM ledger WHERE request_id LIKE '%.judge'")
+    assert tenants == [("acme",)] * 3
+    assert (state.verifications, state.verified_wrong) == (2, 1)
+    assert state.verify_cost_usd == 6 * COST  # three shadow calls and three judge calls
+    assert [parse_verdict({"choices": [{"message": {"content": t}}]}) for t in ("YES!", "No.", "")] == [
+        True,
+        False,
+        None,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("verify", "says"),
+    [
+        ({"compare": "judge"}, "needs verify.judge_route"),
+        ({"compare": "judge", "judge_route": "nope"}, "unknown route 'nope'"),
+        ({"compare": "judge", "judge_route": "support"}, "cannot judge its own cache"),
+    ],
+)
+def test_a_judge_route_must_be_named_and_exist(tmp_path, openai_upstream, verify, says):
+    from thrifty.errors import ConfigError
+
+    config = _config(tmp_path, openai_upstream, **verify)
+    with pytest.raises(ConfigError, match=says):
+        load_settings(config)

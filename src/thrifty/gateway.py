@@ -210,6 +210,7 @@ class Gateway:
         if self.semantic_cache.active:
             self.context.embed = self.semantic_cache.embed_texts  # ranks evidence sent without scores
         self.semantic_cache.verifier.recorder = self._record_verification
+        self.semantic_cache.verifier.route_target = lambda route: self.resolver.resolve(f"route:{route}")[1]
         self._context_db: sqlite3.Connection | None = None
         self.recorder = RecordingStage(settings.routes)
         # A stage the settings leave nothing to do is not in the chain: it would cost every request.
@@ -275,7 +276,9 @@ class Gateway:
         self.exact_cache.store = self.stores.exact_local
         self.exact_cache.remote = self.stores.exact_remote
         if self.semantic_cache.active:
-            await self.semantic_cache.start(self.stores.cache_db, remote=self.stores.semantic_remote)
+            await self.semantic_cache.start(
+                self.stores.cache_db, remote=self.stores.semantic_remote, states=self.stores.semantic_states
+            )
         if self.context.active:
             # Summaries of conversation prefixes: PostgreSQL when it is the storage (shared by the
             # replicas: a chat's summary made on one is reused on the others), else the SQLite file.

@@ -191,10 +191,12 @@ class CacheVerifySettings(_Strict):
     max_rate: float = Field(default=0.1, gt=0, le=1)
     # How a fresh answer is compared with the cached one: evidence (the request's
     # x-thrifty-evidence ids against the entry's; no upstream call), text (normalised text equal),
-    # json_field (one field of a JSON answer equal). A request without evidence ids falls back to
-    # text under `evidence`.
-    compare: Literal["evidence", "text", "json_field"] = "text"
+    # json_field (one field of a JSON answer equal), judge (the question with both answers sent to
+    # `judge_route`, whose yes/no says whether they are the same answer; its own ledger entry, role
+    # judge). A request without evidence ids falls back to text under `evidence`.
+    compare: Literal["evidence", "text", "json_field", "judge"] = "text"
     json_field: str | None = None  # compare: json_field, a dotted path ("intent", "answer.label")
+    judge_route: str | None = None  # compare: judge, a route of these settings (a cheap model)
     # Shadow calls in flight at once; a hit sampled beyond this is not verified (and not counted).
     max_in_flight: int = Field(default=8, ge=1)
 
@@ -202,6 +204,8 @@ class CacheVerifySettings(_Strict):
     def _field_named(self) -> CacheVerifySettings:
         if self.compare == "json_field" and not self.json_field:
             raise ValueError("verify.compare json_field needs verify.json_field: the field to compare")
+        if self.compare == "judge" and not self.judge_route:
+            raise ValueError("verify.compare judge needs verify.judge_route: the route that judges")
         if self.min_rate > self.max_rate:
             raise ValueError(f"verify.min_rate {self.min_rate} is above verify.max_rate {self.max_rate}")
         return self
@@ -758,6 +762,17 @@ class Settings(_Strict):
                 raise ValueError(
                     f"routes.{name}.context.history.summary_route: unknown route {summary_route!r}"
                 )
+            verify = route.semantic_cache.verify if route.semantic_cache else None
+            if verify is not None and verify.judge_route is not None:
+                if verify.judge_route not in self.routes:
+                    raise ValueError(
+                        f"routes.{name}.semantic_cache.verify.judge_route: "
+                        f"unknown route {verify.judge_route!r}"
+                    )
+                if verify.judge_route == name:
+                    raise ValueError(
+                        f"routes.{name}.semantic_cache.verify.judge_route: a route cannot judge its own cache"
+                    )
         for tenant, tset in self.tenants.items():
             for h in tset.key_hashes:
                 if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):

@@ -18,7 +18,7 @@ CacheOutcome = Literal["miss", "exact", "semantic", "dedup"]
 # What an upstream call was for: the answer returned, a cascade draft the gate rejected (or that was
 # not chosen), a voter asked by an agreement gate, or a summary of older turns (context compaction).
 # verify: a shadow call that checked a semantic cache hit after it was served (cache/semantic/verify.py).
-AttemptRole = Literal["answer", "draft", "voter", "compaction", "verify"]
+AttemptRole = Literal["answer", "draft", "voter", "compaction", "verify", "judge"]
 RequestStatus = Literal["ok", "error", "client_disconnected"]
 
 

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from thrifty.cache.semantic.decision import DecisionParams, Neighbour, assess, decide
+from thrifty.cache.semantic.density import cluster_gap, member_rows, outside_cluster, tune_margin
 from thrifty.cache.semantic.embedder import OnnxMiniLM
 from thrifty.cache.semantic.index import ExactIndex, HnswIndex
 from thrifty.cache.semantic.normalise import normalise
@@ -88,9 +89,12 @@ def tune_cache(
     embedder = OnnxMiniLM(threads=embed_threads)
     vectors = embedder.embed([normalise(t) for t in data.texts])
     sizes = DENSITY_SIZES if density else ()
-    return learn_from_vectors(
+    tuned = learn_from_vectors(
         vectors, data.labels, data.texts, target_precision, z=z, sizes=sizes, scope_share=scope_share
     )
+    # The out-of-scope guard's margin, learned on the same data for the rule just fitted.
+    margin = tune_margin(vectors, data.labels, data.texts, tuned.params)
+    return dataclasses.replace(tuned, params=dataclasses.replace(tuned.params, cluster_margin=margin))
 
 
 def by_size(
@@ -207,7 +211,10 @@ def _lookup_all(
     train_texts: Sequence[str],
     train_labels: Sequence[str],
     params: DecisionParams,
+    train_vectors: npt.NDArray[np.float32] | None = None,
 ) -> Lookups:
+    """Every test query looked up, timed as the gateway does it: search, the rule and (with
+    ``train_vectors`` and a ``cluster_margin``) the out-of-scope guard, which then also decides."""
     n_train = len(train_labels)
     scores: list[float] = []
     served: list[bool] = []
@@ -229,6 +236,9 @@ def _lookup_all(
         feats = a.features
         p = a.score
         ok = a.served is not None
+        if ok and a.served is not None and train_vectors is not None and params.cluster_margin is not None:
+            rows = [keys[i] for i in member_rows(neighbours, a.served.answer_id) if keys[i] < n_train]
+            ok = len(rows) < 2 or not outside_cluster(cluster_gap(vector, train_vectors[rows]), params)
         latency.append((time.perf_counter() - started) * 1e3)
         scores.append(p)
         served.append(ok)
@@ -331,7 +341,9 @@ def run_cache_bench(
         started = time.perf_counter()
         index = _build_index(train_vectors, size, rng)
         build_s = time.perf_counter() - started
-        look = _lookup_all(index, test_vectors, test.texts, test.labels, train.texts, train.labels, params)
+        look = _lookup_all(
+            index, test_vectors, test.texts, test.labels, train.texts, train.labels, params, train_vectors
+        )
         label = f"{look.size:,} entries ({type(index).__name__})"
         learned = curve(look.scores, look.served, look.correct, SCORE_SWEEP)
         # The rule is told the real entries (the padding stands for no cached question).

@@ -23,7 +23,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from rich.table import Table
 
 from thrifty.cache.semantic.adaptive import PartitionState, Policy, answer_threshold, bound, sample_rate
 from thrifty.cache.semantic.decision import DecisionParams, Neighbour, assess
+from thrifty.cache.semantic.density import cluster_gap, member_rows, outside_cluster
 from thrifty.cache.semantic.normalise import normalise
 from thrifty.cache.semantic.tune import Labelled, exact_neighbours
 from thrifty.settings import CacheVerifySettings
@@ -133,8 +134,10 @@ def stream(
     rng: np.random.Generator,
     curve_points: int = CURVE_POINTS,
     per_answer: bool = True,
+    space: Space | None = None,
 ) -> StreamResult:
-    """Stream the lookups in the given order; ``policy`` None: the static rule, never verified."""
+    """Stream the lookups in the given order; ``policy`` None: the static rule, never verified.
+    ``space`` (the vectors): the out-of-scope guard applies when ``params.cluster_margin`` is set."""
     state = PartitionState("bench", "bench")
     shipped = params.threshold_for(cache_size)
     tally = Tally()
@@ -156,6 +159,13 @@ def stream(
             threshold = verdict.threshold if verdict is not None else shipped
             if policy is not None and a.served is not None and per_answer:
                 threshold = answer_threshold(state, a.served.answer_id, threshold, policy)
+            if (
+                a.served is not None
+                and a.score >= threshold
+                and space is not None
+                and outside_cluster(space.gap(i, found, a.served.answer_id), params)
+            ):
+                threshold = math.inf  # outside its answer's cluster: a miss (and a near-miss verdict)
             if a.served is not None and a.score >= threshold:
                 correct = a.served.answer_id == label
                 _hit(tally, correct, oos)
@@ -186,6 +196,25 @@ def _hit(tally: Tally, correct: bool, oos: bool) -> None:
     tally.hits += 1
     tally.good_hits += correct
     tally.oos_hits += oos
+
+
+@dataclass(frozen=True, slots=True)
+class Space:
+    """The stream's query vectors and the cache's, for the out-of-scope guard."""
+
+    queries: npt.NDArray[np.float32]
+    cache: npt.NDArray[np.float32]
+    row_of: dict[str, int]  # cached text -> its row
+
+    @classmethod
+    def of(
+        cls, queries: npt.NDArray[np.float32], cache: npt.NDArray[np.float32], texts: Sequence[str]
+    ) -> Space:
+        return cls(queries, cache, {t: i for i, t in enumerate(texts)})
+
+    def gap(self, i: int, found: Sequence[Neighbour], answer_id: str) -> float | None:
+        rows = [self.row_of[found[j].text] for j in member_rows(found, answer_id)]
+        return cluster_gap(self.queries[i], self.cache[rows])
 
 
 def neighbours_for(
@@ -249,6 +278,7 @@ def disjoint_stream(
     params: DecisionParams | None,
     scope_share: float,
     density: bool,
+    guard: bool = True,
 ) -> Stream:
     """``intent_disjoint`` split ``seed``: the rule tuned on the tuning half's TRAIN (unless given), the
     measured half's in-scope TRAIN cached, its TEST streamed (out-of-scope intents included)."""
@@ -267,6 +297,18 @@ def disjoint_stream(
             scope_share=scope_share,
         )
         params, rule = tuned.params, f"tuned on the other {len(split.tune_intents)} intents"
+        if guard:
+            from thrifty.cache.semantic.density import tune_margin
+
+            margin = tune_margin(
+                train_vectors[split.tune],
+                [train.labels[i] for i in split.tune],
+                [train.texts[i] for i in split.tune],
+                params,
+                seed=seed,
+            )
+            params = replace(params, cluster_margin=margin)
+            rule += f", cluster margin {margin:.3f}" if margin is not None else ", no cluster margin"
     oos = set(split.oos_intents)
     order = np.random.default_rng(seed).permutation(split.stream_test)
     return Stream(
@@ -286,11 +328,38 @@ def run_stream(spec: Stream, policy: Policy, seed: int) -> dict[str, Any]:
     """The static rule and the adaptive one over the same stream, side by side."""
     found = neighbours_for(spec.vectors, spec.cache_vectors, spec.cache_labels, spec.cache_texts)
     size = len(spec.cache_texts)
+    space = Space.of(spec.vectors, spec.cache_vectors, spec.cache_texts)
     static = stream(
-        "static", found, spec.texts, spec.labels, spec.params, size, None, np.random.default_rng(seed)
+        "static",
+        found,
+        spec.texts,
+        spec.labels,
+        spec.params,
+        size,
+        None,
+        np.random.default_rng(seed),
+        space=space,
     )
     online = stream(
-        "online", found, spec.texts, spec.labels, spec.params, size, policy, np.random.default_rng(seed)
+        "online",
+        found,
+        spec.texts,
+        spec.labels,
+        spec.params,
+        size,
+        policy,
+        np.random.default_rng(seed),
+        space=space,
+    )
+    unguarded = stream(
+        "static, no guard",
+        found,
+        spec.texts,
+        spec.labels,
+        spec.params,
+        size,
+        None,
+        np.random.default_rng(seed),
     )
     return {
         "name": spec.name,
@@ -301,6 +370,8 @@ def run_stream(spec: Stream, policy: Policy, seed: int) -> dict[str, Any]:
         "shipped_threshold": _finite(spec.params.threshold_for(size)),
         "static": static.total,
         "online": online.total,
+        "static_no_guard": unguarded.total,
+        "cluster_margin": spec.params.cluster_margin,
         "online_final": online.final,
         "curve": {"static": static.curve, "online": online.curve},
     }
@@ -325,7 +396,9 @@ def online_table(title: str, runs: Sequence[dict[str, Any]]) -> Table:
     ):
         table.add_column(col, justify="left" if col in ("stream", "rule") else "right")
     for run in runs:
-        for kind in ("static", "online"):
+        for kind in ("static_no_guard", "static", "online"):
+            if kind not in run:
+                continue
             t = run[kind]
             final = run["online_final"] if kind == "online" else {}
             thr = final.get("threshold", run["shipped_threshold"])
@@ -475,7 +548,7 @@ def run_online_bench(
         "runs": runs,
     }
     if len(runs) > 1:
-        result["pooled"] = {kind: _pooled(runs, kind) for kind in ("static", "online")}
+        result["pooled"] = {kind: _pooled(runs, kind) for kind in ("static_no_guard", "static", "online")}
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if svg_out is not None:

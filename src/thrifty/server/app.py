@@ -175,6 +175,7 @@ class ThriftyApp:
                 gateway.stores.reporting,
                 gateway.settings,
                 lambda key: gateway.authenticate("Bearer " + key),
+                cache_stats=gateway.semantic_cache.stats if gateway.semantic_cache.active else None,
             )
         self._metrics: GatewayMetrics | None = None
         if gateway.settings.metrics.enabled:

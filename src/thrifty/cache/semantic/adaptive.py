@@ -205,6 +205,44 @@ class PartitionState:
             counts[2] += 1.0 - score
 
 
+_COUNTERS = (
+    "semantic_lookups",
+    "paraphrase_hits",
+    "repeat_hits",
+    "verifications",
+    "verified_wrong",
+    "near_miss_checks",
+    "feedback",
+    "feedback_wrong",
+    "verify_cost_usd",
+    "saved_usd",
+)
+
+
+def merged(stored: PartitionState, local: PartitionState, base: PartitionState) -> PartitionState:
+    """What several replicas learned of one partition, as one state: ``stored`` (the shared row)
+    plus what this replica added since ``base`` (the row as it last read it). Every counter is a
+    sum, so adding deltas loses nothing another replica wrote meanwhile; hits since the last error
+    is the fewer of the stored count grown by this replica's hits and this replica's own."""
+    out = PartitionState.from_dict(stored.to_dict())
+    for name in ("lookups", "right", "wrong"):
+        ours, was, into = getattr(local, name), getattr(base, name), getattr(out, name)
+        for b in range(BINS):
+            into[b] += ours[b] - was[b]
+    for name in _COUNTERS:
+        setattr(out, name, getattr(out, name) + getattr(local, name) - getattr(base, name))
+    for answer, counts in local.answers.items():
+        was_counts = base.answers.get(answer, [0.0, 0.0, 0.0])
+        into_counts = out.answers.setdefault(answer, [0.0, 0.0, 0.0])
+        for i in range(3):
+            into_counts[i] += counts[i] - was_counts[i]
+    while len(out.answers) > MAX_ANSWERS:
+        del out.answers[min(out.answers, key=lambda a: out.answers[a][0])]
+    grown = stored.hits_since_error + max(0, local.paraphrase_hits - base.paraphrase_hits)
+    out.hits_since_error = min(grown, local.hits_since_error)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """The route's verification settings, as the pure code needs them."""
@@ -351,6 +389,7 @@ __all__ = [
     "bound",
     "cut_score",
     "estimate",
+    "merged",
     "sample_rate",
     "wilson",
 ]

@@ -73,6 +73,9 @@ class Partition:
     def meta(self, entry_id: int) -> EntryMeta | None:
         return self._meta.get(entry_id)
 
+    def vectors(self, entry_ids: list[int]) -> npt.NDArray[np.float32]:
+        return np.stack([self._vectors[i] for i in entry_ids])
+
     def add(self, entry_id: int, vector: Vector, meta: EntryMeta) -> None:
         self._index.add(np.array([entry_id], dtype=np.int64), vector.reshape(1, self.dim))
         self._meta[entry_id] = meta
@@ -174,6 +177,10 @@ class Partitions:
         for entry_id in expired:
             self.drop(entry_id)
         return found
+
+    def vectors(self, entry_ids: list[int]) -> npt.NDArray[np.float32]:
+        """The embeddings of entries of one partition (all known, e.g. just returned by ``search``)."""
+        return self._parts[self._where[entry_ids[0]]].vectors(entry_ids)
 
     def add(self, partition: str, entry_id: int, vector: Vector, meta: EntryMeta) -> Partition:
         part = self._parts.get(partition)

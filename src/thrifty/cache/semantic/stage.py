@@ -24,11 +24,11 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -36,22 +36,27 @@ import orjson
 
 from thrifty.cache.common import DELIVERY_FIELDS, answer_scope, cacheable, serve_stored, usage_worth_keeping
 from thrifty.cache.semantic.adaptive import Bound
-from thrifty.cache.semantic.compare import same_answer
 from thrifty.cache.semantic.decision import DecisionParams, Neighbour, assess, decide, default_params
+from thrifty.cache.semantic.density import cluster_gap, member_rows, outside_cluster
+from thrifty.cache.semantic.entries import UNREADABLE, Entries, LocalEntries, SharedEntries
 from thrifty.cache.semantic.index import HnswIndex
+from thrifty.cache.semantic.near_miss import NearMissJudge
 from thrifty.cache.semantic.normalise import normalise
 from thrifty.cache.semantic.partitions import EntryMeta, Partition, Partitions, build_graph
 from thrifty.cache.semantic.state_store import SqlitePartitionStateStore
-from thrifty.cache.semantic.store import LiveEntry, NewEntry, SharedSemanticStore, SqliteSemanticStore
+from thrifty.cache.semantic.store import LiveEntry, NewEntry, SharedSemanticStore
 from thrifty.cache.semantic.tune import SEARCH_K
 from thrifty.cache.semantic.verify import Verifier
-from thrifty.errors import ConfigError, SharedStateUnavailable
+from thrifty.errors import ConfigError
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import StreamChunk, relay_and_keep
 from thrifty.settings import RouteSettings, SemanticCacheSettings
 from thrifty.shapes import as_completion
 from thrifty.types import Usage
+
+if TYPE_CHECKING:
+    from thrifty.stores.postgres_semantic_state import PostgresPartitionStateStore
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +185,9 @@ class SemanticCacheStage:
         # are only ever touched on the event loop.
         self._threads = embed_threads
         self._pool: ThreadPoolExecutor | None = None
-        self._store: SqliteSemanticStore | None = None
-        # Several replicas: the entries live in a shared store (PostgreSQL); the index stays here
-        # and follows what the other replicas add. Reads of it are awaited, writes run off the
-        # response path.
-        self._remote: SharedSemanticStore | None = None
-        self._writes: set[asyncio.Future[None]] = set()
+        # The rows (SQLite, or PostgreSQL for several replicas: ``entries``); the index is here.
+        self._entries: Entries | None = None
+        self._near_miss: NearMissJudge | None = None
         self._parts: Partitions | None = None
         self._age: dict[str, deque[int]] = {name: deque() for name in self._settings}
         self._adds = 0
@@ -207,29 +209,31 @@ class SemanticCacheStage:
     def entries(self) -> int:
         return len(self._parts) if self._parts is not None else 0
 
-    async def start(self, conn: sqlite3.Connection | None, remote: SharedSemanticStore | None = None) -> None:
+    async def start(
+        self,
+        conn: sqlite3.Connection | None,
+        remote: SharedSemanticStore | None = None,
+        states: PostgresPartitionStateStore | None = None,
+    ) -> None:
         """Load the model and rebuild the index from the stored, unexpired entries (of the SQLite
-        file `conn`, or of the shared store `remote`, which it then follows)."""
+        file `conn`, or of the shared store `remote`, which it then follows; `states`: where the
+        replicas share what verification learned)."""
         loop = asyncio.get_running_loop()
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="thrifty-embed")
         self._embedder = await loop.run_in_executor(self._pool, self._embedder_factory)
         now = time.time()
         parts = Partitions(self._embedder.dim)
         if remote is not None:
-            # What verification learned stays in this replica's memory: the PostgreSQL table for
-            # it exists (migration 8) but is not written yet.
-            self._remote = remote
-            await remote.drop_expired(now)
-            await remote.listen()  # before the load: an entry added meanwhile is heard, not lost
-            async for entry in remote.live(now, EMBEDDING_MODEL_ID):
-                self._load(parts, entry)
+            self._entries = SharedEntries(remote)
+            if states is not None:
+                await self.verifier.start_shared(states)
         else:
             assert conn is not None
-            self._store = SqliteSemanticStore(conn)
+            self._entries = LocalEntries(conn)
             self.verifier.start(SqlitePartitionStateStore(conn))
-            self._store.drop_expired(now)
-            for entry in self._store.live(now, EMBEDDING_MODEL_ID):
-                self._load(parts, entry)
+        self._near_miss = NearMissJudge(self.verifier, self._settings, self._entries)
+        async for entry in self._entries.start(now, EMBEDDING_MODEL_ID):
+            self._load(parts, entry)
         self._parts = parts
         for route in self._settings:
             self._evict(route)
@@ -239,8 +243,7 @@ class SemanticCacheStage:
                 await loop.run_in_executor(self._pool, build_graph, parts.dim, part.start_graph())
             )
         log.info("semantic cache: %d entries loaded", len(parts))
-        if remote is not None:
-            remote.follow(self._followed)
+        self._entries.follow(self._followed)
 
     def _load(self, parts: Partitions, entry: LiveEntry) -> bool:
         settings = self._settings.get(entry.route)
@@ -262,16 +265,25 @@ class SemanticCacheStage:
 
     async def aclose(self) -> None:
         """Finish the shared store's pending writes and stop following it, then `close`."""
-        while self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
-        if self._remote is not None:
-            await self._remote.close()
+        if self._entries is not None:
+            await self._entries.aclose()
+        await self.verifier.stop_shared()
         self.close()
 
     async def drain(self) -> None:
         """Wait for the verifications in flight, and write what they learned."""
         await self.verifier.drain()
         self.verifier.flush()
+
+    def stats(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """What `thrifty cache stats` shows, from this gateway's memory (``tenant``: only its
+        partitions), for the dashboard."""
+        from thrifty.cache.semantic.stats import partition_stats
+
+        states = [(p, s) for p, s in self.verifier.states() if tenant is None or s.tenant_id == tenant]
+        verify = {r: s.verify for r, s in self._settings.items() if s.verify is not None and s.verify.enabled}
+        sizes = {p: self._parts.size(p) for p, _ in states} if self._parts is not None else {}
+        return [row.to_dict() for row in partition_stats(states, verify, self._params, sizes)]
 
     def feedback(self, tenant_id: str, request_id: str, wrong: bool) -> bool:
         """A user's verdict on an earlier answer (see ``Verifier.feedback``)."""
@@ -361,7 +373,7 @@ class SemanticCacheStage:
             log.debug("semantic miss: partition below min_entries, repeats only")
             return None, None
         elif verifying:
-            hit, judged = self._judge_adaptive(ctx, route, partition, query, found, size)
+            hit, judged = self._judge_adaptive(ctx, route, partition, query, vector, found, size)
             if not hit or judged is None:
                 return None, judged
             candidate = judged
@@ -371,6 +383,8 @@ class SemanticCacheStage:
             decision = decide(query, [n for _, n in found], self._params[route], cache_size=size)
             if not decision.hit or decision.entry is None:
                 log.debug("semantic miss: %s", decision.reason)
+                return None, None
+            if self._outside_cluster(route, vector, found, decision.entry.answer_id):
                 return None, None
             entry = decision.entry
             candidate = _Candidate(next(i for i, n in found if n is entry), entry.answer_id, None, None)
@@ -382,18 +396,14 @@ class SemanticCacheStage:
     async def _stored(self, entry_id: int, now: float) -> tuple[dict[str, Any], Usage] | None:
         """The entry's stored answer; None (and the entry leaves the index) when another process
         purged it or it expired just now. A shared store that does not answer is a miss."""
-        assert self._parts is not None
-        if self._remote is None:
-            assert self._store is not None
-            stored = self._store.answer(entry_id, now)
-        else:
-            try:
-                stored = await self._remote.answer(entry_id, now)
-            except SharedStateUnavailable as err:
-                log.warning("semantic cache lookup missed: %s", err.message)
-                return None
+        assert self._parts is not None and self._entries is not None
+        stored = await self._entries.answer(entry_id, now)
+        if stored is UNREADABLE:
+            return None
         if stored is None:
             self._parts.drop(entry_id)
+            return None
+        assert isinstance(stored, tuple)
         return stored
 
     def _judge_adaptive(
@@ -402,6 +412,7 @@ class SemanticCacheStage:
         route: str,
         partition: str,
         query: str,
+        vector: npt.NDArray[np.float32],
         found: Sequence[tuple[int, Neighbour]],
         size: int,
     ) -> tuple[bool, _Candidate | None]:
@@ -421,6 +432,8 @@ class SemanticCacheStage:
         if a.score < self.verifier.threshold(partition, route, verdict, served.answer_id):
             log.debug("semantic miss: %.3f below the partition's %s threshold", a.score, verdict.status)
             return False, candidate
+        if self._outside_cluster(route, vector, found, served.answer_id):
+            return False, candidate  # a near miss: the fresh answer says whether the guard was right
         if self.verifier.method(route) == "evidence" and ctx.tags.evidence:
             # The request names its evidence: the candidate's answer is right when it rests on the
             # same, checked now, for free, before anything is served.
@@ -430,6 +443,24 @@ class SemanticCacheStage:
                 log.debug("semantic miss: the candidate rests on other evidence")
                 return False, None
         return True, candidate
+
+    def _outside_cluster(
+        self, route: str, vector: npt.NDArray[np.float32], found: Sequence[tuple[int, Neighbour]], answer: str
+    ) -> bool:
+        """The out-of-scope guard (``density``): the query is much further from its answer's nearest
+        entries than they are from each other."""
+        params = self._params[route]
+        if params.cluster_margin is None:
+            return False
+        assert self._parts is not None
+        rows = member_rows([n for _, n in found], answer)
+        if len(rows) < 2:
+            return False  # no cluster to measure
+        gap = cluster_gap(vector, self._parts.vectors([found[i][0] for i in rows]))
+        if outside_cluster(gap, params):
+            log.debug("semantic miss: outside the answer's cluster (gap %.3f)", gap or 0.0)
+            return True
+        return False
 
     def _after_hit(
         self,
@@ -457,75 +488,22 @@ class SemanticCacheStage:
     def judge_near_miss(
         self, ctx: RequestContext, partition: str, candidate: _Candidate, response: dict[str, Any]
     ) -> None:
-        """A lookup that was not served went upstream anyway: was the candidate it was not given
-        the same answer? A free verdict at that score (how a threshold learns to come down)."""
-        assert ctx.route is not None
-        if candidate.score is None or ctx.cache != "miss" or ctx.deduplicated:
-            return
-        if self._remote is not None:  # its answer is a round trip away: judged off the response path
-            self._spawn(self._judge_remote(ctx, partition, candidate, response))
-            return
-        assert self._store is not None
-        stored = self._store.answer(candidate.entry_id, time.time())
-        if stored is not None:
-            self._judge(ctx, partition, candidate, stored[0], response)
-
-    async def _judge_remote(
-        self, ctx: RequestContext, partition: str, candidate: _Candidate, response: dict[str, Any]
-    ) -> None:
-        assert self._remote is not None
-        try:
-            stored = await self._remote.answer(candidate.entry_id, time.time())
-        except SharedStateUnavailable:
-            return  # no verdict this time
-        if stored is not None:
-            self._judge(ctx, partition, candidate, stored[0], response)
-
-    def _judge(
-        self,
-        ctx: RequestContext,
-        partition: str,
-        candidate: _Candidate,
-        cached: dict[str, Any],
-        response: dict[str, Any],
-    ) -> None:
-        assert ctx.route is not None and candidate.score is not None
-        method = self.verifier.method(ctx.route)
-        if method == "evidence" and ctx.tags.evidence:
-            right = candidate.answer_id == answer_id({}, ctx.tags.evidence)
-        else:
-            verify = self._settings[ctx.route].verify
-            assert verify is not None
-            right = same_answer(method, cached, response, verify.json_field)
-        self.verifier.observe(
-            partition,
-            ctx.tags.tenant_id,
-            ctx.route,
-            candidate.score,
-            right,
-            candidate.answer_id,
-            near_miss=True,
+        """A lookup that was not served went upstream anyway (``near_miss.NearMissJudge``)."""
+        assert self._near_miss is not None
+        evidence = answer_id({}, ctx.tags.evidence) if ctx.tags.evidence else None
+        self._near_miss(
+            ctx, partition, candidate.entry_id, candidate.answer_id, candidate.score, response, evidence
         )
 
     def add_entry(self, entry: NewEntry) -> None:
-        assert self._parts is not None
-        if self._remote is not None:
-            self._spawn(self._add_remote(self._remote, entry))
-            return
-        assert self._store is not None
-        entry_id = self._store.add(entry)
-        if entry_id is not None:
-            self._index(entry_id, entry)
+        assert self._parts is not None and self._entries is not None
+        parts = self._parts
 
-    async def _add_remote(self, remote: SharedSemanticStore, entry: NewEntry) -> None:
-        entry_id = await remote.add(entry)
-        if entry_id is not None and self._parts is not None and self._parts.meta(entry_id) is None:
-            self._index(entry_id, entry)
+        def index(entry_id: int) -> None:
+            if parts.meta(entry_id) is None:  # a follower may have heard of it first
+                self._index(entry_id, entry)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        self._entries.add(entry, index)
 
     def _index(self, entry_id: int, entry: NewEntry) -> None:
         assert self._parts is not None
@@ -536,12 +514,8 @@ class SemanticCacheStage:
         self._age[entry.route].append(entry_id)
         self._evict(entry.route)
         self._adds += 1
-        if self._adds % _PURGE_EXPIRED_EVERY == 0:
-            if self._remote is not None:
-                self._spawn(self._remote.drop_expired(time.time()))
-            else:
-                assert self._store is not None
-                self._store.drop_expired(time.time())
+        if self._adds % _PURGE_EXPIRED_EVERY == 0 and self._entries is not None:
+            self._entries.drop_expired(time.time())
 
     def _grow(self, part: Partition) -> None:
         """Exact search stops paying past EXACT_LIMIT entries: build an HNSW graph off the loop."""
@@ -570,11 +544,8 @@ class SemanticCacheStage:
             entry_id = age.popleft()
             self._parts.drop(entry_id)
             evicted.append(entry_id)
-        if evicted and self._remote is not None:
-            self._spawn(self._remote.delete(evicted))
-        elif evicted:
-            assert self._store is not None
-            self._store.delete(evicted)
+        if evicted and self._entries is not None:
+            self._entries.delete(evicted)
 
 
 class _Adder:

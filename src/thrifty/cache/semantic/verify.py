@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from statistics import NormalDist
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -43,14 +43,20 @@ from thrifty.cache.semantic.adaptive import (
     Policy,
     answer_threshold,
     bound,
+    merged,
     sample_rate,
 )
 from thrifty.cache.semantic.compare import same_answer
+from thrifty.cache.semantic.judge import judge_body, judge_context, parse_verdict
 from thrifty.cache.semantic.state_store import SqlitePartitionStateStore
 from thrifty.errors import ThriftyError
 from thrifty.pipeline import Completion, Handler, RequestContext
 from thrifty.settings import CacheVerifySettings
-from thrifty.types import RequestStatus
+from thrifty.shapes import last_user_message_text
+from thrifty.types import ModelTarget, RequestStatus
+
+if TYPE_CHECKING:
+    from thrifty.stores.postgres_semantic_state import PostgresPartitionStateStore
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,9 @@ FLUSH_EVERY_S = 2.0
 # Hits remembered for feedback (oldest forgotten first): feedback comes on the next request.
 REMEMBER_HITS = 50_000
 REVERDICT_LOOKUPS = 64
+# Rows of the shared store written this long before the last one seen are read again (replicas'
+# clocks differ; reading a row twice changes nothing).
+_CLOCK_MARGIN_S = 5.0
 # Partition states kept in memory at once.
 MAX_STATES = 20_000
 
@@ -65,6 +74,8 @@ MAX_STATES = 20_000
 Recorder = Callable[[RequestContext, RequestStatus, int, "str | None"], Awaitable[None]]
 # Stores a fresh answer the shadow call found to differ, as an entry for the query.
 OnWrong = Callable[[RequestContext, dict[str, Any]], None]
+# The model target of a route (the gateway's resolver), for the judge route's calls.
+RouteTarget = Callable[[str], ModelTarget]
 
 
 def policy_of(settings: CacheVerifySettings) -> Policy:
@@ -113,6 +124,13 @@ class Verifier:
         self._remember = remember_hits
         self._tasks: set[asyncio.Task[None]] = set()
         self.recorder: Recorder | None = None
+        self.route_target: RouteTarget | None = None
+        # PostgreSQL: the replicas' shared states, the rows as this replica last read them, and
+        # the newest row time seen.
+        self._shared: PostgresPartitionStateStore | None = None
+        self._base: dict[str, PartitionState] = {}
+        self._seen_at = 0.0
+        self._sync_task: asyncio.Task[None] | None = None
 
     def covers(self, route: str) -> bool:
         return route in self._settings
@@ -125,6 +143,79 @@ class Verifier:
         routes = set(self._settings)
         rows = [(p, s) for p, s in store.load(limit=self._max_states) if s.route in routes]
         self._states = OrderedDict(reversed(rows))  # the store gives the newest first
+
+    async def start_shared(self, store: PostgresPartitionStateStore) -> None:
+        """Load the replicas' shared states and keep them in step (``sync``) every few seconds."""
+        self._shared = store
+        routes = set(self._settings)
+        rows = [r for r in await store.load(limit=self._max_states) if r[1].route in routes]
+        self._states = OrderedDict((p, s) for p, s, _ in reversed(rows))
+        self._base = {p: PartitionState.from_dict(s.to_dict()) for p, s, _ in rows}
+        self._seen_at = max((t for _, _, t in rows), default=0.0)
+        self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(self._flush_every, 0.05))
+            try:
+                await self.sync()
+            except Exception as err:  # noqa: BLE001 - the database is away: the deltas wait, retry
+                log.warning("semantic cache partition states not synced: %r", err)
+
+    async def sync(self) -> None:
+        """Send what this replica learned since it last read each row, and take in what the others
+        wrote meanwhile (``PostgresPartitionStateStore``)."""
+        store = self._shared
+        if store is None:
+            return
+        dirty, self._dirty = self._dirty, set()
+        sent = [
+            (p, PartitionState.from_dict(self._states[p].to_dict()), self._base.get(p))
+            for p in dirty
+            if p in self._states
+        ]
+        try:
+            written = await store.merge(sent, time.time())
+        except BaseException:
+            self._dirty |= dirty
+            raise
+        for partition, snapshot, _ in sent:
+            row = written.get(partition)
+            if row is not None:
+                self._adopt(partition, row, snapshot)
+        changed = await store.changed_since(self._seen_at - _CLOCK_MARGIN_S)
+        routes = set(self._settings)
+        for partition, row, at in changed:
+            self._seen_at = max(self._seen_at, at)
+            if row.route in routes and partition not in written:
+                self._adopt(partition, row, self._base.get(partition))
+
+    def _adopt(self, partition: str, row: PartitionState, base: PartitionState | None) -> None:
+        """The shared row, plus what this replica learned since ``base`` and has not sent yet."""
+        local = self._states.get(partition)
+        if local is not None and local.tenant_id != row.tenant_id:
+            return
+        self._states[partition] = (
+            row if local is None else merged(row, local, base or PartitionState(local.tenant_id, local.route))
+        )
+        self._base[partition] = PartitionState.from_dict(row.to_dict())
+        self._verdicts.pop(partition, None)
+
+    async def stop_shared(self) -> None:
+        """Stop syncing, after a last sync of what is still unsent."""
+        if self._sync_task is None:
+            return
+        self._sync_task.cancel()
+        await asyncio.gather(self._sync_task, return_exceptions=True)
+        self._sync_task = None
+        try:
+            await self.sync()
+        except Exception as err:  # noqa: BLE001 - shutting down: log, never raise
+            log.warning("semantic cache partition states not synced at shutdown: %r", err)
+
+    def states(self) -> list[tuple[str, PartitionState]]:
+        """Copies of the partition states in memory (for the gateway's metrics and tests)."""
+        return [(p, PartitionState.from_dict(s.to_dict())) for p, s in self._states.items()]
 
     def state(self, partition: str, tenant_id: str, route: str) -> PartitionState:
         state = self._states.get(partition)
@@ -141,6 +232,7 @@ class Verifier:
         while len(self._states) > self._max_states:
             oldest, evicted = self._states.popitem(last=False)
             self._verdicts.pop(oldest, None)
+            self._base.pop(oldest, None)
             if oldest in self._dirty and self._store is not None:
                 self._store.save([(oldest, evicted)], time.time())
                 self._dirty.discard(oldest)
@@ -281,16 +373,58 @@ class Verifier:
             await self.recorder(ctx, status, http_status, error)
         state = self.state(partition, ctx.tags.tenant_id, ctx.route)
         state.verify_cost_usd += cost
-        correct = True
+        correct: bool | None = True
         if fresh is not None:
             settings = self._settings[ctx.route]
-            correct = same_answer(settings.compare, cached, fresh, settings.json_field)
+            if settings.compare == "judge":
+                assert settings.judge_route is not None
+                correct = await self._judge(ctx, call_next, settings.judge_route, cached, fresh, state)
+            else:
+                correct = same_answer(settings.compare, cached, fresh, settings.json_field)
+        if fresh is not None and correct is not None:
             state.verifications += 1
             state.verified_wrong += not correct
             state.observe(score, correct, answer_id)
         self._touch(partition)  # after every change: a flush clears the dirty mark
-        if fresh is not None and not correct:
+        if fresh is not None and correct is False:
             on_wrong(ctx, fresh)
+
+    async def _judge(
+        self,
+        shadow: RequestContext,
+        call_next: Handler,
+        route: str,
+        cached: dict[str, Any],
+        fresh: dict[str, Any],
+        state: PartitionState,
+    ) -> bool | None:
+        """Ask the judge route whether the cached and the fresh answer are the same; None: no
+        verdict (the call failed or the reply was neither yes nor no). Its cost is the partition's."""
+        assert self.route_target is not None
+        question = last_user_message_text(shadow.body.get("messages")) or ""
+        ctx = judge_context(
+            shadow, route, self.route_target(route), question, judge_body(route, question, cached, fresh)
+        )
+        status: RequestStatus = "ok"
+        http_status, error = 200, None
+        verdict: bool | None = None
+        try:
+            result = await call_next(ctx)
+            if isinstance(result, Completion):
+                verdict = parse_verdict(result.body)
+                if verdict is None:
+                    log.info("semantic cache judge %s replied neither yes nor no: no verdict", ctx.request_id)
+        except ThriftyError as err:
+            status, http_status, error = "error", err.status, err.message
+            log.info("semantic cache judge %s failed: %s", ctx.request_id, err.message)
+        except Exception as err:  # a bug must not kill the loop's task silently
+            status, http_status, error = "error", 500, f"internal error: {type(err).__name__}: {err}"
+            log.exception("semantic cache judge %s failed", ctx.request_id)
+        ctx.attempts = [replace(a, role="judge") for a in ctx.attempts]
+        state.verify_cost_usd += sum((a.cost_usd for a in ctx.attempts if a.cost_usd is not None), Decimal(0))
+        if ctx.attempts and self.recorder is not None:
+            await self.recorder(ctx, status, http_status, error)
+        return verdict
 
     async def drain(self) -> None:
         """Wait for the shadow calls in flight (shutdown, tests)."""

@@ -28,6 +28,8 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+# The semantic cache's partition stats (rows of `thrifty cache stats --json`), of one tenant or all.
+CacheStats = Callable[[str | None], list[dict[str, Any]]]
 # A virtual key -> its tenant; raises AuthenticationFailed for a key it does not know.
 TenantOfKey = Callable[[str], str]
 
@@ -61,10 +63,18 @@ def _cookie(headers: Mapping[str, str]) -> str | None:
 
 
 class DashboardApp:
-    def __init__(self, store: ReportingStore, settings: Settings, tenant_of_key: TenantOfKey) -> None:
+    def __init__(
+        self,
+        store: ReportingStore,
+        settings: Settings,
+        tenant_of_key: TenantOfKey,
+        cache_stats: CacheStats | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self._tenant_of_key = tenant_of_key
+        # The serving gateway's semantic cache partitions (`thrifty cache stats`); None: not shown.
+        self._cache_stats = cache_stats
         self._admin_hashes = tuple(settings.dashboard.admin_key_hashes)
 
     def viewer(self, headers: Mapping[str, str]) -> Viewer:
@@ -83,6 +93,11 @@ class DashboardApp:
         if self.is_admin(key):
             return Viewer(None)
         return Viewer(self._tenant_of_key(key))
+
+    def _cache(self, viewer: Viewer) -> dict[str, Any]:
+        """The semantic cache's partitions as `thrifty cache stats` has them; a tenant's own only."""
+        rows = self._cache_stats(viewer.tenant) if self._cache_stats is not None else []
+        return {"partitions": [r for r in rows if viewer.admin or r["tenant_id"] == viewer.tenant]}
 
     def is_admin(self, key: str) -> bool:
         digest = hash_key(key)
@@ -108,6 +123,7 @@ class DashboardApp:
             query = data.parse_query(params, viewer, self.settings, now)
             if path in ("/dashboard", "/dashboard/"):
                 page = await data.page(self.store, self.settings, viewer, query, now)
+                page["cache"] = self._cache(viewer)
                 await _send(send, 200, render_page(page).encode(), [_HTML, *_SECURITY])
                 return
             if not api:
@@ -146,10 +162,15 @@ class DashboardApp:
         if name == "requests":
             return await data.requests(self.store, query)
         if name == "page":
-            return await data.page(self.store, self.settings, viewer, query, now)
+            return {
+                **await data.page(self.store, self.settings, viewer, query, now),
+                "cache": self._cache(viewer),
+            }
+        if name == "cache":
+            return self._cache(viewer)
         raise NotFound(
             f"no dashboard API {name!r}; there are summary, series, routes, prompt_versions, top, budgets, "
-            "alerts, requests and page",
+            "alerts, requests, cache and page",
             code="unknown_url",
         )
 

@@ -13,6 +13,7 @@ from html import escape
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from thrifty.server.dashboard.cache_section import cache_section
 from thrifty.server.dashboard.data import DIMENSIONS, MAX_STACKS, RANGES, day_or_hour
 from thrifty.server.dashboard.svg import legend, meter, stacked_bars
 
@@ -298,6 +299,7 @@ def render_page(data: Mapping[str, Any]) -> str:
         + f"{report_table('prompt-versions', 'prompt_version', pv['rows'], pv['total'])}</section>",
         f"<section><h2>Most expensive (top {data['top']['n']})</h2>{_top(data['top'])}</section>",
         f"<section><h2>Requests</h2>{_requests(data['requests'], link)}</section>",
+        cache_section(data.get("cache", {}).get("partitions", ())),
     ]
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>thrifty dashboard</title>'

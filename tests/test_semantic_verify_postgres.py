@@ -1,0 +1,137 @@
+"""What verification learns, shared by replicas on one real PostgreSQL: a wrong hit found by one
+replica's shadow call turns the partition off on the other, their counts add up in the shared row
+(never overwrite each other), near misses are judged off the response path, and a restarted
+replica resumes the thresholds. Real gateways on loopback ports, the openai SDK as the client, a
+wire-level fake upstream."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import KEYS, UPSTREAM_KEY, base_settings, openai_models
+from tests.fakes.openai_wire import Reply
+from thrifty.cache.semantic.adaptive import PartitionState
+from thrifty.server.run import BackgroundServer
+
+pytest.importorskip("onnxruntime")
+
+SYSTEM = {"role": "system", "content": "You are the Acme support desk."}
+FAQ = {
+    "What are your opening hours?": "We are open 9 to 5, Monday to Friday.",
+    "How do I return an item I bought?": "Send it back within 30 days with the receipt.",
+    "Do you ship to other countries?": "Yes, we ship to 40 countries.",
+    "How do I reset my password?": "Use the 'forgot password' link on the sign-in page.",
+}
+
+
+def _replica(tmp_path: Path, name: str, upstream: Any, pg_url: str) -> BackgroundServer:
+    root = tmp_path / name
+    root.mkdir(exist_ok=True)
+    data = {
+        "storage": {"url": pg_url, "spool_path": str(root / "spool.jsonl"), "local_path": str(root / "l.db")},
+        "providers": {"up": {"kind": "openai", "base_url": upstream.base_url}},
+        "models": openai_models(),
+        "routes": {
+            "support": {
+                "model": "gpt-4o-mini",
+                "semantic_cache": {
+                    "ttl_s": 600,
+                    "threshold": 0.5,
+                    "min_entries": 0,
+                    "verify": {"error_bound": 0.05, "min_rate": 1.0, "max_rate": 1.0},
+                },
+            }
+        },
+        "semantic": {"embed_threads": 1, "state_flush_s": 0},
+        "resilience": {"max_retries": 0},
+    }
+    return BackgroundServer(base_settings(root, **data), secrets={"up": UPSTREAM_KEY})
+
+
+def _ask(server: BackgroundServer, question: str) -> Any:
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEYS["acme"], max_retries=0)
+    return client.chat.completions.with_raw_response.create(
+        model="route:support",
+        messages=[SYSTEM, {"role": "user", "content": question}],  # type: ignore[list-item]
+        temperature=0,
+    )
+
+
+def _until(check: Any, what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return found
+
+
+def _shared_row(pg_url: str) -> PartitionState | None:
+    import psycopg
+
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT state FROM semantic_partition_state").fetchall()
+    assert len(rows) <= 1
+    if not rows:
+        return None
+    state = rows[0][0]
+    return PartitionState.from_dict(state if isinstance(state, dict) else json.loads(state))
+
+
+def _memory(server: BackgroundServer) -> PartitionState | None:
+    states = server.gateway.semantic_cache.verifier.states()
+    return states[0][1] if states else None
+
+
+def test_replicas_share_what_verification_learned_and_a_restart_resumes_it(
+    tmp_path: Path, openai_upstream: Any, pg_url: str
+):
+    with (
+        _replica(tmp_path, "a", openai_upstream, pg_url) as a,
+        _replica(tmp_path, "b", openai_upstream, pg_url) as b,
+    ):
+        for question, answer in FAQ.items():
+            openai_upstream.queue(Reply(text=answer))
+            assert _ask(a, question).headers["x-thrifty-cache"] == "miss"
+        _until(lambda: b.gateway.semantic_cache.entries == len(FAQ), "b never followed a's entries")
+        # On a: a paraphrase hit whose shadow call finds the cached answer wrong.
+        openai_upstream.queue(Reply(text="We open at 8 on Saturdays too."))
+        assert _ask(a, "When are you open?").headers["x-thrifty-cache"] == "semantic"
+        _until(
+            lambda: (r := _shared_row(pg_url)) is not None and r.verified_wrong == 1, "a's verdict not shared"
+        )
+        # b takes it in: its partition is off too (it never verified anything itself).
+        _until(
+            lambda: (m := _memory(b)) is not None and m.verified_wrong == 1, "b never read the shared state"
+        )
+        openai_upstream.queue(Reply(text="Something else entirely."))
+        calls = len(openai_upstream.requests)
+        miss = _ask(b, "How can I return something I purchased?")
+        assert miss.headers["x-thrifty-cache"] == "miss"
+        assert len(openai_upstream.requests) == calls + 1  # the miss's own call, no shadow call
+        # That miss is a near miss, judged off the response path (its candidate's answer is a
+        # round trip away): b's count joins a's in the one shared row.
+        row = _until(
+            lambda: (r := _shared_row(pg_url)) is not None and r.near_miss_checks == 1 and r,
+            "b's near miss never reached the shared row",
+        )
+        assert (row.verifications, row.verified_wrong, row.paraphrase_hits, row.tenant_id) == (
+            1,
+            1,
+            1,
+            "acme",
+        )
+        assert sum(row.wrong) == 2
+        _until(lambda: (m := _memory(a)) is not None and m.near_miss_checks == 1, "a never read b's count")
+    # Shut down: the last sync wrote everything; a replica started afresh resumes it.
+    with _replica(tmp_path, "c", openai_upstream, pg_url) as c:
+        resumed = _memory(c)
+        assert resumed is not None and (resumed.verified_wrong, resumed.near_miss_checks) == (1, 1)
+        openai_upstream.queue(Reply(text="Yes, to 40 countries."))
+        assert _ask(c, "Do you deliver internationally?").headers["x-thrifty-cache"] == "miss"
+        assert _ask(c, "what are your opening hours").headers["x-thrifty-cache"] == "semantic"  # a repeat

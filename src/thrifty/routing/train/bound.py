@@ -10,7 +10,6 @@ a target, no calibration of these gates can, and the gap is in the data's signal
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,20 +26,8 @@ from thrifty.routing.train.fit import (
     prepare,
 )
 from thrifty.routing.train.metrics import auc
-from thrifty.routing.train.policy import CascadePolicy, run_policy
+from thrifty.routing.train.policy import run_policy, vote_policies
 from thrifty.routing.train.router import AGREE_BONUS
-
-
-def vote_policies(cheap: Sequence[str], strong: str) -> list[CascadePolicy]:
-    """Every cascade that calls an ordered subset of `cheap`, accepts k agreeing answers with at
-    most d dissenting, and otherwise calls `strong`."""
-    out: list[CascadePolicy] = []
-    for n in range(1, len(cheap) + 1):
-        for order in itertools.permutations(cheap, n):
-            for votes in range(1, n + 1):
-                for dissent in range(n - votes + 1):
-                    out.append(CascadePolicy(tuple(order), votes, dissent, strong))
-    return out
 
 
 @dataclass(frozen=True, slots=True)

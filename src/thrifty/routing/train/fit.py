@@ -487,7 +487,7 @@ def train(
     bootstrap: int = 30,
     third: str | None = None,
     ask_third: bool = True,
-    votes: bool = True,
+    votes: bool | None = None,
     vote_share: float = 0.5,
 ) -> Router:
     """Learn the ladder and fit its gates on all rows; certify thresholds on out-of-fold scores.
@@ -496,8 +496,9 @@ def train(
     trained and certified, and the one whose certified rule is cheapest wins; each is certified at
     1 - (1 - confidence) / candidates, so that picking the best of them keeps the stated confidence.
     With `ask_third`, each ladder gets a third opinion (`third`, or ``pick_third``'s choice).
-    With `votes`, per-task vote cascades (``votes.choose_votes``) compete too, at
-    1 - (1 - confidence) x `vote_share`; the ladders share the rest of the error budget."""
+    With `votes` (default: when no `ladder` is given), per-task vote cascades
+    (``votes.choose_votes``) compete too, at 1 - (1 - confidence) x `vote_share`; the ladders
+    share the rest of the error budget."""
     if not rows:
         raise InvalidData("no training rows")
     z_score(confidence)  # a bad confidence is refused before any work
@@ -512,6 +513,7 @@ def train(
     # 1 - confidence is split in advance (weighted Bonferroni): `vote_share` of it to the vote
     # cascades, the rest evenly over the ladders, so picking the cheapest keeps the confidence.
     alpha = 1.0 - confidence
+    votes = ladder is None if votes is None else votes
     learned_alpha = alpha * (1.0 - vote_share) if votes else alpha
     level = 1.0 - learned_alpha / (len(options) + 1)
     fits = [

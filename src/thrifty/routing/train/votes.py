@@ -66,6 +66,14 @@ def cheap_models(rows: Sequence[Row], reference: str, *, limit: int = 6, share: 
     return sorted((m for m in common if totals[m] < share * ref_cost), key=lambda m: (totals[m], m))[:limit]
 
 
+def family_of(cheap: Sequence[str], strong: str, max_models: int = 3) -> list[CascadePolicy]:
+    """Everything to `strong`, and every vote cascade over at most `max_models` of `cheap`."""
+    return [
+        CascadePolicy((), 1, 0, strong),
+        *vote_policies([m for m in cheap if m != strong], strong, max_models),
+    ]
+
+
 def replay_votes(rows: Sequence[Row], policy: CascadePolicy) -> VoteRuns:
     """`policy` over `rows`, vectorised (the same decisions as ``CascadePolicy.run``)."""
     import numpy as np
@@ -185,7 +193,7 @@ def choose_votes(
     strong = strong or reference
     cheap = list(cheap) if cheap is not None else cheap_models(rows, reference)
     cheap = [m for m in cheap if m != strong]
-    family = [CascadePolicy((), 1, 0, strong), *vote_policies(cheap, strong, max_models)]
+    family = family_of(cheap, strong, max_models)
     tasks = sorted({r.task for r in rows})
     fronts: dict[str, list[tuple[float, float, VoteRuns]]] = {}
     for t in tasks:

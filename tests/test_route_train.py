@@ -119,9 +119,16 @@ def test_bench_writes_json(tmp_path: Path) -> None:
     results = run_route_bench([data], [data], GPT4O, out)
     rows = json.loads(out.read_text())
     assert {"strategy", "accuracy", "cost_usd", "rel_quality", "rel_cost", "escalation_rate"} <= set(rows[0])
-    assert len(rows) == len(results) + 1
+    assert len(rows) == len(results) + 2
     (cert,) = [r for r in rows if r["strategy"] == "certificate"]
     assert cert["confidence"] == 0.95 and cert["target"] == 0.99 and cert["prompts"] == 20
+    # Where the cost between the hindsight bound and the certified rule goes: the terms add up.
+    (gap,) = [r for r in rows if r["strategy"] == "gap"]
+    names = [x["name"] for x in gap["lines"]]
+    assert names[0] == "certified (as trained)" and names[-1] == "hindsight bound, all prompts"
+    costs = [x["rel_cost"] for x in gap["lines"]]
+    assert costs[0] == pytest.approx(cert["held_out_cost"])
+    assert gap["terms"]["total"] == pytest.approx(costs[0] - costs[-1])
 
 
 def test_auc_ranks_and_ties() -> None:

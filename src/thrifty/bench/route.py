@@ -77,6 +77,12 @@ def certificate_line(router: Router) -> str:
     third = [f"{short_name(router.third)} if they agree"] if router.third else []
     ladder = " → ".join([*(short_name(m) for m in router.ladder), *third, short_name(router.strong)])
     head = f"ladder {ladder}; "
+    if router.votes:
+        head = (
+            "vote cascades "
+            + "; ".join(f"{t}: {p.describe()}" for t, p in sorted(router.votes.items()))
+            + "; "
+        )
     if not cert["certified"]:
         return head + (
             f"NOT certified: even escalating every prompt is not certified ≥ {target:.1%} of "

@@ -19,7 +19,7 @@ from thrifty.routing.train.bound import Bound, hindsight_bound
 from thrifty.routing.train.cost import CostModel, load_prices
 from thrifty.routing.train.data import Row, load_rows
 from thrifty.routing.train.fit import pool_models, train
-from thrifty.routing.train.gap import Gap, decompose
+from thrifty.routing.train.gap import Gap, decompose, uncertified_router
 from thrifty.routing.train.metrics import PairMetrics, Summary, pair_metrics, random_at_cost, summarise
 from thrifty.routing.train.policy import (
     CascadePolicy,
@@ -150,10 +150,11 @@ def evaluate_router(router: Router, rows: Sequence[Row], reference: str) -> tupl
     results.append(summarise(f"oracle all {len(every)}", run_oracle(rows, every), ref))
     results.append(summarise(f"naive cascade {naive.describe()}", run_policy(rows, naive), ref))
     results.append(classifier)
-    median = with_median_gates(router)
+    median = uncertified_router(router)
     if median is not None:
         median_runs = run_policy_router(median.with_strategy("cascade"), rows)
-        results.append(summarise("thrifty-cascade, median thresholds", median_runs, ref))
+        name = "uncertified vote choice" if router.votes else "median thresholds"
+        results.append(summarise(f"thrifty-cascade, {name}", median_runs, ref))
     results.append(ours_summary)
     pair = pair_metrics(
         [router.strong_score(r) for r in rows],

@@ -206,3 +206,40 @@ def test_a_cache_hit_still_reports_the_budget_left(tmp_path, openai_upstream):
     assert left(info.value.response.headers["x-thrifty-budget-remaining"]) == expected
     # The first one reported what was left while its worst case was still reserved.
     assert left(first.headers["x-thrifty-budget-remaining"])[0] < expected[0]
+
+
+def test_an_entry_put_while_another_writer_holds_the_lock_is_served_and_then_stored(tmp_path):
+    """The loop never waits for SQLite's lock, and a busy lock no longer loses the entry."""
+    from types import SimpleNamespace
+
+    from thrifty.cache.exact import SqliteExactCache
+    from thrifty.stores.sqlite_db import open_database
+    from thrifty.stores.write_behind import SqliteWriteBehind
+    from thrifty.types import Usage
+
+    path = tmp_path / "ledger.db"
+    loop_conn = open_database(path)
+    loop_conn.execute("PRAGMA busy_timeout=0")
+    writer = SqliteWriteBehind(path)
+    writer.start()
+    cache = SqliteExactCache(loop_conn, writer)
+    ctx = SimpleNamespace(
+        tags=SimpleNamespace(tenant_id="acme", prompt_version=None, corpus_version=None),
+        route="faq",
+        requested_model="gpt-4o-mini",
+    )
+    blocker = open_database(path)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer (the ledger, a fold) holds the lock
+    try:
+        started = time.monotonic()
+        cache.put("k1", ctx, {"answer": 1}, Usage(input_tokens=5, output_tokens=2), ttl_s=60)
+        assert time.monotonic() - started < 5  # did not wait for the lock (that would be 30 s)
+        assert cache.get("k1", time.time()) == ({"answer": 1}, Usage(input_tokens=5, output_tokens=2))
+        assert loop_conn.execute("SELECT COUNT(*) FROM exact_cache").fetchone()[0] == 0
+    finally:
+        blocker.execute("COMMIT")
+    writer.close()
+    assert cache._pending == {}
+    fresh = SqliteExactCache(open_database(path))
+    assert fresh.get("k1", time.time()) == ({"answer": 1}, Usage(input_tokens=5, output_tokens=2))
+    assert fresh.get("k1", time.time() + 61) is None

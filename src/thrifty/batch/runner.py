@@ -18,16 +18,15 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
-import aiohttp
-import orjson
-
 from thrifty.batch.adapters.base import Outbound, Outcome
 from thrifty.batch.entries import refused_entry, result_entry
 from thrifty.batch.flush import due, next_wake
 from thrifty.batch.lines import LineError, parse_line, split_lines
+from thrifty.batch.recovery import UnsentRecovery
 from thrifty.batch.service import BatchService, new_request_id
 from thrifty.batch.states import ITEM_FINAL, STATUS_TIME, next_status
 from thrifty.batch.store import Item, ItemResult, JobRecord, NewItem, UpstreamBatch
+from thrifty.batch.webhooks import WebhookDelivery
 from thrifty.errors import BudgetExceeded, ThriftyError
 from thrifty.types import LedgerEntry, Tags, Usage
 
@@ -46,10 +45,9 @@ class BatchRunner:
         self._owner = f"{os.getpid()}-{os.urandom(4).hex()}"  # this process, for leases
         self._lease_s = service.settings.lease_s
         self._sending: set[str] = set()  # provider batches this runner is sending right now
-        self._recover_retry_at: dict[str, float] = {}  # recoveries that could not tell: not before
+        self._recovery = UnsentRecovery(service, self._owner, self._sending)
         self._sweep_at = 0.0  # when holds of items recorded by other processes are next looked at
-        self._http: aiohttp.ClientSession | None = None
-        self._retry_at: dict[str, float] = {}  # webhook deliveries that failed: not before then
+        self._webhooks = WebhookDelivery(service, self._owner)
         # Queues whose submission failed: not retried before then.
         self._submit_retry_at: dict[tuple[str, str, str], float] = {}
         service.wake = self._event.set
@@ -65,44 +63,8 @@ class BatchRunner:
                 job = self._job(item.job_id)
                 owners[item.job_id] = (job.tenant_id, job.tags)
             self.service.reservations.rereserve(owners, open_items)
-        self._http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.service.settings.webhook_timeout_s)
-        )
+        self._webhooks.start()
         self._task = asyncio.ensure_future(self._loop())
-
-    async def _recover_unsent(self) -> None:
-        """Provider batches a crash interrupted between sending and storing their id (their
-        sender's lease ran out): the one the provider has is adopted (OpenAI: by its label;
-        Anthropic: by its size, its creation time and, once it ended, its custom_ids); when the
-        provider has none, the items go back to the queue. Never sent twice on a guess: when the
-        provider cannot tell yet, the batch stays preparing and is looked for again later."""
-        db = self.service.db
-        for upstream in db.upstream_batches(["preparing"]):
-            uid = upstream.upstream_id
-            now = time.time()
-            if uid in self._sending or self._recover_retry_at.get(uid, 0.0) > now:
-                continue
-            adapter = self.service.adapters.get(upstream.provider)
-            if adapter is None or not db.lease_upstream(uid, self._owner, now, self._lease_s):
-                continue  # its sender is alive (it holds the lease), or the provider is gone from settings
-            request_ids = {item.request_id for item in db.items_of_upstream(uid)}
-            try:
-                remote_id = await adapter.find(
-                    uid, request_ids, upstream.created_at, db.remote_ids(adapter.name)
-                )
-            except ThriftyError as err:
-                log.warning("looking for provider batch %s at %s: %s", uid, upstream.provider, err.message)
-                self._recover_retry_at[uid] = time.time() + self.service.settings.poll_interval_s
-                continue
-            self._recover_retry_at.pop(uid, None)
-            if remote_id is None:
-                log.warning(
-                    "provider batch %s never reached %s: its items are queued again", uid, adapter.name
-                )
-                db.requeue_unsent(uid)
-            else:
-                log.warning("provider batch %s found at %s as %s: adopted", uid, adapter.name, remote_id)
-                db.mark_submitted(uid, remote_id, time.time(), adopted=True)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -116,9 +78,7 @@ class BatchRunner:
             self._task = None
         for adapter in self.service.adapters.values():
             await adapter.close()
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        await self._webhooks.close()
 
     async def _loop(self) -> None:
         while True:
@@ -140,10 +100,10 @@ class BatchRunner:
             await self._validate(job)
         await self._cancel_requested()
         # Here, not in start(): a provider that is down must not hold up the gateway's start.
-        await self._recover_unsent()
+        await self._recovery.run()
         await self._flush(now)
         await self._poll(time.time())
-        await self._deliver()
+        await self._webhooks.deliver()
         self._sweep_holds(time.time())
         poll = self.service.settings.poll_interval_s
         now = time.time()
@@ -508,34 +468,6 @@ class BatchRunner:
         db.set_job_status(job_id, new, now)
         self._jobs.pop(job_id, None)
         assert new in STATUS_TIME
-
-    # -- webhooks ---------------------------------------------------------------------------
-
-    async def _deliver(self) -> None:
-        if self._http is None:
-            return
-        for job in self.service.db.undelivered():
-            assert job.webhook_url is not None
-            if self._retry_at.get(job.job_id, 0.0) > time.time():
-                continue
-            if not self.service.db.lease_delivery(job.job_id, self._owner, time.time(), self._lease_s):
-                continue  # another process is delivering it
-            payload = self.service.job_view(job) if job.kind == "deferred" else self.service.batch_object(job)
-            try:
-                async with self._http.post(
-                    job.webhook_url, data=orjson.dumps(payload), headers={"content-type": "application/json"}
-                ) as resp:
-                    if resp.status >= 300:
-                        raise RuntimeError(f"the webhook answered {resp.status}")
-            except (aiohttp.ClientError, TimeoutError, RuntimeError) as err:
-                if time.time() > job.expires_at + 86400:
-                    self.service.db.mark_delivered(job.job_id, time.time(), f"gave up: {err}")
-                else:
-                    self.service.db.mark_delivered(job.job_id, None, str(err) or type(err).__name__)
-                    self._retry_at[job.job_id] = time.time() + self.service.settings.poll_interval_s
-                continue
-            self._retry_at.pop(job.job_id, None)
-            self.service.db.mark_delivered(job.job_id, time.time(), None)
 
 
 def _count(items: Iterable[Item]) -> int:

@@ -29,9 +29,12 @@ from thrifty.settings import ExactCacheSettings, RouteSettings
 from thrifty.shapes import as_completion
 from thrifty.stores.ports import SharedExactCache
 from thrifty.stores.sqlite_db import scope_where
+from thrifty.stores.write_behind import SqliteWriteBehind
 from thrifty.types import Usage
 
 log = logging.getLogger(__name__)
+
+_PUT_SQL = "INSERT OR REPLACE INTO exact_cache VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 
 
 def cache_key(ctx: RequestContext, settings: ExactCacheSettings) -> str:
@@ -41,10 +44,18 @@ def cache_key(ctx: RequestContext, settings: ExactCacheSettings) -> str:
 
 
 class SqliteExactCache:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    """Entries in the SQLite file. With a `writer`, puts are committed on its thread (never lost to a
+    busy lock, never waited for on the loop) and stay readable from memory until they are."""
+
+    def __init__(self, conn: sqlite3.Connection, writer: SqliteWriteBehind | None = None) -> None:
         self._conn = conn
+        self._writer = writer
+        self._pending: dict[str, tuple[float, dict[str, Any], Usage]] = {}
 
     def get(self, key: str, now: float) -> tuple[dict[str, Any], Usage] | None:
+        pending = self._pending.get(key)
+        if pending is not None and pending[0] > now:
+            return pending[1], pending[2]
         row = self._conn.execute(
             "SELECT response, input_tokens, cached_input_tokens, output_tokens FROM exact_cache "
             "WHERE cache_key = ? AND expires_at > ?",
@@ -60,24 +71,34 @@ class SqliteExactCache:
         self, key: str, ctx: RequestContext, response: dict[str, Any], usage: Usage, ttl_s: float
     ) -> None:
         now = time.time()
+        params = (
+            key,
+            ctx.tags.tenant_id,
+            ctx.route or "",
+            ctx.tags.prompt_version,
+            ctx.tags.corpus_version,
+            ctx.requested_model,
+            orjson.dumps(response).decode(),
+            usage.input_tokens,
+            usage.cached_input_tokens,
+            usage.output_tokens,
+            now,
+            now + ttl_s,
+        )
+        if self._writer is not None:
+            held = (now + ttl_s, response, usage)
+            self._pending[key] = held
+
+            def committed() -> None:
+                # From the writer's thread: a single dict operation, atomic under the GIL. A newer
+                # put of the same key stays pending until its own commit.
+                if self._pending.get(key) is held:
+                    self._pending.pop(key, None)
+
+            self._writer.submit(_PUT_SQL, params, committed)
+            return
         try:
-            self._conn.execute(
-                "INSERT OR REPLACE INTO exact_cache VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    key,
-                    ctx.tags.tenant_id,
-                    ctx.route or "",
-                    ctx.tags.prompt_version,
-                    ctx.tags.corpus_version,
-                    ctx.requested_model,
-                    orjson.dumps(response).decode(),
-                    usage.input_tokens,
-                    usage.cached_input_tokens,
-                    usage.output_tokens,
-                    now,
-                    now + ttl_s,
-                ),
-            )
+            self._conn.execute(_PUT_SQL, params)
         except sqlite3.OperationalError as err:
             # Busy elsewhere: a cache write is an optimisation, never worth blocking the loop for.
             log.warning("exact cache entry not stored: %s", err)

@@ -38,6 +38,7 @@ from thrifty.stores.ports import (
 )
 from thrifty.stores.readers import SqliteAlertStore, SqliteLedgerReader
 from thrifty.stores.sqlite_db import open_database
+from thrifty.stores.write_behind import SqliteWriteBehind
 
 if TYPE_CHECKING:
     from thrifty.batch.store import BatchStore
@@ -113,6 +114,7 @@ class Stores:
         self.exact_local: SqliteExactCache | None = None
         self.exact_remote: SharedExactCache | None = None
         self.cache_db: sqlite3.Connection | None = None  # SQLite: the exact and semantic caches' entries
+        self._cache_writer: SqliteWriteBehind | None = None  # SQLite: exact-cache puts, off the loop
         self.semantic_remote: SharedSemanticStore | None = None  # PostgreSQL: the semantic entries
         self._db: sqlite3.Connection | None = None
         self._pool: Any = None
@@ -187,7 +189,9 @@ class Stores:
             self.cache_db = open_database(storage.sqlite_path, synchronous=storage.synchronous)
             self.cache_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
             if exact_cache:
-                self.exact_local = SqliteExactCache(self.cache_db)
+                self._cache_writer = SqliteWriteBehind(storage.sqlite_path, synchronous=storage.synchronous)
+                self._cache_writer.start()
+                self.exact_local = SqliteExactCache(self.cache_db, self._cache_writer)
         self.ledger.start(asyncio.get_running_loop())
         self._folder = asyncio.ensure_future(self._fold_periodically(self.settings.dashboard.fold_interval_s))
 
@@ -277,6 +281,9 @@ class Stores:
             await self.breaker_board.close()
         if self.redis is not None:
             await self.redis.close()
+        if self._cache_writer is not None:
+            self._cache_writer.close()
+            self._cache_writer = None
         if self.cache_db is not None:
             self.cache_db.close()
             self.cache_db = None

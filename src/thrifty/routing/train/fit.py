@@ -538,7 +538,12 @@ def train(
     ]
     fits.append(_plain(rows, fits[0].router, target_quality, level, folds))
     if votes:
-        fits.append(_votes(rows, fits[0].router, target_quality, 1.0 - alpha * vote_share))
+        # The vote cascades end on the reference; the router under them (its unseen-task fallback
+        # and classifier) is the best certified ladder that ends there too: a final model that is
+        # only as good as the reference on the seen tasks may be far worse on an unseen one.
+        own = [f for f in fits if f.router.strong == reference] or fits
+        base = min(own, key=lambda f: (not f.certified, f.rel_cost if f.certified else -f.bound))
+        fits.append(_votes(rows, base.router, target_quality, 1.0 - alpha * vote_share))
     best = min(fits, key=lambda f: (not f.certified, f.rel_cost if f.certified else -f.bound))
     searched = [
         {

@@ -154,3 +154,27 @@ def test_commands_that_embed_say_how_to_install_the_semantic_extra(tmp_path: Pat
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"needs the semantic extra ({blocked} is not installed)" in out.stderr
     assert "pip install 'thrifty[semantic]'" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=lambda g: " ".join(g) or "thrifty")
+def test_command_summaries_flow_as_one_paragraph_in_help(tmp_path: Path, group: tuple[str, ...]):
+    """A docstring's line breaks are source formatting: the command list must not keep them."""
+    import inspect
+
+    wide = {**os.environ, "COLUMNS": "250"}
+    out = subprocess.run(
+        [sys.executable, "-m", "thrifty", *group, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        env=wide,
+    ).stdout
+    rendered = [" ".join(line.strip("│ ").split()) for line in out.splitlines()]
+    for name, sub in getattr(_command(group), "commands", {}).items():
+        # (Markdown: `code` is shown without its backticks.)
+        lines = inspect.cleandoc(sub.help or "").replace("`", "").split("\n\n")[0].splitlines()
+        if len(lines) < 2:
+            continue
+        end_of_first, start_of_second = lines[0].split()[-1], lines[1].split()[0]
+        assert any(f"{end_of_first} {start_of_second}" in line for line in rendered), (group, name)

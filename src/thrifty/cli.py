@@ -34,20 +34,37 @@ from thrifty.settings import load_settings, resolve_secrets
 from thrifty.simulate.command import simulate_command
 from thrifty.stores.ports import LedgerReader
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="thrifty: the LLM cost-control gateway")
-keys_app = typer.Typer(no_args_is_help=True, help="Virtual keys (stored hashed; shown once)")
-cache_app = typer.Typer(
-    no_args_is_help=True, help="Caching: tune the semantic cache, purge exact and semantic entries"
+app = typer.Typer(
+    rich_markup_mode="markdown",
+    add_completion=False,
+    no_args_is_help=True,
+    help="thrifty: the LLM cost-control gateway",
 )
-route_app = typer.Typer(no_args_is_help=True, help="Routing: train a router from labelled outputs")
-prompt_app = typer.Typer(no_args_is_help=True, help="Prompts: where their tokens go and what that costs")
+keys_app = typer.Typer(
+    rich_markup_mode="markdown", no_args_is_help=True, help="Virtual keys (stored hashed; shown once)"
+)
+cache_app = typer.Typer(
+    rich_markup_mode="markdown",
+    no_args_is_help=True,
+    help="Caching: tune the semantic cache, purge exact and semantic entries",
+)
+route_app = typer.Typer(
+    rich_markup_mode="markdown", no_args_is_help=True, help="Routing: train a router from labelled outputs"
+)
+prompt_app = typer.Typer(
+    rich_markup_mode="markdown",
+    no_args_is_help=True,
+    help="Prompts: where their tokens go and what that costs",
+)
 app.add_typer(keys_app, name="keys")
 app.add_typer(bench_app, name="bench")
 app.add_typer(route_app, name="route")
 app.add_typer(cache_app, name="cache")
 app.add_typer(prompt_app, name="prompt")
 eval_app = typer.Typer(
-    no_args_is_help=True, help="Evals: golden sets through the gateway, and a regression gate"
+    rich_markup_mode="markdown",
+    no_args_is_help=True,
+    help="Evals: golden sets through the gateway, and a regression gate",
 )
 app.add_typer(eval_app, name="eval")
 app.add_typer(batch_app, name="batch")

@@ -20,7 +20,9 @@ import typer
 from thrifty.errors import ThriftyError
 
 batch_app = typer.Typer(
-    no_args_is_help=True, help="Batch jobs at batch prices, through a running gateway (OpenAI batch format)"
+    rich_markup_mode="markdown",
+    no_args_is_help=True,
+    help="Batch jobs at batch prices, through a running gateway (OpenAI batch format)",
 )
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080/v1"

@@ -17,7 +17,9 @@ from thrifty.cli_common import console as _console
 from thrifty.cli_common import semantic_extra as _semantic_extra
 from thrifty.errors import ThriftyError
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a table and write JSON")
+bench_app = typer.Typer(
+    rich_markup_mode="markdown", no_args_is_help=True, help="Benchmarks that print a table and write JSON"
+)
 
 
 @bench_app.command("route")

@@ -17,7 +17,9 @@ from thrifty.experiments.store import SqliteExperimentStore
 from thrifty.settings import Settings
 
 experiment_app = typer.Typer(
-    no_args_is_help=True, help="Experiments on a route: variants, feedback, the stop rule, promote and stop"
+    rich_markup_mode="markdown",
+    no_args_is_help=True,
+    help="Experiments on a route: variants, feedback, the stop rule, promote and stop",
 )
 RouteArg = Annotated[str, typer.Argument(help="the route")]
 VariantArg = Annotated[str, typer.Argument(help="the variant (arm)")]

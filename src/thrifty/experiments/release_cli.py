@@ -19,6 +19,7 @@ from thrifty.experiments import release
 from thrifty.experiments.cli import open_store
 
 release_app = typer.Typer(
+    rich_markup_mode="markdown",
     no_args_is_help=True,
     help="Gated releases: golden eval, safety eval, bench, canary, cost per success, promote",
 )

@@ -12,7 +12,9 @@ import typer
 from thrifty.cli_common import ConfigOpt, cli_settings
 from thrifty.errors import ThriftyError
 
-recordings_app = typer.Typer(no_args_is_help=True, help="Recordings of routes with `record`, for simulate")
+recordings_app = typer.Typer(
+    rich_markup_mode="markdown", no_args_is_help=True, help="Recordings of routes with `record`, for simulate"
+)
 
 
 @recordings_app.command("export")

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import openai
+from rich.console import Console
+
+from tests.backends import pg_url, services, storage  # noqa: F401 - fixtures
+from tests.conftest import KEYS, UPSTREAM_KEY, base_settings, openai_models
+from tests.fakes.openai_wire import OpenAIWireServer
 from thrifty.context.lint import lint, usd_per_token_day
+from thrifty.context.lint_run import run_prompt_lint
 from thrifty.context.sections import CountCache
+from thrifty.server.run import BackgroundServer
 from thrifty.tokens import TokenCounter
 
 COUNTER = TokenCounter()
@@ -85,3 +95,43 @@ def test_prompt_lint_command_prints_json(tmp_path: Path) -> None:
         [sys.executable, "-m", "thrifty", "prompt", "lint", str(bad)], capture_output=True, text=True
     )
     assert failed.returncode == 2 and "not valid JSON" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_prompt_lint_counts_a_routes_traffic_on_either_store(
+    tmp_path: Path,
+    openai_upstream: OpenAIWireServer,
+    storage: dict[str, Any],  # noqa: F811
+) -> None:
+    """`--route`'s requests per day come through the ledger reader port: the SQLite file or
+    PostgreSQL, counted by route and prompt version, the requests of other routes left out."""
+    settings = base_settings(
+        tmp_path,
+        storage=storage,
+        providers={"up": {"kind": "openai", "base_url": openai_upstream.base_url, "api_key_env": "UP_KEY"}},
+        models=openai_models(),
+        routes={"support": {"model": "gpt-4o-mini", "record": {"sample": 1.0}}},
+        resilience={"max_retries": 0},
+    )
+    with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key=KEYS["acme"], max_retries=0)
+        for model, version in (("route:support", "v1"), ("route:support", "v2"), ("route:support", "v2")):
+            client.chat.completions.create(
+                model=model,
+                messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}],
+                extra_headers={"x-thrifty-prompt-version": version},
+            )
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    quiet = Console(file=io.StringIO(), width=200)
+
+    def lint_route(version: str | None) -> dict[str, Any]:
+        (result,) = run_prompt_lint(
+            None, tenant="acme", console=quiet, settings=settings, route="support",
+            prompt_version=version, days=1.0, as_json=True,
+        )  # fmt: skip
+        return result
+
+    every = lint_route(None)
+    assert every["traffic"] == "route 'support': 3.0 requests/day over 1 days, gpt-4o-mini input"
+    assert Decimal(every["usd_per_token_per_day"]) == usd_per_token_day(3.0, Decimal("0.15"))
+    assert lint_route("v2")["traffic"].startswith("route 'support': 2.0 requests/day")
+    assert {f["kind"] for f in every["findings"]} >= {"filler"}

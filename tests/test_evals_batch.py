@@ -4,7 +4,6 @@ service, at batch prices (the ledger's, to the exact Decimal), and a rerun sends
 from __future__ import annotations
 
 import os
-import sqlite3
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -14,6 +13,7 @@ import orjson
 import pytest
 from rich.console import Console
 
+from tests.backends import pg_url, query, services, storage  # noqa: F401 - fixtures
 from tests.conftest import base_settings
 from tests.fakes.openai_batch_wire import OpenAIBatchWireServer
 from thrifty.errors import InvalidData
@@ -31,11 +31,16 @@ def oa(loop_thread: Any) -> Iterator[OpenAIBatchWireServer]:
 
 
 def test_eval_via_batch_is_priced_at_batch_prices_and_resumes(
-    tmp_path: Path, oa: OpenAIBatchWireServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    oa: OpenAIBatchWireServer,
+    monkeypatch: pytest.MonkeyPatch,
+    storage: dict[str, Any],  # noqa: F811
 ) -> None:
+    """On either store: the batch store, the ledger and the costs read back through its ports."""
     monkeypatch.setenv("OA_KEY", KEY)
     settings = base_settings(
         tmp_path,
+        storage=storage,
         providers={"oa": {"kind": "openai", "base_url": oa.base_url, "api_key_env": "OA_KEY"}},
         models={"gpt-4o-mini": {"provider": "oa", "upstream": "gpt-4o-mini"}},
         batch={"poll_interval_s": 0.05},
@@ -59,9 +64,7 @@ def test_eval_via_batch_is_priced_at_batch_prices_and_resumes(
     # One batch of the four lines (the fake records each batch line it answers as a request too).
     assert oa.batch_creations == 1 and len(oa.requests) == 4
     assert [len(b.lines) for b in oa.batches.values()] == [4]
-    conn = sqlite3.connect(tmp_path / "ledger.db")
-    rows = conn.execute("SELECT batch, feature, cost_usd FROM ledger").fetchall()
-    conn.close()
+    rows = query(settings, "SELECT batch, feature, cost_usd FROM ledger")
     assert len(rows) == 4 and {(b, f) for b, f, _ in rows} == {(1, "eval")}
     assert Decimal(batch["cost_usd"]) == sum((Decimal(c) for _, _, c in rows), Decimal(0)) > 0
     realtime = run(tmp_path / "realtime.json", "realtime")["models"]["gpt-4o-mini"]

@@ -15,15 +15,16 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
+from tests.backends import pg_url, services, storage  # noqa: F401 - fixtures
 from tests.conftest import KEYS, UPSTREAM_KEY, base_settings, ledger_rows, openai_models
 from tests.fakes.openai_wire import OpenAIWireServer
 from thrifty.cli import app
 from thrifty.errors import ThriftyError
 from thrifty.experiments.assign import RouteArms, bucket, settings_arms
 from thrifty.experiments.stoprule import decide
-from thrifty.experiments.store import SqliteExperimentStore
 from thrifty.server.run import BackgroundServer
 from thrifty.settings import ExperimentSettings, Settings
+from thrifty.stores.factory import open_experiment_store
 
 ARMS = {
     "control": {"weight": 90},
@@ -90,9 +91,12 @@ def upstream(loop_thread: Any) -> Iterator[OpenAIWireServer]:
     loop_thread.run(server.stop())
 
 
-def experiment_settings(tmp_path: Path, upstream: OpenAIWireServer) -> Settings:
+def experiment_settings(
+    tmp_path: Path, upstream: OpenAIWireServer, store: dict[str, Any] | None = None
+) -> Settings:
     return base_settings(
         tmp_path,
+        **({"storage": store} if store is not None else {}),
         providers={"up": {"kind": "openai", "base_url": upstream.base_url, "api_key_env": "UP_KEY"}},
         models=openai_models(),
         routes={
@@ -182,11 +186,14 @@ def write_settings(settings: Settings, path: Path) -> Path:
 
 
 def test_check_stops_a_failing_arm_and_the_gateway_follows(
-    tmp_path: Path, upstream: OpenAIWireServer
+    tmp_path: Path,
+    upstream: OpenAIWireServer,
+    storage: dict[str, Any],  # noqa: F811
 ) -> None:
+    """On either store: the CLI's check and promote, recorded, reach the running gateway."""
     import httpx
 
-    settings = experiment_settings(tmp_path, upstream)
+    settings = experiment_settings(tmp_path, upstream, storage)
     config = write_settings(settings, tmp_path / "thrifty.yaml")
     runner = CliRunner()
     with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
@@ -214,7 +221,7 @@ def test_check_stops_a_failing_arm_and_the_gateway_follows(
         checked = runner.invoke(app, ["experiment", "check", "support", "-c", str(config)])
         assert checked.exit_code == 0, checked.output
         assert "stopped cheap" in checked.output
-        store = SqliteExperimentStore(tmp_path / "ledger.db")
+        store = open_experiment_store(settings)
         assert [(a.action, a.variant) for a in store.actions("support")] == [("stop", "cheap")]
         assert store.actions("support")[0].reason.startswith("stop rule: failure rate 100.00%")
         store.close()
@@ -242,7 +249,7 @@ def test_check_stops_a_failing_arm_and_the_gateway_follows(
             extra_headers={"x-thrifty-user": "user-1"},
         )
         assert raw.headers["x-thrifty-variant"] == "cascade"
-    store = SqliteExperimentStore(tmp_path / "ledger.db")
+    store = open_experiment_store(settings)
     assert [(a.action, a.variant) for a in store.actions("support")] == [
         ("stop", "cheap"),
         ("promote", "cascade"),

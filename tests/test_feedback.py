@@ -3,33 +3,36 @@ per request, and observers (the semantic cache's `cache_wrong`) told after it is
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 
+from tests.backends import pg_url, query, services, storage  # noqa: F401 - fixtures
 from tests.conftest import KEYS, UPSTREAM_KEY, base_settings, openai_models
 from tests.fakes.openai_wire import OpenAIWireServer
 from thrifty.experiments.store import Feedback
 from thrifty.server.run import BackgroundServer
+from thrifty.settings import Settings
 
 
-def feedback_rows(db: Path) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(db)
-    rows = conn.execute(
-        "SELECT request_id, tenant_id, route, variant, score, label, correct FROM feedback"
-    ).fetchall()
-    conn.close()
-    return rows
+def feedback_rows(settings: Settings) -> list[tuple[Any, ...]]:
+    return query(
+        settings, "SELECT request_id, tenant_id, route, variant, score, label, correct FROM feedback"
+    )
 
 
-def test_feedback_auth_tenants_joins_repeats_and_observers(tmp_path: Path, loop_thread: Any) -> None:
+def test_feedback_auth_tenants_joins_repeats_and_observers(
+    tmp_path: Path,
+    loop_thread: Any,
+    storage: dict[str, Any],  # noqa: F811
+) -> None:
     upstream = OpenAIWireServer(api_key=UPSTREAM_KEY)
     loop_thread.run(upstream.start())
     settings = base_settings(
         tmp_path,
+        storage=storage,
         providers={"up": {"kind": "openai", "base_url": upstream.base_url, "api_key_env": "UP_KEY"}},
         models=openai_models(),
         routes={
@@ -39,7 +42,6 @@ def test_feedback_auth_tenants_joins_repeats_and_observers(tmp_path: Path, loop_
             }
         },
     )
-    db = tmp_path / "ledger.db"
     try:
         with BackgroundServer(settings, secrets={"up": UPSTREAM_KEY}) as server:
             seen: list[Feedback] = []
@@ -116,7 +118,7 @@ def test_feedback_auth_tenants_joins_repeats_and_observers(tmp_path: Path, loop_
                 ).status_code
                 == 405
             )
-            assert feedback_rows(db) == [] and seen == []
+            assert feedback_rows(settings) == [] and seen == []
             # Recorded, joined to the ledger row (route, variant, model, cache).
             first = post({"request_id": request_id, "label": "cache_wrong", "score": 0.0})
             assert first.status_code == 200, first.text
@@ -128,7 +130,7 @@ def test_feedback_auth_tenants_joins_repeats_and_observers(tmp_path: Path, loop_
                 == "same"
             )
             assert post({"request_id": request_id, "correct": False}).json()["stored"] == "changed"
-            assert feedback_rows(db) == [(request_id, "acme", "support", variant, None, None, 0)]
+            assert feedback_rows(settings) == [(request_id, "acme", "support", variant, None, None, 0)]
             assert [(f.request_id, f.label, f.correct) for f in seen] == [
                 (request_id, "cache_wrong", None),
                 (request_id, None, False),

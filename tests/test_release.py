@@ -14,12 +14,13 @@ import openai
 import orjson
 import pytest
 
+from tests.backends import pg_url, query, services, storage  # noqa: F401 - fixtures
 from tests.conftest import KEYS, UPSTREAM_KEY, base_settings
 from tests.fakes.openai_wire import OpenAIWireServer, Reply
 from tests.test_experiments import cli, write_settings
-from thrifty.experiments.store import SqliteExperimentStore
 from thrifty.server.run import BackgroundServer
 from thrifty.settings import Settings
+from thrifty.stores.factory import open_experiment_store
 
 LOCAL_KEY = "sk-local-server"
 ANSWER = "Hello from the fake OpenAI server."
@@ -41,11 +42,16 @@ def servers(loop_thread: Any) -> Iterator[tuple[OpenAIWireServer, OpenAIWireServ
 
 
 def release_settings(
-    tmp_path: Path, hosted: OpenAIWireServer, local: OpenAIWireServer, broken: OpenAIWireServer
+    tmp_path: Path,
+    hosted: OpenAIWireServer,
+    local: OpenAIWireServer,
+    broken: OpenAIWireServer,
+    store: dict[str, Any] | None = None,
 ) -> Settings:
     gpu = {"gpu_usd_per_hour": "0.50", "gpu_tokens_per_hour": 10_000_000, "gpu_utilisation": "0.5"}
     return base_settings(
         tmp_path,
+        **({"storage": store} if store is not None else {}),
         providers={
             "hosted": {"kind": "openai", "base_url": hosted.base_url, "api_key_env": "UP_KEY"},
             # A vLLM / llama.cpp / Ollama server: OpenAI's wire format at its own URL.
@@ -89,13 +95,14 @@ def sets(tmp_path: Path) -> tuple[Path, Path]:
 def test_a_release_walked_through_every_step_to_a_self_hosted_model(
     tmp_path: Path, servers: tuple[OpenAIWireServer, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """On SQLite (PostgreSQL's store runs the same steps in the failing release and in
+    test_experiments' check; the whole walk there would add half a minute to the suite)."""
     hosted, local, broken = servers
     monkeypatch.setenv("UP_KEY", UPSTREAM_KEY)
     monkeypatch.setenv("LOCAL_KEY", LOCAL_KEY)
     settings = release_settings(tmp_path, hosted, local, broken)
     config = str(write_settings(settings, tmp_path / "thrifty.yaml"))
     golden, safety = sets(tmp_path)
-    db = tmp_path / "ledger.db"
     with BackgroundServer(
         settings, secrets={"hosted": UPSTREAM_KEY, "local": LOCAL_KEY, "broken": LOCAL_KEY}
     ) as server:
@@ -155,7 +162,7 @@ def test_a_release_walked_through_every_step_to_a_self_hosted_model(
         assert {v for v, _ in traffic(10, start=500)} == {"candidate"}
         code, output = cli("release", "advance", "support", "-c", config)
         assert code == 2 and "is promoted" in output
-    store = SqliteExperimentStore(db)
+    store = open_experiment_store(settings)
     log = [a.action for a in store.actions("support")]
     assert log == [
         "release_plan", "release_golden_eval", "release_safety_eval", "release_bench", "canary",
@@ -168,24 +175,24 @@ def test_a_release_walked_through_every_step_to_a_self_hosted_model(
     cost = plan["steps"][4]["measured"]
     assert Decimal(cost["ratio"]) < 1  # the self-hosted model is cheaper per successful task
     # The candidate's ledger rows are priced by GPU time: $0.10 per million tokens, exactly.
-    import sqlite3
-
-    conn = sqlite3.connect(db)
-    rows = conn.execute(
+    rows = query(
+        settings,
         "SELECT input_tokens + output_tokens, cost_usd FROM ledger "
-        "WHERE model = 'local-q4' AND variant = 'candidate'"
-    ).fetchall()
-    conn.close()
+        "WHERE model = 'local-q4' AND variant = 'candidate'",
+    )
     assert rows and all(Decimal(c) == Decimal(t) * Decimal("0.10") / 1_000_000 for t, c in rows)
 
 
 def test_a_failing_candidate_moves_nothing_and_rolls_back(
-    tmp_path: Path, servers: tuple[OpenAIWireServer, ...], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    servers: tuple[OpenAIWireServer, ...],
+    monkeypatch: pytest.MonkeyPatch,
+    storage: dict[str, Any],  # noqa: F811
 ) -> None:
     hosted, local, broken = servers
     monkeypatch.setenv("UP_KEY", UPSTREAM_KEY)
     monkeypatch.setenv("LOCAL_KEY", LOCAL_KEY)
-    settings = release_settings(tmp_path, hosted, local, broken)
+    settings = release_settings(tmp_path, hosted, local, broken, storage)
     config = str(write_settings(settings, tmp_path / "thrifty.yaml"))
     golden, safety = sets(tmp_path)
     args = ["--golden", str(golden), "--safety", str(safety), "--tenant", "acme", "-c", config]
@@ -199,12 +206,12 @@ def test_a_failing_candidate_moves_nothing_and_rolls_back(
     assert code == 2 and "in progress" in output
     code, output = cli("release", "advance", "other", "-c", config)
     assert code == 1 and "golden_eval: not passed" in output and "quality dropped" in output, output
-    store = SqliteExperimentStore(tmp_path / "ledger.db")
+    store = open_experiment_store(settings)
     assert store.state("other") is None  # no weights moved
     store.close()
     code, output = cli("release", "rollback", "other", "-c", config)
     assert code == 0, output
-    store = SqliteExperimentStore(tmp_path / "ledger.db")
+    store = open_experiment_store(settings)
     plan = store.release("other")
     assert plan is not None and plan["status"] == "rolled_back"
     assert store.state("other") == {"baseline": "baseline", "weights": {"baseline": 1.0}, "models": {}}

@@ -45,7 +45,10 @@ REPLICA_KEYS = {
     "globex": KEYS["globex"],
     "initech": "thr-test-key-initech-0003",
     "hooli": "thr-test-key-hooli-0004",
+    "umbrella": "thr-test-key-umbrella-0005",
 }
+# A chat whose history is summarised once it passes 300 tokens (each message below is 54 tokens).
+SUMMARISED = {"history": {"budget": 300, "over": "compact", "summary_route": "cheap", "summary_tokens": 40}}
 LEASE_S = 3.0  # idempotency lease in the cluster: longer than any generation below but the killed one
 
 
@@ -137,10 +140,16 @@ def cluster(
             },
             "shared_state": {"url": services.redis_url, "prefix": prefix},
             "providers": {"up": {"kind": "openai", "base_url": upstream.base_url, "api_key_env": "UP_KEY"}},
-            "models": {"gpt-4o-mini": {"provider": "up", "upstream": "gpt-4o-mini"}},
+            "models": {
+                "gpt-4o-mini": {"provider": "up", "upstream": "gpt-4o-mini"},
+                "selfhosted": openai_models()["selfhosted"],
+            },
             "routes": {
                 "faq": {"model": "gpt-4o-mini", "cache": {"ttl_s": 600}},
                 "agent": {"model": "gpt-4o-mini", "max_steps_per_session": 3},
+                "coal": {"model": "gpt-4o-mini", "coalesce": True},
+                "chat": {"model": "gpt-4o-mini", "context": SUMMARISED},
+                "cheap": {"model": "selfhosted"},
             },
             "resilience": {"max_retries": 0},
             "idempotency": {"lease_s": LEASE_S},
@@ -152,6 +161,7 @@ def cluster(
                 },
                 "initech": {},  # its key is created with `thrifty keys create`, in PostgreSQL
                 "hooli": {"key_hashes": [hash_key(REPLICA_KEYS["hooli"])]},
+                "umbrella": {"key_hashes": [hash_key(REPLICA_KEYS["umbrella"])]},
             },
         }
         path = root / f"replica-{i}.yaml"
@@ -316,6 +326,72 @@ def test_50_requests_with_one_idempotency_key_over_3_replicas_make_one_generatio
         "order-42",
     )
     assert rows == 50 and charged == COST
+
+
+def test_identical_requests_without_a_key_coalesce_across_3_replicas_and_only_while_in_flight(
+    cluster: Cluster,
+):
+    before = len(cluster.upstream.requests)
+    # The generation takes 2.5 s (within the 3 s lease): the 11 others arrive while it runs.
+    cluster.upstream.queue(Reply(prompt_tokens=PROMPT_TOKENS, completion_tokens=500, delay_s=2.5))
+    body = {"model": "route:coal", "messages": PROMPT, "max_tokens": 500}
+    headers = {"authorization": f"Bearer {REPLICA_KEYS['hooli']}"}
+    with httpx.Client(timeout=30, limits=httpx.Limits(max_connections=40)) as http:
+
+        def post(i: int) -> httpx.Response:
+            url = f"{cluster.urls[i % 3]}/v1/chat/completions"
+            return http.post(url, json=body, headers=headers)
+
+        with ThreadPoolExecutor(12) as pool:
+            leader = pool.submit(post, 0)
+            time.sleep(0.3)  # it leads (whichever request leads, the first upstream call is the slow one)
+            others = list(pool.map(post, range(1, 12)))
+            responses = [leader.result(), *others]
+    assert [r.status_code for r in responses] == [200] * 12
+    assert len(cluster.upstream.requests) - before == 1, "one generation for 12 requests on 3 replicas"
+    assert len({_canonical(r.json()) for r in responses}) == 1, [r.json() for r in responses[:3]]
+    caches = cluster.ledger(
+        "SELECT cache, count(*), sum(cost_usd), sum(saved_usd) FROM ledger "
+        "WHERE tenant_id = 'hooli' AND route = 'coal' GROUP BY cache ORDER BY cache"
+    )
+    assert caches == [("dedup", 11, 0, 11 * COST), ("miss", 1, COST, None)]
+    # Coalescing is not a cache: the same request after the flight ended is generated again.
+    again = cluster.post(1, "hooli", body)
+    assert again.status_code == 200 and len(cluster.upstream.requests) - before == 2
+
+
+def test_a_chats_summary_made_on_one_replica_is_reused_on_another_and_never_by_another_tenant(
+    cluster: Cluster,
+):
+    def summary_calls() -> int:
+        return sum(r["model"] == "llama-3.1-8b-local" for r in cluster.upstream.requests)
+
+    def turn(t: int) -> list[dict[str, str]]:  # t user turns and the t - 1 answers between them
+        words = ("apple", "river", "stone", "cloud", "green", "house", "music", "paper", "table")
+        history: list[dict[str, str]] = []
+        for i in range(t):
+            history.append({"role": "user", "content": " ".join([words[2 * i % 9]] * 50)})
+            if i < t - 1:
+                history.append({"role": "assistant", "content": " ".join([words[(2 * i + 1) % 9]] * 50)})
+        return history
+
+    cluster.upstream.by_model["llama-3.1-8b-local"] = [Reply(text="S: the user listed words")]
+    before = summary_calls()
+    first = cluster.post(0, "hooli", {"model": "route:chat", "messages": turn(4)})
+    assert first.status_code == 200 and summary_calls() - before == 1  # replica 0 summarised
+    # The next turn of the same chat on replica 1: the summary comes from PostgreSQL.
+    nxt = cluster.post(1, "hooli", {"model": "route:chat", "messages": turn(5)})
+    assert nxt.status_code == 200 and summary_calls() - before == 1, "replica 1 made no summary call"
+    sent = cluster.upstream.requests[-1]["messages"]
+    assert sent[0]["role"] == "system" and "S: the user listed words" in sent[0]["content"]
+    rows = cluster.ledger(
+        "SELECT context::jsonb -> 'summary' ->> 'made' FROM ledger WHERE tenant_id = 'hooli' "
+        "AND route = 'chat' ORDER BY ts"
+    )
+    assert rows == [("true",), ("false",)]
+    # The same chat from another tenant is summarised for that tenant, not answered from hooli's.
+    other = cluster.post(2, "umbrella", {"model": "route:chat", "messages": turn(5)})
+    assert other.status_code == 200 and summary_calls() - before == 2
 
 
 def _canonical(value: Any) -> str:

@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.factories import ledger_entry
@@ -20,7 +21,7 @@ from thrifty.guard.budgets import BudgetBook
 from thrifty.report import build_report
 from thrifty.settings import SharedStateSettings
 from thrifty.stores import postgres
-from thrifty.stores.ledger import LedgerWriter
+from thrifty.stores.ledger import LedgerWriter, entry_row
 from thrifty.stores.ports import CounterKey, Limit, Reservation, ReserveOutcome, Scope, window_bounds
 from thrifty.stores.readers import SqliteAlertStore, SqliteLedgerReader
 from thrifty.stores.redis_state import RedisBudgets, RedisState
@@ -336,6 +337,49 @@ async def test_ledger_commits_before_release_and_reports_the_same(backend: str, 
     assert (rows["globex"].context_tokens_saved, rows["globex"].length_cutoffs) == (120, 1)
     assert rows["acme"].cost_usd == 50 * Decimal("0.0000225") + 50 * Decimal("1.1")
     assert rows["globex"].cost_usd == 50 * Decimal("0.000001875") + 50 * Decimal("0.3333333333333")
+
+
+async def test_every_ledger_column_reads_back_as_written_on_postgres(pg_url: str, tmp_path: Path):
+    """The writer sends values as text through libpq: money, floats, JSON and text must come back
+    exactly (numeric, double precision, jsonb), including NULLs and non-ASCII, in a one-row batch
+    (prepared) and in a batch too large to prepare."""
+    conn = postgres.connect(pg_url)
+    postgres.migrate(conn)
+    writer = postgres.PostgresLedgerWriter(pg_url, tmp_path / "spool.jsonl")
+    writer.start(asyncio.get_running_loop())
+    full = dataclasses.replace(
+        ledger_entry(
+            "req_full", ts=1764633600.123456789, cost="0.000000000001", failed_attempt_costs=("0.5",)
+        ),
+        user="zoë",
+        route="faq",
+        saved_usd=Decimal("123.456789012345"),
+        error="quota \"exceeded\" — 'retry' later\n",
+        latency_ms=0.1 + 0.2,
+        ttft_ms=None,
+        idempotency_key="k;1",
+        context={"saved": 7, "note": "ünïcode", "nested": [1, 2.5, None]},
+        variant="b",
+    )
+    try:
+        await writer.submit(full)
+        await asyncio.gather(*(writer.submit(ledger_entry(f"req_{i:03d}")) for i in range(100)))
+    finally:
+        await writer.aclose()
+    names = [c.strip('"') for c in postgres.LEDGER_COLUMNS]
+    row = conn.execute(
+        f"SELECT {', '.join(postgres.LEDGER_COLUMNS)} FROM ledger WHERE request_id = 'req_full'"
+    ).fetchone()
+    got = dict(zip(names, row, strict=True))
+    want = dict(zip(names, entry_row(full), strict=True))
+    assert got.pop("attempts") == orjson.loads(want.pop("attempts"))
+    assert got.pop("context") == full.context
+    want.pop("context")
+    for money in ("cost_usd", "saved_usd", "retry_cost_usd"):
+        assert got.pop(money) == Decimal(want.pop(money))
+    assert got == want  # ts and latency_ms exact as doubles; text, ints and NULLs as sent
+    assert conn.execute("SELECT count(*) FROM ledger").fetchone()[0] == 101
+    conn.close()
 
 
 def _keys(url: str) -> tuple[Any, Any]:

@@ -26,7 +26,7 @@ from thrifty.dedup.stage import Deduplicate
 from thrifty.errors import AuthenticationFailed, ConfigError, InvalidRequest, ThriftyError
 from thrifty.experiments.feedback import FeedbackService
 from thrifty.experiments.stage import Experiments
-from thrifty.experiments.store import Feedback, SqliteExperimentStore
+from thrifty.experiments.store import ExperimentStore, Feedback
 from thrifty.guard.budgets import BudgetPlan, Limit
 from thrifty.guard.limits import InputLimits
 from thrifty.guard.output import OutputCeiling
@@ -42,7 +42,7 @@ from thrifty.recording.stage import RecordingStage
 from thrifty.routing.resolve import ROUTE_PREFIX, ResolveModel
 from thrifty.routing.stage import RouteStage, possible_calls
 from thrifty.settings import Settings
-from thrifty.stores.factory import Stores
+from thrifty.stores.factory import Stores, open_experiment_store
 from thrifty.stores.keys import hash_key
 from thrifty.stores.ports import KeyDirectory
 from thrifty.stores.recordings import RecordingWriter, open_sink
@@ -153,7 +153,7 @@ class Gateway:
         unpriced = frozenset(a for a in self.targets if not self.catalog.is_priced(a))
         # Route experiments: arms from the settings, then as promote/stop/release left them.
         self.experiments = Experiments(settings.routes, self.targets)
-        self.experiment_store: SqliteExperimentStore | None = None
+        self.experiment_store: ExperimentStore | None = None
         self.feedback = FeedbackService(None)  # observers subscribe here (see experiments/feedback.py)
         self.feedback.subscribe(self._feedback_to_cache)
         self._experiment_refresh: asyncio.Task[None] | None = None
@@ -233,6 +233,7 @@ class Gateway:
                 settings.routes,
                 self.idempotency,
                 wait_elsewhere=self.stores.redis is not None,
+                shared_flights=self.stores.shared_flights,
             ),
             RateLimits(
                 rate_limits,
@@ -276,10 +277,13 @@ class Gateway:
         if self.semantic_cache.active:
             await self.semantic_cache.start(self.stores.cache_db, remote=self.stores.semantic_remote)
         if self.context.active:
-            # Summaries of conversation prefixes: the SQLite file (with PostgreSQL, this replica's own).
-            self._context_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
-            self._context_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
-            self.context.store = SqliteSummaryStore(self._context_db)
+            # Summaries of conversation prefixes: PostgreSQL when it is the storage (shared by the
+            # replicas: a chat's summary made on one is reused on the others), else the SQLite file.
+            self.context.store = self.stores.summary_store()
+            if self.context.store is None:
+                self._context_db = open_database(self.db_path, synchronous=self.settings.storage.synchronous)
+                self._context_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
+                self.context.store = SqliteSummaryStore(self._context_db)
         if self.recorder.active:
             self.recorder.writer = RecordingWriter(open_sink(self.settings))
             self.recorder.writer.start()
@@ -297,20 +301,20 @@ class Gateway:
             await provider.start()
         self.batch.start()
         await self.batch_runner.start()
-        if not self.stores.postgres:
-            self.experiment_store = store = SqliteExperimentStore(self.db_path)
-            self.feedback.attach(store)
-            self.experiments.apply_state(await asyncio.to_thread(store.states))
-            self._experiment_refresh = asyncio.ensure_future(self._refresh_experiments(store))
+        # Feedback and the arms promote/stop/release left: the ledger's SQLite file or PostgreSQL.
+        self.experiment_store = store = await asyncio.to_thread(open_experiment_store, self.settings)
+        self.feedback.attach(store)
+        self.experiments.apply_state(await asyncio.to_thread(store.states))
+        self._experiment_refresh = asyncio.ensure_future(self._refresh_experiments(store))
         self._started = True
 
-    async def _refresh_experiments(self, store: SqliteExperimentStore) -> None:
+    async def _refresh_experiments(self, store: ExperimentStore) -> None:
         """Arms changed by the CLI (promote, stop, a release step) reach this gateway soon."""
         while True:
             await asyncio.sleep(self.settings.experiments.refresh_s)
             try:
                 self.experiments.apply_state(await asyncio.to_thread(store.states))
-            except sqlite3.Error as err:
+            except (sqlite3.Error, ThriftyError) as err:  # the arms stay as they were; next time
                 log.warning("could not read the experiments' state: %s", err)
 
     async def __aenter__(self) -> Gateway:

@@ -66,7 +66,9 @@ class BatchRunner:
         self._webhooks.start()
         self._task = asyncio.ensure_future(self._loop())
 
-    async def close(self) -> None:
+    async def pause(self) -> None:
+        """Stop the background loop (the adapters stay open; `drain` still works): for `thrifty
+        simulate`, which drains each step's queue at the end instead of ticking through it."""
         if self._task is not None:
             # Python 3.11's wait_for swallows a cancel that lands as the awaited event fires, and the
             # loop then runs on: cancel until the task has ended.
@@ -76,6 +78,9 @@ class BatchRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    async def close(self) -> None:
+        await self.pause()
         for adapter in self.service.adapters.values():
             await adapter.close()
         await self._webhooks.close()
@@ -248,6 +253,7 @@ class BatchRunner:
         owners = {r.request_id: r.owner for r in results}
         for request_id in self.service.db.record_results(results, ts):
             await self.service.reservations.settle(request_id, Decimal(0), 0, owners[request_id])
+        self._to_recordings(results)
 
     # -- cancel -----------------------------------------------------------------------------
 
@@ -411,8 +417,26 @@ class BatchRunner:
         await self._record(results)
         return {item.job_id for item in items.values()}
 
+    def _to_recordings(self, results: list[ItemResult]) -> None:
+        """Deferred requests a route records: their answer, or how they failed, now it is known."""
+        recorder = self.service.gateway.recorder
+        if not recorder.active:
+            return
+        for r in results:
+            done = r.state == "done"
+            error = None
+            if not done:
+                error = {
+                    "type": f"batch_{r.state}",
+                    "code": (r.error or {}).get("code"),
+                    "status": r.status_code,
+                    "message": (r.error or {}).get("message") or r.entry.error,
+                }
+            recorder.deferred_result(r.request_id, r.entry.route, r.response if done else None, error)
+
     async def _record(self, results: list[ItemResult]) -> None:
         recorded = set(self.service.db.record_results(results, time.time()))
+        self._to_recordings([r for r in results if r.request_id in recorded])
         for r in results:
             if r.request_id in recorded:
                 e = r.entry

@@ -448,6 +448,8 @@ class BatchService:
                 param="stream",
             )
         job_id = "job_" + os.urandom(12).hex()
+        recorder = self.gateway.recorder
+        sent = orjson.loads(orjson.dumps(body)) if recorder.active else None  # before admission rewrites it
         line = InputLine(1, job_id, body)
         try:
             item = await self.admit(line, tags, job_id, _DEFER_QUEUE, defer)
@@ -492,6 +494,10 @@ class BatchService:
                     param="Idempotency-Key",
                 )
             return stored, False
+        if sent is not None:
+            target = self.gateway.targets.get(item.model or "")
+            model = target.upstream_model if target is not None else item.model
+            recorder.record_deferred(item.request_id, item.route, tags, sent, model)
         self._notify()
         return stored, True
 

@@ -396,3 +396,35 @@ def bench_experiment(
         margin=margin, alpha=alpha, tau=tau, min_requests=min_requests, seed=seed, json_out=json_out,
         console=_console(),
     )  # fmt: skip
+
+
+@bench_app.command("simulate")
+def bench_simulate(
+    requests: Annotated[int, typer.Option(help="requests in the demo workload built for the run")] = 100_000,
+    workload: Annotated[
+        Path | None,
+        typer.Option(help="a folder from scripts/demo_workload.py (traffic.jsonl, candidate.yaml) to reuse"),
+    ] = None,
+    shared: Annotated[Path, typer.Option(help="the shared data folder")] = Path("../shared/data"),
+    workdir: Annotated[Path, typer.Option(help="where the built workload is written")] = Path(
+        "bench/simulate-workload"
+    ),
+    workers: Annotated[int | None, typer.Option(help="step processes at once (default: CPUs)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    progress: Annotated[bool, typer.Option(help="progress bars on stderr")] = True,
+) -> None:
+    """`thrifty simulate` on the demo workload: wall time and CPU per phase and per step,
+    requests per second per layer, peak memory."""
+    from thrifty.bench.simulate import run_simulate_bench
+
+    if requests < 1:
+        raise ThriftyError("--requests must be at least 1")
+    if workload is not None and not (workload / "traffic.jsonl").is_file():
+        raise ThriftyError(
+            f"--workload {workload}: no traffic.jsonl there (make one with scripts/demo_workload.py)"
+        )
+    with _semantic_extra("bench simulate (the demo candidate has a semantic_cache route)"):
+        run_simulate_bench(
+            requests=requests, workload=workload, shared=shared, workdir=workdir, workers=workers,
+            json_out=json_out, console=_console(), progress=progress,
+        )  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterable
 from decimal import Decimal
@@ -94,22 +93,17 @@ def _body(data: Any, where: str) -> dict[str, Any]:
 
 
 def traffic(settings: Settings, route: str, prompt_version: str | None, days: float) -> tuple[float, str]:
-    """Requests per day on the route (and prompt version) over the last `days`, from the ledger."""
+    """Requests per day on the route (and prompt version) over the last `days`, from the ledger
+    (through the reader port: the SQLite file or PostgreSQL, as `storage.url` says)."""
+    from thrifty.stores.factory import open_reader
+
     if route not in settings.routes:
         raise ThriftyError(f"--route: no route {route!r} in the settings")
-    db = settings.storage.sqlite_path
-    if not db.exists():
-        raise ThriftyError(f"no ledger at {db}")
-    conn = sqlite3.connect(db)
+    reader = open_reader(settings, existing=True)
     try:
-        sql = "SELECT COUNT(*) FROM ledger WHERE route = ? AND ts >= ?"
-        params: list[Any] = [route, time.time() - days * 86400]
-        if prompt_version is not None:
-            sql += " AND prompt_version = ?"
-            params.append(prompt_version)
-        (n,) = conn.execute(sql, params).fetchone()
+        n = reader.route_requests(route, time.time() - days * 86400, prompt_version)
     finally:
-        conn.close()
+        reader.close()
     return n / days, settings.routes[route].model
 
 

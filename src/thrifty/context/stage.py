@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -32,7 +31,14 @@ from thrifty.context.history import (
     turn_growth,
 )
 from thrifty.context.sections import CountCache, DigestCache, split
-from thrifty.context.summaries import Summariser, Summary, SummaryStore, summary_request, transcript
+from thrifty.context.summaries import (
+    Summariser,
+    Summary,
+    SummaryStore,
+    SummaryStoreError,
+    summary_request,
+    transcript,
+)
 from thrifty.errors import BudgetExceeded, ThriftyError
 from thrifty.guard.output import requested_output
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
@@ -228,7 +234,7 @@ class ContextStage:
             )
         )
         keys = prefix_keys(conv.units, salt, self._digests)
-        found = self._find(tenant, keys)
+        found = await self._find(tenant, keys)
         known = {b + 1: found[k].tokens for b, k in enumerate(keys) if k in found}
         step = plan_compaction(
             conv.units,
@@ -321,7 +327,7 @@ class ContextStage:
         summary = Summary(
             keys[step.boundary - 1], covered, text, tokens, self._routes[history.summary_route].model
         )
-        self._put(ctx.tags.tenant_id, summary)
+        await self._put(ctx.tags.tenant_id, summary)
         return summary
 
     async def _summarise(
@@ -349,19 +355,19 @@ class ContextStage:
             if self._budget is not None:
                 self._budget.release(ctx, hold, first)
 
-    def _find(self, tenant: str, keys: list[str]) -> dict[str, Summary]:
+    async def _find(self, tenant: str, keys: list[str]) -> dict[str, Summary]:
         if self.store is None or not keys:
             return {}
         try:
-            return self.store.find(tenant, keys)
-        except sqlite3.Error as err:  # a busy database must not fail the request: summarise anew
+            return await self.store.find(tenant, keys)
+        except SummaryStoreError as err:  # a busy database must not fail the request: summarise anew
             log.warning("context summaries: lookup failed: %s", err)
             return {}
 
-    def _put(self, tenant: str, summary: Summary) -> None:
+    async def _put(self, tenant: str, summary: Summary) -> None:
         if self.store is None:
             return
         try:
-            self.store.put(tenant, summary)
-        except sqlite3.Error as err:
+            await self.store.put(tenant, summary)
+        except SummaryStoreError as err:
             log.warning("context summaries: could not store a summary: %s", err)

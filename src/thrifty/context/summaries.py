@@ -30,20 +30,34 @@ class Summary:
 
 
 class SummaryStore(Protocol):
-    def find(self, tenant: str, keys: Sequence[str]) -> dict[str, Summary]: ...
+    """Summaries by (tenant, prefix key). A store that cannot answer raises SummaryStoreError; the
+    stage then summarises anew (a lookup) or keeps the summary unstored (a write)."""
 
-    def put(self, tenant: str, summary: Summary) -> None: ...
+    async def find(self, tenant: str, keys: Sequence[str]) -> dict[str, Summary]: ...
+
+    async def put(self, tenant: str, summary: Summary) -> None: ...
+
+
+class SummaryStoreError(Exception):
+    """The summary store did not answer (a busy SQLite file, an unreachable PostgreSQL)."""
 
 
 class SqliteSummaryStore:
-    """Reads and writes on the event loop: one indexed lookup and one small insert per summary."""
+    """Reads and writes on the event loop (no await inside): one indexed lookup and one small
+    insert per summary. Used alone, or per replica when storage is not PostgreSQL."""
 
     _CHUNK = 400  # SQLite's limit on parameters is far above; keeps statements small
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
 
-    def find(self, tenant: str, keys: Sequence[str]) -> dict[str, Summary]:
+    async def find(self, tenant: str, keys: Sequence[str]) -> dict[str, Summary]:
+        try:
+            return self._find(tenant, keys)
+        except sqlite3.Error as err:
+            raise SummaryStoreError(str(err)) from err
+
+    def _find(self, tenant: str, keys: Sequence[str]) -> dict[str, Summary]:
         found: dict[str, Summary] = {}
         for i in range(0, len(keys), self._CHUNK):
             chunk = list(keys[i : i + self._CHUNK])
@@ -56,7 +70,13 @@ class SqliteSummaryStore:
                 found[key] = Summary(key, covered, text, tokens, model)
         return found
 
-    def put(self, tenant: str, summary: Summary) -> None:
+    async def put(self, tenant: str, summary: Summary) -> None:
+        try:
+            self._put(tenant, summary)
+        except sqlite3.Error as err:
+            raise SummaryStoreError(str(err)) from err
+
+    def _put(self, tenant: str, summary: Summary) -> None:
         self._conn.execute(
             "INSERT OR REPLACE INTO context_summaries (tenant_id, prefix_key, covered_messages, summary, "
             "summary_tokens, model, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",

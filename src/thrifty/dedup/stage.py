@@ -37,12 +37,13 @@ from thrifty.errors import (
     IdempotencyConflict,
     IdempotentRequestInProgress,
     IdempotentRequestUnfinished,
+    SharedStateUnavailable,
 )
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.settings import IdempotencySettings, RouteSettings
 from thrifty.shapes import as_chunks, as_completion, stream_from
-from thrifty.stores.ports import IdempotencyKey, IdempotencyStore, StoredResult
+from thrifty.stores.ports import IdempotencyKey, IdempotencyStore, SharedFlights, StoredResult
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ def fingerprint(ctx: RequestContext) -> str:
 
 
 _WAIT_POLL_S = 0.05  # how often a replica looks for another replica's result
+# A coalesced result waits this long for the waiters on other replicas (they poll every 50 ms);
+# only they read it: a request that arrives after the flight ended starts a new one.
+_FLIGHT_RESULT_TTL_S = 10.0
 
 
 class Deduplicate:
@@ -117,6 +121,7 @@ class Deduplicate:
         store: IdempotencyStore,
         *,
         wait_elsewhere: bool = False,
+        shared_flights: SharedFlights | None = None,
     ) -> None:
         self._settings = settings
         # Shared store (several replicas): a key running under another owner is most likely being
@@ -124,6 +129,9 @@ class Deduplicate:
         self._wait_elsewhere = wait_elsewhere
         self._flights = Flights(settings.max_entries)
         self._store = store
+        # Several replicas: coalescing goes through the shared state too (a round trip to join,
+        # paid only by requests on coalescing routes); without it, per process.
+        self._shared_flights = shared_flights
         self._coalesce = frozenset(name for name, r in routes.items() if r.coalesce)
         # This gateway's running records: a restarted process is another owner, so what its
         # previous life left running is refused until the lease ends, not taken over.
@@ -154,6 +162,8 @@ class Deduplicate:
                 "gateway (idempotency.max_entries); retry in a moment"
             )
         if idem is None:
+            if self._shared_flights is not None:
+                return await self._fly_shared(ctx, call_next, key, flight)
             return await self._lead(ctx, call_next, key, flight, None)
         durable = IdempotencyKey(ctx.tags.tenant_id, idem)
         try:
@@ -197,6 +207,48 @@ class Deduplicate:
             return _replay(ctx, outcome)
         return await self._lead(ctx, call_next, key, flight, durable)
 
+    async def _fly_shared(
+        self, ctx: RequestContext, call_next: Handler, key: tuple[str, ...], flight: Flight
+    ) -> Result:
+        """Join the flight across replicas: lead it, or wait for the replica that leads it (polling;
+        if that leader dies, its lease ends and a waiter leads). Local duplicates wait on this
+        request's local flight meanwhile, at no round trip of their own."""
+        assert self._shared_flights is not None
+        shared = (key[0], f"{key[2]}:{key[3]}")
+        joined: StoredResult | bool
+        try:
+            joined = await self._shared_flights.join(
+                *shared, owner=self._owner, lease_s=self._settings.lease_s, waiting=False
+            )
+        except SharedStateUnavailable as err:
+            # Coalescing is an optimisation: without Redis this replica runs the request itself.
+            log.warning("coalescing on this replica only: %s", err.message)
+            return await self._lead(ctx, call_next, key, flight, None)
+        except BaseException as err:
+            self._flights.fail(key, flight, err)
+            raise
+        try:
+            waited_until = time.monotonic() + self._settings.lease_s
+            while joined is False:
+                await asyncio.sleep(_WAIT_POLL_S)
+                try:
+                    joined = await self._shared_flights.join(
+                        *shared, owner=self._owner, lease_s=self._settings.lease_s, waiting=True
+                    )
+                except SharedStateUnavailable as err:
+                    # A poll that failed: the flight still runs elsewhere; look again, up to a lease.
+                    if time.monotonic() > waited_until:
+                        log.warning("coalescing on this replica only: %s", err.message)
+                        return await self._lead(ctx, call_next, key, flight, None)
+        except BaseException as err:
+            self._flights.fail(key, flight, err)
+            raise
+        if isinstance(joined, StoredResult):
+            outcome = Outcome(body=joined.body, cost_usd=joined.cost_usd)
+            self._flights.finish(key, flight, outcome)
+            return _replay(ctx, outcome)
+        return await self._lead(ctx, call_next, key, flight, None, shared)
+
     async def _lead(
         self,
         ctx: RequestContext,
@@ -204,16 +256,17 @@ class Deduplicate:
         key: tuple[str, ...],
         flight: Flight,
         durable: IdempotencyKey | None,
+        shared: tuple[str, str] | None = None,
     ) -> Result:
         try:
             result = await call_next(ctx)
         except BaseException as err:
-            self._abandon(key, flight, durable, err)
+            self._abandon(key, flight, durable, err, shared)
             raise
         if isinstance(result, Streamed):
-            return Streamed(self._relay(ctx, key, flight, durable, result.chunks))
+            return Streamed(self._relay(ctx, key, flight, durable, result.chunks, shared))
         outcome = Outcome(body=result.body, cost_usd=_cost(ctx))
-        await self._keep(durable, result.body, outcome.cost_usd)
+        await self._keep(durable, result.body, outcome.cost_usd, shared)
         self._flights.finish(key, flight, outcome)
         return result
 
@@ -224,6 +277,7 @@ class Deduplicate:
         flight: Flight,
         durable: IdempotencyKey | None,
         chunks: AsyncIterator[StreamChunk],
+        shared: tuple[str, str] | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Relay the leader's stream, keeping its chunks; once it ended, store the result before the
         stream's end reaches the client (the server holds the last event until then)."""
@@ -234,17 +288,31 @@ class Deduplicate:
                 yield chunk
         except BaseException as err:
             await close_stream(chunks)
-            self._abandon(key, flight, durable, err)
+            self._abandon(key, flight, durable, err, shared)
             raise
         await close_stream(chunks)
         outcome = Outcome(chunks=kept, cost_usd=_cost(ctx))
-        await self._keep(durable, as_completion(kept), outcome.cost_usd)
+        await self._keep(durable, as_completion(kept), outcome.cost_usd, shared)
         self._flights.finish(key, flight, outcome)
 
-    async def _keep(self, durable: IdempotencyKey | None, body: dict[str, Any], cost: Decimal | None) -> None:
+    async def _keep(
+        self,
+        durable: IdempotencyKey | None,
+        body: dict[str, Any],
+        cost: Decimal | None,
+        shared: tuple[str, str] | None = None,
+    ) -> None:
         """Store the result before it is answered. The generation is made and paid for: should the
         store fail, it is answered all the same (an error would only make the client generate again),
         and its running record stays until the lease ends, refusing repeats elsewhere meanwhile."""
+        if shared is not None:
+            assert self._shared_flights is not None
+            try:
+                await self._shared_flights.publish(
+                    *shared, StoredResult(body, cost), owner=self._owner, ttl_s=_FLIGHT_RESULT_TTL_S
+                )
+            except SharedStateUnavailable as err:  # its waiters elsewhere lead once the lease ends
+                log.warning("could not publish a coalesced result: %s", err.message)
         if durable is None:
             return
         try:
@@ -259,7 +327,12 @@ class Deduplicate:
             log.exception("could not store the result of Idempotency-Key %r", durable.key)
 
     def _abandon(
-        self, key: tuple[str, ...], flight: Flight, durable: IdempotencyKey | None, err: BaseException
+        self,
+        key: tuple[str, ...],
+        flight: Flight,
+        durable: IdempotencyKey | None,
+        err: BaseException,
+        shared: tuple[str, str] | None = None,
     ) -> None:
         """The leader ended without a result: waiters get the error, and the running record goes,
         so a retry generates anew. Not awaited: it may run while the request is being cancelled."""
@@ -268,6 +341,9 @@ class Deduplicate:
         self._flights.fail(key, flight, err)
         if durable is not None:
             self._spawn(self._store.release(durable, owner=self._owner))
+        if shared is not None:
+            assert self._shared_flights is not None
+            self._spawn(self._shared_flights.release(*shared, owner=self._owner))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)

@@ -57,9 +57,9 @@ async def drive_canary(
 
 def summary(settings: Any, db_path: Path) -> list[str]:
     from thrifty.experiments import actions
-    from thrifty.experiments.store import SqliteExperimentStore
+    from thrifty.stores.factory import open_experiment_store
 
-    store = SqliteExperimentStore(db_path)
+    store = open_experiment_store(settings)
     try:
         found = actions.report(settings, store, ROUTE)
     finally:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from thrifty.errors import ConfigError, NotFound
+from thrifty.errors import NotFound
 from thrifty.evals.golden import GoldenItem, GoldenSet
 from thrifty.evals.journal import Journal
 from thrifty.evals.runner import EVAL_FEATURE, score_record
@@ -48,20 +47,16 @@ def _note(path: Path, system: str, batch_id: str) -> None:
     os.replace(tmp, path)
 
 
-def _costs(db: Path, request_ids: Sequence[str]) -> dict[str, str | None]:
-    """The ledger's cost of each batch item (its batch price), by request id."""
+def _costs(gateway: Gateway, request_ids: Sequence[str]) -> dict[str, str | None]:
+    """The ledger's cost of each batch item (its batch price), by request id, read through the
+    ledger reader port of whichever store holds the ledger."""
     if not request_ids:
         return {}
-    conn = sqlite3.connect(db)
+    reader = gateway.stores.reader()
     try:
-        marks = ", ".join("?" * len(request_ids))
-        return dict(
-            conn.execute(
-                f"SELECT request_id, cost_usd FROM ledger WHERE request_id IN ({marks})", list(request_ids)
-            )
-        )
+        return reader.costs(request_ids)
     finally:
-        conn.close()
+        reader.close()
 
 
 async def run_eval_batch(
@@ -76,12 +71,6 @@ async def run_eval_batch(
     on_done: Callable[[], None] = lambda: None,
 ) -> None:
     service = gateway.batch
-    if gateway.settings.storage.backend != "sqlite":
-        # Each item's batch price is read back from the SQLite ledger file (see _costs).
-        raise ConfigError(
-            "eval run --via batch reads its costs from a SQLite ledger; run it with storage on SQLite "
-            "(the default), or without --via batch"
-        )
     tags = Tags(tenant, feature=EVAL_FEATURE)
     for system in systems:
         items = [i for i in golden.items if not journal.done(system, i.id)]
@@ -139,7 +128,7 @@ async def run_eval_batch(
             lines += [orjson.loads(line) for line in raw.splitlines() if line.strip()]
         answered = {line["custom_id"]: line for line in lines if line.get("custom_id") in by_custom}
         costs = _costs(
-            gateway.db_path,
+            gateway,
             [str(line["response"]["request_id"]) for line in answered.values() if line.get("response")],
         )
         for cid, item in by_custom.items():

@@ -137,8 +137,6 @@ def run_command(
         raise InvalidData("--concurrency must be at least 1")
     if via not in ("realtime", "batch"):
         raise InvalidData("--via must be realtime or batch")
-    if via == "batch" and settings.storage.backend != "sqlite":
-        raise InvalidData("--via batch needs storage on SQLite for now (the batch store is SQLite only)")
     if not 0.5 <= confidence < 1:
         raise InvalidData("--confidence must be in [0.5, 1)")
     if (baseline is None) != (alert_drop is None):

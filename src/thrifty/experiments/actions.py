@@ -11,11 +11,11 @@ from thrifty.errors import InvalidData
 from thrifty.experiments.assign import RouteArms, settings_arms, with_state
 from thrifty.experiments.stats import ArmStats, FailureRule, arm_stats, stop_decisions
 from thrifty.experiments.stoprule import StopDecision
-from thrifty.experiments.store import SqliteExperimentStore
+from thrifty.experiments.store import ExperimentStore
 from thrifty.settings import Settings, StopRuleSettings
 
 
-def route_arms(settings: Settings, store: SqliteExperimentStore, route: str) -> RouteArms:
+def route_arms(settings: Settings, store: ExperimentStore, route: str) -> RouteArms:
     r = settings.routes.get(route)
     if r is None:
         known = ", ".join(sorted(settings.routes)) or "none"
@@ -71,7 +71,7 @@ class ExperimentReport:
         }
 
 
-def report(settings: Settings, store: SqliteExperimentStore, route: str) -> ExperimentReport:
+def report(settings: Settings, store: ExperimentStore, route: str) -> ExperimentReport:
     arms = route_arms(settings, store, route)
     experiment = settings.routes[route].experiment
     rule = experiment.stop if experiment is not None else StopRuleSettings()
@@ -87,9 +87,7 @@ def _arm(arms: RouteArms, variant: str) -> None:
         raise InvalidData(f"route {arms.route!r} has no variant {variant!r} (variants: {known})")
 
 
-def promote(
-    settings: Settings, store: SqliteExperimentStore, route: str, variant: str, reason: str
-) -> RouteArms:
+def promote(settings: Settings, store: ExperimentStore, route: str, variant: str, reason: str) -> RouteArms:
     """All traffic to `variant`, which becomes the baseline."""
     arms = route_arms(settings, store, route)
     _arm(arms, variant)
@@ -102,7 +100,7 @@ def promote(
 
 def stop(
     settings: Settings,
-    store: SqliteExperimentStore,
+    store: ExperimentStore,
     route: str,
     variant: str,
     reason: str,
@@ -123,7 +121,7 @@ def stop(
 
 def set_weights(
     settings: Settings,
-    store: SqliteExperimentStore,
+    store: ExperimentStore,
     route: str,
     weights: dict[str, float],
     reason: str,
@@ -147,7 +145,7 @@ def set_weights(
     store.record(route, action, reason, state=state, release=release, clear_release=clear_release)
 
 
-def check(settings: Settings, store: SqliteExperimentStore, route: str) -> tuple[ExperimentReport, list[str]]:
+def check(settings: Settings, store: ExperimentStore, route: str) -> tuple[ExperimentReport, list[str]]:
     """Run the stop rule on every live arm; stop (and record) those it says to stop."""
     found = report(settings, store, route)
     stopped = []

@@ -3,18 +3,17 @@ success, feedback and escalation, the stop rule, and recorded actions."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import orjson
 import typer
 
 from thrifty.cli_common import ConfigOpt, cli_settings, console
-from thrifty.errors import ThriftyError
 from thrifty.experiments import actions
 from thrifty.experiments.actions import ExperimentReport
-from thrifty.experiments.store import SqliteExperimentStore
+from thrifty.experiments.store import ExperimentStore
 from thrifty.settings import Settings
+from thrifty.stores.factory import open_experiment_store
 
 experiment_app = typer.Typer(
     rich_markup_mode="markdown",
@@ -27,15 +26,10 @@ FormatOpt = Annotated[str, typer.Option("--format", help="table|json")]
 ReasonOpt = Annotated[str, typer.Option(help="why (recorded with the action)")]
 
 
-def open_store(settings: Settings, *, create: bool = False) -> SqliteExperimentStore:
-    """The experiments' tables in the ledger's SQLite file; `create`: a first release may start
-    before the gateway ever ran."""
-    if settings.storage.backend == "postgresql":
-        raise ThriftyError("experiments keep their state in SQLite so far; this storage is PostgreSQL")
-    path: Path = settings.storage.sqlite_path
-    if not path.exists() and not create:
-        raise ThriftyError(f"no ledger at {path}")
-    return SqliteExperimentStore(path)
+def open_store(settings: Settings, *, create: bool = False) -> ExperimentStore:
+    """The experiments' store where `storage.url` keeps them (the ledger's SQLite file, or
+    PostgreSQL); `create`: a first release may start before the gateway ever ran."""
+    return open_experiment_store(settings, existing=not create)
 
 
 def render(found: ExperimentReport) -> None:

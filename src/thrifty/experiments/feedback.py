@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from thrifty.errors import InvalidRequest, NotFound, ThriftyError
-from thrifty.experiments.store import Feedback, SqliteExperimentStore, Stored
+from thrifty.experiments.store import ExperimentStore, Feedback, Stored
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,10 @@ MAX_LABEL = 64
 
 
 class FeedbackUnavailable(ThriftyError):
-    status = 501
-    error_type = "invalid_request_error"
+    """The gateway has no experiment store yet (before `start()`, after `close()`)."""
+
+    status = 503
+    error_type = "server_error"
     code = "feedback_unavailable"
 
 
@@ -74,11 +76,11 @@ def parse_feedback(body: Any) -> tuple[str, float | None, str | None, bool | Non
 
 
 class FeedbackService:
-    def __init__(self, store: SqliteExperimentStore | None) -> None:
+    def __init__(self, store: ExperimentStore | None) -> None:
         self._store = store
         self._observers: list[FeedbackObserver] = []
 
-    def attach(self, store: SqliteExperimentStore | None) -> None:
+    def attach(self, store: ExperimentStore | None) -> None:
         self._store = store
 
     def subscribe(self, observer: FeedbackObserver) -> None:
@@ -89,9 +91,7 @@ class FeedbackService:
         request_id, score, label, correct = parse_feedback(body)
         store = self._store
         if store is None:
-            raise FeedbackUnavailable(
-                "feedback is stored in SQLite so far; this gateway's storage is PostgreSQL, so it is refused"
-            )
+            raise FeedbackUnavailable("feedback is taken once the gateway has started (and until it closes)")
         facts = await asyncio.to_thread(store.ledger_facts, request_id)
         if facts is None or facts.tenant_id != tenant:
             # The same answer for another tenant's request as for none: ids are not probed.

@@ -30,7 +30,7 @@ from rich.console import Console
 
 from thrifty.errors import InvalidData
 from thrifty.experiments import actions
-from thrifty.experiments.store import SqliteExperimentStore
+from thrifty.experiments.store import ExperimentStore
 from thrifty.settings import Settings, resolve_secrets
 
 STEPS = ("golden_eval", "safety_eval", "bench", "canary", "compare_cost", "promote")
@@ -46,7 +46,7 @@ class StepOutcome:
 
 def plan_release(
     settings: Settings,
-    store: SqliteExperimentStore,
+    store: ExperimentStore,
     route: str,
     candidate: str,
     *,
@@ -316,7 +316,7 @@ def _bench(settings: Settings, plan: dict[str, Any]) -> tuple[bool, dict[str, An
 
 
 def _canary(
-    settings: Settings, store: SqliteExperimentStore, plan: dict[str, Any], step: dict[str, Any]
+    settings: Settings, store: ExperimentStore, plan: dict[str, Any], step: dict[str, Any]
 ) -> tuple[bool | None, dict[str, Any], list[str]]:
     """None: the canary was started now (the step runs; advance again later)."""
     c = plan["config"]
@@ -360,7 +360,7 @@ def _canary(
     return True, measured, [f"{n} canary requests; " + (decision.reason if decision else "")]
 
 
-def _arms_or_none(settings: Settings, store: SqliteExperimentStore, route: str) -> Any:
+def _arms_or_none(settings: Settings, store: ExperimentStore, route: str) -> Any:
     try:
         return actions.route_arms(settings, store, route)
     except InvalidData:
@@ -368,7 +368,7 @@ def _arms_or_none(settings: Settings, store: SqliteExperimentStore, route: str) 
 
 
 def _compare_cost(
-    settings: Settings, store: SqliteExperimentStore, plan: dict[str, Any]
+    settings: Settings, store: ExperimentStore, plan: dict[str, Any]
 ) -> tuple[bool, dict[str, Any], list[str]]:
     found = actions.report(settings, store, plan["route"])
     cand, base = found.stats.get(CANDIDATE_ARM), found.stats.get(found.baseline)
@@ -391,7 +391,7 @@ def _compare_cost(
     return ratio <= limit, measured, why + gpu_lines
 
 
-def advance(settings: Settings, store: SqliteExperimentStore, route: str, console: Console) -> StepOutcome:
+def advance(settings: Settings, store: ExperimentStore, route: str, console: Console) -> StepOutcome:
     plan = store.release(route)
     if plan is None:
         raise InvalidData(
@@ -435,7 +435,7 @@ def advance(settings: Settings, store: SqliteExperimentStore, route: str, consol
     return StepOutcome(passed is not False, moved, (f"{name}: {verdict}", *why))
 
 
-def rollback(settings: Settings, store: SqliteExperimentStore, route: str, reason: str) -> dict[str, Any]:
+def rollback(settings: Settings, store: ExperimentStore, route: str, reason: str) -> dict[str, Any]:
     plan = store.release(route)
     if plan is None:
         raise InvalidData(f"route {route!r} has no release to roll back")

@@ -25,7 +25,7 @@ class BadTraffic(ThriftyError):
 
 
 @contextlib.contextmanager
-def _bars(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], None]] | None]:
+def progress_bars(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], None]] | None]:
     if not enabled:
         yield None
         return
@@ -95,7 +95,10 @@ def simulate_command(
     _warn_once()
     candidate = load_settings(settings)
     current = load_settings(baseline) if baseline is not None else None
-    with semantic_extra("simulate (the candidate has a semantic_cache route)"), _bars(progress) as bars:
+    with (
+        semantic_extra("simulate (the candidate has a semantic_cache route)"),
+        progress_bars(progress) as bars,
+    ):
         result = simulate(candidate, read.lines, baseline=current, outputs=outputs or (), progress=bars)
     report = result.report
     report.skipped = [str(b) for b in read.bad]
@@ -112,4 +115,4 @@ def simulate_command(
         out.print(f"- {line}", markup=False, highlight=False)
 
 
-__all__ = ["simulate_command"]
+__all__ = ["progress_bars", "simulate_command"]

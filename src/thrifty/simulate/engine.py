@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -15,17 +14,10 @@ import orjson
 from thrifty.providers.replay import _jsonl_files
 from thrifty.settings import Settings
 from thrifty.simulate.layers import Step, stack_steps
-from thrifty.simulate.run import (
-    BatchedEmbedder,
-    PreparedStep,
-    StepRun,
-    build_index,
-    prepare_step,
-    run_prepared,
-)
-from thrifty.simulate.stack import StackReport, build_stack
+from thrifty.simulate.parallel import ReplayJob, replay_steps
+from thrifty.simulate.run import BatchedEmbedder, StepRun, build_index
+from thrifty.simulate.stack import StackReport, answer_labels, build_stack
 from thrifty.simulate.traffic import TrafficLine
-from thrifty.tokens import TokenCounter
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (task name, total) -> advance(n)
 
@@ -87,6 +79,7 @@ class Simulation:
     steps: list[Step]
     runs: list[StepRun]
     report: StackReport
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds of each phase
 
 
 def simulate(
@@ -97,42 +90,33 @@ def simulate(
     outputs: Sequence[str] = (),
     progress: Progress | None = None,
     workdir: Path | None = None,
+    workers: int | None = None,
 ) -> Simulation:
+    """`workers`: how many steps replay at once, each in a process of its own (default: one per
+    CPU; 1 replays them one after another in this process)."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
     steps = stack_steps(candidate, baseline)
     data = [*outputs, *_replay_data(candidate)]
     index = build_index(lines, data)
+    timings["recorded answers indexed"] = time.perf_counter() - clock
     embedder = None
     queries = _semantic_queries(steps, lines)
     if queries is not None:
+        clock = time.perf_counter()
         from thrifty.cache.semantic.stage import _default_embedder
 
-        embedder = BatchedEmbedder(_default_embedder())
+        embedder = BatchedEmbedder(_default_embedder(), _default_embedder)
         advance = progress("embedding queries (batched)", len(set(queries))) if progress else None
         embedder.prepare(queries, advance)
-    counter = TokenCounter()
+        timings["queries embedded (batched)"] = time.perf_counter() - clock
+    todo = [k for k, step in enumerate(steps) if step.changed or k == 0]
+    clock = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="thrifty-simulate-", dir=workdir or _scratch()) as tmp:
-        prepared: dict[int, PreparedStep] = {}
-        for k, step in enumerate(steps):
-            if not step.changed and k > 0:
-                continue
-            folder = Path(tmp) / f"step-{k}"
-            folder.mkdir()
-            if prepared:  # every step builds a gateway: its start-up warnings were said by the first
-                logging.disable(logging.WARNING)
-            try:
-                prepared[k] = prepare_step(
-                    step.settings,
-                    lines,
-                    index=index,
-                    workdir=folder,
-                    send_keys=step.send_idempotency_keys,
-                    counter=counter,
-                    embedder=embedder,
-                )
-            finally:
-                logging.disable(logging.NOTSET)
-        ticks = {k: progress(steps[k].title, len(lines)) if progress else None for k in prepared}
-        done = asyncio.run(_run_all(prepared, lines, ticks))
+        job = ReplayJob(steps, lines, index, embedder, answer_labels(lines), Path(tmp), todo[0])
+        ticks = {k: progress(steps[k].title, len(lines)) if progress else None for k in todo}
+        done = replay_steps(job, todo, ticks, workers)
+    timings["steps replayed"] = time.perf_counter() - clock
     runs: list[StepRun] = []
     for k in range(len(steps)):
         runs.append(done[k] if k in done else runs[-1])
@@ -140,28 +124,11 @@ def simulate(
     report.seconds = {s.title: r.seconds for s, r in zip(steps, runs, strict=True) if s.changed}
     report.ledger_totals = {s.title: str(r.ledger_total) for s, r in zip(steps, runs, strict=True)}
     report.notes.extend(_caveats(candidate, lines, runs))
-    return Simulation(steps, runs, report)
-
-
-async def _run_all(
-    prepared: dict[int, PreparedStep],
-    lines: Sequence[TrafficLine],
-    ticks: dict[int, Callable[[int], None] | None],
-) -> dict[int, StepRun]:
-    """The steps side by side on one event loop: each is sequential in itself (requests in recorded
-    order), and while one waits on its store's threads the others go on."""
-
-    def advance(k: int) -> Callable[[], None] | None:
-        tick = ticks[k]
-        return (lambda: tick(1)) if tick is not None else None
-
-    results = await asyncio.gather(*(run_prepared(step, lines, advance(k)) for k, step in prepared.items()))
-    return dict(zip(prepared, results, strict=True))
+    return Simulation(steps, runs, report, timings)
 
 
 def _scratch() -> Path | None:
-    """Memory-backed scratch space where there is one: each step's store is thrown away after it,
-    and a replay makes several SQLite commits per request."""
+    """Memory-backed scratch space where there is one: each step's batch store is thrown away."""
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 

@@ -84,6 +84,20 @@ def stack_notes(report: StackReport) -> list[str]:
             f"{report.failed} requests were refused in the baseline already (cost $0 there), e.g.: "
             f"{report.failed_example}"
         )
+    if report.recorded_failures:
+        answered = report.recorded_failures_answered
+        by_layer = f"; {answered} of them answered by a layer of the candidate first" if answered else ""
+        lines.append(
+            f"{report.recorded_failures} requests failed when recorded (upstream errors, refusals): "
+            f"replayed as failures, at what the ledger charges for them{by_layer}"
+        )
+    if report.recorded_deferred:
+        missing = report.recorded_deferred_unanswered
+        lines.append(
+            f"{report.recorded_deferred} requests went to a batch when recorded: answered now where the "
+            "route does not defer, deferred where the candidate's does"
+            + (f"; {missing} without a recorded batch answer (not guessed)" if missing else "")
+        )
     if report.unpriced:
         lines.append(f"{report.unpriced} answered requests are on models without a price (counted as $0)")
     lines.extend(report.notes)
@@ -123,6 +137,10 @@ def stack_json(report: StackReport) -> dict[str, Any]:
         "unrecorded_requests": report.unrecorded,
         "unpriced_requests": report.unpriced,
         "refused_in_baseline": report.failed,
+        "recorded_failures": report.recorded_failures,
+        "recorded_failures_answered": report.recorded_failures_answered,
+        "recorded_deferred": report.recorded_deferred,
+        "recorded_deferred_unanswered": report.recorded_deferred_unanswered,
         "notes": report.notes,
         "skipped_lines": report.skipped,
         "seconds": report.seconds,

@@ -15,7 +15,8 @@ from typing import Any
 
 from thrifty.shapes import last_user_message_text
 from thrifty.simulate.layers import Step
-from thrifty.simulate.run import Outcome, StepRun
+from thrifty.simulate.outcome import Outcome
+from thrifty.simulate.run import StepRun
 from thrifty.simulate.traffic import TrafficLine
 
 _ZERO = Decimal(0)
@@ -71,6 +72,14 @@ class StackReport:
     unpriced: int  # ledger rows without a price in the last step
     failed: int = 0  # requests refused in the baseline for another reason (unknown route, bad body)
     failed_example: str | None = None
+    # Requests that failed when recorded (outcome error): replayed as failures, at what the
+    # ledger charges for them in each step; `answered_later` of them a layer answered instead.
+    recorded_failures: int = 0
+    recorded_failures_answered: int = 0
+    # Requests that went to a batch when recorded (outcome deferred): answered now in the steps
+    # whose route does not defer, deferred again where the candidate's route does.
+    recorded_deferred: int = 0
+    recorded_deferred_unanswered: int = 0  # of those, no batch answer was recorded (not guessed)
     notes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -102,13 +111,11 @@ def answer_labels(lines: Sequence[TrafficLine]) -> dict[str, str]:
     return found
 
 
-def _hit_quality(
-    lines: Sequence[TrafficLine], now: Sequence[Outcome], hits: list[int], labels: Mapping[str, str]
-) -> Quality:
+def _hit_quality(lines: Sequence[TrafficLine], now: Sequence[Outcome], hits: list[int]) -> Quality:
     scored = correct = 0
     for i in hits:
         mine = lines[i].label
-        source = labels.get(now[i].answer or "") if now[i].answer is not None else None
+        source = now[i].answer_label
         if mine is None or source is None:
             continue
         scored += 1
@@ -156,7 +163,6 @@ def build_stack(
     correct_by_prompt: Mapping[str, Mapping[str, bool]] | None = None,
 ) -> StackReport:
     """`runs[k]` is the replay of `steps[k]` (an unchanged step may repeat the run before it)."""
-    labels = answer_labels(lines)
     base = [o if o is not None else _NO_ROW for o in runs[0].outcomes]
     unrecorded = sum(o.unrecorded for o in base)
     report = StackReport(
@@ -166,9 +172,17 @@ def build_stack(
         unrecorded=unrecorded,
         unpriced=0,
     )
-    refused = [o for o in base if not o.ok and not o.unrecorded]
+    refused = [
+        o
+        for o, line in zip(base, lines, strict=True)
+        if not o.ok and not o.unrecorded and line.outcome != "error"
+    ]
     report.failed = len(refused)
     report.failed_example = refused[0].error if refused else None
+    report.recorded_failures = sum(line.outcome == "error" for line in lines)
+    deferred = [i for i, line in enumerate(lines) if line.outcome == "deferred"]
+    report.recorded_deferred = len(deferred)
+    report.recorded_deferred_unanswered = sum(lines[i].response is None for i in deferred)
     before = base
     for step, run in zip(steps[1:], runs[1:], strict=True):
         assert step.layer is not None
@@ -194,10 +208,13 @@ def build_stack(
         layer.affected = sum(_cost(a) != _cost(b) for a, b in zip(now, before, strict=True))
         layer.uninformed = sum(missing.values())
         layer.uninformed_models = dict(missing.most_common())
-        _describe(layer, lines, before, now, labels, correct_by_prompt or {}, step)
+        _describe(layer, lines, before, now, correct_by_prompt or {}, step)
         report.layers.append(layer)
         before = now
     report.unpriced = sum(o.cost is None and o.ok for o in before)
+    report.recorded_failures_answered = sum(
+        o.ok for o, line in zip(before, lines, strict=True) if line.outcome == "error"
+    )
     return report
 
 
@@ -206,7 +223,6 @@ def _describe(
     lines: Sequence[TrafficLine],
     before: Sequence[Outcome],
     now: Sequence[Outcome],
-    labels: Mapping[str, str],
     correct_by_prompt: Mapping[str, Mapping[str, bool]],
     step: Step,
 ) -> None:
@@ -219,7 +235,7 @@ def _describe(
         kind = "exact" if key == "exact_cache" else "semantic"
         hits = [i for i in newly if now[i].cache == kind]
         layer.detail["hits"] = len(hits)
-        layer.quality = _hit_quality(lines, now, hits, labels)
+        layer.quality = _hit_quality(lines, now, hits)
         if kind == "semantic" and not hits:
             floors = {r.semantic_cache.min_entries for r in step.settings.routes.values() if r.semantic_cache}
             layer.notes.append(

@@ -8,8 +8,13 @@
      "idempotency_key": "k-1", "task": "gsm",  # optional attribution, as the x-thrifty-* headers
      "response": {...},                        # optional: the chat completion that answered it
      "model": "gpt-4o-mini-2024-07-18",        # optional: the upstream model that wrote `response`
-     "label": "card_arrival"}                  # optional: the answer's class (requests with the same
+     "label": "card_arrival",                  # optional: the answer's class (requests with the same
                                                # label may share an answer): scores cache hits
+     "outcome": "ok",                          # optional: how it ended, ok (the default) | deferred
+                                               # (sent to a batch; `response` is the batch's answer)
+                                               # | error (it failed; `error` says how)
+     "error": {"type": "upstream_error", "code": null, "status": 503, "message": "..."}}
+                                               # with outcome error: the failure, replayed as one
 
 A malformed line is named by file and line; nothing is skipped silently.
 """
@@ -29,7 +34,8 @@ REQUIRED = ("ts", "tenant", "request")
 OPTIONAL_TEXT = ("route", "feature", "prompt_version", "user", "idempotency_key", "task", "model", "label")
 # Written by `recordings export` for people reading the file; simulate does not need them.
 INFORMATIONAL = ("request_id", "cache", "status", "thrifty_traffic")
-KNOWN = frozenset(REQUIRED + OPTIONAL_TEXT + INFORMATIONAL + ("response",))
+KNOWN = frozenset(REQUIRED + OPTIONAL_TEXT + INFORMATIONAL + ("response", "outcome", "error"))
+OUTCOMES = ("ok", "deferred", "error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +56,8 @@ class TrafficLine:
     response: dict[str, Any] | None = None
     model: str | None = None
     label: str | None = None
+    outcome: str = "ok"  # one of OUTCOMES
+    error: dict[str, Any] | None = None  # with outcome error: {type, code, status, message}
 
     def body(self) -> dict[str, Any]:
         parsed: dict[str, Any] = orjson.loads(self.request)
@@ -122,12 +130,24 @@ def parse_line(raw: bytes, where: str) -> TrafficLine:
         isinstance(response, dict) and isinstance(response.get("choices"), list)
     ):
         raise ValueError("'response' must be a chat completion (an object with 'choices')")
+    outcome = row.get("outcome") or "ok"
+    if outcome not in OUTCOMES:
+        raise ValueError(f"'outcome' must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
+    error = row.get("error")
+    if error is not None and not isinstance(error, dict):
+        raise ValueError("'error' must be an object ({type, code, status, message})")
+    if outcome == "error" and error is None:
+        raise ValueError("a line with outcome 'error' needs its 'error' ({type, code, status, message})")
+    if outcome == "error" and response is not None:
+        raise ValueError("a line with outcome 'error' has no 'response'")
     return TrafficLine(
         where=where,
         ts=ts,
         tenant=tenant,
         request=orjson.dumps(request),
         response=response,
+        outcome=outcome,
+        error=error,
         **text,  # the OPTIONAL_TEXT fields, each str | None
     )
 
@@ -167,7 +187,20 @@ def to_json(line: TrafficLine) -> dict[str, Any]:
     row["request"] = orjson.loads(line.request)
     if line.response is not None:
         row["response"] = line.response
+    if line.outcome != "ok":
+        row["outcome"] = line.outcome
+    if line.error is not None:
+        row["error"] = line.error
     return row
 
 
-__all__ = ["BadLine", "TrafficLine", "TrafficRead", "iter_traffic", "parse_line", "read_traffic", "to_json"]
+__all__ = [
+    "OUTCOMES",
+    "BadLine",
+    "TrafficLine",
+    "TrafficRead",
+    "iter_traffic",
+    "parse_line",
+    "read_traffic",
+    "to_json",
+]

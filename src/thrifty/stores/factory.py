@@ -15,12 +15,13 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thrifty.cache.exact import SqliteExactCache
-from thrifty.errors import SharedStateUnavailable
+from thrifty.errors import SharedStateUnavailable, ThriftyError
 from thrifty.guard.budgets import BudgetBook, BudgetPlan, spend_totals
 from thrifty.settings import Settings, StorageSettings
 from thrifty.stores.faults import LocalFallback
@@ -33,6 +34,7 @@ from thrifty.stores.ports import (
     LedgerReader,
     SharedBudgetStore,
     SharedExactCache,
+    SharedFlights,
     SharedRateStore,
     window_bounds,
 )
@@ -43,6 +45,7 @@ from thrifty.stores.write_behind import SqliteWriteBehind
 if TYPE_CHECKING:
     from thrifty.batch.store import BatchStore
     from thrifty.cache.semantic.store import SharedSemanticStore
+    from thrifty.experiments.store import ExperimentStore
     from thrifty.stores.redis_state import RedisState
 
 log = logging.getLogger(__name__)
@@ -96,10 +99,13 @@ class Stores:
         local_idempotency = SqliteIdempotencyStore(
             storage.sqlite_path, max_entries=settings.idempotency.max_entries, synchronous=storage.synchronous
         )
+        self.shared_flights: SharedFlights | None = None  # key-less coalescing across replicas
         if self.redis is not None:
-            from thrifty.stores.redis_idempotency import RedisIdempotencyStore
+            from thrifty.stores.redis_idempotency import RedisFlights, RedisIdempotencyStore
 
             self.idempotency = RedisIdempotencyStore(self.redis)
+            if any(route.coalesce for route in settings.routes.values()):
+                self.shared_flights = RedisFlights(self.redis)
             if shared.fault_mode == "degrade_local":
                 from thrifty.stores.idempotency_degraded import DegradingIdempotencyStore
 
@@ -144,6 +150,15 @@ class Stores:
         if self.postgres:
             out["ledger_rows_spooled"] = self.ledger.spooled
         return out
+
+    def summary_store(self) -> Any:
+        """Context summaries shared by the replicas (PostgreSQL), or None: the caller keeps them in
+        the SQLite file. After start()."""
+        if self._pool is None:
+            return None
+        from thrifty.stores.postgres_context import PostgresSummaryStore
+
+        return PostgresSummaryStore(self._pool)
 
     async def start(self, *, exact_cache: bool, semantic_cache: bool) -> None:
         storage = self.settings.storage
@@ -312,17 +327,44 @@ class _Borrowed:
     def alerts_since(self, since: float) -> Any:
         return self._reader.alerts_since(since)
 
+    def route_requests(self, route: str, since: float, prompt_version: str | None = None) -> int:
+        return self._reader.route_requests(route, since, prompt_version)
+
+    def costs(self, request_ids: Sequence[str]) -> dict[str, str | None]:
+        return self._reader.costs(request_ids)
+
     def close(self) -> None:
         pass
 
 
-def open_reader(settings: Settings) -> LedgerReader:
-    """A reader for the CLI (`thrifty report`, `thrifty alerts`), whichever backend holds the ledger."""
+def open_reader(settings: Settings, *, existing: bool = False) -> LedgerReader:
+    """A reader for the CLI (`thrifty report`, `thrifty alerts`, `prompt lint`), whichever backend
+    holds the ledger; `existing`: a SQLite file that is not there is an error, not a new ledger."""
     if settings.storage.backend == "postgresql":
         from thrifty.stores.postgres import PostgresLedgerReader
 
         return PostgresLedgerReader(settings.storage.url)
-    return SqliteLedgerReader(open_database(settings.storage.sqlite_path))
+    path = settings.storage.sqlite_path
+    if existing and not path.exists():
+        raise ThriftyError(f"no ledger at {path}")
+    return SqliteLedgerReader(open_database(path))
+
+
+def open_experiment_store(settings: Settings, *, existing: bool = False) -> ExperimentStore:
+    """Feedback, arms, the action log and release plans: in the SQLite file, or shared by the
+    replicas and the CLI in PostgreSQL. `existing`: a SQLite file that is not there is an error
+    (a status read), not a new ledger (a first release may start before the gateway ever ran)."""
+    storage = settings.storage
+    if storage.backend == "postgresql":
+        from thrifty.experiments.postgres_store import PostgresExperimentStore
+
+        return PostgresExperimentStore(storage.url)
+    from thrifty.experiments.sqlite_store import SqliteExperimentStore
+
+    path = storage.sqlite_path
+    if existing and not path.exists():
+        raise ThriftyError(f"no ledger at {path}")
+    return SqliteExperimentStore(path, synchronous=storage.synchronous)
 
 
 def open_batch_store(settings: Settings) -> BatchStore:
@@ -379,4 +421,11 @@ def open_key_store(settings: Settings) -> tuple[Any, Any]:
     return SqliteKeyStore(conn), conn
 
 
-__all__ = ["Stores", "open_batch_store", "open_key_store", "open_reader", "purge_caches"]
+__all__ = [
+    "Stores",
+    "open_batch_store",
+    "open_experiment_store",
+    "open_key_store",
+    "open_reader",
+    "purge_caches",
+]

@@ -307,7 +307,7 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
         7,
         # Experiments: the variant a request was assigned (SQLite's migration 14). Feedback and
-        # experiment state are SQLite-only so far (the gateway says so at start).
+        # experiment state: migration 15.
         "ALTER TABLE ledger ADD COLUMN variant TEXT",
     ),
     (
@@ -323,6 +323,71 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
             updated_at DOUBLE PRECISION NOT NULL
         );
         CREATE INDEX semantic_partition_state_scope ON semantic_partition_state (tenant_id, route)
+        """,
+    ),
+    (
+        9,
+        # Context summaries of conversation prefixes (SQLite's migration 10), shared by the
+        # replicas: a chat's summary made on one is reused on the others.
+        """
+        CREATE TABLE context_summaries (
+            tenant_id TEXT NOT NULL,
+            prefix_key TEXT NOT NULL,
+            covered_messages INTEGER NOT NULL,
+            summary TEXT NOT NULL,
+            summary_tokens INTEGER NOT NULL,
+            model TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (tenant_id, prefix_key)
+        )
+        """,
+    ),
+    (
+        12,
+        # Recordings' outcome (ok | deferred | error) and a failure's error (SQLite's migration 21).
+        """
+        ALTER TABLE recordings ADD COLUMN outcome TEXT NOT NULL DEFAULT 'ok';
+        ALTER TABLE recordings ADD COLUMN error TEXT
+        """,
+    ),
+    (
+        15,
+        # Experiments shared by the replicas (SQLite's migration 14, experiments/postgres_store.py):
+        # feedback on requests (one row per request: a repeat replaces, never adds), each route's
+        # arms as the last promote/stop/release left them, the log of those actions, and release
+        # plans. The JSON columns are TEXT as on SQLite: the arms' order is kept as written.
+        """
+        CREATE INDEX ledger_route_variant ON ledger (route, ts) WHERE variant IS NOT NULL;
+        CREATE TABLE feedback (
+            request_id TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL,
+            route TEXT,
+            variant TEXT,
+            score DOUBLE PRECISION,
+            label TEXT,
+            correct INTEGER
+        );
+        CREATE TABLE experiment_state (
+            route TEXT PRIMARY KEY,
+            arms TEXT NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE TABLE experiment_actions (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            ts DOUBLE PRECISION NOT NULL,
+            route TEXT NOT NULL,
+            action TEXT NOT NULL,
+            variant TEXT,
+            reason TEXT NOT NULL,
+            details TEXT
+        );
+        CREATE INDEX experiment_actions_route ON experiment_actions (route, id);
+        CREATE TABLE releases (
+            route TEXT PRIMARY KEY,
+            plan TEXT NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )
         """,
     ),
 )

@@ -242,6 +242,14 @@ class LedgerReader(Protocol):
 
     def alerts_since(self, since: float) -> list[tuple[float, str, str, str, float | None, str | None]]: ...
 
+    def route_requests(self, route: str, since: float, prompt_version: str | None = None) -> int:
+        """How many requests the route (and prompt version) had since `since` (prompt lint's traffic)."""
+        ...
+
+    def costs(self, request_ids: Sequence[str]) -> dict[str, str | None]:
+        """Each found request's cost as decimal text (None: unpriced), by request id."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -300,6 +308,31 @@ class IdempotencyStore(Protocol):
         ...
 
 
+class SharedFlights(Protocol):
+    """Key-less coalescing across replicas (routes with `coalesce: true`, shared state only): one
+    generation per identical in-flight request, whichever replica it reaches. Unlike an
+    idempotency record, a finished flight answers only the requests that joined it while it ran;
+    a request arriving after it finished starts a new flight (coalescing is not a cache)."""
+
+    async def join(
+        self, tenant_id: str, flight: str, *, owner: str, lease_s: float, waiting: bool
+    ) -> StoredResult | bool:
+        """Atomically: True when `owner` now leads the flight (none running, its lease ended, or,
+        for a first join (`waiting` False), only a finished one); False while another owner runs
+        it; its result once it finished, for a request already `waiting` on it."""
+        ...
+
+    async def publish(
+        self, tenant_id: str, flight: str, result: StoredResult, *, owner: str, ttl_s: float
+    ) -> None:
+        """The leader's result, for its waiters (if `owner` still leads: a stale leader cannot)."""
+        ...
+
+    async def release(self, tenant_id: str, flight: str, *, owner: str) -> None:
+        """The leader failed: its waiters join again and one of them leads."""
+        ...
+
+
 __all__ = [
     "Admission",
     "AdmitRequest",
@@ -318,6 +351,7 @@ __all__ = [
     "Scope",
     "SharedBudgetStore",
     "SharedExactCache",
+    "SharedFlights",
     "SharedRateStore",
     "StoredResult",
     "Unit",

@@ -4,7 +4,7 @@ listings, the budget rebuild and the alert checks read, and where alerts are sto
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 # The report's columns; the last two come from the context stage's JSON record, in each dialect.
@@ -23,6 +23,26 @@ USAGE_SELECT = (
     "SELECT ts, tenant_id, feature, model, cache, batch, status, cost_usd, input_tokens, "
     "cached_input_tokens, output_tokens, retries, attempts FROM ledger WHERE ts >= {mark} AND ts < {mark}"
 )
+
+
+ROUTE_REQUESTS_SQL = "SELECT COUNT(*) FROM ledger WHERE route = {mark} AND ts >= {mark}"
+_COSTS_CHUNK = 500  # request ids per statement (SQLite's parameter limit is far above)
+
+
+def route_requests_query(
+    mark: str, route: str, since: float, prompt_version: str | None
+) -> tuple[str, list[Any]]:
+    sql = ROUTE_REQUESTS_SQL.format(mark=mark)
+    params: list[Any] = [route, since]
+    if prompt_version is not None:
+        sql += f" AND prompt_version = {mark}"
+        params.append(prompt_version)
+    return sql, params
+
+
+def chunks(ids: Sequence[str]) -> Iterable[list[str]]:
+    for start in range(0, len(ids), _COSTS_CHUNK):
+        yield list(ids[start : start + _COSTS_CHUNK])
 
 
 def usage_query(mark: str, since: float, until: float, feature: str | None) -> tuple[str, list[Any]]:
@@ -76,6 +96,21 @@ class SqliteLedgerReader:
             "WHERE ts >= ? ORDER BY ts DESC",
             (since,),
         ).fetchall()
+
+    def route_requests(self, route: str, since: float, prompt_version: str | None = None) -> int:
+        sql, params = route_requests_query("?", route, since, prompt_version)
+        return int(self._conn.execute(sql, params).fetchone()[0])
+
+    def costs(self, request_ids: Sequence[str]) -> dict[str, str | None]:
+        found: dict[str, str | None] = {}
+        for part in chunks(request_ids):
+            marks = ", ".join("?" * len(part))
+            found.update(
+                self._conn.execute(
+                    f"SELECT request_id, cost_usd FROM ledger WHERE request_id IN ({marks})", part
+                )
+            )
+        return found
 
     def close(self) -> None:
         self._conn.close()

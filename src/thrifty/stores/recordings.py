@@ -35,7 +35,13 @@ COLUMNS = (
     "cache",
     "request",
     "response",
+    "outcome",
+    "error",
 )
+# How the recorded request ended: answered (`response` is the answer), deferred to a batch
+# (`response` is the batch's answer when it came; `error` when the item failed or expired), or
+# failed (`error`: {type, code, status, message}: an upstream error, a budget refusal, ...).
+OUTCOMES = ("ok", "deferred", "error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,19 +60,30 @@ class Recording:
     model: str | None  # the upstream model that answered
     cache: str  # miss | exact | semantic | dedup: how the gateway answered it
     request: dict[str, Any]
-    response: dict[str, Any]
+    response: dict[str, Any] | None  # None: the request failed, or its batch answer never came
+    outcome: str = "ok"  # one of OUTCOMES
+    error: dict[str, Any] | None = None  # {type, code, status, message} of a failed request
 
     def row(self) -> tuple[Any, ...]:
-        values = [getattr(self, c) for c in COLUMNS[:-2]]
-        return (*values, orjson.dumps(self.request).decode(), orjson.dumps(self.response).decode())
+        values = [getattr(self, c) for c in COLUMNS[:-4]]
+        return (
+            *values,
+            orjson.dumps(self.request).decode(),
+            orjson.dumps(self.response).decode(),  # 'null' for none (the column predates outcomes)
+            self.outcome,
+            None if self.error is None else orjson.dumps(self.error).decode(),
+        )
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Recording:
-        rid, ts, tenant, route, feature, version, user, key, task, model, cache, request, response = row
+        rid, ts, tenant, route, feature, version, user, key, task, model, cache, request, response = row[:13]
+        outcome, error = row[13:15]
         return cls(
             rid, ts, tenant, route, feature, version, user, key, task, model, cache,
             request=orjson.loads(request),
             response=orjson.loads(response),
+            outcome=outcome,
+            error=None if error is None else orjson.loads(error),
         )  # fmt: skip
 
     def traffic_line(self) -> dict[str, Any]:
@@ -76,14 +93,23 @@ class Recording:
             value = getattr(self, key)
             if value is not None:
                 line[key] = value
-        line.update(
-            request_id=self.request_id, cache=self.cache, request=self.request, response=self.response
-        )
+        line.update(request_id=self.request_id, cache=self.cache, request=self.request)
+        if self.response is not None:
+            line["response"] = self.response
+        if self.outcome != "ok":
+            line["outcome"] = self.outcome
+        if self.error is not None:
+            line["error"] = self.error
         return line
 
 
+# A deferred request's answer (or error) when its batch ends: (request_id, response JSON, error JSON).
+ResultRow = tuple[str, str, str | None]
+_SET_RESULT = "UPDATE recordings SET response = ?, error = ? WHERE request_id = ? AND outcome = 'deferred'"
+
+
 class RecordingSink(Protocol):
-    def write(self, rows: list[tuple[Any, ...]]) -> None: ...
+    def write(self, rows: list[tuple[Any, ...]], results: list[ResultRow]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -92,7 +118,7 @@ class SqliteRecordingSink:
         self._path, self._synchronous = path, synchronous
         self._conn: sqlite3.Connection | None = None
 
-    def write(self, rows: list[tuple[Any, ...]]) -> None:
+    def write(self, rows: list[tuple[Any, ...]], results: list[ResultRow]) -> None:
         if self._conn is None:  # opened in the writer thread, used only there
             from thrifty.stores.sqlite_db import open_database
 
@@ -100,9 +126,12 @@ class SqliteRecordingSink:
         marks = ", ".join("?" * len(COLUMNS))
         with self._conn:
             self._conn.execute("BEGIN")
-            self._conn.executemany(
-                f"INSERT OR IGNORE INTO recordings ({', '.join(COLUMNS)}) VALUES ({marks})", rows
-            )
+            if rows:
+                self._conn.executemany(
+                    f"INSERT OR IGNORE INTO recordings ({', '.join(COLUMNS)}) VALUES ({marks})", rows
+                )
+            if results:
+                self._conn.executemany(_SET_RESULT, [(resp, err, rid) for rid, resp, err in results])
 
     def close(self) -> None:
         if self._conn is not None:
@@ -115,7 +144,7 @@ class PostgresRecordingSink:
         self._url = url
         self._conn: Any = None
 
-    def write(self, rows: list[tuple[Any, ...]]) -> None:
+    def write(self, rows: list[tuple[Any, ...]], results: list[ResultRow]) -> None:
         from thrifty.stores.postgres import connect
 
         if self._conn is None:
@@ -123,10 +152,15 @@ class PostgresRecordingSink:
         cols = ", ".join('"user"' if c == "user" else c for c in COLUMNS)
         marks = ", ".join(["%s"] * len(COLUMNS))
         with self._conn.transaction(), self._conn.cursor() as cur:
-            cur.executemany(
-                f"INSERT INTO recordings ({cols}) VALUES ({marks}) ON CONFLICT (request_id) DO NOTHING",
-                rows,
-            )
+            if rows:
+                cur.executemany(
+                    f"INSERT INTO recordings ({cols}) VALUES ({marks}) ON CONFLICT (request_id) DO NOTHING",
+                    rows,
+                )
+            if results:
+                cur.executemany(
+                    _SET_RESULT.replace("?", "%s"), [(resp, err, rid) for rid, resp, err in results]
+                )
 
     def close(self) -> None:
         if self._conn is not None:
@@ -147,7 +181,7 @@ class RecordingWriter:
         self._sink = sink
         self._batch_max = batch_max
         # Bounded: a store slower than the traffic drops recordings (counted), it never grows memory.
-        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(max_queued)
+        self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue(max_queued)
         self._thread: threading.Thread | None = None
         self.written = 0
         self.failed = 0
@@ -159,8 +193,27 @@ class RecordingWriter:
             self._thread.start()
 
     def submit(self, recording: Recording) -> None:
+        self._put(("row", recording.row()))
+
+    def submit_result(
+        self, request_id: str, response: dict[str, Any] | None, error: dict[str, Any] | None
+    ) -> None:
+        """A deferred recording's answer, or its error, once its batch has ended (a request
+        that was not recorded, e.g. sampled out, is left alone)."""
+        self._put(
+            (
+                "result",
+                (
+                    request_id,
+                    orjson.dumps(response).decode(),
+                    None if error is None else orjson.dumps(error).decode(),
+                ),
+            )
+        )
+
+    def _put(self, op: tuple[str, Any]) -> None:
         try:
-            self._queue.put_nowait(recording.row())
+            self._queue.put_nowait(op)
         except queue.Full:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
@@ -185,8 +238,10 @@ class RecordingWriter:
                     break
                 batch.append(item)
             if batch:
+                rows = [value for kind, value in batch if kind == "row"]
+                results = [value for kind, value in batch if kind == "result"]
                 try:
-                    self._sink.write(batch)
+                    self._sink.write(rows, results)
                     self.written += len(batch)
                 except Exception:  # a recording is never worth failing the gateway for
                     self.failed += len(batch)
@@ -246,4 +301,4 @@ def read_recordings(
         conn.close()
 
 
-__all__ = ["Recording", "RecordingWriter", "open_sink", "read_recordings"]
+__all__ = ["OUTCOMES", "Recording", "RecordingWriter", "open_sink", "read_recordings"]

@@ -11,6 +11,7 @@ owner's result. Records expire in Redis with their lease or TTL, which bounds me
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -18,6 +19,7 @@ import orjson
 
 from thrifty.stores.ports import IdempotencyKey, IdempotencyRecord, StoredResult
 from thrifty.stores.redis_state import RedisState
+from thrifty.stores.resp import Script
 
 _CLAIM = """
 local h = KEYS[1]
@@ -53,6 +55,66 @@ if redis.call('HGET', h, 'owner') == ARGV[1] and redis.call('HGET', h, 'state') 
 end
 return 0
 """
+
+
+# join(flight, owner, now, lease, waiting): lead ({}) when no live running record is there (and,
+# for a first join, also over a finished one); {'running'} while another owner runs it; a
+# waiting request gets {'done', response, cost} once it finished.
+_JOIN = """
+local h = KEYS[1]
+local owner, now, lease, waiting = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
+local rec = redis.call('HMGET', h, 'state', 'owner', 'response', 'cost', 'expires_at')
+if rec[1] and tonumber(rec[5]) > now then
+  if rec[1] == 'running' and rec[2] ~= owner then return {'running'} end
+  if rec[1] == 'done' and waiting then return {'done', rec[3], rec[4] or ''} end
+end
+redis.call('DEL', h)
+redis.call('HSET', h, 'fingerprint', '', 'state', 'running', 'owner', owner,
+  'expires_at', string.format('%.6f', now + lease))
+redis.call('PEXPIRE', h, math.ceil(lease * 1000) + 1000)
+return {}
+"""
+
+
+class RedisFlights:
+    """Key-less coalescing across replicas (the SharedFlights port): a flight is a record like an
+    idempotency key's, owned by its leader (the fencing token), under its own key space."""
+
+    def __init__(self, state: RedisState) -> None:
+        self._state = state
+        # On the request path's lean client: a waiter polls, and a pool connection per poll (with
+        # its handshake) is what timed out under load.
+        self._join = Script(_JOIN)
+        self._complete = Script(_COMPLETE)
+        self._release = Script(_RELEASE)
+
+    def _key(self, tenant_id: str, flight: str) -> str:
+        return f"{self._state.prefix}flight:{len(tenant_id)}:{tenant_id}:{flight}"
+
+    async def join(
+        self, tenant_id: str, flight: str, *, owner: str, lease_s: float, waiting: bool
+    ) -> StoredResult | bool:
+        keys = [self._key(tenant_id, flight)]
+        args: list[Any] = [owner, repr(time.time()), repr(lease_s), int(waiting)]
+        reply = await self._state.run(self._join, keys, args)
+        if not reply:
+            return True
+        if reply[0] == "running":
+            return False
+        _, response, cost = reply
+        return StoredResult(orjson.loads(response), Decimal(cost) if cost else None)
+
+    async def publish(
+        self, tenant_id: str, flight: str, result: StoredResult, *, owner: str, ttl_s: float
+    ) -> None:
+        response = orjson.dumps(result.body).decode()
+        cost = "" if result.cost_usd is None else format(result.cost_usd, "f")
+        keys = [self._key(tenant_id, flight)]
+        args: list[Any] = [owner, response, cost, repr(time.time()), repr(ttl_s)]
+        await self._state.run(self._complete, keys, args)
+
+    async def release(self, tenant_id: str, flight: str, *, owner: str) -> None:
+        await self._state.run(self._release, [self._key(tenant_id, flight)], [owner])
 
 
 class RedisIdempotencyStore:
@@ -99,4 +161,4 @@ class RedisIdempotencyStore:
         await self._state.call(lambda: self._release(keys=keys, args=[owner]))
 
 
-__all__ = ["RedisIdempotencyStore"]
+__all__ = ["RedisFlights", "RedisIdempotencyStore"]

@@ -37,6 +37,7 @@ from thrifty.stores.ports import (
     ReserveOutcome,
     window_bounds,
 )
+from thrifty.stores.resp import Arg, RespClient, Script
 
 log = logging.getLogger(__name__)
 
@@ -232,12 +233,14 @@ class RedisState:
             health_check_interval=0,
             decode_responses=True,
         )
-        self.reserve_script = self.client.register_script(_RESERVE)
-        self.settle_script = self.client.register_script(_SETTLE)
+        # The request path's scripts run on the lean client (stores/resp.py); the rest on redis-py.
+        self.fast = RespClient(settings.url, settings.timeout_s)
+        self.reserve_script = Script(_RESERVE)
+        self.settle_script = Script(_SETTLE)
+        self.admit_script = Script(_ADMIT)
+        self.admit_and_reserve_script = Script(_ADMIT_AND_RESERVE)
         self.seed_script = self.client.register_script(_SEED)
         self.unlock_script = self.client.register_script(_UNLOCK)
-        self.admit_script = self.client.register_script(_ADMIT)
-        self.admit_and_reserve_script = self.client.register_script(_ADMIT_AND_RESERVE)
         self.round_trips = 0  # counted for `thrifty bench replicas`
 
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
@@ -248,13 +251,25 @@ class RedisState:
         try:
             return await operation()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as err:
-            raise SharedStateUnavailable(
-                f"the shared-state Redis at {self.url} is unreachable ({err}); budgets and rate limits "
-                "cannot be checked across replicas, so the request is refused "
-                "(shared_state.fault_mode: fail_closed). Retry shortly."
-            ) from err
+            raise self.unavailable(err) from err
+
+    async def run(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        """One request-path script, one round trip (see `call` for what an outage raises)."""
+        self.round_trips += 1
+        try:
+            return await self.fast.run(script, keys, args)
+        except OSError as err:  # ConnectionError, TimeoutError
+            raise self.unavailable(err) from err
+
+    def unavailable(self, err: BaseException) -> SharedStateUnavailable:
+        return SharedStateUnavailable(
+            f"the shared-state Redis at {self.url} is unreachable ({err}); budgets and rate limits "
+            "cannot be checked across replicas, so the request is refused "
+            "(shared_state.fault_mode: fail_closed). Retry shortly."
+        )
 
     async def close(self) -> None:
+        await self.fast.aclose()
         await self.client.aclose()
 
 
@@ -301,13 +316,11 @@ class RedisBudgets:
         keys = self._keys(counters)
         admission = None
         if admit is None:
-            reply = await self._state.call(lambda: self._state.reserve_script(keys=keys, args=args))
+            reply = await self._state.run(self._state.reserve_script, keys, args)
         else:
             admit_keys, admit_args = admission_call(self._state.prefix, admit)
-            both = await self._state.call(
-                lambda: self._state.admit_and_reserve_script(
-                    keys=[*admit_keys, *keys], args=[*admit_args, *args]
-                )
+            both = await self._state.run(
+                self._state.admit_and_reserve_script, [*admit_keys, *keys], [*admit_args, *args]
             )
             admission = admission_of(both[:3])
             if admission.refused is not None:
@@ -326,7 +339,7 @@ class RedisBudgets:
         actual = [to_pico(usd) if key[3] == "usd" else tokens for key in reservation.keys]
         marker_ttl = int(self._lease_ms / 1000) * 2 + 3600
         args: list[Any] = [reservation.id, marker_ttl, *actual]
-        reply = await self._state.call(lambda: self._state.settle_script(keys=keys, args=args))
+        reply = await self._state.run(self._state.settle_script, keys, args)
         reservation.settled = True
         return [
             from_pico(value) if key[3] == "usd" else Decimal(int(value))
@@ -394,7 +407,7 @@ class RedisRates:
 
     async def admit(self, request: AdmitRequest) -> Admission:
         keys, args = admission_call(self._state.prefix, request)
-        reply = await self._state.call(lambda: self._state.admit_script(keys=keys, args=args))
+        reply = await self._state.run(self._state.admit_script, keys, args)
         return admission_of(reply)
 
 

@@ -486,6 +486,21 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ALTER TABLE batch_upstream ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0
         """,
     ),
+    (
+        21,
+        # Recordings of requests that did not end in an answer now, for `thrifty simulate`: how
+        # each ended (ok | deferred | error) and a failure's error; `response` holds 'null' then.
+        """
+        ALTER TABLE recordings ADD COLUMN outcome TEXT NOT NULL DEFAULT 'ok';
+        ALTER TABLE recordings ADD COLUMN error TEXT
+        """,
+    ),
+    (
+        24,
+        # An experiment's action log read by route (`thrifty experiment log`, each release step),
+        # as PostgreSQL's migration 15 has it.
+        "CREATE INDEX experiment_actions_route ON experiment_actions (route, id)",
+    ),
 )
 
 

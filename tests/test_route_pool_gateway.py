@@ -195,3 +195,41 @@ def test_drift_alert_fires_once_per_window(tmp_path: Path) -> None:
     few.executemany(INSERT_ENTRY_SQL, [_routed(50 + i, now - 60, True) for i in range(5)])
     assert AlertService(settings, few, {"other": 0.30}).drift(now) == []
     assert len(AlertService(settings, few, {"sums": 0.30}).drift(now)) == 1
+
+
+def test_a_vote_cascade_artifact_is_run_by_the_gateway_and_every_vote_is_priced(
+    tmp_path, openai_upstream, artifact
+):
+    obj = json.loads(artifact.read_text())
+    obj["votes"] = {"sums": {"cheap": [TINY, SMALL, MID], "min_votes": 2, "max_dissent": 1, "strong": BIG}}
+    voted = tmp_path / "votes.json"
+    voted.write_text(json.dumps(obj))
+    aliases = {**ALIASES, MID: "mid"}
+    with BackgroundServer(
+        _settings(tmp_path, openai_upstream, voted, aliases), secrets={"up": UPSTREAM_KEY}
+    ) as s:
+        # tiny and small agree: two calls, tiny's draft returned.
+        openai_upstream.by_model["tiny-upstream"] = [
+            Reply(text=_reply("3", True)),
+            Reply(text=_reply("3", True)),
+        ]
+        openai_upstream.by_model["small-upstream"] = [
+            Reply(text=_reply("3", True)),
+            Reply(text=_reply("4", True)),
+        ]
+        openai_upstream.by_model["mid-upstream"] = [Reply(text=_reply("4", True))]
+        assert _ask(s).headers["x-thrifty-model"] == "local-tiny"
+        # They disagree: mid is asked and sides with small, whose draft is returned; big is never called.
+        assert _ask(s).headers["x-thrifty-model"] == "groq-small"
+    assert [r["model"] for r in openai_upstream.requests] == [
+        *("tiny-upstream", "small-upstream"),
+        *("tiny-upstream", "small-upstream", "mid-upstream"),
+    ]
+    first, second = ledger_rows(tmp_path / "ledger.db")
+    assert (first["escalated"], second["escalated"]) == (0, 0)
+    attempts = json.loads(second["attempts"])
+    assert [a["model"] for a in attempts] == ["local-tiny", "groq-small", "mid"]
+    assert [a["role"] for a in attempts] == ["draft", "answer", "draft"]
+    assert all(Decimal(a["cost_usd"]) > 0 for a in attempts)
+    assert Decimal(second["cost_usd"]) == sum(Decimal(a["cost_usd"]) for a in attempts)
+    assert "2 agree" in attempts[1]["gate"]

@@ -119,9 +119,16 @@ def test_bench_writes_json(tmp_path: Path) -> None:
     results = run_route_bench([data], [data], GPT4O, out)
     rows = json.loads(out.read_text())
     assert {"strategy", "accuracy", "cost_usd", "rel_quality", "rel_cost", "escalation_rate"} <= set(rows[0])
-    assert len(rows) == len(results) + 1
+    assert len(rows) == len(results) + 2
     (cert,) = [r for r in rows if r["strategy"] == "certificate"]
     assert cert["confidence"] == 0.95 and cert["target"] == 0.99 and cert["prompts"] == 20
+    # Where the cost between the hindsight bound and the certified rule goes: the terms add up.
+    (gap,) = [r for r in rows if r["strategy"] == "gap"]
+    names = [x["name"] for x in gap["lines"]]
+    assert names[0] == "certified (as trained)" and names[-1] == "hindsight bound, all prompts"
+    costs = [x["rel_cost"] for x in gap["lines"]]
+    assert costs[0] == pytest.approx(cert["held_out_cost"])
+    assert gap["terms"]["total"] == pytest.approx(costs[0] - costs[-1])
 
 
 def test_auc_ranks_and_ties() -> None:
@@ -152,10 +159,11 @@ def test_hindsight_bound_on_known_rows(tmp_path: Path) -> None:
     b = hindsight_bound(easy + fooled, (0.5, 1.0, 1.01), folds=3)
     half, full, beyond = b.rows
     assert (half.rel_quality, half.rel_cost) == (pytest.approx(0.5), pytest.approx(0.1))
-    # Escalating all 24 rows: mini + flash + gpt-4o = 12 per row against 10.
-    assert (full.rel_quality, full.rel_cost) == (pytest.approx(1.0), pytest.approx(1.2))
-    assert full.per_task["t"] == (pytest.approx(1.0), pytest.approx(1.2))
-    assert b.task_alone["t"][1.0] == pytest.approx(1.2)
+    # Escalating all 24 rows after the cheap calls would cost mini + flash + gpt-4o = 12 per row;
+    # sending every row to gpt-4o alone is in the family too (the routers' first rule): cost 10 of 10.
+    assert (full.rel_quality, full.rel_cost) == (pytest.approx(1.0), pytest.approx(1.0))
+    assert full.per_task["t"] == (pytest.approx(1.0), pytest.approx(1.0))
+    assert b.task_alone["t"][1.0] == pytest.approx(1.0)
     assert not beyond.reachable and b.task_alone["t"][1.01] is None
     # Identical replies carry no signal; out-of-fold scores of a null signal rank slightly
     # *below* chance (each fold's rate is the complement of the held-out one's).

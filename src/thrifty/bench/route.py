@@ -19,6 +19,7 @@ from thrifty.routing.train.bound import Bound, hindsight_bound
 from thrifty.routing.train.cost import CostModel, load_prices
 from thrifty.routing.train.data import Row, load_rows
 from thrifty.routing.train.fit import pool_models, train
+from thrifty.routing.train.gap import Gap, decompose, uncertified_router
 from thrifty.routing.train.metrics import PairMetrics, Summary, pair_metrics, random_at_cost, summarise
 from thrifty.routing.train.policy import (
     CascadePolicy,
@@ -76,6 +77,12 @@ def certificate_line(router: Router) -> str:
     third = [f"{short_name(router.third)} if they agree"] if router.third else []
     ladder = " → ".join([*(short_name(m) for m in router.ladder), *third, short_name(router.strong)])
     head = f"ladder {ladder}; "
+    if router.votes:
+        head = (
+            "vote cascades "
+            + "; ".join(f"{t}: {p.describe()}" for t, p in sorted(router.votes.items()))
+            + "; "
+        )
     if not cert["certified"]:
         return head + (
             f"NOT certified: even escalating every prompt is not certified ≥ {target:.1%} of "
@@ -143,10 +150,11 @@ def evaluate_router(router: Router, rows: Sequence[Row], reference: str) -> tupl
     results.append(summarise(f"oracle all {len(every)}", run_oracle(rows, every), ref))
     results.append(summarise(f"naive cascade {naive.describe()}", run_policy(rows, naive), ref))
     results.append(classifier)
-    median = with_median_gates(router)
+    median = uncertified_router(router)
     if median is not None:
         median_runs = run_policy_router(median.with_strategy("cascade"), rows)
-        results.append(summarise("thrifty-cascade, median thresholds", median_runs, ref))
+        name = "uncertified vote choice" if router.votes else "median thresholds"
+        results.append(summarise(f"thrifty-cascade, {name}", median_runs, ref))
     results.append(ours_summary)
     pair = pair_metrics(
         [router.strong_score(r) for r in rows],
@@ -203,15 +211,13 @@ def run_route_bench(
     target_quality: float = 0.99,
     confidence: float = 0.95,
     prices: str | Path | None = None,
+    gap_report: bool = True,
 ) -> list[Summary]:
-    """Train on `train_paths`, replay on `test_paths`, print the table, optionally write JSON."""
+    """Train on `train_paths`, replay on `test_paths`, print the table, optionally write JSON;
+    with `gap_report`, where the cost between the hindsight bound and the certified rule goes."""
     console = console or Console()
-    router = train(
-        load_priced(train_paths, prices, console),
-        reference=reference,
-        target_quality=target_quality,
-        confidence=confidence,
-    )
+    train_rows = load_priced(train_paths, prices, console)
+    router = train(train_rows, reference=reference, target_quality=target_quality, confidence=confidence)
     test_rows = load_priced(test_paths, prices)
     if not test_rows:
         raise InvalidData("no test rows")
@@ -233,12 +239,47 @@ def run_route_bench(
             f"{'MET' if check['met'] else 'NOT met'}",
             highlight=False,
         )
+    gap = None
+    if check is not None and gap_report:
+        gap = decompose(
+            router,
+            train_rows,
+            test_rows,
+            reference=reference,
+            target=target_quality,
+            replay=run_policy_router,
+            bound_cost=lambda rs: _bound_cost(rs, reference, target_quality),
+        )
+        print_gap(console, gap, target_quality)
     if json_out is not None:
         payload = [s.to_json() for s in [*results, *per_task]]
         if check is not None:
             payload.append({"strategy": "certificate", **check})
+        if gap is not None:
+            payload.append({"strategy": "gap", **gap.to_json()})
         Path(json_out).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return [*results, *per_task]
+
+
+def _bound_cost(rows: Sequence[Row], reference: str, target: float) -> float | None:
+    b = hindsight_bound(rows, (target,), reference=reference).rows[0]
+    return b.rel_cost if b.reachable else None
+
+
+def print_gap(console: Console, gap: Gap, target: float) -> None:
+    """The decomposition (``gap``): each rule at the target, then the differences."""
+    table = Table(title=f"from the hindsight bound to the certified rule, at {target:.1%} (seen tasks)")
+    for col in ("rule", "rel quality", "rel cost"):
+        table.add_column(col, justify="left" if col == "rule" else "right")
+    for line in gap.lines:
+        q = "—" if line.rel_quality is None else f"{line.rel_quality:.1%}"
+        c = "—" if line.rel_cost is None else f"{line.rel_cost:.1%}"
+        table.add_row(
+            line.name, q if line.rel_quality is not None or line.rel_cost is None else f"≥ {target:.1%}", c
+        )
+    console.print(table)
+    parts = [f"{k} {v * 100:+.1f}" for k, v in gap.terms.items() if v is not None]
+    console.print("points of cost: " + ", ".join(parts), highlight=False)
 
 
 def evaluate_by_task(router: Router, rows: Sequence[Row], reference: str) -> list[Summary]:

@@ -20,10 +20,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from thrifty.bench.route import load_priced, run_policy_router, with_median_gates
+from thrifty.bench.route import load_priced, run_policy_router
 from thrifty.errors import InvalidData
 from thrifty.routing.train.data import Row, split_rows
 from thrifty.routing.train.fit import train
+from thrifty.routing.train.gap import uncertified_router
 from thrifty.routing.train.metrics import summarise
 from thrifty.routing.train.policy import CascadePolicy, Outcome, run_policy, run_single, short_name
 
@@ -92,7 +93,7 @@ def one_split(
             certified and ours.rel_quality >= target_quality - 1e-12,
         )
     ]
-    median = with_median_gates(router)
+    median = uncertified_router(router)  # median thresholds, or the vote path's measured choice
     if median is not None:
         runs = run_policy_router(median, test_rows)
         out.append(_result("median thresholds", salt, runs, test_rows, reference, ladder=ladder))

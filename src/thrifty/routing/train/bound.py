@@ -10,7 +10,6 @@ a target, no calibration of these gates can, and the gap is in the data's signal
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,20 +26,9 @@ from thrifty.routing.train.fit import (
     prepare,
 )
 from thrifty.routing.train.metrics import auc
-from thrifty.routing.train.policy import CascadePolicy, run_policy
+from thrifty.routing.train.policy import vote_policies
 from thrifty.routing.train.router import AGREE_BONUS
-
-
-def vote_policies(cheap: Sequence[str], strong: str) -> list[CascadePolicy]:
-    """Every cascade that calls an ordered subset of `cheap`, accepts k agreeing answers with at
-    most d dissenting, and otherwise calls `strong`."""
-    out: list[CascadePolicy] = []
-    for n in range(1, len(cheap) + 1):
-        for order in itertools.permutations(cheap, n):
-            for votes in range(1, n + 1):
-                for dissent in range(n - votes + 1):
-                    out.append(CascadePolicy(tuple(order), votes, dissent, strong))
-    return out
+from thrifty.routing.train.votes import cheap_models, family_of, replay_votes
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +95,9 @@ def hindsight_bound(
     split_auc: dict[str, float] = {}
     agree_auc: dict[str, float] = {}
     policies = vote_policies(cheap, reference)
+    # The family the trainer's vote cascades are chosen from (at most three of the pool's cheap
+    # models), so that the bound covers every rule the router can ship.
+    policies += family_of(cheap_models(rows, reference), reference)
     for task in tasks:
         idx = [i for i, p in enumerate(prep) if p.task == task]
         sub = [prep[i] for i in idx]
@@ -114,10 +105,8 @@ def hindsight_bound(
         points = frontier(sub, [p1[i] for i in idx], s2, first=True, grid=grid)
         task_rows = [r for r in rows if r.task == task]
         for policy in policies:
-            outcomes = run_policy(task_rows, policy)
-            points.append(
-                Point(float(sum(o.cost for o in outcomes)), float(sum(o.correct for o in outcomes)), 0, 0)
-            )
+            runs = replay_votes(task_rows, policy)
+            points.append(Point(float(runs.cost.sum()), float(runs.ok.sum()), 0, 0))
         fronts[task] = points
         ref_q[task] = float(sum(p.ok_ref for p in sub))
         ref_c[task] = sum(p.cost_ref for p in sub)

@@ -18,6 +18,7 @@ from typing import Any
 
 from thrifty.errors import InvalidData
 from thrifty.routing.train.certify import (
+    PathPoint,
     certified_ratio,
     certify_path,
     projected_costs,
@@ -486,13 +487,18 @@ def train(
     bootstrap: int = 30,
     third: str | None = None,
     ask_third: bool = True,
+    votes: bool | None = None,
+    vote_share: float = 0.5,
 ) -> Router:
     """Learn the ladder and fit its gates on all rows; certify thresholds on out-of-fold scores.
 
     Without `ladder`, the `candidates` cheapest plain agreement cascades over the pool are each
     trained and certified, and the one whose certified rule is cheapest wins; each is certified at
     1 - (1 - confidence) / candidates, so that picking the best of them keeps the stated confidence.
-    With `ask_third`, each ladder gets a third opinion (`third`, or ``pick_third``'s choice)."""
+    With `ask_third`, each ladder gets a third opinion (`third`, or ``pick_third``'s choice).
+    With `votes` (default: when no `ladder` is given), per-task vote cascades
+    (``votes.choose_votes``) compete too, at 1 - (1 - confidence) x `vote_share`; the ladders
+    share the rest of the error budget."""
     if not rows:
         raise InvalidData("no training rows")
     z_score(confidence)  # a bad confidence is refused before any work
@@ -502,8 +508,14 @@ def train(
         options = candidate_ladders(rows, reference, target_quality, candidates)
     if ask_third:
         options = [replace(o, third=third or pick_third(o, rows, reference, target_quality)) for o in options]
-    # One more candidate: the plain agreement rules (no learned score) on the first ladder.
-    level = 1.0 - (1.0 - confidence) / (len(options) + 1)
+    # One more candidate: the plain agreement rules (no learned score) on the first ladder; and,
+    # with `votes`, per-task vote cascades over the pool's cheap models. The error budget
+    # 1 - confidence is split in advance (weighted Bonferroni): `vote_share` of it to the vote
+    # cascades, the rest evenly over the ladders, so picking the cheapest keeps the confidence.
+    alpha = 1.0 - confidence
+    votes = ladder is None if votes is None else votes
+    learned_alpha = alpha * (1.0 - vote_share) if votes else alpha
+    level = 1.0 - learned_alpha / (len(options) + 1)
     fits = [
         _train_ladder(
             rows,
@@ -525,6 +537,13 @@ def train(
         for o in options
     ]
     fits.append(_plain(rows, fits[0].router, target_quality, level, folds))
+    if votes:
+        # The vote cascades end on the reference; the router under them (its unseen-task fallback
+        # and classifier) is the best certified ladder that ends there too: a final model that is
+        # only as good as the reference on the seen tasks may be far worse on an unseen one.
+        own = [f for f in fits if f.router.strong == reference] or fits
+        base = min(own, key=lambda f: (not f.certified, f.rel_cost if f.certified else -f.bound))
+        fits.append(_votes(rows, base.router, target_quality, 1.0 - alpha * vote_share))
     best = min(fits, key=lambda f: (not f.certified, f.rel_cost if f.certified else -f.bound))
     searched = [
         {
@@ -771,6 +790,52 @@ def _plain(rows: Sequence[Row], learned: Router, target: float, confidence: floa
     }
     router = replace(learned, gates={t: _plain_gate(name, g) for t, g in learned.gates.items()}, meta=meta)
     return Calibrated(router, point.cost / ref_c, bound, chosen >= 0 and bound >= target - 1e-9)
+
+
+def _votes(rows: Sequence[Row], learned: Router, target: float, confidence: float) -> Calibrated:
+    """Per-task vote cascades over the pool's cheap models, certified along a label-free path
+    (``votes``). The learned router's gates stay for its classifier; the cascade follows the votes."""
+    from thrifty.routing.train.votes import choose_votes
+
+    choice = choose_votes(rows, reference=learned.reference, target=target, confidence=confidence)
+    z = z_score(confidence)
+    loose = choice.path[choice.uncertified]
+    ref_q = float(sum(r.calls[learned.reference].correct for r in rows))
+    ref_c = float(sum(r.calls[learned.reference].cost for r in rows)) or 1.0
+    need = prompts_needed(
+        PathPoint(0, math.inf, loose.quality, loose.both, loose.cost, 0.0), ref_q, len(rows), target, z
+    )
+    cert = {
+        **learned.meta["certificate"],
+        "rule": "vote cascades",
+        "confidence": confidence,
+        "certified": choice.certified,
+        "bound": choice.bound,
+        "quality": choice.rel_quality,
+        "rel_cost": choice.rel_cost,
+        "uncertified_path_rule": {
+            "rel_cost": loose.cost / ref_c,
+            "quality": loose.quality / ref_q if ref_q else 0.0,
+            "prompts_needed": _finite(need),
+        },
+        "projection": [],
+    }
+    meta = {
+        **learned.meta,
+        "certificate": cert,
+        "escalation_rate": choice.escalation,
+        "votes": choice.to_json(),
+    }
+    policies = choice.policies() if choice.certified else {}
+    router = replace(learned, votes=policies, meta=meta)
+    if not choice.certified:  # not even all to the strong model: the learned router says so itself
+        router = replace(
+            router,
+            gates={t: replace(g, first=NEVER, second=NEVER, third=NEVER) for t, g in learned.gates.items()},
+        )
+    return Calibrated(
+        router, choice.rel_cost, choice.bound, choice.certified and choice.bound >= target - 1e-9
+    )
 
 
 def _plain_gate(rule: str, gate: Gate) -> Gate:

@@ -8,6 +8,7 @@ that reply. Every call made is paid for, the failed cheap votes included.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,6 +86,18 @@ class CascadePolicy:
                 return Outcome(chosen.correct, cost, escalated=False, calls=len(answers))
         strong = row.calls[self.strong]
         return Outcome(strong.correct, cost + strong.cost, escalated=True, calls=len(answers) + 1)
+
+
+def vote_policies(cheap: Sequence[str], strong: str, max_models: int | None = None) -> list[CascadePolicy]:
+    """Every cascade that calls an ordered subset of `cheap` (at most `max_models` of them),
+    accepts k agreeing answers with at most d dissenting, and otherwise calls `strong`."""
+    out: list[CascadePolicy] = []
+    for n in range(1, min(len(cheap), max_models or len(cheap)) + 1):
+        for order in itertools.permutations(cheap, n):
+            for votes in range(1, n + 1):
+                for dissent in range(n - votes + 1):
+                    out.append(CascadePolicy(tuple(order), votes, dissent, strong))
+    return out
 
 
 _SHORT = {

@@ -38,7 +38,7 @@ from thrifty.routing.train.gate import (
     prompt_features,
     stage_features,
 )
-from thrifty.routing.train.policy import short_name
+from thrifty.routing.train.policy import CONTINUE, ESCALATE, CascadePolicy, short_name
 from thrifty.routing.train.step import Accept, CallModel, Draft, Step
 
 FORMAT_VERSION = 2
@@ -136,11 +136,15 @@ class Router:
     # its agreement is a third opinion far cheaper than the strong model (None: no third).
     third: str | None = None
     third_gate: Logistic | None = None  # P(right) of an answer all three cheap drafts give
+    # Per seen task, a vote cascade certified on its own (``votes``): when a task has one, the
+    # cascade strategy follows it instead of the learned gates (no score; answers must agree).
+    votes: dict[str, CascadePolicy] = field(default_factory=dict)
 
     # ---- online API -------------------------------------------------------------------------
     def models(self) -> set[str]:
         """Every model id this router may ask the gateway to call."""
-        return {*self.ladder, self.strong, *([self.third] if self.third else [])}
+        voters = {m for p in self.votes.values() for m in (*p.cheap, p.strong)}
+        return {*self.ladder, self.strong, *([self.third] if self.third else []), *voters}
 
     def gate_for(self, task: str | None) -> Gate:
         return self.gates.get(task, self.fallback) if task is not None else self.fallback
@@ -163,6 +167,9 @@ class Router:
             return self._final(strong_at[-1], parsed)
         if self.strategy == "classifier":
             return self._classify(gate, where, prompt, drafts)
+        vote = self.votes.get(task) if task is not None and self.known(task) else None
+        if vote is not None:
+            return self._vote(vote, where, drafts, parsed)
         cheap = [next((i for i, d in enumerate(drafts) if d.model == m), None) for m in self.ladder]
         # Only a prefix of the ladder counts; a draft from elsewhere is kept but not voted.
         n = 0
@@ -212,6 +219,35 @@ class Router:
             self.strong, f"{a}, {b} and {c} agree ({shown} < {_fmt(gate.third)}, {where}), escalate"
         )
 
+    def _vote(
+        self, policy: CascadePolicy, where: str, drafts: Sequence[Draft], parsed: dict[int, Parsed]
+    ) -> Step:
+        """A seen task's vote cascade: its models in order, until enough of them agree."""
+        final = [i for i, d in enumerate(drafts) if d.model == policy.strong]
+        if final:
+            return self._final(final[-1], parsed)
+        at: list[int] = []  # the draft index of each of the policy's models called so far, in order
+        for m in policy.cheap:
+            i = next((j for j, d in enumerate(drafts) if d.model == m), None)
+            if i is None:
+                break
+            at.append(i)
+        if not at:
+            if not policy.cheap:
+                return CallModel(policy.strong, f"no cheap draft is trusted ({where})")
+            return CallModel(policy.cheap[0], f"vote {policy.describe()} ({where})")
+        keys = [parsed[i].key for i in at]
+        verdict = policy.decide(keys)
+        shown = ", ".join(f"{short_name(policy.cheap[k])}={keys[k]!r}" for k in range(len(at)))
+        if verdict == ESCALATE:
+            return CallModel(
+                policy.strong, f"votes {shown}: short of {policy.min_votes} agreeing ({where}), escalate"
+            )
+        if verdict == CONTINUE:
+            nxt = policy.cheap[len(at)]
+            return CallModel(nxt, f"votes {shown}: not settled ({where}), ask {short_name(nxt)}")
+        return Accept(at[verdict], f"votes {shown}: {policy.min_votes} agree ({where})")
+
     def _asks_third(self, gate: Gate) -> bool:
         return self.third is not None and self.third_gate is not None and not math.isinf(gate.third)
 
@@ -256,6 +292,9 @@ class Router:
         return replace(self, strategy=strategy)
 
     def describe(self, task: str | None) -> str:
+        vote = self.votes.get(task) if task is not None and self.known(task) else None
+        if vote is not None and self.strategy == "cascade":
+            return f"vote cascade {vote.describe()}"
         g = self.gate_for(task)
         a, b, s = short_name(self.ladder[0]), short_name(self.ladder[1]), short_name(self.strong)
         name = "score" if g.cost_aware else "p"
@@ -295,6 +334,7 @@ class Router:
             "prompt_gate": self.prompt_gate.to_json(),
             "third": self.third,
             "third_gate": self.third_gate.to_json() if self.third_gate is not None else None,
+            "votes": {t: p.to_json() for t, p in sorted(self.votes.items())},
             "meta": self.meta,
         }
 
@@ -323,6 +363,7 @@ class Router:
             meta=dict(obj.get("meta", {})),
             third=str(obj["third"]) if obj.get("third") else None,
             third_gate=Logistic.from_json(obj["third_gate"]) if obj.get("third_gate") else None,
+            votes={str(t): CascadePolicy.from_json(p) for t, p in (obj.get("votes") or {}).items()},
         )
 
     def save(self, path: str | Path) -> None:

@@ -33,7 +33,13 @@ FAQ = {
 def _replica(tmp_path: Path, name: str, upstream: Any, pg_url: str) -> BackgroundServer:
     root = tmp_path / name
     root.mkdir(exist_ok=True)
-    data = {
+    return BackgroundServer(
+        base_settings(root, **_data(root, upstream, pg_url)), secrets={"up": UPSTREAM_KEY}
+    )
+
+
+def _data(root: Path, upstream: Any, pg_url: str) -> dict[str, Any]:
+    return {
         "storage": {"url": pg_url, "spool_path": str(root / "spool.jsonl"), "local_path": str(root / "l.db")},
         "providers": {"up": {"kind": "openai", "base_url": upstream.base_url}},
         "models": openai_models(),
@@ -51,7 +57,6 @@ def _replica(tmp_path: Path, name: str, upstream: Any, pg_url: str) -> Backgroun
         "semantic": {"embed_threads": 1, "state_flush_s": 0},
         "resilience": {"max_retries": 0},
     }
-    return BackgroundServer(base_settings(root, **data), secrets={"up": UPSTREAM_KEY})
 
 
 def _ask(server: BackgroundServer, question: str) -> Any:
@@ -135,3 +140,29 @@ def test_replicas_share_what_verification_learned_and_a_restart_resumes_it(
         openai_upstream.queue(Reply(text="Yes, to 40 countries."))
         assert _ask(c, "Do you deliver internationally?").headers["x-thrifty-cache"] == "miss"
         assert _ask(c, "what are your opening hours").headers["x-thrifty-cache"] == "semantic"  # a repeat
+    # `thrifty cache stats` reads what every replica merged into PostgreSQL, not a local file.
+    import yaml
+    from typer.testing import CliRunner
+
+    from tests.conftest import KEYS as _KEYS
+    from thrifty.cli import app
+    from thrifty.stores.keys import hash_key
+
+    config = tmp_path / "thrifty.yaml"
+    data = {
+        **_data(tmp_path / "c", openai_upstream, pg_url),
+        "providers": {"up": {"kind": "openai", "base_url": "x"}},
+    }
+    data["tenants"] = {t: {"key_hashes": [hash_key(k)]} for t, k in _KEYS.items()}
+    config.write_text(yaml.safe_dump(data))
+    out = CliRunner().invoke(app, ["cache", "stats", "--config", str(config), "--json"])
+    assert out.exit_code == 0, out.output
+    (part,) = [r for r in json.loads(out.output) if r["partition"] != "all"]
+    assert (part["tenant_id"], part["verified_wrong"], part["verifications"]) == ("acme", 1, 1)
+    other = CliRunner().invoke(
+        app, ["cache", "stats", "--config", str(config), "--tenant", "globex", "--json"]
+    )
+    assert other.exit_code == 0 and json.loads(other.output) == []
+    unknown = CliRunner().invoke(app, ["cache", "stats", "--config", str(config), "--route", "nope"])
+    # (The CLI's entry point turns this error into one line and exit 2; CliRunner shows it raised.)
+    assert "no route 'nope'" in str(unknown.exception)

@@ -552,8 +552,9 @@ def cache_stats(
     from thrifty.stores.sqlite_db import open_database
 
     settings = _settings(config) if db is None or config is not None else None
-    path = db or (settings.storage.sqlite_path if settings is not None else None)
-    assert path is not None
+    if settings is not None and route is not None and route not in settings.routes:
+        known = ", ".join(sorted(settings.routes))
+        raise ThriftyError(f"--route: no route {route!r} in the settings (routes: {known})")
     semantic = {
         name: r.semantic_cache
         for name, r in (settings.routes.items() if settings is not None else ())
@@ -561,17 +562,22 @@ def cache_stats(
     }
     verify = {name: s.verify for name, s in semantic.items() if s.verify is not None and s.verify.enabled}
     params = {name: load_params(s) for name, s in semantic.items()}
-    conn = open_database(path)
-    try:
-        states = SqlitePartitionStateStore(conn).rows(tenant=tenant, route=route)
-        counts = dict(
-            conn.execute(
-                "SELECT partition, count(*) FROM semantic_cache WHERE expires_at > ? GROUP BY partition",
-                (time.time(),),
-            ).fetchall()
-        )
-    finally:
-        conn.close()
+    if db is None and settings is not None and settings.storage.backend == "postgresql":
+        states, counts = _postgres_cache_stats(settings.storage.url, tenant, route)
+    else:
+        path = db or (settings.storage.sqlite_path if settings is not None else None)
+        assert path is not None
+        conn = open_database(path)
+        try:
+            states = SqlitePartitionStateStore(conn).rows(tenant=tenant, route=route)
+            counts = dict(
+                conn.execute(
+                    "SELECT partition, count(*) FROM semantic_cache WHERE expires_at > ? GROUP BY partition",
+                    (time.time(),),
+                ).fetchall()
+            )
+        finally:
+            conn.close()
     rows = partition_stats([(p, s) for p, s, _ in states], verify, params, counts)
     if as_json:
         typer.echo(orjson.dumps([r.to_dict() for r in rows], option=orjson.OPT_INDENT_2).decode())
@@ -580,6 +586,39 @@ def cache_stats(
         typer.echo("no semantic cache partition has recorded lookups on a route with semantic_cache.verify")
         return
     _console().print(stats_table(rows, with_thresholds=settings is not None))
+
+
+def _postgres_cache_stats(
+    url: str, tenant: str | None, route: str | None
+) -> tuple[list[tuple[str, Any, float]], dict[str, int]]:
+    """The partition states every replica merged into PostgreSQL, and the live entries' counts."""
+    from thrifty.cache.semantic.adaptive import PartitionState
+    from thrifty.stores import postgres
+
+    sql = "SELECT partition, state, updated_at FROM semantic_partition_state WHERE TRUE"
+    args: list[object] = []
+    if tenant is not None:
+        sql += " AND tenant_id = %s"
+        args.append(tenant)
+    if route is not None:
+        sql += " AND route = %s"
+        args.append(route)
+    conn = postgres.connect(url)
+    try:
+        rows = conn.execute(sql + " ORDER BY tenant_id, route, partition", args).fetchall()
+        counts = dict(
+            conn.execute(
+                "SELECT partition, count(*) FROM semantic_cache WHERE expires_at > %s GROUP BY partition",
+                (time.time(),),
+            ).fetchall()
+        )
+    finally:
+        conn.close()
+    states = [
+        (p, PartitionState.from_dict(st if isinstance(st, dict) else orjson.loads(st)), float(t))
+        for p, st, t in rows
+    ]
+    return states, counts
 
 
 @eval_app.command("run")

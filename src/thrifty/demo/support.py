@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import random
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -20,10 +21,18 @@ from typing import Any
 
 import orjson
 
+from thrifty.settings import Settings
+
 DEFAULT_DATA = Path("../shared/data/cache/banking77")
 ROUTE = "support"
 MODEL, UPSTREAM = "gpt-4o-mini", "gpt-4o-mini-2024-07-18"
-ROUTE_SETTINGS: dict[str, Any] = {"model": MODEL, "semantic_cache": {"ttl_s": 86400}}
+# Live verification: a sampled share of paraphrase hits is asked upstream again after the cached
+# answer went out, and the fresh answer compared as text (the stand-in answers name their intent).
+ROUTE_SETTINGS: dict[str, Any] = {
+    "model": MODEL,
+    # max_rate: a short demo verifies a fifth of its hits while learning (the default is a tenth).
+    "semantic_cache": {"ttl_s": 86400, "verify": {"compare": "text", "max_rate": 0.2}},
+}
 SYSTEM = "You are the support assistant of Acme Bank. Answer from the help-centre articles."
 
 _SYNTHETIC = {
@@ -152,3 +161,45 @@ def summary(stats: SupportStats, seeds: int, saved_usd: Decimal, min_entries: in
             "question: in a sparse cache the nearest entry is often a neighbouring question)"
         )
     return line
+
+
+def verification_summary(conn: sqlite3.Connection, settings: Settings) -> str | None:
+    """What verification did on the support route, from the ledger and the partition state the
+    gateway wrote at shutdown (what `thrifty cache stats` reads)."""
+    from thrifty.cache.semantic.stage import load_params
+    from thrifty.cache.semantic.state_store import SqlitePartitionStateStore
+    from thrifty.cache.semantic.stats import partition_stats
+
+    semantic = settings.routes[ROUTE].semantic_cache
+    if semantic is None or semantic.verify is None:
+        return None
+    states = SqlitePartitionStateStore(conn).rows(route=ROUTE)
+    counts = dict(
+        conn.execute("SELECT partition, count(*) FROM semantic_cache GROUP BY partition").fetchall()
+    )
+    rows = partition_stats(
+        [(p, st) for p, st, _ in states], {ROUTE: semantic.verify}, {ROUTE: load_params(semantic)}, counts
+    )
+    parts = [r for r in rows if r.partition != "all"]
+    if not sum(r.paraphrase_hits for r in parts):
+        return None  # below min_entries only repeats are answered, and repeats are not verified
+    ledger_rows, cost = conn.execute(
+        "SELECT count(*), group_concat(cost_usd, ' ') FROM ledger "
+        "WHERE route = ? AND request_id LIKE '%.verify'",
+        (ROUTE,),
+    ).fetchone()
+    verify_cost = sum((Decimal(c) for c in (cost or "").split()), Decimal(0))
+    top = max(parts, key=lambda r: r.lookups)
+    shown = "paraphrases off" if top.threshold is None else f"threshold {top.threshold:.4f}"
+    verified = sum(r.verifications for r in parts)
+    wrong = sum(r.verified_wrong for r in parts)
+    hits = sum(r.paraphrase_hits for r in parts)
+    line = (
+        f"semantic verification: {verified} of the route's {hits} paraphrase hits (first askers' "
+        "included) asked upstream again after the "
+        f"cached answer was sent (off the response path; {ledger_rows} ledger rows <id>.verify, role "
+        f"verify, ${verify_cost:.6f}), {wrong} found wrong; the partition is {top.status} at {shown}"
+    )
+    if top.sample_rate is not None:
+        line += f", verifying {top.sample_rate:.0%} of hits"
+    return line + f"; saving net of verification ${sum((r.net_saved_usd for r in parts), Decimal(0)):.6f}"

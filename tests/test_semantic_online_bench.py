@@ -116,8 +116,10 @@ def test_bench_online_counts_far_questions_as_out_of_scope_lookups(tmp_path: Pat
         train, test, Console(file=io.StringIO(), width=200), params=default_params(), far_questions=far
     )
     (run,) = result["runs"]
-    assert run["lookups"] == 5 and run["out_of_scope_lookups"] == 3
+    assert run["lookups"] == 5 and run["out_of_scope_lookups"] == 3 and run["far_lookups"] == 2
     assert run["name"] == "held-out + 2 far"
+    assert run["static"]["far_lookups"] == 2 and run["static"]["oos_lookups"] == 3
+    assert run["static"]["far_hits"] == 0 and run["static"]["far_false_hit_rate"] == 0.0
 
 
 def test_too_few_far_questions_is_a_one_line_cli_error(tmp_path: Path):

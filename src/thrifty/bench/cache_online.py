@@ -40,6 +40,7 @@ from thrifty.cache.semantic.tune import Labelled, exact_neighbours
 from thrifty.settings import CacheVerifySettings
 
 OOS_LABEL = "\x00out-of-scope"
+FAR_LABEL = "\x00far"  # out of scope and of no cached kind at all (--far-oos), counted apart too
 # Out-of-scope lookups in the tuning half's rule, as a share of its dense lookups (as the shipped rule).
 SCOPE_SHARE = 0.1
 CURVE_POINTS = 20
@@ -91,6 +92,8 @@ class Tally:
     good_hits: int = 0
     oos_lookups: int = 0
     oos_hits: int = 0
+    far_lookups: int = 0
+    far_hits: int = 0
     verifications: int = 0
     wrong_found: int = 0
 
@@ -108,6 +111,9 @@ class Tally:
             "precision": self.good_hits / self.hits if self.hits else 1.0,
             "in_scope_precision": self.good_hits / in_scope_hits if in_scope_hits else 1.0,
             "oos_false_hit_rate": self.oos_hits / self.oos_lookups if self.oos_lookups else 0.0,
+            "far_lookups": self.far_lookups,
+            "far_hits": self.far_hits,
+            "far_false_hit_rate": self.far_hits / self.far_lookups if self.far_lookups else 0.0,
             "verifications": self.verifications,
             "verification_rate": self.verifications / self.hits if self.hits else 0.0,
             "wrong_found": self.wrong_found,
@@ -145,12 +151,13 @@ def stream(
     result = StreamResult(name, {})
     for i, (found, text, label) in enumerate(zip(neighbours, texts, labels, strict=True)):
         tally.lookups += 1
-        oos = label == OOS_LABEL
+        oos, far = label in (OOS_LABEL, FAR_LABEL), label == FAR_LABEL
         tally.oos_lookups += oos
+        tally.far_lookups += far
         norm = normalise(text)
         repeat = next((n for n in found if normalise(n.text) == norm), None)
         if repeat is not None:
-            _hit(tally, repeat.answer_id == label, oos)
+            _hit(tally, repeat.answer_id == label, oos, far)
         else:
             a = assess(text, found, params)
             if a.features is not None and a.score > 0:
@@ -168,7 +175,7 @@ def stream(
                 threshold = math.inf  # outside its answer's cluster: a miss (and a near-miss verdict)
             if a.served is not None and a.score >= threshold:
                 correct = a.served.answer_id == label
-                _hit(tally, correct, oos)
+                _hit(tally, correct, oos, far)
                 if policy is not None and verdict is not None:
                     state.served(repeat=False, saved=None)
                     if rng.random() < sample_rate(state, verdict, policy):
@@ -192,10 +199,11 @@ def stream(
     return result
 
 
-def _hit(tally: Tally, correct: bool, oos: bool) -> None:
+def _hit(tally: Tally, correct: bool, oos: bool, far: bool) -> None:
     tally.hits += 1
     tally.good_hits += correct
     tally.oos_hits += oos
+    tally.far_hits += far
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +286,7 @@ def with_far_questions(
     order = np.random.default_rng(seed).permutation(n)
     all_vectors = np.concatenate([stream.vectors, vectors])[order]
     all_texts = [*stream.texts, *texts]
-    all_labels = [*stream.labels, *([OOS_LABEL] * len(texts))]
+    all_labels = [*stream.labels, *([FAR_LABEL] * len(texts))]
     return replace(
         stream,
         name=f"{stream.name} + {len(texts)} far",
@@ -385,7 +393,8 @@ def run_stream(spec: Stream, policy: Policy, seed: int) -> dict[str, Any]:
         "rule": spec.rule,
         "cache_entries": size,
         "lookups": len(spec.texts),
-        "out_of_scope_lookups": sum(1 for lab in spec.labels if lab == OOS_LABEL),
+        "out_of_scope_lookups": sum(1 for lab in spec.labels if lab in (OOS_LABEL, FAR_LABEL)),
+        "far_lookups": sum(1 for lab in spec.labels if lab == FAR_LABEL),
         "shipped_threshold": _finite(spec.params.threshold_for(size)),
         "static": static.total,
         "online": online.total,
@@ -402,17 +411,18 @@ def _finite(value: float) -> float | str:
 
 def online_table(title: str, runs: Sequence[dict[str, Any]]) -> Table:
     table = Table(title=title)
-    for col in (
-        "stream",
-        "rule",
-        "hit rate",
-        "precision",
-        "in-scope precision",
-        "OOS false hits",
-        "verified hits",
-        "net saving",
-        "final threshold",
-    ):
+    far = any(run.get("far_lookups") for run in runs)
+    columns = ["stream", "rule", "hit rate", "precision", "in-scope precision", "OOS false hits"]
+    columns += (
+        ["of them far", "verified hits", "net saving", "final threshold"]
+        if far
+        else [
+            "verified hits",
+            "net saving",
+            "final threshold",
+        ]
+    )
+    for col in columns:
         table.add_column(col, justify="left" if col in ("stream", "rule") else "right")
     for run in runs:
         for kind in ("static_no_guard", "static", "online"):
@@ -428,6 +438,7 @@ def online_table(title: str, runs: Sequence[dict[str, Any]]) -> Table:
                 f"{t['precision']:.2%}",
                 f"{t['in_scope_precision']:.2%}",
                 f"{t['oos_false_hit_rate']:.2%}",
+                *([f"{t['far_hits']} of {t['far_lookups']}"] if far else []),
                 f"{t['verification_rate']:.1%}",
                 f"{t['net_saving']:.1%}",
                 (f"{thr:.4f}" if isinstance(thr, float) else str(thr))
@@ -592,6 +603,8 @@ def _pooled(runs: Sequence[dict[str, Any]], kind: str) -> dict[str, Any]:
         tally.good_hits += t["good_hits"]
         tally.oos_lookups += t["oos_lookups"]
         tally.oos_hits += t["oos_hits"]
+        tally.far_lookups += t["far_lookups"]
+        tally.far_hits += t["far_hits"]
         tally.verifications += t["verifications"]
         tally.wrong_found += t["wrong_found"]
     return tally.row()

@@ -11,6 +11,7 @@ one short lease.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -304,3 +305,52 @@ def test_a_keyed_request_cut_by_a_sigkill_is_retried_after_a_restart_within_one_
     rows = [r for r in ledger_rows(tmp_path / "ledger.db") if r["idempotency_key"] == "order-1"]
     charged = [r for r in rows if r["cost_usd"] is not None and Decimal(str(r["cost_usd"])) > 0]
     assert len(charged) == 1 and Decimal(str(charged[0]["cost_usd"])) == COST
+
+
+# -- what renewal costs ---------------------------------------------------------------------------
+
+
+async def test_renewal_runs_only_while_a_keyed_or_coalesced_call_is_open_and_never_on_the_request_path(
+    tmp_path, openai_upstream, services, redis_prefix
+):
+    from tests.conftest import KEYS as TENANT_KEYS
+    from tests.conftest import base_settings, openai_models
+    from thrifty.gateway import Gateway
+
+    settings = base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": openai_upstream.base_url}},
+        models=openai_models(),
+        routes={"coal": {"model": "gpt-4o-mini", "coalesce": True}},
+        # The breaker board's poll would count too: out of the way for the length of the test.
+        shared_state={"url": services.redis_url, "prefix": redis_prefix, "breaker_poll_s": 3600},
+        idempotency={"flight_lease_s": 0.6},  # renewed every 0.2 s
+        tenants={"acme": {"key_hashes": [hash_key(TENANT_KEYS["acme"])]}},
+    )
+    gateway = Gateway(settings, secrets={"up": UPSTREAM_KEY})
+    await gateway.start()
+    state = gateway.stores.redis
+
+    async def round_trips(body: dict[str, Any], delay_s: float, key: str | None = None) -> tuple[int, int]:
+        """The round trips until the answer, and those after it (a second later)."""
+        openai_upstream.queue(_reply("x", delay_s))
+        before = state.round_trips
+        await gateway.chat_completion(body, tenant="acme", idempotency_key=key)
+        answered = state.round_trips
+        await asyncio.sleep(1.0)
+        return answered - before, state.round_trips - answered
+
+    try:
+        plain = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "plain"}]}
+        coal = {"model": "route:coal", "messages": [{"role": "user", "content": "coal"}]}
+        assert await round_trips(plain, 0.05) == (0, 0)  # neither coalesced nor keyed: nothing at all
+        # Shorter than a third of the lease: join and publish, claim and complete, as without renewal.
+        assert await round_trips(coal, 0.05) == (2, 0)
+        assert await round_trips(plain, 0.05, key="k-short") == (2, 0)
+        # A 1.1 s call renews about every 0.2 s while it runs (in the background), and stops with it.
+        during, after = await round_trips({**coal, "max_tokens": 9}, 1.1)
+        assert 2 + 4 <= during <= 2 + 6 and after == 0, during
+        during, after = await round_trips(plain, 1.1, key="k-long")
+        assert 2 + 4 <= during <= 2 + 6 and after == 0, during
+    finally:
+        await gateway.close()

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -286,6 +288,13 @@ def test_a_keyed_request_cut_by_a_sigkill_is_retried_after_a_restart_within_one_
             killed = time.monotonic()
             with pytest.raises(httpx.TransportError):
                 doomed.result()
+        # What the killed process left: a running row whose lease ends one short lease after its
+        # last renewal (whatever the restart then takes), not 600 s after the claim.
+        with closing(sqlite3.connect(tmp_path / "ledger.db")) as db:
+            ((state, expires_at),) = db.execute(
+                "SELECT state, expires_at FROM idempotency WHERE idem_key = 'order-1'"
+            ).fetchall()
+        assert state == "running" and expires_at - time.time() <= FLIGHT_LEASE_S, expires_at - time.time()
         proc = _start(config, port)
         _wait_healthy(f"http://127.0.0.1:{port}", proc)
         refused = httpx.post(url, json=KEYED, headers=headers, timeout=30)

@@ -170,3 +170,35 @@ async def test_a_flight_leader_keeps_its_flight_by_renewing_and_a_stale_one_cann
         assert joined == StoredResult(BODY, Decimal("0.25"))
     finally:
         await state.close()
+
+
+async def test_a_key_claimed_locally_while_redis_is_away_is_renewed_in_the_local_file(tmp_path: Path) -> None:
+    import socket
+
+    from thrifty.errors import SharedStateUnavailable
+    from thrifty.settings import SharedStateSettings
+    from thrifty.stores.faults import LocalFallback
+    from thrifty.stores.idempotency_degraded import DegradingIdempotencyStore
+    from thrifty.stores.redis_idempotency import RedisIdempotencyStore
+    from thrifty.stores.redis_state import RedisState
+
+    with socket.socket() as s:  # a port nothing listens on: Redis is away
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = RedisState(SharedStateSettings(url=f"redis://127.0.0.1:{port}/0", fault_mode="degrade_local"))
+    local = SqliteIdempotencyStore(tmp_path / "local.db", max_entries=100)
+    store = DegradingIdempotencyStore(RedisIdempotencyStore(state), local, LocalFallback("idempotency keys"))
+    await store.start()
+    try:
+        assert await store.claim(KEY, "fp", owner="a", now=100.0, lease_s=15) is None  # claimed locally
+        assert await store.renew(KEY, owner="a", now=110.0, lease_s=15) is True
+        running = await local.claim(KEY, "fp", owner="b", now=120.0, lease_s=15)
+        assert running is not None and running.expires_at == 125.0  # the renewal is in the local file
+        other = IdempotencyKey(
+            "acme", "claimed-in-redis"
+        )  # not claimed here: it goes to Redis, which is away
+        with pytest.raises(SharedStateUnavailable):
+            await store.renew(other, owner="a", now=110.0, lease_s=15)
+    finally:
+        await store.close()
+        await state.close()

@@ -6,9 +6,11 @@ started by scripts/services.sh); the tests that reopen a file or bound its size 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,3 +123,82 @@ async def test_the_oldest_results_are_dropped_beyond_max_entries_but_running_key
         assert found is not None and found.result is None
     finally:
         await store.close()
+
+
+async def test_the_owner_renews_its_short_lease_and_a_stale_owner_can_neither_renew_nor_record(
+    store: IdempotencyStore,
+) -> None:
+    assert await store.claim(KEY, "fp", owner="a", now=100.0, lease_s=15) is None
+    assert await store.renew(KEY, owner="a", now=110.0, lease_s=15) is True  # now ends at 125
+    assert await store.renew(KEY, owner="b", now=111.0, lease_s=15) is False  # not b's: nothing written
+    running = await store.claim(KEY, "fp", owner="b", now=120.0, lease_s=15)
+    assert running is not None and running.result is None and running.expires_at == 125.0
+    # a stops renewing (it died, or stalled): once its lease ends b owns the key, and a is fenced off.
+    assert await store.claim(KEY, "fp", owner="b", now=126.0, lease_s=15) is None
+    assert await store.renew(KEY, owner="a", now=127.0, lease_s=15) is False
+    await store.complete(KEY, StoredResult({"stale": True}, Decimal("0.5")), owner="a", now=128.0, ttl_s=1000)
+    assert await store.renew(KEY, owner="b", now=129.0, lease_s=15) is True
+    await store.complete(KEY, StoredResult(BODY, Decimal("0.25")), owner="b", now=130.0, ttl_s=1000)
+    assert await store.renew(KEY, owner="b", now=131.0, lease_s=15) is False  # finished: nothing runs
+    done = await store.claim(KEY, "fp", owner="c", now=132.0, lease_s=15)
+    assert done is not None and done.result == StoredResult(BODY, Decimal("0.25"))
+    assert done.expires_at == 1130.0  # the TTL, not a lease a renewal could have stretched
+
+
+async def test_a_flight_leader_keeps_its_flight_by_renewing_and_a_stale_one_cannot_publish(
+    services: Any, redis_prefix: str
+) -> None:
+    from thrifty.settings import SharedStateSettings
+    from thrifty.stores.redis_idempotency import RedisFlights
+    from thrifty.stores.redis_state import RedisState
+
+    state = RedisState(SharedStateSettings(url=services.redis_url, prefix=redis_prefix))
+    flights = RedisFlights(state)
+    try:
+        assert await flights.join("acme", "f", owner="a", lease_s=0.6, waiting=False) is True
+        for _ in range(4):  # 1.2 s in all, twice the lease: still a's while it renews
+            await asyncio.sleep(0.3)
+            assert await flights.renew("acme", "f", owner="a", lease_s=0.6) is True
+            assert await flights.join("acme", "f", owner="b", lease_s=0.6, waiting=True) is False
+        await asyncio.sleep(0.7)  # a stopped renewing: its lease ends and the waiting b leads
+        assert await flights.join("acme", "f", owner="b", lease_s=0.6, waiting=True) is True
+        assert await flights.renew("acme", "f", owner="a", lease_s=0.6) is False
+        await flights.publish("acme", "f", StoredResult({"stale": True}, None), owner="a", ttl_s=10)
+        assert await flights.join("acme", "f", owner="c", lease_s=0.6, waiting=True) is False
+        await flights.publish("acme", "f", StoredResult(BODY, Decimal("0.25")), owner="b", ttl_s=10)
+        joined = await flights.join("acme", "f", owner="c", lease_s=0.6, waiting=True)
+        assert joined == StoredResult(BODY, Decimal("0.25"))
+    finally:
+        await state.close()
+
+
+async def test_a_key_claimed_locally_while_redis_is_away_is_renewed_in_the_local_file(tmp_path: Path) -> None:
+    import socket
+
+    from thrifty.errors import SharedStateUnavailable
+    from thrifty.settings import SharedStateSettings
+    from thrifty.stores.faults import LocalFallback
+    from thrifty.stores.idempotency_degraded import DegradingIdempotencyStore
+    from thrifty.stores.redis_idempotency import RedisIdempotencyStore
+    from thrifty.stores.redis_state import RedisState
+
+    with socket.socket() as s:  # a port nothing listens on: Redis is away
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = RedisState(SharedStateSettings(url=f"redis://127.0.0.1:{port}/0", fault_mode="degrade_local"))
+    local = SqliteIdempotencyStore(tmp_path / "local.db", max_entries=100)
+    store = DegradingIdempotencyStore(RedisIdempotencyStore(state), local, LocalFallback("idempotency keys"))
+    await store.start()
+    try:
+        assert await store.claim(KEY, "fp", owner="a", now=100.0, lease_s=15) is None  # claimed locally
+        assert await store.renew(KEY, owner="a", now=110.0, lease_s=15) is True
+        running = await local.claim(KEY, "fp", owner="b", now=120.0, lease_s=15)
+        assert running is not None and running.expires_at == 125.0  # the renewal is in the local file
+        other = IdempotencyKey(
+            "acme", "claimed-in-redis"
+        )  # not claimed here: it goes to Redis, which is away
+        with pytest.raises(SharedStateUnavailable):
+            await store.renew(other, owner="a", now=110.0, lease_s=15)
+    finally:
+        await store.close()
+        await state.close()

@@ -42,6 +42,8 @@ def test_load_settings_anchors_relative_paths_and_reads_only_named_secrets(tmp_p
         (lambda d: d["models"]["mini"].update(colour="red"), "models.mini.colour"),
         (lambda d: d["tenants"]["acme"].update(key_hashes=["abc"]), "tenants.acme.key_hashes"),
         (lambda d: d["models"]["mini"].update(price={"input_per_mtok": 1}), "models.mini.price"),
+        (lambda d: d.update(idempotency={"flight_lease_s": 0}), "idempotency.flight_lease_s"),
+        (lambda d: d.update(idempotency={"lease_s": 10, "flight_lease_s": 20}), "idempotency"),
     ],
 )
 def test_invalid_settings_name_the_field(mutate, field):
@@ -52,6 +54,18 @@ def test_invalid_settings_name_the_field(mutate, field):
     with pytest.raises(ConfigError) as info:
         settings_from_mapping(data, source="test.yaml")
     assert field in info.value.message and "test.yaml" in info.value.message
+
+
+def test_the_renewed_idempotency_lease_is_the_short_one_unless_lease_s_is_shorter():
+    import yaml
+
+    data = yaml.safe_load(GOOD)
+    assert settings_from_mapping(data).idempotency.running_lease_s == 15.0
+    data["idempotency"] = {"lease_s": 3}  # an older config with a short lease keeps it
+    assert settings_from_mapping(data).idempotency.running_lease_s == 3.0
+    data["idempotency"] = {"lease_s": 3, "flight_lease_s": 4}
+    with pytest.raises(ConfigError, match=r"flight_lease_s \(4\) must not exceed idempotency.lease_s \(3\)"):
+        settings_from_mapping(data)
 
 
 def test_unreadable_or_non_yaml_settings(tmp_path: Path):

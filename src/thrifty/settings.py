@@ -632,9 +632,28 @@ class IdempotencySettings(_Strict):
     # Finished results kept (oldest dropped beyond this); also the most keys running at once in
     # one process: a running key is never dropped, a new key past it is refused (503).
     max_entries: int = Field(default=10000, ge=1)
-    # How long a key whose request was running when its gateway died stays refused (409) before
-    # a retry may generate anew; longer than the slowest request (timeouts x retries).
+    # The longest a live gateway holds a running key (or a coalesced flight) before a repeat may
+    # generate anew; longer than the slowest request (timeouts x retries).
     lease_s: float = Field(default=600.0, gt=0)
+    # The lease a running key or flight is actually written with, renewed every third of it while
+    # its owner works (up to `lease_s`): when the owner dies, a repeat waits at most this long
+    # instead of `lease_s`. Above a Redis round trip or an SQLite write under load by far.
+    flight_lease_s: float = Field(default=15.0, ge=0.3, le=3600)
+
+    @model_validator(mode="after")
+    def _flight_lease_within_lease(self) -> IdempotencySettings:
+        if "flight_lease_s" in self.model_fields_set and self.flight_lease_s > self.lease_s:
+            raise ValueError(
+                f"idempotency.flight_lease_s ({self.flight_lease_s:g}) must not exceed "
+                f"idempotency.lease_s ({self.lease_s:g})"
+            )
+        return self
+
+    @property
+    def running_lease_s(self) -> float:
+        """The renewed lease: `flight_lease_s`, or `lease_s` when that is set shorter (and the
+        short lease is the default)."""
+        return min(self.flight_lease_s, self.lease_s)
 
 
 class SemanticSettings(_Strict):

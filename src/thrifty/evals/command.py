@@ -208,7 +208,8 @@ def run_command(
     if pending:
         console.print(
             f"{len(pending)} call(s) were running when a previous run died and are refused by the gateway "
-            "until their idempotency lease ends (idempotency.lease_s); run the same command again then",
+            "until their idempotency lease ends (idempotency.flight_lease_s, 15 s by default); run the "
+            "same command again then",
             highlight=False,
         )
     return results

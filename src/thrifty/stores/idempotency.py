@@ -7,6 +7,9 @@ the operations of one process apply in the order they were asked for. `claim` is
 
 Finished results are kept until their TTL, and at most `max_entries` of them (the oldest go
 first, a tenth of the bound at a time); running rows are never dropped before their lease ends.
+A running row's lease is short and renewed by its live owner, so a key whose process was killed
+mid-request is free for a retry (after a restart, or in another process on the file) within one
+short lease, not the whole `idempotency.lease_s`.
 """
 
 from __future__ import annotations
@@ -177,6 +180,18 @@ class SqliteIdempotencyStore:
             done = keep
         self._done = done
         self._since_sweep = 0
+
+    async def renew(self, key: IdempotencyKey, *, owner: str, now: float, lease_s: float) -> bool:
+        return await self._run(
+            lambda: (
+                self._db.execute(
+                    "UPDATE idempotency SET expires_at = ? WHERE tenant_id = ? AND idem_key = ? "
+                    "AND owner = ? AND state = 'running'",
+                    (now + lease_s, key.tenant_id, key.key, owner),
+                ).rowcount
+                == 1
+            )
+        )
 
     async def release(self, key: IdempotencyKey, *, owner: str) -> None:
         await self._run(

@@ -105,6 +105,12 @@ class DegradingIdempotencyStore:
         await self._local.complete(key, result, owner=owner, now=now, ttl_s=ttl_s)
         self._local_until = max(self._local_until, now + ttl_s)
 
+    async def renew(self, key: IdempotencyKey, *, owner: str, now: float, lease_s: float) -> bool:
+        # Where it was claimed; an outage raises, and the owner tries again at its next renewal.
+        local, _ = self._claims.get(key, (False, ""))
+        store: IdempotencyStore = self._local if local else self._shared
+        return await store.renew(key, owner=owner, now=now, lease_s=lease_s)
+
     async def release(self, key: IdempotencyKey, *, owner: str) -> None:
         local, _ = self._claims.pop(key, (False, ""))
         if local:

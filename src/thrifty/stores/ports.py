@@ -283,7 +283,8 @@ class IdempotencyRecord:
 class IdempotencyStore(Protocol):
     """Durable idempotency records: a finished result answers repeats for its TTL, across restarts
     and replicas; a running marker with a lease keeps a key that was in flight when its gateway
-    died from being generated twice (repeats get a 409 until the lease ends)."""
+    died from being generated twice (repeats get a 409 until the lease ends). The lease is short and
+    renewed by its live owner (`renew`), so a dead owner's key is free again soon."""
 
     async def start(self) -> None: ...
 
@@ -301,6 +302,12 @@ class IdempotencyStore(Protocol):
         self, key: IdempotencyKey, result: StoredResult, *, owner: str, now: float, ttl_s: float
     ) -> None:
         """Store the finished result until `now + ttl_s`, if `owner` still holds the key."""
+        ...
+
+    async def renew(self, key: IdempotencyKey, *, owner: str, now: float, lease_s: float) -> bool:
+        """The owner is alive and still generating: its running record now ends at `now + lease_s`.
+        False (and nothing written) when `owner` no longer holds a running record for the key (its
+        lease ended and another owner took it over, or it finished)."""
         ...
 
     async def release(self, key: IdempotencyKey, *, owner: str) -> None:
@@ -326,6 +333,11 @@ class SharedFlights(Protocol):
         self, tenant_id: str, flight: str, result: StoredResult, *, owner: str, ttl_s: float
     ) -> None:
         """The leader's result, for its waiters (if `owner` still leads: a stale leader cannot)."""
+        ...
+
+    async def renew(self, tenant_id: str, flight: str, *, owner: str, lease_s: float) -> bool:
+        """The leader is alive: its flight's lease now ends `lease_s` from now. False (nothing
+        written) when `owner` no longer leads it (a waiter took it over after its lease ended)."""
         ...
 
     async def release(self, tenant_id: str, flight: str, *, owner: str) -> None:

@@ -6,7 +6,9 @@ lease and returns nothing (the caller generates); otherwise it returns the recor
 nothing, so across replicas exactly one request generates per key. The owner is the fencing
 token: `complete` and `release` act only while the caller still owns the key, so a leader whose
 lease ran out (it stalled or died, another replica took over) cannot publish over the new
-owner's result. Records expire in Redis with their lease or TTL, which bounds memory.
+owner's result. The lease is short and the live owner renews it (`renew`, fenced the same way),
+so a dead owner's key is taken over within one short lease. Records expire in Redis with their
+lease or TTL, which bounds memory.
 """
 
 from __future__ import annotations
@@ -48,6 +50,19 @@ redis.call('PEXPIRE', h, math.ceil(ttl * 1000) + 1000)
 return 1
 """
 
+# renew(owner, now, lease): the owner's running record lives `lease` longer; 0 when it is not the
+# owner's running record any more (fenced: a stale owner cannot extend its successor's lease).
+_RENEW = """
+local h = KEYS[1]
+local owner, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('HGET', h, 'owner') ~= owner or redis.call('HGET', h, 'state') ~= 'running' then
+  return 0
+end
+redis.call('HSET', h, 'expires_at', string.format('%.6f', now + lease))
+redis.call('PEXPIRE', h, math.ceil(lease * 1000) + 1000)
+return 1
+"""
+
 _RELEASE = """
 local h = KEYS[1]
 if redis.call('HGET', h, 'owner') == ARGV[1] and redis.call('HGET', h, 'state') == 'running' then
@@ -86,6 +101,7 @@ class RedisFlights:
         # its handshake) is what timed out under load.
         self._join = Script(_JOIN)
         self._complete = Script(_COMPLETE)
+        self._renew = Script(_RENEW)
         self._release = Script(_RELEASE)
 
     def _key(self, tenant_id: str, flight: str) -> str:
@@ -113,6 +129,11 @@ class RedisFlights:
         args: list[Any] = [owner, response, cost, repr(time.time()), repr(ttl_s)]
         await self._state.run(self._complete, keys, args)
 
+    async def renew(self, tenant_id: str, flight: str, *, owner: str, lease_s: float) -> bool:
+        keys = [self._key(tenant_id, flight)]
+        args: list[Any] = [owner, repr(time.time()), repr(lease_s)]
+        return bool(await self._state.run(self._renew, keys, args))
+
     async def release(self, tenant_id: str, flight: str, *, owner: str) -> None:
         await self._state.run(self._release, [self._key(tenant_id, flight)], [owner])
 
@@ -122,6 +143,7 @@ class RedisIdempotencyStore:
         self._state = state
         self._claim = state.client.register_script(_CLAIM)
         self._complete = state.client.register_script(_COMPLETE)
+        self._renew = state.client.register_script(_RENEW)
         self._release = state.client.register_script(_RELEASE)
 
     def _key(self, key: IdempotencyKey) -> str:
@@ -155,6 +177,11 @@ class RedisIdempotencyStore:
         keys = [self._key(key)]
         args: list[Any] = [owner, response, cost, repr(now), repr(ttl_s)]
         await self._state.call(lambda: self._complete(keys=keys, args=args))
+
+    async def renew(self, key: IdempotencyKey, *, owner: str, now: float, lease_s: float) -> bool:
+        keys = [self._key(key)]
+        args: list[Any] = [owner, repr(now), repr(lease_s)]
+        return bool(await self._state.call(lambda: self._renew(keys=keys, args=args)))
 
     async def release(self, key: IdempotencyKey, *, owner: str) -> None:
         keys = [self._key(key)]

@@ -58,11 +58,18 @@ def train_router(
     confidence: float = 0.95,
     prices: str | Path | None = None,
     console: Console | None = None,
+    vote_ordering: str = "same",
 ) -> Router:
     """Train on every row of `data_paths` (ladder searched, thresholds certified out-of-fold);
     write the artifact."""
     rows = load_priced(data_paths, prices, console)
-    router = train(rows, reference=reference, target_quality=target_quality, confidence=confidence)
+    router = train(
+        rows,
+        reference=reference,
+        target_quality=target_quality,
+        confidence=confidence,
+        vote_ordering=vote_ordering,
+    )
     router.save(out_path)
     return router
 

@@ -28,6 +28,7 @@ from thrifty.routing.train.certify import (
 from thrifty.routing.train.data import Row, id_bucket
 from thrifty.routing.train.gate import Logistic, fit_logistic, parse, prompt_features, stage_features
 from thrifty.routing.train.router import AGREE_BONUS, NEVER, Gate, Router, accept_score
+from thrifty.routing.train.votes import ORDERINGS, choose_votes
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,6 +490,7 @@ def train(
     ask_third: bool = True,
     votes: bool | None = None,
     vote_share: float = 0.5,
+    vote_ordering: str = "same",
 ) -> Router:
     """Learn the ladder and fit its gates on all rows; certify thresholds on out-of-fold scores.
 
@@ -498,10 +500,13 @@ def train(
     With `ask_third`, each ladder gets a third opinion (`third`, or ``pick_third``'s choice).
     With `votes` (default: when no `ladder` is given), per-task vote cascades
     (``votes.choose_votes``) compete too, at 1 - (1 - confidence) x `vote_share`; the ladders
-    share the rest of the error budget."""
+    share the rest of the error budget. `vote_ordering` says which rows order their path
+    ("same", "split", "crossfit": ``votes.choose_votes``)."""
     if not rows:
         raise InvalidData("no training rows")
     z_score(confidence)  # a bad confidence is refused before any work
+    if vote_ordering not in ORDERINGS:
+        raise InvalidData(f"vote ordering must be one of {', '.join(ORDERINGS)}, not {vote_ordering!r}")
     if ladder is not None:
         options = [LadderOption(ladder, strong or reference, 0.0, 0.0)]
     else:
@@ -543,7 +548,7 @@ def train(
         # only as good as the reference on the seen tasks may be far worse on an unseen one.
         own = [f for f in fits if f.router.strong == reference] or fits
         base = min(own, key=lambda f: (not f.certified, f.rel_cost if f.certified else -f.bound))
-        fits.append(_votes(rows, base.router, target_quality, 1.0 - alpha * vote_share))
+        fits.append(_votes(rows, base.router, target_quality, 1.0 - alpha * vote_share, vote_ordering))
     best = min(fits, key=lambda f: (not f.certified, f.rel_cost if f.certified else -f.bound))
     searched = [
         {
@@ -792,12 +797,14 @@ def _plain(rows: Sequence[Row], learned: Router, target: float, confidence: floa
     return Calibrated(router, point.cost / ref_c, bound, chosen >= 0 and bound >= target - 1e-9)
 
 
-def _votes(rows: Sequence[Row], learned: Router, target: float, confidence: float) -> Calibrated:
+def _votes(
+    rows: Sequence[Row], learned: Router, target: float, confidence: float, ordering: str = "same"
+) -> Calibrated:
     """Per-task vote cascades over the pool's cheap models, certified along a label-free path
     (``votes``). The learned router's gates stay for its classifier; the cascade follows the votes."""
-    from thrifty.routing.train.votes import choose_votes
-
-    choice = choose_votes(rows, reference=learned.reference, target=target, confidence=confidence)
+    choice = choose_votes(
+        rows, reference=learned.reference, target=target, confidence=confidence, ordering=ordering
+    )
     z = z_score(confidence)
     loose = choice.path[choice.uncertified]
     ref_q = float(sum(r.calls[learned.reference].correct for r in rows))

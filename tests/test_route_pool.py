@@ -23,7 +23,8 @@ from thrifty.routing.train.certify import (
 )
 from thrifty.routing.train.cost import CostModel, load_prices
 from thrifty.routing.train.data import Call, Row, load_rows
-from thrifty.routing.train.fit import candidate_ladders, train
+from thrifty.routing.train.fit import train
+from thrifty.routing.train.ladders import candidate_ladders
 from thrifty.routing.train.router import Router
 
 # A hand-made pool of four models nobody ships prices for.

@@ -18,8 +18,9 @@ from thrifty.errors import InvalidData
 from thrifty.routing.train.bound import Bound, hindsight_bound
 from thrifty.routing.train.cost import CostModel, load_prices
 from thrifty.routing.train.data import Row, load_rows
-from thrifty.routing.train.fit import pool_models, train
+from thrifty.routing.train.fit import train
 from thrifty.routing.train.gap import Gap, decompose, uncertified_router
+from thrifty.routing.train.ladders import pool_models
 from thrifty.routing.train.metrics import PairMetrics, Summary, pair_metrics, random_at_cost, summarise
 from thrifty.routing.train.policy import (
     CascadePolicy,

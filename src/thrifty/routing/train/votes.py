@@ -15,11 +15,14 @@ combination of per-task cascades per step (the label-free Pareto front of the mi
 stops at the first rule whose lower confidence bound of the paired difference with the
 reference misses the target, and the cheapest rule before it is chosen.
 
-A caveat on the order: it is computed on the same rows it tests, from their outputs, and a rule
-that disagrees with the strong model less on these rows is also wrong less on them, so the order
-is not independent of the losses as a strict reading of the theory asks. Repeated draws measure
-what that costs in coverage (tests and README); computing the order on unlabelled prompts would
-remove it.
+A caveat on the order, and its strict modes: with ordering="same" (the default) it is computed on
+the same rows it tests, from their outputs, and a rule that disagrees with the strong model less
+on these rows is also wrong less on them, so the order is not independent of the losses as a
+strict reading of the theory asks. ordering="split" removes that: half of the rows (by id hash)
+order the path and only the other half tests it, so the order is fixed before the tested rows are
+seen; "crossfit" does it both ways, each test at half the error budget, and keeps the cheaper
+certified rule. Both test on half the rows, so their bounds are wider; repeated draws measure what
+each costs in coverage and cost (tests and README).
 """
 
 from __future__ import annotations

@@ -162,3 +162,15 @@ def test_a_split_ordering_never_looks_at_the_rows_it_tests() -> None:
     assert [s.quality for s in again.path] != [s.quality for s in choice.path]
     with pytest.raises(ValueError, match="ordering"):
         choose_votes(ROWS, reference=BIG, target=0.99, confidence=0.95, ordering="labels")
+
+
+def test_an_uncertified_choice_sends_every_task_to_the_strong_model() -> None:
+    # No rule reaches 120% of big's quality, not even big itself: nothing is certified.
+    for ordering in ORDERINGS:
+        choice = choose_votes(ROWS, reference=BIG, target=1.2, confidence=0.95, ordering=ordering)
+        assert not choice.certified
+        assert {t: (p.cheap, p.strong) for t, p in choice.policies().items()} == {
+            "easy": ((), BIG),
+            "hard": ((), BIG),
+        }
+        assert choice.escalation == {"easy": 1.0, "hard": 1.0} and choice.rel_cost == 1.0

@@ -153,13 +153,18 @@ class VoteChoice:
         return self.chosen >= 0
 
     def policies(self) -> dict[str, CascadePolicy]:
-        return self.path[max(self.chosen, 0)].policies
+        """The chosen rule's cascade per task; every task to the strong model when none is
+        certified (the path's first rule need not be that: a cheaper cascade that never disagreed
+        on the ordering rows comes first)."""
+        first = self.path[0].policies
+        if self.chosen < 0:
+            return {t: CascadePolicy((), 1, 0, p.strong) for t, p in first.items()}
+        return self.path[self.chosen].policies
 
     def to_json(self) -> dict[str, Any]:
-        step = self.path[max(self.chosen, 0)]
         loose = self.path[self.uncertified]
         return {
-            "policies": {t: p.to_json() for t, p in sorted(step.policies.items())},
+            "policies": {t: p.to_json() for t, p in sorted(self.policies().items())},
             "uncertified_policies": {t: p.to_json() for t, p in sorted(loose.policies.items())},
             "path_length": len(self.path),
             "steps_certified": self.chosen + 1,
@@ -262,13 +267,16 @@ def _test_path(
     reaching = [i for i, s in enumerate(path) if s.quality >= target * r_total - 1e-9]
     loose = min(reaching, key=lambda i: path[i].cost) if reaching else 0
     sel = order[max(chosen, 0)][1]
+    certified = chosen >= 0  # else every prompt goes to the strong model (``VoteChoice.policies``)
     return VoteChoice(
         path=path,
         chosen=chosen,
-        bound=certified_ratio(step.quality, step.both, r_total, n, z) if chosen >= 0 else 0.0,
-        rel_cost=step.cost / ref_c,
-        rel_quality=step.quality / r_total if r_total else 0.0,
-        escalation={t: float(runs(t, sel[t]).escalated.mean()) if by_task[t] else 1.0 for t in tasks},
+        bound=certified_ratio(step.quality, step.both, r_total, n, z) if certified else 0.0,
+        rel_cost=step.cost / ref_c if certified else 1.0,
+        rel_quality=(step.quality / r_total if r_total else 0.0) if certified else 1.0,
+        escalation={
+            t: float(runs(t, sel[t]).escalated.mean()) if certified and by_task[t] else 1.0 for t in tasks
+        },
         uncertified=loose,
         cheap=tuple(cheap),
         family=len(family),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.test_route_pool import BIG, COST, MID, SMALL, TINY, _reply
+from thrifty.errors import InvalidData
 from thrifty.routing.train.data import Call, Row, split_rows
 from thrifty.routing.train.fit import train
 from thrifty.routing.train.policy import CascadePolicy, run_policy
@@ -174,3 +175,12 @@ def test_an_uncertified_choice_sends_every_task_to_the_strong_model() -> None:
             "hard": ((), BIG),
         }
         assert choice.escalation == {"easy": 1.0, "hard": 1.0} and choice.rel_cost == 1.0
+
+
+def test_the_trainer_passes_its_vote_ordering_down_and_refuses_an_unknown_one() -> None:
+    router = train(ROWS, reference=BIG, folds=3, bootstrap=5, vote_ordering="split")
+    votes = router.meta["votes"]
+    tested = split_rows(ROWS, 0.5, "vote-order")[1]
+    assert votes["ordering"] == "split" and votes["tested_rows"] == len(tested)
+    with pytest.raises(InvalidData, match="vote ordering"):
+        train(ROWS, reference=BIG, vote_ordering="by labels")

@@ -68,6 +68,9 @@ def bench_route_splits(
             "(same, split, crossfit), to compare"
         ),
     ] = "",
+    vote_ordering: Annotated[
+        str, typer.Option(help="the trainer's vote ordering (as `route train --vote-ordering`)")
+    ] = "same",
 ) -> None:
     """The route benchmark over repeated random splits of DATA: per split, train on one half and
     replay the other (certified cascade, median thresholds, plain agreement, unseen tasks), then
@@ -86,6 +89,7 @@ def bench_route_splits(
         prices=prices,
         unseen=unseen,
         vote_orderings=[o.strip() for o in vote_orderings.split(",") if o.strip()],
+        vote_ordering=vote_ordering,
     )
 
 

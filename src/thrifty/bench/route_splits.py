@@ -73,6 +73,7 @@ def one_split(
     confidence: float,
     unseen: bool = True,
     vote_orderings: Sequence[str] = (),
+    vote_ordering: str = "same",
 ) -> list[SplitResult]:
     """Train on the half of `rows` the salt picks, test on the other half. Each of
     `vote_orderings` adds the vote cascades alone, their path ordered that way (``choose_votes``),
@@ -80,7 +81,13 @@ def one_split(
     train_rows, test_rows = split_rows(rows, 0.5, salt)
     if not train_rows or not test_rows:
         raise InvalidData(f"split {salt!r} leaves one half empty; more rows are needed")
-    router = train(train_rows, reference=reference, target_quality=target_quality, confidence=confidence)
+    router = train(
+        train_rows,
+        reference=reference,
+        target_quality=target_quality,
+        confidence=confidence,
+        vote_ordering=vote_ordering,
+    )
     names = [*router.ladder, *([router.third] if router.third else []), router.strong]
     ladder = " → ".join(short_name(m) for m in names)
     cert = router.meta["certificate"]
@@ -114,6 +121,7 @@ def one_split(
                 reference=reference,
                 target_quality=target_quality,
                 confidence=confidence,
+                vote_ordering=vote_ordering,
             )
             others = [r for r in test_rows if r.task != task]
             runs = run_policy_router(alone, others)
@@ -163,9 +171,10 @@ def run_route_splits(
     prices: str | Path | None = None,
     unseen: bool = True,
     vote_orderings: Sequence[str] = (),
+    vote_ordering: str = "same",
 ) -> list[SplitResult]:
     console = console or Console()
-    bad = [o for o in vote_orderings if o not in ORDERINGS]
+    bad = [o for o in (*vote_orderings, vote_ordering) if o not in ORDERINGS]
     if bad:
         raise InvalidData(f"unknown vote ordering {bad[0]!r}; one of {', '.join(ORDERINGS)}")
     rows = load_priced(data_paths, prices, console)
@@ -183,6 +192,7 @@ def run_route_splits(
             confidence=confidence,
             unseen=unseen,
             vote_orderings=vote_orderings,
+            vote_ordering=vote_ordering,
         )
     print_splits(console, results, target_quality, confidence)
     if json_out is not None:

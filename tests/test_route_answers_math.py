@@ -67,6 +67,12 @@ SAME = [
     ("2^{-1}", "0.5"),
     ("10\\%", "10%"),
     ("12.5 \\%", "12.5%"),
+    # LaTeX a JSON decoder mangled: \f, \b, \t, \r escapes, or doubled backslashes
+    ("\x0crac12", "0.5"),  # "\frac12" in JSON: \f is a form feed
+    ("\x08oxed{\x0crac{3}{4}}", "0.75"),  # \b is a backspace
+    ("5\text{ cm}", "5"),  # \t is a tab
+    ("\\left( 1, 2 \right)", "(1, 2)"),  # \r is a carriage return
+    ("\\\\frac{1}{2}", "1/2"),  # doubled backslashes of a reply whose JSON did not parse
     # choice letters
     ("\\text{(A)}", "A"),
     ("(C)", "The answer is C"),

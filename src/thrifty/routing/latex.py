@@ -4,7 +4,8 @@ A competition-maths answer arrives as `$\\boxed{\\dfrac{\\sqrt3}2}$`, `\\frac{\\
 `\\left( 1, 2 \\right)`: ``clean`` takes the last `\\boxed{}` (balanced braces), drops math
 delimiters, sizing (`\\left`, `\\right`, `\\displaystyle`) and spacing (`\\,` `\\!` `\\quad` `~`),
 unwraps `\\text{}`-like commands, spells `\\dfrac`/`\\tfrac` as `\\frac` and gives every `\\frac` and
-`\\sqrt` braced arguments (`\\frac12` -> `\\frac{1}{2}`, `\\sqrt2` -> `\\sqrt{2}`). It only rewrites
+`\\sqrt` braced arguments (`\\frac12` -> `\\frac{1}{2}`, `\\sqrt2` -> `\\sqrt{2}`), and first
+undoes what a JSON decoder does to unescaped LaTeX (``undo_json_escapes``). It only rewrites
 spelling: it never decides that two different expressions are one (that is ``answers``'s job, and
 it is conservative). Pure; no I/O.
 """
@@ -109,9 +110,20 @@ def brace_arguments(text: str) -> str:
     return "".join(out)
 
 
+def undo_json_escapes(text: str) -> str:
+    """LaTeX that went through a JSON string unescaped: a model writing `"\\frac12"` in its JSON
+    reply (one backslash) gets a form feed and `rac12` back from the decoder, `\\boxed` a
+    backspace, `\\text` a tab, `\\right` a carriage return; a reply whose JSON did not parse keeps
+    doubled backslashes (`\\\\frac`). Both are put back as the command they were."""
+    text = text.replace("\f", "\\f").replace("\b", "\\b")
+    text = re.sub(r"\t(?=[a-z])", r"\\t", text)
+    text = re.sub(r"\r(?=[a-z])", r"\\r", text)
+    return re.sub(r"\\\\(?=[A-Za-z{}])", r"\\", text)
+
+
 def clean(answer: str) -> str:
     """One spelling of a (LaTeX) answer; see the module docstring."""
-    text = unbox(answer.strip()).strip()
+    text = unbox(undo_json_escapes(answer).strip()).strip()
     text = text.strip("$").strip()
     for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
         if text.startswith(opener) and text.endswith(closer):

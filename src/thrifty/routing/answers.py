@@ -113,9 +113,21 @@ def _scalar(text: str) -> str:
         inner = _DEGREES.sub("", unit.group("v"))
         if (value := _value(inner)) is not None:
             return _number_key(value)
-    if (base := _BASE.match(text)) is not None and not text.isdigit():
+    if (base := _BASE.match(text)) is not None and _numeral(base.group("digits"), int(base.group("base"))):
         return f"base{int(base.group('base'))}:{base.group('digits').upper()}"
     return "text:" + _text(text)
+
+
+def _numeral(digits: str, base: int) -> bool:
+    """Whether `digits` is a numeral in `base` (`1011` in base 2, `1A` in 16; `x` in base 1 is a
+    variable's subscript, not a numeral)."""
+    if not 2 <= base <= 36:
+        return False
+    try:
+        int(digits, base)
+    except ValueError:
+        return False
+    return True
 
 
 def _text(text: str) -> str:

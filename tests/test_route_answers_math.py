@@ -27,6 +27,8 @@ SAME = [
     ("2\\sqrt 2", "2\\sqrt{2}"),
     ("\\frac{\\pi}{2}", "\\dfrac\\pi2"),
     ("2 \\pi", "2\\pi"),
+    ("x + 1", "x+1"),
+    ("\\frac{a}{b} + c", "\\frac{a}{b}+c"),
     # degrees, units, words, dollars
     ("30^\\circ", "30"),
     ("30^{\\circ}", "30 degrees"),
@@ -116,6 +118,8 @@ DIFFERENT = [
     ("(1, 2)", "\\{1, 2\\}"),
     ("(-\\infty, 2]", "(-\\infty, 2)"),
     ("5 \\text{ and } 6", "5"),
+    ("'h / grateful k'", "'h/grateful k'"),  # a string's spaces are part of it
+    ("a + b", "ab+"),
 ]
 
 

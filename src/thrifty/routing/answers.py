@@ -51,6 +51,7 @@ _UNIT_ATTACHED = re.compile(
 _NOT_UNITS = frozenset({"and", "or", "to", "pi", "infty", "is", "not", "none", "no", "yes", "of"})
 _BASE = re.compile(r"^(?P<digits>[0-9A-Za-z]+)_\{?\(?(?P<base>\d+)\)?\}?$")
 _CLOSERS = {"(": ")", "[": "]", "{": "}"}
+_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")  # a word of two letters or more, not a \command
 
 
 def _split_top(text: str, sep: str = ",") -> list[str]:
@@ -131,8 +132,10 @@ def _numeral(digits: str, base: int) -> bool:
 
 
 def _text(text: str) -> str:
-    # Spaces around symbols do not matter to a reader ("x + 1" = "x+1"); between words they do.
-    text = re.sub(r"\s*([^\w\s])\s*", r"\1", text)
+    # Spaces around symbols do not matter in a formula ("x + 1" = "x+1"); in words they may: a
+    # string answer "h / grateful k" is not "h/grateful k" (crux grades strings exactly).
+    if not _WORD.search(text):
+        text = re.sub(r"\s*([^\w\s])\s*", r"\1", text)
     return re.sub(r"\s+", " ", text)
 
 

@@ -23,7 +23,8 @@ from thrifty.routing.train.certify import (
 )
 from thrifty.routing.train.cost import CostModel, load_prices
 from thrifty.routing.train.data import Call, Row, load_rows
-from thrifty.routing.train.fit import candidate_ladders, train
+from thrifty.routing.train.fit import train
+from thrifty.routing.train.ladders import candidate_ladders
 from thrifty.routing.train.router import Router
 
 # A hand-made pool of four models nobody ships prices for.
@@ -279,7 +280,7 @@ def test_bench_route_splits_reports_every_split_and_the_spread(tmp_path: Path) -
     prices.write_text(json.dumps({m: {"input_per_mtok": c, "output_per_mtok": c} for m, c in COST.items()}))
     out = tmp_path / "splits.json"
     args = ["route-splits", "--data", str(data), "--prices", str(prices), "--splits", "s1,s2"]
-    args += ["--json", str(out), "--reference", BIG]
+    args += ["--json", str(out), "--reference", BIG, "--vote-orderings", "same,split"]
     done = subprocess.run(
         [sys.executable, "-m", "thrifty", "bench", *args], capture_output=True, text=True, check=False
     )
@@ -289,6 +290,10 @@ def test_bench_route_splits_reports_every_split_and_the_spread(tmp_path: Path) -
     for split in ("s1", "s2"):
         assert ("certified cascade", split) in methods and ("plain agreement", split) in methods
         assert ("unseen: trained on sums only", split) in methods
+        assert ("vote cascades, same order", split) in methods and (
+            "vote cascades, split order",
+            split,
+        ) in methods
     ours = [r for r in payload["results"] if r["method"] == "certified cascade"]
     # Different halves each time, each about half of the 160 prompts; big is always right and a
     # sure tiny draft is always right, so the promise holds on both.

@@ -367,6 +367,14 @@ def route_train(
     target_quality: TargetQualityOpt = 0.99,
     confidence: ConfidenceOpt = 0.95,
     prices: PricesOpt = None,
+    vote_ordering: Annotated[
+        str,
+        typer.Option(
+            help="which rows order the vote cascades' certification path: same (the rows it tests), "
+            "split (a disjoint half orders, the other half tests) or crossfit (both ways, half the "
+            "error budget each)"
+        ),
+    ] = "same",
 ) -> None:
     """Learn a cascade router (and a pre-call classifier) from labelled per-model outputs of any
     models: the ladder is searched over every priced model in the data, and thresholds are
@@ -382,6 +390,7 @@ def route_train(
         confidence=confidence,
         prices=prices,
         console=console,
+        vote_ordering=vote_ordering,
     )
     console.print(certificate_line(router), highlight=False)
     typer.echo(f"router written to {out}; it calls {', '.join(sorted(router.models()))}")

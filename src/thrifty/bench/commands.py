@@ -61,6 +61,16 @@ def bench_route_splits(
     confidence: ConfidenceOpt = 0.95,
     prices: PricesOpt = None,
     unseen: Annotated[bool, typer.Option(help="also train on each task alone, test on the others")] = True,
+    vote_orderings: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated: also the vote cascades alone with their path ordered each way "
+            "(same, split, crossfit), to compare"
+        ),
+    ] = "",
+    vote_ordering: Annotated[
+        str, typer.Option(help="the trainer's vote ordering (as `route train --vote-ordering`)")
+    ] = "same",
 ) -> None:
     """The route benchmark over repeated random splits of DATA: per split, train on one half and
     replay the other (certified cascade, median thresholds, plain agreement, unseen tasks), then
@@ -78,6 +88,8 @@ def bench_route_splits(
         confidence=confidence,
         prices=prices,
         unseen=unseen,
+        vote_orderings=[o.strip() for o in vote_orderings.split(",") if o.strip()],
+        vote_ordering=vote_ordering,
     )
 
 

@@ -18,8 +18,9 @@ from thrifty.errors import InvalidData
 from thrifty.routing.train.bound import Bound, hindsight_bound
 from thrifty.routing.train.cost import CostModel, load_prices
 from thrifty.routing.train.data import Row, load_rows
-from thrifty.routing.train.fit import pool_models, train
+from thrifty.routing.train.fit import train
 from thrifty.routing.train.gap import Gap, decompose, uncertified_router
+from thrifty.routing.train.ladders import pool_models
 from thrifty.routing.train.metrics import PairMetrics, Summary, pair_metrics, random_at_cost, summarise
 from thrifty.routing.train.policy import (
     CascadePolicy,
@@ -58,11 +59,18 @@ def train_router(
     confidence: float = 0.95,
     prices: str | Path | None = None,
     console: Console | None = None,
+    vote_ordering: str = "same",
 ) -> Router:
     """Train on every row of `data_paths` (ladder searched, thresholds certified out-of-fold);
     write the artifact."""
     rows = load_priced(data_paths, prices, console)
-    router = train(rows, reference=reference, target_quality=target_quality, confidence=confidence)
+    router = train(
+        rows,
+        reference=reference,
+        target_quality=target_quality,
+        confidence=confidence,
+        vote_ordering=vote_ordering,
+    )
     router.save(out_path)
     return router
 

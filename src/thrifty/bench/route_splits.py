@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,10 @@ from thrifty.routing.train.fit import train
 from thrifty.routing.train.gap import uncertified_router
 from thrifty.routing.train.metrics import summarise
 from thrifty.routing.train.policy import CascadePolicy, Outcome, run_policy, run_single, short_name
+from thrifty.routing.train.votes import ORDERINGS, choose_votes
 
 DEFAULT_SALTS = ("own1", "own2", "own3")
+VOTE_SHARE = 0.5  # the vote candidate's share of the error budget in ``fit.train``'s default
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +72,22 @@ def one_split(
     target_quality: float,
     confidence: float,
     unseen: bool = True,
+    vote_orderings: Sequence[str] = (),
+    vote_ordering: str = "same",
 ) -> list[SplitResult]:
-    """Train on the half of `rows` the salt picks, test on the other half."""
+    """Train on the half of `rows` the salt picks, test on the other half. Each of
+    `vote_orderings` adds the vote cascades alone, their path ordered that way (``choose_votes``),
+    certified at the vote candidate's share of the confidence, as the trainer does."""
     train_rows, test_rows = split_rows(rows, 0.5, salt)
     if not train_rows or not test_rows:
         raise InvalidData(f"split {salt!r} leaves one half empty; more rows are needed")
-    router = train(train_rows, reference=reference, target_quality=target_quality, confidence=confidence)
+    router = train(
+        train_rows,
+        reference=reference,
+        target_quality=target_quality,
+        confidence=confidence,
+        vote_ordering=vote_ordering,
+    )
     names = [*router.ladder, *([router.third] if router.third else []), router.strong]
     ladder = " → ".join(short_name(m) for m in names)
     cert = router.meta["certificate"]
@@ -99,6 +111,8 @@ def one_split(
         out.append(_result("median thresholds", salt, runs, test_rows, reference, ladder=ladder))
     naive = CascadePolicy(router.ladder, min_votes=2, max_dissent=0, strong=router.strong)
     out.append(_result("plain agreement", salt, run_policy(test_rows, naive), test_rows, reference))
+    for ordering in vote_orderings:
+        out.append(_vote_result(train_rows, test_rows, salt, ordering, reference, target_quality, confidence))
     tasks = sorted({r.task for r in rows})
     if unseen and len(tasks) >= 2:
         for task in tasks:
@@ -107,11 +121,42 @@ def one_split(
                 reference=reference,
                 target_quality=target_quality,
                 confidence=confidence,
+                vote_ordering=vote_ordering,
             )
             others = [r for r in test_rows if r.task != task]
             runs = run_policy_router(alone, others)
             out.append(_result(f"unseen: trained on {task} only", salt, runs, others, reference))
     return out
+
+
+def _vote_result(
+    train_rows: Sequence[Row],
+    test_rows: Sequence[Row],
+    salt: str,
+    ordering: str,
+    reference: str,
+    target_quality: float,
+    confidence: float,
+) -> SplitResult:
+    level = 1.0 - (1.0 - confidence) * VOTE_SHARE
+    choice = choose_votes(
+        train_rows, reference=reference, target=target_quality, confidence=level, ordering=ordering
+    )
+    policies = choice.policies()
+    ordered = sorted(test_rows, key=lambda r: r.task)
+    outcomes: list[Outcome] = []
+    for task in dict.fromkeys(r.task for r in ordered):
+        sub = [r for r in ordered if r.task == task]
+        outcomes += run_policy(sub, policies.get(task, CascadePolicy((), 1, 0, reference)))
+    res = _result(f"vote cascades, {ordering} order", salt, outcomes, ordered, reference)
+    bound = choice.bound if choice.certified else None
+    met = choice.certified and res.rel_quality >= target_quality - 1e-12
+    return replace(
+        res,
+        bound=bound,
+        met=met,
+        ladder="; ".join(f"{t}: {p.describe()}" for t, p in sorted(policies.items())),
+    )
 
 
 def run_route_splits(
@@ -125,8 +170,13 @@ def run_route_splits(
     confidence: float = 0.95,
     prices: str | Path | None = None,
     unseen: bool = True,
+    vote_orderings: Sequence[str] = (),
+    vote_ordering: str = "same",
 ) -> list[SplitResult]:
     console = console or Console()
+    bad = [o for o in (*vote_orderings, vote_ordering) if o not in ORDERINGS]
+    if bad:
+        raise InvalidData(f"unknown vote ordering {bad[0]!r}; one of {', '.join(ORDERINGS)}")
     rows = load_priced(data_paths, prices, console)
     if not rows:
         raise InvalidData("no rows")
@@ -141,6 +191,8 @@ def run_route_splits(
             target_quality=target_quality,
             confidence=confidence,
             unseen=unseen,
+            vote_orderings=vote_orderings,
+            vote_ordering=vote_ordering,
         )
     print_splits(console, results, target_quality, confidence)
     if json_out is not None:

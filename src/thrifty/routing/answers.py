@@ -1,12 +1,24 @@
-"""When two final answers say the same thing: numbers, fractions, LaTeX, units, choice letters.
+"""When two final answers say the same thing: numbers, fractions, LaTeX, units, lists, choice letters.
 
 Cheap-model agreement is only a signal if agreeing answers are recognised as agreeing: "0.5",
 "1/2", "\\frac{1}{2}", "\\dfrac12" and "$\\boxed{\\frac12}$" are one answer; "(B)", "B." and
 "Answer: B" are one choice. ``canonical`` maps an answer to a key such that equal keys mean
-equivalent answers, and it is conservative: what it cannot read as a number or a choice is
-compared as text with whitespace, outer quotes, `$` delimiters and `\\boxed{}` removed, so two
-different expressions never share a key by accident (the first-number rule would make
-"\\frac{1}{2}" agree with "\\frac{1}{3}"). Pure; no I/O.
+equivalent answers, and it is conservative, because a false "equal" accepts a wrong answer while
+a missed one only costs an escalation:
+- a value is exact (``exact.exact_value``): `0.5` = `1/2` = `2^{-1}`, `2\\frac{1}{2}` = `5/2`,
+  `1,000` = `1000`, `-0` = `0`, `1.5 \\times 10^{3}` = `1500`; `0.50001` is not `1/2`;
+- what has no exact value (`\\sqrt{2}`, `\\pi`, `x + 1`) compares as text after ``latex.clean``
+  (one spelling: `\\sqrt2` = `\\sqrt{2}`, `\\dfrac{\\sqrt3}2` = `\\frac{\\sqrt{3}}{2}`), so two
+  different expressions never share a key (`\\sqrt{2}` is not `1.41421`);
+- a unit, a degree sign or `$` after or before a value is dropped (`12 cm` = `12`, `45^\\circ` = `45`)
+  but a percent is kept (`10%` is not `10`, nor `0.1`: which one a question means is not known here);
+- `x = 5` is `5` (one variable on the left);
+- brackets keep order and kind: `(1, 2)` is not `(2, 1)` (a pair) nor `[1, 2)` (an interval);
+  a bare list or a `\\{set\\}` is unordered (`1, 2` = `2, 1` = `\\{2, 1\\}`: the form
+  competition answers list all solutions in), repeats counted;
+- a base subscript stays (`1011_2` = `1011_{2}`, not `1011` nor `11`);
+- a choice letter is a choice (capitals A-E only: `A cat` is not choice A).
+Pure; no I/O.
 """
 
 from __future__ import annotations
@@ -14,11 +26,9 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_FRAC = re.compile(r"\\[dt]?frac\s*(\{[^{}]*\}|\d)\s*(\{[^{}]*\}|\d)")
-_TEXT_CMD = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\s*\{([^{}]*)\}")
-_SPACING = re.compile(r"\\[,;:! ]|\\q?quad|~")
-_LEFT_RIGHT = re.compile(r"\\(?:left|right)\b")
+from thrifty.routing.exact import exact_value
+from thrifty.routing.latex import clean
+
 _CHOICE_PREFIX = r"(?i:(?:the\s+)?(?:final\s+|correct\s+)?(?:answer|option|choice)\s*(?:is\s*)?:?\s*)?"
 # A choice letter with its delimiter may be followed by the option's text ("(B) 42", "B. 42"); a
 # bare letter may not ("A cat" is not choice A). Only capitals: a lowercase 'a' is a string.
@@ -26,95 +36,150 @@ _CHOICE_DELIMITED = re.compile(
     _CHOICE_PREFIX + r"(?:\(([A-E])\)|\[([A-E])\]|([A-E])[.):])(?:\s.*)?", re.DOTALL
 )
 _CHOICE_BARE = re.compile(_CHOICE_PREFIX + r"([A-E])")
-_NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?$", re.IGNORECASE)
-_FRACTION = re.compile(r"^([-+]?\d+)\s*/\s*(\d+)$")
-# A trailing unit or currency word after a number: "12 cm", "$5", "5 dollars", "30%", "45^\circ".
-_UNIT_TAIL = re.compile(
-    r"^(?P<num>[-+]?[\d.,/]+)\s*(?:\^\s*\{?\\circ\}?|°|%|\\%|[A-Za-z]+(?:[/^][A-Za-z\d]+)?\.?)$"
-)
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_ASSIGNMENT = re.compile(r"^(?P<var>[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*=\s*(?P<rhs>[^=<>]+)$")
+_DEGREES = re.compile(r"\s*(?:\^\s*\{?\s*\\circ\s*\}?|°|\\degree)\s*$")
+# Units after a value: any word(s) after a space ("5 square units"), or a few known ones written
+# on the number ("12cm"); letters on a number otherwise are a product (`2x`, `3i`), not a unit.
+_UNIT_SPACED = re.compile(
+    r"^(?P<v>.*?[\d}])\s+(?P<u>[A-Za-z]{2,}\.?(?:\s+[A-Za-z]{2,}\.?){0,2}(?:\^\{?[23]\}?)?)$"
+)
+_UNIT_ATTACHED = re.compile(
+    r"^(?P<v>.*?\d)(?P<u>cm|mm|km|kg|mg|ml|mph|ft|sq|dollars?|cents?|degrees?|units?|inches|feet|meters?"
+    r"|minutes?|hours?|seconds?|days?)(?:\^\{?[23]\}?)?$"
+)
+_NOT_UNITS = frozenset({"and", "or", "to", "pi", "infty", "is", "not", "none", "no", "yes", "of"})
+_BASE = re.compile(r"^(?P<digits>[0-9A-Za-z]+)_\{?\(?(?P<base>\d+)\)?\}?$")
+_CLOSERS = {"(": ")", "[": "]", "{": "}"}
+_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")  # a word of two letters or more, not a \command
 
 
-def _unbox(text: str) -> str:
-    """The content of the last \\boxed{...} (balanced braces), or the text unchanged."""
-    boxes = list(_BOXED.finditer(text))
-    if not boxes:
-        return text
-    depth, start = 1, boxes[-1].end()
-    for i in range(start, len(text)):
-        if text[i] == "{":
+def _split_top(text: str, sep: str = ",") -> list[str]:
+    """`text` split at `sep` outside brackets and braces."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{":
             depth += 1
-        elif text[i] == "}":
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts]
+
+
+def _one_group(text: str) -> bool:
+    """Whether the bracket opening `text` closes at its last character (`(1,2)` yes, `(1)(2)` no);
+    an interval may close with the other kind (`[1, 2)`)."""
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
             depth -= 1
             if depth == 0:
-                return text[start:i]
-    return text
+                return i == len(text) - 1
+    return False
 
 
-def _strip(answer: str) -> str:
-    text = answer.strip()
-    text = _unbox(text)
-    text = text.strip().strip("$").strip()
-    if (text.startswith("\\(") and text.endswith("\\)")) or (text.startswith("\\[") and text.endswith("\\]")):
-        text = text[2:-2].strip()
-    text = _TEXT_CMD.sub(r"\1", text)
-    text = _SPACING.sub("", text)
-    text = _LEFT_RIGHT.sub("", text)
-    text = text.replace("\\!", "").replace("\\$", "")
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        text = text[1:-1]
-    return text.strip().rstrip(".").strip()
+def _number_key(value: Fraction) -> str:
+    return f"num:{value.numerator}/{value.denominator}"
 
 
-def _brace(group: str) -> str:
-    return group[1:-1] if group.startswith("{") else group
-
-
-def _number(text: str) -> Fraction | None:
-    """The exact value of a plain number, a/b, or \\frac{a}{b} (with a sign), else None."""
-    t = text.replace(" ", "")
-    if _THOUSANDS.match(t):
+def _value(text: str) -> Fraction | None:
+    t = text.strip()
+    t = t[1:] if t.startswith("$") else t
+    if _THOUSANDS.match(t):  # 1,000 (a comma and a space is a list: "1, 234")
         t = t.replace(",", "")
-    t = t.lstrip("$")
-    neg = t.startswith("-")
-    body = t[1:] if neg or t.startswith("+") else t
-    value: Fraction | None = None
-    frac = _FRAC.fullmatch(body)
-    if frac is not None:
-        num, den = _number(_brace(frac.group(1))), _number(_brace(frac.group(2)))
-        if num is not None and den not in (None, 0):
-            assert den is not None
-            value = num / den
-    elif (m := _FRACTION.match(body)) is not None and int(m.group(2)) != 0:
-        value = Fraction(int(m.group(1)), int(m.group(2)))
-    elif _NUMBER.match(body):
-        try:
-            value = Fraction(body)
-        except (ValueError, ZeroDivisionError):
-            value = None
-    if value is None:
-        return None
-    return -value if neg else value
+    return exact_value(t)
+
+
+def _scalar(text: str) -> str:
+    """The key of one answer that is not a list: a value, a percent, a base-b numeral, or text."""
+    text = text.strip()
+    if text.startswith("$"):
+        text = text[1:].strip()
+    if text.endswith("%"):
+        value = _value(text[:-1].strip())
+        return f"pct:{value.numerator}/{value.denominator}" if value is not None else "text:" + _text(text)
+    value = _value(text)
+    if value is not None:
+        return _number_key(value)
+    stripped = _DEGREES.sub("", text)
+    if stripped != text and (value := _value(stripped)) is not None:
+        return _number_key(value)
+    unit = _UNIT_SPACED.match(text) or _UNIT_ATTACHED.match(text)
+    if unit is not None and not (set(unit.group("u").lower().rstrip(".").split()) & _NOT_UNITS):
+        inner = _DEGREES.sub("", unit.group("v"))
+        if (value := _value(inner)) is not None:
+            return _number_key(value)
+    if (base := _BASE.match(text)) is not None and _numeral(base.group("digits"), int(base.group("base"))):
+        return f"base{int(base.group('base'))}:{base.group('digits').upper()}"
+    return "text:" + _text(text)
+
+
+def _numeral(digits: str, base: int) -> bool:
+    """Whether `digits` is a numeral in `base` (`1011` in base 2, `1A` in 16; `x` in base 1 is a
+    variable's subscript, not a numeral)."""
+    if not 2 <= base <= 36:
+        return False
+    try:
+        int(digits, base)
+    except ValueError:
+        return False
+    return True
+
+
+def _text(text: str) -> str:
+    # Spaces around symbols do not matter in a formula ("x + 1" = "x+1"); in words they may: a
+    # string answer "h / grateful k" is not "h/grateful k" (crux grades strings exactly).
+    if not _WORD.search(text):
+        text = re.sub(r"\s*([^\w\s])\s*", r"\1", text)
+    return re.sub(r"\s+", " ", text)
+
+
+def _unassigned(parts: list[str]) -> list[str]:
+    """`x = 1, x = 2` -> `1, 2` when every part assigns the same single variable; unchanged else
+    (`x = 1, y = 2` stays, or it would equal `x = 2, y = 1`)."""
+    matches = [_ASSIGNMENT.match(p) for p in parts]
+    if all(matches) and len({m.group("var") for m in matches if m}) == 1:
+        return [m.group("rhs").strip() for m in matches if m]
+    return parts
+
+
+def _key(text: str) -> str:
+    if text.startswith("\\{") and text.endswith("\\}"):
+        inner = text[2:-2].strip()
+        return "set:" + "|".join(sorted(_key(p) for p in _unassigned(_split_top(inner)) if p))
+    if text[:1] in _CLOSERS and text[-1:] in ")]}" and _one_group(text):
+        parts = _split_top(text[1:-1])
+        if len(parts) == 1 and text[0] == "(" and text[-1] == ")":
+            return _key(parts[0])  # (5) is 5: brackets around one value only group it
+        if text[0] == "{" and text[-1] == "}" and len(parts) == 1:
+            return _key(parts[0])
+        return "seq" + text[0] + "|".join(_key(p) for p in parts) + text[-1]
+    if not _THOUSANDS.match(text):
+        parts = _split_top(text)
+        if len(parts) > 1 and all(parts):
+            return "set:" + "|".join(sorted(_key(p) for p in _unassigned(parts)))
+    return _scalar(text)
 
 
 def canonical(answer: str | None) -> str | None:
     """A key for `answer`: equal keys mean equivalent answers. None for no answer."""
     if answer is None:
         return None
-    text = _strip(answer)
+    text = clean(answer)
     if not text:
         return ""
-    value = _number(text)
-    if value is None and (unit := _UNIT_TAIL.match(text)) is not None:
-        value = _number(unit.group("num").rstrip("."))
-    if value is None and text.endswith(("%", "\\%")):
-        value = _number(text.rstrip("%").rstrip("\\"))
-    if value is not None:
-        return f"num:{value.numerator}/{value.denominator}"
     choice = _CHOICE_DELIMITED.fullmatch(text) or _CHOICE_BARE.fullmatch(text)
     if choice is not None:
         return "choice:" + next(g for g in choice.groups() if g)
-    return "text:" + re.sub(r"\s+", " ", text)
+    assigned = _ASSIGNMENT.match(text)
+    if assigned is not None and "," not in assigned.group("rhs"):
+        text = assigned.group("rhs").strip()
+    return _key(text)
 
 
 def equivalent(a: str | None, b: str | None) -> bool:

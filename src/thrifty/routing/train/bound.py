@@ -14,18 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from thrifty.errors import InvalidData
+from thrifty.routing.train.calibrate import Point, calibrate_joint, frontier
 from thrifty.routing.train.data import Row
-from thrifty.routing.train.fit import (
-    Point,
-    calibrate_joint,
-    candidate_ladders,
-    frontier,
-    oof,
-    oof_second,
-    pool_models,
-    prepare,
-)
+from thrifty.routing.train.ladders import candidate_ladders, pool_models
 from thrifty.routing.train.metrics import auc
+from thrifty.routing.train.oof import oof, oof_second, prepare
 from thrifty.routing.train.policy import vote_policies
 from thrifty.routing.train.router import AGREE_BONUS
 from thrifty.routing.train.votes import cheap_models, family_of, replay_votes

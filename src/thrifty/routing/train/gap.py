@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from thrifty.routing.train.calibrate import Point, calibrate_joint
 from thrifty.routing.train.data import Row
-from thrifty.routing.train.fit import Point, calibrate_joint
 from thrifty.routing.train.policy import CascadePolicy, Outcome
 from thrifty.routing.train.router import Gate, Router
 from thrifty.routing.train.votes import cheap_models, family_of, replay_votes

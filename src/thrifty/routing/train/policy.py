@@ -54,6 +54,8 @@ class CascadePolicy:
         )
 
     def describe(self) -> str:
+        if not self.cheap:
+            return f"all to {short_name(self.strong)}"
         names = "+".join(short_name(m) for m in self.cheap)
         return f"{names} {self.min_votes}-agree/≤{self.max_dissent}-dissent → {short_name(self.strong)}"
 

@@ -15,11 +15,14 @@ combination of per-task cascades per step (the label-free Pareto front of the mi
 stops at the first rule whose lower confidence bound of the paired difference with the
 reference misses the target, and the cheapest rule before it is chosen.
 
-A caveat on the order: it is computed on the same rows it tests, from their outputs, and a rule
-that disagrees with the strong model less on these rows is also wrong less on them, so the order
-is not independent of the losses as a strict reading of the theory asks. Repeated draws measure
-what that costs in coverage (tests and README); computing the order on unlabelled prompts would
-remove it.
+A caveat on the order, and its strict modes: with ordering="same" (the default) it is computed on
+the same rows it tests, from their outputs, and a rule that disagrees with the strong model less
+on these rows is also wrong less on them, so the order is not independent of the losses as a
+strict reading of the theory asks. ordering="split" removes that: half of the rows (by id hash)
+order the path and only the other half tests it, so the order is fixed before the tested rows are
+seen; "crossfit" does it both ways, each test at half the error budget, and keeps the cheaper
+certified rule. Both test on half the rows, so their bounds are wider; repeated draws measure what
+each costs in coverage and cost (tests and README).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from thrifty.routing.train.certify import (
     lower_bounds,
     z_score,
 )
-from thrifty.routing.train.data import Row
+from thrifty.routing.train.data import Row, split_rows
 from thrifty.routing.train.policy import CascadePolicy, vote_policies
 
 
@@ -142,24 +145,33 @@ class VoteChoice:
     uncertified: int  # index of the cheapest rule on the path that merely measures the target
     cheap: tuple[str, ...]
     family: int  # cascades per task in the family
+    ordering: str = "same"  # which rows ordered the path (``choose_votes``)
+    tested: int = 0  # rows the path was tested on (all of them, or a half)
 
     @property
     def certified(self) -> bool:
         return self.chosen >= 0
 
     def policies(self) -> dict[str, CascadePolicy]:
-        return self.path[max(self.chosen, 0)].policies
+        """The chosen rule's cascade per task; every task to the strong model when none is
+        certified (the path's first rule need not be that: a cheaper cascade that never disagreed
+        on the ordering rows comes first)."""
+        first = self.path[0].policies
+        if self.chosen < 0:
+            return {t: CascadePolicy((), 1, 0, p.strong) for t, p in first.items()}
+        return self.path[self.chosen].policies
 
     def to_json(self) -> dict[str, Any]:
-        step = self.path[max(self.chosen, 0)]
         loose = self.path[self.uncertified]
         return {
-            "policies": {t: p.to_json() for t, p in sorted(step.policies.items())},
+            "policies": {t: p.to_json() for t, p in sorted(self.policies().items())},
             "uncertified_policies": {t: p.to_json() for t, p in sorted(loose.policies.items())},
             "path_length": len(self.path),
             "steps_certified": self.chosen + 1,
             "cheap": list(self.cheap),
             "family": self.family,
+            "ordering": self.ordering,
+            "tested_rows": self.tested,
         }
 
 
@@ -176,6 +188,103 @@ def _front(disagree: Any, cost: Any) -> list[int]:
     return out
 
 
+ORDERINGS = ("same", "split", "crossfit")
+_ORDER_SALT = "vote-order"
+
+
+def _fronts(
+    rows: Sequence[Row], family: Sequence[CascadePolicy], tasks: Sequence[str]
+) -> dict[str, list[tuple[float, float, int]]]:
+    """Per task, the label-free front of the family on `rows`: (disagreements with the strong
+    model, cost, index in `family`), fewest disagreements first. A task with no rows here has only
+    "everything to the strong model" (index 0)."""
+    import numpy as np
+
+    out: dict[str, list[tuple[float, float, int]]] = {}
+    for t in tasks:
+        sub = [r for r in rows if r.task == t]
+        if not sub:
+            out[t] = [(0.0, 0.0, 0)]
+            continue
+        runs = [replay_votes(sub, p) for p in family]
+        dis = np.array([float((1.0 - v.same).sum()) for v in runs])
+        cost = np.array([float(v.cost.sum()) for v in runs])
+        out[t] = [(float(dis[k]), float(cost[k]), k) for k in _front(dis, cost)]
+    return out
+
+
+def _mixture(fronts: dict[str, list[tuple[float, float, int]]]) -> list[tuple[float, dict[str, int]]]:
+    """The tasks' fronts merged into the mixture's (fewest disagreements for the cost), one task at
+    a time: (disagreements, a family index per task), from "never disagree" to the cheapest."""
+    combos: list[tuple[float, float, dict[str, int]]] = [(0.0, 0.0, {})]
+    for t, front in fronts.items():
+        merged = [(d + d2, c + c2, {**sel, t: k}) for d, c, sel in combos for d2, c2, k in front]
+        merged.sort(key=lambda m: (m[0], m[1]))
+        combos = []
+        for m in merged:
+            if not combos or m[1] < combos[-1][1] - 1e-15:
+                combos.append(m)
+    return [(d, sel) for d, _, sel in combos]
+
+
+def _test_path(
+    order: list[tuple[float, dict[str, int]]],
+    rows: Sequence[Row],
+    family: Sequence[CascadePolicy],
+    tasks: Sequence[str],
+    *,
+    reference: str,
+    target: float,
+    confidence: float,
+    cheap: Sequence[str],
+    ordering: str,
+) -> VoteChoice:
+    """Fixed-sequence testing of the path `order` (computed elsewhere) on `rows`."""
+    import numpy as np
+
+    by_task = {t: [r for r in rows if r.task == t] for t in tasks}
+    cache: dict[tuple[str, int], VoteRuns] = {}
+
+    def runs(t: str, k: int) -> VoteRuns:
+        if (t, k) not in cache:
+            cache[t, k] = replay_votes(by_task[t], family[k])
+        return cache[t, k]
+
+    ok_ref = {t: np.array([r.calls[reference].correct for r in by_task[t]], dtype=float) for t in tasks}
+    r_total, n = float(sum(v.sum() for v in ok_ref.values())), len(rows)
+    z = z_score(confidence)
+    path: list[VoteStep] = []
+    for d, sel in order:
+        q = float(sum(runs(t, sel[t]).ok.sum() for t in tasks))
+        qr = float(sum((runs(t, sel[t]).ok * ok_ref[t]).sum() for t in tasks))
+        c = float(sum(runs(t, sel[t]).cost.sum() for t in tasks))
+        low = float(lower_bounds([q], [qr], r_total, n, target, z)[0])
+        path.append(VoteStep({t: family[sel[t]] for t in tasks}, d, c, q, qr, low))
+    points = [PathPoint(i, math.inf, s.quality, s.both, s.cost, s.lower) for i, s in enumerate(path)]
+    chosen = cheapest_certified(points)
+    step = path[max(chosen, 0)]
+    ref_c = sum(float(r.calls[reference].cost) for r in rows) or 1.0
+    reaching = [i for i, s in enumerate(path) if s.quality >= target * r_total - 1e-9]
+    loose = min(reaching, key=lambda i: path[i].cost) if reaching else 0
+    sel = order[max(chosen, 0)][1]
+    certified = chosen >= 0  # else every prompt goes to the strong model (``VoteChoice.policies``)
+    return VoteChoice(
+        path=path,
+        chosen=chosen,
+        bound=certified_ratio(step.quality, step.both, r_total, n, z) if certified else 0.0,
+        rel_cost=step.cost / ref_c if certified else 1.0,
+        rel_quality=(step.quality / r_total if r_total else 0.0) if certified else 1.0,
+        escalation={
+            t: float(runs(t, sel[t]).escalated.mean()) if certified and by_task[t] else 1.0 for t in tasks
+        },
+        uncertified=loose,
+        cheap=tuple(cheap),
+        family=len(family),
+        ordering=ordering,
+        tested=n,
+    )
+
+
 def choose_votes(
     rows: Sequence[Row],
     *,
@@ -185,58 +294,34 @@ def choose_votes(
     confidence: float,
     cheap: Sequence[str] | None = None,
     max_models: int = 3,
+    ordering: str = "same",
 ) -> VoteChoice:
     """The cheapest per-task vote cascades certified >= `target` x the reference's quality over
-    the mixture of `rows`' tasks at `confidence` (see the module docstring for the path)."""
-    import numpy as np
+    the mixture of `rows`' tasks at `confidence` (see the module docstring for the path).
 
+    `ordering` says which rows order the path: "same" (the rows it tests; the caveat of the module
+    docstring), "split" (half of the rows, by id hash, order it and the other half tests it at the
+    full confidence), "crossfit" (each half orders the other's path, each tested at half the error
+    budget, the cheaper certified of the two chosen)."""
+    if ordering not in ORDERINGS:
+        raise ValueError(f"ordering must be one of {', '.join(ORDERINGS)}")
     strong = strong or reference
     cheap = list(cheap) if cheap is not None else cheap_models(rows, reference)
     cheap = [m for m in cheap if m != strong]
     family = family_of(cheap, strong, max_models)
     tasks = sorted({r.task for r in rows})
-    fronts: dict[str, list[tuple[float, float, VoteRuns]]] = {}
-    for t in tasks:
-        sub = [r for r in rows if r.task == t]
-        runs = [replay_votes(sub, p) for p in family]
-        dis = np.array([float((1.0 - v.same).sum()) for v in runs])
-        cost = np.array([float(v.cost.sum()) for v in runs])
-        fronts[t] = [(float(dis[k]), float(cost[k]), runs[k]) for k in _front(dis, cost)]
-    # Merge the tasks' fronts into the mixture's (fewest disagreements for the cost), one task at a time.
-    combos: list[tuple[float, float, dict[str, VoteRuns]]] = [(0.0, 0.0, {})]
-    for t in tasks:
-        merged = [(d + d2, c + c2, {**sel, t: v}) for d, c, sel in combos for d2, c2, v in fronts[t]]
-        merged.sort(key=lambda m: (m[0], m[1]))
-        combos = []
-        for m in merged:
-            if not combos or m[1] < combos[-1][1] - 1e-15:
-                combos.append(m)
-    ok_ref = {
-        t: np.array([r.calls[reference].correct for r in rows if r.task == t], dtype=float) for t in tasks
-    }
-    r_total, n = float(sum(v.sum() for v in ok_ref.values())), len(rows)
-    z = z_score(confidence)
-    path: list[VoteStep] = []
-    for d, c, sel in combos:
-        q = float(sum(sel[t].ok.sum() for t in tasks))
-        qr = float(sum((sel[t].ok * ok_ref[t]).sum() for t in tasks))
-        low = float(lower_bounds([q], [qr], r_total, n, target, z)[0])
-        path.append(VoteStep({t: sel[t].policy for t in tasks}, d, c, q, qr, low))
-    points = [PathPoint(i, math.inf, s.quality, s.both, s.cost, s.lower) for i, s in enumerate(path)]
-    chosen = cheapest_certified(points)
-    step = path[max(chosen, 0)]
-    ref_c = sum(float(r.calls[reference].cost) for r in rows) or 1.0
-    reaching = [i for i, s in enumerate(path) if s.quality >= target * r_total - 1e-9]
-    loose = min(reaching, key=lambda i: path[i].cost) if reaching else 0
-    sel = combos[max(chosen, 0)][2]
-    return VoteChoice(
-        path=path,
-        chosen=chosen,
-        bound=certified_ratio(step.quality, step.both, r_total, n, z) if chosen >= 0 else 0.0,
-        rel_cost=step.cost / ref_c,
-        rel_quality=step.quality / r_total if r_total else 0.0,
-        escalation={t: float(sel[t].escalated.mean()) for t in tasks},
-        uncertified=loose,
-        cheap=tuple(cheap),
-        family=len(family),
-    )
+    kw: dict[str, Any] = {"reference": reference, "target": target, "cheap": cheap, "ordering": ordering}
+    if ordering == "same":
+        order = _mixture(_fronts(rows, family, tasks))
+        return _test_path(order, rows, family, tasks, confidence=confidence, **kw)
+    first, second = split_rows(rows, 0.5, _ORDER_SALT)
+    if ordering == "split":
+        order = _mixture(_fronts(first, family, tasks))
+        return _test_path(order, second, family, tasks, confidence=confidence, **kw)
+    # Two tests at half the error budget each (Bonferroni), so choosing the cheaper keeps it.
+    level = 1.0 - (1.0 - confidence) / 2
+    choices = [
+        _test_path(_mixture(_fronts(a, family, tasks)), b, family, tasks, confidence=level, **kw)
+        for a, b in ((first, second), (second, first))
+    ]
+    return min(choices, key=lambda c: (not c.certified, c.rel_cost if c.certified else -c.bound))

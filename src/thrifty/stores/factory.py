@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from thrifty.batch.store import BatchStore
     from thrifty.cache.semantic.store import SharedSemanticStore
     from thrifty.experiments.store import ExperimentStore
+    from thrifty.stores.postgres_semantic_hits import PostgresHitLog
     from thrifty.stores.postgres_semantic_state import PostgresPartitionStateStore
     from thrifty.stores.redis_state import RedisState
 
@@ -125,6 +126,7 @@ class Stores:
         self.semantic_remote: SharedSemanticStore | None = None  # PostgreSQL: the semantic entries
         # PostgreSQL: what verification learned per partition, shared by the replicas.
         self.semantic_states: PostgresPartitionStateStore | None = None
+        self.semantic_hits: PostgresHitLog | None = None  # PostgreSQL: hits kept for feedback
         self._db: sqlite3.Connection | None = None
         self._pool: Any = None
         self._key_directory: Any = None
@@ -197,10 +199,12 @@ class Stores:
                 self.exact_remote = postgres.PostgresExactCache(self._pool)
             if semantic_cache:
                 from thrifty.stores.postgres_semantic import PostgresSemanticStore
+                from thrifty.stores.postgres_semantic_hits import PostgresHitLog
                 from thrifty.stores.postgres_semantic_state import PostgresPartitionStateStore
 
                 self.semantic_remote = PostgresSemanticStore(self._pool, storage.url)
                 self.semantic_states = PostgresPartitionStateStore(self._pool)
+                self.semantic_hits = PostgresHitLog(self._pool)
         else:
             self._db = open_database(storage.sqlite_path, synchronous=storage.synchronous)
             self.keys = SqliteKeyStore(self._db)

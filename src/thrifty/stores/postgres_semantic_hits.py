@@ -19,7 +19,12 @@ class PostgresHitLog:
         self._timeout_s = timeout_s
 
     async def write(self, hits: Sequence[HitRecord]) -> None:
-        async with self._pool.connection(timeout=self._timeout_s) as conn, conn.cursor() as cur:
+        # One transaction: a batch is stored whole or not at all (and then kept to write again).
+        async with (
+            self._pool.connection(timeout=self._timeout_s) as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
             await cur.executemany(
                 "INSERT INTO semantic_hits (tenant_id, request_id, route, partition, score, answer_id, "
                 "served_at, feedback) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "

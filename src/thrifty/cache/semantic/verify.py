@@ -126,6 +126,10 @@ class Verifier:
         self._remember = remember_hits
         self._hit_log: HitLog | None = None
         self._hit_task: asyncio.Task[None] | None = None
+        # The hits of the write under way, and its end: feedback on one waits for it, then claims
+        # the row (so no other replica can claim it between the commit and this one's memory).
+        self._in_write: set[tuple[str, str]] = set()
+        self._written = asyncio.Event()
         self._retention_s = hit_retention_s
         self._pruned_at = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -326,14 +330,17 @@ class Verifier:
     async def feedback(self, tenant_id: str, request_id: str, wrong: bool) -> bool:
         """Feedback on an earlier answer; True when it named a semantic hit of this tenant's not yet
         judged (a wrong one tightens that partition's threshold like a failed verification). A hit
-        not written yet is judged in memory (it is written judged); a written one is claimed in
-        the hit log, which says whether it was judged already (here, on another replica, or
-        before a restart)."""
-        hit = self._hits.get((tenant_id, request_id))
+        not written yet is judged in memory (it is written judged: nobody else can see it before);
+        a written one is claimed in the hit log, which says whether it was judged already (here,
+        on another replica, or before a restart)."""
+        key = (tenant_id, request_id)
+        while key in self._in_write:
+            await self._written.wait()
+        hit = self._hits.get(key)
         if hit is not None:
             if hit.feedback:
                 return False
-            hit.feedback = True  # written so (or written again so, when a write is under way)
+            hit.feedback = True
             self._count_feedback(hit, wrong)
             return True
         if self._hit_log is None or not self._settings:
@@ -378,18 +385,22 @@ class Verifier:
                 log.warning("semantic cache hits not written yet: %r", err)
 
     async def write_hits(self, now: float | None = None) -> None:
-        """Write the hits served since the last write (in batches), and forget stored hits older
-        than the retention every ``PRUNE_EVERY_S``. A hit judged while its write was under way
-        stays to be written again, judged."""
+        """Write the hits served since the last write (in batches, each all or nothing), and forget
+        stored hits older than the retention every ``PRUNE_EVERY_S``."""
         log_ = self._hit_log
         if log_ is None:
             return
-        while self._hits:
-            batch = [(key, hit, hit.feedback) for key, hit in list(self._hits.items())[:HIT_BATCH]]
-            await log_.write([replace(hit) for _, hit, _ in batch])
-            for key, hit, judged in batch:
-                if hit.feedback == judged and self._hits.get(key) is hit:
-                    del self._hits[key]
+        while self._hits and not self._in_write:
+            batch = list(self._hits.items())[:HIT_BATCH]
+            self._in_write = {key for key, _ in batch}
+            self._written = asyncio.Event()
+            try:
+                await log_.write([hit for _, hit in batch])
+                for key, _ in batch:
+                    self._hits.pop(key, None)
+            finally:
+                self._in_write = set()
+                self._written.set()
             if len(batch) < HIT_BATCH:
                 break
         now = time.time() if now is None else now

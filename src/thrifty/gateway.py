@@ -282,6 +282,7 @@ class Gateway:
                 remote=self.stores.semantic_remote,
                 states=self.stores.semantic_states,
                 hits=self.stores.semantic_hits,
+                writer=self.stores.cache_writer,
             )
         if self.context.active:
             # Summaries of conversation prefixes: PostgreSQL when it is the storage (shared by the

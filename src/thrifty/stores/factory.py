@@ -122,7 +122,8 @@ class Stores:
         self.exact_local: SqliteExactCache | None = None
         self.exact_remote: SharedExactCache | None = None
         self.cache_db: sqlite3.Connection | None = None  # SQLite: the exact and semantic caches' entries
-        self._cache_writer: SqliteWriteBehind | None = None  # SQLite: exact-cache puts, off the loop
+        # SQLite: exact-cache puts and semantic-cache entries, committed off the loop.
+        self.cache_writer: SqliteWriteBehind | None = None
         self.semantic_remote: SharedSemanticStore | None = None  # PostgreSQL: the semantic entries
         # PostgreSQL: what verification learned per partition, shared by the replicas.
         self.semantic_states: PostgresPartitionStateStore | None = None
@@ -212,10 +213,10 @@ class Stores:
         if (exact_cache or semantic_cache) and not self.postgres:
             self.cache_db = open_database(storage.sqlite_path, synchronous=storage.synchronous)
             self.cache_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
+            self.cache_writer = SqliteWriteBehind(storage.sqlite_path, synchronous=storage.synchronous)
+            self.cache_writer.start()
             if exact_cache:
-                self._cache_writer = SqliteWriteBehind(storage.sqlite_path, synchronous=storage.synchronous)
-                self._cache_writer.start()
-                self.exact_local = SqliteExactCache(self.cache_db, self._cache_writer)
+                self.exact_local = SqliteExactCache(self.cache_db, self.cache_writer)
         self.ledger.start(asyncio.get_running_loop())
         self._folder = asyncio.ensure_future(self._fold_periodically(self.settings.dashboard.fold_interval_s))
 
@@ -305,9 +306,9 @@ class Stores:
             await self.breaker_board.close()
         if self.redis is not None:
             await self.redis.close()
-        if self._cache_writer is not None:
-            self._cache_writer.close()
-            self._cache_writer = None
+        if self.cache_writer is not None:
+            self.cache_writer.close()
+            self.cache_writer = None
         if self.cache_db is not None:
             self.cache_db.close()
             self.cache_db = None

@@ -54,6 +54,7 @@ from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import StreamChunk, relay_and_keep
 from thrifty.settings import RouteSettings, SemanticCacheSettings
 from thrifty.shapes import as_completion
+from thrifty.stores.write_behind import SqliteWriteBehind
 from thrifty.types import Usage
 
 if TYPE_CHECKING:
@@ -218,10 +219,12 @@ class SemanticCacheStage:
         remote: SharedSemanticStore | None = None,
         states: PostgresPartitionStateStore | None = None,
         hits: HitLog | None = None,
+        writer: SqliteWriteBehind | None = None,
     ) -> None:
         """Load the model and rebuild the index from the stored, unexpired entries (of the SQLite
         file `conn`, or of the shared store `remote`, which it then follows; `states`: where the
-        replicas share what verification learned; `hits`: where they keep their hits for feedback)."""
+        replicas share what verification learned; `hits`: where they keep their hits for feedback;
+        `writer`: SQLite, the thread that commits new entries, waiting for the lock off the loop)."""
         loop = asyncio.get_running_loop()
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="thrifty-embed")
         self._embedder = await loop.run_in_executor(self._pool, self._embedder_factory)
@@ -233,7 +236,7 @@ class SemanticCacheStage:
                 await self.verifier.start_shared(states, hits)
         else:
             assert conn is not None
-            self._entries = LocalEntries(conn)
+            self._entries = LocalEntries(conn, writer)
             self.verifier.start(SqlitePartitionStateStore(conn), SqliteHitLog(conn))
         self._near_miss = NearMissJudge(self.verifier, self._settings, self._entries)
         async for entry in self._entries.start(now, EMBEDDING_MODEL_ID):

@@ -280,6 +280,16 @@ def test_verification_data_stays_with_its_tenant_in_the_stats_and_on_the_dashboa
     # The verify entries are attributed to the tenant whose hit they checked.
     tenants = _rows(tmp_path, "SELECT tenant_id FROM ledger WHERE request_id LIKE '%.verify' ORDER BY ts")
     assert [t for (t,) in tenants] == ["acme", "globex"]
+    # `thrifty dashboard` (no gateway running) shows the same rows, read from the stored states.
+    from tests.dashboard_helpers import serve_asgi
+    from thrifty.server.dashboard.standalone import DashboardServer
+
+    with serve_asgi(DashboardServer(load_settings(config))) as url:
+        assert get(url + "/dashboard/api/cache", KEYS["globex"]).json()["partitions"] == mine
+        assert get(url + "/dashboard/api/cache", ADMIN_KEY).json()["partitions"] == every
+        assert get(url + "/dashboard/api/page", KEYS["globex"]).json()["cache"]["partitions"] == mine
+        alone = get(url + "/dashboard", KEYS["globex"]).text
+    assert 'id="semantic-cache"' in alone and "globex" in alone and "acme" not in alone
 
 
 def test_evidence_ids_are_checked_before_serving_without_an_upstream_call(tmp_path, openai_upstream):

@@ -166,6 +166,14 @@ def test_replicas_share_what_verification_learned_and_a_restart_resumes_it(
     unknown = CliRunner().invoke(app, ["cache", "stats", "--config", str(config), "--route", "nope"])
     # (The CLI's entry point turns this error into one line and exit 2; CliRunner shows it raised.)
     assert "no route 'nope'" in str(unknown.exception)
+    # `thrifty dashboard` over PostgreSQL shows the same rows; another tenant's key sees none.
+    from tests.dashboard_helpers import get, serve_asgi
+    from thrifty.server.dashboard.standalone import DashboardServer
+    from thrifty.settings import load_settings
+
+    with serve_asgi(DashboardServer(load_settings(config))) as url:
+        assert get(url + "/dashboard/api/cache", _KEYS["acme"]).json()["partitions"] == json.loads(out.output)
+        assert get(url + "/dashboard/api/cache", _KEYS["globex"]).json()["partitions"] == []
 
 
 def _ask_as(server: BackgroundServer, question: str, tenant: str, wrong: str | None = None) -> Any:

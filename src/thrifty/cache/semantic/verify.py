@@ -18,7 +18,8 @@ and its threshold comes from ``adaptive.bound`` instead of the shipped rule alon
   a later request or the feedback endpoint; each hit's feedback counts once, and only the tenant
   whose request it was can give it. Hits are written to ``semantic_hits`` (``hit_log``) in batches
   off the response path, so feedback on one is matched after a restart, on another replica, and
-  however many hits came since (until ``retention_s``); a hit not written yet is matched in memory.
+  however many hits came since (for ``semantic.hit_retention_s``); a hit not written yet is matched
+  in memory.
 
 State is in memory and written to ``semantic_partition_state`` (``state_store``) every few seconds
 and at shutdown, so ``thrifty cache stats`` and a restart see it.

@@ -280,6 +280,16 @@ def test_verification_data_stays_with_its_tenant_in_the_stats_and_on_the_dashboa
     # The verify entries are attributed to the tenant whose hit they checked.
     tenants = _rows(tmp_path, "SELECT tenant_id FROM ledger WHERE request_id LIKE '%.verify' ORDER BY ts")
     assert [t for (t,) in tenants] == ["acme", "globex"]
+    # `thrifty dashboard` (no gateway running) shows the same rows, read from the stored states.
+    from tests.dashboard_helpers import serve_asgi
+    from thrifty.server.dashboard.standalone import DashboardServer
+
+    with serve_asgi(DashboardServer(load_settings(config))) as url:
+        assert get(url + "/dashboard/api/cache", KEYS["globex"]).json()["partitions"] == mine
+        assert get(url + "/dashboard/api/cache", ADMIN_KEY).json()["partitions"] == every
+        assert get(url + "/dashboard/api/page", KEYS["globex"]).json()["cache"]["partitions"] == mine
+        alone = get(url + "/dashboard", KEYS["globex"]).text
+    assert 'id="semantic-cache"' in alone and "globex" in alone and "acme" not in alone
 
 
 def test_evidence_ids_are_checked_before_serving_without_an_upstream_call(tmp_path, openai_upstream):
@@ -386,3 +396,41 @@ def test_a_judge_route_must_be_named_and_exist(tmp_path, openai_upstream, verify
     config = _config(tmp_path, openai_upstream, **verify)
     with pytest.raises(ConfigError, match=says):
         load_settings(config)
+
+
+def test_feedback_after_a_restart_is_counted_once_and_only_for_its_own_tenant(tmp_path, openai_upstream):
+    """The hit records are in the SQLite file (``semantic_hits``), not only in memory."""
+    config = _config(tmp_path, openai_upstream, min_rate=0.0, max_rate=0.0000001)  # no shadow calls
+    with _server(config) as server:
+        _seed(server, openai_upstream)
+        hit = _ask(server, PARAPHRASE)
+        assert hit.headers["x-thrifty-cache"] == "semantic"
+        rid = hit.headers["x-thrifty-request-id"]
+    ((tenant, route, score, judged),) = _rows(
+        tmp_path, "SELECT tenant_id, route, score, feedback FROM semantic_hits WHERE request_id = ?", rid
+    )
+    assert (tenant, route, judged) == ("acme", "support", 0) and 0.5 <= score < 1
+    repeat = "What are your opening hours?"  # served from the cache: no upstream call
+    with _server(config) as server:
+        # Another tenant naming acme's request id matches nothing (as an unknown id would).
+        openai_upstream.queue(Reply(text="fresh"))
+        _ask(server, repeat, tenant="globex", headers={"x-thrifty-cache-wrong": rid})
+        _ask(server, repeat, tenant="globex", headers={"x-thrifty-cache-wrong": "no-such-request"})
+        time.sleep(0.5)  # (the feedback is looked up in the background: give it time to go wrong)
+        assert _rows(tmp_path, "SELECT feedback FROM semantic_hits WHERE request_id = ?", rid) == [(0,)]
+        assert all(s.feedback == 0 for s in _states(tmp_path))
+        assert _ask(server, repeat, headers={"x-thrifty-cache-wrong": rid}).headers["x-thrifty-cache"] == (
+            "semantic"
+        )
+        states = _settle(tmp_path, lambda s: any(x.feedback for x in s))
+        (state,) = [s for s in states if s.feedback]
+        assert (state.tenant_id, state.feedback, state.feedback_wrong, sum(state.wrong)) == ("acme", 1, 1, 1)
+        _ask(server, repeat, headers={"x-thrifty-cache-wrong": rid})  # sent again: counted already
+        # (Shutting down waits for the feedback still being looked up, then writes the states.)
+    with _server(config) as server:
+        _ask(server, repeat, headers={"x-thrifty-cache-wrong": rid})  # and again after another restart
+    states = _states(tmp_path)
+    (acme,) = [s for s in states if s.tenant_id == "acme"]
+    assert (acme.feedback, acme.feedback_wrong, sum(acme.wrong)) == (1, 1, 1)
+    assert all(s.feedback == 0 for s in states if s.tenant_id != "acme")
+    assert _rows(tmp_path, "SELECT feedback FROM semantic_hits WHERE request_id = ?", rid) == [(1,)]

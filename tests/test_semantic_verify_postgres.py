@@ -166,3 +166,98 @@ def test_replicas_share_what_verification_learned_and_a_restart_resumes_it(
     unknown = CliRunner().invoke(app, ["cache", "stats", "--config", str(config), "--route", "nope"])
     # (The CLI's entry point turns this error into one line and exit 2; CliRunner shows it raised.)
     assert "no route 'nope'" in str(unknown.exception)
+    # `thrifty dashboard` over PostgreSQL shows the same rows; another tenant's key sees none.
+    from tests.dashboard_helpers import get, serve_asgi
+    from thrifty.server.dashboard.standalone import DashboardServer
+    from thrifty.settings import load_settings
+
+    with serve_asgi(DashboardServer(load_settings(config))) as url:
+        assert get(url + "/dashboard/api/cache", _KEYS["acme"]).json()["partitions"] == json.loads(out.output)
+        assert get(url + "/dashboard/api/cache", _KEYS["globex"]).json()["partitions"] == []
+
+
+def _ask_as(server: BackgroundServer, question: str, tenant: str, wrong: str | None = None) -> Any:
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEYS[tenant], max_retries=0)
+    return client.chat.completions.with_raw_response.create(
+        model="route:support",
+        messages=[SYSTEM, {"role": "user", "content": question}],  # type: ignore[list-item]
+        temperature=0,
+        extra_headers={"x-thrifty-cache-wrong": wrong} if wrong else {},
+    )
+
+
+def _quiet_replica(tmp_path: Path, name: str, upstream: Any, pg_url: str) -> BackgroundServer:
+    """A replica whose hits are never verified by shadow calls (feedback is the only verdict)."""
+    root = tmp_path / name
+    root.mkdir(exist_ok=True)
+    data = _data(root, upstream, pg_url)
+    data["routes"]["support"]["semantic_cache"]["verify"] = {"min_rate": 0.0, "max_rate": 0.0000001}
+    return BackgroundServer(base_settings(root, **data), secrets={"up": UPSTREAM_KEY})
+
+
+def _acme_row(pg_url: str) -> PartitionState | None:
+    import psycopg
+
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT state FROM semantic_partition_state WHERE tenant_id = 'acme'").fetchall()
+    assert len(rows) <= 1
+    if not rows:
+        return None
+    state = rows[0][0]
+    return PartitionState.from_dict(state if isinstance(state, dict) else json.loads(state))
+
+
+def _acme_memory(server: BackgroundServer) -> PartitionState | None:
+    found = [s for _, s in server.gateway.semantic_cache.verifier.states() if s.tenant_id == "acme"]
+    return found[0] if found else None
+
+
+def _stored_hit(pg_url: str, request_id: str) -> tuple[Any, ...] | None:
+    import psycopg
+
+    with psycopg.connect(pg_url) as conn:
+        return conn.execute(
+            "SELECT tenant_id, feedback FROM semantic_hits WHERE request_id = %s", (request_id,)
+        ).fetchone()
+
+
+def test_feedback_counts_once_on_any_replica_and_after_a_restart_for_its_own_tenant_only(
+    tmp_path: Path, openai_upstream: Any, pg_url: str
+):
+    repeat = "What are your opening hours?"  # a repeat of a cached question: no upstream call
+    with (
+        _quiet_replica(tmp_path, "a", openai_upstream, pg_url) as a,
+        _quiet_replica(tmp_path, "b", openai_upstream, pg_url) as b,
+    ):
+        for question, answer in FAQ.items():
+            openai_upstream.queue(Reply(text=answer))
+            assert _ask(a, question).headers["x-thrifty-cache"] == "miss"
+        _until(lambda: b.gateway.semantic_cache.entries == len(FAQ), "b never followed a's entries")
+        first, later = _ask(a, "When are you open?"), _ask(a, "Do you deliver internationally?")
+        assert first.headers["x-thrifty-cache"] == later.headers["x-thrifty-cache"] == "semantic"
+        rid, rid_later = first.headers["x-thrifty-request-id"], later.headers["x-thrifty-request-id"]
+        _until(lambda: _stored_hit(pg_url, rid) == ("acme", 0), "a's hit never reached PostgreSQL")
+        # globex names acme's request on b: not matched (globex's own lookup is a miss upstream).
+        openai_upstream.queue(Reply(text="fresh"))
+        _ask_as(b, repeat, "globex", wrong=rid)
+        time.sleep(0.5)  # (feedback is looked up in the background: give it time to go wrong)
+        assert _stored_hit(pg_url, rid) == ("acme", 0)
+        # acme's feedback on b (a served the hit), then the same on a: counted once.
+        _ask_as(b, repeat, "acme", wrong=rid)
+        _until(lambda: _stored_hit(pg_url, rid) == ("acme", 1), "b never claimed the hit")
+        _ask_as(a, repeat, "acme", wrong=rid)
+        row = _until(
+            lambda: (r := _acme_row(pg_url)) is not None and r.feedback == 1 and r,
+            "the feedback never reached the shared row",
+        )
+        time.sleep(0.5)  # a's repeat would have been counted by now
+        _until(lambda: (m := _acme_memory(a)) is not None and m.feedback == 1, "a never read b's count")
+        row = _acme_row(pg_url)
+        assert row is not None and (row.feedback, row.feedback_wrong, sum(row.wrong)) == (1, 1, 1)
+    # Both shut down: a replica started afresh matches a's later hit, and still not the first again.
+    with _quiet_replica(tmp_path, "c", openai_upstream, pg_url) as c:
+        _ask_as(c, repeat, "acme", wrong=rid)
+        _ask_as(c, repeat, "acme", wrong=rid_later)
+        _until(lambda: _stored_hit(pg_url, rid_later) == ("acme", 1), "c never claimed the later hit")
+    row = _acme_row(pg_url)
+    assert row is not None and (row.feedback, row.feedback_wrong, sum(row.wrong)) == (2, 2, 2)

@@ -555,39 +555,14 @@ def cache_stats(
 ) -> None:
     """Semantic cache by route and partition: hit rate, estimated precision (95% CI), verifications
     and their cost, savings net of verification, and the current thresholds."""
-    from thrifty.cache.semantic.stage import load_params
-    from thrifty.cache.semantic.state_store import SqlitePartitionStateStore
-    from thrifty.cache.semantic.stats import partition_stats, stats_table
-    from thrifty.stores.sqlite_db import open_database
+    from thrifty.cache.semantic.stats import stats_table
+    from thrifty.cache.semantic.stored_stats import stored_partition_stats
 
     settings = _settings(config) if db is None or config is not None else None
     if settings is not None and route is not None and route not in settings.routes:
         known = ", ".join(sorted(settings.routes))
         raise ThriftyError(f"--route: no route {route!r} in the settings (routes: {known})")
-    semantic = {
-        name: r.semantic_cache
-        for name, r in (settings.routes.items() if settings is not None else ())
-        if r.semantic_cache is not None and r.semantic_cache.enabled
-    }
-    verify = {name: s.verify for name, s in semantic.items() if s.verify is not None and s.verify.enabled}
-    params = {name: load_params(s) for name, s in semantic.items()}
-    if db is None and settings is not None and settings.storage.backend == "postgresql":
-        states, counts = _postgres_cache_stats(settings.storage.url, tenant, route)
-    else:
-        path = db or (settings.storage.sqlite_path if settings is not None else None)
-        assert path is not None
-        conn = open_database(path)
-        try:
-            states = SqlitePartitionStateStore(conn).rows(tenant=tenant, route=route)
-            counts = dict(
-                conn.execute(
-                    "SELECT partition, count(*) FROM semantic_cache WHERE expires_at > ? GROUP BY partition",
-                    (time.time(),),
-                ).fetchall()
-            )
-        finally:
-            conn.close()
-    rows = partition_stats([(p, s) for p, s, _ in states], verify, params, counts)
+    rows = stored_partition_stats(settings, path=db, tenant=tenant, route=route)
     if as_json:
         typer.echo(orjson.dumps([r.to_dict() for r in rows], option=orjson.OPT_INDENT_2).decode())
         return
@@ -595,39 +570,6 @@ def cache_stats(
         typer.echo("no semantic cache partition has recorded lookups on a route with semantic_cache.verify")
         return
     _console().print(stats_table(rows, with_thresholds=settings is not None))
-
-
-def _postgres_cache_stats(
-    url: str, tenant: str | None, route: str | None
-) -> tuple[list[tuple[str, Any, float]], dict[str, int]]:
-    """The partition states every replica merged into PostgreSQL, and the live entries' counts."""
-    from thrifty.cache.semantic.adaptive import PartitionState
-    from thrifty.stores import postgres
-
-    sql = "SELECT partition, state, updated_at FROM semantic_partition_state WHERE TRUE"
-    args: list[object] = []
-    if tenant is not None:
-        sql += " AND tenant_id = %s"
-        args.append(tenant)
-    if route is not None:
-        sql += " AND route = %s"
-        args.append(route)
-    conn = postgres.connect(url)
-    try:
-        rows = conn.execute(sql + " ORDER BY tenant_id, route, partition", args).fetchall()
-        counts = dict(
-            conn.execute(
-                "SELECT partition, count(*) FROM semantic_cache WHERE expires_at > %s GROUP BY partition",
-                (time.time(),),
-            ).fetchall()
-        )
-    finally:
-        conn.close()
-    states = [
-        (p, PartitionState.from_dict(st if isinstance(st, dict) else orjson.loads(st)), float(t))
-        for p, st, t in rows
-    ]
-    return states, counts
 
 
 @eval_app.command("run")

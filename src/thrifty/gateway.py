@@ -191,6 +191,7 @@ class Gateway:
             embed_threads=settings.semantic.embed_threads,
             embedder_factory=embedder_factory,
             state_flush_s=settings.semantic.state_flush_s,
+            hit_retention_s=settings.semantic.hit_retention_s,
         )
         prefix_marks = PromptCacheBreakpoints(
             settings.routes, {n: p.kind for n, p in settings.providers.items()}
@@ -277,7 +278,11 @@ class Gateway:
         self.exact_cache.remote = self.stores.exact_remote
         if self.semantic_cache.active:
             await self.semantic_cache.start(
-                self.stores.cache_db, remote=self.stores.semantic_remote, states=self.stores.semantic_states
+                self.stores.cache_db,
+                remote=self.stores.semantic_remote,
+                states=self.stores.semantic_states,
+                hits=self.stores.semantic_hits,
+                writer=self.stores.cache_writer,
             )
         if self.context.active:
             # Summaries of conversation prefixes: PostgreSQL when it is the storage (shared by the
@@ -376,22 +381,28 @@ class Gateway:
         """The ledger entry of a semantic cache verification (its attempts have role ``verify``)."""
         await self.ledger.submit(self._accountant.entry(ctx, status, http_status, error))
 
-    def _feedback_to_cache(self, feedback: Feedback) -> None:
+    async def _feedback_to_cache(self, feedback: Feedback) -> None:
         """`POST /v1/thrifty/feedback` with label `cache_wrong` on a semantic hit counts as a failed
         verification of that hit (the same as the `x-thrifty-cache-wrong` header)."""
         if feedback.cache == "semantic" and feedback.label == "cache_wrong":
-            self.cache_feedback(feedback.tenant_id, feedback.request_id, wrong=True)
+            await self.cache_feedback(feedback.tenant_id, feedback.request_id, wrong=True)
 
-    def cache_feedback(self, tenant: str, request_id: str, wrong: bool) -> bool:
+    async def cache_feedback(self, tenant: str, request_id: str, wrong: bool) -> bool:
         """A user's verdict on an earlier answer of ``tenant``'s, for the semantic cache.
 
         ``wrong`` True: the answer of ``request_id`` was wrong; if it was a semantic hit, its partition
         counts a failed verification at that hit's score (its threshold tightens, verification is
         sampled more), else a verified right one. Returns whether it named a semantic hit of this
         tenant's not yet judged (each hit counts once; another tenant's request ids are ignored).
-        Called for the ``x-thrifty-cache-wrong: REQUEST_ID`` header and by the feedback endpoint.
+        Called by the feedback endpoint; the hit may be from before a restart or another replica's
+        (the hits are stored, ``semantic.hit_retention_s``).
         """
-        return self.semantic_cache.feedback(tenant, request_id, wrong)
+        return await self.semantic_cache.feedback(tenant, request_id, wrong)
+
+    def cache_feedback_soon(self, tenant: str, request_id: str, wrong: bool) -> None:
+        """``cache_feedback`` in the background, for the ``x-thrifty-cache-wrong: REQUEST_ID`` header:
+        the request carrying it does not wait for the hit to be looked up."""
+        self.semantic_cache.feedback_soon(tenant, request_id, wrong)
 
     def health(self) -> dict[str, int]:
         """Counters for /healthz: decisions taken per replica while Redis was away (degrade_local),
@@ -484,7 +495,7 @@ class Gateway:
         if tenant not in self.settings.tenants:
             raise ConfigError(f"unknown tenant {tenant!r}")
         if cache_wrong:
-            self.cache_feedback(tenant, cache_wrong.strip(), wrong=True)
+            self.cache_feedback_soon(tenant, cache_wrong.strip(), wrong=True)
         raw = orjson.dumps(body)
         tags = Tags(
             tenant,

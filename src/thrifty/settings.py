@@ -664,6 +664,10 @@ class SemanticSettings(_Strict):
     # Routes that verify hits: how often what verification learned per partition is written to the
     # SQLite file (for `thrifty cache stats` and restarts); it is always written at shutdown.
     state_flush_s: float = Field(default=2.0, ge=0)
+    # Semantic hits of routes that verify are kept this long (7 days), so feedback on one
+    # (`x-thrifty-cache-wrong`) is matched after a restart or on another replica; older feedback
+    # matches nothing.
+    hit_retention_s: float = Field(default=7 * 86400.0, gt=0)
 
 
 class PricingSettings(_Strict):

@@ -328,7 +328,7 @@ class ThriftyApp:
         wrong = headers.get("x-thrifty-cache-wrong")
         if wrong and wrong.strip():
             # Feedback on an earlier answer of this tenant's (see Gateway.cache_feedback).
-            self.gateway.cache_feedback(tenant, wrong.strip(), wrong=True)
+            self.gateway.cache_feedback_soon(tenant, wrong.strip(), wrong=True)
         if (self._defer_routes or "x-thrifty-defer" in headers) and await self._defer_chat(
             self.gateway, send, tenant, headers, body, len(raw)
         ):

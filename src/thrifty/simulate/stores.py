@@ -124,6 +124,10 @@ class ReplayStores(Stores):
         if self.cache_db is not None:
             self.cache_db.close()
             self.cache_db = memory_database()
+            # Cache writes go inline into the memory database (a writer thread writes the file).
+            if self.cache_writer is not None:
+                self.cache_writer.close()
+                self.cache_writer = None
             if exact_cache:
                 self.exact_local = SqliteExactCache(self.cache_db)
 

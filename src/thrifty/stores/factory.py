@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from thrifty.batch.store import BatchStore
     from thrifty.cache.semantic.store import SharedSemanticStore
     from thrifty.experiments.store import ExperimentStore
+    from thrifty.stores.postgres_semantic_hits import PostgresHitLog
     from thrifty.stores.postgres_semantic_state import PostgresPartitionStateStore
     from thrifty.stores.redis_state import RedisState
 
@@ -121,10 +122,12 @@ class Stores:
         self.exact_local: SqliteExactCache | None = None
         self.exact_remote: SharedExactCache | None = None
         self.cache_db: sqlite3.Connection | None = None  # SQLite: the exact and semantic caches' entries
-        self._cache_writer: SqliteWriteBehind | None = None  # SQLite: exact-cache puts, off the loop
+        # SQLite: exact-cache puts and semantic-cache entries, committed off the loop.
+        self.cache_writer: SqliteWriteBehind | None = None
         self.semantic_remote: SharedSemanticStore | None = None  # PostgreSQL: the semantic entries
         # PostgreSQL: what verification learned per partition, shared by the replicas.
         self.semantic_states: PostgresPartitionStateStore | None = None
+        self.semantic_hits: PostgresHitLog | None = None  # PostgreSQL: hits kept for feedback
         self._db: sqlite3.Connection | None = None
         self._pool: Any = None
         self._key_directory: Any = None
@@ -197,10 +200,12 @@ class Stores:
                 self.exact_remote = postgres.PostgresExactCache(self._pool)
             if semantic_cache:
                 from thrifty.stores.postgres_semantic import PostgresSemanticStore
+                from thrifty.stores.postgres_semantic_hits import PostgresHitLog
                 from thrifty.stores.postgres_semantic_state import PostgresPartitionStateStore
 
                 self.semantic_remote = PostgresSemanticStore(self._pool, storage.url)
                 self.semantic_states = PostgresPartitionStateStore(self._pool)
+                self.semantic_hits = PostgresHitLog(self._pool)
         else:
             self._db = open_database(storage.sqlite_path, synchronous=storage.synchronous)
             self.keys = SqliteKeyStore(self._db)
@@ -208,10 +213,10 @@ class Stores:
         if (exact_cache or semantic_cache) and not self.postgres:
             self.cache_db = open_database(storage.sqlite_path, synchronous=storage.synchronous)
             self.cache_db.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the loop
+            self.cache_writer = SqliteWriteBehind(storage.sqlite_path, synchronous=storage.synchronous)
+            self.cache_writer.start()
             if exact_cache:
-                self._cache_writer = SqliteWriteBehind(storage.sqlite_path, synchronous=storage.synchronous)
-                self._cache_writer.start()
-                self.exact_local = SqliteExactCache(self.cache_db, self._cache_writer)
+                self.exact_local = SqliteExactCache(self.cache_db, self.cache_writer)
         self.ledger.start(asyncio.get_running_loop())
         self._folder = asyncio.ensure_future(self._fold_periodically(self.settings.dashboard.fold_interval_s))
 
@@ -301,9 +306,9 @@ class Stores:
             await self.breaker_board.close()
         if self.redis is not None:
             await self.redis.close()
-        if self._cache_writer is not None:
-            self._cache_writer.close()
-            self._cache_writer = None
+        if self.cache_writer is not None:
+            self.cache_writer.close()
+            self.cache_writer = None
         if self.cache_db is not None:
             self.cache_db.close()
             self.cache_db = None

@@ -433,6 +433,26 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         )
         """,
     ),
+    (
+        16,
+        # Semantic hits of routes that verify, for feedback on them from any replica and after a
+        # restart (SQLite's migration 25): a hit's feedback is counted once, by the replica whose
+        # UPDATE ... WHERE feedback = 0 claims the row.
+        """
+        CREATE TABLE semantic_hits (
+            tenant_id TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            route TEXT NOT NULL,
+            partition TEXT NOT NULL,
+            score DOUBLE PRECISION,
+            answer_id TEXT NOT NULL,
+            served_at DOUBLE PRECISION NOT NULL,
+            feedback INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (tenant_id, request_id)
+        );
+        CREATE INDEX semantic_hits_served ON semantic_hits (served_at)
+        """,
+    ),
 )
 
 __all__ = ["POSTGRES_MIGRATIONS", "SQLITE_MIGRATIONS"]

@@ -546,6 +546,27 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         # as PostgreSQL's migration 15 has it.
         "CREATE INDEX experiment_actions_route ON experiment_actions (route, id)",
     ),
+    (
+        25,
+        # Semantic hits of routes that verify, kept so feedback on one (`x-thrifty-cache-wrong`)
+        # is matched after a restart and however many hits came since: the tenant (feedback is
+        # its own only), the partition and score it counts at, and whether it was counted already.
+        # Pruned by age (`semantic.hit_retention_s`).
+        """
+        CREATE TABLE semantic_hits (
+            tenant_id TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            route TEXT NOT NULL,
+            partition TEXT NOT NULL,
+            score REAL,
+            answer_id TEXT NOT NULL,
+            served_at REAL NOT NULL,
+            feedback INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (tenant_id, request_id)
+        );
+        CREATE INDEX semantic_hits_served ON semantic_hits (served_at)
+        """,
+    ),
 )
 
 

@@ -31,6 +31,10 @@ class SqliteWriteBehind:
         self._queue: queue.SimpleQueue[Write | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
+    @property
+    def path(self) -> Path:
+        return self._path
+
     def start(self) -> None:
         conn = connect(self._path, synchronous=self._synchronous, check_same_thread=False)
         self._thread = threading.Thread(

@@ -11,11 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-from thrifty.cache.semantic.store import LiveEntry, NewEntry, SharedSemanticStore, SqliteSemanticStore
+from thrifty.cache.semantic.store import (
+    ID_BLOCK,
+    INSERT_SQL,
+    LiveEntry,
+    NewEntry,
+    SharedSemanticStore,
+    SqliteSemanticStore,
+    insert_params,
+    reserve_ids,
+)
 from thrifty.errors import SharedStateUnavailable
+from thrifty.stores.write_behind import SqliteWriteBehind
 from thrifty.types import Usage
 
 log = logging.getLogger(__name__)
@@ -26,11 +37,29 @@ UNREADABLE = object()
 
 
 class LocalEntries:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    """With a ``writer``, a new entry gets an id reserved up front (``reserve_ids``), is indexed and
+    served from memory at once, and its row is committed on the writer's thread, which waits for
+    the lock (the ledger, a fold or recordings may hold it) instead of losing the entry. Without
+    one, or when no reserved id is left, the row is written on the loop and lost if the lock is
+    busy (the entry is then not indexed either)."""
+
+    def __init__(self, conn: sqlite3.Connection, writer: SqliteWriteBehind | None = None) -> None:
         self._store = SqliteSemanticStore(conn)
+        self._writer = writer
+        # entry id -> (expires at, response, usage): added, its row not committed yet
+        self._pending: dict[int, tuple[float, dict[str, Any], Usage]] = {}
+        self._ids: deque[int] = deque()
+        self._refill: asyncio.Future[range] | None = None
 
     async def start(self, now: float, embedding_model: str) -> AsyncIterator[LiveEntry]:
         self._store.drop_expired(now)
+        if self._writer is not None:
+            try:
+                self._ids.extend(await asyncio.to_thread(reserve_ids, self._writer.path))
+            except sqlite3.Error as err:
+                log.warning(
+                    "semantic cache entry ids not reserved (entries are written on the loop): %s", err
+                )
         for entry in self._store.live(now, embedding_model):
             yield entry
 
@@ -38,27 +67,70 @@ class LocalEntries:
         """One process: nobody else adds entries."""
 
     async def answer(self, entry_id: int, now: float) -> Stored | None:
-        return self._store.answer(entry_id, now)
+        return self._read(entry_id, now)
 
     def with_answer(self, entry_id: int, now: float, then: Callable[[dict[str, Any]], None]) -> None:
         """Call ``then`` with the entry's stored response (now: it is a local read)."""
-        stored = self._store.answer(entry_id, now)
+        stored = self._read(entry_id, now)
         if stored is not None:
             then(stored[0])
 
+    def _read(self, entry_id: int, now: float) -> Stored | None:
+        pending = self._pending.get(entry_id)
+        if pending is not None:
+            return (pending[1], pending[2]) if pending[0] > now else None
+        return self._store.answer(entry_id, now)
+
     def add(self, entry: NewEntry, index: Callable[[int], None]) -> None:
-        entry_id = self._store.add(entry)
-        if entry_id is not None:
-            index(entry_id)
+        entry_id = self._take_id()
+        if entry_id is None or self._writer is None:
+            stored = self._store.add(entry)
+            if stored is not None:
+                index(stored)
+            return
+        self._pending[entry_id] = (entry.expires_at, entry.response, entry.usage)
+
+        def committed() -> None:
+            # From the writer's thread: one dict operation, atomic under the GIL. Committed or
+            # not (a failed batch is logged there), the row is now what answers.
+            self._pending.pop(entry_id, None)
+
+        self._writer.submit(INSERT_SQL, (entry_id, *insert_params(entry)), committed)
+        index(entry_id)
+
+    def _take_id(self) -> int | None:
+        if self._writer is None:
+            return None
+        if len(self._ids) < ID_BLOCK // 2 and self._refill is None:
+            self._refill = asyncio.ensure_future(asyncio.to_thread(reserve_ids, self._writer.path))
+            self._refill.add_done_callback(self._refilled)
+        return self._ids.popleft() if self._ids else None
+
+    def _refilled(self, done: asyncio.Future[range]) -> None:
+        self._refill = None
+        if done.cancelled():
+            return
+        err = done.exception()
+        if err is not None:
+            log.warning("semantic cache entry ids not reserved yet: %r", err)
+            return
+        self._ids.extend(done.result())
 
     def delete(self, entry_ids: list[int]) -> None:
-        self._store.delete(entry_ids)
+        if self._writer is None:
+            self._store.delete(entry_ids)
+            return
+        # After the inserts queued before it: an entry evicted before its row was committed goes too.
+        for entry_id in entry_ids:
+            self._writer.submit("DELETE FROM semantic_cache WHERE entry_id = ?", (entry_id,))
+            self._pending.pop(entry_id, None)
 
     def drop_expired(self, now: float) -> None:
         self._store.drop_expired(now)
 
     async def aclose(self) -> None:
-        return None
+        if self._refill is not None:
+            await asyncio.gather(self._refill, return_exceptions=True)
 
 
 class SharedEntries:

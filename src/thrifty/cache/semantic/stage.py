@@ -39,6 +39,7 @@ from thrifty.cache.semantic.adaptive import Bound
 from thrifty.cache.semantic.decision import DecisionParams, Neighbour, assess, decide, default_params
 from thrifty.cache.semantic.density import cluster_gap, member_rows, outside_cluster
 from thrifty.cache.semantic.entries import UNREADABLE, Entries, LocalEntries, SharedEntries
+from thrifty.cache.semantic.hit_log import HitLog, SqliteHitLog
 from thrifty.cache.semantic.index import HnswIndex
 from thrifty.cache.semantic.near_miss import NearMissJudge
 from thrifty.cache.semantic.normalise import normalise
@@ -46,13 +47,14 @@ from thrifty.cache.semantic.partitions import EntryMeta, Partition, Partitions, 
 from thrifty.cache.semantic.state_store import SqlitePartitionStateStore
 from thrifty.cache.semantic.store import LiveEntry, NewEntry, SharedSemanticStore
 from thrifty.cache.semantic.tune import SEARCH_K
-from thrifty.cache.semantic.verify import Verifier
+from thrifty.cache.semantic.verify import HIT_RETENTION_S, Verifier
 from thrifty.errors import ConfigError
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import StreamChunk, relay_and_keep
 from thrifty.settings import RouteSettings, SemanticCacheSettings
 from thrifty.shapes import as_completion
+from thrifty.stores.write_behind import SqliteWriteBehind
 from thrifty.types import Usage
 
 if TYPE_CHECKING:
@@ -171,6 +173,7 @@ class SemanticCacheStage:
         embed_threads: int = 1,
         embedder_factory: EmbedderFactory | None = None,
         state_flush_s: float = 2.0,
+        hit_retention_s: float = HIT_RETENTION_S,
     ) -> None:
         self._settings = {
             name: r.semantic_cache
@@ -199,6 +202,7 @@ class SemanticCacheStage:
                 if s.verify is not None and s.verify.enabled
             },
             flush_every_s=state_flush_s,
+            hit_retention_s=hit_retention_s,
         )
 
     @property
@@ -214,10 +218,13 @@ class SemanticCacheStage:
         conn: sqlite3.Connection | None,
         remote: SharedSemanticStore | None = None,
         states: PostgresPartitionStateStore | None = None,
+        hits: HitLog | None = None,
+        writer: SqliteWriteBehind | None = None,
     ) -> None:
         """Load the model and rebuild the index from the stored, unexpired entries (of the SQLite
         file `conn`, or of the shared store `remote`, which it then follows; `states`: where the
-        replicas share what verification learned)."""
+        replicas share what verification learned; `hits`: where they keep their hits for feedback;
+        `writer`: SQLite, the thread that commits new entries, waiting for the lock off the loop)."""
         loop = asyncio.get_running_loop()
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="thrifty-embed")
         self._embedder = await loop.run_in_executor(self._pool, self._embedder_factory)
@@ -226,11 +233,11 @@ class SemanticCacheStage:
         if remote is not None:
             self._entries = SharedEntries(remote)
             if states is not None:
-                await self.verifier.start_shared(states)
+                await self.verifier.start_shared(states, hits)
         else:
             assert conn is not None
-            self._entries = LocalEntries(conn)
-            self.verifier.start(SqlitePartitionStateStore(conn))
+            self._entries = LocalEntries(conn, writer)
+            self.verifier.start(SqlitePartitionStateStore(conn), SqliteHitLog(conn))
         self._near_miss = NearMissJudge(self.verifier, self._settings, self._entries)
         async for entry in self._entries.start(now, EMBEDDING_MODEL_ID):
             self._load(parts, entry)
@@ -267,6 +274,8 @@ class SemanticCacheStage:
         """Finish the shared store's pending writes and stop following it, then `close`."""
         if self._entries is not None:
             await self._entries.aclose()
+        await self.verifier.drain()  # feedback claims in flight count before the last writes
+        await self.verifier.stop_hits()
         await self.verifier.stop_shared()
         self.close()
 
@@ -285,9 +294,13 @@ class SemanticCacheStage:
         sizes = {p: self._parts.size(p) for p, _ in states} if self._parts is not None else {}
         return [row.to_dict() for row in partition_stats(states, verify, self._params, sizes)]
 
-    def feedback(self, tenant_id: str, request_id: str, wrong: bool) -> bool:
+    async def feedback(self, tenant_id: str, request_id: str, wrong: bool) -> bool:
         """A user's verdict on an earlier answer (see ``Verifier.feedback``)."""
-        return self.verifier.feedback(tenant_id, request_id, wrong)
+        return await self.verifier.feedback(tenant_id, request_id, wrong)
+
+    def feedback_soon(self, tenant_id: str, request_id: str, wrong: bool) -> None:
+        """``feedback`` off the response path of the request that carries it."""
+        self.verifier.feedback_soon(tenant_id, request_id, wrong)
 
     def close(self) -> None:
         self.verifier.flush()

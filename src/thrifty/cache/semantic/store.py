@@ -15,13 +15,14 @@ import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import orjson
 
-from thrifty.stores.sqlite_db import scope_where
+from thrifty.stores.sqlite_db import connect, scope_where
 from thrifty.types import Usage
 
 log = logging.getLogger(__name__)
@@ -97,43 +98,79 @@ class SharedSemanticStore(Protocol):
     async def close(self) -> None: ...
 
 
+INSERT_SQL = (
+    "INSERT INTO semantic_cache (entry_id, partition, tenant_id, route, user, prompt_version, "
+    "corpus_version, model, system_hash, query, normalised_query, embedding_model, embedding, "
+    "answer_id, response, evidence, safety_policy_version, input_tokens, cached_input_tokens, "
+    "output_tokens, created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+# Ids handed out before their rows are written (``reserve_ids``) are taken from this many at once.
+ID_BLOCK = 1024
+
+
+def insert_params(entry: NewEntry) -> tuple[object, ...]:
+    """The row of ``entry`` for ``INSERT_SQL``, after its id (None: SQLite picks one)."""
+    u = entry.usage
+    return (
+        entry.partition,
+        entry.tenant_id,
+        entry.route,
+        entry.user,
+        entry.prompt_version,
+        entry.corpus_version,
+        entry.model,
+        entry.system_hash,
+        entry.query,
+        entry.normalised_query,
+        entry.embedding_model,
+        np.asarray(entry.embedding, dtype=np.float32).tobytes(),
+        entry.answer_id,
+        orjson.dumps(entry.response).decode(),
+        orjson.dumps(list(entry.evidence)).decode() if entry.evidence else None,
+        entry.safety_policy_version,
+        u.input_tokens,
+        u.cached_input_tokens,
+        u.output_tokens,
+        entry.created_at,
+        entry.expires_at,
+    )
+
+
+def reserve_ids(path: Path, count: int = ID_BLOCK) -> range:
+    """Take ``count`` entry ids no other process will use: the table's AUTOINCREMENT counter is
+    moved past them in one write transaction (waiting for the lock: call it off the loop), so an
+    insert elsewhere, or a later block, starts above them. Entries can then be indexed and served
+    under their id before their rows are committed (``entries.LocalEntries``)."""
+    conn = connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            (top,) = conn.execute(
+                "SELECT MAX(COALESCE((SELECT MAX(entry_id) FROM semantic_cache), 0), "
+                "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'semantic_cache'), 0))"
+            ).fetchone()
+            end = int(top) + count
+            if not conn.execute(
+                "UPDATE sqlite_sequence SET seq = ? WHERE name = 'semantic_cache'", (end,)
+            ).rowcount:
+                conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('semantic_cache', ?)", (end,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+    return range(int(top) + 1, end + 1)
+
+
 class SqliteSemanticStore:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
 
     def add(self, entry: NewEntry) -> int | None:
         """Store an entry; its id, or None when the database is busy (a cache write is optional)."""
-        u = entry.usage
         try:
-            cursor = self._conn.execute(
-                "INSERT INTO semantic_cache (partition, tenant_id, route, user, prompt_version, "
-                "corpus_version, model, system_hash, query, normalised_query, embedding_model, embedding, "
-                "answer_id, response, evidence, safety_policy_version, input_tokens, cached_input_tokens, "
-                "output_tokens, created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    entry.partition,
-                    entry.tenant_id,
-                    entry.route,
-                    entry.user,
-                    entry.prompt_version,
-                    entry.corpus_version,
-                    entry.model,
-                    entry.system_hash,
-                    entry.query,
-                    entry.normalised_query,
-                    entry.embedding_model,
-                    np.asarray(entry.embedding, dtype=np.float32).tobytes(),
-                    entry.answer_id,
-                    orjson.dumps(entry.response).decode(),
-                    orjson.dumps(list(entry.evidence)).decode() if entry.evidence else None,
-                    entry.safety_policy_version,
-                    u.input_tokens,
-                    u.cached_input_tokens,
-                    u.output_tokens,
-                    entry.created_at,
-                    entry.expires_at,
-                ),
-            )
+            cursor = self._conn.execute(INSERT_SQL, (None, *insert_params(entry)))
         except sqlite3.OperationalError as err:
             log.warning("semantic cache entry not stored: %s", err)
             return None
@@ -196,4 +233,13 @@ class SqliteSemanticStore:
         return self._conn.execute(f"DELETE FROM semantic_cache{where}", params).rowcount
 
 
-__all__ = ["LiveEntry", "NewEntry", "SharedSemanticStore", "SqliteSemanticStore"]
+__all__ = [
+    "ID_BLOCK",
+    "INSERT_SQL",
+    "LiveEntry",
+    "NewEntry",
+    "SharedSemanticStore",
+    "SqliteSemanticStore",
+    "insert_params",
+    "reserve_ids",
+]

@@ -16,7 +16,10 @@ and its threshold comes from ``adaptive.bound`` instead of the shipped rule alon
   wrong hit and a miss;
 * **feedback**: ``feedback(tenant, request_id, wrong)``, from the ``x-thrifty-cache-wrong`` header on
   a later request or the feedback endpoint; each hit's feedback counts once, and only the tenant
-  whose request it was can give it.
+  whose request it was can give it. Hits are written to ``semantic_hits`` (``hit_log``) in batches
+  off the response path, so feedback on one is matched after a restart, on another replica, and
+  however many hits came since (for ``semantic.hit_retention_s``); a hit not written yet is matched
+  in memory.
 
 State is in memory and written to ``semantic_partition_state`` (``state_store``) every few seconds
 and at shutdown, so ``thrifty cache stats`` and a restart see it.
@@ -30,7 +33,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from decimal import Decimal
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
@@ -47,6 +50,7 @@ from thrifty.cache.semantic.adaptive import (
     sample_rate,
 )
 from thrifty.cache.semantic.compare import same_answer
+from thrifty.cache.semantic.hit_log import HitLog, HitRecord
 from thrifty.cache.semantic.judge import judge_body, judge_context, parse_verdict
 from thrifty.cache.semantic.state_store import SqlitePartitionStateStore
 from thrifty.errors import ThriftyError
@@ -61,8 +65,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY_S = 2.0
-# Hits remembered for feedback (oldest forgotten first): feedback comes on the next request.
+# Hits held in memory for feedback until they are written (oldest forgotten first when the store
+# does not take them, or with no store).
 REMEMBER_HITS = 50_000
+# Hits are written in batches of at most this many; stored hits older than the retention go, at
+# most this often.
+HIT_BATCH = 2_000
+PRUNE_EVERY_S = 60.0
+HIT_RETENTION_S = 7 * 86400.0
 REVERDICT_LOOKUPS = 64
 # Rows of the shared store written this long before the last one seen are read again (replicas'
 # clocks differ; reading a row twice changes nothing).
@@ -87,16 +97,6 @@ def policy_of(settings: CacheVerifySettings) -> Policy:
     )
 
 
-@dataclass(slots=True)
-class _Hit:
-    tenant_id: str
-    route: str
-    partition: str
-    score: float | None  # None: a repeat of a cached question (no score)
-    answer_id: str
-    feedback: bool = False
-
-
 class Verifier:
     def __init__(
         self,
@@ -106,6 +106,7 @@ class Verifier:
         remember_hits: int = REMEMBER_HITS,
         flush_every_s: float = FLUSH_EVERY_S,
         max_states: int = MAX_STATES,
+        hit_retention_s: float = HIT_RETENTION_S,
     ) -> None:
         self._settings = dict(settings)
         self._policies = {route: policy_of(s) for route, s in settings.items()}
@@ -120,9 +121,20 @@ class Verifier:
         self._flushed = 0.0
         self._flush_every = flush_every_s
         self._store: SqlitePartitionStateStore | None = None
-        self._hits: OrderedDict[str, _Hit] = OrderedDict()
+        # (tenant, request id) -> hit, served and not yet written to the hit log (with none: the
+        # last ``remember_hits``).
+        self._hits: OrderedDict[tuple[str, str], HitRecord] = OrderedDict()
         self._remember = remember_hits
+        self._hit_log: HitLog | None = None
+        self._hit_task: asyncio.Task[None] | None = None
+        # The hits of the write under way, and its end: feedback on one waits for it, then claims
+        # the row (so no other replica can claim it between the commit and this one's memory).
+        self._in_write: set[tuple[str, str]] = set()
+        self._written = asyncio.Event()
+        self._retention_s = hit_retention_s
+        self._pruned_at = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
+        self._claims: set[asyncio.Task[bool]] = set()
         self.recorder: Recorder | None = None
         self.route_target: RouteTarget | None = None
         # PostgreSQL: the replicas' shared states, the rows as this replica last read them, and
@@ -138,15 +150,17 @@ class Verifier:
     def method(self, route: str) -> str:
         return self._settings[route].compare
 
-    def start(self, store: SqlitePartitionStateStore) -> None:
+    def start(self, store: SqlitePartitionStateStore, hits: HitLog | None = None) -> None:
         self._store = store
         routes = set(self._settings)
         rows = [(p, s) for p, s in store.load(limit=self._max_states) if s.route in routes]
         self._states = OrderedDict(reversed(rows))  # the store gives the newest first
+        self._start_hits(hits)
 
-    async def start_shared(self, store: PostgresPartitionStateStore) -> None:
+    async def start_shared(self, store: PostgresPartitionStateStore, hits: HitLog | None = None) -> None:
         """Load the replicas' shared states and keep them in step (``sync``) every few seconds."""
         self._shared = store
+        self._start_hits(hits)
         routes = set(self._settings)
         rows = [r for r in await store.load(limit=self._max_states) if r[1].route in routes]
         self._states = OrderedDict((p, s) for p, s, _ in reversed(rows))
@@ -280,7 +294,10 @@ class Verifier:
         assert ctx.route is not None
         state = self.state(partition, ctx.tags.tenant_id, ctx.route)
         state.served(repeat=score is None, saved=ctx.saved_usd)
-        self._hits[ctx.request_id] = _Hit(ctx.tags.tenant_id, ctx.route, partition, score, answer_id)
+        tenant = ctx.tags.tenant_id
+        self._hits[(tenant, ctx.request_id)] = HitRecord(
+            tenant, ctx.request_id, ctx.route, partition, score, answer_id, ctx.ts
+        )
         while len(self._hits) > self._remember:
             self._hits.popitem(last=False)
         self._touch(partition)
@@ -311,20 +328,98 @@ class Verifier:
             state.verified_wrong += not correct
         self._touch(partition)
 
-    def feedback(self, tenant_id: str, request_id: str, wrong: bool) -> bool:
+    async def feedback(self, tenant_id: str, request_id: str, wrong: bool) -> bool:
         """Feedback on an earlier answer; True when it named a semantic hit of this tenant's not yet
-        judged (a wrong one tightens that partition's threshold like a failed verification)."""
-        hit = self._hits.get(request_id)
-        if hit is None or hit.tenant_id != tenant_id or hit.feedback:
+        judged (a wrong one tightens that partition's threshold like a failed verification). A hit
+        not written yet is judged in memory (it is written judged: nobody else can see it before);
+        a written one is claimed in the hit log, which says whether it was judged already (here,
+        on another replica, or before a restart)."""
+        key = (tenant_id, request_id)
+        while key in self._in_write:
+            await self._written.wait()
+        hit = self._hits.get(key)
+        if hit is not None:
+            if hit.feedback:
+                return False
+            hit.feedback = True
+            self._count_feedback(hit, wrong)
+            return True
+        if self._hit_log is None or not self._settings:
             return False
-        hit.feedback = True
+        try:
+            claimed = await self._hit_log.claim(tenant_id, request_id)
+        except Exception as err:  # noqa: BLE001 - the store is away or busy: the feedback is lost
+            log.warning("semantic cache feedback on %s not applied: %r", request_id, err)
+            return False
+        if claimed is None or not self.covers(claimed.route):
+            return False
+        self._count_feedback(claimed, wrong)
+        return True
+
+    def feedback_soon(self, tenant_id: str, request_id: str, wrong: bool) -> None:
+        """``feedback`` in the background: a request carrying feedback does not wait for the store."""
+        if not self._settings:
+            return  # no route verifies: nothing to match, and nothing to spawn
+        task = asyncio.get_running_loop().create_task(self.feedback(tenant_id, request_id, wrong))
+        self._claims.add(task)
+        task.add_done_callback(self._claims.discard)
+
+    def _count_feedback(self, hit: HitRecord, wrong: bool) -> None:
         state = self.state(hit.partition, hit.tenant_id, hit.route)
         state.feedback += 1
         state.feedback_wrong += wrong
         if hit.score is not None:
             state.observe(hit.score, not wrong, hit.answer_id)
         self._touch(hit.partition)
-        return True
+
+    def _start_hits(self, hits: HitLog | None) -> None:
+        self._hit_log = hits
+        if hits is not None and self._settings:
+            self._hit_task = asyncio.get_running_loop().create_task(self._write_hits_forever())
+
+    async def _write_hits_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(self._flush_every, 0.05))
+            try:
+                await self.write_hits()
+            except Exception as err:  # noqa: BLE001 - busy or away: the hits wait in memory, retry
+                log.warning("semantic cache hits not written yet: %r", err)
+
+    async def write_hits(self, now: float | None = None) -> None:
+        """Write the hits served since the last write (in batches, each all or nothing), and forget
+        stored hits older than the retention every ``PRUNE_EVERY_S``."""
+        log_ = self._hit_log
+        if log_ is None:
+            return
+        while self._hits and not self._in_write:
+            batch = list(self._hits.items())[:HIT_BATCH]
+            self._in_write = {key for key, _ in batch}
+            self._written = asyncio.Event()
+            try:
+                await log_.write([hit for _, hit in batch])
+                for key, _ in batch:
+                    self._hits.pop(key, None)
+            finally:
+                self._in_write = set()
+                self._written.set()
+            if len(batch) < HIT_BATCH:
+                break
+        now = time.time() if now is None else now
+        if now - self._pruned_at >= PRUNE_EVERY_S:
+            self._pruned_at = now
+            await log_.prune(now - self._retention_s)
+
+    async def stop_hits(self) -> None:
+        """Stop the periodic writes, after a last write of the hits still held (shutdown)."""
+        if self._hit_task is None:
+            return
+        self._hit_task.cancel()
+        await asyncio.gather(self._hit_task, return_exceptions=True)
+        self._hit_task = None
+        try:
+            await self.write_hits()
+        except Exception as err:  # noqa: BLE001 - shutting down: log, never raise
+            log.warning("semantic cache hits not written at shutdown (%d): %r", len(self._hits), err)
 
     def shadow(
         self,
@@ -427,9 +522,9 @@ class Verifier:
         return verdict
 
     async def drain(self) -> None:
-        """Wait for the shadow calls in flight (shutdown, tests)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Wait for the shadow calls and feedback claims in flight (shutdown, tests)."""
+        while self._tasks or self._claims:
+            await asyncio.gather(*list(self._tasks), *list(self._claims), return_exceptions=True)
 
     def _touch(self, partition: str) -> None:
         self._dirty.add(partition)

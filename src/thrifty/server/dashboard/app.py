@@ -9,6 +9,7 @@ only (its filter is forced, another tenant's is refused with 403); no key or an 
 from __future__ import annotations
 
 import hmac
+import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
@@ -29,7 +30,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 # The semantic cache's partition stats (rows of `thrifty cache stats --json`), of one tenant or all.
-CacheStats = Callable[[str | None], list[dict[str, Any]]]
+# A tenant's (None: every tenant's) semantic cache rows: from memory (the serving gateway), or
+# awaited (the standalone dashboard reads them from the store, off the loop).
+CacheStats = Callable[[str | None], list[dict[str, Any]] | Awaitable[list[dict[str, Any]]]]
 # A virtual key -> its tenant; raises AuthenticationFailed for a key it does not know.
 TenantOfKey = Callable[[str], str]
 
@@ -94,9 +97,10 @@ class DashboardApp:
             return Viewer(None)
         return Viewer(self._tenant_of_key(key))
 
-    def _cache(self, viewer: Viewer) -> dict[str, Any]:
+    async def _cache(self, viewer: Viewer) -> dict[str, Any]:
         """The semantic cache's partitions as `thrifty cache stats` has them; a tenant's own only."""
-        rows = self._cache_stats(viewer.tenant) if self._cache_stats is not None else []
+        found = self._cache_stats(viewer.tenant) if self._cache_stats is not None else []
+        rows = await found if inspect.isawaitable(found) else found
         return {"partitions": [r for r in rows if viewer.admin or r["tenant_id"] == viewer.tenant]}
 
     def is_admin(self, key: str) -> bool:
@@ -123,7 +127,7 @@ class DashboardApp:
             query = data.parse_query(params, viewer, self.settings, now)
             if path in ("/dashboard", "/dashboard/"):
                 page = await data.page(self.store, self.settings, viewer, query, now)
-                page["cache"] = self._cache(viewer)
+                page["cache"] = await self._cache(viewer)
                 await _send(send, 200, render_page(page).encode(), [_HTML, *_SECURITY])
                 return
             if not api:
@@ -164,10 +168,10 @@ class DashboardApp:
         if name == "page":
             return {
                 **await data.page(self.store, self.settings, viewer, query, now),
-                "cache": self._cache(viewer),
+                "cache": await self._cache(viewer),
             }
         if name == "cache":
-            return self._cache(viewer)
+            return await self._cache(viewer)
         raise NotFound(
             f"no dashboard API {name!r}; there are summary, series, routes, prompt_versions, top, budgets, "
             "alerts, requests, cache and page",

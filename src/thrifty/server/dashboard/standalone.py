@@ -61,8 +61,27 @@ class DashboardServer:
             self._conn = connect(path, check_same_thread=False)
             keys = SqliteKeyStore(self._conn)
             self._store = SqliteReportingStore(path)
-        self.dashboard = DashboardApp(self._store, settings, KeyDirectory(settings, keys))
+        self._db_path = db_path
+        semantic = any(
+            r.semantic_cache is not None and r.semantic_cache.enabled for r in settings.routes.values()
+        )
+        self.dashboard = DashboardApp(
+            self._store,
+            settings,
+            KeyDirectory(settings, keys),
+            cache_stats=self._cache_stats if semantic else None,
+        )
         self._folder: asyncio.Task[None] | None = None
+
+    async def _cache_stats(self, tenant: str | None) -> list[dict[str, Any]]:
+        """The semantic cache rows the gateways stored (as `thrifty cache stats` reads them): the
+        serving gateway's dashboard shows the same from its memory."""
+        from thrifty.cache.semantic.stored_stats import stored_partition_stats
+
+        rows = await asyncio.to_thread(
+            stored_partition_stats, self._settings, path=self._db_path, tenant=tenant
+        )
+        return [row.to_dict() for row in rows]
 
     async def _fold_periodically(self) -> None:
         while True:

@@ -65,6 +65,22 @@ def _ask(server: BackgroundServer, question: str, tenant: str = "acme", **kw: An
     return client.chat.completions.with_raw_response.create(**body, extra_headers=headers)
 
 
+def _stored(db: Path, count: int, timeout: float = 10.0) -> list[sqlite3.Row]:
+    """The semantic_cache rows once there are `count` of them: the cache writer thread commits a
+    new entry after the response (it is served from memory meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = sqlite3.connect(db)
+        conn.row_factory = sqlite3.Row
+        try:
+            rows = conn.execute("SELECT * FROM semantic_cache ORDER BY entry_id").fetchall()
+        finally:
+            conn.close()
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.02)
+
+
 def _seed(server: BackgroundServer, upstream: Any, **kw: Any) -> None:
     for question, answer in FAQ.items():
         upstream.queue(Reply(text=answer))
@@ -214,9 +230,7 @@ def test_entries_store_what_the_issue_names(server, openai_upstream, tmp_path):
         "  How do I RETURN an item?? ",
         headers={"x-thrifty-evidence": "kb-12, kb-7", "x-thrifty-corpus-version": "kb-3"},
     )
-    conn = sqlite3.connect(tmp_path / "ledger.db")
-    conn.row_factory = sqlite3.Row
-    (row,) = conn.execute("SELECT * FROM semantic_cache").fetchall()
+    (row,) = _stored(tmp_path / "ledger.db", 1)
     assert (
         row["query"] == "  How do I RETURN an item?? "
         and row["normalised_query"] == "how do i return an item"
@@ -262,6 +276,7 @@ def test_ttl_restart_bound_and_safety_policy(tmp_path, openai_upstream):
 
 def test_purge_takes_effect_in_a_running_gateway(server, openai_upstream, tmp_path):
     _seed(server, openai_upstream)
+    assert len(_stored(tmp_path / "ledger.db", len(FAQ))) == len(FAQ)
     assert _ask(server, "When are you open?").headers["x-thrifty-cache"] == "semantic"
     out = subprocess.run(
         [
@@ -291,8 +306,10 @@ def test_purge_takes_effect_in_a_running_gateway(server, openai_upstream, tmp_pa
 def test_a_truncated_answer_is_not_stored(server, openai_upstream, tmp_path):
     openai_upstream.queue(Reply(text="We are open", finish_reason="length"))
     _ask(server, "What are your opening hours?")
-    conn = sqlite3.connect(tmp_path / "ledger.db")
-    assert conn.execute("SELECT count(*) FROM semantic_cache").fetchone()[0] == 0
+    openai_upstream.queue(Reply(text="Send it back within 30 days."))
+    _ask(server, "How do I return an item?")
+    # Entries are committed in order: once the whole answer after it is stored, the cut one was not.
+    assert [r["query"] for r in _stored(tmp_path / "ledger.db", 1)] == ["How do I return an item?"]
 
 
 def test_a_sparse_partition_answers_only_repeats(tmp_path, openai_upstream):

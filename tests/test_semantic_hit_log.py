@@ -100,3 +100,51 @@ def test_stored_hits_older_than_the_retention_are_forgotten(tmp_path):
         conn.close()
 
     asyncio.run(scenario())
+
+
+def test_a_busy_lock_is_retried_quietly_and_said_once_it_lasts(tmp_path, caplog):
+    """The ledger or a fold holding SQLite's lock makes a flush fail now and then: the hits wait and
+    the next flush writes them; the log speaks only when it lasts (HIT_WRITE_PATIENCE flushes)."""
+    import sqlite3
+
+    from thrifty.cache.semantic import verify
+
+    class Busy:
+        def __init__(self, fail: int) -> None:
+            self.fail, self.rows = fail, 0
+
+        async def write(self, hits: Any) -> None:
+            if self.fail:
+                self.fail -= 1
+                raise sqlite3.OperationalError("database is locked")
+            self.rows += len(hits)
+
+        async def claim(self, tenant_id: str, request_id: str) -> None:
+            return None
+
+        async def prune(self, before: float) -> int:
+            return 0
+
+    async def scenario(fail: int) -> int:
+        conn = open_database(tmp_path / f"busy{fail}.db")
+        verifier = Verifier({"support": CacheVerifySettings()}, flush_every_s=0.01)
+        log_ = Busy(fail)
+        verifier.start(SqlitePartitionStateStore(conn), log_)
+        verifier.served(_hit("r1"), "p-acme", 0.8, None, "answer-1")
+        for _ in range(400):
+            if log_.rows:
+                break
+            await asyncio.sleep(0.01)
+        await verifier.stop_hits()
+        conn.close()
+        return log_.rows
+
+    caplog.set_level("WARNING", logger=verify.__name__)
+    assert asyncio.run(scenario(fail=3)) == 1  # written on the fourth flush
+    assert not [r for r in caplog.records if "not written yet" in r.getMessage()]
+    assert asyncio.run(scenario(fail=verify.HIT_WRITE_PATIENCE)) == 1
+    (said,) = [r for r in caplog.records if "not written yet" in r.getMessage()]
+    assert (
+        f"({verify.HIT_WRITE_PATIENCE} tries)" in said.getMessage()
+        and "1 wait in memory" in said.getMessage()
+    )

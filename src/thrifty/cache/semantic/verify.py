@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -68,6 +69,7 @@ FLUSH_EVERY_S = 2.0
 # Hits held in memory for feedback until they are written (oldest forgotten first when the store
 # does not take them, or with no store).
 REMEMBER_HITS = 50_000
+HIT_WRITE_PATIENCE = 10  # busy flushes in a row before the log says so
 # Hits are written in batches of at most this many; stored hits older than the retention go, at
 # most this often.
 HIT_BATCH = 2_000
@@ -378,12 +380,24 @@ class Verifier:
             self._hit_task = asyncio.get_running_loop().create_task(self._write_hits_forever())
 
     async def _write_hits_forever(self) -> None:
+        failed = 0  # writes failed in a row
         while True:
             await asyncio.sleep(max(self._flush_every, 0.05))
             try:
                 await self.write_hits()
+                failed = 0
             except Exception as err:  # noqa: BLE001 - busy or away: the hits wait in memory, retry
-                log.warning("semantic cache hits not written yet: %r", err)
+                failed += 1
+                # A busy SQLite lock (the ledger or a fold writing) is routine and the next flush
+                # retries; say so only when it lasts, or when the store is failing otherwise.
+                busy = isinstance(err, sqlite3.OperationalError) and "locked" in str(err)
+                if not busy or failed == HIT_WRITE_PATIENCE:
+                    log.warning(
+                        "semantic cache hits not written yet (%d tries): %r; %d wait in memory",
+                        failed,
+                        err,
+                        len(self._hits),
+                    )
 
     async def write_hits(self, now: float | None = None) -> None:
         """Write the hits served since the last write (in batches, each all or nothing), and forget

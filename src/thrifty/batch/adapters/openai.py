@@ -5,6 +5,7 @@ OpenAI takes one model per input file; the runner groups items by model before t
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Set
 from typing import Any
@@ -52,10 +53,16 @@ class OpenAIBatchAdapter:
                     "body": {**item.body, "model": item.target.upstream_model},
                 }
                 fh.write(orjson.dumps(line) + b"\n")
-            fh.seek(0)
+            fh.flush()
+            # aiohttp reads the file in an executor thread and closes it there when done, which can
+            # be after a refusal (401) has already come back and this block has closed `fh`: two
+            # closes racing on one object, a ValueError that hid the refusal. So it gets a handle
+            # of its own on the same file, which only it closes (or, unread, the collector).
+            upload = os.fdopen(os.dup(fh.fileno()), "rb")
+            upload.seek(0)
             form = aiohttp.FormData()
             form.add_field("purpose", "batch")
-            form.add_field("file", fh, filename=f"{label}.jsonl", content_type="application/jsonl")
+            form.add_field("file", upload, filename=f"{label}.jsonl", content_type="application/jsonl")
             uploaded = await self._request("POST", "/files", data=form)
         batch = await self._http.post_json(
             self._base + "/batches",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,21 +14,19 @@ from rich.text import Text
 
 from thrifty.batch.cli import batch_app
 from thrifty.bench.commands import bench_app
-from thrifty.cli_common import (
-    ConfidenceOpt,
-    ConfigOpt,
-    PricesOpt,
-    TargetQualityOpt,
-)
+from thrifty.cache.cli import cache_app
+from thrifty.cli_common import ConfigOpt
 from thrifty.cli_common import cli_settings as _settings
 from thrifty.cli_common import console as _console
-from thrifty.cli_common import semantic_extra as _semantic_extra
 from thrifty.cli_common import settings_path as _settings_path
+from thrifty.context.cli import prompt_app
 from thrifty.errors import ThriftyError
+from thrifty.evals.cli import eval_app
 from thrifty.experiments.cli import experiment_app
 from thrifty.experiments.release_cli import release_app
 from thrifty.planning.commands import estimate, reconcile
 from thrifty.recording.command import recordings_app
+from thrifty.routing.cli import route_app
 from thrifty.settings import load_settings, resolve_secrets
 from thrifty.simulate.command import simulate_command
 from thrifty.stores.ports import LedgerReader
@@ -43,29 +40,11 @@ app = typer.Typer(
 keys_app = typer.Typer(
     rich_markup_mode="markdown", no_args_is_help=True, help="Virtual keys (stored hashed; shown once)"
 )
-cache_app = typer.Typer(
-    rich_markup_mode="markdown",
-    no_args_is_help=True,
-    help="Caching: tune the semantic cache, purge exact and semantic entries",
-)
-route_app = typer.Typer(
-    rich_markup_mode="markdown", no_args_is_help=True, help="Routing: train a router from labelled outputs"
-)
-prompt_app = typer.Typer(
-    rich_markup_mode="markdown",
-    no_args_is_help=True,
-    help="Prompts: where their tokens go and what that costs",
-)
 app.add_typer(keys_app, name="keys")
 app.add_typer(bench_app, name="bench")
 app.add_typer(route_app, name="route")
 app.add_typer(cache_app, name="cache")
 app.add_typer(prompt_app, name="prompt")
-eval_app = typer.Typer(
-    rich_markup_mode="markdown",
-    no_args_is_help=True,
-    help="Evals: golden sets through the gateway, and a regression gate",
-)
 app.add_typer(eval_app, name="eval")
 app.add_typer(batch_app, name="batch")
 app.add_typer(experiment_app, name="experiment")
@@ -355,303 +334,6 @@ def demo(
         stack_requests=stack_requests,
     )
     raise typer.Exit(code)
-
-
-@route_app.command("train")
-def route_train(
-    data: Annotated[list[Path], typer.Option(help="ZeroEval-format JSONL file(s) or dir(s); repeatable")],
-    out: Annotated[Path, typer.Option(help="where to write the router artifact (JSON)")],
-    reference: Annotated[
-        str, typer.Option(help="the model whose quality is the target")
-    ] = "gpt-4o-2024-08-06",
-    target_quality: TargetQualityOpt = 0.99,
-    confidence: ConfidenceOpt = 0.95,
-    prices: PricesOpt = None,
-    vote_ordering: Annotated[
-        str,
-        typer.Option(
-            help="which rows order the vote cascades' certification path: same (the rows it tests), "
-            "split (a disjoint half orders, the other half tests) or crossfit (both ways, half the "
-            "error budget each)"
-        ),
-    ] = "same",
-) -> None:
-    """Learn a cascade router (and a pre-call classifier) from labelled per-model outputs of any
-    models: the ladder is searched over every priced model in the data, and thresholds are
-    certified on out-of-fold gate scores (per task, and across tasks for unseen tasks)."""
-    from thrifty.bench.route import certificate_line, train_router
-
-    console = _console()
-    router = train_router(
-        data,
-        out,
-        reference=reference,
-        target_quality=target_quality,
-        confidence=confidence,
-        prices=prices,
-        console=console,
-        vote_ordering=vote_ordering,
-    )
-    console.print(certificate_line(router), highlight=False)
-    typer.echo(f"router written to {out}; it calls {', '.join(sorted(router.models()))}")
-
-
-@prompt_app.command("lint")
-def prompt_lint(
-    path: Annotated[
-        Path | None,
-        typer.Argument(
-            help="a prompt: .json request or messages, .jsonl requests, or text; "
-            "without it, --tenant's recordings of --route"
-        ),
-    ] = None,
-    config: ConfigOpt = None,
-    tenant: Annotated[
-        str | None, typer.Option(help="without PROMPT: lint this tenant's recorded prompts of --route")
-    ] = None,
-    route: Annotated[str | None, typer.Option(help="price findings at this route's traffic (ledger)")] = None,
-    prompt_version: Annotated[str | None, typer.Option(help="only this prompt version's traffic")] = None,
-    days: Annotated[float, typer.Option(help="traffic over the last N days")] = 7.0,
-    requests_per_day: Annotated[float | None, typer.Option(help="traffic, without a ledger")] = None,
-    input_price: Annotated[str | None, typer.Option(help="USD per million input tokens, with it")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table|json")] = "table",
-    json_out: Annotated[Path | None, typer.Option("--json", help="also write the findings here")] = None,
-) -> None:
-    """Tokens per section, sentences repeated across system and developer prompts, few-shot examples,
-    filler phrases and format instructions a JSON schema would enforce, each with its USD per day."""
-    from decimal import Decimal, InvalidOperation
-
-    from thrifty.context.lint_run import run_prompt_lint
-
-    if fmt not in ("table", "json"):
-        raise ThriftyError("--format must be table or json")
-    try:
-        price = Decimal(input_price) if input_price is not None else None
-    except InvalidOperation as err:
-        raise ThriftyError(f"--input-price: {input_price!r} is not a number") from err
-    run_prompt_lint(
-        path,
-        tenant=tenant,
-        console=_console(),
-        settings=_settings(config) if route is not None else None,
-        route=route,
-        prompt_version=prompt_version,
-        days=days,
-        requests_per_day=requests_per_day,
-        input_usd_per_mtok=price,
-        json_out=json_out,
-        as_json=fmt == "json",
-    )
-
-
-@cache_app.command("tune")
-def cache_tune(
-    data: Annotated[Path, typer.Option(help="labelled text,category CSV (e.g. your own traffic)")],
-    target_precision: Annotated[float, typer.Option(help="e.g. 0.99")] = 0.99,
-    out: Annotated[Path | None, typer.Option(help="write the learned parameters (JSON) here")] = None,
-    z: Annotated[
-        float,
-        typer.Option(
-            help="one-sided z of the precision lower bound the threshold must clear (0: point estimate)"
-        ),
-    ] = 3.0,
-    density: Annotated[
-        bool,
-        typer.Option(
-            help="also tune on sparse caches (random subsets of the data) and learn a threshold per "
-            "cache size; --no-density: leave-one-out on the whole data only, one threshold"
-        ),
-    ] = True,
-    scope_share: Annotated[
-        float,
-        typer.Option(
-            help="out-of-scope lookups (texts of held-out categories, every hit wrong) as this share of "
-            "the lookups; 0: none (the built-in rule used 0.1)",
-            min=0.0,
-            max=0.9,
-        ),
-    ] = 0.1,
-) -> None:
-    """Learn the semantic cache's decision parameters from labelled queries."""
-    with _semantic_extra("thrifty cache tune"):
-        from thrifty.bench.cache import tune_cache
-
-        result = tune_cache(data, target_precision, z=z, density=density, scope_share=scope_share)
-    params = result.params.to_dict()
-    if params["threshold"] == "inf":
-        typer.echo(
-            f"warning: no threshold reaches precision {target_precision} on this data (at the z={z} "
-            "lower bound); with these parameters the semantic cache never answers. Label more "
-            "queries, lower the target or lower --z.",
-            err=True,
-        )
-    typer.echo(
-        f"fit (cross-fitted, leave-one-out lookups): hit rate {result.fit_hit_rate:.1%} at precision "
-        f"{result.fit_precision:.2%}"
-    )
-    for point in result.by_size:
-        never = point.threshold == float("inf")
-        typer.echo(
-            f"  cache of {point.size:>6,} entries: "
-            + (
-                "never hits (no threshold certified)"
-                if never
-                else f"threshold {point.threshold:.4f}, hit rate {point.hit_rate:.1%} at precision "
-                f"{point.precision:.2%}"
-            )
-            + f" ({point.lookups:,} lookups)"
-        )
-    text = orjson.dumps(params, option=orjson.OPT_INDENT_2).decode()
-    if out is not None:
-        out.write_text(text)
-        typer.echo(f"parameters written to {out}")
-    else:
-        typer.echo(text)
-
-
-@cache_app.command("purge")
-def cache_purge(
-    tenant: Annotated[str | None, typer.Option(help="only this tenant's entries")] = None,
-    route: Annotated[str | None, typer.Option(help="only this route's entries")] = None,
-    prompt_version: Annotated[str | None, typer.Option(help="only entries of this prompt version")] = None,
-    corpus_version: Annotated[str | None, typer.Option(help="only entries of this corpus version")] = None,
-    expired: Annotated[bool, typer.Option(help="only entries past their TTL")] = False,
-    all_entries: Annotated[bool, typer.Option("--all", help="everything (required with no filter)")] = False,
-    config: ConfigOpt = None,
-    db: Annotated[Path | None, typer.Option(help="SQLite file (instead of --config)")] = None,
-) -> None:
-    """Remove exact- and semantic-cache entries by scope (a running gateway stops serving them at once)."""
-    from thrifty.settings import StorageSettings
-    from thrifty.stores.factory import purge_caches
-
-    filters = (tenant, route, prompt_version, corpus_version)
-    if all(f is None for f in filters) and not expired and not all_entries:
-        raise ThriftyError(
-            "give a scope (--tenant, --route, --prompt-version, --corpus-version, --expired) or --all"
-        )
-    settings = _settings(config) if db is None else None
-    storage = settings.storage if settings is not None else StorageSettings(url=f"sqlite:///{db}")
-    scope = {
-        "tenant": tenant,
-        "route": route,
-        "prompt_version": prompt_version,
-        "corpus_version": corpus_version,
-    }
-    # PostgreSQL storage: the entries every replica shares; SQLite: the one file.
-    exact, semantic = purge_caches(storage, scope, time.time() if expired else None)
-    typer.echo(
-        f"purged {exact + semantic} cache entr{'y' if exact + semantic == 1 else 'ies'} "
-        f"({exact} exact, {semantic} semantic)"
-    )
-
-
-@cache_app.command("stats")
-def cache_stats(
-    route: Annotated[str | None, typer.Option(help="only this route")] = None,
-    tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None,
-    config: ConfigOpt = None,
-    db: Annotated[Path | None, typer.Option(help="SQLite file (instead of the settings' storage)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
-) -> None:
-    """Semantic cache by route and partition: hit rate, estimated precision (95% CI), verifications
-    and their cost, savings net of verification, and the current thresholds."""
-    from thrifty.cache.semantic.stats import stats_table
-    from thrifty.cache.semantic.stored_stats import stored_partition_stats
-
-    settings = _settings(config) if db is None or config is not None else None
-    if settings is not None and route is not None and route not in settings.routes:
-        known = ", ".join(sorted(settings.routes))
-        raise ThriftyError(f"--route: no route {route!r} in the settings (routes: {known})")
-    rows = stored_partition_stats(settings, path=db, tenant=tenant, route=route)
-    if as_json:
-        typer.echo(orjson.dumps([r.to_dict() for r in rows], option=orjson.OPT_INDENT_2).decode())
-        return
-    if not rows:
-        typer.echo("no semantic cache partition has recorded lookups on a route with semantic_cache.verify")
-        return
-    _console().print(stats_table(rows, with_thresholds=settings is not None))
-
-
-@eval_app.command("run")
-def eval_run(
-    golden_set: Annotated[Path, typer.Option("--set", help="golden set (JSONL; ZeroEval rows accepted)")],
-    out: Annotated[
-        Path, typer.Option(help="results file (JSON); its journal FILE.journal makes reruns resume")
-    ],
-    models: Annotated[str | None, typer.Option(help="models to evaluate, comma-separated")] = None,
-    route: Annotated[str | None, typer.Option(help="also evaluate this route (route:NAME)")] = None,
-    concurrency: Annotated[int, typer.Option(help="calls in flight at once")] = 4,
-    tenant: Annotated[str | None, typer.Option(help="tenant the eval's calls bill to")] = None,
-    confidence: Annotated[float, typer.Option(help="confidence of the accuracy intervals")] = 0.95,
-    labelled_out: Annotated[
-        Path | None, typer.Option(help="labelled outputs, ZeroEval format (default OUT-stem.zeroeval.jsonl)")
-    ] = None,
-    baseline: Annotated[Path | None, typer.Option(help="results to compare with (drift alert)")] = None,
-    alert_drop: Annotated[
-        str | None, typer.Option(help="alert when a model's pass rate is this many points below --baseline")
-    ] = None,
-    config: ConfigOpt = None,
-    via: Annotated[
-        str, typer.Option(help="realtime, or batch: the calls as batch jobs at batch prices")
-    ] = "realtime",
-) -> None:
-    """Call each model on a golden set through the gateway (priced, in the ledger as feature
-    `eval`), score, and report accuracy with a confidence interval, cost, cost per success,
-    latency and failures."""
-    from thrifty.evals.command import run_command
-
-    results = run_command(
-        _settings(config),
-        golden_path=golden_set,
-        models=models,
-        route=route,
-        out=out,
-        tenant=tenant,
-        concurrency=concurrency,
-        confidence=confidence,
-        labelled_out=labelled_out,
-        console=_console(),
-        baseline=baseline,
-        alert_drop=alert_drop,
-        via=via,
-    )
-    if results["pending"]:
-        raise typer.Exit(1)
-
-
-@eval_app.command("gate")
-def eval_gate(
-    baseline: Annotated[Path, typer.Option(help="the baseline's results file")],
-    candidate: Annotated[Path, typer.Option(help="the candidate's results file")],
-    max_drop: Annotated[str, typer.Option(help="largest accepted accuracy drop, in points (1pp)")] = "1pp",
-    confidence: Annotated[float, typer.Option(help="confidence that the drop exceeds the margin")] = 0.95,
-    max_cost_ratio: Annotated[
-        float | None, typer.Option(help="largest accepted rise of cost per successful task (1.2 = +20%)")
-    ] = None,
-    baseline_model: Annotated[str | None, typer.Option(help="model in the baseline file, if several")] = None,
-    candidate_model: Annotated[
-        str | None, typer.Option(help="model in the candidate file, if several")
-    ] = None,
-) -> None:
-    """For CI: exit 1 when the candidate is worse than the baseline beyond the margins, saying why."""
-    from thrifty.evals.command import gate_command
-
-    verdict = gate_command(
-        baseline=baseline,
-        candidate=candidate,
-        max_drop=max_drop,
-        confidence=confidence,
-        max_cost_ratio=max_cost_ratio,
-        baseline_model=baseline_model,
-        candidate_model=candidate_model,
-    )
-    for note in verdict.notes:
-        typer.echo(note)
-    if not verdict.passed:
-        for reason in verdict.reasons:
-            typer.echo(f"FAIL: {reason}")
-        raise typer.Exit(1)
-    typer.echo("PASS")
 
 
 def _usage_error_types() -> tuple[type[BaseException], ...]:

@@ -35,7 +35,8 @@ ROUTE_SETTINGS: dict[str, Any] = {
 }
 SYSTEM = "You are the support assistant of Acme Bank. Answer from the help-centre articles."
 
-_SYNTHETIC = {
+# Stand-in support questions by intent, first of each the one cached (also the simulate workload's).
+SYNTHETIC_QUESTIONS = {
     "card_arrival": [
         "When will my new card arrive?",
         "My card still hasn't come",
@@ -94,8 +95,8 @@ def load_support(data: Path | None, seeds: int, lookups: int, seed: int = 5) -> 
         rng.shuffle(train)
         rng.shuffle(test)
         return SupportWorkload(train[:seeds], test[:lookups], False, str(data))
-    pairs = [Query(text, intent) for intent, texts in _SYNTHETIC.items() for text in texts]
-    firsts = [q for q in pairs if q.text == _SYNTHETIC[q.intent][0]]
+    pairs = [Query(text, intent) for intent, texts in SYNTHETIC_QUESTIONS.items() for text in texts]
+    firsts = [q for q in pairs if q.text == SYNTHETIC_QUESTIONS[q.intent][0]]
     # The same questions again in other case and punctuation: repeats, answered however small the cache.
     repeats = [Query(q.text.lower().rstrip("?") + " ??", q.intent) for q in firsts]
     later = [q for q in pairs if q not in firsts] + repeats

@@ -86,25 +86,6 @@ def canned_answer(intent: str) -> str:
     return f"[{intent}] Please see our help-centre article on {intent.replace('_', ' ')}."
 
 
-_SYNTHETIC_SUPPORT = {
-    "card_arrival": [
-        "When will my new card arrive?",
-        "My card still hasn't come",
-        "How long does card delivery take?",
-    ],
-    "lost_card": ["I lost my card", "My card is missing, what do I do?", "Help, I can't find my bank card"],
-    "change_pin": ["How do I change my PIN?", "I want a new PIN number", "Can I reset the PIN of my card?"],
-    "exchange_rate": [
-        "What exchange rate do you use?",
-        "How are currency rates calculated?",
-        "Is the FX rate fair?",
-    ],
-    "refund_status": [
-        "Where is my refund?",
-        "I'm still waiting on a refund",
-        "When will the refund show up?",
-    ],
-}
 _SYNTHETIC_CHATS = [
     [
         ("user", "I want to plan a three-day trip to Lisbon. Where should I start?"),
@@ -135,7 +116,9 @@ _SYNTHETIC_CHATS = [
 def _support_queries(data: Path) -> tuple[dict[str, list[str]], bool]:
     train, test = data / "train.csv", data / "test.csv"
     if not (train.exists() and test.exists()):
-        return {k: list(v) for k, v in _SYNTHETIC_SUPPORT.items()}, True
+        from thrifty.demo.support import SYNTHETIC_QUESTIONS
+
+        return {k: list(v) for k, v in SYNTHETIC_QUESTIONS.items()}, True
     by_intent: dict[str, list[str]] = {}
     for path in (train, test):
         with path.open(newline="", encoding="utf-8") as fh:

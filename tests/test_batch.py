@@ -389,6 +389,16 @@ def test_a_job_over_the_budget_fails_whole_before_any_call(make_gateway, oa, an)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_a_batch_route_body_over_the_server_limit_is_a_413(make_gateway, backend):
+    server = make_gateway(server={"max_body_bytes": 4096})
+    client = _client(server, "acme")
+    with pytest.raises(openai.APIStatusError, match="over 4096 bytes") as err:
+        client.batches.create(
+            input_file_id="f" * 5000, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert err.value.status_code == 413 and "max_body_bytes" in str(err.value)
+
+
 def test_bad_requests_name_the_problem(make_gateway, oa, an, backend):
     server = make_gateway(batch={"max_lines": 2, "max_file_bytes": 2048})
     client = _client(server)

@@ -282,22 +282,7 @@ class ThriftyApp:
         await send({"type": "http.response.body", "body": body})
 
     async def _read_body(self, receive: Receive) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Responded
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max_body:
-                raise _PayloadTooLarge(
-                    f"the request body is over {self._max_body} bytes (server.max_body_bytes); "
-                    "send less context"
-                )
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return await read_body(receive, self._max_body, hint="; send less context")
 
     async def _feedback(self, scope: Scope, receive: Receive, send: Send) -> None:
         tenant = self.gateway.authenticate(_headers(scope).get("authorization"))
@@ -433,6 +418,23 @@ async def _prepend(first: StreamChunk | None, rest: AsyncIterator[StreamChunk]) 
         yield first
     async for chunk in rest:
         yield chunk
+
+
+async def read_body(receive: Receive, max_body: int, hint: str = "") -> bytes:
+    """The whole request body, refused with a 413 once it passes ``max_body`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Responded
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_body:
+            raise _PayloadTooLarge(f"the request body is over {max_body} bytes (server.max_body_bytes){hint}")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class _Responded(Exception):

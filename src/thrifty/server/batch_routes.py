@@ -26,6 +26,7 @@ from thrifty.server.app import (
     _Responded,
     _send_json,
     _tags,
+    read_body,
 )
 
 PREFIXES = ("/v1/files", "/v1/batches", "/v1/thrifty/")
@@ -63,7 +64,7 @@ class BatchRoutes:
             await _send_json(send, 200, service.list_batches(tenant, int(raw_limit), after))
         elif parts == ["batches"]:
             _only(method, "POST", path)
-            body = _json(await self._read(receive))
+            body = _json(await read_body(receive, self._max_body))
             job = service.create_batch(
                 tenant, body, _tags(tenant, headers, {}), headers.get("x-thrifty-route")
             )
@@ -93,23 +94,6 @@ class BatchRoutes:
                 "POST /v1/batches, GET /v1/batches[/ID], POST /v1/batches/ID/cancel, GET /v1/thrifty/jobs/ID",
                 code="unknown_url",
             )
-
-    async def _read(self, receive: Receive) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Responded
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max_body:
-                raise InvalidRequest(
-                    f"the request body is over {self._max_body} bytes (server.max_body_bytes)"
-                )
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
 
     async def _upload(self, scope: Scope, receive: Receive, headers: dict[str, str], tenant: str) -> Any:
         kind, options = parse_options_header(headers.get("content-type", ""))

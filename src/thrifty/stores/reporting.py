@@ -34,7 +34,8 @@ from thrifty.stores.rollups import (
     rebuild_rollups,
     tail_sql,
 )
-from thrifty.stores.sqlite_db import EXACT, connect, join_money
+from thrifty.stores.sqlite_db import connect
+from thrifty.stores.sqlite_money import EXACT, join_money
 from thrifty.stores.user_totals import window_totals
 
 T = TypeVar("T")

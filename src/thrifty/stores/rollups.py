@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from thrifty.stores.sqlite_db import join_money, split_money
+from thrifty.stores.sqlite_money import join_money, split_money
 from thrifty.stores.user_totals import HourlySums, fold_user_totals, reset_user_totals
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def _parts(column: str, prefix: str) -> str:
     )
 
 
-_PICO = 10**12  # (the Python fallback's unit, see sqlite_db.split_money)
+_PICO = 10**12  # (the Python fallback's unit, see sqlite_money.split_money)
 
 
 # One ledger row as the measures need it; `{where}` selects the rows.

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
-from thrifty.stores.sqlite_db import EXACT
+from thrifty.stores.sqlite_money import EXACT
 
 Totals = tuple[int, int, Decimal]  # requests, successes, cost
 # One key's sums of one hour: tenant (None: every tenant), user, hour, requests, successes, cost.

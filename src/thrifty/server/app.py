@@ -41,6 +41,10 @@ _SSE_HEADERS = [
 ]
 
 
+# What a 413 on the proxy's routes tells the client to do.
+_BODY_HINT = "; send less context"
+
+
 class _PayloadTooLarge(ThriftyError):
     status = 413
     error_type = "invalid_request_error"
@@ -281,12 +285,9 @@ class ThriftyApp:
         )
         await send({"type": "http.response.body", "body": body})
 
-    async def _read_body(self, receive: Receive) -> bytes:
-        return await read_body(receive, self._max_body, hint="; send less context")
-
     async def _feedback(self, scope: Scope, receive: Receive, send: Send) -> None:
         tenant = self.gateway.authenticate(_headers(scope).get("authorization"))
-        raw = await self._read_body(receive)
+        raw = await read_body(receive, self._max_body, _BODY_HINT)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as err:
@@ -299,7 +300,7 @@ class ThriftyApp:
         tenant = self.gateway.authenticate(headers.get("authorization"))
         raw = b""
         try:
-            raw = await self._read_body(receive)
+            raw = await read_body(receive, self._max_body, _BODY_HINT)
             body = parse_chat_body(raw, headers.get("x-thrifty-route"))
         except (_PayloadTooLarge, InvalidRequest) as err:
             # Authenticated but unreadable: still one ledger row, committed before the answer.

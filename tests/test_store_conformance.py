@@ -446,7 +446,7 @@ async def test_postgres_exact_cache_entries_expire_and_are_shared(pg_url: str):
             "corpus_version": None,
             "model": "m",
         }
-        await writer.put("k", scope, response, usage, ttl_s=0.3)
+        await writer.put("k", scope, response, usage, ttl_s=0.3, made_at=time.time())
         assert await other.get("k", time.time()) == (response, usage)
         assert await other.get("k", time.time() + 1) is None
 

@@ -27,6 +27,7 @@ from thrifty.pricing import PriceCatalog
 from thrifty.providers.base import StreamChunk, relay_and_keep
 from thrifty.settings import ExactCacheSettings, RouteSettings
 from thrifty.shapes import as_completion
+from thrifty.stores.cache_purges import not_purged, purge_sqlite
 from thrifty.stores.ports import SharedExactCache
 from thrifty.stores.sqlite_db import scope_where
 from thrifty.stores.write_behind import SqliteWriteBehind
@@ -35,6 +36,16 @@ from thrifty.types import Usage
 log = logging.getLogger(__name__)
 
 _PUT_SQL = "INSERT OR REPLACE INTO exact_cache VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+# The writer thread's put of an entry made earlier: nothing when a purge since covers it (11 is
+# created_at, 2-5 the scope).
+_QUEUED_PUT_SQL = (
+    "INSERT OR REPLACE INTO exact_cache SELECT "
+    + ", ".join(f"?{i}" for i in range(1, 13))
+    + " WHERE "
+    + not_purged(
+        "exact", "?11", {"tenant_id": "?2", "route": "?3", "prompt_version": "?4", "corpus_version": "?5"}
+    )
+)
 
 
 def cache_key(ctx: RequestContext, settings: ExactCacheSettings) -> str:
@@ -95,7 +106,7 @@ class SqliteExactCache:
                 if self._pending.get(key) is held:
                     self._pending.pop(key, None)
 
-            self._writer.submit(_PUT_SQL, params, committed)
+            self._writer.submit(_QUEUED_PUT_SQL, params, committed)
             return
         try:
             self._conn.execute(_PUT_SQL, params)
@@ -112,16 +123,16 @@ class SqliteExactCache:
         corpus_version: str | None = None,
         expired_only: bool = False,
     ) -> int:
-        where, params = scope_where(
-            {
-                "tenant_id": tenant,
-                "route": route,
-                "prompt_version": prompt_version,
-                "corpus_version": corpus_version,
-            },
-            expired_before=time.time() if expired_only else None,
-        )
-        return self._conn.execute(f"DELETE FROM exact_cache{where}", params).rowcount
+        scope = {
+            "tenant_id": tenant,
+            "route": route,
+            "prompt_version": prompt_version,
+            "corpus_version": corpus_version,
+        }
+        where, params = scope_where(scope, expired_before=time.time() if expired_only else None)
+        if expired_only:  # expired entries are never served: nothing to record
+            return self._conn.execute(f"DELETE FROM exact_cache{where}", params).rowcount
+        return purge_sqlite(self._conn, "exact", where, params, scope)
 
 
 class ExactCacheStage:
@@ -178,7 +189,8 @@ class ExactCacheStage:
                 "corpus_version": ctx.tags.corpus_version,
                 "model": ctx.requested_model,
             }
-            task = asyncio.ensure_future(self._put_remote(key, scope, response, usage, settings.ttl_s))
+            put = self._put_remote(key, scope, response, usage, settings.ttl_s, time.time())
+            task = asyncio.ensure_future(put)
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
         elif self.store is not None:
@@ -193,11 +205,17 @@ class ExactCacheStage:
             return None
 
     async def _put_remote(
-        self, key: str, scope: dict[str, Any], response: dict[str, Any], usage: Usage, ttl_s: float
+        self,
+        key: str,
+        scope: dict[str, Any],
+        response: dict[str, Any],
+        usage: Usage,
+        ttl_s: float,
+        made_at: float,
     ) -> None:
         assert self.remote is not None
         try:
-            await self.remote.put(key, scope, response, usage, ttl_s)
+            await self.remote.put(key, scope, response, usage, ttl_s, made_at)
         except Exception as err:  # noqa: BLE001 - a cache write is an optimisation
             log.warning("exact cache entry not stored: %s", err)
 

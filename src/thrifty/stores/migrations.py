@@ -453,6 +453,21 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX semantic_hits_served ON semantic_hits (served_at)
         """,
     ),
+    (
+        17,
+        # SQLite's migration 26: purges by scope, respected by late cache writes.
+        """
+        CREATE TABLE cache_purges (
+            cache TEXT NOT NULL,
+            tenant_id TEXT,
+            route TEXT,
+            prompt_version TEXT,
+            corpus_version TEXT,
+            purged_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX cache_purges_at ON cache_purges (purged_at)
+        """,
+    ),
 )
 
 __all__ = ["POSTGRES_MIGRATIONS", "SQLITE_MIGRATIONS"]

@@ -219,8 +219,16 @@ class SharedExactCache(Protocol):
     async def get(self, key: str, now: float) -> tuple[dict[str, Any], Usage] | None: ...
 
     async def put(
-        self, key: str, scope: dict[str, Any], response: dict[str, Any], usage: Usage, ttl_s: float
-    ) -> None: ...
+        self,
+        key: str,
+        scope: dict[str, Any],
+        response: dict[str, Any],
+        usage: Usage,
+        ttl_s: float,
+        made_at: float,
+    ) -> None:
+        """Store an answer made at ``made_at`` (written after the response: a purge since covers it)."""
+        ...
 
 
 class LedgerReader(Protocol):

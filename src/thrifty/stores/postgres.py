@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from thrifty.errors import ConfigError, SharedStateUnavailable
+from thrifty.stores.cache_purges import SCOPE, not_purged, record_postgres
 from thrifty.stores.keys import hash_key, new_key
 from thrifty.stores.ledger import entry_row
 from thrifty.stores.migrations import POSTGRES_MIGRATIONS
@@ -407,6 +408,28 @@ class PostgresKeyDirectory:
                 await self._task
 
 
+_EXACT_COLUMNS = (
+    "cache_key",
+    "tenant_id",
+    "route",
+    "prompt_version",
+    "corpus_version",
+    "model",
+    "response",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "created_at",
+    "expires_at",
+)
+# A put runs after the response: an entry made before a purge covering it is not written.
+_EXACT_PUT = (
+    f"INSERT INTO exact_cache SELECT {', '.join(f'%({c})s' for c in _EXACT_COLUMNS)} WHERE "
+    + not_purged("exact", "%(created_at)s", {c: f"%({c})s" for c in SCOPE})
+    + " "
+)
+
+
 class PostgresExactCache:
     """Exact-cache entries shared by every replica (the SharedExactCache port).
 
@@ -432,29 +455,40 @@ class PostgresExactCache:
         )
 
     async def put(
-        self, key: str, scope: dict[str, Any], response: dict[str, Any], usage: Usage, ttl_s: float
+        self,
+        key: str,
+        scope: dict[str, Any],
+        response: dict[str, Any],
+        usage: Usage,
+        ttl_s: float,
+        made_at: float,
     ) -> None:
-        now = time.time()
+        now = made_at
         async with self._pool.connection(timeout=self._timeout_s) as conn:
             await conn.execute(
-                "INSERT INTO exact_cache VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
-                "ON CONFLICT (cache_key) DO UPDATE SET response = EXCLUDED.response, "
+                _EXACT_PUT + "ON CONFLICT (cache_key) DO UPDATE SET response = EXCLUDED.response, "
                 "input_tokens = EXCLUDED.input_tokens, cached_input_tokens = EXCLUDED.cached_input_tokens, "
                 "output_tokens = EXCLUDED.output_tokens, created_at = EXCLUDED.created_at, "
                 "expires_at = EXCLUDED.expires_at",
-                (
-                    key,
-                    scope["tenant_id"],
-                    scope["route"],
-                    scope["prompt_version"],
-                    scope["corpus_version"],
-                    scope["model"],
-                    orjson.dumps(response).decode(),
-                    usage.input_tokens,
-                    usage.cached_input_tokens,
-                    usage.output_tokens,
-                    now,
-                    now + ttl_s,
+                dict(
+                    zip(
+                        _EXACT_COLUMNS,
+                        (
+                            key,
+                            scope["tenant_id"],
+                            scope["route"],
+                            scope["prompt_version"],
+                            scope["corpus_version"],
+                            scope["model"],
+                            orjson.dumps(response).decode(),
+                            usage.input_tokens,
+                            usage.cached_input_tokens,
+                            usage.output_tokens,
+                            now,
+                            now + ttl_s,
+                        ),
+                        strict=True,
+                    )
                 ),
             )
 
@@ -470,7 +504,12 @@ def purge_cache(conn: Any, table: str, scope: dict[str, str | None], expired_bef
         clauses.append("expires_at <= %s")
         params.append(expired_before)
     where = " WHERE " + " AND ".join(clauses) if clauses else ""
-    return int(conn.execute(f"DELETE FROM {table}{where}", params).rowcount)
+    if expired_before is not None:  # expired entries are never served: nothing to record
+        return int(conn.execute(f"DELETE FROM {table}{where}", params).rowcount)
+    with conn.transaction():
+        named = {columns[name]: value for name, value in scope.items()}
+        record_postgres(conn, table.removesuffix("_cache"), named, time.time())
+        return int(conn.execute(f"DELETE FROM {table}{where}", params).rowcount)
 
 
 class PostgresAlertStore:

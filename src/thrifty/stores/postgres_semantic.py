@@ -32,6 +32,7 @@ import orjson
 
 from thrifty.cache.semantic.store import LiveEntry, NewEntry
 from thrifty.errors import SharedStateUnavailable
+from thrifty.stores.cache_purges import SCOPE, not_purged
 from thrifty.stores.postgres import conninfo, unreachable
 from thrifty.types import Usage
 
@@ -61,10 +62,15 @@ _COLUMNS = (
     "created_at",
     "expires_at",
 )
+_NAMES = tuple(column.strip('"') for column in _COLUMNS)
+# Named parameters: the purge check reads the entry's own scope and time again. An entry made
+# before a purge covering it (written after the response, so possibly after the purge) is not.
 _INSERT = (
     f"WITH added AS (INSERT INTO semantic_cache ({', '.join(_COLUMNS)}) "
-    f"VALUES ({', '.join(['%s'] * len(_COLUMNS))}) RETURNING entry_id) "
-    "SELECT entry_id, pg_notify(%s, %s || ':' || entry_id)::text FROM added"
+    f"SELECT {', '.join(f'%({name})s' for name in _NAMES)} WHERE "
+    + not_purged("semantic", "%(created_at)s", {name: f"%({name})s" for name in SCOPE})
+    + " RETURNING entry_id) "
+    "SELECT entry_id, pg_notify(%(channel)s, %(origin)s || ':' || entry_id)::text FROM added"
 )
 _LIVE = "entry_id, partition, route, query, normalised_query, answer_id, expires_at, embedding"
 _RECONNECT_S = 0.5
@@ -207,30 +213,36 @@ class PostgresSemanticStore:
 
     async def add(self, entry: NewEntry) -> int | None:
         u = entry.usage
-        values = (
-            entry.partition,
-            entry.tenant_id,
-            entry.route,
-            entry.user,
-            entry.prompt_version,
-            entry.corpus_version,
-            entry.model,
-            entry.system_hash,
-            entry.query,
-            entry.normalised_query,
-            entry.embedding_model,
-            np.asarray(entry.embedding, dtype=np.float32).tobytes(),
-            entry.answer_id,
-            orjson.dumps(entry.response).decode(),
-            orjson.dumps(list(entry.evidence)).decode() if entry.evidence else None,
-            entry.safety_policy_version,
-            u.input_tokens,
-            u.cached_input_tokens,
-            u.output_tokens,
-            entry.created_at,
-            entry.expires_at,
-            CHANNEL,
-            self.origin,
+        values = dict(
+            zip(
+                _NAMES,
+                (
+                    entry.partition,
+                    entry.tenant_id,
+                    entry.route,
+                    entry.user,
+                    entry.prompt_version,
+                    entry.corpus_version,
+                    entry.model,
+                    entry.system_hash,
+                    entry.query,
+                    entry.normalised_query,
+                    entry.embedding_model,
+                    np.asarray(entry.embedding, dtype=np.float32).tobytes(),
+                    entry.answer_id,
+                    orjson.dumps(entry.response).decode(),
+                    orjson.dumps(list(entry.evidence)).decode() if entry.evidence else None,
+                    entry.safety_policy_version,
+                    u.input_tokens,
+                    u.cached_input_tokens,
+                    u.output_tokens,
+                    entry.created_at,
+                    entry.expires_at,
+                ),
+                strict=True,
+            ),
+            channel=CHANNEL,
+            origin=self.origin,
         )
         try:
             async with self._pool.connection(timeout=self._timeout_s) as conn:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from thrifty.stores.sqlite_money import register_functions
@@ -564,11 +565,27 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX semantic_hits_served ON semantic_hits (served_at)
         """,
     ),
+    (
+        26,
+        # Purges by scope, so that a cache write still queued when one ran cannot bring its entry
+        # back (stores/cache_purges.py).
+        """
+        CREATE TABLE cache_purges (
+            cache TEXT NOT NULL,
+            tenant_id TEXT,
+            route TEXT,
+            prompt_version TEXT,
+            corpus_version TEXT,
+            purged_at REAL NOT NULL
+        );
+        CREATE INDEX cache_purges_at ON cache_purges (purged_at)
+        """,
+    ),
 )
 
 
 def scope_where(
-    equals: dict[str, object | None], *, expired_before: float | None = None
+    equals: Mapping[str, object | None], *, expired_before: float | None = None
 ) -> tuple[str, list[object]]:
     """A WHERE clause matching every non-None column value (and expiry), with its parameters."""
     clauses = [f"{column} = ?" for column, value in equals.items() if value is not None]

@@ -17,7 +17,7 @@ from typing import Any
 
 from thrifty.cache.semantic.store import (
     ID_BLOCK,
-    INSERT_SQL,
+    QUEUED_INSERT_SQL,
     LiveEntry,
     NewEntry,
     SharedSemanticStore,
@@ -95,7 +95,7 @@ class LocalEntries:
             # not (a failed batch is logged there), the row is now what answers.
             self._pending.pop(entry_id, None)
 
-        self._writer.submit(INSERT_SQL, (entry_id, *insert_params(entry)), committed)
+        self._writer.submit(QUEUED_INSERT_SQL, (entry_id, *insert_params(entry)), committed)
         index(entry_id)
 
     def _take_id(self) -> int | None:

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from thrifty.stores.cache_purges import not_purged, purge_sqlite
 from thrifty.stores.sqlite_db import connect, scope_where
 from thrifty.types import Usage
 
@@ -103,6 +104,19 @@ INSERT_SQL = (
     "corpus_version, model, system_hash, query, normalised_query, embedding_model, embedding, "
     "answer_id, response, evidence, safety_policy_version, input_tokens, cached_input_tokens, "
     "output_tokens, created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+# The writer thread's insert of an entry made earlier: nothing when a purge since covers it (the
+# numbers are INSERT_SQL's placeholders: 21 created_at, 3 tenant, 4 route, 6 and 7 the versions).
+QUEUED_INSERT_SQL = (
+    INSERT_SQL.split(" VALUES ")[0]
+    + " SELECT "
+    + ", ".join(f"?{i}" for i in range(1, 23))
+    + " WHERE "
+    + not_purged(
+        "semantic",
+        "?21",
+        {"tenant_id": "?3", "route": "?4", "prompt_version": "?6", "corpus_version": "?7"},
+    )
 )
 # Ids handed out before their rows are written (``reserve_ids``) are taken from this many at once.
 ID_BLOCK = 1024
@@ -221,21 +235,22 @@ class SqliteSemanticStore:
         corpus_version: str | None = None,
         expired_before: float | None = None,
     ) -> int:
-        where, params = scope_where(
-            {
-                "tenant_id": tenant,
-                "route": route,
-                "prompt_version": prompt_version,
-                "corpus_version": corpus_version,
-            },
-            expired_before=expired_before,
-        )
-        return self._conn.execute(f"DELETE FROM semantic_cache{where}", params).rowcount
+        scope = {
+            "tenant_id": tenant,
+            "route": route,
+            "prompt_version": prompt_version,
+            "corpus_version": corpus_version,
+        }
+        where, params = scope_where(scope, expired_before=expired_before)
+        if expired_before is not None:  # expired entries are never served: nothing to record
+            return self._conn.execute(f"DELETE FROM semantic_cache{where}", params).rowcount
+        return purge_sqlite(self._conn, "semantic", where, params, scope)
 
 
 __all__ = [
     "ID_BLOCK",
     "INSERT_SQL",
+    "QUEUED_INSERT_SQL",
     "LiveEntry",
     "NewEntry",
     "SharedSemanticStore",

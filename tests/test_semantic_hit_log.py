@@ -102,6 +102,45 @@ def test_stored_hits_older_than_the_retention_are_forgotten(tmp_path):
     asyncio.run(scenario())
 
 
+def test_stored_hits_are_capped_at_the_newest_max_rows(tmp_path):
+    async def scenario() -> None:
+        verifier, conn = await _verifier(tmp_path / "t.db", hit_max_rows=3)
+        now = time.time()
+        for i in range(5):
+            verifier.served(_hit(f"r{i}", ts=now - 50 + i), "p", 0.8, None, "a")
+        await verifier.write_hits(now)
+        rows = conn.execute("SELECT request_id FROM semantic_hits ORDER BY served_at").fetchall()
+        assert rows == [("r2",), ("r3",), ("r4",)]
+        assert not await verifier.feedback("acme", "r0", wrong=True)  # past the cap: not matched
+        assert await verifier.feedback("acme", "r4", wrong=True)
+        await verifier.stop_hits()
+        conn.close()
+
+    asyncio.run(scenario())
+
+
+async def test_postgres_hits_are_pruned_by_age_and_capped_at_the_newest(pg_url: str):
+    from psycopg_pool import AsyncConnectionPool
+
+    from thrifty.stores import postgres
+    from thrifty.stores.postgres_semantic_hits import PostgresHitLog
+
+    conn = postgres.connect(pg_url)
+    postgres.migrate(conn)
+    conn.close()
+    now = time.time()
+    async with AsyncConnectionPool(pg_url, kwargs={"autocommit": True}) as pool:
+        log_ = PostgresHitLog(pool)
+        hits = [HitRecord("acme", f"r{i}", "support", "p", 0.8, "a", now - 100 + i, False) for i in range(6)]
+        await log_.write([HitRecord("acme", "ancient", "support", "p", 0.8, "a", now - 9000, False), *hits])
+        assert await log_.prune(now - 3600, 10) == 1  # by age only
+        assert await log_.prune(now - 3600, 4) == 2  # then the two oldest past the cap
+        assert await log_.claim("acme", "r1") is None
+        claimed = await log_.claim("acme", "r2")
+        assert claimed is not None and claimed.request_id == "r2"
+        assert await log_.prune(now - 3600, 4) == 0
+
+
 def test_a_busy_lock_is_retried_quietly_and_said_once_it_lasts(tmp_path, caplog):
     """The ledger or a fold holding SQLite's lock makes a flush fail now and then: the hits wait and
     the next flush writes them; the log speaks only when it lasts (HIT_WRITE_PATIENCE flushes)."""
@@ -122,7 +161,7 @@ def test_a_busy_lock_is_retried_quietly_and_said_once_it_lasts(tmp_path, caplog)
         async def claim(self, tenant_id: str, request_id: str) -> None:
             return None
 
-        async def prune(self, before: float) -> int:
+        async def prune(self, before: float, max_rows: int) -> int:
             return 0
 
     async def scenario(fail: int) -> int:

@@ -192,6 +192,7 @@ class Gateway:
             embedder_factory=embedder_factory,
             state_flush_s=settings.semantic.state_flush_s,
             hit_retention_s=settings.semantic.hit_retention_s,
+            hit_max_rows=settings.semantic.hit_max_rows,
         )
         prefix_marks = PromptCacheBreakpoints(
             settings.routes, {n: p.kind for n, p in settings.providers.items()}

@@ -117,3 +117,5 @@ class SemanticSettings(_Strict):
     # (`x-thrifty-cache-wrong`) is matched after a restart or on another replica; older feedback
     # matches nothing.
     hit_retention_s: float = Field(default=7 * 86400.0, gt=0)
+    # ... and at most this many of them (the newest), whatever the traffic of those 7 days.
+    hit_max_rows: int = Field(default=1_000_000, ge=1)

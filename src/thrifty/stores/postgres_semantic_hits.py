@@ -46,10 +46,18 @@ class PostgresHitLog:
         route, partition, score, answer_id, served_at = row
         return HitRecord(tenant_id, request_id, route, partition, score, answer_id, float(served_at), True)
 
-    async def prune(self, before: float) -> int:
+    async def prune(self, before: float, max_rows: int) -> int:
         async with self._pool.connection(timeout=self._timeout_s) as conn:
             cur = await conn.execute("DELETE FROM semantic_hits WHERE served_at < %s", (before,))
-            return int(cur.rowcount)
+            old = int(cur.rowcount)
+            # The served_at of the newest row past the cap (an index scan of max_rows entries,
+            # once a minute, on the database), and everything served before it.
+            cur = await conn.execute(
+                "DELETE FROM semantic_hits WHERE served_at <= (SELECT served_at FROM semantic_hits "
+                "ORDER BY served_at DESC OFFSET %s LIMIT 1)",
+                (max_rows,),
+            )
+            return old + int(cur.rowcount)
 
 
 __all__ = ["PostgresHitLog"]

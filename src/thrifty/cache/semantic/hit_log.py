@@ -69,8 +69,8 @@ class HitLog(Protocol):
         tenant's, or its feedback was counted already."""
         ...
 
-    async def prune(self, before: float) -> int:
-        """Forget hits served before ``before``; how many."""
+    async def prune(self, before: float, max_rows: int) -> int:
+        """Forget hits served before ``before``, and the oldest past the newest ``max_rows``; how many."""
         ...
 
 
@@ -105,8 +105,15 @@ class SqliteHitLog:
             return HitRecord(tenant_id, request_id, route, partition, score, answer_id, served_at, True)
         return None  # pragma: no cover - the loop returns or raises
 
-    async def prune(self, before: float) -> int:
-        return self._conn.execute("DELETE FROM semantic_hits WHERE served_at < ?", (before,)).rowcount
+    async def prune(self, before: float, max_rows: int) -> int:
+        old = self._conn.execute("DELETE FROM semantic_hits WHERE served_at < ?", (before,)).rowcount
+        # Rows are inserted in the order they are served and an upsert keeps its rowid, so the
+        # oldest are the lowest rowids: a cut found from MAX(rowid), not by scanning the rows.
+        over = self._conn.execute(
+            "DELETE FROM semantic_hits WHERE rowid <= (SELECT MAX(rowid) FROM semantic_hits) - ?",
+            (max_rows,),
+        ).rowcount
+        return int(old + over)
 
 
 __all__ = ["HitLog", "HitRecord", "SqliteHitLog"]

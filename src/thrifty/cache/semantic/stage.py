@@ -47,7 +47,7 @@ from thrifty.cache.semantic.partitions import EntryMeta, Partition, Partitions, 
 from thrifty.cache.semantic.state_store import SqlitePartitionStateStore
 from thrifty.cache.semantic.store import LiveEntry, NewEntry, SharedSemanticStore
 from thrifty.cache.semantic.tune import SEARCH_K
-from thrifty.cache.semantic.verify import HIT_RETENTION_S, Verifier
+from thrifty.cache.semantic.verify import HIT_MAX_ROWS, HIT_RETENTION_S, Verifier
 from thrifty.errors import ConfigError
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
@@ -174,6 +174,7 @@ class SemanticCacheStage:
         embedder_factory: EmbedderFactory | None = None,
         state_flush_s: float = 2.0,
         hit_retention_s: float = HIT_RETENTION_S,
+        hit_max_rows: int = HIT_MAX_ROWS,
     ) -> None:
         self._settings = {
             name: r.semantic_cache
@@ -203,6 +204,7 @@ class SemanticCacheStage:
             },
             flush_every_s=state_flush_s,
             hit_retention_s=hit_retention_s,
+            hit_max_rows=hit_max_rows,
         )
 
     @property

@@ -75,6 +75,7 @@ HIT_WRITE_PATIENCE = 10  # busy flushes in a row before the log says so
 HIT_BATCH = 2_000
 PRUNE_EVERY_S = 60.0
 HIT_RETENTION_S = 7 * 86400.0
+HIT_MAX_ROWS = 1_000_000
 REVERDICT_LOOKUPS = 64
 # Rows of the shared store written this long before the last one seen are read again (replicas'
 # clocks differ; reading a row twice changes nothing).
@@ -109,6 +110,7 @@ class Verifier:
         flush_every_s: float = FLUSH_EVERY_S,
         max_states: int = MAX_STATES,
         hit_retention_s: float = HIT_RETENTION_S,
+        hit_max_rows: int = HIT_MAX_ROWS,
     ) -> None:
         self._settings = dict(settings)
         self._policies = {route: policy_of(s) for route, s in settings.items()}
@@ -134,6 +136,7 @@ class Verifier:
         self._in_write: set[tuple[str, str]] = set()
         self._written = asyncio.Event()
         self._retention_s = hit_retention_s
+        self._hit_max_rows = hit_max_rows
         self._pruned_at = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
         self._claims: set[asyncio.Task[bool]] = set()
@@ -421,7 +424,7 @@ class Verifier:
         now = time.time() if now is None else now
         if now - self._pruned_at >= PRUNE_EVERY_S:
             self._pruned_at = now
-            await log_.prune(now - self._retention_s)
+            await log_.prune(now - self._retention_s, self._hit_max_rows)
 
     async def stop_hits(self) -> None:
         """Stop the periodic writes, after a last write of the hits still held (shutdown)."""

@@ -502,7 +502,7 @@ class Gateway:
             feature,
             prompt_version,
             user,
-            idempotency_key=idempotency_key,
+            idempotency_key=(idempotency_key or "").strip() or None,  # as over HTTP: empty is none
             corpus_version=corpus_version,
             cache_control=cache_control.lower() if cache_control else None,
             evidence=tuple(sorted(set(evidence))),

@@ -149,7 +149,9 @@ class Deduplicate:
             key: tuple[str, ...] = (ctx.tags.tenant_id, "key", idem)
         elif ctx.route is not None and ctx.route in self._coalesce:
             # An experiment's arms answer the same question differently: never one arm for another.
-            key = (ctx.tags.tenant_id, "flight", fingerprint(ctx), ctx.variant or "")
+            # Nor do tasks: a task may be pinned to another model or drive a trained router, so an
+            # identical body of another task (or none) is another generation.
+            key = (ctx.tags.tenant_id, "flight", fingerprint(ctx), ctx.variant or "", ctx.tags.task or "")
         else:
             return await call_next(ctx)
         request_fingerprint = fingerprint(ctx)
@@ -219,7 +221,7 @@ class Deduplicate:
         if that leader dies, its lease ends and a waiter leads). Local duplicates wait on this
         request's local flight meanwhile, at no round trip of their own."""
         assert self._shared_flights is not None
-        shared = (key[0], f"{key[2]}:{key[3]}")
+        shared = (key[0], ":".join(key[2:]))
         joined: StoredResult | bool
         try:
             joined = await self._shared_flights.join(

@@ -178,6 +178,7 @@ class Gateway:
             book=self.budget_book,
             on_spend=self._budget_alerts,
             route_calls=route_calls,
+            route_models={name: self.router.possible_models(name) for name in settings.routes},
             anthropic=_anthropic_models(settings),
             shared=self.stores.shared_budgets,
             fallback=self.stores.budget_fallback,

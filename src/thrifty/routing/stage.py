@@ -169,8 +169,16 @@ class RouteStage:
         if learned is None:
             return possible_calls(route)
         if learned.router.strategy == "classifier":
-            return []  # one call, to the dearest model it may pick: the usual worst case covers it
+            return []  # one call, to the dearest model it may pick (possible_models)
         return sorted(learned.aliases.values())
+
+    def possible_models(self, name: str) -> list[str]:
+        """The models the one call of a request on the route may go to, when this stage picks it
+        (a trained classifier: its draft or its final model); the worst case is the dearest."""
+        learned = self._learned.get(name)
+        if learned is None or learned.router.strategy != "classifier":
+            return []
+        return [learned.aliases[learned.router.ladder[0]], learned.aliases[learned.router.strong]]
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
         if ctx.route is None:

@@ -416,3 +416,39 @@ def test_a_coalesced_request_is_never_answered_by_a_model_its_task_does_not_pin(
     assert legal_resp.headers["x-thrifty-model"] == "gpt-4o"
     assert legal_resp.json()["choices"][0]["message"]["content"] == "4o's answer"
     assert sorted(r["model"] for r in openai_upstream.requests) == ["gpt-4o-2024-08-06", "gpt-4o-mini"]
+
+
+def test_a_coalesced_request_whose_leader_s_client_left_is_answered_on_its_own(tmp_path, openai_upstream):
+    """A request without a key that joined a coalesced stream has nothing to retry with a key: when
+    the leader's client disconnects, it is answered by a generation of its own, not a 409."""
+    text = "".join(f"part{i} " for i in range(60))
+    openai_upstream.queue(Reply(text=text, chunk_chars=7, chunk_delay_s=0.02), Reply(text="its own answer"))
+    routes = {"faq": {"model": "gpt-4o-mini", "coalesce": True}}
+    body = {"model": "route:faq", "messages": MSG, "temperature": 0}
+    with _server(tmp_path, openai_upstream, routes=routes) as server:
+        client = _client(server)
+        joined = threading.Event()
+        waiter: dict[str, Any] = {}
+
+        def repeat() -> None:
+            joined.wait(10)
+            resp = _post(server, body)
+            waiter["status"], waiter["json"] = resp.status_code, resp.json()
+
+        thread = threading.Thread(target=repeat)
+        thread.start()
+        stream = client.chat.completions.create(**body, stream=True)
+        for i, _ in enumerate(stream):
+            if i == 2:
+                joined.set()
+                time.sleep(0.3)  # the identical request joins the flight
+            if i == 4:
+                break
+        stream.close()
+        thread.join(20)
+    assert waiter["status"] == 200, waiter
+    assert waiter["json"]["choices"][0]["message"]["content"] == "its own answer"
+    assert len(openai_upstream.requests) == 2
+    rows = _wait_rows(tmp_path / "ledger.db", 2)
+    assert sorted(r["status"] for r in rows) == ["client_disconnected", "ok"]
+    assert all(r["cost_usd"] and Decimal(r["cost_usd"]) > 0 for r in rows)

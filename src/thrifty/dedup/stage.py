@@ -159,7 +159,15 @@ class Deduplicate:
         if flight is not None:
             if flight.fingerprint != request_fingerprint:
                 raise _conflict(idem)
-            return _replay(ctx, await asyncio.shield(flight.future))
+            try:
+                outcome = await asyncio.shield(flight.future)
+            except IdempotentRequestUnfinished:
+                if idem is not None:
+                    raise  # its client retries with the key (the first generation was cut)
+                # A coalesced leader whose own client left: this request sent no key to retry with,
+                # and it was never its to lose. The first such waiter leads anew, the others join it.
+                return await self(ctx, call_next)
+            return _replay(ctx, outcome)
         flight = self._flights.begin(key, request_fingerprint)  # no await since get: one leader
         if flight is None:
             if idem is None:

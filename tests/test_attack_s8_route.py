@@ -23,7 +23,7 @@ MINI_ID, FLASH_ID, BIG_ID = "gpt-4o-mini-2024-07-18", "gemini-1.5-flash", "gpt-4
 QUESTION = [{"role": "user", "content": "What is 6 x 7?"}]
 
 
-def _router(path: Path) -> None:
+def _router(path: Path, voter: str = FLASH_ID) -> None:
     """Known task "t": the classifier sends it to gpt-4o-mini (P = 0.8 >= 0.7); any other task, or
     none, goes to gpt-4o. As a cascade, agreement of mini and flash is accepted on "t"."""
 
@@ -39,7 +39,7 @@ def _router(path: Path) -> None:
     Router(
         reference=BIG_ID,
         target_quality=0.99,
-        ladder=(MINI_ID, FLASH_ID),
+        ladder=(MINI_ID, voter),
         strong=BIG_ID,
         first_gate=constant(0.5, one),
         agree_gate=constant(0.95, two),
@@ -132,3 +132,49 @@ def test_a_learned_cascade_is_capped_at_every_model_it_may_call(tmp_path, openai
         )
     assert info.value.body["code"] == "request_cost_cap_exceeded"
     assert "gpt-4o" in info.value.message and openai_upstream.requests == []
+
+
+def test_n_above_1_is_refused_when_the_artifact_names_an_anthropic_alias_unmapped(
+    tmp_path, openai_upstream, loop_thread
+):
+    """An artifact's model id that is already an alias here needs no mapping. When that alias is an
+    Anthropic model (no `n`), a request with n > 1 must be refused before any call, as for a tier."""
+    from tests.fakes.anthropic_wire import AnthropicWireServer
+
+    anthropic = AnthropicWireServer(api_key="sk-ant-test")
+    loop_thread.run(anthropic.start())
+    artifact = tmp_path / "router.json"
+    _router(artifact, voter="claude")
+    try:
+        settings = base_settings(
+            tmp_path,
+            providers={
+                "up": {"kind": "openai", "base_url": openai_upstream.base_url},
+                "claude": {"kind": "anthropic", "base_url": anthropic.base_url},
+            },
+            models={
+                **openai_models(),
+                "claude": {"provider": "claude", "upstream": "claude-3-5-haiku-20241022"},
+            },
+            routes={
+                "learned": {
+                    "model": "gpt-4o-mini",
+                    "strategy": "cascade",
+                    "router": {"path": str(artifact), "models": {MINI_ID: "gpt-4o-mini", BIG_ID: "gpt-4o"}},
+                }
+            },
+            resilience={"max_retries": 0},
+        )
+        secrets = {"up": UPSTREAM_KEY, "claude": "sk-ant-test"}
+        with (
+            BackgroundServer(settings, secrets=secrets) as server,
+            pytest.raises(openai.BadRequestError) as info,
+        ):
+            _client(server).chat.completions.create(
+                model="route:learned", messages=QUESTION, n=3, extra_headers={"x-thrifty-task": "t"}
+            )
+        # Not even the draft (OpenAI) was called and paid for.
+        assert openai_upstream.requests == [] and anthropic.requests == []
+        assert info.value.body["param"] == "n" and "'claude'" in info.value.message
+    finally:
+        loop_thread.run(anthropic.stop())

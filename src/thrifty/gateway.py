@@ -221,7 +221,9 @@ class Gateway:
             self.recorder if self.recorder.active else None,
             Account(accountant),
             self.resolver,
-            OutputCeiling(settings.models, settings.routes, _anthropic_models(settings)),
+            OutputCeiling(
+                settings.models, settings.routes, _anthropic_models(settings), self.router.trained_aliases()
+            ),
             # Before the prompt limits, the cache keys and the spend guard: they see the compacted request.
             self.context if self.context.active else None,
             InputLimits(self.counter, settings.routes)

@@ -172,6 +172,11 @@ class RouteStage:
             return []  # one call, to the dearest model it may pick (possible_models)
         return sorted(learned.aliases.values())
 
+    def trained_aliases(self) -> dict[str, list[str]]:
+        """Per route a trained router drives, every alias it may call (the artifact's models,
+        mapped or named as they are here)."""
+        return {name: sorted(set(plan.aliases.values())) for name, plan in self._learned.items()}
+
     def possible_models(self, name: str) -> list[str]:
         """The models the one call of a request on the route may go to, when this stage picks it
         (a trained classifier: its draft or its final model); the worst case is the dearest."""

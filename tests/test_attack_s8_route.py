@@ -178,3 +178,51 @@ def test_n_above_1_is_refused_when_the_artifact_names_an_anthropic_alias_unmappe
         assert info.value.body["param"] == "n" and "'claude'" in info.value.message
     finally:
         loop_thread.run(anthropic.stop())
+
+
+def _tampered(path: Path, how: str) -> None:
+    """The hand-made artifact, edited as a careless hand or another tool's version would."""
+    import json
+
+    _router(path)
+    obj = json.loads(path.read_text())
+    if how == "list":
+        obj = [obj]
+    elif how == "gates-list":
+        obj["gates"] = []
+    elif how == "short-weights":
+        obj["first_gate"]["weights"] = obj["first_gate"]["weights"][:-1]
+    elif how == "zero-scale":
+        obj["agree_gate"]["scale"] = [0.0] * len(obj["agree_gate"]["scale"])
+    elif how == "third-gate-of-one-draft":
+        obj["third"], obj["third_gate"] = BIG_ID, obj["first_gate"]
+    path.write_text(json.dumps(obj) if how != "not-json" else "{ladder: [")
+
+
+@pytest.mark.parametrize(
+    "how", ["list", "gates-list", "short-weights", "zero-scale", "third-gate-of-one-draft", "not-json"]
+)
+def test_a_tampered_artifact_is_refused_at_start_with_the_route_named(tmp_path, openai_upstream, how):
+    """Not a traceback at start, nor a 500 on every request of the route once it serves."""
+    from thrifty.errors import ConfigError
+    from thrifty.gateway import Gateway
+
+    artifact = tmp_path / "router.json"
+    _tampered(artifact, how)
+    settings = base_settings(
+        tmp_path,
+        providers={"up": {"kind": "openai", "base_url": openai_upstream.base_url}},
+        models=openai_models(),
+        routes={
+            "learned": {
+                "model": "gpt-4o-mini",
+                "strategy": "cascade",
+                "router": {
+                    "path": str(artifact),
+                    "models": {MINI_ID: "gpt-4o-mini", FLASH_ID: "selfhosted", BIG_ID: "gpt-4o"},
+                },
+            }
+        },
+    )
+    with pytest.raises(ConfigError, match=r"routes\.learned\.router: cannot load"):
+        Gateway(settings)

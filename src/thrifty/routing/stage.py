@@ -22,6 +22,7 @@ from thrifty.pipeline import Completion, Handler, RequestContext, Result, Stream
 from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.providers.resilience import RETRYABLE
 from thrifty.routing.gates import Draft, Gate, Verdict, build_gate, judge_all, reply_text
+from thrifty.routing.train.gate import parse, prompt_features, stage_features
 from thrifty.routing.train.router import Router
 from thrifty.routing.train.step import Accept, CallModel
 from thrifty.routing.train.step import Draft as RouterDraft
@@ -64,12 +65,27 @@ def _samples(route: RouteSettings) -> int:
 def load_router(name: str, route: RouteSettings) -> Router:
     assert route.router is not None
     try:
-        return Router.load(route.router.path)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        router = Router.load(route.router.path)
+        _score_once(router)
+        return router
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ArithmeticError) as err:
         raise ConfigError(
             f"routes.{name}.router: cannot load {route.router.path!r} "
             f"(make one with `thrifty route train`): {err}"
         ) from err
+
+
+def _score_once(router: Router) -> None:
+    """Score one made-up draft with every gate: an artifact edited by hand or written by another
+    version (a gate's weights not matching the features computed here, a zero scale) fails now, at
+    start, rather than as a 500 on every request of the route."""
+    draft = parse('{"answer": "1"}', None)
+    router.first_gate.prob(stage_features([draft], "q"))
+    router.agree_gate.prob(stage_features([draft, draft], "q"))
+    router.split_gate.prob(stage_features([draft, draft], "q"))
+    router.prompt_gate.prob(prompt_features("q"))
+    if router.third_gate is not None:
+        router.third_gate.prob(stage_features([draft, draft, draft], "q"))
 
 
 @dataclass(frozen=True, slots=True)

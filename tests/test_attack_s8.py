@@ -376,8 +376,8 @@ def test_a_keyed_call_outliving_several_short_leases_is_not_generated_again_by_a
     tmp_path, openai_upstream
 ):
     """Two gateways on one SQLite file (two processes' worth: separate event loops, owners and
-    in-process flights). A's call lasts five short leases; its renewals keep B from generating."""
-    openai_upstream.queue(Reply(text="made once", delay_s=1.5), Reply(text="made twice"))
+    in-process flights). A's call lasts six short leases; its renewals keep B from generating."""
+    openai_upstream.queue(Reply(text="made once", delay_s=2.0), Reply(text="made twice"))
     idem = {"idempotency": {"flight_lease_s": 0.3, "lease_s": 60}}
     key = {"Idempotency-Key": "long-call"}
     with _server(tmp_path, openai_upstream, **idem) as a, _server(tmp_path, openai_upstream, **idem) as b:
@@ -452,3 +452,33 @@ def test_a_coalesced_request_whose_leader_s_client_left_is_answered_on_its_own(t
     rows = _wait_rows(tmp_path / "ledger.db", 2)
     assert sorted(r["status"] for r in rows) == ["client_disconnected", "ok"]
     assert all(r["cost_usd"] and Decimal(r["cost_usd"]) > 0 for r in rows)
+
+
+def test_a_key_refused_by_the_budget_or_the_cost_cap_is_not_burnt(tmp_path, openai_upstream):
+    """A refusal before any spend stores nothing under the key: the client may lower its cap and
+    retry with the same key (a new body, but nothing was generated for the old one)."""
+    openai_upstream.queue(Reply(text="fits now"))
+    routes = {"capped": {"model": "gpt-4o-mini", "max_cost_per_request_usd": "0.001"}}
+    key = {"Idempotency-Key": "lower-and-retry"}
+    capped_key = {"Idempotency-Key": "capped-and-retry"}
+    with _server(
+        tmp_path, openai_upstream, routes=routes, tenants=_tenants(budget={"usd_per_day": "0.002"})
+    ) as server:
+        client = _client(server)
+        with pytest.raises(openai.RateLimitError):  # 4,000 tokens on gpt-4o-mini: up to $0.0024
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=MSG, max_tokens=4000, extra_headers=key
+            )
+        ok = client.chat.completions.create(
+            model="gpt-4o-mini", messages=MSG, max_tokens=100, extra_headers=key
+        )
+        assert ok.choices[0].message.content == "fits now"
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(
+                model="route:capped", messages=MSG, max_tokens=3000, extra_headers=capped_key
+            )
+        again = client.chat.completions.with_raw_response.create(
+            model="route:capped", messages=MSG, max_tokens=100, extra_headers=capped_key
+        )
+        assert again.headers["x-thrifty-cache"] == "miss"
+    assert len(openai_upstream.requests) == 2

@@ -178,6 +178,7 @@ class Gateway:
             book=self.budget_book,
             on_spend=self._budget_alerts,
             route_calls=route_calls,
+            route_models={name: self.router.possible_models(name) for name in settings.routes},
             anthropic=_anthropic_models(settings),
             shared=self.stores.shared_budgets,
             fallback=self.stores.budget_fallback,
@@ -221,7 +222,9 @@ class Gateway:
             self.recorder if self.recorder.active else None,
             Account(accountant),
             self.resolver,
-            OutputCeiling(settings.models, settings.routes, _anthropic_models(settings)),
+            OutputCeiling(
+                settings.models, settings.routes, _anthropic_models(settings), self.router.trained_aliases()
+            ),
             # Before the prompt limits, the cache keys and the spend guard: they see the compacted request.
             self.context if self.context.active else None,
             InputLimits(self.counter, settings.routes)
@@ -503,7 +506,7 @@ class Gateway:
             feature,
             prompt_version,
             user,
-            idempotency_key=idempotency_key,
+            idempotency_key=(idempotency_key or "").strip() or None,  # as over HTTP: empty is none
             corpus_version=corpus_version,
             cache_control=cache_control.lower() if cache_control else None,
             evidence=tuple(sorted(set(evidence))),

@@ -111,7 +111,9 @@ class BatchService:
         models = gateway.settings.models
         stages: list[Any] = [
             gateway.resolver,
-            OutputCeiling(models, routes, _anthropic_models(gateway.settings)),
+            OutputCeiling(
+                models, routes, _anthropic_models(gateway.settings), gateway.router.trained_aliases()
+            ),
         ]
         if any(m.context_window for m in gateway.settings.models.values()) or any(
             r.max_input_tokens for r in routes.values()

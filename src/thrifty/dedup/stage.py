@@ -149,7 +149,9 @@ class Deduplicate:
             key: tuple[str, ...] = (ctx.tags.tenant_id, "key", idem)
         elif ctx.route is not None and ctx.route in self._coalesce:
             # An experiment's arms answer the same question differently: never one arm for another.
-            key = (ctx.tags.tenant_id, "flight", fingerprint(ctx), ctx.variant or "")
+            # Nor do tasks: a task may be pinned to another model or drive a trained router, so an
+            # identical body of another task (or none) is another generation.
+            key = (ctx.tags.tenant_id, "flight", fingerprint(ctx), ctx.variant or "", ctx.tags.task or "")
         else:
             return await call_next(ctx)
         request_fingerprint = fingerprint(ctx)
@@ -157,7 +159,15 @@ class Deduplicate:
         if flight is not None:
             if flight.fingerprint != request_fingerprint:
                 raise _conflict(idem)
-            return _replay(ctx, await asyncio.shield(flight.future))
+            try:
+                outcome = await asyncio.shield(flight.future)
+            except IdempotentRequestUnfinished:
+                if idem is not None:
+                    raise  # its client retries with the key (the first generation was cut)
+                # A coalesced leader whose own client left: this request sent no key to retry with,
+                # and it was never its to lose. The first such waiter leads anew, the others join it.
+                return await self(ctx, call_next)
+            return _replay(ctx, outcome)
         flight = self._flights.begin(key, request_fingerprint)  # no await since get: one leader
         if flight is None:
             if idem is None:
@@ -219,7 +229,7 @@ class Deduplicate:
         if that leader dies, its lease ends and a waiter leads). Local duplicates wait on this
         request's local flight meanwhile, at no round trip of their own."""
         assert self._shared_flights is not None
-        shared = (key[0], f"{key[2]}:{key[3]}")
+        shared = (key[0], ":".join(key[2:]))
         joined: StoredResult | bool
         try:
             joined = await self._shared_flights.join(

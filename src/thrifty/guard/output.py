@@ -13,7 +13,7 @@ model's real maximum output, since that is what is reserved.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from thrifty.errors import InvalidRequest
 from thrifty.pipeline import Handler, RequestContext, Result
@@ -66,18 +66,22 @@ class OutputCeiling:
         models: Mapping[str, ModelSettings],
         routes: Mapping[str, RouteSettings],
         single_choice: frozenset[str] = frozenset(),
+        trained: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
+        """`trained`: per route a trained router drives, every alias its artifact may call (ids
+        named as they are here need no mapping, so the settings alone do not list them)."""
         self._model_caps = {alias: m.max_output_tokens for alias, m in models.items()}
         self._route_caps = {name: r.max_output_tokens for name, r in routes.items() if r.max_output_tokens}
         self._unsent = frozenset(name for name, r in routes.items() if not r.send_output_ceiling)
         # Models that cannot return several choices (Anthropic has no `n`), and per route the first
         # of them the route may call: n > 1 is refused before any call, not after a draft was paid.
         self._single = single_choice
-        self._single_on_route = {
-            name: found
-            for name, r in routes.items()
-            if (found := next((a for a in route_aliases(r) if a in single_choice), None)) is not None
-        }
+        self._single_on_route: dict[str, str] = {}
+        for name, r in routes.items():
+            may_call = (*route_aliases(r), *(trained or {}).get(name, ()))
+            found = next((a for a in may_call if a in single_choice), None)
+            if found is not None:
+                self._single_on_route[name] = found
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
         check_choices(ctx.body)

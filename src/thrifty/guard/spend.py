@@ -54,6 +54,7 @@ class SpendGuard:
         book: BudgetStore,
         on_spend: SpendListener | None = None,
         route_calls: Mapping[str, Sequence[str]] | None = None,
+        route_models: Mapping[str, Sequence[str]] | None = None,
         anthropic: frozenset[str] = frozenset(),
         shared: SharedBudgetStore | None = None,
         fallback: LocalFallback | None = None,
@@ -72,6 +73,9 @@ class SpendGuard:
         self._on_spend = on_spend  # told after each settlement (budget threshold alerts)
         # Routes that may make several calls per request (cascades): every call they may make.
         self._route_calls = {name: list(calls) for name, calls in (route_calls or {}).items() if calls}
+        # Routes whose one call goes to a model the route stage picks after this stage has run (a
+        # trained classifier): the request may cost what the dearest of them costs.
+        self._route_models = {name: list(m) for name, m in (route_models or {}).items() if m}
         # Anthropic's models bill writing the prompt cache above the input price (a request may
         # write its whole prompt, so that is its worst case), and add a tool-use system prompt of
         # their own to a request with tools.
@@ -242,8 +246,8 @@ class SpendGuard:
             if not priced:
                 return None, worst_tokens
             return sum(priced, Decimal(0)) + max(cost(spare), default=Decimal(0)), worst_tokens
-        pinned = [(a, usage(a)) for a in (route.pin.values() if route else ())]
-        one = [(ctx.target.alias, usage(ctx.target.alias)), *spare, *pinned]
+        picked = [*route.pin.values(), *self._route_models.get(ctx.route or "", ())] if route else []
+        one = [(ctx.target.alias, usage(ctx.target.alias)), *spare, *((a, usage(a)) for a in picked)]
         costs = cost(one)
         return (max(costs) if costs else None), max(tokens(u) for _, u in one)
 
@@ -259,6 +263,9 @@ class SpendGuard:
         calls = self._route_calls.get(ctx.plan_key() or "")
         if calls:
             return f"on every call cascade route {ctx.route!r} may make ({', '.join(calls)})"
+        picks = self._route_models.get(ctx.route or "")
+        if picks:
+            return f"on the dearest model route {ctx.route!r} may pick ({', '.join(picks)})"
         return f"on {ctx.target.alias!r}"
 
     def _settle(

@@ -22,6 +22,7 @@ from thrifty.pipeline import Completion, Handler, RequestContext, Result, Stream
 from thrifty.providers.base import StreamChunk, close_stream
 from thrifty.providers.resilience import RETRYABLE
 from thrifty.routing.gates import Draft, Gate, Verdict, build_gate, judge_all, reply_text
+from thrifty.routing.train.gate import parse, prompt_features, stage_features
 from thrifty.routing.train.router import Router
 from thrifty.routing.train.step import Accept, CallModel
 from thrifty.routing.train.step import Draft as RouterDraft
@@ -64,12 +65,27 @@ def _samples(route: RouteSettings) -> int:
 def load_router(name: str, route: RouteSettings) -> Router:
     assert route.router is not None
     try:
-        return Router.load(route.router.path)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        router = Router.load(route.router.path)
+        _score_once(router)
+        return router
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ArithmeticError) as err:
         raise ConfigError(
             f"routes.{name}.router: cannot load {route.router.path!r} "
             f"(make one with `thrifty route train`): {err}"
         ) from err
+
+
+def _score_once(router: Router) -> None:
+    """Score one made-up draft with every gate: an artifact edited by hand or written by another
+    version (a gate's weights not matching the features computed here, a zero scale) fails now, at
+    start, rather than as a 500 on every request of the route."""
+    draft = parse('{"answer": "1"}', None)
+    router.first_gate.prob(stage_features([draft], "q"))
+    router.agree_gate.prob(stage_features([draft, draft], "q"))
+    router.split_gate.prob(stage_features([draft, draft], "q"))
+    router.prompt_gate.prob(prompt_features("q"))
+    if router.third_gate is not None:
+        router.third_gate.prob(stage_features([draft, draft, draft], "q"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +185,21 @@ class RouteStage:
         if learned is None:
             return possible_calls(route)
         if learned.router.strategy == "classifier":
-            return []  # one call, to the dearest model it may pick: the usual worst case covers it
+            return []  # one call, to the dearest model it may pick (possible_models)
         return sorted(learned.aliases.values())
+
+    def trained_aliases(self) -> dict[str, list[str]]:
+        """Per route a trained router drives, every alias it may call (the artifact's models,
+        mapped or named as they are here)."""
+        return {name: sorted(set(plan.aliases.values())) for name, plan in self._learned.items()}
+
+    def possible_models(self, name: str) -> list[str]:
+        """The models the one call of a request on the route may go to, when this stage picks it
+        (a trained classifier: its draft or its final model); the worst case is the dearest."""
+        learned = self._learned.get(name)
+        if learned is None or learned.router.strategy != "classifier":
+            return []
+        return [learned.aliases[learned.router.ladder[0]], learned.aliases[learned.router.strong]]
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
         if ctx.route is None:

@@ -76,7 +76,9 @@ def _tags(tenant: str, headers: Mapping[str, str], body: Mapping[str, Any]) -> T
         feature=headers.get("x-thrifty-feature"),
         prompt_version=headers.get("x-thrifty-prompt-version"),
         user=user,
-        idempotency_key=headers.get("idempotency-key"),
+        # An empty key (an unset template variable) is no key: taken as one, every such request
+        # of the tenant would share it (a new question refused, a repeat answered from the first).
+        idempotency_key=headers.get("idempotency-key") or None,
         session=headers.get("x-thrifty-session"),
         corpus_version=headers.get("x-thrifty-corpus-version"),
         cache_control=(headers.get("cache-control") or "").lower() or None,

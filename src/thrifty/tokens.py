@@ -21,7 +21,8 @@ _CL100K_PREFIXES = ("gpt-4", "gpt-3.5", "text-embedding-3", "text-embedding-ada"
 _TOKENS_PER_MESSAGE = 3
 _TOKENS_PER_NAME = 1
 _REPLY_PRIMING = 3
-# A low-detail image; high-detail images depend on their size, which the gateway does not fetch.
+# A low-detail image; high-detail images depend on their size, which the gateway does not fetch
+# (reservations take their worst case: guard/media.py).
 _IMAGE_TOKENS = 85
 
 
@@ -33,6 +34,8 @@ class _Encoding(Protocol):
 class TokenCount:
     tokens: int
     exact: bool
+    # The detail ("low", "high", "auto") of each image part, each counted as _IMAGE_TOKENS above.
+    image_details: tuple[str, ...] = ()
 
 
 def encoding_for_model(model: str) -> tuple[str, bool]:
@@ -82,11 +85,12 @@ class TokenCounter:
         enc_name, exact = (encoding, True) if encoding else encoding_for_model(model)
         count = self.count_text
         total = _REPLY_PRIMING
+        images: list[str] = []
         for message in messages:
             total += _TOKENS_PER_MESSAGE
             for key, value in message.items():
                 if key == "content":
-                    n, part_exact = self._count_content(value, enc_name)
+                    n, part_exact = self._count_content(value, enc_name, images)
                     total += n
                     exact = exact and part_exact
                 elif key == "name" and isinstance(value, str):
@@ -100,9 +104,9 @@ class TokenCounter:
             # The provider renders tool schemas in a private format; JSON is a close estimate.
             total += count(orjson.dumps(tools).decode(), enc_name)
             exact = False
-        return TokenCount(total, exact)
+        return TokenCount(total, exact, tuple(images))
 
-    def _count_content(self, content: Any, enc_name: str) -> tuple[int, bool]:
+    def _count_content(self, content: Any, enc_name: str, images: list[str]) -> tuple[int, bool]:
         if content is None:
             return 0, True
         if isinstance(content, str):
@@ -116,6 +120,10 @@ class TokenCounter:
                     else:
                         total += _IMAGE_TOKENS
                         exact = False
+                        if part.get("type") == "image_url":
+                            image = part.get("image_url")
+                            detail = image.get("detail") if isinstance(image, Mapping) else None
+                            images.append(detail if isinstance(detail, str) else "auto")
         return total, exact
 
 

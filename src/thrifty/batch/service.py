@@ -27,6 +27,7 @@ from thrifty.batch.states import JOB_FINAL, request_counts
 from thrifty.batch.store import BatchStore, FileRecord, Item, JobRecord, NewItem
 from thrifty.errors import IdempotencyConflict, InvalidRequest, NotFound, ThriftyError
 from thrifty.guard.limits import InputLimits
+from thrifty.guard.media import image_extra
 from thrifty.guard.output import OutputCeiling, choices, requested_output
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, build_chain
 from thrifty.providers.anthropic_request import to_anthropic_request
@@ -412,8 +413,10 @@ class BatchService:
         output = choices(ctx.body) * (
             requested_output(ctx.body) or self.gateway.settings.models[ctx.target.alias].max_output_tokens
         )
-        usd = self.pricer.cost(ctx.target.alias, Usage(input_tokens=prompt.tokens, output_tokens=output))
-        return usd, prompt.tokens + output
+        model = self.gateway.settings.models[ctx.target.alias]
+        prompt_worst = prompt.tokens + image_extra(prompt, ctx.target.alias, model)
+        usd = self.pricer.cost(ctx.target.alias, Usage(input_tokens=prompt_worst, output_tokens=output))
+        return usd, prompt_worst + output
 
     # -- deferred requests ------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from thrifty.errors import RateLimited, SessionStepLimit, SharedStateUnavailable
+from thrifty.guard.media import image_extra
 from thrifty.guard.output import choices, output_ceiling
 from thrifty.pipeline import Handler, RequestContext, Result
 from thrifty.settings import ModelSettings, RateLimitSettings, RouteSettings
@@ -133,8 +134,9 @@ class RateLimits:
             ctx.body.get("messages") or [], ctx.target.upstream_model, tools=ctx.body.get("tools")
         )
         ctx.prompt_tokens = prompt
-        out = output_ceiling(ctx.body, self._models[ctx.target.alias])
-        return prompt.tokens + choices(ctx.body) * out
+        model = self._models[ctx.target.alias]
+        out = output_ceiling(ctx.body, model)
+        return prompt.tokens + image_extra(prompt, ctx.target.alias, model) + choices(ctx.body) * out
 
     def _admit(self, ctx: RequestContext, limit: RateLimitSettings) -> None:
         now = self._clock()

@@ -17,6 +17,7 @@ from decimal import Decimal
 
 from thrifty.errors import BudgetExceeded, RequestTooExpensive, SharedStateUnavailable
 from thrifty.guard.budgets import BudgetPlan, Limit, Reservation, rejection, tightest_of, tightest_usd
+from thrifty.guard.media import image_extra
 from thrifty.guard.output import choices, output_ceiling
 from thrifty.pipeline import Completion, Handler, RequestContext, Result, Streamed
 from thrifty.pricing import PriceCatalog
@@ -111,9 +112,11 @@ class SpendGuard:
         if cost_cap is not None and worst_usd is not None and worst_usd > cost_cap:
             per_choice = output_ceiling(ctx.body, self._models[target.alias])
             output = f"{n} choices x {per_choice}" if n > 1 else f"{per_choice}"
+            images = len(prompt.image_details)
             raise RequestTooExpensive(
                 f"this request may cost up to ${decimal_text(worst_usd)} ({prompt.tokens} prompt tokens, "
-                f"up to {output} output tokens {self._worst_case_of(ctx)}), over the cap of "
+                + (f"its {images} image{'s' if images > 1 else ''} at their largest, " if images else "")
+                + f"up to {output} output tokens {self._worst_case_of(ctx)}), over the cap of "
                 f"${decimal_text(cost_cap)} per request of route {ctx.route!r}; lower max_tokens"
                 + (" or n" if n > 1 else "")
                 + " or shorten the prompt"
@@ -225,6 +228,7 @@ class SpendGuard:
         def usage(alias: str, grown: bool = False) -> Usage:
             out = output_ceiling(ctx.body, self._models[alias])
             extra = out + _FEEDBACK_TOKENS if grown else 0  # the rejected draft, sent back in
+            extra += image_extra(ctx.prompt_tokens, alias, self._models[alias])
             if tools and alias in self._anthropic:
                 extra += ANTHROPIC_TOOL_PROMPT_TOKENS
             return Usage(input_tokens=prompt + extra, output_tokens=n * out)

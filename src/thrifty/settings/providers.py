@@ -90,6 +90,9 @@ class ModelSettings(_Strict):
     price_provider: str | None = None  # the genai-prices provider id
     # Assumed output ceiling when neither the client nor the route sets one (worst-case cost).
     max_output_tokens: int = Field(default=4096, gt=0)
+    # The most one image part of a prompt may bill (reservations); by the model's family when absent
+    # (guard/media.py), and the largest family's for a model of no known family.
+    max_image_tokens: int | None = Field(default=None, gt=0)
 
 
 class PricingSettings(_Strict):

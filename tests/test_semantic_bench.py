@@ -87,3 +87,32 @@ def test_bench_tuning_on_too_little_data_never_hits(tmp_path: Path) -> None:
     # Eight labelled queries cannot certify 99% precision: the tuned rule must stay silent.
     assert result["params"]["threshold"] == "inf"
     assert result["tuned"]["hit_rate"] == 0.0
+
+
+def test_index_bench_compares_the_graph_with_exact_search(tmp_path: Path) -> None:
+    from thrifty.bench.cache_index import run_index_bench
+
+    train, test = _write(tmp_path)
+    out = io.StringIO()
+    results = {
+        pad: run_index_bench(
+            train,
+            test,
+            Console(file=out, width=200),
+            size=3000,
+            pad=pad,
+            expansion_search=(32, 128),
+            json_out=tmp_path / f"{pad}.json",
+        )
+        for pad in ("random", "clustered")
+    }
+    for pad, result in results.items():
+        assert json.loads((tmp_path / f"{pad}.json").read_text())["rows"] == result["rows"]
+        assert [r["expansion_search"] for r in result["rows"]] == [32, 128]
+        assert (result["entries"], result["queries"], result["k"]) == (3000, 3, 32)
+        for row in result["rows"]:
+            assert 0.0 <= row["recall_at_1"] <= 1.0 and 0.0 <= row["decision_agreement"] <= 1.0
+            assert row["search_p99_ms"] >= row["search_p50_ms"] > 0
+    # Random pads lie far from every query: the graph finds the true top-1 of all three.
+    assert results["random"]["rows"][-1]["recall_at_1"] == 1.0
+    assert "HNSW over 3,000 entries" in out.getvalue()

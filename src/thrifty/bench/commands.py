@@ -260,6 +260,50 @@ def bench_cache(
         )
 
 
+@bench_app.command("cache-index")
+def bench_cache_index(
+    train: Annotated[Path, typer.Option(help="text,category CSV: the real entries")],
+    test: Annotated[Path, typer.Option(help="text,category CSV of lookups")],
+    size: Annotated[int, typer.Option(help="entries in the graph (the real ones, then padding)")] = 1_000_000,
+    pad: Annotated[
+        str, typer.Option(help="random (far from every query) or clustered (noisy copies of the entries)")
+    ] = "clustered",
+    connectivity: Annotated[int, typer.Option(help="the graph's links per node (M)")] = 16,
+    expansion_add: Annotated[int, typer.Option(help="candidates kept while building")] = 64,
+    expansion_search: Annotated[
+        list[int] | None, typer.Option(help="candidates kept per search (repeatable; default 32 64 128)")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="stored vectors: f16, f32, bf16 or i8")] = "f16",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+) -> None:
+    """The semantic cache's HNSW graph against exact search: latency, recall, and how often the
+    shipped decision (miss, or the answer served) changes, on random or clustered padding."""
+    from thrifty.bench.cache_index import PAD_KINDS
+
+    if pad not in PAD_KINDS:
+        raise ThriftyError(f"--pad must be one of: {', '.join(PAD_KINDS)}")
+    if dtype not in ("f16", "f32", "bf16", "i8"):
+        raise ThriftyError("--dtype must be f16, f32, bf16 or i8")
+    with _semantic_extra("thrifty bench cache-index"):
+        from thrifty.bench.cache_index import run_index_bench
+        from thrifty.cache.semantic.tune import load_labelled
+
+        if size <= len(load_labelled(train).labels):
+            raise ThriftyError("--size must be larger than the number of TRAIN entries")
+        run_index_bench(
+            train,
+            test,
+            _console(),
+            size=size,
+            pad=pad,
+            connectivity=connectivity,
+            expansion_add=expansion_add,
+            expansion_search=expansion_search or [32, 64, 128],
+            dtype=dtype,
+            json_out=json_out,
+        )
+
+
 @bench_app.command("replicas")
 def bench_replicas(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,

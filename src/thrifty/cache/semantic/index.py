@@ -127,6 +127,11 @@ class HnswIndex:
         sims = (1.0 - np.asarray(matches.distances, dtype=np.float32)).astype(np.float32)
         return keys, sims
 
+    def set_expansion_search(self, ef: int) -> None:
+        """How many candidates a search keeps (usearch keeps at least k)."""
+        # usearch's setter exists (Index.expansion_search.fset); its type stubs omit it.
+        self._index.expansion_search = ef  # type: ignore[misc]
+
     def save(self, path: Path) -> None:
         self._index.save(str(path))
 

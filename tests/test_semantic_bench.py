@@ -115,4 +115,7 @@ def test_index_bench_compares_the_graph_with_exact_search(tmp_path: Path) -> Non
             assert row["search_p99_ms"] >= row["search_p50_ms"] > 0
     # Random pads lie far from every query: the graph finds the true top-1 of all three.
     assert results["random"]["rows"][-1]["recall_at_1"] == 1.0
+    assert results["random"]["rows"][-1]["decision_agreement"] == 1.0
+    # The shipped rule's own decision (threshold included): the weather question never hits.
+    assert results["random"]["exact_hit_rate"] <= 2 / 3
     assert "HNSW over 3,000 entries" in out.getvalue()

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from thrifty.cache.semantic.decision import DecisionParams, Neighbour, assess, default_params
+from thrifty.cache.semantic.decision import DecisionParams, Neighbour, decide, default_params
 from thrifty.cache.semantic.embedder import OnnxMiniLM
 from thrifty.cache.semantic.index import HnswIndex
 from thrifty.cache.semantic.normalise import normalise
@@ -94,13 +94,14 @@ def run_index_bench(
     vectors = _padded(train_vectors, size, pad, np.random.default_rng(seed))
     n_real = len(train.labels)
 
-    def decide(q: int, keys: Sequence[int], sims: Sequence[float]) -> str | None:
+    def served(q: int, keys: Sequence[int], sims: Sequence[float]) -> str | None:
+        """The answer the shipped rule serves (None: a miss), the cache holding ``size`` entries."""
         neighbours = [
             Neighbour(s, train.labels[k], train.texts[k]) if k < n_real else Neighbour(s, f"pad:{k}", "")
             for k, s in zip(keys, sims, strict=True)
         ]
-        served = assess(query_texts[q], neighbours, rule).served
-        return None if served is None else served.answer_id
+        decision = decide(query_texts[q], neighbours, rule, cache_size=size)
+        return decision.answer_id if decision.hit else None
 
     started = time.perf_counter()
     index = HnswIndex(vectors.shape[1], connectivity=connectivity, expansion_add=expansion_add, dtype=dtype)
@@ -108,7 +109,7 @@ def run_index_bench(
     build_s = time.perf_counter() - started
     truth = _exact_top(vectors, queries, SEARCH_K)
     exact = [
-        decide(q, truth[q].tolist(), (vectors[truth[q]] @ queries[q]).tolist()) for q in range(len(queries))
+        served(q, truth[q].tolist(), (vectors[truth[q]] @ queries[q]).tolist()) for q in range(len(queries))
     ]
     rows: list[dict[str, Any]] = []
     for ef in expansion_search:
@@ -118,14 +119,14 @@ def run_index_bench(
             t0 = time.perf_counter()
             keys, sims = index.search(queries[q], SEARCH_K)
             t1 = time.perf_counter()
-            served = decide(q, keys.tolist(), sims.tolist())
+            answer = served(q, keys.tolist(), sims.tolist())
             t2 = time.perf_counter()
             search.append((t1 - t0) * 1e3)
             lookup.append((t2 - t0) * 1e3)
             top1 += int(len(keys) > 0 and keys[0] == truth[q][0])
             topk += len(set(keys.tolist()) & set(truth[q].tolist()))
-            same += int(served == exact[q])
-            same_miss += int((served is None) == (exact[q] is None))
+            same += int(answer == exact[q])
+            same_miss += int((answer is None) == (exact[q] is None))
         count = len(queries)
         rows.append(
             {

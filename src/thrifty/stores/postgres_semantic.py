@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from thrifty.cache.semantic.store import LiveEntry, NewEntry
+from thrifty.cache.semantic.store import LiveEntry, NewEntry, insert_params
 from thrifty.errors import SharedStateUnavailable
 from thrifty.stores.cache_purges import SCOPE, not_purged
 from thrifty.stores.postgres import conninfo, unreachable
@@ -212,38 +212,8 @@ class PostgresSemanticStore:
     # -- entries ---------------------------------------------------------------------------------
 
     async def add(self, entry: NewEntry) -> int | None:
-        u = entry.usage
-        values = dict(
-            zip(
-                _NAMES,
-                (
-                    entry.partition,
-                    entry.tenant_id,
-                    entry.route,
-                    entry.user,
-                    entry.prompt_version,
-                    entry.corpus_version,
-                    entry.model,
-                    entry.system_hash,
-                    entry.query,
-                    entry.normalised_query,
-                    entry.embedding_model,
-                    np.asarray(entry.embedding, dtype=np.float32).tobytes(),
-                    entry.answer_id,
-                    orjson.dumps(entry.response).decode(),
-                    orjson.dumps(list(entry.evidence)).decode() if entry.evidence else None,
-                    entry.safety_policy_version,
-                    u.input_tokens,
-                    u.cached_input_tokens,
-                    u.output_tokens,
-                    entry.created_at,
-                    entry.expires_at,
-                ),
-                strict=True,
-            ),
-            channel=CHANNEL,
-            origin=self.origin,
-        )
+        # The SQLite store's row: the same columns in the same order.
+        values = dict(zip(_NAMES, insert_params(entry), strict=True), channel=CHANNEL, origin=self.origin)
         try:
             async with self._pool.connection(timeout=self._timeout_s) as conn:
                 cur = await conn.execute(_INSERT, values)
